@@ -1,0 +1,33 @@
+# Two entry points on a fresh machine: `make demo` and `make test`.
+# Both create .venv with pip when it is missing and install torch (pinned CPU-friendly
+# wheel) plus this project in editable mode with its dev extras.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test install clean bench data
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/plan-and-run examples/quickstart.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.mux_vs_separate
+
+data:
+	$(PY) examples/make_data.py --out examples/data
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,164 @@
+"""Spatial multiplexing: one frozen backbone op runs once over the rows of every task in a fused
+micro-batch, and each task's adapter touches only its own rows.
+
+`Multiplexer` owns the per-task adapters and knows the row segments of the micro-batch in flight;
+each target op of the backbone is replaced in place by a `MultiplexedOp` that reads those segments.
+The backbone itself is never copied and never receives gradients: its backward computes only dX.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from muxtune.errors import MuxTuneError
+from muxtune.executor.backbone import op_features, target_ops
+from muxtune.executor.peft import method_of
+
+# Distinct streams from one task seed: the adapter init, the data order and the dropout masks each
+# depend on the task's seed alone, never on which other tasks share the backbone.
+INIT_STREAM, DATA_STREAM, DROPOUT_STREAM = 0, 1, 2
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    return (seed * 0x9E3779B1 + stream * 0x85EBCA77) % (2**63)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [start, end) of the fused micro-batch belong to `task`."""
+
+    task: str
+    start: int
+    end: int
+
+
+class TaskAdapter(nn.Module):
+    """All of one task's adapter layers (one per target op), plus the task's dropout generator."""
+
+    def __init__(self, name: str, peft_config, model: nn.Module, seed: int, max_seq_len: int, device):
+        super().__init__()
+        self.name, self.config, self.max_seq_len = name, peft_config, max_seq_len
+        self.method = method_of(peft_config)
+        ops = target_ops(model, peft_config.target_modules)
+        if not ops:
+            raise MuxTuneError(
+                f"task {name!r}: peft.target_modules {peft_config.target_modules} match no Linear/Conv1D op "
+                f"of the backbone; it has e.g. {sorted(_leaf_op_names(model))[:12]}"
+            )
+        init_gen = torch.Generator().manual_seed(stream_seed(seed, INIT_STREAM))
+        self.paths = [path for path, _ in ops]
+        self.layers = nn.ModuleDict()
+        for path, op in ops:
+            base = op.base_op if isinstance(op, MultiplexedOp) else op
+            in_f, out_f = op_features(base)
+            # adapters train in fp32 whatever the backbone's dtype, as HF PEFT does by default
+            self.layers[_key(path)] = self.method.build_layer(peft_config, in_f, out_f, init_gen)
+        self.to(device=device, dtype=torch.float32)
+        self.dropout_gen = torch.Generator(device=device).manual_seed(stream_seed(seed, DROPOUT_STREAM))
+
+    def layer(self, path: str) -> nn.Module:
+        return self.layers[_key(path)]
+
+    def items(self):
+        return [(path, self.layers[_key(path)]) for path in self.paths]
+
+    def dropout_mask(self, rows: int, seq: int, features: int, p: float, device) -> torch.Tensor:
+        """Inverted-dropout mask for this task's rows. Drawn at the task's own [rows, max_seq_len]
+        shape, then cut to the micro-batch's length, so the mask a token gets does not depend on how
+        long its neighbours' sequences are."""
+        full = torch.empty((rows, self.max_seq_len, features), device=device)
+        full.bernoulli_(1.0 - p, generator=self.dropout_gen).div_(1.0 - p)
+        if seq <= self.max_seq_len:
+            return full[:, :seq]
+        pad = torch.ones((rows, seq - self.max_seq_len, features), device=device)
+        return torch.cat([full, pad], dim=1)
+
+
+def _key(path: str) -> str:
+    return path.replace(".", "__")  # nn.ModuleDict keys may not contain dots
+
+
+def _leaf_op_names(model: nn.Module) -> set[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    return {p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+
+
+class MultiplexedOp(nn.Module):
+    """A frozen op shared by all tasks: base op once over all rows, then each task's adapter on its rows."""
+
+    def __init__(self, base_op: nn.Module, mux: "Multiplexer", path: str):
+        super().__init__()
+        self.base_op = base_op
+        self.path = path
+        # plain attributes, not submodules: the backbone's state_dict stays the backbone's
+        object.__setattr__(self, "_mux", mux)
+        self.adapters: dict[str, nn.Module] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_op(x)
+        segments = self._mux.segments
+        if not segments or not self.adapters:
+            return out
+        for seg in segments:
+            layer = self.adapters.get(seg.task)
+            if layer is None:
+                continue
+            xs = x[seg.start : seg.end].float()
+            mask = None
+            if layer.dropout > 0 and self._mux.training:
+                adapter = self._mux.adapters[seg.task]
+                mask = adapter.dropout_mask(xs.shape[0], xs.shape[1], xs.shape[2], layer.dropout, xs.device)
+            # In place is safe: the base op's backward needs its input and weight, not its output.
+            out[seg.start : seg.end] += layer(xs, mask).to(out.dtype)
+        return out
+
+
+class Multiplexer:
+    """Per-task adapters around one shared frozen backbone, and the routing of the batch in flight."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.adapters: dict[str, TaskAdapter] = {}
+        self.segments: list[Segment] | None = None
+        self.training = True
+        self._ops: dict[str, MultiplexedOp] = {}
+
+    def add_task(self, name: str, peft_config, seed: int, max_seq_len: int) -> TaskAdapter:
+        if name in self.adapters:
+            raise MuxTuneError(f"task {name!r} is already attached")
+        device = next(self.model.parameters()).device
+        adapter = TaskAdapter(name, peft_config, self.model, seed, max_seq_len, device)
+        for path, layer in adapter.items():
+            self._wrap(path).adapters[name] = layer
+        self.adapters[name] = adapter
+        return adapter
+
+    def remove_task(self, name: str) -> TaskAdapter:
+        adapter = self.adapters.pop(name)
+        for path in adapter.paths:
+            self._ops[path].adapters.pop(name, None)
+        return adapter
+
+    def _wrap(self, path: str) -> MultiplexedOp:
+        if path not in self._ops:
+            parent_path, _, attr = path.rpartition(".")
+            parent = self.model.get_submodule(parent_path) if parent_path else self.model
+            op = MultiplexedOp(getattr(parent, attr), self, path)
+            setattr(parent, attr, op)
+            self._ops[path] = op
+        return self._ops[path]
+
+    @contextlib.contextmanager
+    def route(self, segments: list[Segment], training: bool = True):
+        """Within this block, backbone forwards apply each task's adapter to its segment of rows."""
+        previous = (self.segments, self.training)
+        self.segments, self.training = segments, training
+        try:
+            yield
+        finally:
+            self.segments, self.training = previous

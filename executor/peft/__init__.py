@@ -1,0 +1,34 @@
+"""Unified PEFT methods: one module per method, each holding its config and its layer together.
+
+A method module defines:
+  METHOD     the `peft.method` string in a task config
+  Config     a pydantic model of that method's parameters (with a `method: Literal[METHOD]` field)
+  SHAPE      how the adapter meets the frozen backbone op (see DESIGN.md), e.g. "parallel"
+  build_layer(config, base_op, generator) -> nn.Module for one (task, target op) pair
+  hf_config(config, base_model_name, fan_in_fan_out) -> the HF PEFT config object used for export
+
+Methods are discovered from this folder, so adding one touches one file (plus its test).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from types import ModuleType
+from typing import Annotated, Union
+
+from pydantic import Field
+
+METHODS: dict[str, ModuleType] = {}
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name.startswith("_"):
+        continue
+    _module = importlib.import_module(f"{__name__}.{_info.name}")
+    METHODS[_module.METHOD] = _module
+
+# A task's `peft:` section: pydantic picks the Config class by its `method` key.
+PeftConfig = Annotated[Union[tuple(m.Config for m in METHODS.values())], Field(discriminator="method")]
+
+
+def method_of(config) -> ModuleType:
+    return METHODS[config.method]

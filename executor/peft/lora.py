@@ -1,0 +1,80 @@
+"""LoRA (Hu et al. 2021): a frozen op W gains a trainable low-rank update, y = W x + s * B A dropout(x).
+
+Shape "parallel": the op's input is dispatched to both the base op and the adapter, their outputs summed.
+Parameter names, init and scaling follow HF PEFT's `LoraLayer` so exported weights load there as is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+METHOD = "lora"
+SHAPE = "parallel"
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1, le=4096)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoraLayer(nn.Module):
+    """One task's LoRA on one frozen op. `forward` returns the update to add to the op's output."""
+
+    def __init__(self, config: Config, in_features: int, out_features: int, generator: torch.Generator):
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, config.r, bias=False)
+        self.lora_B = nn.Linear(config.r, out_features, bias=False)
+        # Same init as HF PEFT (kaiming-uniform A, zero B), but drawn from the task's own generator so
+        # the initial adapter depends on the task's seed alone, not on what else was built before it.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = config.scaling
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if dropout_mask is not None:
+            x = x * dropout_mask
+        return self.lora_B(self.lora_A(x)) * self.scaling
+
+    def export_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Weights under HF PEFT's keys (`<prefix>.lora_A.weight`), as PeftModel.from_pretrained expects."""
+        return {f"{prefix}.lora_A.weight": self.lora_A.weight, f"{prefix}.lora_B.weight": self.lora_B.weight}
+
+    def load_export_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        with torch.no_grad():
+            self.lora_A.weight.copy_(state[f"{prefix}.lora_A.weight"])
+            self.lora_B.weight.copy_(state[f"{prefix}.lora_B.weight"])
+
+
+def build_layer(config: Config, in_features: int, out_features: int, generator: torch.Generator) -> LoraLayer:
+    return LoraLayer(config, in_features, out_features, generator)
+
+
+def hf_config(config: Config, base_model_name: str, fan_in_fan_out: bool, target_modules: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=target_modules,
+        use_rslora=config.use_rslora,
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name,
+    )

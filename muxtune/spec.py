@@ -1,0 +1,253 @@
+"""The one place a task, a run config and a plan are defined. Every part of MuxTune takes these objects.
+
+A config file is YAML validated by pydantic; every error names the file, the key path and (where the
+YAML has one) the line, e.g. `quickstart.yaml:12: tasks[1].peft.r: Input should be greater than 0`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from muxtune.errors import MuxTuneError
+from muxtune.executor.peft import PeftConfig
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # names become folder names under runs/<name>/
+
+
+class TaskSpec(BaseModel):
+    """One tenant's fine-tuning job."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN, max_length=100)
+    data: Path
+    peft: PeftConfig
+    batch_size: int = Field(8, ge=1, description="sequences per optimizer step")
+    max_seq_len: int = Field(256, ge=4, le=1_000_000)
+    lr: float = Field(2e-4, gt=0)
+    steps: int = Field(50, ge=1)
+    seed: int = 0
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="per-task gradient clipping; null disables")
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+
+
+class RunConfig(BaseModel):
+    """A whole config file: the shared backbone, the devices, and the tenants' tasks."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN, max_length=100)
+    model: str = "builtin:tiny-llama"
+    devices: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tasks: list[TaskSpec] = Field(min_length=1)
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_syntax(cls, value: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:\d+(,\d+)*)?", value.strip()):
+            raise ValueError("expected 'cpu', 'cuda' or 'cuda:0,1,...'")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _unique_task_names(self) -> "RunConfig":
+        seen: set[str] = set()
+        for task in self.tasks:
+            if task.name in seen:
+                raise ValueError(f"task name {task.name!r} is used twice")
+            seen.add(task.name)
+        return self
+
+    def device_list(self) -> list[str]:
+        if self.devices == "cpu":
+            return ["cpu"]
+        if self.devices == "cuda":
+            return ["cuda:0"]
+        return [f"cuda:{i}" for i in self.devices.split(":", 1)[1].split(",")]
+
+    def task(self, name: str) -> TaskSpec:
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        raise KeyError(name)
+
+
+# --- plans -----------------------------------------------------------------------------------------
+
+PLAN_VERSION = 1
+
+
+class Layout(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dp: int = Field(1, ge=1, description="data-parallel replicas")
+    pp: int = Field(1, ge=1, description="pipeline stages")
+    tp: int = Field(1, ge=1, description="tensor-parallel degree")
+
+
+class FusionGroup(BaseModel):
+    """Tasks whose tokens share every backbone op call (spatial multiplexing)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[str] = Field(min_length=1)
+    devices: list[str] = Field(min_length=1)
+    layout: Layout = Field(default_factory=Layout)
+    micro_batches: int = Field(1, ge=1)
+
+
+class Plan(BaseModel):
+    """What runs together and how. The executor carries it out; it never decides this itself."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: Literal[1] = PLAN_VERSION
+    planner: str = "trivial"
+    groups: list[FusionGroup] = Field(min_length=1)
+    explanation: str = ""
+
+    @classmethod
+    def trivial(cls, config: RunConfig) -> "Plan":
+        """All tasks fused in one group on the first device."""
+        return cls(
+            planner="trivial",
+            groups=[FusionGroup(tasks=[t.name for t in config.tasks], devices=config.device_list()[:1])],
+            explanation="all tasks fused on one device (the only layout the single-process executor runs)",
+        )
+
+    def check_against(self, config: RunConfig, source: str = "plan") -> None:
+        names = [t for g in self.groups for t in g.tasks]
+        known = {t.name for t in config.tasks}
+        for name in names:
+            if name not in known:
+                raise MuxTuneError(f"{source}: task {name!r} is not in the config")
+        if len(names) != len(set(names)):
+            raise MuxTuneError(f"{source}: a task appears in more than one group")
+        missing = known - set(names)
+        if missing:
+            raise MuxTuneError(f"{source}: tasks {sorted(missing)} are in no group")
+
+    def save(self, path: Path) -> None:
+        write_text_atomic(path, self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "Plan":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise MuxTuneError(f"{path}: no such plan file") from None
+        except json.JSONDecodeError as exc:
+            raise MuxTuneError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise MuxTuneError(_format_validation(path, exc, None)) from None
+
+
+# --- loading config files --------------------------------------------------------------------------
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a config file. Relative data paths resolve against the config's folder first,
+    then the working directory; a missing data file is reported with the key that names it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise MuxTuneError(f"{path}: no such config file") from None
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise MuxTuneError(f"{path}: cannot read config: {exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise MuxTuneError(f"{where}: not valid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise MuxTuneError(f"{path}: expected a mapping with keys name, model, devices, tasks")
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise MuxTuneError(_format_validation(path, exc, root)) from None
+    for i, task in enumerate(config.tasks):
+        task.data = _resolve_data(path, task.data, f"tasks[{i}].data", root, ("tasks", i, "data"))
+    return config
+
+
+def _resolve_data(config_path: Path, data: Path, key: str, root, loc) -> Path:
+    if data.is_absolute():
+        candidates = [data]
+    else:
+        candidates = [config_path.parent / data, Path.cwd() / data]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    line = _line_of(root, loc)
+    where = f"{config_path}:{line}" if line else str(config_path)
+    tried = ", ".join(str(c) for c in candidates)
+    raise MuxTuneError(f"{where}: {key}: data file not found (tried {tried})")
+
+
+def _format_validation(path: Path, exc: ValidationError, root) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"] if not _is_union_tag(p)]
+        key = _loc_str(loc) or "(top level)"
+        line = _line_of(root, loc) if root is not None else None
+        where = f"{path}:{line}" if line else str(path)
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{where}: {key}: {message}")
+    return "\n".join(lines)
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic inserts the discriminator value (e.g. 'lora') into the loc of a tagged union
+    from muxtune.executor.peft import METHODS
+
+    return isinstance(part, str) and part in METHODS
+
+
+def _loc_str(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _line_of(node, loc) -> int | None:
+    """1-based line of the YAML node at `loc`, or of its nearest existing parent."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [v for k, v in node.value if k.value == part]
+            key = [k for k, v in node.value if k.value == part]
+            if not match:
+                return line
+            line = key[0].start_mark.line + 1
+            node = match[0]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+# --- small shared I/O ------------------------------------------------------------------------------
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so a crash never leaves a half-written file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

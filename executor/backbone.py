@@ -93,20 +93,21 @@ class Backbone:
     name: str  # what the user wrote: "builtin:tiny-llama", a hub id or a local dir
 
 
-def preset_config(name: str):
+def preset_config(name: str, attn_implementation: str = "sdpa"):
     key = name.removeprefix("builtin:")
     if key not in PRESETS:
         raise MuxTuneError(f"model: unknown builtin preset {name!r}; choose from "
                            + ", ".join(f"builtin:{k}" for k in PRESETS))
     config = PRESETS[key]()
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn_implementation
     return config
 
 
-def load_backbone(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Backbone:
+def load_backbone(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  attn_implementation: str = "sdpa") -> Backbone:
     """Build a preset with seeded weights, or load a real model with `from_pretrained`."""
     if name.startswith("builtin:"):
-        config = preset_config(name)
+        config = preset_config(name, attn_implementation)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(PRESET_SEED)
             model = AutoModelForCausalLM.from_config(config)
@@ -116,7 +117,7 @@ def load_backbone(name: str, device: str = "cpu", dtype: torch.dtype = torch.flo
             AutoConfig.from_pretrained(name)
         except Exception as exc:  # transformers raises OSError/ValueError/... for a bad id or dir
             raise MuxTuneError(f"model: cannot load {name!r}: {exc}") from None
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
         tokenizer = HFTokenizer(name)
     model.to(device=device, dtype=dtype)
     model.eval()

@@ -104,18 +104,29 @@ class MultiplexedOp(nn.Module):
         segments = self._mux.segments
         if not segments or not self.adapters:
             return out
+        # Backbones call an op on [rows, seq, features] or flattened [rows * seq, features] (OPT's MLP):
+        # work on the flat token axis, where a segment of rows is a contiguous span of tokens.
+        rows, seq = self._mux.shape
+        flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
+        if flat_x.shape[0] != rows * seq:
+            raise RuntimeError(f"{self.path}: input has {flat_x.shape[0]} tokens, fused batch has {rows}x{seq}")
+        # Segments tile the rows in order (checked by `route`), so the aggregated output is the
+        # concatenation of each segment's tokens; no in-place write into the base op's output.
+        pieces = []
         for seg in segments:
+            lo, hi = seg.start * seq, seg.end * seq
+            piece = flat_out[lo:hi]
             layer = self.adapters.get(seg.task)
-            if layer is None:
-                continue
-            xs = x[seg.start : seg.end].float()
-            mask = None
-            if layer.dropout > 0 and self._mux.training:
-                adapter = self._mux.adapters[seg.task]
-                mask = adapter.dropout_mask(xs.shape[0], xs.shape[1], xs.shape[2], layer.dropout, xs.device)
-            # In place is safe: the base op's backward needs its input and weight, not its output.
-            out[seg.start : seg.end] += layer(xs, mask).to(out.dtype)
-        return out
+            if layer is not None:
+                xs = flat_x[lo:hi].float()
+                mask = None
+                if layer.dropout > 0 and self._mux.training:
+                    adapter = self._mux.adapters[seg.task]
+                    mask = adapter.dropout_mask(seg.end - seg.start, seq, xs.shape[-1], layer.dropout, xs.device)
+                    mask = mask.reshape(-1, xs.shape[-1])
+                piece = piece + layer(xs, mask).to(out.dtype)
+            pieces.append(piece)
+        return torch.cat(pieces, dim=0).view(out.shape)
 
 
 class Multiplexer:
@@ -125,6 +136,7 @@ class Multiplexer:
         self.model = model
         self.adapters: dict[str, TaskAdapter] = {}
         self.segments: list[Segment] | None = None
+        self.shape: tuple[int, int] = (0, 0)  # (rows, seq) of the fused micro-batch in flight
         self.training = True
         self._ops: dict[str, MultiplexedOp] = {}
 
@@ -154,11 +166,16 @@ class Multiplexer:
         return self._ops[path]
 
     @contextlib.contextmanager
-    def route(self, segments: list[Segment], training: bool = True):
+    def route(self, segments: list[Segment], seq: int, training: bool = True):
         """Within this block, backbone forwards apply each task's adapter to its segment of rows."""
-        previous = (self.segments, self.training)
-        self.segments, self.training = segments, training
+        expected = 0
+        for seg in segments:
+            if seg.start != expected or seg.end <= seg.start:
+                raise ValueError(f"segments must tile the rows in order, got {segments}")
+            expected = seg.end
+        previous = (self.segments, self.shape, self.training)
+        self.segments, self.shape, self.training = segments, (expected, seq), training
         try:
             yield
         finally:
-            self.segments, self.training = previous
+            self.segments, self.shape, self.training = previous

@@ -62,7 +62,8 @@ class MultiplexedTrainer:
         self.mux = Multiplexer(self.model)
         self.runs: dict[str, TaskRun] = {s.name: build_task_run(self.mux, s, examples[s.name]) for s in specs}
         self.step_times: list[float] = []
-        self.step_tokens: list[int] = []
+        self.step_tokens: list[int] = []  # real (non-padding) tokens of each step's fused batch
+        self.step_shapes: list[tuple[int, int]] = []  # (rows, seq) each step actually computed
 
     @property
     def active(self) -> list[TaskRun]:
@@ -94,11 +95,12 @@ class MultiplexedTrainer:
                 run.status = "finished"
         self.step_times.append(elapsed)
         self.step_tokens.append(sum(tokens.values()))
+        self.step_shapes.append(tuple(batch.input_ids.shape))
         return losses
 
     def task_losses(self, batch: FusedBatch, training: bool) -> dict[str, torch.Tensor]:
         """Mean next-token loss of each task over its own target tokens (as HF's causal-LM loss)."""
-        with self.mux.route(batch.segments, training=training):
+        with self.mux.route(batch.segments, batch.input_ids.shape[1], training=training):
             hidden = self.model.base_model(input_ids=batch.input_ids,
                                            attention_mask=batch.attention_mask).last_hidden_state
         targets = batch.labels[:, 1:]

@@ -1,0 +1,21 @@
+import os
+import sys
+from pathlib import Path
+
+# Triton kernels (a later issue) run on CPU only in the interpreter, which must be set before any @triton.jit.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO

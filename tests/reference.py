@@ -1,0 +1,93 @@
+"""Single-task references the tests compare the multiplexed executor against.
+
+`train_hf_peft_alone` is HF PEFT as a user would run it: `get_peft_model` on a fresh backbone, the
+model's own causal-LM loss, torch AdamW, transformers' scheduler, torch gradient clipping. It shares
+with MuxTune only the data order (the task's seeded sampler) and the initial adapter weights.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from peft import get_peft_model, set_peft_model_state_dict
+from transformers import get_scheduler
+
+from muxtune.executor.backbone import load_backbone
+from muxtune.executor.data import TaskSampler, fuse
+from muxtune.spec import TaskSpec
+
+
+def write_jsonl(path: Path, n: int, seed: int, min_len: int, max_len: int, kind: str = "pc") -> Path:
+    """Small deterministic data set with task-specific lengths."""
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven", "blue", "quiet"]
+    with open(path, "w") as f:
+        for _ in range(n):
+            k = rng.randint(min_len, max_len)
+            text = " ".join(rng.choice(words) for _ in range(k))
+            if kind == "text":
+                f.write(json.dumps({"text": text}) + "\n")
+            else:
+                f.write(json.dumps({"prompt": text + " ->", "completion": " " + rng.choice(words[:3])}) + "\n")
+    return path
+
+
+def randomize_b(trainer, seed: int = 7) -> None:
+    """HF PEFT inits B to zero; a random B makes the very first step exercise the A gradients too."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for run in trainer.runs.values():
+            for _, layer in run.adapter.items():
+                layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.1)
+
+
+def initial_state(trainer) -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    for name, run in trainer.runs.items():
+        state = {}
+        for path, layer in run.adapter.items():
+            state.update({k: v.detach().clone() for k, v in layer.export_state(f"base_model.model.{path}").items()})
+        out[name] = state
+    return out
+
+
+def train_hf_peft_alone(model_name: str, spec: TaskSpec, examples, init_state: dict[str, torch.Tensor],
+                        attn: str = "sdpa", pad_to: list[int] | None = None):
+    """Returns (per-step losses, final adapter state under HF PEFT's exported keys).
+    `pad_to[i]`: right-pad step i's batch to that length (default: to its own longest sequence)."""
+    backbone = load_backbone(model_name, attn_implementation=attn)
+    fan_in_fan_out = model_name.endswith("gpt2") or "gpt2" in model_name
+    from muxtune.executor.peft import method_of
+
+    hf_config = method_of(spec.peft).hf_config(spec.peft, model_name, fan_in_fan_out, list(spec.peft.target_modules))
+    model = get_peft_model(backbone.model, hf_config)
+    result = set_peft_model_state_dict(model, init_state)
+    assert not result.unexpected_keys, result.unexpected_keys
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    scheduler = get_scheduler(spec.lr_schedule, optimizer, num_warmup_steps=spec.warmup_steps,
+                              num_training_steps=spec.steps)
+    sampler = TaskSampler(examples, spec.batch_size, spec.seed)
+    losses = []
+    for step in range(spec.steps):
+        batch = fuse({spec.name: sampler.next_batch()}, backbone.tokenizer.pad_token_id)
+        ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
+        if pad_to is not None:
+            extra = pad_to[step] - ids.shape[1]
+            ids = torch.nn.functional.pad(ids, (0, extra), value=backbone.tokenizer.pad_token_id)
+            mask = torch.nn.functional.pad(mask, (0, extra), value=0)
+            labels = torch.nn.functional.pad(labels, (0, extra), value=-100)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        if spec.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(out.loss.detach()))
+    from peft import get_peft_model_state_dict
+
+    return losses, {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}

@@ -1,7 +1,8 @@
 """Task data: JSONL in, tokenized examples out, a seeded per-task order, and the fused micro-batch.
 
 Formats (per line): `{"text": ...}` trains on every token; `{"prompt": ..., "completion": ...}` trains
-on the completion only. A sequence is [bos] + tokens + [eos], truncated to the task's max_seq_len.
+on the completion only. A sequence is [bos] + tokens + [eos]; one longer than the task's max_seq_len loses the oldest prompt
+tokens first (the target is what the task learns), then the end of the target.
 """
 
 from __future__ import annotations
@@ -54,12 +55,16 @@ def load_examples(path: Path, tokenizer, max_seq_len: int, key: str = "data") ->
             else:
                 raise MuxTuneError(f"{path}:{lineno}: expected a 'text' or 'prompt'/'completion' record, "
                                    f"got keys {sorted(record)}")
+            stats.lines += 1
+            overflow = len(bos) + len(prompt_ids) + len(target_ids) + len(eos) - max_seq_len
+            if overflow > 0:
+                # keep the target: drop the prompt's oldest tokens first, then cut the target's tail
+                stats.truncated += 1
+                cut = min(overflow, len(prompt_ids))
+                prompt_ids = prompt_ids[cut:]
             ids = bos + prompt_ids + target_ids + eos
             labels = [IGNORE] * (len(bos) + len(prompt_ids)) + target_ids + eos
-            stats.lines += 1
-            if len(ids) > max_seq_len:
-                ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-                stats.truncated += 1
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
             # labels[0] is never predicted (nothing precedes it), so it cannot carry loss
             if all(label == IGNORE for label in labels[1:]):
                 stats.dropped_no_target += 1

@@ -1,0 +1,100 @@
+"""Command line: `plan-and-run [CONFIG]` and `muxtune <command>`.
+
+Exit codes: 0 success; 2 bad input (config, data, plan, model, devices), with a message naming the
+file, line or key and no traceback; 130 interrupted. Anything else is a bug in MuxTune (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from muxtune.errors import MuxTuneError
+
+DEFAULT_CONFIG = Path("examples/quickstart.yaml")
+
+
+def _guard(fn, args) -> int:
+    try:
+        return fn(args) or 0
+    except MuxTuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no run folder was written", file=sys.stderr)
+        return 130
+
+
+def _out_dir(config, args) -> Path:
+    return Path(args.out) if args.out else Path("runs") / config.name
+
+
+def cmd_run(args) -> int:
+    from muxtune.run import execute
+    from muxtune.report import summary_table
+    from muxtune.spec import Plan, load_config
+
+    config = load_config(args.config)
+    plan = Plan.load(args.plan) if getattr(args, "plan", None) else None
+    out = _out_dir(config, args)
+    metrics = execute(config, out, plan=plan, progress=not args.no_progress)
+    print(summary_table(metrics).to_string(index=False))
+    print(f"{metrics['tokens']} tokens in {metrics['train_time_s']:.1f} s "
+          f"({metrics['tokens_per_s']:.0f} tokens/s, {100 * metrics['ineffective_token_fraction']:.1f}% padding)")
+    print(f"wrote {out}/ (plan.json, metrics.json, report.html, adapters/)")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from muxtune.run import prepare
+    from muxtune.spec import load_config
+
+    config = load_config(args.config)
+    _, plan, examples, stats = prepare(config)
+    for task in config.tasks:
+        s = stats[task.name]
+        print(f"{task.name}: {task.peft.method}, {len(examples[task.name])} examples "
+              f"({s.truncated} truncated, {s.dropped_no_target} dropped) from {task.data}")
+    print(f"ok: {len(config.tasks)} tasks; plan: {plan.explanation}")
+    return 0
+
+
+def _add_run_args(p: argparse.ArgumentParser, optional_config: bool) -> None:
+    if optional_config:
+        p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
+                       help=f"run config YAML (default: {DEFAULT_CONFIG})")
+    else:
+        p.add_argument("config", help="run config YAML")
+    p.add_argument("--out", help="output folder (default: runs/<name>/)")
+    p.add_argument("--plan", help="a plan.json to carry out instead of planning")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def plan_and_run_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="plan-and-run",
+        description="Plan and train every task of CONFIG multiplexed on one shared backbone; "
+                    "write runs/<name>/ with plan.json, metrics.json, report.html and adapters/ (HF PEFT format).",
+        epilog="exit codes: 0 ok, 2 bad input, 130 interrupted",
+    )
+    _add_run_args(parser, optional_config=True)
+    return _guard(cmd_run, parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="muxtune", description="MuxTune: many PEFT jobs, one backbone.",
+                                     epilog="exit codes: 0 ok, 2 bad input, 130 interrupted")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="train a config's tasks multiplexed (as plan-and-run)")
+    _add_run_args(p, optional_config=False)
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("validate", help="check a config and its data files without training")
+    p.add_argument("config")
+    p.set_defaults(fn=cmd_validate)
+    args = parser.parse_args(argv)
+    return _guard(args.fn, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""One multiplexed run, from a validated config to `runs/<name>/`.
+
+Everything that can be wrong with the input (config, model, data files, plan) is checked before the
+first output is written; outputs are assembled in a hidden staging folder and renamed into place at the
+end, so a failed or interrupted run never leaves a half-written run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from muxtune.errors import MuxTuneError
+from muxtune.spec import Plan, RunConfig, write_text_atomic
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_devices(config: RunConfig) -> list[str]:
+    devices = config.device_list()
+    if devices[0].startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MuxTuneError(f"devices: {config.devices!r} requested but no CUDA device is available here")
+        count = torch.cuda.device_count()
+        for d in devices:
+            if int(d.split(":")[1]) >= count:
+                raise MuxTuneError(f"devices: {d} does not exist (this machine has {count} CUDA devices)")
+    return devices
+
+
+def prepare(config: RunConfig, plan: Plan | None = None):
+    """Load the backbone and every task's data; raise MuxTuneError on any bad input."""
+    from muxtune.executor.backbone import load_backbone
+    from muxtune.executor.data import load_examples
+
+    devices = check_devices(config)
+    plan = plan or Plan.trivial(config)
+    plan.check_against(config)
+    if len(plan.groups) > 1 or any(g.layout.dp * g.layout.pp * g.layout.tp > 1 for g in plan.groups):
+        raise MuxTuneError("plan: the single-process executor runs one fusion group on one device; "
+                           "multi-group and parallel layouts need the distributed executor")
+    backbone = load_backbone(config.model, device=devices[0], dtype=DTYPES[config.dtype])
+    examples, stats = {}, {}
+    for i, task in enumerate(config.tasks):
+        examples[task.name], stats[task.name] = load_examples(task.data, backbone.tokenizer, task.max_seq_len,
+                                                              key=f"tasks[{i}].data")
+    return backbone, plan, examples, stats
+
+
+def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress: bool = True) -> dict:
+    """Validate, train every task multiplexed, export adapters, write plan/metrics/report. Returns metrics."""
+    from muxtune.executor.export import export_adapter
+    from muxtune.executor.trainer import MultiplexedTrainer
+    from muxtune.report import write_report
+
+    backbone, plan, examples, stats = prepare(config, plan)
+    trainer = MultiplexedTrainer(backbone, config.tasks, examples)
+    out_dir = Path(out_dir)
+    staging = out_dir.parent / f".{out_dir.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        started = time.perf_counter()
+        trainer.train(progress=progress)
+        wall = time.perf_counter() - started
+        plan.save(staging / "plan.json")
+        for name, run in trainer.runs.items():
+            export_adapter(run.adapter, backbone.model, backbone.name, staging / "adapters" / name)
+        metrics = collect_metrics(config, trainer, stats, wall)
+        write_text_atomic(staging / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_report(staging, metrics, plan)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return metrics
+
+
+def collect_metrics(config: RunConfig, trainer, stats: dict, wall: float) -> dict:
+    computed = sum(rows * seq for rows, seq in trainer.step_shapes)
+    real = sum(trainer.step_tokens)
+    tasks = {}
+    for name, run in trainer.runs.items():
+        tasks[name] = {
+            "method": run.spec.peft.method,
+            "status": run.status,
+            "steps": run.step,
+            "loss": run.losses,
+            "final_loss": run.losses[-1] if run.losses else None,
+            "tokens": run.tokens,
+            "tokens_per_s": run.tokens / run.seconds if run.seconds else 0.0,
+            "trainable_params": sum(p.numel() for p in run.parameters()),
+            "adapter_path": f"adapters/{name}",
+            "data": asdict(stats[name]),
+        }
+    return {
+        "name": config.name,
+        "model": config.model,
+        "devices": config.devices,
+        "steps": len(trainer.step_times),
+        "wall_time_s": wall,
+        "train_time_s": sum(trainer.step_times),
+        "tokens": real,
+        "tokens_per_s": real / sum(trainer.step_times) if trainer.step_times else 0.0,
+        "computed_tokens": computed,
+        "ineffective_token_fraction": 1.0 - real / computed if computed else 0.0,
+        "step_time_s": trainer.step_times,
+        "tasks": tasks,
+    }

@@ -1,1 +1,1 @@
-"""x"""
+"""The multiplexed executor: backbone, PEFT methods, data, trainer, export."""

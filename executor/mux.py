@@ -46,7 +46,7 @@ class TaskAdapter(nn.Module):
         ops = target_ops(model, peft_config.target_modules)
         if not ops:
             raise MuxTuneError(
-                f"task {name!r}: peft.target_modules {peft_config.target_modules} match no Linear/Conv1D op "
+                f"task {name!r}: peft.target_modules: {peft_config.target_modules} match no Linear/Conv1D op "
                 f"of the backbone; it has e.g. {sorted(_leaf_op_names(model))[:12]}"
             )
         init_gen = torch.Generator().manual_seed(stream_seed(seed, INIT_STREAM))

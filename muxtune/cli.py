@@ -7,6 +7,7 @@ file, line or key and no traceback; 130 interrupted. Anything else is a bug in M
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -26,6 +27,18 @@ def _guard(fn, args) -> int:
         return 130
 
 
+@contextlib.contextmanager
+def _about(config_path: str):
+    """Errors found after the config parsed (model, devices, targets) still name the config file."""
+    try:
+        yield
+    except MuxTuneError as exc:
+        message = str(exc)
+        if not message.startswith(("/", ".")) and ".jsonl" not in message.split(":")[0]:
+            raise MuxTuneError(f"{config_path}: {message}") from None
+        raise
+
+
 def _out_dir(config, args) -> Path:
     return Path(args.out) if args.out else Path("runs") / config.name
 
@@ -38,7 +51,8 @@ def cmd_run(args) -> int:
     config = load_config(args.config)
     plan = Plan.load(args.plan) if getattr(args, "plan", None) else None
     out = _out_dir(config, args)
-    metrics = execute(config, out, plan=plan, progress=not args.no_progress)
+    with _about(args.config):
+        metrics = execute(config, out, plan=plan, progress=not args.no_progress)
     print(summary_table(metrics).to_string(index=False))
     print(f"{metrics['tokens']} tokens in {metrics['train_time_s']:.1f} s "
           f"({metrics['tokens_per_s']:.0f} tokens/s, {100 * metrics['ineffective_token_fraction']:.1f}% padding)")
@@ -51,7 +65,8 @@ def cmd_validate(args) -> int:
     from muxtune.spec import load_config
 
     config = load_config(args.config)
-    _, plan, examples, stats = prepare(config)
+    with _about(args.config):
+        _, plan, examples, stats = prepare(config)
     for task in config.tasks:
         s = stats[task.name]
         print(f"{task.name}: {task.peft.method}, {len(examples[task.name])} examples "

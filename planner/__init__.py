@@ -1,1 +1,1 @@
-"""x"""
+"""planner: see the open issue that builds it (DESIGN.md); nothing here yet."""

@@ -1,1 +1,1 @@
-"""x"""
+"""profiler: see the open issue that builds it (DESIGN.md); nothing here yet."""

@@ -1,1 +1,1 @@
-"""x"""
+"""simulator: see the open issue that builds it (DESIGN.md); nothing here yet."""

@@ -1,0 +1,167 @@
+"""The front door: plan-and-run writes a complete run folder; bad input gets a clear message, exit 2,
+no traceback and no half-written output."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from reference import write_jsonl
+
+BIN = Path(sys.executable).parent
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([str(BIN / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def call(capsys, monkeypatch, cwd, command, *args):
+    """Run a CLI entry point in this process (fast); an uncaught exception fails the test."""
+    from muxtune import cli
+
+    monkeypatch.chdir(cwd)
+    code = (cli.plan_and_run_main if command == "plan-and-run" else cli.main)(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def small_config(tmp_path, **overrides):
+    write_jsonl(tmp_path / "a.jsonl", 20, seed=1, min_len=2, max_len=6)
+    write_jsonl(tmp_path / "b.jsonl", 20, seed=2, min_len=5, max_len=15, kind="text")
+    config = {
+        "name": "tiny",
+        "model": "builtin:tiny-gpt2",
+        "devices": "cpu",
+        "tasks": [
+            {"name": "a", "data": "a.jsonl", "peft": {"method": "lora", "r": 4, "target_modules": ["c_attn"]},
+             "batch_size": 2, "max_seq_len": 64, "steps": 3, "seed": 0},
+            {"name": "b", "data": "b.jsonl", "peft": {"method": "lora", "r": 8, "target_modules": ["c_fc"]},
+             "batch_size": 3, "max_seq_len": 64, "steps": 2, "seed": 1},
+        ],
+    }
+    config.update(overrides)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_plan_and_run_writes_the_run_folder(tmp_path):
+    config = small_config(tmp_path)
+    result = run_cli("plan-and-run", str(config), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "tiny"
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["version"] == 1 and plan["groups"][0]["tasks"] == ["a", "b"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["tasks"]["a"]["steps"] == 3 and len(metrics["tasks"]["a"]["loss"]) == 3
+    assert metrics["tasks"]["b"]["steps"] == 2 and metrics["tasks"]["b"]["status"] == "finished"
+    assert metrics["tokens_per_s"] > 0 and all(t["tokens_per_s"] > 0 for t in metrics["tasks"].values())
+    for name in ("a", "b"):
+        assert (run / "adapters" / name / "adapter_config.json").is_file()
+        assert (run / "adapters" / name / "adapter_model.safetensors").is_file()
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and (run / "loss_curves.png").stat().st_size > 1000
+    assert "a" in result.stdout and "tokens/s" in result.stdout
+    # --out puts it elsewhere; no staging folder is left behind
+    result = run_cli("muxtune", "run", str(config), "--out", str(tmp_path / "elsewhere"), "--no-progress",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "elsewhere" / "metrics.json").is_file()
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_quickstart_config_is_valid(repo):
+    result = run_cli("muxtune", "validate", "examples/quickstart.yaml", cwd=repo)
+    assert result.returncode == 0, result.stderr
+    assert "ok: 4 tasks" in result.stdout
+
+
+BAD_CONFIGS = [
+    # (change to the config, text the error must contain)
+    ({"tasks": [{"name": "a", "data": "a.jsonl", "peft": {"method": "lora", "rr": 4}}]}, "tasks[0].peft.rr: unknown key"),
+    ({"tasks": [{"name": "a", "data": "a.jsonl", "peft": {"method": "lora", "r": 0}}]}, "tasks[0].peft.r"),
+    ({"tasks": [{"name": "a", "data": "a.jsonl", "peft": {"method": "nope"}}]}, "tasks[0].peft"),
+    ({"tasks": [{"name": "a", "data": "missing.jsonl", "peft": {"method": "lora"}}]}, "tasks[0].data: data file not found"),
+    ({"tasks": [{"name": "a", "data": "a.jsonl", "peft": {"method": "lora"}, "lr": -1}]}, "tasks[0].lr"),
+    ({"tasks": []}, "tasks"),
+    ({"devices": "gpu"}, "devices"),
+    ({"model": "builtin:nope"}, "unknown builtin preset"),
+    ({"colour": "blue"}, "colour: unknown key"),
+    ({"devices": "cuda:0"}, "no CUDA device"),
+    ({"tasks": [{"name": "a", "data": "a.jsonl", "peft": {"method": "lora", "target_modules": ["q_proj"]}}]},
+     "match no Linear/Conv1D op"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_CONFIGS)
+def test_bad_config_is_refused_cleanly(tmp_path, capsys, monkeypatch, change, message):
+    config = small_config(tmp_path, **change)
+    result = call(capsys, monkeypatch, tmp_path, "plan-and-run", str(config), "--no-progress")
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and str(config) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_error_names_the_yaml_line(tmp_path):
+    config = small_config(tmp_path)
+    text = config.read_text().replace("r: 8", "r: -3")
+    config.write_text(text)
+    line = next(i for i, l in enumerate(text.splitlines(), 1) if "r: -3" in l)
+    result = run_cli("plan-and-run", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{config}:{line}: tasks[1].peft.r" in result.stderr
+
+
+@pytest.mark.parametrize("content,message", [
+    ("name: [unclosed\n", "not valid YAML"),
+    ("- just\n- a list\n", "expected a mapping"),
+    ("", "expected a mapping"),
+])
+def test_malformed_yaml(tmp_path, capsys, monkeypatch, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    result = call(capsys, monkeypatch, tmp_path, "plan-and-run", str(path))
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": "x", "completion": ', "a.jsonl:3: not valid JSON"),
+    ('["a list"]', "a.jsonl:3: expected a JSON object"),
+    ('{"prompt": "x"}', "a.jsonl:3: missing 'completion'"),
+    ('{"input": "x"}', "a.jsonl:3: expected a 'text' or 'prompt'/'completion' record"),
+    ('{"text": 5}', "a.jsonl:3: 'text' must be a string"),
+])
+def test_bad_jsonl_names_file_and_line(tmp_path, capsys, monkeypatch, line, message):
+    config = small_config(tmp_path)
+    data = tmp_path / "a.jsonl"
+    lines = data.read_text().splitlines()
+    lines[2] = line
+    data.write_text("\n".join(lines) + "\n")
+    result = call(capsys, monkeypatch, tmp_path, "plan-and-run", str(config))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_missing_config_file(tmp_path):
+    result = run_cli("plan-and-run", "nope.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and "nope.yaml: no such config file" in result.stderr
+
+
+def test_wheel_maps_every_folder_into_the_muxtune_package(repo, tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(repo)], check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("muxtune-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for module in ("muxtune/spec.py", "muxtune/cli.py", "muxtune/executor/mux.py", "muxtune/executor/peft/lora.py",
+                   "muxtune/planner/__init__.py", "muxtune/simulator/__init__.py", "muxtune/profiler/__init__.py",
+                   "muxtune/kernels/__init__.py"):
+        assert module in names, module
+    # no bare top-level packages that would shadow PyPI's `executor`, `kernels`, `profiler`, ...
+    assert not [n for n in names if n.split("/")[0] in {"executor", "kernels", "profiler", "planner", "simulator"}]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from muxtune.errors import MuxTuneError
-from muxtune.executor.backbone import op_features, target_ops
+from muxtune.executor.backbone import target_ops
 from muxtune.executor.peft import method_of
 
 # Distinct streams from one task seed: the adapter init, the data order and the dropout masks each
@@ -54,9 +54,8 @@ class TaskAdapter(nn.Module):
         self.layers = nn.ModuleDict()
         for path, op in ops:
             base = op.base_op if isinstance(op, MultiplexedOp) else op
-            in_f, out_f = op_features(base)
             # adapters train in fp32 whatever the backbone's dtype, as HF PEFT does by default
-            self.layers[_key(path)] = self.method.build_layer(peft_config, in_f, out_f, init_gen)
+            self.layers[_key(path)] = self.method.build_layer(peft_config, base, path, init_gen)
         self.to(device=device, dtype=torch.float32)
         self.dropout_gen = torch.Generator(device=device).manual_seed(stream_seed(seed, DROPOUT_STREAM))
 
@@ -100,31 +99,43 @@ class MultiplexedOp(nn.Module):
         self.adapters: dict[str, nn.Module] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_op(x)
         segments = self._mux.segments
         if not segments or not self.adapters:
-            return out
+            return self.base_op(x)
         # Backbones call an op on [rows, seq, features] or flattened [rows * seq, features] (OPT's MLP):
         # work on the flat token axis, where a segment of rows is a contiguous span of tokens.
         rows, seq = self._mux.shape
-        flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
-        if flat_x.shape[0] != rows * seq:
-            raise RuntimeError(f"{self.path}: input has {flat_x.shape[0]} tokens, fused batch has {rows}x{seq}")
-        # Segments tile the rows in order (checked by `route`), so the aggregated output is the
-        # concatenation of each segment's tokens; no in-place write into the base op's output.
+        if x.shape[:-1].numel() != rows * seq:
+            raise RuntimeError(f"{self.path}: input has {x.shape[:-1].numel()} tokens, fused batch has {rows}x{seq}")
+        spans = [(seg, seg.start * seq, seg.end * seq, self.adapters.get(seg.task)) for seg in segments]
+
+        # dispatch: a method that transforms the op's input (IA3 on feed-forward ops) does so on its
+        # own rows; the frozen op then still runs ONCE over every task's rows.
+        if any(hasattr(layer, "dispatch") for *_, layer in spans):
+            flat_x = x.reshape(-1, x.shape[-1])
+            parts = [layer.dispatch(flat_x[lo:hi].float()).to(x.dtype) if hasattr(layer, "dispatch")
+                     else flat_x[lo:hi] for _, lo, hi, layer in spans]
+            out = self.base_op(torch.cat(parts, dim=0).view(x.shape))
+        else:
+            # base op first, as HF PEFT does: autograd then sums dX's contributions in the same order
+            out = self.base_op(x)
+            flat_x = x.reshape(-1, x.shape[-1])
+        flat_out = out.reshape(-1, out.shape[-1])
+
+        # aggregate: each task combines the shared output with its adapter on its own rows. Segments
+        # tile the rows in order (checked by `route`), so the result is a concatenation: no in-place
+        # write into the base op's output.
         pieces = []
-        for seg in segments:
-            lo, hi = seg.start * seq, seg.end * seq
+        for seg, lo, hi, layer in spans:
             piece = flat_out[lo:hi]
-            layer = self.adapters.get(seg.task)
             if layer is not None:
                 xs = flat_x[lo:hi].float()
                 mask = None
-                if layer.dropout > 0 and self._mux.training:
+                if getattr(layer, "dropout", 0.0) > 0 and self._mux.training:
                     adapter = self._mux.adapters[seg.task]
                     mask = adapter.dropout_mask(seg.end - seg.start, seq, xs.shape[-1], layer.dropout, xs.device)
                     mask = mask.reshape(-1, xs.shape[-1])
-                piece = piece + layer(xs, mask).to(out.dtype)
+                piece = layer.aggregate(xs, piece.float(), mask).to(out.dtype)
             pieces.append(piece)
         return torch.cat(pieces, dim=0).view(out.shape)
 

@@ -4,8 +4,13 @@ A method module defines:
   METHOD     the `peft.method` string in a task config
   Config     a pydantic model of that method's parameters (with a `method: Literal[METHOD]` field)
   SHAPE      how the adapter meets the frozen backbone op (see DESIGN.md), e.g. "parallel"
-  build_layer(config, base_op, generator) -> nn.Module for one (task, target op) pair
-  hf_config(config, base_model_name, fan_in_fan_out) -> the HF PEFT config object used for export
+  build_layer(config, base_op, path, generator) -> nn.Module for one (task, target op) pair, with
+      aggregate(x, out, dropout_mask) -> out   this task's rows of the op's input and shared output
+                                               -> its rows of the op's new output
+      dispatch(x) -> x  (optional)             transform this task's rows of the op's input before
+                                               the shared op runs (e.g. IA3 on feed-forward ops)
+      export_state(prefix) / load_export_state(state, prefix)
+  hf_config(config, base_model_name, fan_in_fan_out, target_modules) -> HF PEFT config for export
 
 Methods are discovered from this folder, so adding one touches one file (plus its test).
 """

@@ -13,6 +13,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from muxtune.executor.backbone import op_features
+
 METHOD = "lora"
 SHAPE = "parallel"
 
@@ -45,10 +47,11 @@ class LoraLayer(nn.Module):
         self.scaling = config.scaling
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def aggregate(self, x: torch.Tensor, out: torch.Tensor, dropout_mask: torch.Tensor | None) -> torch.Tensor:
+        """This task's rows of the op's input `x` and shared output `out` -> its rows of the new output."""
         if dropout_mask is not None:
             x = x * dropout_mask
-        return self.lora_B(self.lora_A(x)) * self.scaling
+        return out + self.lora_B(self.lora_A(x)) * self.scaling
 
     def export_state(self, prefix: str) -> dict[str, torch.Tensor]:
         """Weights under HF PEFT's keys (`<prefix>.lora_A.weight`), as PeftModel.from_pretrained expects."""
@@ -60,8 +63,8 @@ class LoraLayer(nn.Module):
             self.lora_B.weight.copy_(state[f"{prefix}.lora_B.weight"])
 
 
-def build_layer(config: Config, in_features: int, out_features: int, generator: torch.Generator) -> LoraLayer:
-    return LoraLayer(config, in_features, out_features, generator)
+def build_layer(config: Config, base_op: nn.Module, path: str, generator: torch.Generator) -> LoraLayer:
+    return LoraLayer(config, *op_features(base_op), generator)
 
 
 def hf_config(config: Config, base_model_name: str, fan_in_fan_out: bool, target_modules: list[str]):

@@ -43,6 +43,8 @@ class TaskAdapter(nn.Module):
         super().__init__()
         self.name, self.config, self.max_seq_len = name, peft_config, max_seq_len
         self.method = method_of(peft_config)
+        if hasattr(self.method, "resolve"):  # fill model-dependent defaults (e.g. IA3's target modules)
+            peft_config = self.config = self.method.resolve(peft_config, model)
         ops = target_ops(model, peft_config.target_modules)
         if not ops:
             raise MuxTuneError(
@@ -64,6 +66,17 @@ class TaskAdapter(nn.Module):
 
     def items(self):
         return [(path, self.layers[_key(path)]) for path in self.paths]
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor under the exported format's keys (HF PEFT's where it has the method)."""
+        state = {}
+        for path, layer in self.items():
+            state.update(layer.export_state(f"base_model.model.{path}"))
+        return state
+
+    def load_export_state(self, state: dict[str, torch.Tensor]) -> None:
+        for path, layer in self.items():
+            layer.load_export_state(state, f"base_model.model.{path}")
 
     def dropout_mask(self, rows: int, seq: int, features: int, p: float, device) -> torch.Tensor:
         """Inverted-dropout mask for this task's rows. Drawn at the task's own [rows, max_seq_len]

@@ -45,13 +45,11 @@ def randomize_b(trainer, seed: int = 7) -> None:
 
 
 def initial_state(trainer) -> dict[str, dict[str, torch.Tensor]]:
-    out = {}
-    for name, run in trainer.runs.items():
-        state = {}
-        for path, layer in run.adapter.items():
-            state.update({k: v.detach().clone() for k, v in layer.export_state(f"base_model.model.{path}").items()})
-        out[name] = state
-    return out
+    return {name: adapter_state(trainer, name) for name in trainer.runs}
+
+
+def adapter_state(trainer, name) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.runs[name].adapter.export_state().items()}
 
 
 def train_hf_peft_alone(model_name: str, spec: TaskSpec, examples, init_state: dict[str, torch.Tensor],
@@ -62,7 +60,9 @@ def train_hf_peft_alone(model_name: str, spec: TaskSpec, examples, init_state: d
     fan_in_fan_out = model_name.endswith("gpt2") or "gpt2" in model_name
     from muxtune.executor.peft import method_of
 
-    hf_config = method_of(spec.peft).hf_config(spec.peft, model_name, fan_in_fan_out, list(spec.peft.target_modules))
+    method = method_of(spec.peft)
+    peft_config = method.resolve(spec.peft, backbone.model) if hasattr(method, "resolve") else spec.peft
+    hf_config = method.hf_config(peft_config, model_name, fan_in_fan_out)
     model = get_peft_model(backbone.model, hf_config)
     result = set_peft_model_state_dict(model, init_state)
     assert not result.unexpected_keys, result.unexpected_keys

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from reference import initial_state, randomize_b, train_hf_peft_alone, write_jsonl
+from reference import adapter_state, initial_state, randomize_b, train_hf_peft_alone, write_jsonl
 
 from muxtune.executor.backbone import load_backbone
 from muxtune.executor.data import load_examples
@@ -37,14 +37,6 @@ def make_trainer(model_name, specs, attn="sdpa"):
     backbone = load_backbone(model_name, attn_implementation=attn)
     examples = {s.name: load_examples(s.data, backbone.tokenizer, s.max_seq_len)[0] for s in specs}
     return MultiplexedTrainer(backbone, specs, examples), examples
-
-
-def adapter_state(trainer, name):
-    run = trainer.runs[name]
-    state = {}
-    for path, layer in run.adapter.items():
-        state.update({k: v.detach().clone() for k, v in layer.export_state(f"base_model.model.{path}").items()})
-    return state
 
 
 def assert_same_training(losses, ref_losses, state, ref_state, init):

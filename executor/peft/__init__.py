@@ -10,7 +10,9 @@ A method module defines:
       dispatch(x) -> x  (optional)             transform this task's rows of the op's input before
                                                the shared op runs (e.g. IA3 on feed-forward ops)
       export_state(prefix) / load_export_state(state, prefix)
-  hf_config(config, base_model_name, fan_in_fan_out, target_modules) -> HF PEFT config for export
+  hf_config(config, base_model_name, fan_in_fan_out) -> HF PEFT config for export, or None when HF
+      PEFT lacks the method (then export writes MuxTune's own format, see executor/export.py)
+  resolve(config, model) -> config  (optional)  fill model-dependent defaults, e.g. target modules
 
 Methods are discovered from this folder, so adding one touches one file (plus its test).
 """

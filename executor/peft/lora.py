@@ -67,14 +67,14 @@ def build_layer(config: Config, base_op: nn.Module, path: str, generator: torch.
     return LoraLayer(config, *op_features(base_op), generator)
 
 
-def hf_config(config: Config, base_model_name: str, fan_in_fan_out: bool, target_modules: list[str]):
+def hf_config(config: Config, base_model_name: str, fan_in_fan_out: bool):
     from peft import LoraConfig
 
     return LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=target_modules,
+        target_modules=list(config.target_modules),
         use_rslora=config.use_rslora,
         fan_in_fan_out=fan_in_fan_out,
         bias="none",

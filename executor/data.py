@@ -147,18 +147,20 @@ class FusedBatch:
         return {s.task: int(self.attention_mask[s.start : s.end].sum()) for s in self.segments}
 
 
-def fuse(batches: dict[str, list[Example]], pad_id: int, device="cpu") -> FusedBatch:
+def fuse(batches: dict[str, list[Example]], pad_id: int, device="cpu", lead: dict[str, int] | None = None) -> FusedBatch:
     """Stack every task's sequences into one [rows, seq] micro-batch, right-padded to the longest row;
-    each task's rows are contiguous (its segment)."""
-    rows = [ex for examples in batches.values() for ex in examples]
-    seq = max(len(ex.input_ids) for ex in rows)
+    each task's rows are contiguous (its segment). `lead[task]` slots at the start of a task's rows
+    are reserved for virtual tokens (prompt tuning): attended to, no data, no loss."""
+    lead = lead or {}
+    rows = [(lead.get(task, 0), ex) for task, examples in batches.items() for ex in examples]
+    seq = max(skip + len(ex.input_ids) for skip, ex in rows)
     input_ids = torch.full((len(rows), seq), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), seq), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(rows), seq), dtype=torch.long)
-    for i, ex in enumerate(rows):
-        n = len(ex.input_ids)
-        input_ids[i, :n] = torch.tensor(ex.input_ids)
-        labels[i, :n] = torch.tensor(ex.labels)
+    for i, (skip, ex) in enumerate(rows):
+        n = skip + len(ex.input_ids)
+        input_ids[i, skip:n] = torch.tensor(ex.input_ids)
+        labels[i, skip:n] = torch.tensor(ex.labels)
         mask[i, :n] = 1
     segments, start = [], 0
     for task, examples in batches.items():

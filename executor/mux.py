@@ -45,21 +45,37 @@ class TaskAdapter(nn.Module):
         self.method = method_of(peft_config)
         if hasattr(self.method, "resolve"):  # fill model-dependent defaults (e.g. IA3's target modules)
             peft_config = self.config = self.method.resolve(peft_config, model)
+        init_gen = torch.Generator().manual_seed(stream_seed(seed, INIT_STREAM))
+        self.paths, self.layers, self.sequence = [], nn.ModuleDict(), None
+        self.dropout_gen = None
+        if hasattr(self.method, "build_sequence"):
+            # sequence-level methods (prompt, prefix) change what the task's rows see, not any op
+            self.sequence = self.method.build_sequence(peft_config, model, max_seq_len, init_gen, name)
+            self.to(device=device, dtype=torch.float32)
+            return
         ops = target_ops(model, peft_config.target_modules)
         if not ops:
             raise MuxTuneError(
                 f"task {name!r}: peft.target_modules: {peft_config.target_modules} match no Linear/Conv1D op "
                 f"of the backbone; it has e.g. {sorted(_leaf_op_names(model))[:12]}"
             )
-        init_gen = torch.Generator().manual_seed(stream_seed(seed, INIT_STREAM))
         self.paths = [path for path, _ in ops]
-        self.layers = nn.ModuleDict()
         for path, op in ops:
             base = op.base_op if isinstance(op, MultiplexedOp) else op
             # adapters train in fp32 whatever the backbone's dtype, as HF PEFT does by default
             self.layers[_key(path)] = self.method.build_layer(peft_config, base, path, init_gen)
         self.to(device=device, dtype=torch.float32)
         self.dropout_gen = torch.Generator(device=device).manual_seed(stream_seed(seed, DROPOUT_STREAM))
+
+    @property
+    def lead_tokens(self) -> int:
+        """Slots at the start of this task's rows that hold no data token (prompt tuning's virtual tokens)."""
+        return getattr(self.sequence, "lead_tokens", 0)
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Length of this task's KV prefix in every attention layer (prefix tuning)."""
+        return getattr(self.sequence, "prefix_tokens", 0)
 
     def layer(self, path: str) -> nn.Module:
         return self.layers[_key(path)]
@@ -69,12 +85,14 @@ class TaskAdapter(nn.Module):
 
     def export_state(self) -> dict[str, torch.Tensor]:
         """Every trainable tensor under the exported format's keys (HF PEFT's where it has the method)."""
-        state = {}
+        state = self.sequence.export_state() if self.sequence is not None else {}
         for path, layer in self.items():
             state.update(layer.export_state(f"base_model.model.{path}"))
         return state
 
     def load_export_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.sequence is not None:
+            self.sequence.load_export_state(state)
         for path, layer in self.items():
             layer.load_export_state(state, f"base_model.model.{path}")
 

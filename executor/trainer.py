@@ -74,7 +74,8 @@ class MultiplexedTrainer:
         runs = self.active
         start = time.perf_counter()
         batch = fuse({run.spec.name: run.sampler.next_batch() for run in runs},
-                     self.backbone.tokenizer.pad_token_id, self.device)
+                     self.backbone.tokenizer.pad_token_id, self.device,
+                     lead={run.spec.name: run.adapter.lead_tokens for run in runs})
         losses = self.task_losses(batch, training=True)
         torch.stack(list(losses.values())).sum().backward()
         losses = {name: float(loss.detach()) for name, loss in losses.items()}
@@ -101,8 +102,7 @@ class MultiplexedTrainer:
     def task_losses(self, batch: FusedBatch, training: bool) -> dict[str, torch.Tensor]:
         """Mean next-token loss of each task over its own target tokens (as HF's causal-LM loss)."""
         with self.mux.route(batch.segments, batch.input_ids.shape[1], training=training):
-            hidden = self.model.base_model(input_ids=batch.input_ids,
-                                           attention_mask=batch.attention_mask).last_hidden_state
+            hidden = self.hidden_states(batch)
         targets = batch.labels[:, 1:]
         valid = targets != IGNORE
         # the LM head runs only on positions that carry loss: padding and prompts cost no vocab GEMM
@@ -116,6 +116,53 @@ class MultiplexedTrainer:
         sums = torch.zeros(n, device=self.device).index_add(0, token_task, per_token)
         counts = torch.zeros(n, device=self.device).index_add(0, token_task, torch.ones_like(per_token))
         return {seg.task: sums[i] / counts[i] for i, seg in enumerate(batch.segments)}
+
+    def hidden_states(self, batch: FusedBatch) -> torch.Tensor:
+        """The backbone's last hidden states for the fused batch, with every task's sequence-level
+        method applied to its own rows: prompt tuning's virtual tokens, prefix tuning's KV prefix."""
+        adapters = [self.mux.adapters[seg.task] for seg in batch.segments]
+        base = self.model.base_model
+        if all(a.sequence is None for a in adapters):
+            return base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        rows, seq = batch.input_ids.shape
+        embeds = self.model.get_input_embeddings()(batch.input_ids)
+        parts = []
+        for seg, adapter in zip(batch.segments, adapters):
+            part = embeds[seg.start : seg.end]
+            parts.append(adapter.sequence.prepend(part) if adapter.lead_tokens else part)
+        embeds = torch.cat(parts, dim=0)
+        # A prefix task's tokens sit at positions n.. after its n prefix slots (as with HF PEFT's cache).
+        offset = torch.cat([torch.full((seg.end - seg.start,), a.prefix_tokens, device=self.device)
+                            for seg, a in zip(batch.segments, adapters)])
+        position_ids = torch.arange(seq, device=self.device)[None, :] + offset[:, None]
+        mask, cache = batch.attention_mask, None
+        longest = max(a.prefix_tokens for a in adapters)
+        if longest:
+            cache, prefix_mask = self._prefix_cache(batch, adapters, longest, embeds.dtype)
+            mask = torch.cat([prefix_mask, mask], dim=1)
+        return base(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                    cache=cache).last_hidden_state
+
+    def _prefix_cache(self, batch: FusedBatch, adapters, longest: int, dtype):
+        """One KV region of `longest` slots for the whole batch: each prefix task's rows hold their
+        prefix right-aligned in it; every other slot is masked out."""
+        from transformers import DynamicCache
+
+        from muxtune.executor.peft.prefix import kv_geometry
+
+        layers, kv_heads, head_dim = kv_geometry(self.model)
+        per_layer = [([], []) for _ in range(layers)]
+        mask = torch.zeros(batch.input_ids.shape[0], longest, dtype=batch.attention_mask.dtype, device=self.device)
+        for seg, adapter in zip(batch.segments, adapters):
+            rows, n = seg.end - seg.start, adapter.prefix_tokens
+            kv = adapter.sequence.key_values(rows, dtype) if n else None
+            mask[seg.start : seg.end, longest - n :] = 1
+            for layer, (keys, values) in enumerate(per_layer):
+                for store, i in ((keys, 0), (values, 1)):
+                    blank = torch.zeros(rows, kv_heads, longest - n, head_dim, dtype=dtype, device=self.device)
+                    store.append(torch.cat([blank, kv[layer][i]], dim=2) if n else blank)
+        cache = DynamicCache([(torch.cat(k, dim=0), torch.cat(v, dim=0)) for k, v in per_layer])
+        return cache, mask
 
     def train(self, progress: bool = True) -> None:
         from tqdm.auto import tqdm

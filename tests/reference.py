@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 import torch
-from peft import get_peft_model, set_peft_model_state_dict
+from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import get_scheduler
 
 from muxtune.executor.backbone import load_backbone
@@ -64,8 +64,9 @@ def train_hf_peft_alone(model_name: str, spec: TaskSpec, examples, init_state: d
     peft_config = method.resolve(spec.peft, backbone.model) if hasattr(method, "resolve") else spec.peft
     hf_config = method.hf_config(peft_config, model_name, fan_in_fan_out)
     model = get_peft_model(backbone.model, hf_config)
-    result = set_peft_model_state_dict(model, init_state)
-    assert not result.unexpected_keys, result.unexpected_keys
+    set_peft_model_state_dict(model, init_state)
+    loaded = get_peft_model_state_dict(model)  # the reference really starts from our initial weights
+    assert set(loaded) == set(init_state) and all(torch.equal(loaded[k], init_state[k]) for k in loaded)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     scheduler = get_scheduler(spec.lr_schedule, optimizer, num_warmup_steps=spec.warmup_steps,
@@ -88,6 +89,4 @@ def train_hf_peft_alone(model_name: str, spec: TaskSpec, examples, init_state: d
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(out.loss.detach()))
-    from peft import get_peft_model_state_dict
-
     return losses, {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}

@@ -1,0 +1,109 @@
+"""Bottleneck adapter (Houlsby et al. 2019): after a frozen op, h + up(act(down(h))).
+
+Shape "serial": the frozen op runs first (once, over every task's rows); its output h is this task's
+adapter input, and the new output is h plus the adapter's bottleneck transform of h. Placed after the
+attention output projection and/or the feed-forward output projection, as in Houlsby's design. HF PEFT
+has no such method, so export writes MuxTune's own format (see executor/export.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from muxtune.errors import MuxTuneError
+from muxtune.executor.backbone import op_features
+
+METHOD = "adapter"
+SHAPE = "serial"
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+# Where `placement` puts the adapter in each model family: the op that ends the attention block and the
+# op that ends the feed-forward block (matched as HF PEFT matches target modules: by name suffix).
+PLACEMENT_OPS = {
+    "llama": {"attention": "o_proj", "ffn": "down_proj"},
+    "mistral": {"attention": "o_proj", "ffn": "down_proj"},
+    "qwen2": {"attention": "o_proj", "ffn": "down_proj"},
+    "gpt2": {"attention": "attn.c_proj", "ffn": "mlp.c_proj"},  # both are named c_proj: keep the parent
+    "opt": {"attention": "out_proj", "ffn": "fc2"},
+}
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["adapter"] = "adapter"
+    size: int = Field(64, ge=1, le=65536, description="bottleneck width")
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    placement: list[Literal["attention", "ffn"]] = Field(default_factory=lambda: ["attention", "ffn"], min_length=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on the adapter's input")
+    # explicit op names; when set, `placement` is not used
+    target_modules: Annotated[list[str], Field(min_length=1)] | None = None
+
+    @field_validator("dropout")
+    @classmethod
+    def _no_dropout_yet(cls, value: float) -> float:
+        # The multiplexer draws a task's dropout mask over the op's INPUT features, from the task's own
+        # seeded stream and at a neighbour-independent shape. A serial adapter's input is the op's
+        # OUTPUT, often of another width, and a layer alone cannot draw an isolated mask (it sees
+        # neither the row/sequence split nor train/eval). Refuse rather than silently differ.
+        if value > 0:
+            raise ValueError("dropout > 0 is not supported for the serial adapter yet (its input is the "
+                             "op's output, which the multiplexer's dropout masks do not cover); use 0")
+        return value
+
+
+class AdapterLayer(nn.Module):
+    """One task's bottleneck adapter after one frozen op whose output has `features` columns."""
+
+    def __init__(self, config: Config, features: int, generator: torch.Generator):
+        super().__init__()
+        self.adapter_down = nn.Linear(features, config.size)
+        self.adapter_up = nn.Linear(config.size, features)
+        self.act = ACTIVATIONS[config.activation]()
+        # Down projection as nn.Linear's own default (kaiming-uniform), but drawn from the task's
+        # generator so the init depends on the task's seed alone. Zero biases and a zero up projection
+        # make the adapter the identity at init (Houlsby; AdapterHub): training starts from the backbone.
+        nn.init.kaiming_uniform_(self.adapter_down.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.adapter_down.bias)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+
+    def aggregate(self, x: torch.Tensor, out: torch.Tensor, dropout_mask: torch.Tensor | None) -> torch.Tensor:
+        """The op's input `x` is not used: a serial adapter sees only the op's output `out` (= h)."""
+        return out + self.adapter_up(self.act(self.adapter_down(out)))
+
+    def export_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.{name}": p for name, p in self.named_parameters()}
+
+    def load_export_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(state[f"{prefix}.{name}"])
+
+
+def build_layer(config: Config, base_op: nn.Module, path: str, generator: torch.Generator) -> AdapterLayer:
+    _, out_features = op_features(base_op)
+    return AdapterLayer(config, out_features, generator)
+
+
+def resolve(config: Config, model: nn.Module) -> Config:
+    """`placement` -> op names for this model family, unless the task named its ops itself."""
+    if config.target_modules is not None:
+        return config
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in PLACEMENT_OPS:
+        raise MuxTuneError(
+            f"peft.placement: no known attention/ffn output ops for model type {model_type!r} "
+            f"(known: {', '.join(sorted(PLACEMENT_OPS))}); set peft.target_modules to the op names instead")
+    ops = PLACEMENT_OPS[model_type]
+    targets = list(dict.fromkeys(ops[place] for place in config.placement))  # unique, in placement order
+    return config.model_copy(update={"target_modules": targets})
+
+
+def hf_config(config: Config, base_model_name: str, fan_in_fan_out: bool):
+    return None  # HF PEFT has no bottleneck adapter: export writes MuxTune's format

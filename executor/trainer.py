@@ -55,30 +55,43 @@ def build_task_run(mux: Multiplexer, spec: TaskSpec, examples: list[Example]) ->
 
 
 class MultiplexedTrainer:
-    def __init__(self, backbone: Backbone, specs: list[TaskSpec], examples: dict[str, list[Example]]):
+    """Trains tasks on one shared backbone. `groups` (from the Plan) lists the fusion groups: the
+    tasks of a group share one fused micro-batch; groups run one after another within a step
+    (default: one group of all tasks)."""
+
+    def __init__(self, backbone: Backbone, specs: list[TaskSpec], examples: dict[str, list[Example]],
+                 groups: list[list[str]] | None = None):
         self.backbone = backbone
         self.model = backbone.model
         self.device = next(self.model.parameters()).device
         self.mux = Multiplexer(self.model)
         self.runs: dict[str, TaskRun] = {s.name: build_task_run(self.mux, s, examples[s.name]) for s in specs}
+        self.groups = groups or [list(self.runs)]
         self.step_times: list[float] = []
-        self.step_tokens: list[int] = []  # real (non-padding) tokens of each step's fused batch
-        self.step_shapes: list[tuple[int, int]] = []  # (rows, seq) each step actually computed
+        self.step_tokens: list[int] = []  # real (non-padding) tokens of each step's fused batches
+        self.step_shapes: list[tuple[int, int]] = []  # (rows, seq) of every fused micro-batch computed
 
     @property
     def active(self) -> list[TaskRun]:
         return [run for run in self.runs.values() if not run.done and run.status == "running"]
 
     def step(self) -> dict[str, float]:
-        """One optimizer step for every active task, from one fused forward and one backward."""
+        """One optimizer step for every active task: per fusion group one fused forward and backward."""
         runs = self.active
         start = time.perf_counter()
-        batch = fuse({run.spec.name: run.sampler.next_batch() for run in runs},
-                     self.backbone.tokenizer.pad_token_id, self.device,
-                     lead={run.spec.name: run.adapter.lead_tokens for run in runs})
-        losses = self.task_losses(batch, training=True)
-        torch.stack(list(losses.values())).sum().backward()
-        losses = {name: float(loss.detach()) for name, loss in losses.items()}
+        losses, tokens = {}, {}
+        for group in self.groups:
+            members = [run for run in runs if run.spec.name in group]
+            if not members:
+                continue
+            batch = fuse({run.spec.name: run.sampler.next_batch() for run in members},
+                         self.backbone.tokenizer.pad_token_id, self.device,
+                         lead={run.spec.name: run.adapter.lead_tokens for run in members})
+            group_losses = self.task_losses(batch, training=True)
+            torch.stack(list(group_losses.values())).sum().backward()
+            losses.update({name: float(loss.detach()) for name, loss in group_losses.items()})
+            tokens.update(batch.tokens_per_task)
+            self.step_shapes.append(tuple(batch.input_ids.shape))
         for run in runs:
             if run.spec.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(run.parameters(), run.spec.max_grad_norm)
@@ -86,7 +99,6 @@ class MultiplexedTrainer:
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
-        tokens = batch.tokens_per_task
         for run in runs:
             run.step += 1
             run.losses.append(losses[run.spec.name])
@@ -96,7 +108,6 @@ class MultiplexedTrainer:
                 run.status = "finished"
         self.step_times.append(elapsed)
         self.step_tokens.append(sum(tokens.values()))
-        self.step_shapes.append(tuple(batch.input_ids.shape))
         return losses
 
     def task_losses(self, batch: FusedBatch, training: bool) -> dict[str, torch.Tensor]:

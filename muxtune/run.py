@@ -41,9 +41,10 @@ def prepare(config: RunConfig, plan: Plan | None = None):
     devices = check_devices(config)
     plan = plan or Plan.trivial(config)
     plan.check_against(config)
-    if len(plan.groups) > 1 or any(g.layout.dp * g.layout.pp * g.layout.tp > 1 for g in plan.groups):
-        raise MuxTuneError("plan: the single-process executor runs one fusion group on one device; "
-                           "multi-group and parallel layouts need the distributed executor")
+    if any(g.layout.dp * g.layout.pp * g.layout.tp > 1 or g.devices != plan.groups[0].devices
+           for g in plan.groups):
+        raise MuxTuneError("plan: the single-process executor runs fusion groups one after another on one "
+                           "device; parallel layouts need the distributed executor")
     backbone = load_backbone(config.model, device=devices[0], dtype=DTYPES[config.dtype])
     examples, stats = {}, {}
     for i, task in enumerate(config.tasks):
@@ -59,7 +60,7 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
     from muxtune.report import write_report
 
     backbone, plan, examples, stats = prepare(config, plan)
-    trainer = MultiplexedTrainer(backbone, config.tasks, examples)
+    trainer = MultiplexedTrainer(backbone, config.tasks, examples, groups=[g.tasks for g in plan.groups])
     out_dir = Path(out_dir)
     staging = out_dir.parent / f".{out_dir.name}.partial"
     if staging.exists():

@@ -31,3 +31,25 @@ def test_finished_tasks_leave_the_fused_batch(tmp_path):
     assert rows == [9, 9, 7, 3]  # batch sizes 4+3+2; 'long' done after 2 steps, 'short' after 3
     assert [len(trainer.runs[s.name].losses) for s in specs] == [3, 4, 2]
     assert all(run.status == "finished" for run in trainer.runs.values())
+
+
+def test_fusion_groups_from_the_plan_run_one_after_another_with_the_same_results(tmp_path):
+    from reference import adapter_state, initial_state
+    from test_equivalence import assert_same_training
+
+    from muxtune.executor.backbone import load_backbone
+    from muxtune.executor.data import load_examples
+    from muxtune.executor.trainer import MultiplexedTrainer
+
+    specs = three_tasks(tmp_path, TARGETS["builtin:tiny-gpt2"], steps=3)
+    fused, _ = make_trainer("builtin:tiny-gpt2", specs)
+    init = initial_state(fused)
+    fused.train(progress=False)
+    backbone = load_backbone("builtin:tiny-gpt2")
+    examples = {s.name: load_examples(s.data, backbone.tokenizer, s.max_seq_len)[0] for s in specs}
+    split = MultiplexedTrainer(backbone, specs, examples, groups=[["short", "long"], ["medium"]])
+    split.train(progress=False)
+    assert [r for r, _ in split.step_shapes] == [6, 3, 6, 3, 4, 3, 3]  # two micro-batches per step
+    for spec in specs:
+        assert_same_training(split.runs[spec.name].losses, fused.runs[spec.name].losses,
+                             adapter_state(split, spec.name), adapter_state(fused, spec.name), init[spec.name])

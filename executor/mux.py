@@ -44,7 +44,10 @@ class TaskAdapter(nn.Module):
         self.name, self.config, self.max_seq_len = name, peft_config, max_seq_len
         self.method = method_of(peft_config)
         if hasattr(self.method, "resolve"):  # fill model-dependent defaults (e.g. IA3's target modules)
-            peft_config = self.config = self.method.resolve(peft_config, model)
+            try:
+                peft_config = self.config = self.method.resolve(peft_config, model)
+            except MuxTuneError as exc:
+                raise MuxTuneError(f"task {name!r}: {exc}") from None
         init_gen = torch.Generator().manual_seed(stream_seed(seed, INIT_STREAM))
         self.paths, self.layers, self.sequence = [], nn.ModuleDict(), None
         self.dropout_gen = None
@@ -164,8 +167,10 @@ class MultiplexedOp(nn.Module):
                 mask = None
                 if getattr(layer, "dropout", 0.0) > 0 and self._mux.training:
                     adapter = self._mux.adapters[seg.task]
-                    mask = adapter.dropout_mask(seg.end - seg.start, seq, xs.shape[-1], layer.dropout, xs.device)
-                    mask = mask.reshape(-1, xs.shape[-1])
+                    # most methods drop the op's input; a serial adapter drops its own input, the op's output
+                    width = piece.shape[-1] if getattr(layer, "dropout_on", "input") == "output" else xs.shape[-1]
+                    mask = adapter.dropout_mask(seg.end - seg.start, seq, width, layer.dropout, xs.device)
+                    mask = mask.reshape(-1, width)
                 piece = layer.aggregate(xs, piece.float(), mask).to(out.dtype)
             pieces.append(piece)
         return torch.cat(pieces, dim=0).view(out.shape)

@@ -44,17 +44,6 @@ class Config(BaseModel):
     # explicit op names; when set, `placement` is not used
     target_modules: Annotated[list[str], Field(min_length=1)] | None = None
 
-    @field_validator("dropout")
-    @classmethod
-    def _no_dropout_yet(cls, value: float) -> float:
-        # The multiplexer draws a task's dropout mask over the op's INPUT features, from the task's own
-        # seeded stream and at a neighbour-independent shape. A serial adapter's input is the op's
-        # OUTPUT, often of another width, and a layer alone cannot draw an isolated mask (it sees
-        # neither the row/sequence split nor train/eval). Refuse rather than silently differ.
-        if value > 0:
-            raise ValueError("dropout > 0 is not supported for the serial adapter yet (its input is the "
-                             "op's output, which the multiplexer's dropout masks do not cover); use 0")
-        return value
 
 
 class AdapterLayer(nn.Module):
@@ -72,10 +61,13 @@ class AdapterLayer(nn.Module):
         nn.init.zeros_(self.adapter_down.bias)
         nn.init.zeros_(self.adapter_up.weight)
         nn.init.zeros_(self.adapter_up.bias)
+        self.dropout = config.dropout
+        self.dropout_on = "output"  # the mask covers this adapter's input: the op's output
 
     def aggregate(self, x: torch.Tensor, out: torch.Tensor, dropout_mask: torch.Tensor | None) -> torch.Tensor:
         """The op's input `x` is not used: a serial adapter sees only the op's output `out` (= h)."""
-        return out + self.adapter_up(self.act(self.adapter_down(out)))
+        h = out * dropout_mask if dropout_mask is not None else out
+        return out + self.adapter_up(self.act(self.adapter_down(h)))
 
     def export_state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.{name}": p for name, p in self.named_parameters()}

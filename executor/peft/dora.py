@@ -36,6 +36,17 @@ class Config(lora.Config):
     method: Literal["dora"] = "dora"
 
 
+class Magnitude(nn.Module):
+    """m, held in a submodule as peft holds it (`lora_magnitude_vector.<adapter>.weight`), not as a bare
+    Parameter of DoraLayer: nn.Module lists a module's own parameters before its children's, and a
+    task's gradient clipping sums per-tensor norms in parameter order. peft's order (A, B, m) keeps the
+    clipped gradients, hence the trained weights, bit-identical."""
+
+    def __init__(self, weight_norm: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight_norm)
+
+
 class DoraLayer(lora.LoraLayer):
     """One task's DoRA on one frozen op: LoRA's A and B, plus the magnitude vector m over out_features."""
 
@@ -51,7 +62,7 @@ class DoraLayer(lora.LoraLayer):
         with torch.no_grad():
             lora_weight = self.lora_B.weight @ self.lora_A.weight
             weight_norm = self.weight_norm(self.op_weight(torch.float32), lora_weight)
-        self.lora_magnitude_vector = nn.Parameter(weight_norm)
+        self.lora_magnitude_vector = Magnitude(weight_norm)
 
     def op_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The frozen op's weight as [out, in] (a view for Conv1D, as peft's `transpose`)."""
@@ -72,7 +83,7 @@ class DoraLayer(lora.LoraLayer):
         weight = self.op_weight(x.dtype)
         # The norm is a constant for backprop (DoRA paper, section 4.3): only m and the LoRA path train.
         weight_norm = self.weight_norm(weight, lora_weight.detach()).detach()
-        mag_norm_scale = (self.lora_magnitude_vector / weight_norm).view(1, -1)
+        mag_norm_scale = (self.lora_magnitude_vector.weight / weight_norm).view(1, -1)
 
         if dropout_mask is None:
             base_result = out  # no dropout (or eval): reuse the shared op's output
@@ -97,12 +108,12 @@ class DoraLayer(lora.LoraLayer):
 
     def export_state(self, prefix: str) -> dict[str, torch.Tensor]:
         """lora_A/lora_B as LoRA, plus the magnitude under peft's saved key (no `.weight` suffix)."""
-        return {**super().export_state(prefix), f"{prefix}.lora_magnitude_vector": self.lora_magnitude_vector}
+        return {**super().export_state(prefix), f"{prefix}.lora_magnitude_vector": self.lora_magnitude_vector.weight}
 
     def load_export_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
         super().load_export_state(state, prefix)
         with torch.no_grad():
-            self.lora_magnitude_vector.copy_(state[f"{prefix}.lora_magnitude_vector"])
+            self.lora_magnitude_vector.weight.copy_(state[f"{prefix}.lora_magnitude_vector"])
 
 
 def build_layer(config: Config, base_op: nn.Module, path: str, generator: torch.Generator) -> DoraLayer:

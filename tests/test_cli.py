@@ -76,10 +76,34 @@ def test_plan_and_run_writes_the_run_folder(tmp_path):
     assert not list(tmp_path.glob(".*partial"))
 
 
-def test_quickstart_config_is_valid(repo):
-    result = run_cli("muxtune", "validate", "examples/quickstart.yaml", cwd=repo)
+@pytest.mark.parametrize("config,tasks", [("examples/quickstart.yaml", 4), ("examples/mixed_methods.yaml", 8)])
+def test_example_configs_are_valid(repo, capsys, monkeypatch, config, tasks):
+    result = call(capsys, monkeypatch, repo, "muxtune", "validate", config)
     assert result.returncode == 0, result.stderr
-    assert "ok: 4 tasks" in result.stdout
+    assert f"ok: {tasks} tasks" in result.stdout
+
+
+def test_mixed_methods_run_exports_every_method(tmp_path, capsys, monkeypatch):
+    config = small_config(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    base = raw["tasks"][0]
+    methods = {"lora": {"r": 4, "target_modules": ["c_attn"]}, "dora": {"r": 4, "target_modules": ["c_attn"]},
+               "ia3": {}, "adapter": {"size": 8}, "prefix": {"num_virtual_tokens": 3},
+               "prompt": {"num_virtual_tokens": 4}, "bitfit": {}}
+    raw["tasks"] = [{**base, "name": m, "peft": {"method": m, **extra}, "steps": 2} for m, extra in methods.items()]
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = call(capsys, monkeypatch, tmp_path, "plan-and-run", str(config), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "tiny"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {t["method"] for t in metrics["tasks"].values()} == set(methods)
+    for method in methods:
+        meta = json.loads((run / "adapters" / method / "adapter_config.json").read_text())
+        if method in ("adapter", "bitfit"):
+            assert meta["format"] == "muxtune" and meta["method"] == method
+        else:
+            assert meta["peft_type"] == {"lora": "LORA", "dora": "LORA", "ia3": "IA3", "prefix": "PREFIX_TUNING",
+                                         "prompt": "PROMPT_TUNING"}[method]
 
 
 BAD_CONFIGS = [

@@ -67,26 +67,52 @@ def train_hf_peft_alone(model_name: str, spec: TaskSpec, examples, init_state: d
     set_peft_model_state_dict(model, init_state)
     loaded = get_peft_model_state_dict(model)  # the reference really starts from our initial weights
     assert set(loaded) == set(init_state) and all(torch.equal(loaded[k], init_state[k]) for k in loaded)
-    params = [p for p in model.parameters() if p.requires_grad]
+    losses = train_alone(model, [p for p in model.parameters() if p.requires_grad], spec, examples,
+                         backbone.tokenizer.pad_token_id, pad_to)
+    return losses, {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def train_alone(model, params, spec: TaskSpec, examples, pad_id: int, pad_to: list[int] | None = None) -> list[float]:
+    """One task alone, as a user trains it: the HF model's own causal-LM loss, torch AdamW,
+    transformers' scheduler, torch clipping. `pad_to[i]`: right-pad step i's batch to that length
+    (default: to its own longest sequence). Returns the per-step losses."""
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     scheduler = get_scheduler(spec.lr_schedule, optimizer, num_warmup_steps=spec.warmup_steps,
                               num_training_steps=spec.steps)
     sampler = TaskSampler(examples, spec.batch_size, spec.seed)
     losses = []
     for step in range(spec.steps):
-        batch = fuse({spec.name: sampler.next_batch()}, backbone.tokenizer.pad_token_id)
+        batch = fuse({spec.name: sampler.next_batch()}, pad_id)
         ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
         if pad_to is not None:
             extra = pad_to[step] - ids.shape[1]
-            ids = torch.nn.functional.pad(ids, (0, extra), value=backbone.tokenizer.pad_token_id)
+            ids = torch.nn.functional.pad(ids, (0, extra), value=pad_id)
             mask = torch.nn.functional.pad(mask, (0, extra), value=0)
             labels = torch.nn.functional.pad(labels, (0, extra), value=-100)
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        out.loss.backward()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
         if spec.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(out.loss.detach()))
-    return losses, {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def load_biased_backbone(name, *args, **kwargs):
+    """A preset with seeded nonzero biases (the same in every copy). The presets start every bias at
+    zero, which would hide how a method treats it (BitFit must swap the frozen bias, not add to it;
+    DoRA must not rescale it; IA3 scales it with the output)."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    from muxtune.executor import backbone as presets  # not this module's name: tests monkeypatch it
+
+    backbone = presets.load_backbone(name, *args, **kwargs)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for module in backbone.model.modules():
+            if isinstance(module, (nn.Linear, Conv1D)) and module.bias is not None:
+                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
+    return backbone

@@ -9,16 +9,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 from pydantic import ValidationError
-from reference import adapter_state, write_jsonl
+from reference import adapter_state, load_biased_backbone, train_alone, write_jsonl
 from safetensors.torch import load_file
 from test_equivalence import TARGETS, assert_same_training
 from torch import nn
-from transformers import get_scheduler
 from transformers.pytorch_utils import Conv1D
 
 from muxtune.errors import MuxTuneError
 from muxtune.executor.backbone import load_backbone
-from muxtune.executor.data import TaskSampler, fuse, load_examples
+from muxtune.executor.data import fuse, load_examples
 from muxtune.executor.export import export_adapter, load_exported
 from muxtune.executor.mux import Multiplexer, Segment
 from muxtune.executor.peft import adapter as adapter_method
@@ -38,15 +37,7 @@ OTHER = {"builtin:tiny-llama": "v_proj", "builtin:tiny-gpt2": "c_attn", "builtin
 
 
 def backbone(model_name):
-    """A preset with nonzero biases: the presets' biases start at zero, which would hide a BitFit that
-    adds the task's bias instead of swapping the frozen one for it. Seeded, so every copy is equal."""
-    bb = load_backbone(model_name)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for module in bb.model.modules():
-            if isinstance(module, (nn.Linear, Conv1D)) and module.bias is not None:
-                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
-    return bb
+    return load_biased_backbone(model_name)
 
 
 def make_trainer(model_name, specs):
@@ -146,34 +137,14 @@ def patch_bitfit(model, model_name, config, init):
     return trained
 
 
-def train_alone(model_name, spec, examples, init, pad_to=None):
+def train_plain_alone(model_name, spec, examples, init, pad_to=None):
     """One task on a fresh backbone: HF's own causal-LM loss, torch AdamW, transformers' scheduler,
     torch clipping. Shares with MuxTune only the data order and the initial weights.
     Returns (per-step losses, final weights under the exported keys)."""
     model = backbone(model_name).model
     patch = {"adapter": patch_adapter, "bitfit": patch_bitfit}[spec.peft.method]
     trained = patch(model, model_name, spec.peft, init)
-    params = list(trained.values())
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    scheduler = get_scheduler(spec.lr_schedule, optimizer, num_warmup_steps=spec.warmup_steps,
-                              num_training_steps=spec.steps)
-    sampler = TaskSampler(examples, spec.batch_size, spec.seed)
-    losses = []
-    for step in range(spec.steps):
-        batch = fuse({spec.name: sampler.next_batch()}, 256)
-        ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
-        if pad_to is not None:
-            extra = pad_to[step] - ids.shape[1]
-            ids, mask = F.pad(ids, (0, extra), value=256), F.pad(mask, (0, extra), value=0)
-            labels = F.pad(labels, (0, extra), value=-100)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        if spec.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+    losses = train_alone(model, list(trained.values()), spec, examples, 256, pad_to)
     return losses, {k: v.detach().clone() for k, v in trained.items()}
 
 
@@ -219,7 +190,7 @@ def test_multiplexed_equals_plain_reference_alone(tmp_path, model_name):
         ours = adapter_state(trainer, spec.name)
         # 1. each reference batch padded to the fused batch's length: equal shapes
         pad_to = [seq for _, seq in trainer.step_shapes[: spec.steps]]
-        ref_losses, ref_state = train_alone(model_name, spec, examples[spec.name], init[spec.name], pad_to)
+        ref_losses, ref_state = train_plain_alone(model_name, spec, examples[spec.name], init[spec.name], pad_to)
         assert set(ours) == set(ref_state), spec.name  # resolve() chose exactly the reference's ops
         if spec.peft.method == "adapter":
             # The same arithmetic in the same order: bit-identical weights, but for one thing. When a
@@ -235,7 +206,7 @@ def test_multiplexed_equals_plain_reference_alone(tmp_path, model_name):
             # xW + b: fp32 rounding apart.
             assert_same_bitfit(run.losses, ref_losses, ours, ref_state, init[spec.name])
         # 2. each reference batch padded to its own longest sequence, as a user runs it alone
-        ref_losses, ref_state = train_alone(model_name, spec, examples[spec.name], init[spec.name])
+        ref_losses, ref_state = train_plain_alone(model_name, spec, examples[spec.name], init[spec.name])
         same = assert_same_training if spec.peft.method == "adapter" else assert_same_bitfit
         same(run.losses, ref_losses, ours, ref_state, init[spec.name])
 

@@ -13,10 +13,8 @@ import test_equivalence
 import torch
 from peft import IA3Config, PeftModel, get_peft_model
 from pydantic import ValidationError
-from reference import adapter_state, initial_state, train_hf_peft_alone, write_jsonl
+from reference import adapter_state, initial_state, load_biased_backbone, train_hf_peft_alone, write_jsonl
 from test_equivalence import assert_same_training, make_trainer
-from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from muxtune.errors import MuxTuneError
 from muxtune.executor.backbone import load_backbone
@@ -37,18 +35,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def load_biased_backbone(name, *args, **kwargs):
-    """The presets start every bias at zero, which would hide how a method treats it (DoRA must not
-    rescale the bias, IA3 scales it with the output). Seeded nonzero biases, the same in every copy."""
-    backbone = load_backbone(name, *args, **kwargs)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for module in backbone.model.modules():
-            if isinstance(module, (nn.Linear, Conv1D)) and module.bias is not None:
-                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
-    return backbone
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 neighbours in the fused batch are unaffected."""
 
 import pytest
-import torch
 from pydantic import ValidationError
 from reference import adapter_state, initial_state, randomize_b, train_hf_peft_alone, write_jsonl
 from test_equivalence import TARGETS, assert_same_training, make_trainer

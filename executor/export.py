@@ -85,7 +85,7 @@ def load_exported(path: Path, model: torch.nn.Module, name: str = "exported") ->
         config = TypeAdapter(PeftConfig).validate_python(meta["peft"])
     except (KeyError, ValidationError) as exc:
         raise MuxTuneError(f"{path / CONFIG_NAME}: bad 'peft' section: {exc}") from None
-    mux = Multiplexer(model)
+    mux = Multiplexer.attach(model)
     adapter = mux.add_task(name, config, seed=0, max_seq_len=1)
     load_adapter_weights(adapter, path)
     return mux, adapter

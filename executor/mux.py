@@ -187,6 +187,16 @@ class Multiplexer:
         self.training = True
         self._ops: dict[str, MultiplexedOp] = {}
 
+    @classmethod
+    def attach(cls, model: nn.Module) -> "Multiplexer":
+        """The model's one multiplexer: created on first use, then reused, so a backbone's ops are
+        wrapped once however many trainers come and go on it."""
+        mux = getattr(model, "_muxtune_multiplexer", None)
+        if mux is None:
+            mux = cls(model)
+            object.__setattr__(model, "_muxtune_multiplexer", mux)
+        return mux
+
     def add_task(self, name: str, peft_config, seed: int, max_seq_len: int) -> TaskAdapter:
         if name in self.adapters:
             raise MuxTuneError(f"task {name!r} is already attached")

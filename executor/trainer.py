@@ -64,7 +64,7 @@ class MultiplexedTrainer:
         self.backbone = backbone
         self.model = backbone.model
         self.device = next(self.model.parameters()).device
-        self.mux = Multiplexer(self.model)
+        self.mux = Multiplexer.attach(self.model)
         self.runs: dict[str, TaskRun] = {s.name: build_task_run(self.mux, s, examples[s.name]) for s in specs}
         self.groups = groups or [list(self.runs)]
         self.step_times: list[float] = []

@@ -257,7 +257,7 @@ def test_adapter_init_depends_on_the_task_seed_alone():
 
     def init(seed, neighbours, global_seed):
         torch.manual_seed(global_seed)
-        mux = Multiplexer(backbone("builtin:tiny-opt").model)
+        mux = Multiplexer.attach(backbone("builtin:tiny-opt").model)
         for i, neighbour in enumerate(neighbours):
             mux.add_task(f"n{i}", neighbour, seed=100 + i, max_seq_len=16)
         return mux.add_task("t", config, seed=seed, max_seq_len=16).export_state()
@@ -309,10 +309,10 @@ def test_unknown_model_type_needs_target_modules(tmp_path):
     model = load_backbone("builtin:tiny-llama").model
     model.config.model_type = "mystery"
     with pytest.raises(MuxTuneError, match="peft.placement: .*'mystery'.*set peft.target_modules"):
-        Multiplexer(model).add_task("t", specs[0].peft, seed=0, max_seq_len=16)
+        Multiplexer.attach(model).add_task("t", specs[0].peft, seed=0, max_seq_len=16)
     # naming the ops works for any model
     explicit = specs[0].peft.model_copy(update={"target_modules": ["o_proj"]})
-    adapter = Multiplexer(model).add_task("t", explicit, seed=0, max_seq_len=16)
+    adapter = Multiplexer.attach(model).add_task("t", explicit, seed=0, max_seq_len=16)
     assert len(adapter.paths) == 2
 
 

@@ -53,3 +53,22 @@ def test_fusion_groups_from_the_plan_run_one_after_another_with_the_same_results
     for spec in specs:
         assert_same_training(split.runs[spec.name].losses, fused.runs[spec.name].losses,
                              adapter_state(split, spec.name), adapter_state(fused, spec.name), init[spec.name])
+
+
+def test_trainers_come_and_go_on_one_backbone_without_rewrapping(tmp_path):
+    from muxtune.executor.trainer import MultiplexedTrainer
+
+    specs = three_tasks(tmp_path, TARGETS["builtin:tiny-llama"], steps=2)
+    first, examples = make_trainer("builtin:tiny-llama", specs)
+    first.train(progress=False)
+    for name in list(first.runs):
+        first.mux.remove_task(name)
+    for _ in range(2):  # the same tasks again, twice, on the same backbone
+        again = MultiplexedTrainer(first.backbone, specs, examples)
+        again.train(progress=False)
+        assert again.mux is first.mux
+        assert again.runs["short"].losses == first.runs["short"].losses
+        for name in list(again.runs):
+            again.mux.remove_task(name)
+    ops = [m for m in first.model.modules() if isinstance(m, MultiplexedOp)]
+    assert ops and not any(isinstance(op.base_op, MultiplexedOp) for op in ops)

@@ -1,41 +1,39 @@
-"""One training process of the mux_vs_separate benchmark; the parent drives it over stdin/stdout.
+"""One training process of the mux_vs_separate benchmark; the parent drives it over a pipe.
 
-    python -m benchmarks._peft_worker --config CONFIG --model M --ranks 8,12,16 [--task-index I]
+The parent starts each worker with multiprocessing's "forkserver": a clean server process imports
+torch/transformers/peft/MuxTune once (`PRELOAD`, no tensor op has run in it) and every worker is
+forked from it. A worker is still its own process with its own backbone and its own peak RSS; it just
+skips the 5-8 s of imports a fresh interpreter would pay on a 2-core machine. This module itself
+imports nothing heavy, so the parent stays light.
 
-CONFIG is one of
-  separate  HF PEFT alone: its own backbone, `get_peft_model` with one LoRA (rank ranks[I], seed I)
+Configs (`run_worker(config=...)`):
+  separate  HF PEFT alone: its own backbone, `get_peft_model` with one LoRA (rank ranks[i], seed i)
   switch    HF PEFT, one backbone, one adapter per rank via `add_adapter`, `set_adapter` before each
             task's own forward/backward/optimizer step (one AdamW per adapter)
   muxtune   MuxTune's MultiplexedTrainer, one task per rank, fused into one micro-batch per step
-  limit     MuxTune's MultiplexedTrainer with a single task (use one rank): the parent gives it N times
-            the rows of one task, i.e. the same tokens per step as `muxtune`
+  limit     MuxTune's MultiplexedTrainer with the tasks given (the parent passes one rank and N times
+            the rows of one task: the same tokens per step as `muxtune`)
 
-Protocol: after setup the worker writes `{"ready": ...}`. Then, one JSON command per stdin line:
+Protocol: after setup the worker sends {"ready": ...}. Then, one command dict at a time (any command
+may carry "threads": n, applied with torch.set_num_threads first):
   {"op": "prepare", "rows": R, "seq": S}  new synthetic data of that shape (per task), then one
-                                           untimed warm-up step; answers {"ok": true}
+                                           untimed warm-up step (unless "warmup": False); answers
+                                           {"ok": True}
   {"op": "train", "steps": K}              K timed steps; answers tokens, seconds (perf_counter),
                                            start/end (time.time(), for concurrent runs), peak RSS
-  {"op": "exit"} or end of input           exits
-Every answer is one JSON line on the original stdout; anything else the libraries print goes to stderr.
+  {"op": "exit"}                           exits
 All configs train with the same hyper-parameters (lr 2e-4, AdamW without weight decay, grad-norm
 clipping at 1.0, constant schedule, dropout 0) and the same data path (TaskSampler + fuse).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 
-import torch
-
-from muxtune.executor.backbone import load_backbone
-from muxtune.executor.data import Example, TaskSampler, fuse
-
+PRELOAD = ["torch", "peft", "muxtune.executor.backbone", "muxtune.executor.trainer", "muxtune.spec"]
 LR, MAX_GRAD_NORM, ALPHA, TARGETS = 2e-4, 1.0, 16, ["q_proj", "v_proj"]
 
 
@@ -43,8 +41,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def synthetic_examples(rows: int, seq: int, seed: int, pool: int = 4) -> list[Example]:
+def synthetic_examples(rows: int, seq: int, seed: int, pool: int = 4) -> list:
     """`pool * rows` random byte sequences of exactly `seq` tokens; every token carries loss."""
+    import torch
+    from muxtune.executor.data import Example
+
     gen = torch.Generator().manual_seed(seed * 1_000_003 + seq)
     ids = torch.randint(0, 256, (pool * rows, seq), generator=gen).tolist()
     return [Example(row, list(row)) for row in ids]
@@ -58,6 +59,8 @@ def hf_lora_config(rank: int):
 
 
 def hf_step(model, batch, params, optimizer) -> None:
+    import torch
+
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
@@ -69,7 +72,10 @@ class Separate:
     """HF PEFT alone, as one tenant would run it: `get_peft_model` on its own backbone."""
 
     def __init__(self, model_name: str, ranks: list[int], task_index: int):
+        import torch
         from peft import get_peft_model
+
+        from muxtune.executor.backbone import load_backbone
 
         self.backbone = load_backbone(model_name)
         self.model = get_peft_model(self.backbone.model, hf_lora_config(ranks[task_index]))
@@ -78,9 +84,13 @@ class Separate:
         self.seed = task_index
 
     def prepare(self, rows: int, seq: int) -> None:
+        from muxtune.executor.data import TaskSampler
+
         self.sampler = TaskSampler(synthetic_examples(rows, seq, self.seed), rows, self.seed)
 
     def step(self) -> int:
+        from muxtune.executor.data import fuse
+
         batch = fuse({"task": self.sampler.next_batch()}, self.backbone.tokenizer.pad_token_id)
         hf_step(self.model, batch, self.params, self.optimizer)
         return int(batch.attention_mask.sum())
@@ -90,7 +100,10 @@ class Switch:
     """HF PEFT with one backbone and N adapters; each step switches to every task's adapter in turn."""
 
     def __init__(self, model_name: str, ranks: list[int], task_index: int = 0):
+        import torch
         from peft import get_peft_model
+
+        from muxtune.executor.backbone import load_backbone
 
         self.backbone = load_backbone(model_name)
         self.names = [f"t{i}" for i in range(len(ranks))]
@@ -99,13 +112,18 @@ class Switch:
             self.model.add_adapter(name, hf_lora_config(rank))
         self.params = {name: [p for n, p in self.model.named_parameters() if f".{name}." in n]
                        for name in self.names}
-        self.optimizers = {name: torch.optim.AdamW(ps, lr=LR, weight_decay=0.0) for name, ps in self.params.items()}
+        self.optimizers = {name: torch.optim.AdamW(ps, lr=LR, weight_decay=0.0)
+                           for name, ps in self.params.items()}
 
     def prepare(self, rows: int, seq: int) -> None:
+        from muxtune.executor.data import TaskSampler
+
         self.samplers = {name: TaskSampler(synthetic_examples(rows, seq, i), rows, i)
                          for i, name in enumerate(self.names)}
 
     def step(self) -> int:
+        from muxtune.executor.data import fuse
+
         tokens = 0
         for name in self.names:
             self.model.set_adapter(name)  # makes only this adapter trainable
@@ -119,18 +137,22 @@ class Muxed:
     """MuxTune's MultiplexedTrainer, one task per rank (a single task for the `limit` config)."""
 
     def __init__(self, model_name: str, ranks: list[int], task_index: int = 0, max_seq: int = 4096):
+        from muxtune.executor.backbone import load_backbone
         from muxtune.executor.trainer import MultiplexedTrainer
         from muxtune.spec import TaskSpec
 
         backbone = load_backbone(model_name)
         specs = [TaskSpec(name=f"t{i}", data=Path("synthetic"), seed=i, lr=LR, steps=10**9, batch_size=1,
                           max_seq_len=max_seq, max_grad_norm=MAX_GRAD_NORM, weight_decay=0.0,
-                          peft={"method": "lora", "r": r, "alpha": ALPHA, "dropout": 0.0, "target_modules": TARGETS})
+                          peft={"method": "lora", "r": r, "alpha": ALPHA, "dropout": 0.0,
+                                "target_modules": TARGETS})
                  for i, r in enumerate(ranks)]
         examples = {s.name: synthetic_examples(1, 8, s.seed) for s in specs}
         self.trainer = MultiplexedTrainer(backbone, specs, examples)
 
     def prepare(self, rows: int, seq: int) -> None:
+        from muxtune.executor.data import TaskSampler
+
         for run in self.trainer.runs.values():  # new shape: swap in a sampler over new data
             run.sampler = TaskSampler(synthetic_examples(rows, seq, run.spec.seed), rows, run.spec.seed)
 
@@ -147,47 +169,41 @@ def train(job, steps: int) -> dict:
     for _ in range(steps):
         tokens += job.step()
     seconds = time.perf_counter() - t0
-    return {"tokens": tokens, "seconds": seconds, "start": start, "end": time.time(), "peak_rss_mb": peak_rss_mb()}
+    return {"tokens": tokens, "seconds": seconds, "start": start, "end": time.time(), "peak_rss_mb": peak_rss_mb(),
+            "pid": os.getpid()}
 
 
-def serve(job, reply) -> None:
-    for line in sys.stdin:
-        cmd = json.loads(line)
+def serve(job, conn) -> None:
+    import torch
+
+    while True:
+        cmd = conn.recv()
+        if "threads" in cmd:
+            torch.set_num_threads(cmd["threads"])
         if cmd["op"] == "prepare":
             job.prepare(cmd["rows"], cmd["seq"])
-            job.step()  # warm-up, not timed
-            reply({"ok": True})
+            if cmd.get("warmup", True):
+                job.step()  # warm-up, not timed
+            conn.send({"ok": True})
         elif cmd["op"] == "train":
-            reply(train(job, cmd["steps"]))
+            conn.send(train(job, cmd["steps"]))
         elif cmd["op"] == "exit":
             return
         else:
             raise ValueError(f"unknown command {cmd!r}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), required=True)
-    parser.add_argument("--model", default="builtin:llama-100m")
-    parser.add_argument("--ranks", required=True, help="comma-separated LoRA ranks, one per task")
-    parser.add_argument("--task-index", type=int, default=0, help="which rank/seed a `separate` worker trains")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    # answers go to the original stdout; whatever else is printed (also from C code) goes to stderr
-    out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
+def run_worker(conn, config: str, model: str, ranks: list[int], task_index: int, threads: int,
+               log_path: str) -> None:
+    """Process entry point: everything the libraries print goes to `log_path`, answers go to `conn`."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    import torch
 
-    def reply(obj: dict) -> None:
-        out.write(json.dumps(obj) + "\n")
-        out.flush()
-
+    torch.set_num_threads(threads)
     start = time.perf_counter()
-    ranks = [int(r) for r in args.ranks.split(",")]
-    job = CONFIGS[args.config](args.model, ranks, args.task_index)
-    reply({"ready": True, "setup_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "pid": os.getpid()})
-    serve(job, reply)
-
-
-if __name__ == "__main__":
-    main()
+    job = CONFIGS[config](model, ranks, task_index)
+    conn.send({"ready": True, "setup_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(),
+               "pid": os.getpid()})
+    serve(job, conn)

@@ -13,6 +13,11 @@ A method module defines:
   hf_config(config, base_model_name, fan_in_fan_out) -> HF PEFT config for export, or None when HF
       PEFT lacks the method (then export writes MuxTune's own format, see executor/export.py)
   resolve(config, model) -> config  (optional)  fill model-dependent defaults, e.g. target modules
+Sequence-level methods (prompt, prefix) define instead of build_layer:
+  build_sequence(config, model, max_seq_len, generator, task) -> nn.Module with
+      lead_tokens + prepend(embeds)            slots reserved at the start of the task's rows (prompt)
+      prefix_tokens + key_values(rows, dtype)  a KV prefix for every attention layer (prefix)
+      export_state() / load_export_state(state)
 
 Methods are discovered from this folder, so adding one touches one file (plus its test).
 """

@@ -10,8 +10,6 @@ files, the JSON being `{"format": "muxtune", "version": 1, "method", "base_model
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,20 +19,18 @@ from transformers.pytorch_utils import Conv1D
 
 from muxtune.errors import MuxTuneError
 from muxtune.executor.mux import MultiplexedOp, Multiplexer, TaskAdapter
+from muxtune.spec import staged_directory
 
 WEIGHTS_NAME, CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
 MUXTUNE_FORMAT_VERSION = 1
 
 
 def export_adapter(adapter: TaskAdapter, model: torch.nn.Module, base_model_name: str, out_dir: Path) -> Path:
-    """Write into a temp folder beside `out_dir`, then rename: a crash never leaves half an adapter."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    """Write into a staging folder beside `out_dir`, then rename: a crash never leaves half an adapter."""
     fan_in_fan_out = any(isinstance(_base_op(model, p), Conv1D) for p in adapter.paths)
     hf_config = adapter.method.hf_config(adapter.config, base_model_name, fan_in_fan_out)
     state = adapter.export_state()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as tmp:
         if hf_config is not None:
             hf_config.save_pretrained(str(tmp))
         else:
@@ -43,12 +39,6 @@ def export_adapter(adapter: TaskAdapter, model: torch.nn.Module, base_model_name
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()},
                   str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -8,7 +8,6 @@ end, so a failed or interrupted run never leaves a half-written run folder.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 from muxtune.errors import MuxTuneError
-from muxtune.spec import Plan, RunConfig, write_text_atomic
+from muxtune.spec import Plan, RunConfig, staged_directory, write_text_atomic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,12 +60,7 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
 
     backbone, plan, examples, stats = prepare(config, plan)
     trainer = MultiplexedTrainer(backbone, config.tasks, examples, groups=[g.tasks for g in plan.groups])
-    out_dir = Path(out_dir)
-    staging = out_dir.parent / f".{out_dir.name}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    try:
+    with staged_directory(Path(out_dir)) as staging:
         started = time.perf_counter()
         trainer.train(progress=progress)
         wall = time.perf_counter() - started
@@ -76,12 +70,6 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
         metrics = collect_metrics(config, trainer, stats, wall)
         write_text_atomic(staging / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         write_report(staging, metrics, plan)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return metrics
 
 

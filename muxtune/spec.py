@@ -6,8 +6,11 @@ YAML has one) the line, e.g. `quickstart.yaml:12: tasks[1].peft.r: Input should 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -242,6 +245,23 @@ def _line_of(node, loc) -> int | None:
 
 
 # --- small shared I/O ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: Path):
+    """Yield a hidden staging folder beside `out_dir`; on success it replaces `out_dir` by a rename,
+    on any failure it is removed: readers never see a half-written folder."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        yield staging
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def write_text_atomic(path: Path, text: str) -> None:

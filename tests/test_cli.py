@@ -73,7 +73,7 @@ def test_plan_and_run_writes_the_run_folder(tmp_path):
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "elsewhere" / "metrics.json").is_file()
-    assert not list(tmp_path.glob(".*partial"))
+    assert not list(tmp_path.rglob(".*partial"))
 
 
 @pytest.mark.parametrize("config,tasks", [("examples/quickstart.yaml", 4), ("examples/mixed_methods.yaml", 8)])
@@ -130,7 +130,7 @@ def test_bad_config_is_refused_cleanly(tmp_path, capsys, monkeypatch, change, me
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and str(config) in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "runs").exists() and not list(tmp_path.glob(".*partial"))
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.rglob(".*partial"))
 
 
 def test_error_names_the_yaml_line(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from muxtune.executor.peft.prompt import _check_fits
+from muxtune.executor.peft.prompt import VirtualTokens, _check_fits
 
 METHOD = "prefix"
 SHAPE = "attention prefix"
@@ -37,15 +37,11 @@ def kv_geometry(model: nn.Module) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
-class PrefixKV(nn.Module):
+class PrefixKV(VirtualTokens):
     def __init__(self, config: Config, model: nn.Module, generator: torch.Generator):
-        super().__init__()
-        self.num_virtual_tokens = config.num_virtual_tokens
-        self.layers, self.kv_heads, self.head_dim = kv_geometry(model)
-        width = self.layers * 2 * self.kv_heads * self.head_dim
-        self.embedding = nn.Embedding(config.num_virtual_tokens, width)
-        with torch.no_grad():
-            self.embedding.weight.normal_(generator=generator)
+        layers, kv_heads, head_dim = kv_geometry(model)
+        super().__init__(config.num_virtual_tokens, layers * 2 * kv_heads * head_dim, generator)
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
 
     @property
     def prefix_tokens(self) -> int:
@@ -57,13 +53,6 @@ class PrefixKV(nn.Module):
         kv = self.embedding.weight.to(dtype).unsqueeze(0).expand(rows, -1, -1)
         kv = kv.view(rows, n, self.layers * 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return [(pair[0], pair[1]) for pair in kv.split(2)]
-
-    def export_state(self) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": self.embedding.weight}
-
-    def load_export_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.embedding.weight.copy_(state["prompt_embeddings"])
 
 
 def build_sequence(config: Config, model: nn.Module, max_seq_len: int, generator: torch.Generator,

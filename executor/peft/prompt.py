@@ -23,15 +23,28 @@ class Config(BaseModel):
     num_virtual_tokens: int = Field(20, ge=1, le=4096)
 
 
-class PromptEmbeddings(nn.Module):
-    def __init__(self, config: Config, model: nn.Module, generator: torch.Generator):
+class VirtualTokens(nn.Module):
+    """`num_virtual_tokens` learned rows of `width` values, saved as HF PEFT's `prompt_embeddings`.
+    HF PEFT's RANDOM init is nn.Embedding's N(0, 1); drawn here from the task's own generator."""
+
+    def __init__(self, num_virtual_tokens: int, width: int, generator: torch.Generator):
         super().__init__()
-        self.num_virtual_tokens = config.num_virtual_tokens
-        dim = model.get_input_embeddings().weight.shape[1]
-        # HF PEFT's RANDOM init is nn.Embedding's N(0, 1); drawn here from the task's own generator
-        self.embedding = nn.Embedding(config.num_virtual_tokens, dim)
+        self.num_virtual_tokens = num_virtual_tokens
+        self.embedding = nn.Embedding(num_virtual_tokens, width)
         with torch.no_grad():
             self.embedding.weight.normal_(generator=generator)
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": self.embedding.weight}
+
+    def load_export_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.embedding.weight.copy_(state["prompt_embeddings"])
+
+
+class PromptEmbeddings(VirtualTokens):
+    def __init__(self, config: Config, model: nn.Module, generator: torch.Generator):
+        super().__init__(config.num_virtual_tokens, model.get_input_embeddings().weight.shape[1], generator)
 
     @property
     def lead_tokens(self) -> int:
@@ -43,13 +56,6 @@ class PromptEmbeddings(nn.Module):
         rows = embeds.shape[0]
         prompt = self.embedding.weight.to(embeds.dtype).unsqueeze(0).expand(rows, -1, -1)
         return torch.cat([prompt, embeds[:, self.num_virtual_tokens :]], dim=1)
-
-    def export_state(self) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": self.embedding.weight}
-
-    def load_export_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.embedding.weight.copy_(state["prompt_embeddings"])
 
 
 def build_sequence(config: Config, model: nn.Module, max_seq_len: int, generator: torch.Generator,

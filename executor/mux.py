@@ -159,11 +159,14 @@ class MultiplexedOp(nn.Module):
         # aggregate: each task combines the shared output with its adapter on its own rows. Segments
         # tile the rows in order (checked by `route`), so the result is a concatenation: no in-place
         # write into the base op's output.
+        # One split (not a slice per task): its backward assembles dX once instead of zero-filling a
+        # full-size gradient per task and summing them.
+        sizes = [hi - lo for _, lo, hi, _ in spans]
+        x_parts, out_parts = flat_x.split(sizes), flat_out.split(sizes)
         pieces = []
-        for seg, lo, hi, layer in spans:
-            piece = flat_out[lo:hi]
+        for (seg, lo, hi, layer), x_part, piece in zip(spans, x_parts, out_parts):
             if layer is not None:
-                xs = flat_x[lo:hi].float()
+                xs = x_part.float()
                 mask = None
                 if getattr(layer, "dropout", 0.0) > 0 and self._mux.training:
                     adapter = self._mux.adapters[seg.task]

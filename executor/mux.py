@@ -80,9 +80,6 @@ class TaskAdapter(nn.Module):
         """Length of this task's KV prefix in every attention layer (prefix tuning)."""
         return getattr(self.sequence, "prefix_tokens", 0)
 
-    def layer(self, path: str) -> nn.Module:
-        return self.layers[_key(path)]
-
     def items(self):
         return [(path, self.layers[_key(path)]) for path in self.paths]
 

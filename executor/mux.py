@@ -139,41 +139,74 @@ class MultiplexedOp(nn.Module):
         if x.shape[:-1].numel() != rows * seq:
             raise RuntimeError(f"{self.path}: input has {x.shape[:-1].numel()} tokens, fused batch has {rows}x{seq}")
         spans = [(seg, seg.start * seq, seg.end * seq, self.adapters.get(seg.task)) for seg in segments]
+        grouped = self._mux.backend(x.device) == "triton"
 
         # dispatch: a method that transforms the op's input (IA3 on feed-forward ops) does so on its
         # own rows; the frozen op then still runs ONCE over every task's rows.
-        if any(hasattr(layer, "dispatch") for *_, layer in spans):
+        dispatching = [span for span in spans if hasattr(span[3], "dispatch")]
+        if dispatching:
             flat_x = x.reshape(-1, x.shape[-1])
-            parts = [layer.dispatch(flat_x[lo:hi].float()).to(x.dtype) if hasattr(layer, "dispatch")
-                     else flat_x[lo:hi] for _, lo, hi, layer in spans]
-            out = self.base_op(torch.cat(parts, dim=0).view(x.shape))
+            kernel = _common_kernel(dispatching, "grouped_dispatch") if grouped else None
+            if kernel is not None:
+                dispatched = kernel([(layer, lo, hi) for _, lo, hi, layer in dispatching], flat_x, self._mux)
+            else:
+                dispatched = torch.cat([layer.dispatch(flat_x[lo:hi].float()).to(x.dtype)
+                                        if hasattr(layer, "dispatch") else flat_x[lo:hi]
+                                        for _, lo, hi, layer in spans], dim=0)
+            out = self.base_op(dispatched.view(x.shape))
         else:
             # base op first, as HF PEFT does: autograd then sums dX's contributions in the same order
             out = self.base_op(x)
             flat_x = x.reshape(-1, x.shape[-1])
         flat_out = out.reshape(-1, out.shape[-1])
 
-        # aggregate: each task combines the shared output with its adapter on its own rows. Segments
-        # tile the rows in order (checked by `route`), so the result is a concatenation: no in-place
-        # write into the base op's output.
+        # aggregate, grouped: one kernel launch for all segments of a method that has one (Triton path)
+        done: set[int] = set()
+        if grouped:
+            by_kernel: dict = {}
+            for i, (_, _, _, layer) in enumerate(spans):
+                kernel = getattr(layer, "grouped_aggregate", None)
+                if kernel is not None:
+                    by_kernel.setdefault(kernel, []).append(i)
+            for kernel, members in by_kernel.items():
+                items = [(spans[i][3], spans[i][1], spans[i][2], self._dropout_mask(*spans[i], flat_x, flat_out))
+                         for i in members]
+                flat_out = kernel(items, flat_x, flat_out, self._mux)
+                done.update(members)
+            if all(i in done or layer is None for i, (*_, layer) in enumerate(spans)):
+                return flat_out.view(out.shape)
+
+        # aggregate, per task: each task combines the shared output with its adapter on its own rows.
+        # Segments tile the rows in order (checked by `route`), so the result is a concatenation: no
+        # in-place write into the base op's output.
         # One split (not a slice per task): its backward assembles dX once instead of zero-filling a
         # full-size gradient per task and summing them.
         sizes = [hi - lo for _, lo, hi, _ in spans]
         x_parts, out_parts = flat_x.split(sizes), flat_out.split(sizes)
         pieces = []
-        for (seg, lo, hi, layer), x_part, piece in zip(spans, x_parts, out_parts):
-            if layer is not None:
-                xs = x_part.float()
-                mask = None
-                if getattr(layer, "dropout", 0.0) > 0 and self._mux.training:
-                    adapter = self._mux.adapters[seg.task]
-                    # most methods drop the op's input; a serial adapter drops its own input, the op's output
-                    width = piece.shape[-1] if getattr(layer, "dropout_on", "input") == "output" else xs.shape[-1]
-                    mask = adapter.dropout_mask(seg.end - seg.start, seq, width, layer.dropout, xs.device)
-                    mask = mask.reshape(-1, width)
-                piece = layer.aggregate(xs, piece.float(), mask).to(out.dtype)
+        for i, (span, x_part, piece) in enumerate(zip(spans, x_parts, out_parts)):
+            layer = span[3]
+            if layer is not None and i not in done:
+                mask = self._dropout_mask(*span, flat_x, flat_out)
+                piece = layer.aggregate(x_part.float(), piece.float(), mask).to(out.dtype)
             pieces.append(piece)
         return torch.cat(pieces, dim=0).view(out.shape)
+
+    def _dropout_mask(self, seg: Segment, lo: int, hi: int, layer, flat_x, flat_out) -> torch.Tensor | None:
+        """The task's dropout mask for its rows, [tokens, width], drawn at the task's own shape."""
+        if getattr(layer, "dropout", 0.0) <= 0 or not self._mux.training:
+            return None
+        # most methods drop the op's input; a serial adapter drops its own input, the op's output
+        width = flat_out.shape[-1] if getattr(layer, "dropout_on", "input") == "output" else flat_x.shape[-1]
+        mask = self._mux.adapters[seg.task].dropout_mask(seg.end - seg.start, self._mux.shape[1], width,
+                                                         layer.dropout, flat_x.device)
+        return mask.reshape(-1, width)
+
+
+def _common_kernel(spans, name: str):
+    """The grouped kernel all these spans' layers share, or None (then the per-task path runs)."""
+    kernels = {getattr(layer, name, None) for *_, layer in spans}
+    return kernels.pop() if len(kernels) == 1 and None not in kernels else None
 
 
 class Multiplexer:
@@ -185,7 +218,9 @@ class Multiplexer:
         self.segments: list[Segment] | None = None
         self.shape: tuple[int, int] = (0, 0)  # (rows, seq) of the fused micro-batch in flight
         self.training = True
+        self.kernels: str | None = None  # None: $MUXTUNE_KERNELS (see muxtune.kernels)
         self._ops: dict[str, MultiplexedOp] = {}
+        self._tables: dict = {}  # segment tables of the batch in flight, shared by every op and layer
 
     @classmethod
     def attach(cls, model: nn.Module) -> "Multiplexer":
@@ -230,9 +265,21 @@ class Multiplexer:
             if seg.start != expected or seg.end <= seg.start:
                 raise ValueError(f"segments must tile the rows in order, got {segments}")
             expected = seg.end
-        previous = (self.segments, self.shape, self.training)
-        self.segments, self.shape, self.training = segments, (expected, seq), training
+        previous = (self.segments, self.shape, self.training, self._tables)
+        self.segments, self.shape, self.training, self._tables = segments, (expected, seq), training, {}
         try:
             yield
         finally:
-            self.segments, self.shape, self.training = previous
+            self.segments, self.shape, self.training, self._tables = previous
+
+    def backend(self, device: torch.device) -> str:
+        from muxtune.kernels import backend
+
+        return backend(device, self.kernels)
+
+    def segment_table(self, key, build):
+        """A grouped kernel's segment metadata, built once per micro-batch for each distinct key."""
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = build()
+        return table

@@ -107,6 +107,11 @@ class IA3Layer(nn.Module):
         # peft: `result * ia3_scaling` with ia3_scaling = 1 * l.flatten(); multiplying by 1 is exact
         return out * self.ia3_l.flatten()
 
+    @staticmethod
+    def grouped_aggregate(items, flat_x: torch.Tensor, flat_out: torch.Tensor, mux) -> torch.Tensor:
+        """All IA3 output scalings of one op in one Triton launch (muxtune.kernels.ia3)."""
+        return _grouped_scale([(layer, lo, hi) for layer, lo, hi, _ in items], flat_out, mux)
+
     def export_state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.ia3_l": self.ia3_l}
 
@@ -118,11 +123,30 @@ class IA3Layer(nn.Module):
 class IA3FeedForwardLayer(IA3Layer):
     """Feed-forward op: this task's rows of the op's input are scaled, base(x * l); output untouched."""
 
+    grouped_aggregate = None  # nothing to do after the op
+
+    @staticmethod
+    def grouped_dispatch(items, flat_x: torch.Tensor, mux) -> torch.Tensor:
+        """All IA3 input scalings of one op in one Triton launch (muxtune.kernels.ia3)."""
+        return _grouped_scale(items, flat_x, mux)
+
     def dispatch(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.ia3_l.flatten()
 
     def aggregate(self, x: torch.Tensor, out: torch.Tensor, dropout_mask: torch.Tensor | None) -> torch.Tensor:
         return out
+
+
+def _grouped_scale(items, flat: torch.Tensor, mux) -> torch.Tensor:
+    from muxtune.kernels.ia3 import segmented_scale
+    from muxtune.kernels.segments import build_segment_table
+
+    spans = tuple((lo, hi) for _, lo, hi in items)
+    width = flat.shape[-1]
+    table = mux.segment_table(("ia3", spans, width), lambda: build_segment_table(
+        list(spans), [0] * len(spans), [width] * len(spans), [0] * len(spans), [1.0] * len(spans),
+        flat.shape[0], flat.device))
+    return segmented_scale(flat, [layer.ia3_l for layer, *_ in items], table)
 
 
 def build_layer(config: Config, base_op: nn.Module, path: str, generator: torch.Generator) -> IA3Layer:

@@ -53,6 +53,30 @@ class LoraLayer(nn.Module):
             x = x * dropout_mask
         return out + self.lora_B(self.lora_A(x)) * self.scaling
 
+    @staticmethod
+    def grouped_aggregate(items, flat_x: torch.Tensor, flat_out: torch.Tensor, mux) -> torch.Tensor:
+        """All LoRA segments of one op in one Triton launch per GEMM (muxtune.kernels.lora).
+        items: (layer, first row, end row, dropout mask or None) per segment; updates flat_out in place."""
+        from muxtune.kernels.lora import segmented_lora
+        from muxtune.kernels.segments import build_segment_table
+
+        x = flat_x
+        if any(mask is not None for *_, mask in items):
+            pieces, cursor = [], 0
+            for _, lo, hi, mask in items:
+                pieces += [flat_x[cursor:lo], flat_x[lo:hi] if mask is None else flat_x[lo:hi] * mask]
+                cursor = hi
+            x = torch.cat(pieces + [flat_x[cursor:]])
+        k, n = flat_x.shape[-1], flat_out.shape[-1]
+        spans = tuple((lo, hi) for _, lo, hi, _ in items)
+        ranks = tuple(layer.lora_A.weight.shape[0] for layer, *_ in items)
+        scales = tuple(layer.scaling for layer, *_ in items)
+        table = mux.segment_table(("lora", spans, ranks, scales, k, n), lambda: build_segment_table(
+            list(spans), list(ranks), [r * k for r in ranks], [n * r for r in ranks], list(scales),
+            flat_x.shape[0], flat_x.device))
+        return segmented_lora(x, flat_out, [layer.lora_A.weight for layer, *_ in items],
+                              [layer.lora_B.weight for layer, *_ in items], table)
+
     def export_state(self, prefix: str) -> dict[str, torch.Tensor]:
         """Weights under HF PEFT's keys (`<prefix>.lora_A.weight`), as PeftModel.from_pretrained expects."""
         return {f"{prefix}.lora_A.weight": self.lora_A.weight, f"{prefix}.lora_B.weight": self.lora_B.weight}

@@ -1,0 +1,241 @@
+"""Grouped (segmented) LoRA: every task's low-rank update on its own rows of the fused token matrix, one
+launch per GEMM kind instead of one small matmul per task.
+
+For segment s with rows X_s, weights A_s [r_s, K], B_s [N, r_s] and scaling c_s:
+    forward   S_s = X_s A_s^T              (shrink)      Y_s += c_s S_s B_s^T        (expand, in place)
+    backward  dS_s = c_s dY_s B_s          (shrink)      dX_s = dS_s A_s             (expand)
+              dB_s = c_s dY_s^T S_s        (outer)       dA_s = dS_s^T X_s           (outer)
+Two Triton kernels cover all six: `_segment_matmul` (row block x column block x segment, reduction over
+the inner dimension) and `_segment_outer` (weight-gradient tiles, reduction over a segment's rows).
+Ranks and segment lengths differ per segment; the weights of all segments sit in two flat buffers and
+each segment's geometry (offset, strides) comes from the SegmentTable, as Punica's SGMV does with
+pointer arrays. Products accumulate in fp32 (the interpreter's bf16 tl.dot is broken, and adapters train
+in fp32 here); on a GPU fp32 operands use TF32 tensor cores unless MUXTUNE_KERNEL_PRECISION=ieee.
+
+`segmented_lora_reference` is the torch reference: the same function with padded batched matmuls.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from muxtune.kernels.segments import SegmentTable
+
+
+@triton.jit
+def _segment_matmul(IN, W, OUT, seg_start, seg_len, seg_rank, seg_woff, seg_alpha,
+                    inner, cols, wsi, wsj, stride_in, stride_out,
+                    INNER_IS_RANK: tl.constexpr, COLS_IS_RANK: tl.constexpr, WSI_IS_RANK: tl.constexpr,
+                    WSJ_IS_RANK: tl.constexpr, SCALED: tl.constexpr, ACCUMULATE: tl.constexpr,
+                    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """OUT[t, j] (+)= alpha_s * sum_i IN[t, i] * W_s[i, j] for rows t of segment s, i < inner, j < cols;
+    W_s[i, j] = W[woff_s + i * wsi + j * wsj]. Each of inner/cols/wsi/wsj is either the given scalar or,
+    when its *_IS_RANK flag is set, the segment's rank; alpha_s is the segment's scale when SCALED."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    s = tl.program_id(2)
+    length = tl.load(seg_len + s)
+    rank = tl.load(seg_rank + s)
+    if INNER_IS_RANK:
+        inner = rank
+    if COLS_IS_RANK:
+        cols = rank
+    if WSI_IS_RANK:
+        wsi = rank
+    if WSJ_IS_RANK:
+        wsj = rank
+    if pid_m * BM >= length:
+        return
+    if pid_n * BN >= cols:
+        return
+    start = tl.load(seg_start + s)
+    woff = tl.load(seg_woff + s)
+
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    rows = (start + rm).to(tl.int64)
+    m_mask = rm < length
+    n_mask = rn < cols
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, inner, BK):
+        kk = k0 + rk
+        k_mask = kk < inner
+        a = tl.load(IN + rows[:, None] * stride_in + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(W + woff + kk[:, None] * wsi + rn[None, :] * wsj, mask=k_mask[:, None] & n_mask[None, :],
+                    other=0.0)
+        acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+    if SCALED:
+        acc = acc * tl.load(seg_alpha + s)
+    out_ptrs = OUT + rows[:, None] * stride_out + rn[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _segment_outer(P, Q, G, seg_start, seg_len, seg_rank, seg_goff, seg_alpha,
+                   n_rows, n_cols, gsi, gsj, stride_p, stride_q,
+                   ROWS_IS_RANK: tl.constexpr, COLS_IS_RANK: tl.constexpr, GSI_IS_RANK: tl.constexpr,
+                   SCALED: tl.constexpr, PRECISION: tl.constexpr,
+                   BI: tl.constexpr, BJ: tl.constexpr, BT: tl.constexpr):
+    """G_s[i, j] = alpha_s * sum_{t in segment s} P[t, i] * Q[t, j], i < n_rows, j < n_cols, written at
+    G[goff_s + i * gsi + j * gsj] (the *_IS_RANK flags substitute the segment's rank as in
+    `_segment_matmul`). An empty segment writes zeros: its weights got no gradient."""
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    s = tl.program_id(2)
+    rank = tl.load(seg_rank + s)
+    if ROWS_IS_RANK:
+        n_rows = rank
+    if COLS_IS_RANK:
+        n_cols = rank
+    if GSI_IS_RANK:
+        gsi = rank
+    if pid_i * BI >= n_rows:
+        return
+    if pid_j * BJ >= n_cols:
+        return
+    start = tl.load(seg_start + s)
+    length = tl.load(seg_len + s)
+    goff = tl.load(seg_goff + s)
+
+    ri = pid_i * BI + tl.arange(0, BI)
+    rj = pid_j * BJ + tl.arange(0, BJ)
+    rt = tl.arange(0, BT)
+    i_mask = ri < n_rows
+    j_mask = rj < n_cols
+    acc = tl.zeros((BI, BJ), dtype=tl.float32)
+    for t0 in range(0, length, BT):
+        tt = t0 + rt
+        t_mask = tt < length
+        rows = (start + tt).to(tl.int64)
+        p = tl.load(P + rows[:, None] * stride_p + ri[None, :], mask=t_mask[:, None] & i_mask[None, :], other=0.0)
+        q = tl.load(Q + rows[:, None] * stride_q + rj[None, :], mask=t_mask[:, None] & j_mask[None, :], other=0.0)
+        acc += tl.dot(tl.trans(p.to(tl.float32)), q.to(tl.float32), input_precision=PRECISION)
+    if SCALED:
+        acc = acc * tl.load(seg_alpha + s)
+    tl.store(G + goff + ri[:, None] * gsi + rj[None, :] * gsj, acc.to(G.dtype.element_ty),
+             mask=i_mask[:, None] & j_mask[None, :])
+
+
+def _precision(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "ieee"
+    return os.environ.get("MUXTUNE_KERNEL_PRECISION", "tf32")
+
+
+def _block(n: int, lo: int = 16, hi: int = 64) -> int:
+    """Tile edge for a dimension of size n: a power of two in [lo, hi] (GPUs reject tiles under 16)."""
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+RANK = "rank"  # a geometry argument that is each segment's own rank
+
+
+def _geometry(value, table: SegmentTable) -> tuple[int, bool]:
+    """(scalar passed to the kernel, is-rank flag); the scalar of a rank argument is its maximum."""
+    return (table.max_rank, True) if value == RANK else (int(value), False)
+
+
+def _matmul(inp, w, out, woff, table: SegmentTable, inner, cols, wsi, wsj, scaled: bool, accumulate: bool):
+    """One launch of `_segment_matmul` over all segments."""
+    (inner, inner_r), (cols, cols_r), (wsi, wsi_r), (wsj, wsj_r) = (
+        _geometry(v, table) for v in (inner, cols, wsi, wsj))
+    if table.max_length == 0 or cols == 0:
+        return
+    bm, bn, bk = 64 if table.max_length > 32 else 32, _block(cols), _block(inner)
+    grid = (triton.cdiv(table.max_length, bm), triton.cdiv(cols, bn), table.n)
+    _segment_matmul[grid](inp, w, out, table.start, table.length, table.rank, woff, table.scale,
+                          inner, cols, wsi, wsj, inp.stride(0), out.stride(0),
+                          INNER_IS_RANK=inner_r, COLS_IS_RANK=cols_r, WSI_IS_RANK=wsi_r, WSJ_IS_RANK=wsj_r,
+                          SCALED=scaled, ACCUMULATE=accumulate, PRECISION=_precision(inp.device),
+                          BM=bm, BN=bn, BK=bk)
+
+
+def _outer(p, q, g, goff, table: SegmentTable, rows, cols, gsi, gsj, scaled: bool):
+    """One launch of `_segment_outer` over all segments."""
+    (rows, rows_r), (cols, cols_r), (gsi, gsi_r) = (_geometry(v, table) for v in (rows, cols, gsi))
+    if rows == 0 or cols == 0 or table.n == 0:
+        return
+    bi, bj = _block(rows), _block(cols)
+    grid = (triton.cdiv(rows, bi), triton.cdiv(cols, bj), table.n)
+    _segment_outer[grid](p, q, g, table.start, table.length, table.rank, goff, table.scale,
+                         rows, cols, gsi, int(gsj), p.stride(0), q.stride(0),
+                         ROWS_IS_RANK=rows_r, COLS_IS_RANK=cols_r, GSI_IS_RANK=gsi_r, SCALED=scaled,
+                         PRECISION=_precision(p.device), BI=bi, BJ=bj, BT=32)
+
+
+class SegmentedLoRA(torch.autograd.Function):
+    """out[rows of s] += scale_s * x_s A_s^T B_s^T for every segment s, in place on `out` (the base op's
+    fresh output, which its own backward does not need). The modified tensor is the first input: autograd's
+    in-place-on-a-view machinery (CopySlices) routes the first gradient to it."""
+
+    @staticmethod
+    def forward(ctx, out, x, a_flat, b_flat, table: SegmentTable):
+        k, n = x.shape[-1], out.shape[-1]
+        x2, y = x.reshape(-1, k), out.view(-1, n)
+        s = torch.empty(x2.shape[0], max(table.max_rank, 1), dtype=torch.float32, device=x.device)
+        # shrink S = X A^T: A_s [r, k] read as W[i=k, j=r]; expand Y += c S B^T: B_s [n, r] as W[i=r, j=n]
+        _matmul(x2, a_flat, s, table.a_offset, table, k, RANK, 1, k, scaled=False, accumulate=False)
+        _matmul(s, b_flat, y, table.b_offset, table, RANK, n, 1, RANK, scaled=True, accumulate=True)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x2, s, a_flat, b_flat)
+        ctx.table, ctx.x_shape = table, x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, s, a_flat, b_flat = ctx.saved_tensors
+        table: SegmentTable = ctx.table
+        k, n = x2.shape[-1], grad_out.shape[-1]
+        dy = grad_out.reshape(-1, n).contiguous()
+        ds = torch.empty_like(s)
+        # dS = c dY B: B_s [n, r] read as W[i=n, j=r]; dX = dS A: A_s [r, k] read as W[i=r, j=k]
+        _matmul(dy, b_flat, ds, table.b_offset, table, n, RANK, RANK, 1, scaled=True, accumulate=False)
+        dx = (torch.empty_like if table.covers_all else torch.zeros_like)(x2)
+        _matmul(ds, a_flat, dx, table.a_offset, table, RANK, k, k, 1, scaled=False, accumulate=False)
+        # dA_s = dS_s^T X_s into [r, k]; dB_s = c dY_s^T S_s into [n, r]
+        da, db = torch.empty_like(a_flat), torch.empty_like(b_flat)
+        _outer(ds, x2, da, table.a_offset, table, RANK, k, k, 1, scaled=False)
+        _outer(dy, s, db, table.b_offset, table, n, RANK, RANK, 1, scaled=True)
+        return grad_out, dx.view(ctx.x_shape), da, db, None
+
+
+def segmented_lora(x: torch.Tensor, out: torch.Tensor, a_weights: list[torch.Tensor], b_weights: list[torch.Tensor],
+                   table: SegmentTable) -> torch.Tensor:
+    """Add every segment's LoRA update to its rows of `out` (in place; returns it). x: [tokens, K] rows
+    the adapters read (already dropped out where a task uses dropout); a_weights[s]: [r_s, K];
+    b_weights[s]: [N, r_s]. Gradients flow to x, out and every weight."""
+    a_flat = torch.cat([a.reshape(-1) for a in a_weights])
+    b_flat = torch.cat([b.reshape(-1) for b in b_weights])
+    return SegmentedLoRA.apply(out, x, a_flat, b_flat, table)
+
+
+def segmented_lora_reference(x: torch.Tensor, out: torch.Tensor, a_weights: list[torch.Tensor],
+                             b_weights: list[torch.Tensor], table: SegmentTable) -> torch.Tensor:
+    """The same function in torch: segments padded to one length and ranks to one rank, two batched
+    matmuls (fp32), scattered back. Out of place."""
+    n_seg, length, rank = table.n, table.max_length, max(table.max_rank, 1)
+    k, n = x.shape[-1], out.shape[-1]
+    starts, lengths = table.start.tolist(), table.length.tolist()
+    xs = x.new_zeros(n_seg, length, k, dtype=torch.float32)
+    a = x.new_zeros(n_seg, rank, k, dtype=torch.float32)
+    b = x.new_zeros(n_seg, n, rank, dtype=torch.float32)
+    xs = torch.stack([torch.nn.functional.pad(x[lo:lo + ln].float(), (0, 0, 0, length - ln))
+                      for lo, ln in zip(starts, lengths)]) if n_seg else xs
+    a = torch.stack([torch.nn.functional.pad(w.float(), (0, 0, 0, rank - w.shape[0])) for w in a_weights])
+    b = torch.stack([torch.nn.functional.pad(w.float(), (0, rank - w.shape[1])) for w in b_weights])
+    delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)) * table.scale.view(-1, 1, 1)
+    flat = out.reshape(-1, n)
+    pieces, cursor = [], 0
+    for i, (lo, ln) in sorted(enumerate(zip(starts, lengths)), key=lambda item: item[1][0]):
+        pieces += [flat[cursor:lo], (flat[lo:lo + ln].float() + delta[i, :ln]).to(out.dtype)]
+        cursor = lo + ln
+    pieces.append(flat[cursor:])
+    return torch.cat(pieces).view(out.shape)

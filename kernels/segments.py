@@ -1,0 +1,69 @@
+"""Segment metadata shared by the grouped kernels: which tokens of the fused matrix belong to which task.
+
+A fused micro-batch is a [tokens, features] matrix whose rows are tiled by task segments. The grouped
+kernels launch one grid over (row block, column block, segment) and read each segment's bounds and
+weight geometry from small device tables, built once per micro-batch and op shape (the Multiplexer
+keeps a cache for the batch in flight), so no per-task launches or host loops run in the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SegmentTable:
+    """Device tables for `n` segments (row spans of the token matrix) and their per-segment weights.
+
+    start/length: token rows of each segment. rank: each segment's adapter rank (LoRA) or 0.
+    a_offset/b_offset: where each segment's weights begin in the flat weight buffers.
+    scale: per-segment scalar (LoRA's alpha/r). token_segment: for every row, its segment or -1.
+    """
+
+    start: torch.Tensor
+    length: torch.Tensor
+    rank: torch.Tensor
+    a_offset: torch.Tensor
+    b_offset: torch.Tensor
+    scale: torch.Tensor
+    token_segment: torch.Tensor
+    max_length: int
+    max_rank: int
+    tokens: int
+    covers_all: bool  # the segments tile every row (no row left to the base op alone)
+
+    @property
+    def n(self) -> int:
+        return int(self.start.numel())
+
+
+def build_segment_table(spans: list[tuple[int, int]], ranks: list[int], a_sizes: list[int], b_sizes: list[int],
+                        scales: list[float], tokens: int, device) -> SegmentTable:
+    """spans: (first row, end row) of each segment, disjoint; a_sizes/b_sizes: elements of each segment's
+    weights in the flat buffers (in segment order)."""
+    n = len(spans)
+    ints = torch.zeros(5, n, dtype=torch.int64)
+    token_segment = torch.full((tokens,), -1, dtype=torch.int32)
+    a_off = b_off = 0
+    for i, ((lo, hi), r, a, b) in enumerate(zip(spans, ranks, a_sizes, b_sizes)):
+        if not 0 <= lo <= hi <= tokens:
+            raise ValueError(f"segment {i} rows [{lo}, {hi}) outside the {tokens} rows of the batch")
+        ints[:, i] = torch.tensor([lo, hi - lo, r, a_off, b_off])
+        token_segment[lo:hi] = i
+        a_off += a
+        b_off += b
+    covered = sum(hi - lo for lo, hi in spans)
+    if int((token_segment >= 0).sum()) != covered:
+        raise ValueError(f"segments overlap: {spans}")
+    ints = ints.to(device=device, dtype=torch.int32)
+    return SegmentTable(
+        start=ints[0], length=ints[1], rank=ints[2], a_offset=ints[3], b_offset=ints[4],
+        scale=torch.tensor(scales, dtype=torch.float32, device=device),
+        token_segment=token_segment.to(device),
+        max_length=max((hi - lo for lo, hi in spans), default=0),
+        max_rank=max(ranks, default=0),
+        tokens=tokens,
+        covers_all=covered == tokens,
+    )

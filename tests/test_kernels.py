@@ -1,0 +1,162 @@
+"""Grouped Triton kernels against their torch references (interpreter on CPU, compiled on a GPU), and
+autograd through the executor with the Triton path forced."""
+
+import os
+
+import pytest
+import torch
+from reference import adapter_state, initial_state
+from test_equivalence import TARGETS, assert_same_training, make_trainer, three_tasks
+
+from muxtune.errors import MuxTuneError
+from muxtune.kernels import backend
+from muxtune.kernels.ia3 import segmented_scale, segmented_scale_reference
+from muxtune.kernels.lora import segmented_lora, segmented_lora_reference
+from muxtune.kernels.segments import build_segment_table
+from muxtune.spec import TaskSpec
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# relative Frobenius error allowed per dtype: fp32 accumulates like the reference (TF32 on a GPU);
+# fp16 outputs carry fp16 rounding of the stored result
+TOLERANCE = {torch.float32: 2e-3 if DEVICE == "cuda" else 1e-5, torch.float16: 5e-3}
+
+
+def ragged_segments(gen: torch.Generator, tokens: int, n: int) -> list[tuple[int, int]]:
+    """n disjoint spans in order with random lengths, some empty, with gaps left to no segment."""
+    cuts = sorted(torch.randint(0, tokens + 1, (2 * n,), generator=gen).tolist())
+    spans = [(cuts[2 * i], cuts[2 * i + 1]) for i in range(n)]
+    spans[0] = (spans[0][0], spans[0][0])  # always one empty segment
+    return spans
+
+
+def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.double(), ref.double()
+    assert torch.isfinite(got).all()
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def grads_of(fn, tensors, upstream):
+    for t in tensors:
+        t.grad = None
+    out = fn()
+    (out.double() * upstream).sum().backward()
+    return out.detach(), [t.grad.clone() if t.grad is not None else torch.zeros_like(t) for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_segmented_lora_matches_reference_forward_and_backward(dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    tokens, k, n, n_seg = 70, 48, 40, 5
+    spans = ragged_segments(gen, tokens, n_seg)
+    ranks = [1] + torch.randint(2, 40, (n_seg - 1,), generator=gen).tolist()  # rank 1 always present
+    scales = (torch.rand(n_seg, generator=gen) * 4).tolist()
+    table = build_segment_table(spans, ranks, [r * k for r in ranks], [n * r for r in ranks], scales, tokens, DEVICE)
+    mk = lambda *shape, dt=torch.float32: torch.randn(*shape, generator=gen).to(DEVICE, dt).requires_grad_()  # noqa
+    x, base = mk(tokens, k, dt=dtype), mk(tokens, n, dt=dtype)
+    a_weights, b_weights = [mk(r, k) for r in ranks], [mk(n, r) for r in ranks]
+    upstream = torch.randn(tokens, n, generator=gen, dtype=torch.float64).to(DEVICE)
+    leaves = [x, base, *a_weights, *b_weights]
+
+    # base * 1: the kernel writes in place into the base op's output, never into a leaf
+    got, got_grads = grads_of(lambda: segmented_lora(x, base * 1, a_weights, b_weights, table), leaves, upstream)
+    ref, ref_grads = grads_of(lambda: segmented_lora_reference(x, base * 1, a_weights, b_weights, table), leaves,
+                              upstream)
+    assert rel_error(got, ref) < TOLERANCE[dtype]
+    for name, g, r in zip(["x", "base"] + [f"A{i}" for i in range(n_seg)] + [f"B{i}" for i in range(n_seg)],
+                          got_grads, ref_grads):
+        if r.abs().max() == 0:  # an empty segment's weights: no gradient, and the kernel wrote zeros
+            assert g.abs().max() == 0, name
+        else:
+            assert rel_error(g, r) < TOLERANCE[dtype], name
+    # rows in no segment are the base output untouched, and get no gradient through the adapters
+    free = torch.ones(tokens, dtype=torch.bool)
+    for lo, hi in spans:
+        free[lo:hi] = False
+    assert torch.equal(got[free.to(DEVICE)], base.detach()[free.to(DEVICE)])
+
+
+def test_segmented_lora_reference_equals_a_per_task_loop():
+    """The reference itself against the plain definition, one task at a time."""
+    gen = torch.Generator().manual_seed(5)
+    tokens, k, n = 40, 24, 20
+    spans, ranks, scales = [(0, 10), (10, 10), (12, 40)], [3, 1, 8], [2.0, 1.0, 0.5]
+    table = build_segment_table(spans, ranks, [r * k for r in ranks], [n * r for r in ranks], scales, tokens, "cpu")
+    x, base = torch.randn(tokens, k, generator=gen), torch.randn(tokens, n, generator=gen)
+    a_w = [torch.randn(r, k, generator=gen) for r in ranks]
+    b_w = [torch.randn(n, r, generator=gen) for r in ranks]
+    expected = base.clone()
+    for (lo, hi), a, b, c in zip(spans, a_w, b_w, scales):
+        expected[lo:hi] += x[lo:hi] @ a.T @ b.T * c
+    torch.testing.assert_close(segmented_lora_reference(x, base, a_w, b_w, table), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_segmented_scale_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(3)
+    tokens, width = 90, 72
+    spans = ragged_segments(gen, tokens, 4)
+    table = build_segment_table(spans, [0] * 4, [width] * 4, [0] * 4, [1.0] * 4, tokens, DEVICE)
+    x = torch.randn(tokens, width, generator=gen).to(DEVICE, dtype).requires_grad_()
+    vectors = [torch.randn(width, 1, generator=gen).to(DEVICE).requires_grad_() for _ in spans]
+    upstream = torch.randn(tokens, width, generator=gen, dtype=torch.float64).to(DEVICE)
+    got, got_grads = grads_of(lambda: segmented_scale(x, vectors, table), [x, *vectors], upstream)
+    ref, ref_grads = grads_of(lambda: segmented_scale_reference(x, vectors, table), [x, *vectors], upstream)
+    assert rel_error(got, ref) < TOLERANCE[dtype]
+    for g, r in zip(got_grads, ref_grads):
+        if r.abs().max() == 0:
+            assert g.abs().max() == 0
+        else:
+            assert rel_error(g, r) < TOLERANCE[dtype]
+
+
+def test_backend_switch(monkeypatch):
+    monkeypatch.setenv("MUXTUNE_KERNELS", "torch")
+    assert backend(torch.device(DEVICE)) == "torch"
+    monkeypatch.setenv("MUXTUNE_KERNELS", "triton")
+    assert backend(torch.device(DEVICE)) == "triton"
+    monkeypatch.setenv("MUXTUNE_KERNELS", "auto")
+    assert backend(torch.device("cpu")) == "torch"  # the path proven bit-identical to HF PEFT
+    monkeypatch.setenv("MUXTUNE_KERNELS", "fast")
+    with pytest.raises(MuxTuneError, match="MUXTUNE_KERNELS"):
+        backend(torch.device("cpu"))
+    monkeypatch.setenv("MUXTUNE_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if DEVICE == "cpu":
+        with pytest.raises(MuxTuneError, match="TRITON_INTERPRET"):
+            backend(torch.device("cpu"))
+
+
+def randomize_lora_b(trainer, seed: int = 7) -> None:
+    """LoRA's B starts at zero; a random B makes the first step exercise the A gradients too."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for run in trainer.runs.values():
+            for _, layer in run.adapter.items():
+                if hasattr(layer, "lora_B"):
+                    layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.1)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and DEVICE == "cpu", reason="needs the interpreter")
+def test_executor_trains_the_same_with_the_triton_path(tmp_path):
+    """LoRA (ranks 4/16/8, rsLoRA, dropout), IA3 (output and feed-forward input scaling) and a prefix
+    task in one fused batch: the grouped kernels train every task like the per-task torch path."""
+    specs = three_tasks(tmp_path, TARGETS["builtin:tiny-llama"], steps=3, dropout=0.1)
+    like = lambda spec, **changes: TaskSpec.model_validate({**spec.model_dump(), **changes})  # noqa: E731
+    specs.append(like(specs[0], name="ia3", seed=21, lr=1e-2, peft={
+        "method": "ia3", "target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}))
+    specs.append(like(specs[1], name="prefix", seed=22, peft={"method": "prefix", "num_virtual_tokens": 3}))
+    states = {}
+    for kernels in ("torch", "triton"):
+        trainer, _ = make_trainer("builtin:tiny-llama", specs)
+        trainer.mux.kernels = kernels
+        randomize_lora_b(trainer)
+        init = initial_state(trainer)
+        trainer.train(progress=False)
+        states[kernels] = trainer, {name: adapter_state(trainer, name) for name in trainer.runs}, init
+        for name in list(trainer.runs):
+            trainer.mux.remove_task(name)
+    (torch_run, torch_state, init), (triton_run, triton_state, _) = states["torch"], states["triton"]
+    for spec in specs:
+        assert_same_training(triton_run.runs[spec.name].losses, torch_run.runs[spec.name].losses,
+                             triton_state[spec.name], torch_state[spec.name], init[spec.name])

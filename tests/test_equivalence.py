@@ -33,8 +33,8 @@ def three_tasks(tmp_path, targets, steps=4, dropout=0.0):
     ]
 
 
-def make_trainer(model_name, specs, attn="sdpa"):
-    backbone = load_backbone(model_name, attn_implementation=attn)
+def make_trainer(model_name, specs, attn="sdpa", device="cpu"):
+    backbone = load_backbone(model_name, device=device, attn_implementation=attn)
     examples = {s.name: load_examples(s.data, backbone.tokenizer, s.max_seq_len)[0] for s in specs}
     return MultiplexedTrainer(backbone, specs, examples), examples
 

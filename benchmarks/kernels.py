@@ -87,6 +87,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=512, help="tokens per task")
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--tasks", default="4,16,64")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's per-kernel CUDA times of fused/adapter at 16 tasks")
     args = parser.parse_args(argv)
     task_counts = [int(n) for n in args.tasks.split(",")]
     if args.quick:
@@ -118,6 +120,19 @@ def main(argv=None) -> None:
         results[str(n_tasks)] = point
         del s
         torch.cuda.empty_cache()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        s = setup(16, args.tokens, args.width, device)
+        fused = variants(s)["fused/adapter"]
+        for _ in range(3):
+            fused()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fused()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), file=sys.stderr)
     summary = {"device": torch.cuda.get_device_name(), "tokens_per_task": args.tokens, "width": args.width,
                "points": results}
     if "16" in results:

@@ -28,15 +28,18 @@ from muxtune.kernels.segments import SegmentTable
 
 @triton.jit
 def _segment_matmul(IN, W, OUT, seg_start, seg_len, seg_rank, seg_woff, seg_alpha,
-                    inner, cols, wsi, wsj, stride_in, stride_out,
-                    INNER_IS_RANK: tl.constexpr, COLS_IS_RANK: tl.constexpr, WSI_IS_RANK: tl.constexpr,
+                    inner, cols, wsi, wsj, stride_in, stride_out, split_len, stride_split,
+                    SPLIT: tl.constexpr, INNER_IS_RANK: tl.constexpr, COLS_IS_RANK: tl.constexpr, WSI_IS_RANK: tl.constexpr,
                     WSJ_IS_RANK: tl.constexpr, SCALED: tl.constexpr, ACCUMULATE: tl.constexpr,
                     PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """OUT[t, j] (+)= alpha_s * sum_i IN[t, i] * W_s[i, j] for rows t of segment s, i < inner, j < cols;
     W_s[i, j] = W[woff_s + i * wsi + j * wsj]. Each of inner/cols/wsi/wsj is either the given scalar or,
-    when its *_IS_RANK flag is set, the segment's rank; alpha_s is the segment's scale when SCALED."""
+    when its *_IS_RANK flag is set, the segment's rank; alpha_s is the segment's scale when SCALED.
+    SPLIT > 1 (split-K, for few output columns over a long inner dimension): program column `pid` does
+    inner slice pid % SPLIT and writes a partial product at OUT + (pid % SPLIT) * stride_split."""
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(1) // SPLIT
+    part = tl.program_id(1) % SPLIT
     s = tl.program_id(2)
     length = tl.load(seg_len + s)
     rank = tl.load(seg_rank + s)
@@ -62,16 +65,17 @@ def _segment_matmul(IN, W, OUT, seg_start, seg_len, seg_rank, seg_woff, seg_alph
     m_mask = rm < length
     n_mask = rn < cols
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, inner, BK):
+    k_end = tl.minimum(inner, (part + 1) * split_len)
+    for k0 in range(part * split_len, k_end, BK):
         kk = k0 + rk
-        k_mask = kk < inner
+        k_mask = kk < k_end
         a = tl.load(IN + rows[:, None] * stride_in + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(W + woff + kk[:, None] * wsi + rn[None, :] * wsj, mask=k_mask[:, None] & n_mask[None, :],
                     other=0.0)
         acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
     if SCALED:
         acc = acc * tl.load(seg_alpha + s)
-    out_ptrs = OUT + rows[:, None] * stride_out + rn[None, :]
+    out_ptrs = OUT + part * stride_split + rows[:, None] * stride_out + rn[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -151,11 +155,39 @@ def _matmul(inp, w, out, woff, table: SegmentTable, inner, cols, wsi, wsj, scale
         return
     bm, bn, bk = 64 if table.max_length > 32 else 32, _block(cols), _block(inner)
     grid = (triton.cdiv(table.max_length, bm), triton.cdiv(cols, bn), table.n)
-    _segment_matmul[grid](inp, w, out, table.start, table.length, table.rank, woff, table.scale,
-                          inner, cols, wsi, wsj, inp.stride(0), out.stride(0),
+    split = _split(grid, inner, bk, inp.device) if not accumulate else 1
+    if split == 1:
+        target = out
+    else:  # rows in no segment: zero in every partial, so their sum leaves `out`'s zeros there
+        target = (torch.empty if table.covers_all else torch.zeros)((split, *out.shape), dtype=torch.float32,
+                                                                    device=out.device)
+    split_len = triton.cdiv(triton.cdiv(inner, split), bk) * bk
+    _segment_matmul[(grid[0], grid[1] * split, grid[2])](
+                          inp, w, target, table.start, table.length, table.rank, woff, table.scale,
+                          inner, cols, wsi, wsj, inp.stride(0), out.stride(0), split_len,
+                          target.stride(0) if split > 1 else 0, SPLIT=split,
                           INNER_IS_RANK=inner_r, COLS_IS_RANK=cols_r, WSI_IS_RANK=wsi_r, WSJ_IS_RANK=wsj_r,
                           SCALED=scaled, ACCUMULATE=accumulate, PRECISION=_precision(inp.device),
                           BM=bm, BN=bn, BK=bk)
+    if split > 1:
+        # rows outside every segment stay unwritten in every partial; only segment rows are ever read
+        torch.sum(target, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(target.sum(0))
+
+
+def _split(grid, inner: int, bk: int, device) -> int:
+    """Split-K factor: enough programs to fill a GPU's SMs twice, each keeping >= 4 inner tiles.
+    (Shrink-type products have few output columns, so without it a few programs loop over all of K.)"""
+    forced = os.environ.get("MUXTUNE_KERNEL_SPLIT")  # tests exercise split-K in the interpreter
+    if forced:
+        return max(1, min(int(forced), triton.cdiv(inner, bk)))
+    if device.type != "cuda":
+        return 1
+    programs = grid[0] * grid[1] * grid[2]
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    split = 1
+    while programs * split < 2 * sms and inner >= split * 2 * 4 * bk:
+        split *= 2
+    return split
 
 
 def _outer(p, q, g, goff, table: SegmentTable, rows, cols, gsi, gsj, scaled: bool):

@@ -250,21 +250,22 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
     bubble = {d: (1.0 - float(busy.get(d, 0.0)) / step if step > 0 else 0.0) for d in static_memory}
     scheduled = {t for g in plan.groups for t in g.tasks}
     tokens = {t: (works[t].tokens / step if step > 0 else 0.0) for t in scheduled}
-    return Timeline(events, step, tokens, bubble, _peak_memory(events, static_memory, activation_of), plan.schedule)
+    return Timeline(events, step, tokens, bubble, _peak_memory(rows, static_memory, activation_of), plan.schedule)
 
 
-def _peak_memory(events: pd.DataFrame, static: dict[str, int], activation_of: dict[tuple, int]) -> dict[str, int]:
+def _peak_memory(rows: list[tuple], static: dict[str, int], activation_of: dict[tuple, int]) -> dict[str, int]:
     """Static bytes plus the most activation bytes in flight at once: a micro-batch's activations are
     held from the start of its forward to the end of its backward on that device."""
+    changes = defaultdict(list)
+    for device, _stream, group, mb, kind, start, end, *_ in rows:
+        if kind == "fwd":
+            changes[device].append((start, 1, activation_of[(device, group, mb)]))
+        elif kind == "bwd":
+            changes[device].append((end, 0, -activation_of[(device, group, mb)]))
     peak = dict(static)
-    compute = events[events["kind"].isin(["fwd", "bwd"])]
-    for device, ops in compute.groupby("device"):
-        changes = []
-        for op in ops.itertuples():
-            size = activation_of[(device, op.group, op.micro_batch)]
-            changes.append((op.start, 1, size) if op.kind == "fwd" else (op.end, 0, -size))
+    for device, device_changes in changes.items():
         held = top = 0
-        for _, _, delta in sorted(changes):  # at equal times a release (0) comes before an allocation (1)
+        for _, _, delta in sorted(device_changes):  # at equal times a release (0) comes before an allocation (1)
             held += delta
             top = max(top, held)
         peak[device] = static[device] + top

@@ -92,3 +92,23 @@ def split_micro_batches(works: list[TaskWork], parts: int, packed: bool = False)
         if loads:
             out.append(MicroBatch(tuple(loads), seq_len=int(math.ceil(longest))))
     return out
+
+
+def estimate_params(method: str, rank: int, shape) -> int:
+    """Trainable parameters of a job known only by method and rank (a cluster trace), for the default
+    targets of each method on a model of `shape`. Tasks of a config use count_trainable_params instead."""
+    n, h, inter = shape.n_layers, shape.hidden, shape.intermediate
+    kv = h * shape.kv_heads // shape.heads
+    per_layer = {
+        "lora": rank * (h + h) + rank * (h + kv),  # q_proj and v_proj
+        "dora": rank * (h + h) + rank * (h + kv) + h + kv,  # + the magnitudes
+        "adapter": 2 * (2 * h * rank + rank + h),  # after attention and after the FFN
+        "ia3": kv + kv + inter,  # k, v outputs and the down projection's input
+        "prefix": 2 * rank * kv,  # a key and a value per virtual token
+        "bitfit": 4 * h + 2 * inter + h,
+    }
+    if method == "prompt":
+        return rank * h
+    if method not in per_layer:
+        raise MuxTuneError(f"method {method!r}: unknown; choose from {sorted(per_layer) + ['prompt']}")
+    return n * per_layer[method]

@@ -37,3 +37,40 @@ def gantt(events: pd.DataFrame, path: Path, title: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_cluster(results: dict, path: Path) -> Path:
+    """Policies side by side on the same arrivals: JCT and queueing CDFs, utilisation, GPU-hours."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for name, result in results.items():
+        for ax, column in ((axes[0, 0], "jct"), (axes[0, 1], "queueing")):
+            values = result.jobs[column].sort_values().to_numpy()
+            ax.step(values / 3600, (1 + pd.RangeIndex(len(values))) / len(values), where="post", label=name)
+    axes[0, 0].set(xlabel="job completion time (h)", ylabel="share of jobs", title="JCT")
+    axes[0, 1].set(xlabel="queueing delay (h)", ylabel="share of jobs", title="queueing")
+    names = list(results)
+    axes[1, 0].bar(names, [results[n].metrics["gpu_utilisation"] for n in names])
+    axes[1, 0].set(ylabel="GPU time allocated / available", title="GPU utilisation")
+    axes[1, 1].bar(names, [results[n].metrics["gpu_hours"] for n in names])
+    axes[1, 1].set(ylabel="GPU-hours", title="cost")
+    axes[0, 0].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(table: pd.DataFrame, target_p95_s: float, path: Path) -> Path:
+    """p95 queueing against the number of GPUs, per policy, with the target line."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, rows in table.groupby("policy", sort=False):
+        ax.plot(rows["gpus"], rows["queueing_p95_s"], marker="o", label=name)
+    ax.axhline(target_p95_s, color="grey", linestyle="--", label=f"target {target_p95_s:g} s")
+    ax.set(xlabel="GPUs", ylabel="p95 queueing delay (s)", title="how many GPUs for this arrival rate?")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

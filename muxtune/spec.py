@@ -83,14 +83,25 @@ class RunConfig(BaseModel):
 
 # --- plans -----------------------------------------------------------------------------------------
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # v2 added Layout.stage_layers and Plan.schedule; v1 files load with their defaults
 
 
 class Layout(BaseModel):
+    """How a group's devices are used. `FusionGroup.devices` lists dp*pp*tp devices, replica-major:
+    replica r, stage s, tensor rank t is devices[(r * pp + s) * tp + t]."""
+
     model_config = ConfigDict(extra="forbid")
     dp: int = Field(1, ge=1, description="data-parallel replicas")
     pp: int = Field(1, ge=1, description="pipeline stages")
     tp: int = Field(1, ge=1, description="tensor-parallel degree")
+    stage_layers: list[int] | None = Field(None, description="transformer layers of each pipeline stage; "
+                                           "null splits evenly (earlier stages take the remainder)")
+
+    @model_validator(mode="after")
+    def _one_split_per_stage(self) -> "Layout":
+        if self.stage_layers is not None and (len(self.stage_layers) != self.pp or min(self.stage_layers) < 1):
+            raise ValueError(f"stage_layers needs pp={self.pp} positive layer counts, got {self.stage_layers}")
+        return self
 
 
 class FusionGroup(BaseModel):
@@ -102,15 +113,33 @@ class FusionGroup(BaseModel):
     layout: Layout = Field(default_factory=Layout)
     micro_batches: int = Field(1, ge=1)
 
+    @model_validator(mode="after")
+    def _devices_match_layout(self) -> "FusionGroup":
+        need = self.layout.dp * self.layout.pp * self.layout.tp
+        if len(self.devices) != need:
+            raise ValueError(f"layout dp*pp*tp = {need} needs {need} devices, got {len(self.devices)}")
+        return self
+
 
 class Plan(BaseModel):
     """What runs together and how. The executor carries it out; it never decides this itself."""
 
     model_config = ConfigDict(extra="forbid")
-    version: Literal[1] = PLAN_VERSION
+    version: Literal[2] = PLAN_VERSION
     planner: str = "trivial"
     groups: list[FusionGroup] = Field(min_length=1)
+    # Groups on the same devices share one pipeline. "1f1b": they run one after another, each its own
+    # 1F1B with a flush; "interleaved": their micro-batches alternate in one 1F1B, so one group's
+    # compute fills another's bubbles and hides its transfers (temporal multiplexing).
+    schedule: Literal["1f1b", "interleaved"] = "1f1b"
     explanation: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade_v1(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("version") == 1:
+            raw = {**raw, "version": 2}  # v1 had no stage split nor schedule: the defaults are v1's meaning
+        return raw
 
     @classmethod
     def trivial(cls, config: RunConfig) -> "Plan":

@@ -1,1 +1,2 @@
-"""simulator: see the open issue that builds it (DESIGN.md); nothing here yet."""
+"""SimPy simulator: the step timeline of a Plan (iteration.py) and tenant arrivals on a cluster
+(cluster.py); both price work only through a CostModel. See docs/simulator.md."""

@@ -13,3 +13,16 @@ def test_mixed_methods_benchmark_runs_on_a_tiny_model(capsys):
     assert last == result
     assert len(last["methods"]) == 8 and last["ratio"] > 0
     assert last["fused_tokens_per_s"] > 0 and last["sequential_tokens_per_s"] > 0
+
+
+def test_simulator_benchmark_runs_and_predicts_with_a_plugged_in_cost_model(capsys, monkeypatch):
+    from fake_cost_model import FakeCostModel, FakeShape
+    from benchmarks import simulator
+
+    # the real CostModel arrives with the profiler; here the prediction path runs on the tests' fake
+    monkeypatch.setattr(simulator, "load_cost_model", lambda model, device: FakeCostModel(shape=FakeShape(n_layers=2)))
+    result = simulator.main(["--quick"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == json.loads(json.dumps(result))
+    assert last["predicted_steps"] == 2 * 2 and last["median_error"] >= 0
+    assert last["cluster_sim_seconds"] > 0 and last["cluster_metrics"]["jobs"] == 100

@@ -57,7 +57,7 @@ def test_plan_and_run_writes_the_run_folder(tmp_path):
     assert result.returncode == 0, result.stderr
     run = tmp_path / "runs" / "tiny"
     plan = json.loads((run / "plan.json").read_text())
-    assert plan["version"] == 1 and plan["groups"][0]["tasks"] == ["a", "b"]
+    assert plan["version"] == 2 and plan["groups"][0]["tasks"] == ["a", "b"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["tasks"]["a"]["steps"] == 3 and len(metrics["tasks"]["a"]["loss"]) == 3
     assert metrics["tasks"]["b"]["steps"] == 2 and metrics["tasks"]["b"]["status"] == "finished"

@@ -1,0 +1,272 @@
+"""Iteration level: what one training step of a Plan looks like, as a SimPy event simulation.
+
+Every device has a compute stream and a communication channel. Groups on the same devices share one
+pipeline. Each device runs its stage's forward/backward of every micro-batch in the pipeline schedule's
+order, each op waiting for its input: the previous stage's activations (forward) or the next stage's
+gradients (backward), delivered by point-to-point transfers on full-duplex links between neighbouring
+stages. Transfers and data-parallel all-reduces run on the communication side while compute goes on
+(the executor overlaps them). At the end of the step each task's optimizer runs on every stage that
+holds its adapter, after its gradients are all-reduced across replicas.
+
+Schedules (Plan.schedule), per pipeline of p stages over units (group, micro-batch):
+  1f1b         groups one after another, each its own 1F1B with a flush: bubble (p-1)/(m+p-1) per group
+  interleaved  the groups' micro-batches alternate (g0 mb0, g1 mb0, g0 mb1, ...) in ONE 1F1B, so the
+               groups fill each other's bubbles: bubble (p-1)/(M+p-1) with M micro-batches in all
+
+Every duration and byte count comes from the CostModel; nothing here knows how long an op takes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import simpy
+
+from muxtune.errors import MuxTuneError
+from muxtune.simulator.workload import MicroBatch, TaskWork, split_micro_batches
+
+GRAD_BYTES_PER_PARAM = 4  # adapters train in fp32 (executor/mux.py), so their gradients are fp32
+EVENT_COLUMNS = ["device", "stream", "group", "micro_batch", "kind", "start", "end", "task", "replica", "stage"]
+
+
+@dataclass
+class Timeline:
+    """One simulated step. `events` has a row per op: device, stream (compute|comm), group (index in the
+    plan), micro_batch (-1 for per-step ops), kind (fwd|bwd|send|recv|allreduce|optim), start, end (s),
+    task (optim only), replica, stage."""
+
+    events: pd.DataFrame
+    step_seconds: float
+    tokens_per_second: dict[str, float]  # real (non-padding) tokens of each task per second
+    bubble_fraction: dict[str, float]  # per device: share of the step its compute stream is idle
+    peak_memory: dict[str, int]  # per device, bytes: backbone part + task states + activations in flight
+    schedule: str = "1f1b"
+
+    def summary(self) -> dict:
+        return {"step_seconds": self.step_seconds, "tokens_per_second": self.tokens_per_second,
+                "bubble_fraction": self.bubble_fraction, "peak_memory": self.peak_memory,
+                "schedule": self.schedule}
+
+    def gantt(self, path: Path, title: str = "") -> Path:
+        from muxtune.simulator.plots import gantt
+
+        return gantt(self.events, Path(path), title or f"one step ({self.schedule}): {self.step_seconds:.4g} s")
+
+
+@dataclass
+class _Pipeline:
+    groups: list[int]  # plan group indices on these devices, in plan order
+    devices: list[str]  # unique labels, replica-major: devices[r * pp + s]
+    dp: int
+    pp: int
+    stage_layers: list[int]
+    micro_batches: dict[int, list[list[MicroBatch]]] = field(default_factory=dict)  # group -> [replica][k]
+
+
+def stage_split(n_layers: int, pp: int, stage_layers: list[int] | None, where: str = "plan") -> list[int]:
+    """Transformer layers of each stage: the plan's split, or an even one (earlier stages take the rest)."""
+    if stage_layers is None:
+        if pp > n_layers:
+            raise MuxTuneError(f"{where}: pp={pp} stages but the model has only {n_layers} layers")
+        return [n_layers // pp + (1 if s < n_layers % pp else 0) for s in range(pp)]
+    if sum(stage_layers) != n_layers:
+        raise MuxTuneError(f"{where}: layout.stage_layers {stage_layers} sums to {sum(stage_layers)}, "
+                           f"the model has {n_layers} layers")
+    return list(stage_layers)
+
+
+def one_f_one_b(units: list, stage: int, stages: int) -> list[tuple[str, object]]:
+    """The 1F1B order of one stage: warm-up forwards, then one forward / one backward, then the drain."""
+    warm = min(stages - stage - 1, len(units))
+    ops = [("fwd", u) for u in units[:warm]]
+    for i in range(len(units) - warm):
+        ops += [("fwd", units[warm + i]), ("bwd", units[i])]
+    return ops + [("bwd", u) for u in units[len(units) - warm:]]
+
+
+def _pipelines(plan, works: dict[str, TaskWork], n_layers: int, packed: bool) -> list[_Pipeline]:
+    by_devices: dict[tuple[str, ...], _Pipeline] = {}
+    owner: dict[str, tuple[str, ...]] = {}
+    for gi, group in enumerate(plan.groups):
+        key = tuple(group.devices)
+        layout = group.layout
+        where = f"plan: groups[{gi}]"
+        if layout.tp > 1:
+            raise MuxTuneError(f"{where}: tensor parallelism (tp={layout.tp}) is not simulated: the CostModel "
+                               "interface has no tensor-parallel costs")
+        for name in group.tasks:
+            if name not in works:
+                raise MuxTuneError(f"{where}: task {name!r} has no workload (not in the config)")
+        for device in set(key):
+            if device in owner and owner[device] != key:
+                raise MuxTuneError(f"{where}: device {device!r} is shared with a group on other devices "
+                                   f"{list(owner[device])}; groups share a pipeline only on the same device list")
+            owner[device] = key
+        split = stage_split(n_layers, layout.pp, layout.stage_layers, where)
+        if key not in by_devices:
+            labels = [d if key.count(d) == 1 else f"{d}#{i}" for i, d in enumerate(key)]
+            by_devices[key] = _Pipeline([], labels, layout.dp, layout.pp, split)
+        pipe = by_devices[key]
+        if (pipe.dp, pipe.pp, pipe.stage_layers) != (layout.dp, layout.pp, split):
+            raise MuxTuneError(f"{where}: groups on the same devices need the same layout (dp, pp, stage_layers)")
+        pipe.groups.append(gi)
+        parts = split_micro_batches([works[t] for t in group.tasks], layout.dp * group.micro_batches, packed)
+        pipe.micro_batches[gi] = [parts[r::layout.dp] for r in range(layout.dp)]
+    return list(by_devices.values())
+
+
+def _units(pipe: _Pipeline, replica: int, schedule: str) -> list[list[tuple[int, int]]]:
+    """Blocks of (group, micro-batch) units; each block is one 1F1B (a flush between blocks)."""
+    per_group = [[(g, k) for k in range(len(pipe.micro_batches[g][replica]))] for g in pipe.groups]
+    if schedule == "1f1b":
+        return [u for u in per_group if u]
+    longest = max(len(u) for u in per_group)
+    return [[u[k] for k in range(longest) for u in per_group if k < len(u)]]
+
+
+def _stage_params(work: TaskWork, stage: int, layers: int, n_layers: int) -> int:
+    """A task's adapter parameters held by one stage: spread evenly over the layers (prompt tuning's
+    virtual token embeddings sit with the embedding on the first stage)."""
+    if work.method == "prompt":
+        return work.params if stage == 0 else 0
+    return round(work.params * layers / n_layers)
+
+
+def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = False) -> Timeline:
+    """Simulate one optimizer step of every task in `plan` (a muxtune.spec.Plan). `works` gives each
+    task's per-step work (see workload.task_work); packed=True counts real tokens only (chunk-aligned
+    batches), else rows are padded to the group's longest sequence as the executor's `fuse` does."""
+    n_layers = cost_model.shape.n_layers
+    pipes = _pipelines(plan, works, n_layers, packed)
+    env = simpy.Environment()
+    rows: list[tuple] = []
+    static_memory: dict[str, int] = {}
+    activation_of: dict[tuple, int] = {}  # (device, group, micro_batch) -> bytes held from fwd start to bwd end
+
+    def log(device, stream, group, mb, kind, start, task=None, replica=0, stage=0):
+        rows.append((device, stream, group, mb, kind, start, env.now, task, replica, stage))
+
+    def compute(delay):
+        return env.timeout(max(0.0, float(delay)))
+
+    for pipe in pipes:
+        p = pipe.pp
+        first_last = [(s == 0, s == p - 1) for s in range(p)]
+        links = {(r, s, d): simpy.Resource(env, 1) for r in range(pipe.dp) for s in range(p) for d in ("fwd", "bwd")}
+        dp_channel = {(r, s): simpy.Resource(env, 1) for r in range(pipe.dp) for s in range(p)}
+        ready = defaultdict(env.event)  # ("fwd"|"bwd", r, s, g, k) -> input arrived at that stage
+        done = defaultdict(env.event)  # ("fwd"|"bwd", r, s, g, k) -> compute finished
+        group_done = defaultdict(env.event)  # (r, block) -> the block's pipeline flushed
+        reduced = defaultdict(env.event)  # (s, g) -> the group's gradients all-reduced on stage s
+
+        def device_of(r, s, _pipe=pipe):
+            return _pipe.devices[r * _pipe.pp + s]
+
+        def transfer(direction, r, s_from, s_to, g, k, mb, _pipe=pipe, _links=links):
+            yield done[(direction, r, s_from, g, k)]
+            with _links[(r, min(s_from, s_to), direction)].request() as req:
+                yield req
+                start = env.now
+                yield compute(cost_model.p2p_seconds(cost_model.boundary_bytes(mb)))
+                log(device_of(r, s_from), "comm", g, k, "send", start, None, r, s_from)
+                log(device_of(r, s_to), "comm", g, k, "recv", start, None, r, s_to)
+            ready[(direction, r, s_to, g, k)].succeed()
+
+        def allreduce(s, g, nbytes, _pipe=pipe, _channels=dp_channel):
+            last = [done[("bwd", r, s, g, len(_pipe.micro_batches[g][r]) - 1)] for r in range(_pipe.dp)
+                    if _pipe.micro_batches[g][r]]
+            yield env.all_of(last)
+            requests = [_channels[(r, s)].request() for r in range(_pipe.dp)]
+            yield env.all_of(requests)
+            start = env.now
+            yield compute(cost_model.allreduce_seconds(nbytes, _pipe.dp))
+            for r, req in enumerate(requests):
+                log(device_of(r, s), "comm", g, -1, "allreduce", start, None, r, s)
+                _channels[(r, s)].release(req)
+            reduced[(s, g)].succeed()
+
+        def stage_process(r, s, blocks, _pipe=pipe):
+            layers = _pipe.stage_layers[s]
+            first, last = first_last[s]
+            device = device_of(r, s)
+            for b, units in enumerate(blocks):
+                if b > 0:
+                    yield group_done[(r, b - 1)]
+                for kind, (g, k) in one_f_one_b(units, s, p):
+                    mb = _pipe.micro_batches[g][r][k]
+                    if not (kind == "fwd" and s == 0):
+                        yield ready[(kind, r, s, g, k)]
+                    start = env.now
+                    if kind == "fwd":
+                        activation_of[(device, g, k)] = cost_model.activation_bytes(mb, layers)
+                        yield compute(cost_model.forward_seconds(mb, layers, first, last))
+                    else:
+                        yield compute(cost_model.backward_seconds(mb, layers, first, last))
+                    log(device, "compute", g, k, kind, start, None, r, s)
+                    done[(kind, r, s, g, k)].succeed()
+                    if kind == "fwd" and s == p - 1:
+                        ready[("bwd", r, s, g, k)].succeed()
+                if s == 0:
+                    group_done[(r, b)].succeed()
+            for g in _pipe.groups:  # each task's optimizer, once its gradients are complete everywhere
+                if _pipe.dp > 1:
+                    yield reduced[(s, g)]
+                for name in plan.groups[g].tasks:
+                    params = _stage_params(works[name], s, layers, n_layers)
+                    if params:
+                        start = env.now
+                        yield compute(cost_model.optimizer_seconds(params))
+                        log(device, "compute", g, -1, "optim", start, name, r, s)
+
+        for s in range(p):
+            layers = pipe.stage_layers[s]
+            first, last = first_last[s]
+            tasks = [t for g in pipe.groups for t in plan.groups[g].tasks]
+            state = sum(cost_model.task_state_bytes(_stage_params(works[t], s, layers, n_layers)) for t in tasks)
+            for r in range(pipe.dp):
+                static_memory[device_of(r, s)] = cost_model.backbone_bytes(layers, first, last) + state
+            if pipe.dp > 1:
+                for g in pipe.groups:
+                    grads = sum(_stage_params(works[t], s, layers, n_layers) for t in plan.groups[g].tasks)
+                    env.process(allreduce(s, g, grads * GRAD_BYTES_PER_PARAM))
+        for r in range(pipe.dp):
+            blocks = _units(pipe, r, plan.schedule)
+            for units in blocks:
+                for g, k in units:
+                    mb = pipe.micro_batches[g][r][k]
+                    for s in range(p - 1):
+                        env.process(transfer("fwd", r, s, s + 1, g, k, mb))
+                        env.process(transfer("bwd", r, s + 1, s, g, k, mb))
+            for s in range(p):
+                env.process(stage_process(r, s, blocks))
+    env.run()
+
+    events = pd.DataFrame(rows, columns=EVENT_COLUMNS)
+    step = float(events["end"].max()) if len(events) else 0.0
+    busy = events[events["stream"] == "compute"].assign(d=lambda e: e["end"] - e["start"]).groupby("device")["d"].sum()
+    bubble = {d: (1.0 - float(busy.get(d, 0.0)) / step if step > 0 else 0.0) for d in static_memory}
+    scheduled = {t for g in plan.groups for t in g.tasks}
+    tokens = {t: (works[t].tokens / step if step > 0 else 0.0) for t in scheduled}
+    return Timeline(events, step, tokens, bubble, _peak_memory(rows, static_memory, activation_of), plan.schedule)
+
+
+def _peak_memory(rows: list[tuple], static: dict[str, int], activation_of: dict[tuple, int]) -> dict[str, int]:
+    """Static bytes plus the most activation bytes in flight at once: a micro-batch's activations are
+    held from the start of its forward to the end of its backward on that device."""
+    changes = defaultdict(list)
+    for device, _stream, group, mb, kind, start, end, *_ in rows:
+        if kind == "fwd":
+            changes[device].append((start, 1, activation_of[(device, group, mb)]))
+        elif kind == "bwd":
+            changes[device].append((end, 0, -activation_of[(device, group, mb)]))
+    peak = dict(static)
+    for device, device_changes in changes.items():
+        held = top = 0
+        for _, _, delta in sorted(device_changes):  # at equal times a release (0) comes before an allocation (1)
+            held += delta
+            top = max(top, held)
+        peak[device] = static[device] + top
+    return peak

@@ -1,0 +1,114 @@
+"""Tasks -> the micro-batch shapes the CostModel prices. The one place a task's per-step work is turned
+into `MicroBatch`/`TaskLoad` objects (the planner reuses it).
+
+A task's step is `batch_size` sequences of (on average) `seq_len` tokens. Splitting it over data-parallel
+replicas and micro-batches divides its sequences; fusing tasks puts their shares side by side. Without
+chunk alignment the fused batch pads every row to its longest sequence (what the executor's `fuse` does),
+so a task contributes rows x the group's longest length; `packed=True` counts only real tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from muxtune.errors import MuxTuneError
+
+try:
+    from muxtune.profiler.cost_model import MicroBatch, TaskLoad
+except ImportError:  # TODO(merge issue 5): delete this fallback; it copies the agreed interface field for field
+
+    @dataclass(frozen=True)
+    class TaskLoad:
+        method: str
+        rank: int
+        tokens: int
+        params: int
+
+    @dataclass(frozen=True)
+    class MicroBatch:
+        tasks: tuple[TaskLoad, ...]
+        seq_len: int
+
+        @property
+        def tokens(self) -> int:
+            return sum(t.tokens for t in self.tasks)
+
+
+@dataclass(frozen=True)
+class TaskWork:
+    """One task's work per optimizer step, independent of where it runs."""
+
+    name: str
+    method: str
+    rank: int  # LoRA/DoRA r, adapter size, virtual tokens; 0 if none (CostModel's TaskLoad.rank)
+    params: int  # trainable parameters
+    sequences: int  # sequences per optimizer step (batch size)
+    seq_len: float  # mean tokens per sequence
+
+    @property
+    def tokens(self) -> float:
+        return self.sequences * self.seq_len
+
+
+def method_rank(peft) -> int:
+    """The size knob of a PEFT config that the CostModel's TaskLoad.rank means."""
+    for key in ("r", "size", "num_virtual_tokens"):
+        if hasattr(peft, key):
+            return int(getattr(peft, key))
+    return 0
+
+
+def task_work(spec, params: int, mean_seq_len: float | None = None) -> TaskWork:
+    """A TaskSpec's step: batch_size sequences of mean_seq_len tokens (default: max_seq_len, the worst case)."""
+    length = spec.max_seq_len if mean_seq_len is None else min(float(mean_seq_len), spec.max_seq_len)
+    return TaskWork(spec.name, spec.peft.method, method_rank(spec.peft), int(params), spec.batch_size, length)
+
+
+def count_trainable_params(spec, model) -> int:
+    """Exact trainable parameter count of a task's adapter on `model` (a loaded backbone), built the way
+    the executor builds it (the model is not modified)."""
+    from muxtune.executor.mux import TaskAdapter
+
+    adapter = TaskAdapter(spec.name, spec.peft, model, spec.seed, spec.max_seq_len, "cpu")
+    return sum(p.numel() for p in adapter.parameters() if p.requires_grad)
+
+
+def split_micro_batches(works: list[TaskWork], parts: int, packed: bool = False) -> list[MicroBatch]:
+    """Split a fused group's step into `parts` micro-batches (dp replicas x micro-batches, in that order
+    of use), each task's sequences spread as evenly as possible. Micro-batches that get no sequence
+    are dropped (a task with fewer sequences than parts)."""
+    if parts < 1:
+        raise MuxTuneError(f"micro-batches: need at least 1 part, got {parts}")
+    longest = max(w.seq_len for w in works)
+    out = []
+    for i in range(parts):
+        loads = []
+        for w in works:
+            rows = w.sequences // parts + (1 if i < w.sequences % parts else 0)
+            if rows:
+                per_row = w.seq_len if packed else longest
+                loads.append(TaskLoad(w.method, w.rank, int(round(rows * per_row)), w.params))
+        if loads:
+            out.append(MicroBatch(tuple(loads), seq_len=int(math.ceil(longest))))
+    return out
+
+
+def estimate_params(method: str, rank: int, shape) -> int:
+    """Trainable parameters of a job known only by method and rank (a cluster trace), for the default
+    targets of each method on a model of `shape`. Tasks of a config use count_trainable_params instead."""
+    n, h, inter = shape.n_layers, shape.hidden, shape.intermediate
+    kv = h * shape.kv_heads // shape.heads
+    per_layer = {
+        "lora": rank * (h + h) + rank * (h + kv),  # q_proj and v_proj
+        "dora": rank * (h + h) + rank * (h + kv) + h + kv,  # + the magnitudes
+        "adapter": 2 * (2 * h * rank + rank + h),  # after attention and after the FFN
+        "ia3": kv + kv + inter,  # k, v outputs and the down projection's input
+        "prefix": 2 * rank * kv,  # a key and a value per virtual token
+        "bitfit": 4 * h + 2 * inter + h,
+    }
+    if method == "prompt":
+        return rank * h
+    if method not in per_layer:
+        raise MuxTuneError(f"method {method!r}: unknown; choose from {sorted(per_layer) + ['prompt']}")
+    return n * per_layer[method]

@@ -1,0 +1,71 @@
+"""A tests-only CostModel with hand-computable costs (a fixture, not a timing formula of the system).
+
+Forward of a stage = layers * (per_layer + per_token * tokens) (+ embed/head constants on the first/last
+stage); backward = bwd_factor * forward. Memory counts bytes with simple per-layer/per-token constants.
+It has exactly the methods of the agreed CostModel interface (profiler/cost_model.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FakeShape:
+    n_layers: int = 4
+    hidden: int = 8
+    intermediate: int = 16
+    heads: int = 2
+    kv_heads: int = 2
+    vocab: int = 32
+    dtype_bytes: int = 4
+
+
+@dataclass
+class FakeCostModel:
+    shape: FakeShape = FakeShape()
+    device: str = "fake"
+    per_layer: float = 0.25  # seconds per layer per forward, whatever the tokens (launch/weight-load cost)
+    per_token: float = 0.0  # seconds per token per layer
+    embed: float = 0.0  # added to the first stage's forward
+    head: float = 0.0  # added to the last stage's forward
+    bwd_factor: float = 2.0
+    p2p: float = 0.0  # seconds per transfer
+    allreduce: float = 0.0  # seconds per all-reduce (world > 1)
+    optimizer: float = 0.0  # seconds per optimizer call
+    layer_bytes: int = 1000
+    act_bytes_per_token_layer: int = 10
+    state_bytes_per_param: int = 16
+
+    def forward_seconds(self, mb, layers, first=False, last=False):
+        return layers * (self.per_layer + self.per_token * mb.tokens) + (self.embed if first else 0.0) + (
+            self.head if last else 0.0)
+
+    def backward_seconds(self, mb, layers, first=False, last=False):
+        return self.bwd_factor * self.forward_seconds(mb, layers, first, last)
+
+    def optimizer_seconds(self, params):
+        return self.optimizer
+
+    def p2p_seconds(self, nbytes):
+        return self.p2p
+
+    def allreduce_seconds(self, nbytes, world):
+        return self.allreduce if world > 1 else 0.0
+
+    def boundary_bytes(self, mb):
+        return mb.tokens * self.shape.hidden * self.shape.dtype_bytes
+
+    def activation_bytes(self, mb, layers):
+        return self.act_bytes_per_token_layer * mb.tokens * layers
+
+    def backbone_bytes(self, layers, first=False, last=False):
+        return self.layer_bytes * layers + (500 if first else 0) + (700 if last else 0)
+
+    def task_state_bytes(self, params):
+        return self.state_bytes_per_param * params
+
+    def step_seconds(self, groups):
+        n = self.shape.n_layers
+        compute = sum(self.forward_seconds(mb, n, True, True) + self.backward_seconds(mb, n, True, True)
+                      for mb in groups)
+        return compute + sum(self.optimizer_seconds(t.params) for mb in groups for t in mb.tasks)

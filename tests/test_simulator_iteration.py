@@ -1,0 +1,163 @@
+"""Iteration-level simulator on hand-computable costs (tests/fake_cost_model.py)."""
+
+import json
+
+import pytest
+
+from fake_cost_model import FakeCostModel, FakeShape
+from muxtune.errors import MuxTuneError
+from muxtune.simulator.iteration import simulate_step
+from muxtune.simulator.workload import TaskWork, split_micro_batches
+from muxtune.spec import FusionGroup, Layout, Plan
+
+
+def work(name, sequences=8, seq_len=16.0, params=120, method="lora"):
+    return TaskWork(name, method, 8, params, sequences, seq_len)
+
+
+def pipeline_plan(groups, pp, m, dp=1, schedule="1f1b"):
+    devices = [f"gpu{i}" for i in range(dp * pp)]
+    return Plan(schedule=schedule, groups=[FusionGroup(tasks=tasks, devices=devices, layout=Layout(dp=dp, pp=pp),
+                                                       micro_batches=m) for tasks in groups])
+
+
+@pytest.mark.parametrize("pp,m", [(2, 4), (3, 5), (4, 8), (4, 1), (4, 2)])
+def test_1f1b_bubble_matches_formula(pp, m):
+    cm = FakeCostModel(shape=FakeShape(n_layers=12), per_layer=0.1)
+    timeline = simulate_step(pipeline_plan([["a"]], pp, m), {"a": work("a", sequences=m)}, cm)
+    fwd, bwd = 0.1 * 12 / pp, 0.2 * 12 / pp
+    assert timeline.step_seconds == pytest.approx((m + pp - 1) * (fwd + bwd))
+    for device, bubble in timeline.bubble_fraction.items():
+        assert bubble == pytest.approx((pp - 1) / (m + pp - 1)), device
+
+
+def test_interleaved_groups_fill_each_others_bubbles():
+    cm = FakeCostModel(shape=FakeShape(n_layers=4))
+    works = {"a": work("a"), "b": work("b"), "c": work("c")}
+    pp, m = 4, 2
+    sequential = simulate_step(pipeline_plan([["a"], ["b"], ["c"]], pp, m, schedule="1f1b"), works, cm)
+    interleaved = simulate_step(pipeline_plan([["a"], ["b"], ["c"]], pp, m, schedule="interleaved"), works, cm)
+    stage = 0.25 + 0.5  # one layer per stage: fwd 0.25 + bwd 0.5
+    assert sequential.step_seconds == pytest.approx(3 * (m + pp - 1) * stage)
+    assert interleaved.step_seconds == pytest.approx((3 * m + pp - 1) * stage)
+    for device in interleaved.bubble_fraction:
+        assert sequential.bubble_fraction[device] == pytest.approx((pp - 1) / (m + pp - 1))
+        assert interleaved.bubble_fraction[device] == pytest.approx((pp - 1) / (3 * m + pp - 1))
+
+
+def test_every_micro_batch_runs_forward_and_backward_once_in_dependency_order():
+    cm = FakeCostModel(shape=FakeShape(n_layers=6), per_token=0.001, p2p=0.05, allreduce=0.3, optimizer=0.02)
+    works = {"a": work("a", sequences=8), "b": work("b", sequences=6, seq_len=30.0), "c": work("c", sequences=4)}
+    pp, m, dp = 3, 2, 2
+    plan = Plan(schedule="interleaved", groups=[
+        FusionGroup(tasks=["a", "b"], devices=[f"g{i}" for i in range(6)], layout=Layout(dp=dp, pp=pp), micro_batches=m),
+        FusionGroup(tasks=["c"], devices=[f"g{i}" for i in range(6)], layout=Layout(dp=dp, pp=pp), micro_batches=m)])
+    ev = simulate_step(plan, works, cm).events
+    compute = ev[ev["kind"].isin(["fwd", "bwd"])]
+    counts = compute.groupby(["replica", "stage", "group", "micro_batch", "kind"]).size()
+    assert (counts == 1).all() and len(counts) == dp * pp * 2 * m * 2
+    key = ["replica", "group", "micro_batch"]
+    fwd = compute[compute["kind"] == "fwd"].set_index(key + ["stage"])
+    bwd = compute[compute["kind"] == "bwd"].set_index(key + ["stage"])
+    for (r, g, k, s), op in fwd.iterrows():
+        assert bwd.loc[(r, g, k, s), "start"] >= op["end"]  # backward after its own forward
+        if s + 1 < pp:  # next stage's forward waits for this forward plus its transfer
+            assert fwd.loc[(r, g, k, s + 1), "start"] >= op["end"] + 0.05 - 1e-12
+            assert bwd.loc[(r, g, k, s), "start"] >= bwd.loc[(r, g, k, s + 1), "end"] + 0.05 - 1e-12
+    sends = ev[ev["kind"] == "send"]
+    assert len(sends) == dp * 2 * m * (pp - 1) * 2  # one activation and one gradient transfer per boundary
+    allreduce = ev[ev["kind"] == "allreduce"]
+    assert len(allreduce) == 2 * pp * dp  # per group and stage, logged on each replica
+    last_bwd = compute[compute["kind"] == "bwd"].groupby(["stage", "group"])["end"].max()
+    for op in allreduce.itertuples():
+        assert op.start >= last_bwd[(op.stage, op.group)] - 1e-12  # waits for every replica's gradients
+    optim = ev[ev["kind"] == "optim"]
+    assert sorted(optim.groupby(["task"]).size().items()) == [("a", dp * pp), ("b", dp * pp), ("c", dp * pp)]
+    reduced = allreduce.groupby(["stage", "group"])["end"].max()
+    for op in optim.itertuples():
+        assert op.start >= reduced[(op.stage, op.group)] - 1e-12
+
+
+def test_single_device_step_equals_cost_models_step_seconds():
+    cm = FakeCostModel(per_token=0.002, embed=0.1, head=0.3, optimizer=0.05)
+    works = {"a": work("a", seq_len=10.0), "b": work("b", seq_len=20.0), "c": work("c", sequences=3)}
+    plan = Plan(groups=[FusionGroup(tasks=["a", "b"], devices=["cpu"]), FusionGroup(tasks=["c"], devices=["cpu"])])
+    timeline = simulate_step(plan, works, cm)
+    groups = [split_micro_batches([works["a"], works["b"]], 1)[0], split_micro_batches([works["c"]], 1)[0]]
+    assert timeline.step_seconds == pytest.approx(cm.step_seconds(groups))
+    assert timeline.tokens_per_second["a"] == pytest.approx(8 * 10 / timeline.step_seconds)
+
+
+def test_data_parallel_halves_compute_and_adds_allreduce():
+    cm = FakeCostModel(per_layer=0.0, per_token=0.01, allreduce=0.7, optimizer=0.1)
+    works = {"a": work("a", sequences=8, seq_len=10.0)}
+    alone = simulate_step(Plan(groups=[FusionGroup(tasks=["a"], devices=["g0"])]), works, cm)
+    dp = simulate_step(Plan(groups=[FusionGroup(tasks=["a"], devices=["g0", "g1"], layout=Layout(dp=2))]), works, cm)
+    compute = 3 * 0.01 * 80 * 4  # fwd + 2x bwd, 80 tokens, 4 layers
+    assert alone.step_seconds == pytest.approx(compute + 0.1)
+    assert dp.step_seconds == pytest.approx(compute / 2 + 0.7 + 0.1)
+
+
+def test_peak_memory_counts_backbone_states_and_micro_batches_in_flight():
+    cm = FakeCostModel(shape=FakeShape(n_layers=8))
+    pp, m = 4, 6
+    works = {"a": work("a", sequences=12, seq_len=10.0, params=800)}
+    timeline = simulate_step(pipeline_plan([["a"]], pp, m), works, cm)
+    act = 10 * (2 * 10) * 2  # bytes/token/layer * tokens per micro-batch * layers per stage
+    for s in range(pp):
+        backbone = 1000 * 2 + (500 if s == 0 else 0) + (700 if s == pp - 1 else 0)
+        state = 16 * 800 * 2 // 8
+        assert timeline.peak_memory[f"gpu{s}"] == backbone + state + min(pp - s, m) * act
+
+
+def test_results_are_deterministic_and_json_ready(tmp_path):
+    cm = FakeCostModel(per_token=0.001, p2p=0.01)
+    works = {"a": work("a"), "b": work("b", seq_len=33.0)}
+    plan = pipeline_plan([["a"], ["b"]], 2, 3, schedule="interleaved")
+    first, second = simulate_step(plan, works, cm), simulate_step(plan, works, cm)
+    assert first.events.equals(second.events)
+    assert json.loads(json.dumps(first.summary())) == json.loads(json.dumps(second.summary()))
+    png = first.gantt(tmp_path / "gantt.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_micro_batch_split_pads_to_the_longest_unless_packed():
+    works = [work("a", sequences=5, seq_len=10.0), work("b", sequences=2, seq_len=40.0)]
+    padded = split_micro_batches(works, 2)
+    packed = split_micro_batches(works, 2, packed=True)
+    assert [[t.tokens for t in mb.tasks] for mb in padded] == [[3 * 40, 40], [2 * 40, 40]]
+    assert sum(mb.tokens for mb in packed) == 5 * 10 + 2 * 40
+    assert all(mb.seq_len == 40 for mb in padded + packed)
+    assert len(split_micro_batches([work("c", sequences=1)], 3)) == 1  # empty micro-batches are dropped
+
+
+def test_plan_errors_are_clear(tmp_path):
+    cm = FakeCostModel()
+    works = {"a": work("a"), "b": work("b")}
+    overlap = Plan(groups=[FusionGroup(tasks=["a"], devices=["g0", "g1"], layout=Layout(pp=2)),
+                           FusionGroup(tasks=["b"], devices=["g1"])])
+    with pytest.raises(MuxTuneError, match="shared with a group on other devices"):
+        simulate_step(overlap, works, cm)
+    split = Plan(groups=[FusionGroup(tasks=["a"], devices=["g0", "g1"], layout=Layout(pp=2, stage_layers=[1, 2]))])
+    with pytest.raises(MuxTuneError, match="stage_layers"):
+        simulate_step(split, works, cm)
+    with pytest.raises(MuxTuneError, match="not simulated"):
+        simulate_step(Plan(groups=[FusionGroup(tasks=["a"], devices=["g0", "g1"], layout=Layout(tp=2))]), works, cm)
+
+
+def test_plan_v2_fields_and_v1_files_load(tmp_path):
+    v1 = tmp_path / "v1.json"
+    v1.write_text(json.dumps({"version": 1, "planner": "trivial",
+                              "groups": [{"tasks": ["a"], "devices": ["cpu"], "layout": {"dp": 1, "pp": 1, "tp": 1},
+                                          "micro_batches": 1}], "explanation": ""}))
+    plan = Plan.load(v1)
+    assert plan.version == 2 and plan.schedule == "1f1b" and plan.groups[0].layout.stage_layers is None
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"version": 2, "groups": [{"tasks": ["a"], "devices": ["cpu"],
+                                                        "layout": {"pp": 2, "stage_layers": [1, 1]}}]}))
+    with pytest.raises(MuxTuneError, match="needs 2 devices"):
+        Plan.load(bad)
+    plan = Plan(groups=[FusionGroup(tasks=["a"], devices=["g0", "g1"], layout=Layout(pp=2, stage_layers=[3, 1]))],
+                schedule="interleaved")
+    plan.save(tmp_path / "v2.json")
+    assert Plan.load(tmp_path / "v2.json") == plan

@@ -39,6 +39,13 @@ class TaskSpec(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0, description="per-task gradient clipping; null disables")
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
+    # how the data file is read (executor/data.py)
+    data_format: Literal["auto", "chat", "prompt_completion", "alpaca", "text"] = "auto"
+    loss_on: Literal["completion", "all"] = Field("completion", description="completion: loss only on "
+                                                  "completion / output / assistant tokens")
+    on_bad_line: Literal["error", "skip"] = "error"
+    truncation: Literal["truncate", "drop"] = Field("truncate", description="what happens to a sequence "
+                                                    "longer than max_seq_len")
 
 
 class RunConfig(BaseModel):
@@ -103,6 +110,18 @@ class FusionGroup(BaseModel):
     micro_batches: int = Field(1, ge=1)
 
 
+class Alignment(BaseModel):
+    """How a fusion group's sequences are laid out in its micro-batches (executor/alignment.py).
+    chunked: fixed-size chunks, sequences packed end to end, each task padded only to a whole chunk;
+    padded: one row per sequence, right-padded to the longest row (the mLoRA-style baseline)."""
+
+    model_config = ConfigDict(extra="forbid")
+    layout: Literal["chunked", "padded"] = "chunked"
+    chunk_len: int = Field(32, ge=1, le=65536, description="tokens per chunk row")
+    token_budget: int = Field(16384, ge=1, description="most tokens (padding included) in one micro-batch; "
+                                                        "a step's sequences beyond it go to the next one")
+
+
 class Plan(BaseModel):
     """What runs together and how. The executor carries it out; it never decides this itself."""
 
@@ -110,6 +129,7 @@ class Plan(BaseModel):
     version: Literal[1] = PLAN_VERSION
     planner: str = "trivial"
     groups: list[FusionGroup] = Field(min_length=1)
+    alignment: Alignment = Field(default_factory=Alignment)
     explanation: str = ""
 
     @classmethod

@@ -142,13 +142,17 @@ def _tokenizer_id(tokenizer) -> str:
 def _tokenize_to_cache(path: Path, tokenizer, max_seq_len: int, options: DataOptions, entry: Path) -> None:
     """Stream the file line by line into an Arrow file (written in batches by `datasets`' writer), then
     rename the finished entry into place: a crash never leaves a half-written cache entry."""
+    from datasets import Features, Sequence, Value
     from datasets.arrow_writer import ArrowWriter
+
+    features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
+                         "length": Value("int32")})
 
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
         stats = DataStats()
-        with ArrowWriter(path=str(staging / "data.arrow")) as writer:
+        with ArrowWriter(path=str(staging / "data.arrow"), features=features) as writer:
             for ex in _read_examples(path, tokenizer, max_seq_len, options, stats):
                 writer.write({"input_ids": ex.input_ids, "labels": ex.labels, "length": len(ex.input_ids)})
             writer.finalize()

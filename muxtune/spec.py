@@ -117,7 +117,7 @@ class Alignment(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     layout: Literal["chunked", "padded"] = "chunked"
-    chunk_len: int = Field(32, ge=1, le=65536, description="tokens per chunk row")
+    chunk_len: int = Field(16, ge=1, le=65536, description="tokens per chunk row")
     token_budget: int = Field(16384, ge=1, description="most tokens (padding included) in one micro-batch; "
                                                         "a step's sequences beyond it go to the next one")
 

@@ -277,21 +277,32 @@ def _messages(record: dict, path: Path, lineno: int) -> list[dict]:
 def _chat_pieces(messages: list[dict], tokenizer, path: Path, lineno: int) -> list[tuple[list[int], bool]]:
     inner = getattr(tokenizer, "tok", None)
     if inner is not None and getattr(inner, "chat_template", None):
-        # the model's own template; an assistant turn's tokens are what it adds after the prompt of
-        # the conversation so far (rendering prefix by prefix works for any template)
-        pieces, done = [], []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before = _render(inner, messages[:i], generation_prompt=True)
-            after = _render(inner, messages[: i + 1], generation_prompt=False)
-            if before[: len(done)] != done or after[: len(before)] != before:
-                raise MuxTuneError(f"{path}:{lineno}: the model's chat template does not render this "
-                                   "conversation prefix by prefix; use data_format text or loss_on all")
-            pieces += [(before[len(done) :], False), (after[len(before) :], True)]
-            done = after
+        # The model's own template renders the text; an assistant turn is the text the template adds
+        # after the conversation so far (rendered prefix by prefix, which works for any template).
+        # Tokenizing the whole text once and marking tokens by character offsets keeps the
+        # tokenizer's merges across turn boundaries exactly as the model sees them.
         full = _render(inner, messages, generation_prompt=False)
-        return pieces + [(full[len(done) :], False)] if full[: len(done)] == done else pieces
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                before = _render(inner, messages[:i], generation_prompt=True)
+                after = _render(inner, messages[: i + 1], generation_prompt=False)
+                if not (after.startswith(before) and full.startswith(after)):
+                    raise MuxTuneError(f"{path}:{lineno}: the model's chat template does not render this "
+                                       "conversation prefix by prefix; use loss_on: all")
+                spans.append((len(before), len(after)))
+        encoded = inner(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        if ids and ids[0] == tokenizer.bos_token_id:  # the template wrote bos itself; we add it anyway
+            ids, offsets = ids[1:], offsets[1:]
+        pieces = []
+        for token, (lo, hi) in zip(ids, offsets):
+            trains = any(lo < b and a < max(hi, lo + 1) for a, b in spans)  # overlaps an assistant turn
+            if pieces and pieces[-1][1] == trains:
+                pieces[-1][0].append(token)
+            else:
+                pieces.append(([token], trains))
+        return pieces
     # builtins: a plain rendering, "role: content" per line; loss on each assistant turn's content
     pieces = []
     for message in messages:
@@ -300,11 +311,10 @@ def _chat_pieces(messages: list[dict], tokenizer, path: Path, lineno: int) -> li
     return pieces
 
 
-def _render(tok, messages: list[dict], generation_prompt: bool) -> list[int]:
+def _render(tok, messages: list[dict], generation_prompt: bool) -> str:
     if not messages:
-        return []
-    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
-    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        return ""
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def _str_field(record: dict, key: str, path: Path, lineno: int) -> str:

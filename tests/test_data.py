@@ -139,3 +139,32 @@ def test_shipped_data_sets_have_different_length_profiles(repo):
     chat = lengths["chat"]
     assert chat[-1] > 3 * chat[len(chat) // 2]  # long-tailed
     assert sum(p.stat().st_size for p in (repo / "examples" / "data").glob("*.jsonl")) < 1_000_000
+
+
+def test_chat_uses_a_real_tokenizers_chat_template(tmp_path):
+    """A real (local, byte-level) HF tokenizer with a chat template: the template renders the
+    conversation and only the assistant turns' tokens carry loss."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from muxtune.executor.backbone import HFTokenizer
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(["hello there"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}[assistant] {% endif %}")
+    PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                            chat_template=template).save_pretrained(tmp_path / "tok")
+    tok = HFTokenizer(str(tmp_path / "tok"))
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                           {"role": "user", "content": "more"}, {"role": "assistant", "content": "there"}]}
+    examples, stats = load_examples(write(tmp_path / "c.jsonl", [record]), tok, 256)
+    ex = examples[0]
+    assert stats.format == "chat"
+    assert tok.decode(ex.input_ids[1:-1]) == "[user] hi\n[assistant] hello\n[user] more\n[assistant] there\n"
+    trained = [t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE and t != tok.eos_token_id]
+    # a token that straddles a turn's start (BPE's " there") belongs to the turn
+    assert tok.decode(trained).split() == ["hello", "there"]

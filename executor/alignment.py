@@ -74,10 +74,6 @@ class ChunkedBatch:
         return {s.task: int(valid[s.start : s.end].sum()) for s in self.segments}
 
 
-def task_stream_length(examples: list[Example], lead: int = 0) -> int:
-    return sum(lead + len(ex.input_ids) for ex in examples)
-
-
 def chunks_for(tokens: int, chunk_len: int) -> int:
     return -(-tokens // chunk_len)
 
@@ -126,19 +122,19 @@ def split_by_budget(batches: dict[str, list[Example]], chunk_len: int, token_bud
     rounded up to whole chunks), in order. A micro-batch holds whole sequences; a sequence larger than
     the budget gets a micro-batch of its own."""
     lead = lead or {}
-    micro, current = [], {}
+    micro, current, lengths = [], {}, {}  # lengths: each task's stream length in `current`
 
-    def cost(candidate: dict[str, list[Example]]) -> int:
-        return sum(chunks_for(task_stream_length(exs, lead.get(t, 0)), chunk_len) * chunk_len
-                   for t, exs in candidate.items())
+    def cost(lengths: dict[str, int]) -> int:
+        return sum(chunks_for(n, chunk_len) * chunk_len for n in lengths.values())
 
     for task, examples in batches.items():
         for ex in examples:
-            trial = {**current, task: current.get(task, []) + [ex]}
-            if current and cost(trial) > token_budget:
+            grown = {**lengths, task: lengths.get(task, 0) + lead.get(task, 0) + len(ex.input_ids)}
+            if current and cost(grown) > token_budget:
                 micro.append(current)
-                current, trial = {}, {task: [ex]}
-            current = trial
+                current, grown = {}, {task: lead.get(task, 0) + len(ex.input_ids)}
+            current.setdefault(task, []).append(ex)
+            lengths = grown
     if current:
         micro.append(current)
     return micro

@@ -8,7 +8,7 @@ Writes four JSONL files (one JSON object per line, ASCII only):
     sentiment.jsonl      ~400 x {"prompt", "completion"}  short   (~40-120 char prompts)
     qa.jsonl             ~300 x {"prompt", "completion"}  medium  (150-400 char prompts)
     summarization.jsonl  ~150 x {"prompt", "completion"}  long    (600-1800 char prompts)
-    chat.jsonl           ~250 x {"text"}                  long-tailed (80-3000 chars)
+    chat.jsonl           ~250 x {"messages"}              long-tailed (80-3000 chars), chat format
 
 Why the lengths differ: MuxTune packs many tenants' jobs onto one backbone, and
 the interesting scheduling/batching behaviour only shows up when tenants bring
@@ -211,16 +211,18 @@ def reply(rng, topic):
 
 def chat_example(rng):
     topic = pick(rng, TOPICS)
-    lines = []
+    # the {"messages": [{"role", "content"}]} format fine-tuning APIs accept; loss on assistant turns
+    messages = [{"role": "system", "content": "You are a helpful hobby coach."}] if rng.random() < 0.3 else []
     for i in range(geometric(rng, 0.4, 1, 8)):
         ask = pick(rng, ASKS) if i == 0 else pick(rng, FOLLOWUPS)
-        lines += [f"User: {ask.format(t=topic)}", f"Assistant: {reply(rng, topic)}"]
+        messages += [{"role": "user", "content": ask.format(t=topic)},
+                     {"role": "assistant", "content": reply(rng, topic)}]
         topic = pick(rng, TOPICS) if rng.random() < 0.3 else topic
-    return {"text": "\n".join(lines)}
+    return {"messages": messages}
 
 
 def make_chat(rng, n):
-    ok = lambda ex: 80 <= len(ex["text"]) <= 3000
+    ok = lambda ex: 80 <= size(ex) <= 3000
     return [until(rng, chat_example, ok) for _ in range(n)]
 
 
@@ -235,6 +237,8 @@ TASKS = [  # (file, base line count, generator)
 
 
 def size(ex):
+    if "messages" in ex:
+        return sum(len(m["content"]) for m in ex["messages"])
     return len(ex["text"]) if "text" in ex else len(ex["prompt"]) + len(ex["completion"])
 
 

@@ -1,5 +1,7 @@
 """The multiplexed trainer: every step, the active tasks' batches go through the backbone as ONE fused
-micro-batch; each task keeps its own loss, optimizer, schedule, clipping and step count.
+micro-batch (or a few, when the Plan's token budget splits it); each task keeps its own loss, optimizer,
+schedule, clipping and step count. The micro-batch is chunk-aligned by default (alignment.py) or
+padded per row (`Alignment(layout="padded")`, data.fuse).
 
 Why a task trains exactly as it would alone: its loss is the mean over its own tokens, rows never
 interact inside the backbone, and the total loss is the plain sum of the tasks' losses, so the
@@ -15,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from transformers import get_scheduler
 
+from muxtune.executor.alignment import ChunkedBatch, pack_chunks, packed_attention, split_by_budget
 from muxtune.executor.backbone import Backbone
 from muxtune.executor.data import IGNORE, Example, FusedBatch, TaskSampler, fuse
 from muxtune.executor.mux import Multiplexer, TaskAdapter
-from muxtune.spec import TaskSpec
+from muxtune.spec import Alignment, TaskSpec
 
 
 @dataclass
@@ -32,7 +35,8 @@ class TaskRun:
     sampler: TaskSampler
     step: int = 0
     losses: list[float] = field(default_factory=list)
-    tokens: int = 0
+    tokens: int = 0  # real tokens (data and virtual tokens) this task put through the backbone
+    computed_tokens: int = 0  # the backbone positions its rows took, padding included
     seconds: float = 0.0  # wall time of the steps this task took part in
     status: str = "running"
 
@@ -57,16 +61,17 @@ def build_task_run(mux: Multiplexer, spec: TaskSpec, examples: list[Example]) ->
 class MultiplexedTrainer:
     """Trains tasks on one shared backbone. `groups` (from the Plan) lists the fusion groups: the
     tasks of a group share one fused micro-batch; groups run one after another within a step
-    (default: one group of all tasks)."""
+    (default: one group of all tasks). `alignment` (from the Plan) sets the micro-batch layout."""
 
     def __init__(self, backbone: Backbone, specs: list[TaskSpec], examples: dict[str, list[Example]],
-                 groups: list[list[str]] | None = None):
+                 groups: list[list[str]] | None = None, alignment: Alignment | None = None):
         self.backbone = backbone
         self.model = backbone.model
         self.device = next(self.model.parameters()).device
         self.mux = Multiplexer.attach(self.model)
         self.runs: dict[str, TaskRun] = {s.name: build_task_run(self.mux, s, examples[s.name]) for s in specs}
         self.groups = groups or [list(self.runs)]
+        self.alignment = alignment or Alignment()
         self.step_times: list[float] = []
         self.step_tokens: list[int] = []  # real (non-padding) tokens of each step's fused batches
         self.step_shapes: list[tuple[int, int]] = []  # (rows, seq) of every fused micro-batch computed
@@ -79,19 +84,27 @@ class MultiplexedTrainer:
         """One optimizer step for every active task: per fusion group one fused forward and backward."""
         runs = self.active
         start = time.perf_counter()
-        losses, tokens = {}, {}
+        sums, counts, tokens, computed = {}, {}, {}, {}
         for group in self.groups:
             members = [run for run in runs if run.spec.name in group]
             if not members:
                 continue
-            batch = fuse({run.spec.name: run.sampler.next_batch() for run in members},
-                         self.backbone.tokenizer.pad_token_id, self.device,
-                         lead={run.spec.name: run.adapter.lead_tokens for run in members})
-            group_losses = self.task_losses(batch, training=True)
-            torch.stack(list(group_losses.values())).sum().backward()
-            losses.update({name: float(loss.detach()) for name, loss in group_losses.items()})
-            tokens.update(batch.tokens_per_task)
-            self.step_shapes.append(tuple(batch.input_ids.shape))
+            micro_batches = self.micro_batches({run.spec.name: run.sampler.next_batch() for run in members})
+            # a task's loss is the mean over ALL its target tokens of the step, however they were split
+            for batch in micro_batches:
+                for name, n in batch.target_counts.items():
+                    counts[name] = counts.get(name, 0) + n
+            for batch in micro_batches:
+                batch_sums = self.loss_sums(batch, training=True)
+                torch.stack([total / counts[name] for name, total in batch_sums.items()]).sum().backward()
+                for name, total in batch_sums.items():
+                    sums[name] = sums.get(name, 0.0) + float(total.detach())
+                for name, n in batch.tokens_per_task.items():
+                    tokens[name] = tokens.get(name, 0) + n
+                for name, n in batch.computed_per_task.items():
+                    computed[name] = computed.get(name, 0) + n
+                self.step_shapes.append(tuple(batch.input_ids.shape))
+        losses = {name: sums[name] / counts[name] for name in sums}
         for run in runs:
             if run.spec.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(run.parameters(), run.spec.max_grad_norm)
@@ -103,6 +116,7 @@ class MultiplexedTrainer:
             run.step += 1
             run.losses.append(losses[run.spec.name])
             run.tokens += tokens[run.spec.name]
+            run.computed_tokens += computed[run.spec.name]
             run.seconds += elapsed
             if run.done:
                 run.status = "finished"
@@ -110,23 +124,58 @@ class MultiplexedTrainer:
         self.step_tokens.append(sum(tokens.values()))
         return losses
 
-    def task_losses(self, batch: FusedBatch, training: bool) -> dict[str, torch.Tensor]:
+    def micro_batches(self, batches: dict[str, list[Example]]) -> list[FusedBatch | ChunkedBatch]:
+        """The fused micro-batch(es) of one group's step, in the Plan's layout."""
+        pad_id = self.backbone.tokenizer.pad_token_id
+        adapters = {name: self.mux.adapters[name] for name in batches}
+        lead = {name: a.lead_tokens for name, a in adapters.items()}
+        if self.alignment.layout == "padded":
+            return [fuse(batches, pad_id, self.device, lead=lead)]
+        offset = {name: a.prefix_tokens for name, a in adapters.items()}
+        return [pack_chunks(part, self.alignment.chunk_len, pad_id, self.device, lead=lead, position_offset=offset)
+                for part in split_by_budget(batches, self.alignment.chunk_len, self.alignment.token_budget, lead)]
+
+    def task_losses(self, batch: FusedBatch | ChunkedBatch, training: bool) -> dict[str, torch.Tensor]:
         """Mean next-token loss of each task over its own target tokens (as HF's causal-LM loss)."""
+        counts = batch.target_counts
+        return {name: total / counts[name] for name, total in self.loss_sums(batch, training).items()}
+
+    def loss_sums(self, batch: FusedBatch | ChunkedBatch, training: bool) -> dict[str, torch.Tensor]:
+        """Summed next-token loss of each task over its own target tokens in this micro-batch."""
         with self.mux.route(batch.segments, batch.input_ids.shape[1], training=training):
-            hidden = self.hidden_states(batch)
-        targets = batch.labels[:, 1:]
+            if isinstance(batch, ChunkedBatch):
+                hidden, targets = self.chunked_hidden_states(batch).view(*batch.targets.shape, -1), batch.targets
+            else:
+                hidden, targets = self.hidden_states(batch)[:, :-1], batch.labels[:, 1:]
         valid = targets != IGNORE
         # the LM head runs only on positions that carry loss: padding and prompts cost no vocab GEMM
-        logits = self.model.get_output_embeddings()(hidden[:, :-1][valid])
+        logits = self.model.get_output_embeddings()(hidden[valid])
         per_token = F.cross_entropy(logits.float(), targets[valid], reduction="none")
         row_task = torch.empty(batch.input_ids.shape[0], dtype=torch.long, device=self.device)
         for i, seg in enumerate(batch.segments):
             row_task[seg.start : seg.end] = i
         token_task = row_task[:, None].expand_as(valid)[valid]
-        n = len(batch.segments)
-        sums = torch.zeros(n, device=self.device).index_add(0, token_task, per_token)
-        counts = torch.zeros(n, device=self.device).index_add(0, token_task, torch.ones_like(per_token))
-        return {seg.task: sums[i] / counts[i] for i, seg in enumerate(batch.segments)}
+        sums = torch.zeros(len(batch.segments), device=self.device).index_add(0, token_task, per_token)
+        return {seg.task: sums[i] for i, seg in enumerate(batch.segments)}
+
+    def chunked_hidden_states(self, batch: ChunkedBatch) -> torch.Tensor:
+        """Last hidden states [1, rows * chunk_len, d] of the flattened chunk stream. Attention stays
+        inside each sequence; prompt tasks' virtual slots get their virtual tokens, prefix tasks'
+        sequences see their K/V prefix (alignment.packed_attention)."""
+        adapters = [self.mux.adapters[seg.task] for seg in batch.segments]
+        ids = batch.input_ids.reshape(1, -1)
+        embeds = self.model.get_input_embeddings()(ids)
+        if batch.virtual_slots:
+            flat = embeds[0]
+            for index, slots in batch.virtual_slots.items():
+                placeholders = flat.new_zeros(slots.shape[0], slots.shape[1], flat.shape[-1])
+                virtual = adapters[index].sequence.prepend(placeholders)  # [sequences, n, d]
+                flat = flat.index_put((slots.reshape(-1),), virtual.reshape(-1, flat.shape[-1]))
+            embeds = flat.unsqueeze(0)
+        prefixes = {i: a.sequence.key_values(1, embeds.dtype) for i, a in enumerate(adapters) if a.prefix_tokens}
+        with packed_attention(self.model, batch, prefixes):
+            return self.model.base_model(inputs_embeds=embeds, position_ids=batch.position_ids.reshape(1, -1)
+                                         ).last_hidden_state
 
     def hidden_states(self, batch: FusedBatch) -> torch.Tensor:
         """The backbone's last hidden states for the fused batch, with every task's sequence-level

@@ -69,8 +69,11 @@ def cmd_validate(args) -> int:
         _, plan, examples, stats = prepare(config)
     for task in config.tasks:
         s = stats[task.name]
-        print(f"{task.name}: {task.peft.method}, {len(examples[task.name])} examples "
-              f"({s.truncated} truncated, {s.dropped_no_target} dropped) from {task.data}")
+        print(f"{task.name}: {task.peft.method}, {len(examples[task.name])} {s.format} examples "
+              f"({s.truncated} truncated, {s.dropped_too_long + s.dropped_no_target} dropped, "
+              f"{s.skipped_bad_lines} bad lines skipped) from {task.data}")
+        if s.first_bad_line:
+            print(f"  first skipped line: {s.first_bad_line}")
     print(f"ok: {len(config.tasks)} tasks; plan: {plan.explanation}")
     return 0
 

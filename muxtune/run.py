@@ -35,7 +35,7 @@ def check_devices(config: RunConfig) -> list[str]:
 def prepare(config: RunConfig, plan: Plan | None = None):
     """Load the backbone and every task's data; raise MuxTuneError on any bad input."""
     from muxtune.executor.backbone import load_backbone
-    from muxtune.executor.data import load_examples
+    from muxtune.executor.data import DataOptions, load_examples
 
     devices = check_devices(config)
     plan = plan or Plan.trivial(config)
@@ -48,7 +48,7 @@ def prepare(config: RunConfig, plan: Plan | None = None):
     examples, stats = {}, {}
     for i, task in enumerate(config.tasks):
         examples[task.name], stats[task.name] = load_examples(task.data, backbone.tokenizer, task.max_seq_len,
-                                                              key=f"tasks[{i}].data")
+                                                              key=f"tasks[{i}].data", options=DataOptions.of(task))
     return backbone, plan, examples, stats
 
 
@@ -59,7 +59,8 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
     from muxtune.report import write_report
 
     backbone, plan, examples, stats = prepare(config, plan)
-    trainer = MultiplexedTrainer(backbone, config.tasks, examples, groups=[g.tasks for g in plan.groups])
+    trainer = MultiplexedTrainer(backbone, config.tasks, examples, groups=[g.tasks for g in plan.groups],
+                                 alignment=plan.alignment)
     with staged_directory(Path(out_dir)) as staging:
         started = time.perf_counter()
         trainer.train(progress=progress)
@@ -85,6 +86,9 @@ def collect_metrics(config: RunConfig, trainer, stats: dict, wall: float) -> dic
             "loss": run.losses,
             "final_loss": run.losses[-1] if run.losses else None,
             "tokens": run.tokens,
+            "computed_tokens": run.computed_tokens,
+            # backbone positions spent on padding: the ineffective tokens of this task's rows
+            "ineffective_token_fraction": 1.0 - run.tokens / run.computed_tokens if run.computed_tokens else 0.0,
             "tokens_per_s": run.tokens / run.seconds if run.seconds else 0.0,
             "trainable_params": sum(p.numel() for p in run.parameters()),
             "adapter_path": f"adapters/{name}",
@@ -94,6 +98,7 @@ def collect_metrics(config: RunConfig, trainer, stats: dict, wall: float) -> dic
         "name": config.name,
         "model": config.model,
         "devices": config.devices,
+        "alignment": trainer.alignment.model_dump(),
         "steps": len(trainer.step_times),
         "wall_time_s": wall,
         "train_time_s": sum(trainer.step_times),
@@ -101,6 +106,9 @@ def collect_metrics(config: RunConfig, trainer, stats: dict, wall: float) -> dic
         "tokens_per_s": real / sum(trainer.step_times) if trainer.step_times else 0.0,
         "computed_tokens": computed,
         "ineffective_token_fraction": 1.0 - real / computed if computed else 0.0,
+        "skipped_bad_lines": sum(s.skipped_bad_lines for s in stats.values()),
+        "truncated": sum(s.truncated for s in stats.values()),
+        "dropped_too_long": sum(s.dropped_too_long for s in stats.values()),
         "step_time_s": trainer.step_times,
         "tasks": tasks,
     }

@@ -39,6 +39,13 @@ class TaskSpec(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0, description="per-task gradient clipping; null disables")
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
+    # how the data file is read (executor/data.py)
+    data_format: Literal["auto", "chat", "prompt_completion", "alpaca", "text"] = "auto"
+    loss_on: Literal["completion", "all"] = Field("completion", description="completion: loss only on "
+                                                  "completion / output / assistant tokens")
+    on_bad_line: Literal["error", "skip"] = "error"
+    truncation: Literal["truncate", "drop"] = Field("truncate", description="what happens to a sequence "
+                                                    "longer than max_seq_len")
 
 
 class RunConfig(BaseModel):
@@ -121,6 +128,18 @@ class FusionGroup(BaseModel):
         return self
 
 
+class Alignment(BaseModel):
+    """How a fusion group's sequences are laid out in its micro-batches (executor/alignment.py).
+    chunked: fixed-size chunks, sequences packed end to end, each task padded only to a whole chunk;
+    padded: one row per sequence, right-padded to the longest row (the mLoRA-style baseline)."""
+
+    model_config = ConfigDict(extra="forbid")
+    layout: Literal["chunked", "padded"] = "chunked"
+    chunk_len: int = Field(16, ge=1, le=65536, description="tokens per chunk row")
+    token_budget: int = Field(16384, ge=1, description="most tokens (padding included) in one micro-batch; "
+                                                        "a step's sequences beyond it go to the next one")
+
+
 class Plan(BaseModel):
     """What runs together and how. The executor carries it out; it never decides this itself."""
 
@@ -132,6 +151,7 @@ class Plan(BaseModel):
     # 1F1B with a flush; "interleaved": their micro-batches alternate in one 1F1B, so one group's
     # compute fills another's bubbles and hides its transfers (temporal multiplexing).
     schedule: Literal["1f1b", "interleaved"] = "1f1b"
+    alignment: Alignment = Field(default_factory=Alignment)
     explanation: str = ""
 
     @model_validator(mode="before")

@@ -1,11 +1,14 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # Triton kernels (a later issue) run on CPU only in the interpreter, which must be set before any @triton.jit.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tokenized-data cache (executor/data.py): one fresh folder per test session, never the repo's
+os.environ.setdefault("MUXTUNE_CACHE", tempfile.mkdtemp(prefix="muxtune-cache-"))
 
 import pytest
 import torch

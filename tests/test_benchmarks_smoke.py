@@ -26,3 +26,16 @@ def test_simulator_benchmark_runs_and_predicts_with_a_plugged_in_cost_model(caps
     assert last == json.loads(json.dumps(result))
     assert last["predicted_steps"] == 2 * 2 and last["median_error"] >= 0
     assert last["cluster_sim_seconds"] > 0 and last["cluster_metrics"]["jobs"] == 100
+
+
+def test_alignment_benchmark_runs_in_quick_mode(capsys):
+    from benchmarks import alignment
+
+    result = alignment.main(["--quick", "--threads", "1"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == result
+    for key in ("ineffective_fraction_padded", "ineffective_fraction_chunked", "useful_throughput_ratio"):
+        assert key in last
+    # padding is counted, not timed: these hold on any machine
+    assert last["ineffective_fraction_padded"] > last["ineffective_fraction_per_task"] > last["ineffective_fraction_chunked"]
+    assert last["ineffective_fraction_chunked"] < 0.02 and last["useful_throughput_ratio"] > 0

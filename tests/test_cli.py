@@ -159,8 +159,9 @@ def test_malformed_yaml(tmp_path, capsys, monkeypatch, content, message):
     ('{"prompt": "x", "completion": ', "a.jsonl:3: not valid JSON"),
     ('["a list"]', "a.jsonl:3: expected a JSON object"),
     ('{"prompt": "x"}', "a.jsonl:3: missing 'completion'"),
-    ('{"input": "x"}', "a.jsonl:3: expected a 'text' or 'prompt'/'completion' record"),
-    ('{"text": 5}', "a.jsonl:3: 'text' must be a string"),
+    ('{"input": "x"}', "a.jsonl:3: expected a prompt_completion record (keys ['completion', 'prompt']), got keys ['input']"),
+    ('{"text": "x"}', "a.jsonl:3: expected a prompt_completion record"),  # one format per file
+    ('{"prompt": 5, "completion": "y"}', "a.jsonl:3: 'prompt' must be a string"),
 ])
 def test_bad_jsonl_names_file_and_line(tmp_path, capsys, monkeypatch, line, message):
     config = small_config(tmp_path)

@@ -7,7 +7,9 @@ from reference import adapter_state, initial_state, randomize_b, train_hf_peft_a
 from muxtune.executor.backbone import load_backbone
 from muxtune.executor.data import load_examples
 from muxtune.executor.trainer import MultiplexedTrainer
-from muxtune.spec import TaskSpec
+from muxtune.spec import Alignment, TaskSpec
+
+PADDED = Alignment(layout="padded")
 
 TARGETS = {
     "builtin:tiny-llama": (["q_proj", "v_proj"], ["k_proj", "o_proj", "down_proj"], ["gate_proj", "up_proj"]),
@@ -33,10 +35,12 @@ def three_tasks(tmp_path, targets, steps=4, dropout=0.0):
     ]
 
 
-def make_trainer(model_name, specs, attn="sdpa", device="cpu"):
+def make_trainer(model_name, specs, attn="sdpa", alignment=None, device="cpu"):
+    """Chunk-aligned micro-batches by default (small chunks, so sequences share and span chunks)."""
     backbone = load_backbone(model_name, device=device, attn_implementation=attn)
     examples = {s.name: load_examples(s.data, backbone.tokenizer, s.max_seq_len)[0] for s in specs}
-    return MultiplexedTrainer(backbone, specs, examples), examples
+    alignment = alignment or Alignment(chunk_len=16)
+    return MultiplexedTrainer(backbone, specs, examples, alignment=alignment), examples
 
 
 def assert_same_training(losses, ref_losses, state, ref_state, init):
@@ -57,27 +61,36 @@ def assert_same_training(losses, ref_losses, state, ref_state, init):
 @pytest.mark.parametrize("model_name", list(TARGETS))
 def test_multiplexed_equals_hf_peft_alone(tmp_path, model_name):
     specs = three_tasks(tmp_path, TARGETS[model_name])
-    trainer, examples = make_trainer(model_name, specs)
+    trainer, examples = make_trainer(model_name, specs)  # chunk-aligned
+    padded, _ = make_trainer(model_name, specs, alignment=PADDED)
     randomize_b(trainer)
     init = initial_state(trainer)
+    for name, run in padded.runs.items():
+        run.adapter.load_export_state(init[name])
     trainer.train(progress=False)
+    padded.train(progress=False)
     # the backbone is shared and frozen: it never got a gradient
     assert all(p.grad is None and not p.requires_grad for p in trainer.model.parameters())
+    assert max(seq for _, seq in trainer.step_shapes) == 16 < max(seq for _, seq in padded.step_shapes)
 
     for spec in specs:
         run = trainer.runs[spec.name]
         assert run.status == "finished" and len(run.losses) == spec.steps
         ours = adapter_state(trainer, spec.name)
-        # 1. HF PEFT alone, each batch padded to its own longest sequence (as a user runs it)
+        # 1. HF PEFT alone, each batch padded to its own longest sequence (as a user runs it): the
+        #    chunk-aligned and the padded layout both train the task as it trains alone
         ref_losses, ref_state = train_hf_peft_alone(model_name, spec, examples[spec.name], init[spec.name])
         assert_same_training(run.losses, ref_losses, ours, ref_state, init[spec.name])
-        # 2. HF PEFT alone, each batch padded to the fused batch's length: bit-identical weights
-        pad_to = [seq for _, seq in trainer.step_shapes[: spec.steps]]
+        assert_same_training(padded.runs[spec.name].losses, ref_losses, adapter_state(padded, spec.name),
+                             ref_state, init[spec.name])
+        # 2. HF PEFT alone, each batch padded to the padded fused batch's length: bit-identical weights
+        pad_to = [seq for _, seq in padded.step_shapes[: spec.steps]]
         ref_losses, ref_state = train_hf_peft_alone(model_name, spec, examples[spec.name], init[spec.name],
                                                     pad_to=pad_to)
-        torch.testing.assert_close(torch.tensor(run.losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
-        for key in ours:
-            torch.testing.assert_close(ours[key], ref_state[key], rtol=0, atol=0, msg=f"{spec.name} {key}")
+        torch.testing.assert_close(torch.tensor(padded.runs[spec.name].losses), torch.tensor(ref_losses),
+                                   rtol=1e-5, atol=1e-6)
+        for key, value in adapter_state(padded, spec.name).items():
+            torch.testing.assert_close(value, ref_state[key], rtol=0, atol=0, msg=f"{spec.name} {key}")
 
 
 @pytest.mark.parametrize("model_name", ["builtin:tiny-llama", "builtin:tiny-gpt2", "builtin:tiny-opt"])

@@ -41,9 +41,13 @@ def backbone(model_name):
 
 
 def make_trainer(model_name, specs):
+    """Padded layout: the plain references take the fused batch's shapes; the chunk-aligned layout
+    with every method is tests/test_alignment.py's."""
+    from muxtune.spec import Alignment
+
     bb = backbone(model_name)
     examples = {s.name: load_examples(s.data, bb.tokenizer, s.max_seq_len)[0] for s in specs}
-    return MultiplexedTrainer(bb, specs, examples), examples
+    return MultiplexedTrainer(bb, specs, examples, alignment=Alignment(layout="padded")), examples
 
 
 def tasks(tmp_path, model_name):

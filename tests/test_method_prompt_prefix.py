@@ -4,7 +4,7 @@ neighbours in the fused batch are unaffected."""
 import pytest
 from pydantic import ValidationError
 from reference import adapter_state, initial_state, randomize_b, train_hf_peft_alone, write_jsonl
-from test_equivalence import TARGETS, assert_same_training, make_trainer
+from test_equivalence import PADDED, TARGETS, assert_same_training, make_trainer
 
 from muxtune.errors import MuxTuneError
 from muxtune.spec import TaskSpec
@@ -54,7 +54,7 @@ def test_neighbours_of_prompt_and_prefix_tasks_are_unaffected(tmp_path):
 
 def test_prompt_rows_see_virtual_tokens_and_others_do_not(tmp_path):
     specs = mixed_tasks(tmp_path, "builtin:tiny-llama")
-    trainer, _ = make_trainer("builtin:tiny-llama", specs)
+    trainer, _ = make_trainer("builtin:tiny-llama", specs, alignment=PADDED)
     trainer.step()
     rows, seq = trainer.step_shapes[-1]
     assert rows == 3 + 2 + 2 + 1

@@ -1,13 +1,17 @@
 """Spatial multiplexing mechanics: one base-op call over every task's rows; finished tasks leave."""
 
-from test_equivalence import TARGETS, make_trainer, three_tasks
+import pytest
+from test_equivalence import PADDED, TARGETS, make_trainer, three_tasks
 
 from muxtune.executor.mux import MultiplexedOp
 
 
-def test_each_backbone_op_runs_once_over_all_tasks_rows(tmp_path):
+@pytest.mark.parametrize("layout", ["chunked", "padded"])
+def test_each_backbone_op_runs_once_over_all_tasks_rows(tmp_path, layout):
+    from muxtune.spec import Alignment
+
     specs = three_tasks(tmp_path, TARGETS["builtin:tiny-opt"])  # OPT flattens rows in its MLP
-    trainer, _ = make_trainer("builtin:tiny-opt", specs)
+    trainer, _ = make_trainer("builtin:tiny-opt", specs, alignment=Alignment(layout=layout, chunk_len=16))
     calls = {}
     for path, module in trainer.model.named_modules():
         if isinstance(module, MultiplexedOp):
@@ -15,7 +19,10 @@ def test_each_backbone_op_runs_once_over_all_tasks_rows(tmp_path):
                 lambda m, inp, out, path=path: calls.setdefault(path, []).append(inp[0].shape[:-1].numel()))
     trainer.step()
     rows, seq = trainer.step_shapes[-1]
-    assert rows == sum(s.batch_size for s in specs)
+    if layout == "padded":  # a row per sequence
+        assert rows == sum(s.batch_size for s in specs)
+    else:  # chunk rows: each task's tokens rounded up to whole chunks
+        assert seq == 16 and rows == sum(-(-run.tokens // 16) for run in trainer.runs.values())
     # union of all tasks' targets is wrapped; each wrapped op ran exactly once, over every token
     assert len(calls) == 2 * 6  # 2 layers x {q,v,out_proj,fc2,fc1,k}
     assert all(tokens == [rows * seq] for tokens in calls.values())
@@ -25,7 +32,7 @@ def test_each_backbone_op_runs_once_over_all_tasks_rows(tmp_path):
 
 def test_finished_tasks_leave_the_fused_batch(tmp_path):
     specs = three_tasks(tmp_path, TARGETS["builtin:tiny-llama"], steps=3)  # steps 3, 4, 2
-    trainer, _ = make_trainer("builtin:tiny-llama", specs)
+    trainer, _ = make_trainer("builtin:tiny-llama", specs, alignment=PADDED)  # a row per sequence
     trainer.train(progress=False)
     rows = [r for r, _ in trainer.step_shapes]
     assert rows == [9, 9, 7, 3]  # batch sizes 4+3+2; 'long' done after 2 steps, 'short' after 3
@@ -47,7 +54,7 @@ def test_fusion_groups_from_the_plan_run_one_after_another_with_the_same_results
     fused.train(progress=False)
     backbone = load_backbone("builtin:tiny-gpt2")
     examples = {s.name: load_examples(s.data, backbone.tokenizer, s.max_seq_len)[0] for s in specs}
-    split = MultiplexedTrainer(backbone, specs, examples, groups=[["short", "long"], ["medium"]])
+    split = MultiplexedTrainer(backbone, specs, examples, groups=[["short", "long"], ["medium"]], alignment=PADDED)
     split.train(progress=False)
     assert [r for r, _ in split.step_shapes] == [6, 3, 6, 3, 4, 3, 3]  # two micro-batches per step
     for spec in specs:

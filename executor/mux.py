@@ -96,10 +96,14 @@ class TaskAdapter(nn.Module):
         for path, layer in self.items():
             layer.load_export_state(state, f"base_model.model.{path}")
 
-    def dropout_mask(self, rows: int, seq: int, features: int, p: float, device) -> torch.Tensor:
-        """Inverted-dropout mask for this task's rows. Drawn at the task's own [rows, max_seq_len]
-        shape, then cut to the micro-batch's length, so the mask a token gets does not depend on how
-        long its neighbours' sequences are."""
+    def dropout_mask(self, rows: int, seq: int, features: int, p: float, device, own_rows: bool = False) -> torch.Tensor:
+        """Inverted-dropout mask for this task's rows. In the padded layout a row's length is the
+        longest sequence of ANY task, so the mask is drawn at the task's own [rows, max_seq_len] shape
+        and cut to the micro-batch's length: the mask a token gets does not depend on its neighbours.
+        Chunk-aligned rows (`own_rows`) hold this task's tokens alone at a fixed chunk length: drawn as is."""
+        if own_rows:
+            mask = torch.empty((rows, seq, features), device=device)
+            return mask.bernoulli_(1.0 - p, generator=self.dropout_gen).div_(1.0 - p)
         full = torch.empty((rows, self.max_seq_len, features), device=device)
         full.bernoulli_(1.0 - p, generator=self.dropout_gen).div_(1.0 - p)
         if seq <= self.max_seq_len:
@@ -199,7 +203,7 @@ class MultiplexedOp(nn.Module):
         # most methods drop the op's input; a serial adapter drops its own input, the op's output
         width = flat_out.shape[-1] if getattr(layer, "dropout_on", "input") == "output" else flat_x.shape[-1]
         mask = self._mux.adapters[seg.task].dropout_mask(seg.end - seg.start, self._mux.shape[1], width,
-                                                         layer.dropout, flat_x.device)
+                                                         layer.dropout, flat_x.device, self._mux.own_rows)
         return mask.reshape(-1, width)
 
 
@@ -218,6 +222,7 @@ class Multiplexer:
         self.segments: list[Segment] | None = None
         self.shape: tuple[int, int] = (0, 0)  # (rows, seq) of the fused micro-batch in flight
         self.training = True
+        self.own_rows = False  # rows hold one task's tokens at a length independent of other tasks
         self.kernels: str | None = None  # None: $MUXTUNE_KERNELS (see muxtune.kernels)
         self._ops: dict[str, MultiplexedOp] = {}
         self._tables: dict = {}  # segment tables of the batch in flight, shared by every op and layer
@@ -258,19 +263,21 @@ class Multiplexer:
         return self._ops[path]
 
     @contextlib.contextmanager
-    def route(self, segments: list[Segment], seq: int, training: bool = True):
-        """Within this block, backbone forwards apply each task's adapter to its segment of rows."""
+    def route(self, segments: list[Segment], seq: int, training: bool = True, own_rows: bool = False):
+        """Within this block, backbone forwards apply each task's adapter to its segment of rows.
+        own_rows: the row length is fixed (chunk-aligned layout), not set by the longest task."""
         expected = 0
         for seg in segments:
             if seg.start != expected or seg.end <= seg.start:
                 raise ValueError(f"segments must tile the rows in order, got {segments}")
             expected = seg.end
-        previous = (self.segments, self.shape, self.training, self._tables)
-        self.segments, self.shape, self.training, self._tables = segments, (expected, seq), training, {}
+        previous = (self.segments, self.shape, self.training, self.own_rows, self._tables)
+        self.segments, self.shape, self.training, self.own_rows, self._tables = (
+            segments, (expected, seq), training, own_rows, {})
         try:
             yield
         finally:
-            self.segments, self.shape, self.training, self._tables = previous
+            self.segments, self.shape, self.training, self.own_rows, self._tables = previous
 
     def backend(self, device: torch.device) -> str:
         from muxtune.kernels import backend

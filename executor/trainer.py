@@ -142,7 +142,8 @@ class MultiplexedTrainer:
 
     def loss_sums(self, batch: FusedBatch | ChunkedBatch, training: bool) -> dict[str, torch.Tensor]:
         """Summed next-token loss of each task over its own target tokens in this micro-batch."""
-        with self.mux.route(batch.segments, batch.input_ids.shape[1], training=training):
+        with self.mux.route(batch.segments, batch.input_ids.shape[1], training=training,
+                            own_rows=isinstance(batch, ChunkedBatch)):
             if isinstance(batch, ChunkedBatch):
                 hidden, targets = self.chunked_hidden_states(batch).view(*batch.targets.shape, -1), batch.targets
             else:

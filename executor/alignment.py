@@ -148,6 +148,7 @@ class _Packed:
     """What the attention function needs for the stream in flight."""
 
     spans: list[tuple[int, int, object]]  # (start, end, per-layer prefix (k, v) | None | "pad")
+    buckets: list[tuple[torch.Tensor, torch.Tensor]]  # prefix-free sequences by length, see _length_buckets
 
 
 _ACTIVE: _Packed | None = None
@@ -155,34 +156,74 @@ _ACTIVE: _Packed | None = None
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query [1, heads, T, d], key/value [1, kv_heads, T, d] over the whole stream -> [1, T, heads, d].
-    Each sequence attends causally to itself (and its task's K/V prefix) only; padding gets zeros."""
+    Each sequence attends causally to itself (and its task's K/V prefix) only; padding gets zeros.
+
+    Sequences without a prefix go in length buckets: each bucket is gathered into a right-padded
+    [sequences, heads, longest, d] batch and runs as ONE causal SDPA (a causal query never sees the
+    padding after it, so valid positions are exact); compute stays near the sum of length^2 and the
+    number of attention calls is the number of buckets, not of sequences (kernel launches on a GPU)."""
     packed = _ACTIVE
     if packed is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
     groups = query.shape[1] // key.shape[1]
-    pieces = []
+    if groups > 1:  # grouped-query attention: each K/V head serves `groups` query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    total, heads, dim = query.shape[2], query.shape[1], query.shape[3]
+    rows, results = [], []
     for start, end, prefix in packed.spans:
-        if end <= start:
-            continue
-        if prefix == "pad":
-            pieces.append(query.new_zeros(end - start, query.shape[1], query.shape[3]))
+        if end <= start or prefix in (None, "pad"):
             continue
         q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
-        mask = None
-        if prefix is not None:
-            prefix_k, prefix_v = prefix[module.layer_idx]
-            n, length = prefix_k.shape[2], end - start
-            k = torch.cat([prefix_k.to(k.dtype), k], dim=2)
-            v = torch.cat([prefix_v.to(v.dtype), v], dim=2)
-            # every position sees the whole prefix, then its own sequence causally
-            mask = torch.ones(length, n + length, dtype=torch.bool, device=q.device).tril(diagonal=n)
-        if groups > 1:  # grouped-query attention: each K/V head serves `groups` query heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                             is_causal=mask is None, scale=scaling)
-        pieces.append(out[0].transpose(0, 1))
-    return torch.cat(pieces, dim=0).unsqueeze(0), None
+        prefix_k, prefix_v = prefix[module.layer_idx]
+        if groups > 1:
+            prefix_k, prefix_v = prefix_k.repeat_interleave(groups, dim=1), prefix_v.repeat_interleave(groups, dim=1)
+        n, length = prefix_k.shape[2], end - start
+        k = torch.cat([prefix_k.to(k.dtype), k], dim=2)
+        v = torch.cat([prefix_v.to(v.dtype), v], dim=2)
+        # every position sees the whole prefix, then its own sequence causally
+        mask = torch.ones(length, n + length, dtype=torch.bool, device=q.device).tril(diagonal=n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        rows.append(torch.arange(start, end, device=query.device))
+        results.append(out[0].transpose(0, 1))
+    for bucket in packed.buckets:
+        idx, valid = bucket  # [n, longest] stream positions (clamped in padding), [n, longest] bool
+        n, longest = idx.shape
+        gather = lambda t: t[0][:, idx.reshape(-1)].view(heads, n, longest, dim).transpose(0, 1)  # noqa: E731
+        out = F.scaled_dot_product_attention(gather(query), gather(key), gather(value), dropout_p=dropout,
+                                             is_causal=True, scale=scaling)  # [n, heads, longest, d]
+        out = out.transpose(1, 2)[valid]  # [tokens, heads, d]
+        rows.append(idx[valid])
+        results.append(out)
+    result = query.new_zeros(total, heads, dim)  # padding positions stay zero
+    if rows:
+        result = result.index_copy(0, torch.cat(rows), torch.cat(results))
+    return result.unsqueeze(0), None
+
+
+def _length_buckets(spans, device, slack: float = 1.25) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Group the prefix-free sequences by length: a bucket's longest is at most `slack` times its
+    shortest, so padding inside a bucket costs at most ~(slack^2 - 1) of its attention FLOPs."""
+    plain = sorted(((end - start, start) for start, end, prefix in spans if end > start and prefix is None),
+                   reverse=True)
+    buckets, current = [], []
+    for length, start in plain:
+        if current and current[0][0] > slack * length:
+            buckets.append(current)
+            current = []
+        current.append((length, start))
+    if current:
+        buckets.append(current)
+    out = []
+    for bucket in buckets:
+        longest = bucket[0][0]
+        offsets = torch.arange(longest)
+        starts = torch.tensor([start for _, start in bucket])[:, None]
+        lengths = torch.tensor([length for length, _ in bucket])[:, None]
+        valid = offsets[None, :] < lengths
+        idx = torch.where(valid, starts + offsets[None, :], starts)  # padding reads the first token
+        out.append((idx.to(device), valid.to(device)))
+    return out
 
 
 def varlen_mask(*args, **kwargs):
@@ -210,7 +251,7 @@ def packed_attention(model, batch: ChunkedBatch, prefixes: dict[int, list]):
     if cursor < total:
         spans.append((cursor, total, "pad"))
     previous = (_ACTIVE, model.config._attn_implementation)
-    _ACTIVE = _Packed(spans)
+    _ACTIVE = _Packed(spans, _length_buckets(spans, batch.input_ids.device))
     model.config._attn_implementation = ATTENTION
     try:
         yield

@@ -193,13 +193,18 @@ class MultiplexedTrainer:
                 self.fail(run, f"non-finite loss ({loss}) at step {run.step + 1}")
             elif not grads_finite(run):
                 self.fail(run, f"non-finite gradient at step {run.step + 1}")
-        runs = [run for run in runs if run.status == "running"]
         for run in runs:
-            if run.spec.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(run.parameters(), run.spec.max_grad_norm)
-            run.optimizer.step()
-            run.scheduler.step()
+            if run.status != "running":
+                continue
+            try:
+                if run.spec.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(run.parameters(), run.spec.max_grad_norm)
+                run.optimizer.step()
+                run.scheduler.step()
+            except (RuntimeError, ValueError, OverflowError) as exc:  # e.g. an lr that overflows fp32
+                self.fail(run, f"optimizer step failed at step {run.step + 1}: {exc}")
             run.optimizer.zero_grad(set_to_none=True)
+        runs = [run for run in runs if run.status == "running"]
         elapsed = time.perf_counter() - start
         for run in runs:
             run.step += 1

@@ -92,10 +92,10 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
         for spec in config.tasks:  # a task added to the config since: joins the first group
             if not any(spec.name in g for g in groups):
                 groups[0].append(spec.name)
-    else:
+    estimate = admission.admit(backbone.model, specs, groups, plan.alignment, config.memory_limit_gib)
+    if not resume:
         shutil.rmtree(checkpoint.checkpoint_dir(out_dir), ignore_errors=True)
         shutil.rmtree(spool.spool_dir(out_dir), ignore_errors=True)
-    estimate = admission.admit(backbone.model, specs, groups, plan.alignment, config.memory_limit_gib)
     trainer = MultiplexedTrainer(backbone, specs, examples, groups=groups, alignment=plan.alignment)
     if manifest is not None:
         checkpoint.restore(trainer, out_dir, manifest)
@@ -114,11 +114,11 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
 
     def at_step_boundary(trainer):
         nonlocal manifest
+        if after_step is not None:
+            after_step(trainer)
         events.extend(spool.poll(trainer, out_dir, load_data, admit_submitted))
         if config.checkpoint_every and len(trainer.step_times) % config.checkpoint_every == 0:
             manifest = checkpoint.save(trainer, out_dir, config.model, manifest)
-        if after_step is not None:
-            after_step(trainer)
 
     started = time.perf_counter()
     trainer.train(progress=progress, after_step=at_step_boundary)

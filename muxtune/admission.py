@@ -40,9 +40,13 @@ class MemoryEstimate:
         return self.backbone + sum(self.adapters.values()) + self.activations
 
     def describe(self) -> str:
-        return (f"needs ~{self.needed / GIB:.2f} GiB (backbone {self.backbone / GIB:.2f} + adapters and optimizer "
-                f"{sum(self.adapters.values()) / GIB:.2f} + activations {self.activations / GIB:.2f}), "
-                f"{self.available / GIB:.2f} GiB available")
+        return (f"needs ~{_size(self.needed)} (backbone {_size(self.backbone)} + adapters and optimizer "
+                f"{_size(sum(self.adapters.values()))} + activations {_size(self.activations)}), "
+                f"{_size(self.available)} available")
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
 def model_dims(model) -> tuple[int, int, int, int]:

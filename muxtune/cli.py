@@ -23,7 +23,8 @@ def _guard(fn, args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; no run folder was written", file=sys.stderr)
+        print("interrupted; no outputs were written (the run folder keeps its last checkpoint: "
+              "continue with --resume)", file=sys.stderr)
         return 130
 
 

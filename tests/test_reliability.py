@@ -304,7 +304,7 @@ def test_submission_with_bad_data_or_too_big_is_rejected_and_the_run_goes_on(tmp
     rejected = {e["task"]: e["reason"] for e in metrics["events"] if e["event"] == "rejected"}
     assert set(rejected) == {"bad", "huge"}
     assert "bad.jsonl:2" in rejected["bad"]
-    assert "predicted not to fit" in rejected["huge"] and "GiB available" in rejected["huge"]
+    assert "predicted not to fit" in rejected["huge"] and "B available" in rejected["huge"]
     assert all(t["status"] == "finished" for t in metrics["tasks"].values()) and set(metrics["tasks"]) == {
         "sentiment", "qa", "chat"}
 
@@ -316,7 +316,7 @@ def test_plan_predicted_not_to_fit_is_refused_up_front_with_numbers(tmp_path, ca
     config = write_config(tmp_path / "rel.yaml", steps=3, every=0, extra="memory_limit_gib: 0.001")
     assert main(["run", str(config), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "predicted not to fit" in err and "GiB available" in err and "needs ~" in err
+    assert "predicted not to fit" in err and "MiB available" in err and "needs ~" in err
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
     from muxtune.admission import estimate

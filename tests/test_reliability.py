@@ -250,8 +250,14 @@ def test_submit_and_cancel_mid_run_through_the_spool(tmp_path, capsys):
     out = tmp_path / "run"
     backbones = []
 
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(f"name: typo\ndata: {DATA / 'qa.jsonl'}\npeft: {{method: lora}}\nbatchsize: 4\n")
+
     def tenants(trainer):
         backbones.append(id(trainer.model))
+        if len(trainer.step_times) == 1:  # a bad task file is refused by `submit` itself, naming line and key
+            assert main(["submit", str(out), str(typo)]) == 2
+            assert f"{typo}:4: batchsize: unknown key" in capsys.readouterr().err
         if len(trainer.step_times) == 2:
             assert main(["submit", str(out), str(task)]) == 0
             assert main(["cancel", str(out), "qa"]) == 0

@@ -54,14 +54,15 @@ def write_config(path: Path, tasks: int, steps: int, every: int, poisoned: bool)
 
 
 def run_with_kills(config: Path, out: Path, kills: int, rng: random.Random, total_steps: int) -> list[dict]:
-    """Run to completion in a subprocess; `kills` times, SIGKILL it when it reports a random step."""
+    """Run to completion in a subprocess; SIGKILL it when it reports each of `kills` random steps."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     records, resume = [], False
+    targets = sorted(rng.sample(range(1, total_steps - 1), kills))  # kill points spread over the run
     for attempt in range(kills + 1):
         command = [sys.executable, "-m", "benchmarks._faults_worker", str(config), str(out)] + (["--resume"] if resume else [])
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         start_step = int(proc.stdout.readline().split()[1])  # "start N": the step it resumed from
-        target = rng.randint(start_step + 1, max(start_step + 1, total_steps - 2)) if attempt < kills else None
+        target = max(targets[attempt], start_step + 1) if attempt < kills else None
         last = start_step
         for line in proc.stdout:
             if line.startswith("step "):

@@ -123,7 +123,8 @@ class MultiplexedTrainer:
         run = self.runs[name]
         if run.status == "running":
             run.status, run.reason = "cancelled", reason
-        self.mux.remove_task(name) if name in self.mux.adapters else None
+        if name in self.mux.adapters:
+            self.mux.remove_task(name)
         return run
 
     def fail(self, run: TaskRun, reason: str) -> None:

@@ -344,14 +344,14 @@ class TaskSampler:
     def _permutation(self) -> list[int]:
         return torch.randperm(len(self.examples), generator=self.generator).tolist()
 
+    def next_index(self) -> int:
+        if self.cursor == len(self.order):
+            self.epoch, self.cursor, self.order = self.epoch + 1, 0, self._permutation()
+        self.cursor += 1
+        return self.order[self.cursor - 1]
+
     def next_batch(self) -> list[Example]:
-        batch = []
-        while len(batch) < self.batch_size:
-            if self.cursor == len(self.order):
-                self.epoch, self.cursor, self.order = self.epoch + 1, 0, self._permutation()
-            batch.append(self.examples[self.order[self.cursor]])
-            self.cursor += 1
-        return batch
+        return [self.examples[self.next_index()] for _ in range(self.batch_size)]
 
 
 @dataclass

@@ -6,11 +6,19 @@ padded per row (`Alignment(layout="padded")`, data.fuse).
 Why a task trains exactly as it would alone: its loss is the mean over its own tokens, rows never
 interact inside the backbone, and the total loss is the plain sum of the tasks' losses, so the
 gradient reaching a task's adapter is the gradient of that task's loss alone.
+
+Why one task's failure never hurts another: for the same reason. A task whose loss or gradients turn
+non-finite, or whose next batch holds a corrupt example, is stopped (`status="failed"`, the step and
+the reason kept); its loss is left out of the backward and its gradients never reach its optimizer,
+and the other tasks' rows never saw its values. Tasks can join (`add_task`) and leave (`cancel`)
+between steps; the backbone stays loaded.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +29,7 @@ from muxtune.executor.alignment import ChunkedBatch, pack_chunks, packed_attenti
 from muxtune.executor.backbone import Backbone
 from muxtune.executor.data import IGNORE, Example, FusedBatch, TaskSampler, fuse
 from muxtune.executor.mux import Multiplexer, TaskAdapter
+from muxtune.errors import MuxTuneError
 from muxtune.spec import Alignment, TaskSpec
 
 
@@ -38,7 +47,10 @@ class TaskRun:
     tokens: int = 0  # real tokens (data and virtual tokens) this task put through the backbone
     computed_tokens: int = 0  # the backbone positions its rows took, padding included
     seconds: float = 0.0  # wall time of the steps this task took part in
-    status: str = "running"
+    status: str = "running"  # running | finished | failed | cancelled
+    reason: str = ""  # why a task failed or was cancelled
+    stopped_at: int | None = None  # the step (1-based) a failed task did not complete
+    bad_examples: int = 0  # corrupt examples met mid-run and skipped (on_bad_line: skip)
 
     @property
     def done(self) -> bool:
@@ -58,6 +70,25 @@ def build_task_run(mux: Multiplexer, spec: TaskSpec, examples: list[Example]) ->
     return TaskRun(spec, adapter, optimizer, scheduler, sampler)
 
 
+def example_problem(example: Example, vocab_size: int, max_seq_len: int) -> str | None:
+    """Why an example cannot be trained on (a corrupt cache row, a bad source), or None."""
+    ids, labels = example.input_ids, example.labels
+    if not ids or len(ids) != len(labels):
+        return f"{len(ids)} token ids but {len(labels)} labels"
+    if len(ids) > max_seq_len:
+        return f"{len(ids)} tokens, longer than max_seq_len={max_seq_len}"
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        return f"token id {min(ids) if min(ids) < 0 else max(ids)} outside the vocabulary (0..{vocab_size - 1})"
+    if any(label != IGNORE and label != token for label, token in zip(labels, ids)):
+        return "a label that is neither -100 nor its token id"
+    return None
+
+
+def grads_finite(run: TaskRun) -> bool:
+    grads = [p.grad for p in run.parameters() if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+
 class MultiplexedTrainer:
     """Trains tasks on one shared backbone. `groups` (from the Plan) lists the fusion groups: the
     tasks of a group share one fused micro-batch; groups run one after another within a step
@@ -75,6 +106,51 @@ class MultiplexedTrainer:
         self.step_times: list[float] = []
         self.step_tokens: list[int] = []  # real (non-padding) tokens of each step's fused batches
         self.step_shapes: list[tuple[int, int]] = []  # (rows, seq) of every fused micro-batch computed
+        self.vocab_size = self.model.get_input_embeddings().num_embeddings
+
+    def add_task(self, spec: TaskSpec, examples: list[Example], group: int = 0) -> TaskRun:
+        """A tenant joins between steps: its adapter is attached to the loaded backbone and it takes
+        part from the next step on, with its own step count (so it trains as it would alone)."""
+        if spec.name in self.runs:
+            raise MuxTuneError(f"task {spec.name!r} is already in this run")
+        run = self.runs[spec.name] = build_task_run(self.mux, spec, examples)
+        self.groups[group].append(spec.name)
+        return run
+
+    def cancel(self, name: str, reason: str = "cancelled") -> TaskRun:
+        """A tenant leaves between steps: it stops training and its adapter is detached from the
+        backbone's ops (kept for export, as trained so far)."""
+        run = self.runs[name]
+        if run.status == "running":
+            run.status, run.reason = "cancelled", reason
+        if name in self.mux.adapters:
+            self.mux.remove_task(name)
+        return run
+
+    def fail(self, run: TaskRun, reason: str) -> None:
+        run.status, run.reason, run.stopped_at = "failed", reason, run.step + 1
+        run.optimizer.zero_grad(set_to_none=True)
+
+    def draw_batch(self, run: TaskRun) -> list[Example] | None:
+        """The task's next batch, every example checked; a corrupt one fails the task (on_bad_line:
+        error) or is skipped and counted (skip). Any error reading the data fails only this task."""
+        batch = []
+        try:
+            while len(batch) < run.spec.batch_size:
+                index = run.sampler.next_index()
+                example = run.sampler.examples[index]
+                problem = example_problem(example, self.vocab_size, run.spec.max_seq_len)
+                if problem is None:
+                    batch.append(example)
+                    continue
+                if run.spec.on_bad_line == "error" or run.bad_examples >= len(run.sampler.examples):
+                    self.fail(run, f"corrupt data: example {index} of {run.spec.data}: {problem}")
+                    return None
+                run.bad_examples += 1
+        except Exception as exc:  # noqa: BLE001 - an unreadable data source stops its task only
+            self.fail(run, f"data error: {type(exc).__name__}: {exc}")
+            return None
+        return batch
 
     @property
     def active(self) -> list[TaskRun]:
@@ -87,16 +163,21 @@ class MultiplexedTrainer:
         sums, counts, tokens, computed = {}, {}, {}, {}
         for group in self.groups:
             members = [run for run in runs if run.spec.name in group]
-            if not members:
+            batches = {run.spec.name: self.draw_batch(run) for run in members}
+            batches = {name: batch for name, batch in batches.items() if batch is not None}
+            if not batches:
                 continue
-            micro_batches = self.micro_batches({run.spec.name: run.sampler.next_batch() for run in members})
+            micro_batches = self.micro_batches(batches)
             # a task's loss is the mean over ALL its target tokens of the step, however they were split
             for batch in micro_batches:
                 for name, n in batch.target_counts.items():
                     counts[name] = counts.get(name, 0) + n
             for batch in micro_batches:
                 batch_sums = self.loss_sums(batch, training=True)
-                torch.stack([total / counts[name] for name, total in batch_sums.items()]).sum().backward()
+                # a non-finite loss stays out of the backward: only its own task is stopped
+                finite = {name: total for name, total in batch_sums.items() if torch.isfinite(total)}
+                if finite:
+                    torch.stack([total / counts[name] for name, total in finite.items()]).sum().backward()
                 for name, total in batch_sums.items():
                     sums[name] = sums.get(name, 0.0) + float(total.detach())
                 for name, n in batch.tokens_per_task.items():
@@ -106,11 +187,25 @@ class MultiplexedTrainer:
                 self.step_shapes.append(tuple(batch.input_ids.shape))
         losses = {name: sums[name] / counts[name] for name in sums}
         for run in runs:
-            if run.spec.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(run.parameters(), run.spec.max_grad_norm)
-            run.optimizer.step()
-            run.scheduler.step()
+            if run.status != "running":
+                continue
+            loss = losses[run.spec.name]
+            if not math.isfinite(loss):
+                self.fail(run, f"non-finite loss ({loss}) at step {run.step + 1}")
+            elif not grads_finite(run):
+                self.fail(run, f"non-finite gradient at step {run.step + 1}")
+        for run in runs:
+            if run.status != "running":
+                continue
+            try:
+                if run.spec.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(run.parameters(), run.spec.max_grad_norm)
+                run.optimizer.step()
+                run.scheduler.step()
+            except (RuntimeError, ValueError, OverflowError) as exc:  # e.g. an lr that overflows fp32
+                self.fail(run, f"optimizer step failed at step {run.step + 1}: {exc}")
             run.optimizer.zero_grad(set_to_none=True)
+        runs = [run for run in runs if run.status == "running"]
         elapsed = time.perf_counter() - start
         for run in runs:
             run.step += 1
@@ -122,7 +217,7 @@ class MultiplexedTrainer:
                 run.status = "finished"
         self.step_times.append(elapsed)
         self.step_tokens.append(sum(tokens.values()))
-        return losses
+        return {run.spec.name: losses[run.spec.name] for run in runs}
 
     def micro_batches(self, batches: dict[str, list[Example]]) -> list[FusedBatch | ChunkedBatch]:
         """The fused micro-batch(es) of one group's step, in the Plan's layout."""
@@ -225,12 +320,17 @@ class MultiplexedTrainer:
         cache = DynamicCache([(torch.cat(k, dim=0), torch.cat(v, dim=0)) for k, v in per_layer])
         return cache, mask
 
-    def train(self, progress: bool = True) -> None:
+    def train(self, progress: bool = True, after_step: Callable[["MultiplexedTrainer"], None] | None = None) -> None:
+        """Step until no task is active. `after_step` runs at every step boundary (checkpoints, the
+        spool of submitted and cancelled tasks)."""
         from tqdm.auto import tqdm
 
-        total = max(run.spec.steps for run in self.runs.values())
+        total = max((run.spec.steps - run.step for run in self.active), default=0)
         with tqdm(total=total, desc="training", unit="step", disable=not progress) as bar:
             while self.active:
                 losses = self.step()
                 bar.update(1)
                 bar.set_postfix({k[:12]: f"{v:.3f}" for k, v in list(losses.items())[:4]})
+                if after_step is not None:
+                    after_step(self)
+                    bar.total = max(bar.total, bar.n + max((r.spec.steps - r.step for r in self.active), default=0))

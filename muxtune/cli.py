@@ -23,7 +23,8 @@ def _guard(fn, args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; no run folder was written", file=sys.stderr)
+        print("interrupted; no outputs were written (the run folder keeps its last checkpoint: "
+              "continue with --resume)", file=sys.stderr)
         return 130
 
 
@@ -52,11 +53,30 @@ def cmd_run(args) -> int:
     plan = Plan.load(args.plan) if getattr(args, "plan", None) else None
     out = _out_dir(config, args)
     with _about(args.config):
-        metrics = execute(config, out, plan=plan, progress=not args.no_progress)
+        metrics = execute(config, out, plan=plan, progress=not args.no_progress, resume=args.resume)
     print(summary_table(metrics).to_string(index=False))
     print(f"{metrics['tokens']} tokens in {metrics['train_time_s']:.1f} s "
           f"({metrics['tokens_per_s']:.0f} tokens/s, {100 * metrics['ineffective_token_fraction']:.1f}% padding)")
-    print(f"wrote {out}/ (plan.json, metrics.json, report.html, adapters/)")
+    stopped = {name: t for name, t in metrics["tasks"].items() if t["status"] in ("failed", "cancelled")}
+    for name, t in stopped.items():
+        print(f"{name}: {t['status']}: {t['reason']}")
+    print(f"wrote {out}/ (plan.json, metrics.json, report.html, adapters/, checkpoints/)")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from muxtune.spool import submit
+
+    path = submit(Path(args.run_dir), Path(args.task_file))
+    print(f"queued {path}; the run takes it at its next step boundary (a rejection lands beside it as .rejected)")
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from muxtune.spool import cancel
+
+    path = cancel(Path(args.run_dir), args.task)
+    print(f"queued {path}; the run stops {args.task} at its next step boundary")
     return 0
 
 
@@ -87,6 +107,8 @@ def _add_run_args(p: argparse.ArgumentParser, optional_config: bool) -> None:
     p.add_argument("--out", help="output folder (default: runs/<name>/)")
     p.add_argument("--plan", help="a plan.json to carry out instead of planning")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished tasks from the output folder's checkpoints/")
 
 
 def plan_and_run_main(argv: list[str] | None = None) -> int:
@@ -110,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate", help="check a config and its data files without training")
     p.add_argument("config")
     p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("submit", help="add a task (a YAML file of task keys) to a running job")
+    p.add_argument("run_dir", help="the running job's output folder (runs/<name>/)")
+    p.add_argument("task_file")
+    p.set_defaults(fn=cmd_submit)
+    p = sub.add_parser("cancel", help="stop a task of a running job at its next step boundary")
+    p.add_argument("run_dir")
+    p.add_argument("task")
+    p.set_defaults(fn=cmd_cancel)
     args = parser.parse_args(argv)
     return _guard(args.fn, args)
 

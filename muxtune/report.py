@@ -50,7 +50,8 @@ def summary_table(metrics: dict) -> pd.DataFrame:
     for name, t in metrics["tasks"].items():
         rows.append({"task": name, "method": t["method"], "status": t["status"], "steps": t["steps"],
                      "final loss": t["final_loss"], "tokens": t["tokens"],
-                     "tokens/s": round(t["tokens_per_s"], 1), "adapter": t["adapter_path"]})
+                     "tokens/s": round(t["tokens_per_s"], 1), "adapter": t["adapter_path"],
+                     "reason": t.get("reason", "")})
     return pd.DataFrame(rows)
 
 

@@ -8,6 +8,7 @@ end, so a failed or interrupted run never leaves a half-written run folder.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -52,23 +53,86 @@ def prepare(config: RunConfig, plan: Plan | None = None):
     return backbone, plan, examples, stats
 
 
-def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress: bool = True) -> dict:
-    """Validate, train every task multiplexed, export adapters, write plan/metrics/report. Returns metrics."""
+def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress: bool = True,
+            resume: bool = False, after_step=None) -> dict:
+    """Validate, train every task multiplexed, export adapters, write plan/metrics/report. Returns metrics.
+
+    While training, `out_dir` holds `checkpoints/` (every `config.checkpoint_every` steps, see
+    executor/checkpoint.py) and `spool/` (tasks submitted or cancelled mid-run, see muxtune/spool.py);
+    the finished outputs replace it in one rename. `resume=True` continues from the checkpoints."""
+    from muxtune import admission, spool
+    from muxtune.executor import checkpoint
+    from muxtune.executor.data import DataOptions, load_examples
     from muxtune.executor.export import export_adapter
     from muxtune.executor.trainer import MultiplexedTrainer
     from muxtune.report import write_report
+    from muxtune.spec import TaskSpec
 
+    out_dir = Path(out_dir)
     backbone, plan, examples, stats = prepare(config, plan)
-    trainer = MultiplexedTrainer(backbone, config.tasks, examples, groups=[g.tasks for g in plan.groups],
-                                 alignment=plan.alignment)
-    with staged_directory(Path(out_dir)) as staging:
-        started = time.perf_counter()
-        trainer.train(progress=progress)
-        wall = time.perf_counter() - started
+    specs, groups = list(config.tasks), [list(g.tasks) for g in plan.groups]
+    manifest, resumed_from = None, None
+
+    def load_data(spec: TaskSpec):
+        data, data_stats = load_examples(spec.data, backbone.tokenizer, spec.max_seq_len, key=f"{spec.name}.data",
+                                         options=DataOptions.of(spec))
+        stats[spec.name] = data_stats
+        return data, data_stats
+
+    if resume:
+        manifest = checkpoint.load_manifest(out_dir)
+        checkpoint.check_manifest(manifest, out_dir, config.model, {t.name: t for t in config.tasks})
+        resumed_from = manifest["steps"]
+        for name, entry in manifest["tasks"].items():  # tasks submitted while the run went on
+            if name not in examples:
+                spec = TaskSpec.model_validate(entry["spec"])
+                examples[name], _ = load_data(spec)
+                specs.append(spec)
+        groups = [list(g) for g in manifest["groups"]]
+        for spec in config.tasks:  # a task added to the config since: joins the first group
+            if not any(spec.name in g for g in groups):
+                groups[0].append(spec.name)
+    estimate = admission.admit(backbone.model, specs, groups, plan.alignment, config.memory_limit_gib)
+    if not resume:
+        shutil.rmtree(checkpoint.checkpoint_dir(out_dir), ignore_errors=True)
+        shutil.rmtree(spool.spool_dir(out_dir), ignore_errors=True)
+    trainer = MultiplexedTrainer(backbone, specs, examples, groups=groups, alignment=plan.alignment)
+    if manifest is not None:
+        checkpoint.restore(trainer, out_dir, manifest)
+        for name, run in trainer.runs.items():
+            if run.status == "cancelled":
+                trainer.cancel(name, run.reason)
+    spool.spool_dir(out_dir).mkdir(parents=True, exist_ok=True)
+    events: list[dict] = []
+    adapter_sizes = dict(estimate.adapters)
+
+    def admit_submitted(trainer, spec):
+        active = [r.spec for r in trainer.active] + [spec]
+        admitted = admission.admit(backbone.model, active, [[s.name for s in active]], plan.alignment,
+                                   config.memory_limit_gib, what=f"submit {spec.name}", adapters=adapter_sizes)
+        adapter_sizes.update(admitted.adapters)
+
+    def at_step_boundary(trainer):
+        nonlocal manifest
+        if after_step is not None:
+            after_step(trainer)
+        events.extend(spool.poll(trainer, out_dir, load_data, admit_submitted))
+        if config.checkpoint_every and len(trainer.step_times) % config.checkpoint_every == 0:
+            manifest = checkpoint.save(trainer, out_dir, config.model, manifest)
+
+    started = time.perf_counter()
+    trainer.train(progress=progress, after_step=at_step_boundary)
+    wall = time.perf_counter() - started
+    manifest = checkpoint.save(trainer, out_dir, config.model, manifest)
+    with staged_directory(out_dir) as staging:
+        # the final checkpoints stay with the outputs (a copy: until the rename the old folder is intact)
+        shutil.copytree(checkpoint.checkpoint_dir(out_dir), checkpoint.checkpoint_dir(staging))
         plan.save(staging / "plan.json")
         for name, run in trainer.runs.items():
             export_adapter(run.adapter, backbone.model, backbone.name, staging / "adapters" / name)
         metrics = collect_metrics(config, trainer, stats, wall)
+        metrics["events"] = [{k: v for k, v in e.items() if k != "stats"} for e in events]
+        metrics["resumed_from_step"] = resumed_from
         write_text_atomic(staging / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         write_report(staging, metrics, plan)
     return metrics
@@ -83,6 +147,9 @@ def collect_metrics(config: RunConfig, trainer, stats: dict, wall: float) -> dic
             "method": run.spec.peft.method,
             "status": run.status,
             "steps": run.step,
+            "reason": run.reason,
+            "stopped_at_step": run.stopped_at,
+            "bad_examples_skipped": run.bad_examples,
             "loss": run.losses,
             "final_loss": run.losses[-1] if run.losses else None,
             "tokens": run.tokens,

@@ -57,6 +57,10 @@ class RunConfig(BaseModel):
     devices: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     tasks: list[TaskSpec] = Field(min_length=1)
+    checkpoint_every: int = Field(10, ge=0, description="steps between per-task checkpoints "
+                                  "(runs/<name>/checkpoints/); 0: only at the end")
+    memory_limit_gib: float | None = Field(None, gt=0, description="admission: refuse a plan or a submitted "
+                                           "task predicted to need more (default: the device's free memory)")
 
     @field_validator("devices")
     @classmethod
@@ -207,20 +211,7 @@ def load_config(path: str | Path) -> RunConfig:
     """Read and validate a config file. Relative data paths resolve against the config's folder first,
     then the working directory; a missing data file is reported with the key that names it."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise MuxTuneError(f"{path}: no such config file") from None
-    except (IsADirectoryError, UnicodeDecodeError) as exc:
-        raise MuxTuneError(f"{path}: cannot read config: {exc}") from None
-    try:
-        raw = yaml.safe_load(text)
-        root = yaml.compose(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise MuxTuneError(f"{where}: not valid YAML: {problem}") from None
+    text, raw, root = _read_yaml(path, "config file")
     if not isinstance(raw, dict):
         raise MuxTuneError(f"{path}: expected a mapping with keys name, model, devices, tasks")
     try:
@@ -230,6 +221,36 @@ def load_config(path: str | Path) -> RunConfig:
     for i, task in enumerate(config.tasks):
         task.data = _resolve_data(path, task.data, f"tasks[{i}].data", root, ("tasks", i, "data"))
     return config
+
+
+def load_task(path: str | Path) -> TaskSpec:
+    """Read one task file (a YAML mapping of TaskSpec keys), as `muxtune submit` sends it."""
+    path = Path(path)
+    text, raw, root = _read_yaml(path, "task file")
+    if not isinstance(raw, dict):
+        raise MuxTuneError(f"{path}: expected a mapping of task keys (name, data, peft, ...)")
+    try:
+        task = TaskSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise MuxTuneError(_format_validation(path, exc, root)) from None
+    task.data = _resolve_data(path, task.data, "data", root, ("data",))
+    return task
+
+
+def _read_yaml(path: Path, what: str):
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise MuxTuneError(f"{path}: no such {what}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MuxTuneError(f"{path}: cannot read {what}: {exc}") from None
+    try:
+        return text, yaml.safe_load(text), yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise MuxTuneError(f"{where}: not valid YAML: {problem}") from None
 
 
 def _resolve_data(config_path: Path, data: Path, key: str, root, loc) -> Path:

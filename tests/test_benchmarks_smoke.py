@@ -39,3 +39,15 @@ def test_alignment_benchmark_runs_in_quick_mode(capsys):
     # padding is counted, not timed: these hold on any machine
     assert last["ineffective_fraction_padded"] > last["ineffective_fraction_per_task"] > last["ineffective_fraction_chunked"]
     assert last["ineffective_fraction_chunked"] < 0.02 and last["useful_throughput_ratio"] > 0
+
+
+def test_faults_benchmark_kills_resumes_and_contains_the_poisoned_task(capsys):
+    from benchmarks import faults
+
+    result = faults.main(["--kills", "1", "--steps", "12", "--every", "3", "--tasks", "2"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == json.loads(json.dumps(result))
+    assert last["kills"] == 1 and last["checkpoint_interval"] == 3
+    assert last["max_steps_lost"] <= last["checkpoint_interval"]
+    assert last["tasks_affected"] == 0 and last["resume_identical"] is True
+    assert last["poisoned_status"] == "failed"

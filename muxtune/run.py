@@ -32,18 +32,19 @@ def check_devices(config: RunConfig) -> list[str]:
     return devices
 
 
-def prepare(config: RunConfig, plan: Plan | None = None):
-    """Load the backbone and every task's data; raise MuxTuneError on any bad input."""
+def prepare(config: RunConfig, plan: Plan | None = None, distributed: bool = False):
+    """Load the backbone and every task's data; raise MuxTuneError on any bad input. `distributed`:
+    the caller is one process of a multi-process plan (executor/distributed.py checks its layout)."""
     from muxtune.executor.backbone import load_backbone
     from muxtune.executor.data import DataOptions, load_examples
 
     devices = check_devices(config)
     plan = plan or Plan.trivial(config)
     plan.check_against(config)
-    if any(g.layout.dp * g.layout.pp * g.layout.tp > 1 or g.devices != plan.groups[0].devices
+    if not distributed and any(g.layout.dp * g.layout.pp * g.layout.tp > 1 or g.devices != plan.groups[0].devices
            for g in plan.groups):
         raise MuxTuneError("plan: the single-process executor runs fusion groups one after another on one "
-                           "device; parallel layouts need the distributed executor")
+                           "device; parallel layouts run in the distributed executor (muxtune.run.execute)")
     backbone = load_backbone(config.model, device=devices[0], dtype=DTYPES[config.dtype])
     examples, stats = {}, {}
     for i, task in enumerate(config.tasks):
@@ -54,24 +55,37 @@ def prepare(config: RunConfig, plan: Plan | None = None):
 
 def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress: bool = True) -> dict:
     """Validate, train every task multiplexed, export adapters, write plan/metrics/report. Returns metrics."""
-    from muxtune.executor.export import export_adapter
     from muxtune.executor.trainer import MultiplexedTrainer
-    from muxtune.report import write_report
 
+    if plan is not None:
+        from muxtune.executor.distributed import launch, needs_processes
+
+        if needs_processes(plan):  # one process per device of the layout, same outputs (rank 0 writes them)
+            plan.check_against(config)
+            check_devices(config)
+            return launch(config, plan, Path(out_dir), progress)
     backbone, plan, examples, stats = prepare(config, plan)
     trainer = MultiplexedTrainer(backbone, config.tasks, examples, groups=[g.tasks for g in plan.groups],
                                  alignment=plan.alignment)
+    started = time.perf_counter()
+    trainer.train(progress=progress)
+    wall = time.perf_counter() - started
+    metrics = collect_metrics(config, trainer, stats, wall)
+    write_run(config, plan, trainer, backbone, stats, metrics, Path(out_dir))
+    return metrics
+
+
+def write_run(config: RunConfig, plan: Plan, trainer, backbone, stats: dict, metrics: dict, out_dir: Path) -> None:
+    """runs/<name>/: plan.json, adapters/<task>/, metrics.json, report.html (staged, then renamed)."""
+    from muxtune.executor.export import export_adapter
+    from muxtune.report import write_report
+
     with staged_directory(Path(out_dir)) as staging:
-        started = time.perf_counter()
-        trainer.train(progress=progress)
-        wall = time.perf_counter() - started
         plan.save(staging / "plan.json")
         for name, run in trainer.runs.items():
             export_adapter(run.adapter, backbone.model, backbone.name, staging / "adapters" / name)
-        metrics = collect_metrics(config, trainer, stats, wall)
         write_text_atomic(staging / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         write_report(staging, metrics, plan)
-    return metrics
 
 
 def collect_metrics(config: RunConfig, trainer, stats: dict, wall: float) -> dict:

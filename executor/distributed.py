@@ -164,6 +164,8 @@ def collect(trainer: PipelineTrainer, config: RunConfig, stats: dict, wall: floa
         "devices": trainer.plan.groups[0].devices,
         # per process: share of each step its compute was idle (pipeline bubbles, waits for transfers)
         "bubble_fraction": {str(p["rank"]): bubble_fraction(p["records"]) for p in gathered},
+        # per process: the last step's compute ops (kind, group, micro-batch, start s, end s), in order
+        "last_step": {str(p["rank"]): p["records"][-1][1] if p["records"] else [] for p in gathered},
     }
     return metrics
 

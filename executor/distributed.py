@@ -162,8 +162,11 @@ def collect(trainer: PipelineTrainer, config: RunConfig, stats: dict, wall: floa
     metrics["distributed"] = {
         "dp": layout.dp, "pp": layout.pp, "schedule": trainer.plan.schedule,
         "devices": trainer.plan.groups[0].devices,
-        # per process: share of each step its compute was idle (pipeline bubbles, waits for transfers)
-        "bubble_fraction": {str(p["rank"]): bubble_fraction(p["records"]) for p in gathered},
+        "step_tokens": trainer.step_tokens,  # real tokens of each step, all replicas
+        # per process: share of the steps (after the first, warm-up one) its compute was idle: pipeline
+        # bubbles and waits for transfers
+        "bubble_fraction": {str(p["rank"]): bubble_fraction(p["records"], skip=1 if len(p["records"]) > 1 else 0)
+                            for p in gathered},
         # per process: the last step's compute ops (kind, group, micro-batch, start s, end s), in order
         "last_step": {str(p["rank"]): p["records"][-1][1] if p["records"] else [] for p in gathered},
     }

@@ -39,3 +39,17 @@ def test_alignment_benchmark_runs_in_quick_mode(capsys):
     # padding is counted, not timed: these hold on any machine
     assert last["ineffective_fraction_padded"] > last["ineffective_fraction_per_task"] > last["ineffective_fraction_chunked"]
     assert last["ineffective_fraction_chunked"] < 0.02 and last["useful_throughput_ratio"] > 0
+
+
+def test_pipeline_benchmark_runs_in_quick_mode(capsys):
+    """Three plans on a 2-process gloo pipeline; keys and sanity only (timings are not asserted here)."""
+    from benchmarks import pipeline
+
+    result = pipeline.main(["--quick"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == json.loads(json.dumps(result))
+    assert last["processes"] == 2 and set(last["variants"]) == {"dedicated", "fused_1f1b", "muxtune"}
+    for row in last["variants"].values():
+        assert row["tokens_per_s"] > 0 and 0 <= row["bubble_fraction"] < 1
+    assert last["speedup_vs_1f1b"] > 0 and last["speedup_vs_dedicated"] > 0
+    assert last["sim_error"] is None or last["sim_error"] >= 0

@@ -243,6 +243,12 @@ class MultiplexedTrainer:
                 hidden, targets = self.chunked_hidden_states(batch).view(*batch.targets.shape, -1), batch.targets
             else:
                 hidden, targets = self.hidden_states(batch)[:, :-1], batch.labels[:, 1:]
+        return self.head_loss_sums(batch, hidden, targets)
+
+    def head_loss_sums(self, batch: FusedBatch | ChunkedBatch, hidden: torch.Tensor,
+                       targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each task's summed loss from the last hidden states [rows, seq, d] and next-token targets
+        [rows, seq] (the last pipeline stage runs only this part)."""
         valid = targets != IGNORE
         # the LM head runs only on positions that carry loss: padding and prompts cost no vocab GEMM
         logits = self.model.get_output_embeddings()(hidden[valid])
@@ -259,6 +265,16 @@ class MultiplexedTrainer:
         inside each sequence; prompt tasks' virtual slots get their virtual tokens, prefix tasks'
         sequences see their K/V prefix (alignment.packed_attention)."""
         adapters = [self.mux.adapters[seg.task] for seg in batch.segments]
+        embeds = self.chunked_embeds(batch)
+        prefixes = {i: a.sequence.key_values(1, embeds.dtype) for i, a in enumerate(adapters) if a.prefix_tokens}
+        with packed_attention(self.model, batch, prefixes):
+            return self.model.base_model(inputs_embeds=embeds, position_ids=batch.position_ids.reshape(1, -1)
+                                         ).last_hidden_state
+
+    def chunked_embeds(self, batch: ChunkedBatch) -> torch.Tensor:
+        """Input embeddings [1, rows * chunk_len, d] of the chunk stream, prompt tasks' virtual tokens in
+        their slots (the first pipeline stage runs only this part before its layers)."""
+        adapters = [self.mux.adapters[seg.task] for seg in batch.segments]
         ids = batch.input_ids.reshape(1, -1)
         embeds = self.model.get_input_embeddings()(ids)
         if batch.virtual_slots:
@@ -268,10 +284,7 @@ class MultiplexedTrainer:
                 virtual = adapters[index].sequence.prepend(placeholders)  # [sequences, n, d]
                 flat = flat.index_put((slots.reshape(-1),), virtual.reshape(-1, flat.shape[-1]))
             embeds = flat.unsqueeze(0)
-        prefixes = {i: a.sequence.key_values(1, embeds.dtype) for i, a in enumerate(adapters) if a.prefix_tokens}
-        with packed_attention(self.model, batch, prefixes):
-            return self.model.base_model(inputs_embeds=embeds, position_ids=batch.position_ids.reshape(1, -1)
-                                         ).last_hidden_state
+        return embeds
 
     def hidden_states(self, batch: FusedBatch) -> torch.Tensor:
         """The backbone's last hidden states for the fused batch, with every task's sequence-level

@@ -33,18 +33,19 @@ def check_devices(config: RunConfig) -> list[str]:
     return devices
 
 
-def prepare(config: RunConfig, plan: Plan | None = None):
-    """Load the backbone and every task's data; raise MuxTuneError on any bad input."""
+def prepare(config: RunConfig, plan: Plan | None = None, distributed: bool = False):
+    """Load the backbone and every task's data; raise MuxTuneError on any bad input. `distributed`:
+    the caller is one process of a multi-process plan (executor/distributed.py checks its layout)."""
     from muxtune.executor.backbone import load_backbone
     from muxtune.executor.data import DataOptions, load_examples
 
     devices = check_devices(config)
     plan = plan or Plan.trivial(config)
     plan.check_against(config)
-    if any(g.layout.dp * g.layout.pp * g.layout.tp > 1 or g.devices != plan.groups[0].devices
+    if not distributed and any(g.layout.dp * g.layout.pp * g.layout.tp > 1 or g.devices != plan.groups[0].devices
            for g in plan.groups):
         raise MuxTuneError("plan: the single-process executor runs fusion groups one after another on one "
-                           "device; parallel layouts need the distributed executor")
+                           "device; parallel layouts run in the distributed executor (muxtune.run.execute)")
     backbone = load_backbone(config.model, device=devices[0], dtype=DTYPES[config.dtype])
     examples, stats = {}, {}
     for i, task in enumerate(config.tasks):
@@ -63,12 +64,19 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
     from muxtune import admission, spool
     from muxtune.executor import checkpoint
     from muxtune.executor.data import DataOptions, load_examples
-    from muxtune.executor.export import export_adapter
     from muxtune.executor.trainer import MultiplexedTrainer
-    from muxtune.report import write_report
     from muxtune.spec import TaskSpec
 
     out_dir = Path(out_dir)
+    if plan is not None:
+        from muxtune.executor.distributed import launch, needs_processes
+
+        if needs_processes(plan):  # one process per device of the layout, same outputs (rank 0 writes them)
+            if resume:
+                raise MuxTuneError("--resume: multi-process plans do not checkpoint yet (docs/distributed.md)")
+            plan.check_against(config)
+            check_devices(config)
+            return launch(config, plan, out_dir, progress)
     backbone, plan, examples, stats = prepare(config, plan)
     specs, groups = list(config.tasks), [list(g.tasks) for g in plan.groups]
     manifest, resumed_from = None, None
@@ -124,18 +132,31 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
     trainer.train(progress=progress, after_step=at_step_boundary)
     wall = time.perf_counter() - started
     manifest = checkpoint.save(trainer, out_dir, config.model, manifest)
-    with staged_directory(out_dir) as staging:
-        # the final checkpoints stay with the outputs (a copy: until the rename the old folder is intact)
-        shutil.copytree(checkpoint.checkpoint_dir(out_dir), checkpoint.checkpoint_dir(staging))
+    metrics = collect_metrics(config, trainer, stats, wall)
+    metrics["events"] = [{k: v for k, v in e.items() if k != "stats"} for e in events]
+    metrics["resumed_from_step"] = resumed_from
+    # the final checkpoints stay with the outputs (a copy: until the rename the old folder is intact)
+    write_run(config, plan, trainer, backbone, stats, metrics, out_dir,
+              checkpoints=checkpoint.checkpoint_dir(out_dir))
+    return metrics
+
+
+def write_run(config: RunConfig, plan: Plan, trainer, backbone, stats: dict, metrics: dict, out_dir: Path,
+              checkpoints: Path | None = None) -> None:
+    """runs/<name>/: plan.json, adapters/<task>/, metrics.json, report.html, and a copy of `checkpoints`
+    (staged, then renamed into place in one step)."""
+    from muxtune.executor.checkpoint import checkpoint_dir
+    from muxtune.executor.export import export_adapter
+    from muxtune.report import write_report
+
+    with staged_directory(Path(out_dir)) as staging:
+        if checkpoints is not None and Path(checkpoints).exists():
+            shutil.copytree(checkpoints, checkpoint_dir(staging))
         plan.save(staging / "plan.json")
         for name, run in trainer.runs.items():
             export_adapter(run.adapter, backbone.model, backbone.name, staging / "adapters" / name)
-        metrics = collect_metrics(config, trainer, stats, wall)
-        metrics["events"] = [{k: v for k, v in e.items() if k != "stats"} for e in events]
-        metrics["resumed_from_step"] = resumed_from
         write_text_atomic(staging / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         write_report(staging, metrics, plan)
-    return metrics
 
 
 def collect_metrics(config: RunConfig, trainer, stats: dict, wall: float) -> dict:

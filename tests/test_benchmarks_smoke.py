@@ -51,3 +51,17 @@ def test_faults_benchmark_kills_resumes_and_contains_the_poisoned_task(capsys):
     assert last["max_steps_lost"] <= last["checkpoint_interval"]
     assert last["tasks_affected"] == 0 and last["resume_identical"] is True
     assert last["poisoned_status"] == "failed"
+
+
+def test_pipeline_benchmark_runs_in_quick_mode(capsys):
+    """Three plans on a 2-process gloo pipeline; keys and sanity only (timings are not asserted here)."""
+    from benchmarks import pipeline
+
+    result = pipeline.main(["--quick"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == json.loads(json.dumps(result))
+    assert last["processes"] == 2 and set(last["variants"]) == {"dedicated", "fused_1f1b", "muxtune"}
+    for row in last["variants"].values():
+        assert row["tokens_per_s"] > 0 and 0 <= row["bubble_fraction"] < 1
+    assert last["speedup_vs_1f1b"] > 0 and last["speedup_vs_dedicated"] > 0
+    assert last["sim_error"] is None or last["sim_error"] >= 0

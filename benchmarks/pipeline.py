@@ -1,0 +1,135 @@
+"""Temporal multiplexing on a 2-stage pipeline: bubbles and throughput of three ways to run the same tasks.
+
+    python -m benchmarks.pipeline [--quick] [--devices cpu|cuda] [--model builtin:llama-100m] [--steps 6]
+
+The tasks of examples/quickstart.yaml train on 2 processes (gloo on CPU; NCCL on 2 GPUs; a single GPU
+runs 1 process, pp=1, where there are no pipeline bubbles to fill), each a pipeline stage:
+  (1) dedicated  one fusion group per task, each its own 1F1B with a flush (no multiplexing);
+  (2) fused_1f1b all tasks in one fusion group, 1F1B over its micro-batches;
+  (3) muxtune    two fusion groups whose micro-batches alternate in one 1F1B (Plan.schedule
+                 "interleaved"): one group's work fills the other's pipeline bubbles.
+Each group's step is cut into --micro-batches micro-batches. Figures exclude the first (warm-up) step:
+bubble fraction = 1 - compute time / wall time on a stage (worst stage), tokens/s = real tokens per
+second of wall time. `sim_error`: |simulated - measured| / measured step time (simulator.simulate_step
+with the profiler's CostModel, the worst of the three plans), null while the CostModel is not in the tree.
+
+The last printed line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
+
+
+def two_groups(tasks) -> list[list[str]]:
+    """Split the tasks into two groups of about equal tokens per step (largest first to the lighter)."""
+    groups, load = [[], []], [0, 0]
+    for task in sorted(tasks, key=lambda t: -t.batch_size * t.max_seq_len):
+        lighter = load.index(min(load))
+        groups[lighter].append(task.name)
+        load[lighter] += task.batch_size * task.max_seq_len
+    return [g for g in groups if g]
+
+
+def plans(config, devices: list[str], micro_batches: int) -> dict:
+    from muxtune.spec import FusionGroup, Layout, Plan
+
+    layout = Layout(pp=len(devices))
+
+    def plan(groups, schedule):
+        return Plan(planner="benchmark", schedule=schedule,
+                    groups=[FusionGroup(tasks=g, devices=devices, layout=layout, micro_batches=micro_batches)
+                            for g in groups])
+
+    names = [t.name for t in config.tasks]
+    return {"dedicated": plan([[n] for n in names], "1f1b"),
+            "fused_1f1b": plan([names], "1f1b"),
+            "muxtune": plan(two_groups(config.tasks), "interleaved")}
+
+
+def measure(config, plan, warmup: int) -> dict:
+    from muxtune.executor.distributed import launch
+
+    metrics = launch(config, plan, None, progress=False)
+    dist = metrics["distributed"]
+    times = metrics["step_time_s"][warmup:]
+    tokens = dist["step_tokens"][warmup:]
+    return {"step_s": statistics.median(times), "tokens_per_s": sum(tokens) / sum(times),
+            "bubble_fraction": max(dist["bubble_fraction"].values()), "metrics": metrics}
+
+
+def sim_error(config, plan, measured: dict) -> float:
+    """|predicted - measured| / measured median step time; raises ImportError without the profiler."""
+    from benchmarks.simulator import load_cost_model
+    from muxtune.simulator.iteration import simulate_step
+    from muxtune.simulator.workload import task_work
+
+    device = plan.groups[0].devices[0]
+    cost_model = load_cost_model(config.model, device.split(":")[0] if device == "cpu" else device)
+    tasks = measured["metrics"]["tasks"]
+    works = {}
+    for t in config.tasks:
+        mean_len = tasks[t.name]["tokens"] / (tasks[t.name]["steps"] * t.batch_size)
+        works[t.name] = task_work(t, tasks[t.name]["trainable_params"], mean_seq_len=mean_len)
+    predicted = simulate_step(plan, works, cost_model, packed=True).step_seconds
+    return abs(predicted - measured["step_s"]) / measured["step_s"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from muxtune.spec import load_config
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 steps, short sequences")
+    parser.add_argument("--devices", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", default="builtin:llama-100m")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--micro-batches", type=int, default=2)
+    args = parser.parse_args(argv)
+    max_len = None
+    if args.quick:
+        args.model, args.steps, max_len = "builtin:tiny-llama", 2, 64
+    import torch
+
+    if args.devices == "cuda":
+        devices = [f"cuda:{i}" for i in range(min(2, torch.cuda.device_count()))]
+    else:
+        devices = ["cpu", "cpu"]
+    config = load_config(QUICKSTART)
+    tasks = [t.model_copy(update={"steps": args.steps, "max_seq_len": min(t.max_seq_len, max_len or t.max_seq_len)})
+             for t in config.tasks]
+    config = config.model_copy(update={"model": args.model, "tasks": tasks,
+                                       "devices": "cpu" if args.devices == "cpu" else "cuda"})
+    warmup = 1 if args.steps > 1 else 0
+    results, errors = {}, {}
+    for name, plan in plans(config, devices, args.micro_batches).items():
+        results[name] = measure(config, plan, warmup)
+        try:
+            errors[name] = sim_error(config, plan, results[name])
+        except ImportError as exc:
+            errors[name], reason = None, f"no CostModel yet ({exc})"
+    summary = {name: {k: v for k, v in r.items() if k != "metrics"} for name, r in results.items()}
+    for name, row in summary.items():
+        print(f"{name:>11}: step {row['step_s']:.3f} s, {row['tokens_per_s']:.0f} tokens/s, "
+              f"bubble {100 * row['bubble_fraction']:.1f}%, sim error {errors[name]}")
+    known = [e for e in errors.values() if e is not None]
+    result = {
+        "model": args.model, "devices": devices, "processes": len(devices), "steps": args.steps,
+        "micro_batches": args.micro_batches, "variants": summary,
+        "speedup_vs_1f1b": summary["muxtune"]["tokens_per_s"] / summary["fused_1f1b"]["tokens_per_s"],
+        "speedup_vs_dedicated": summary["muxtune"]["tokens_per_s"] / summary["dedicated"]["tokens_per_s"],
+        "sim_error": max(known) if known else None,
+        "sim_errors": errors,
+    }
+    if not known:
+        result["sim_error_reason"] = reason
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -70,6 +70,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--profile", help="a profile CSV to use instead of the cache / a fresh measurement")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (part of the profile's fingerprint)")
+    parser.add_argument("--rows-scale", type=int, default=1, help="multiply every task's rows (bigger batches)")
     parser.add_argument("--configs", type=int, default=len(CONFIGS), help="run only the first N configurations")
     args = parser.parse_args(argv)
     device = "cuda:0" if args.devices == "cuda" else args.devices
@@ -86,6 +87,7 @@ def main(argv=None) -> dict:
     steps = args.steps or (3 if args.quick else 15)
     results = []
     for name, seq, tasks in CONFIGS[: args.configs]:
+        tasks = [(method, rank, rows * args.rows_scale) for method, rank, rows in tasks]
         trainer = build(backbone, seq, tasks, steps + 3)
         try:
             trainer.step(), trainer.step()  # warm-up; also creates AdamW's state

@@ -165,20 +165,20 @@ class Profile:
         return cls(table, meta)
 
 
-def find_cached(fp: dict, dirs: list[Path] | None = None) -> Path | None:
-    """A stored profile whose fingerprint equals `fp` (a full one preferred over a quick one)."""
-    dirs = dirs if dirs is not None else [REPO_PROFILES, user_cache_dir()]
-    found = []
-    for folder in dirs:
-        path = Path(folder) / profile_filename(fp)
-        if path.is_file():
+def find_cached(fp: dict, mode: str = "quick", paths: list[Path] | None = None) -> Path | None:
+    """The first stored profile (of `paths`, else the shipped and user-cache ones) measured with
+    fingerprint `fp`; a quick request is served by a full profile too, not the other way round."""
+    if paths is None:
+        paths = [folder / profile_filename(fp) for folder in (REPO_PROFILES, user_cache_dir())]
+    for path in paths:
+        if Path(path).is_file():
             try:
                 meta = Profile.load(path).meta
             except MuxTuneError:
                 continue
-            if meta.get("fingerprint") == fp:
-                found.append((meta.get("mode") != "full", path))
-    return sorted(found)[0][1] if found else None
+            if meta.get("fingerprint") == fp and (mode == "quick" or meta.get("mode") == "full"):
+                return Path(path)
+    return None
 
 
 # --- timing and memory helpers -----------------------------------------------------------------------
@@ -597,14 +597,13 @@ def load_or_profile(model_name: str, device: str = "cpu", mode: str = "quick", d
         raise MuxTuneError(f"devices: {device!r} requested but no CUDA device is available here")
     fp = fingerprint(device, model_name, config, dtype)
     if not refresh:
-        dirs = [REPO_PROFILES, user_cache_dir()] + ([Path(out).parent] if out else [])
-        cached = find_cached(fp, dirs)
-        if cached is not None and (out is None or Path(out) == cached):
+        paths = ([Path(out)] if out else []) + [d / profile_filename(fp) for d in (REPO_PROFILES, user_cache_dir())]
+        cached = find_cached(fp, mode, paths)
+        if cached is not None:
             profile = Profile.load(cached)
-            if mode == "quick" or profile.meta.get("mode") == "full":
-                return profile, cached, True
+            if out and Path(out) != cached:
+                profile.save(out)
+            return profile, Path(out) if out else cached, True
     profile = run_profile(model_name, device, mode, dtype, progress=progress)
-    if profile.meta["fingerprint"] != fp:  # the HF dir's config hash as loaded may differ from the raw one
-        fp = profile.meta["fingerprint"]
-    path = Path(out) if out else user_cache_dir() / profile_filename(fp)
+    path = Path(out) if out else user_cache_dir() / profile_filename(profile.meta["fingerprint"])
     return profile, profile.save(path), False

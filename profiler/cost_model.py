@@ -260,8 +260,21 @@ class CostModel:
         for mb in groups:
             total += self.forward_seconds(mb, self.shape.n_layers, True, True)
             total += self.backward_seconds(mb, self.shape.n_layers, True, True)
-            total += sum(self.optimizer_seconds(t.params) for t in mb.tasks)
+            total += sum(self.optimizer_seconds(t.params) + self.host_seconds(t) for t in mb.tasks)
         return total
+
+    def host_seconds(self, task: TaskLoad) -> float:
+        """A task's per-step work besides its share of the fused forward/backward and its optimizer:
+        LR schedule, sampling and fusing its rows (profile: the task's measured `step` rows minus the
+        optimizer at its parameter count; analytic: none)."""
+        if self.profile is None:
+            return 0.0
+        rows = self.profile.rows("task", "step")
+        rows = rows[rows["method"] == task.method]
+        if rows.empty:
+            return 0.0
+        rest = rows.assign(seconds=[s - self.optimizer_seconds(int(p)) for s, p in zip(rows["seconds"], rows["params"])])
+        return max(interp_grid(rest, "tokens", "rank", "seconds", task.tokens, task.rank), 0.0)
 
     # memory
 

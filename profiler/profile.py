@@ -11,6 +11,8 @@ them. Rows of the table (column `op`):
   model   the whole bare backbone + head, fwd / bwd, over (tokens, seq_len): ties the parts together
   task    what ONE task of `method` at `rank` adds to the whole model (all layers) when its `tokens`
           ride in the fused batch: measured with the task attached minus the bare model, paired
+          (fwd / bwd); phase `step`: the rest of the task's real trainer step (optimizer, clipping,
+          schedule, sampling, fusing) beyond its fused forward and backward
   optimizer  one task's AdamW step + gradient clipping + zero_grad, over its trainable `params`
   p2p / allreduce  between 2 processes (gloo on CPU; NCCL when 2 GPUs are visible), over `nbytes`
 
@@ -432,12 +434,14 @@ def measure_tasks(backbone, device: str, spec: dict, warmup: int, repeats: int, 
                     def with_task():
                         return torch.stack(list(trainer.task_losses(batch, training=True).values())).sum()
 
-                    tf, tb, bf, bb = [], [], [], []
+                    tf, tb, bf, bb, ts = [], [], [], [], []
                     for i in range(warmup + repeats):
                         f1, b1 = fwd_bwd_seconds(with_task, device, 0, 1)
                         f0, b0 = fwd_bwd_seconds(lambda: bare_model_loss(model, ids, mask), device, 0, 1)
+                        trainer.runs["probe"].optimizer.zero_grad(set_to_none=True)
+                        step = median_seconds(trainer.step, device, 0, 1)  # the real training step
                         if i >= warmup:
-                            tf.append(f1), tb.append(b1), bf.append(f0), bb.append(b0)
+                            tf.append(f1), tb.append(b1), bf.append(f0), bb.append(b0), ts.append(step)
                     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
                     saved = (saved_bytes(lambda: with_task().backward(), weights)
                              - saved_bytes(lambda: bare_model_loss(model, ids, mask).backward(), weights))
@@ -447,8 +451,12 @@ def measure_tasks(backbone, device: str, spec: dict, warmup: int, repeats: int, 
                 tokens = n_rows * seq
                 fwd = statistics.median(tf) - statistics.median(bf)
                 bwd = statistics.median(tb) - statistics.median(bb)
+                # phase "step": what the task's training step costs beyond its fused forward and backward
+                # (its optimizer, clipping, schedule, sampling and fusing its rows)
+                rest = statistics.median(ts) - statistics.median(tf) - statistics.median(tb)
                 out += [_row("task", "fwd", fwd, tokens, seq, method, rank, params, saved=saved),
-                        _row("task", "bwd", bwd, tokens, seq, method, rank, params)]
+                        _row("task", "bwd", bwd, tokens, seq, method, rank, params),
+                        _row("task", "step", rest, tokens, seq, method, rank, params)]
                 bar.update(1)
     return out
 

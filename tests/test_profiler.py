@@ -59,6 +59,8 @@ def synthetic_profile(device="cpu", device_name="Test CPU") -> prof.Profile:
             for t in (64, 256):
                 for ph in ("fwd", "bwd"):
                     rows.append(prof._row("task", ph, TASK[method](t, r, ph), t, 32, method, r, 100, saved=10 * t))
+                if method == "lora":  # the rest of a real step: optimizer at 100 params + 2e-4 s of host work
+                    rows.append(prof._row("task", "step", 1e-4 + 1e-9 * 100 + 2e-4, t, 32, method, r, 100))
     rows += [prof._row("optimizer", "step", 1e-4 + 1e-9 * p, params=p) for p in (1000, 100_000)]
     rows += [prof._row(op, "comm", 2e-5 + n / 1e9, nbytes=n, world=2) for op in ("p2p", "allreduce")
              for n in (1000, 1_000_000)]
@@ -81,7 +83,8 @@ def test_from_profile_composes_a_fused_step_from_parts_at_unmeasured_shapes():
         # pipeline stages (first 1 layer + embedding, last 3 layers + head) add up to the single-device step
         assert fn(mb, 1, first=True) + fn(mb, 3, last=True) == pytest.approx(whole, rel=1e-9)
         assert fn(mb, 3) < fn(mb, 3, last=True)
-    opt = 2e-4 + 1e-9 * 5700
+    opt = 2e-4 + 1e-9 * 5700 + 2e-4  # two optimizer steps + the lora task's host work (ia3 has no step rows)
+    assert cm.host_seconds(a) == pytest.approx(2e-4) and cm.host_seconds(b) == 0.0
     step = cm.forward_seconds(mb, 4, True, True) + cm.backward_seconds(mb, 4, True, True) + opt
     assert cm.step_seconds([mb]) == pytest.approx(step, rel=1e-9)
     assert cm.step_seconds([mb, mb]) == pytest.approx(2 * step, rel=1e-9)
@@ -236,7 +239,7 @@ def test_quick_profile_measures_every_op_on_the_real_backbone(mini_profile):
     p, _ = mini_profile
     t = p.table
     assert set(t["op"]) == {"layer", "stem", "model", "head", "task", "optimizer", "p2p", "allreduce"}
-    assert len(p.rows("layer", "fwd")) == 4 and len(p.rows("task")) == 2 * 5 * 2
+    assert len(p.rows("layer", "fwd")) == 4 and len(p.rows("task")) == 3 * 5 * 2
     assert (p.rows("layer")["seconds"] > 0).all() and (p.rows("model")["seconds"] > 0).all()
     layer = p.rows("layer", "fwd").set_index(["tokens", "seq_len"])
     # saved activations grow with tokens and with the attention span

@@ -284,16 +284,19 @@ class CostModel:
 
     def activation_bytes(self, mb: MicroBatch, layers: int) -> int:
         """Tensors `layers` decoder layers keep for backward, per micro-batch in flight (the backbone's
-        measured saved tensors, plus each task's own saved tensors from its profile rows)."""
+        measured saved tensors, plus what each method's adapters keep alive, from its profile rows)."""
         self._check(mb)
         if self.profile is not None:
             per_layer = self._grid("layer", "fwd", mb.tokens, mb.span, value="saved_bytes")
-            # each task's own saved tensors (measured on the whole model), spread over the layers
+            # What adapters save is mostly whole-batch storage: a task's slice of an op's input or output
+            # is a view that keeps the op's full [T, features] tensor alive, shared by every task of that
+            # method on that op. So each method present counts once, at the batch's T and its largest rank.
             rows = self.profile.rows("task", "fwd")
-            for t in mb.tasks:
-                mine = rows[rows["method"] == t.method]
+            for method in {t.method for t in mb.tasks}:
+                mine = rows[rows["method"] == method]
                 if not mine.empty:
-                    per_layer += interp_grid(mine, "tokens", "rank", "saved_bytes", t.tokens, t.rank) / self.shape.n_layers
+                    rank = max(t.rank for t in mb.tasks if t.method == method)
+                    per_layer += interp_grid(mine, "tokens", "rank", "saved_bytes", mb.tokens, rank) / self.shape.n_layers
         else:
             s = self.shape
             # inputs of q/k/v, o, gate/up, down, two norms, the attention output and the MLP activation

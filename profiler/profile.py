@@ -18,7 +18,7 @@ them. Rows of the table (column `op`):
 
 Timing: warm-up calls, then `repeats` timed calls, median; on CUDA the device is synchronized around
 each timed region. Memory: `saved_bytes` are the tensors autograd keeps for backward (counted with
-saved-tensor hooks, any device); `peak_bytes` is the most memory allocated on top of what was live
+saved-tensor hooks, any device; for a task: those saved inside its adapter code); `peak_bytes` is the most memory allocated on top of what was live
 before the op (CUDA: max_memory_allocated; CPU: a dispatch-mode tally of live tensor storages).
 """
 
@@ -262,6 +262,36 @@ def saved_bytes(fn, exclude: set[int]) -> int:
     return sum(seen.values())
 
 
+def adapter_saved_bytes(adapter, fn, exclude: set[int]) -> int:
+    """Bytes of the distinct storages autograd saves inside one task's adapter code (its layers'
+    aggregate/dispatch, its sequence module) while `fn` runs. A saved slice of the batch counts with
+    its whole storage: that is what it keeps alive."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    def counting(call):
+        def wrapped(*args, **kwargs):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                return call(*args, **kwargs)
+        return wrapped
+
+    patched = [(module, name) for module in [*adapter.layers.values(), adapter.sequence] if module is not None
+               for name in ("aggregate", "dispatch", "prepend", "key_values") if hasattr(module, name)]
+    for module, name in patched:
+        module.__dict__[name] = counting(getattr(module, name))  # an instance attribute shadows the method
+    try:
+        fn()
+    finally:
+        for module, name in patched:
+            del module.__dict__[name]
+    return sum(seen.values())
+
+
 # --- the backbone pieces -----------------------------------------------------------------------------
 
 
@@ -442,9 +472,9 @@ def measure_tasks(backbone, device: str, spec: dict, warmup: int, repeats: int, 
                         step = median_seconds(trainer.step, device, 0, 1)  # the real training step
                         if i >= warmup:
                             tf.append(f1), tb.append(b1), bf.append(f0), bb.append(b0), ts.append(step)
-                    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-                    saved = (saved_bytes(lambda: with_task().backward(), weights)
-                             - saved_bytes(lambda: bare_model_loss(model, ids, mask).backward(), weights))
+                    adapter = trainer.runs["probe"].adapter
+                    weights = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *adapter.parameters()]}
+                    saved = adapter_saved_bytes(adapter, lambda: with_task().backward(), weights)
                     trainer.runs["probe"].optimizer.zero_grad(set_to_none=True)
                 finally:
                     trainer.mux.remove_task("probe")

@@ -196,7 +196,7 @@ class CostModel:
                 ratios["layer"].append(row["seconds"] / own._analytic_layer(mb, "fwd"))
             elif op == "head" and row["phase"] == "fwd":
                 ratios["head"].append(row["seconds"] / own._analytic_head(int(row["tokens"]), "fwd"))
-            elif op == "task" and row["seconds"] > 0:
+            elif op == "task" and row["phase"] in ("fwd", "bwd") and row["seconds"] > 0:
                 task = TaskLoad(row["method"], int(row["rank"]), int(row["tokens"]), int(row["params"]))
                 ratios["task"].append(row["seconds"] / (own.shape.n_layers * own._analytic_task(task, row["phase"])))
             elif op == "optimizer":

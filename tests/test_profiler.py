@@ -1,5 +1,6 @@
 """Profiler and CostModel: interpolation, composition, the analytic model, fingerprint caching, a quick
-profile run on the real executor, the CLI, and the accuracy benchmark's smoke run."""
+profile run on the real executor, and the CLI (the accuracy benchmark's smoke run is in
+test_benchmarks_smoke.py)."""
 
 import json
 
@@ -256,17 +257,6 @@ def test_quick_profile_measures_every_op_on_the_real_backbone(mini_profile):
     assert cm.backbone_bytes(2, True, True) == sum(x.numel() * 4 for x in
                                                    __import__("muxtune.executor.backbone", fromlist=["x"])
                                                    .load_backbone("builtin:tiny-llama").model.parameters())
-
-
-def test_accuracy_benchmark_runs_on_a_profile(mini_profile, capsys):
-    from benchmarks import cost_model_accuracy
-
-    _, path = mini_profile
-    result = cost_model_accuracy.main(["--profile", str(path), "--quick", "--steps", "1", "--configs", "1"])
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last == result and last["configs"] == 1
-    assert {"median_error", "max_error", "memory_median_error"} <= set(last)
-    assert all(r["measured_s"] > 0 and r["predicted_s"] > 0 and r["measured_bytes"] > 0 for r in last["results"])
 
 
 def test_cli_profile_errors_exit_2_without_traceback(capsys, tmp_path):

@@ -49,9 +49,13 @@ def build(backbone, seq: int, tasks: list[tuple[str, int, int]], steps: int) -> 
         length = seq - (rank if method == "prompt" else 0)  # prompt slots are part of the row
         specs.append(TaskSpec(name=name, data="synthetic.jsonl", peft=peft_config_for(method, rank, model_type),
                               batch_size=rows, max_seq_len=length, steps=steps, seed=i, lr=1e-4))
+        # lengths vary as real data's do, so the fused batch has padding and attention takes its masked
+        # path, as in any batch of several tasks; one batch = all `rows` examples, so the longest one
+        # is always in it and sets the batch's seq_len
         gen = random.Random(i)
+        lengths = [length] + [gen.randint(max(1, length - 8), length - 1) for _ in range(rows - 1)]
         examples[name] = [Example(ids, list(ids)) for ids in
-                          ([gen.randrange(256) for _ in range(length)] for _ in range(2 * rows))]
+                          ([gen.randrange(256) for _ in range(n)] for n in lengths)]
     return MultiplexedTrainer(backbone, specs, examples)
 
 

@@ -14,7 +14,10 @@ How a step is composed (profile): the whole bare model over (T, span) is measure
 parts `stem`, `layer`, `head` are measured alone, and what the parts miss (the model's own loop,
 mask building) is spread evenly over the layers, so a full single-device step reproduces the
 measured model exactly and a pipeline stage of k layers gets k layers' share. Each task adds its
-measured overhead (spread over the layers too). span = seq_len + the longest prefix in the batch.
+measured overhead (spread over the layers too), less, for the second and later task of a method, the
+part tasks of one method share (one split and concatenation per wrapped op). The first stage's backward is shortened by the batch's
+`skip`: the backward work below the lowest op any of its methods needs a gradient at (the least of its
+methods' measured skips). span = seq_len + the longest prefix in the batch.
 Nothing else in MuxTune holds a timing formula: the planner and simulator call these methods.
 """
 
@@ -228,8 +231,34 @@ class CostModel:
         head = interp1(*self._curve("head", phase, "tokens"), T)
         residual = self._grid("model", phase, T, span) - (stem + L * layer + head)
         tasks = sum(self._task_seconds(t, phase) for t in mb.tasks)
+        # tasks of one method share each wrapped op's split and concatenation: counted once per method
+        for method in {t.method for t in mb.tasks}:
+            count = sum(t.method == method for t in mb.tasks)
+            tasks -= (count - 1) * self._shared_seconds(method, phase)
         per_layer = layer + (residual + tasks) / L
-        return max(layers * per_layer + (stem if first else 0.0) + (head if last else 0.0), 0.0)
+        # the backward stops below the lowest op any task needs a gradient at: the first stage skips that
+        skip = self._batch_skip(mb, "seconds") if first and phase == "bwd" else 0.0
+        return max(layers * per_layer + (stem if first else 0.0) + (head if last else 0.0) - skip, 0.0)
+
+    def _shared_seconds(self, method: str, phase: str) -> float:
+        """The part of one task's overhead that more tasks of its method share (profile rows
+        `fwd_shared` / `bwd_shared`; 0 when the profile has none)."""
+        rows = self.profile.rows("task", f"{phase}_shared")
+        rows = rows[rows["method"] == method]
+        return float(rows["seconds"].median()) if not rows.empty else 0.0
+
+    def _batch_skip(self, mb: MicroBatch, value: str) -> float:
+        """Backward work (or saved bytes) the batch skips below its deepest-reaching method: the least
+        of its methods' measured `skip` at the batch's T. A method without skip rows skips nothing."""
+        skips = []
+        rows = self.profile.rows("task", "skip")
+        for method in {t.method for t in mb.tasks}:
+            mine = rows[rows["method"] == method]
+            if mine.empty:
+                return 0.0
+            rank = max(t.rank for t in mb.tasks if t.method == method)
+            skips.append(max(interp_grid(mine, "tokens", "rank", value, mb.tokens, rank), 0.0))
+        return min(skips) if skips else 0.0
 
     def optimizer_seconds(self, params: int) -> float:
         """One task's AdamW step + gradient clipping."""
@@ -288,6 +317,8 @@ class CostModel:
         self._check(mb)
         if self.profile is not None:
             per_layer = self._grid("layer", "fwd", mb.tokens, mb.span, value="saved_bytes")
+            # the attention mask and rotary tables: one copy shared by every layer of the stage
+            shared = self._grid("stem", "fwd", mb.tokens, mb.span, value="saved_bytes") if layers else 0.0
             # What adapters save is mostly whole-batch storage: a task's slice of an op's input or output
             # is a view that keeps the op's full [T, features] tensor alive, shared by every task of that
             # method on that op. So each method present counts once, at the batch's T and its largest rank.
@@ -302,7 +333,8 @@ class CostModel:
             # inputs of q/k/v, o, gate/up, down, two norms, the attention output and the MLP activation
             per_token = s.dtype_bytes * (6 * s.hidden + (3 if s.gated_mlp else 2) * s.intermediate)
             per_layer = mb.tokens * per_token * self.scale["activation"]
-        return int(max(per_layer, 0.0) * layers)
+            shared = 0.0
+        return int(max(per_layer, 0.0) * layers + max(shared, 0.0))
 
     def head_bytes(self, tokens: int) -> int:
         """Transient memory of the LM head + float loss over `tokens` (logits, softmax, their gradient)."""
@@ -321,9 +353,13 @@ class CostModel:
 
     def step_memory_bytes(self, groups: list[MicroBatch]) -> int:
         """Transient peak of one single-device step above the resident backbone and task states: the
-        largest group's activations + head, plus every task's gradients (kept until the optimizer)."""
+        largest group's activations + head (less what its backward never needs: the batch's `skip`),
+        plus every task's gradients (kept until the optimizer). activation_bytes itself stays the
+        conservative per-stage figure."""
         grads = sum(4 * t.params for mb in groups for t in mb.tasks)
-        live = max(self.activation_bytes(mb, self.shape.n_layers) + self.head_bytes(mb.tokens) for mb in groups)
+        skip = (lambda mb: self._batch_skip(mb, "saved_bytes")) if self.profile is not None else (lambda mb: 0)
+        live = max(self.activation_bytes(mb, self.shape.n_layers) + self.head_bytes(mb.tokens) - skip(mb)
+                   for mb in groups)
         return int(live + grads)
 
     def peak_bytes(self, groups: list[MicroBatch]) -> int:

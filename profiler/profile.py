@@ -6,13 +6,13 @@ them. Rows of the table (column `op`):
 
   layer   one decoder layer, fwd / bwd (dX only: the backbone is frozen), over (tokens, seq_len)
   stem    everything of the backbone's forward that is not a decoder layer (embedding, masks, rotary
-          tables, final norm), fwd, over (tokens, seq_len)
+          tables, final norm), fwd, over (tokens, seq_len); its saved_bytes: the mask and rotary
+          tables the layers save (shared by all layers, so not in a layer's saved_bytes)
   head    LM head + float cross-entropy + per-task loss sums, fwd / bwd, over tokens
   model   the whole bare backbone + head, fwd / bwd, over (tokens, seq_len): ties the parts together
   task    what ONE task of `method` at `rank` adds to the whole model (all layers) when its `tokens`
           ride in the fused batch: measured with the task attached minus the bare model, paired
-          (fwd / bwd); phase `step`: the rest of the task's real trainer step (optimizer, clipping,
-          schedule, sampling, fusing) beyond its fused forward and backward
+          (phases fwd, bwd, skip, step: see measure_tasks)
   optimizer  one task's AdamW step + gradient clipping + zero_grad, over its trainable `params`
   p2p / allreduce  between 2 processes (gloo on CPU; NCCL when 2 GPUs are visible), over `nbytes`
 
@@ -64,7 +64,7 @@ GRIDS = {
               "warmup": 2, "repeats": 7},
     "full": {"layer": {32: [256, 1024, 4096], 128: [256, 1024, 4096, 8192], 512: [1024, 4096, 8192],
                        2048: [2048, 8192]},
-             "task_seq": 128, "task_rows": [1, 4, 16],
+             "task_seq": 128, "task_rows": [2, 4, 16],
              "ranks": {"lora": [4, 16, 64], "dora": [4, 16, 64], "adapter": [16, 64, 256],
                        "prefix": [8, 32, 128], "prompt": [8, 32, 96], "ia3": [0], "bitfit": [0]},
              "params": [1_000, 30_000, 300_000, 3_000_000, 30_000_000],
@@ -404,7 +404,12 @@ def measure_backbone(model, device: str, grid: dict, warmup: int, repeats: int, 
                 return (out[0] if isinstance(out, tuple) else out), grad
 
             f, b = fwd_bwd_seconds(layer_fwd, device, warmup, repeats)
-            saved = saved_bytes(layer_fwd, weights)
+            # the mask and rotary tables are built once per forward and shared by every layer: count
+            # them once (on the stem row), not once per layer
+            shared = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args[1:], kwargs))
+                      if isinstance(t, torch.Tensor)}
+            saved = saved_bytes(layer_fwd, weights | shared)
+            saved_shared = saved_bytes(layer_fwd, weights) - saved
             peak = peak_bytes(lambda: torch.autograd.backward(*layer_fwd()), device)
             rows += [_row("layer", "fwd", f, tokens, seq, saved=saved, peak=peak),
                      _row("layer", "bwd", b, tokens, seq)]
@@ -417,7 +422,7 @@ def measure_backbone(model, device: str, grid: dict, warmup: int, repeats: int, 
                                                                 use_cache=False), device, warmup, repeats)
             finally:
                 setattr(parent, attr, layers)
-            rows.append(_row("stem", "fwd", s, tokens, seq))
+            rows.append(_row("stem", "fwd", s, tokens, seq, saved=saved_shared))
 
             f, b = fwd_bwd_seconds(lambda: bare_model_loss(model, ids, mask), device, warmup, repeats)
             rows += [_row("model", "fwd", f, tokens, seq), _row("model", "bwd", b, tokens, seq)]
@@ -435,60 +440,124 @@ def measure_backbone(model, device: str, grid: dict, warmup: int, repeats: int, 
 
 
 def measure_tasks(backbone, device: str, spec: dict, warmup: int, repeats: int, bar) -> list[dict]:
-    """Each (method, rank, rows): the fused step with that one task attached vs the bare model, paired
-    call by call so load on the machine hits both alike; the difference is the task's overhead."""
-    from muxtune.executor.data import Example, fuse
-    from muxtune.executor.trainer import MultiplexedTrainer
-    from muxtune.spec import TaskSpec
-
+    """Each (method, rank, rows): the fused step with that one task attached vs the bare model on the
+    same batch, in alternation so load on the machine hits both alike. Rows per point:
+      fwd   forward with the task minus the bare forward
+      bwd   backward with the task, run as deep as the bare one (input embeddings requiring grad),
+            minus the bare backward: the task's own backward work
+      skip  how much less the real backward does: it stops below the lowest op this method needs a
+            gradient at (seconds; saved_bytes: tensors not kept for backward). A batch skips what
+            the deepest-reaching of its methods allows, so the cost model counts this once per batch.
+      step  the rest of the task's real trainer step: optimizer, clipping, schedule, sampling, fusing
+    """
     model, seq, out = backbone.model, spec["task_seq"], []
-    model_type = model.config.model_type
+    embed = model.get_input_embeddings()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     for method, ranks in spec["ranks"].items():
+        # a difference of four timings: three times the repeats to keep its noise near the others'
+        out += measure_shared(backbone, device, method, ranks[0], spec["task_rows"][0], seq, warmup, 3 * repeats)
         for rank in ranks:
             for n_rows in spec["task_rows"]:
-                peft = peft_config_for(method, rank, model_type)
-                lead = rank if method == "prompt" else 0
-                length = seq - lead
-                ids, mask = synthetic_batch(n_rows, seq, device)
-                task = TaskSpec(name="probe", data="probe.jsonl", peft=peft, batch_size=n_rows,
-                                max_seq_len=length, steps=1_000_000, seed=0)
-                gen = random.Random(0)
-                examples = [Example(ids, list(ids)) for ids in
-                            ([gen.randrange(256) for _ in range(length)] for _ in range(n_rows))]
-                trainer = MultiplexedTrainer(backbone, [task], {"probe": examples})
+                trainer, batch = probe_trainer(backbone, device, method, rank, n_rows, seq, count=1)
+                run = trainer.runs["probe0"]
                 try:
-                    batch = fuse({"probe": examples}, backbone.tokenizer.pad_token_id, device,
-                                 lead={"probe": lead})
-                    params = sum(p.numel() for p in trainer.runs["probe"].parameters())
+                    params = sum(p.numel() for p in run.parameters())
 
                     def with_task():
                         return torch.stack(list(trainer.task_losses(batch, training=True).values())).sum()
 
-                    tf, tb, bf, bb, ts = [], [], [], [], []
+                    def with_task_full_depth():
+                        handle = embed.register_forward_hook(lambda m, a, output: output.detach().requires_grad_())
+                        try:
+                            return with_task()
+                        finally:
+                            handle.remove()
+
+                    def bare():
+                        return bare_model_loss(model, batch.input_ids, batch.attention_mask)
+
+                    times = {k: [] for k in ("f1", "b1", "f2", "b2", "f0", "b0", "step")}
                     for i in range(warmup + repeats):
                         f1, b1 = fwd_bwd_seconds(with_task, device, 0, 1)
-                        f0, b0 = fwd_bwd_seconds(lambda: bare_model_loss(model, ids, mask), device, 0, 1)
-                        trainer.runs["probe"].optimizer.zero_grad(set_to_none=True)
+                        f2, b2 = fwd_bwd_seconds(with_task_full_depth, device, 0, 1)
+                        f0, b0 = fwd_bwd_seconds(bare, device, 0, 1)
+                        run.optimizer.zero_grad(set_to_none=True)
                         step = median_seconds(trainer.step, device, 0, 1)  # the real training step
                         if i >= warmup:
-                            tf.append(f1), tb.append(b1), bf.append(f0), bb.append(b0), ts.append(step)
-                    adapter = trainer.runs["probe"].adapter
-                    weights = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *adapter.parameters()]}
-                    saved = adapter_saved_bytes(adapter, lambda: with_task().backward(), weights)
-                    trainer.runs["probe"].optimizer.zero_grad(set_to_none=True)
+                            for k, v in zip(times, (f1, b1, f2, b2, f0, b0, step)):
+                                times[k].append(v)
+                    m = {k: statistics.median(v) for k, v in times.items()}
+                    mine = weights | {p.untyped_storage().data_ptr() for p in run.adapter.parameters()}
+                    saved = adapter_saved_bytes(run.adapter, lambda: with_task().backward(), mine)
+                    saved_skip = (saved_bytes(lambda: with_task_full_depth().backward(), mine)
+                                  - saved_bytes(lambda: with_task().backward(), mine))
+                    run.optimizer.zero_grad(set_to_none=True)
                 finally:
-                    trainer.mux.remove_task("probe")
+                    trainer.mux.remove_task("probe0")
                 tokens = n_rows * seq
-                fwd = statistics.median(tf) - statistics.median(bf)
-                bwd = statistics.median(tb) - statistics.median(bb)
-                # phase "step": what the task's training step costs beyond its fused forward and backward
-                # (its optimizer, clipping, schedule, sampling and fusing its rows)
-                rest = statistics.median(ts) - statistics.median(tf) - statistics.median(tb)
-                out += [_row("task", "fwd", fwd, tokens, seq, method, rank, params, saved=saved),
-                        _row("task", "bwd", bwd, tokens, seq, method, rank, params),
-                        _row("task", "step", rest, tokens, seq, method, rank, params)]
+                out += [_row("task", "fwd", m["f1"] - m["f0"], tokens, seq, method, rank, params, saved=saved),
+                        _row("task", "bwd", m["b2"] - m["b0"], tokens, seq, method, rank, params),
+                        _row("task", "skip", m["b2"] - m["b1"], tokens, seq, method, rank, params, saved=saved_skip),
+                        _row("task", "step", m["step"] - m["f1"] - m["b1"], tokens, seq, method, rank, params)]
                 bar.update(1)
     return out
+
+
+def probe_trainer(backbone, device: str, method: str, rank: int, n_rows: int, seq: int, count: int,
+                  name: str = "probe"):
+    """A trainer with `count` tasks of one method (n_rows rows of seq slots each) and their fused batch.
+    Each task's last row is one token shorter: padding, as a fused batch of several tasks has."""
+    from muxtune.executor.data import Example, fuse
+    from muxtune.executor.trainer import MultiplexedTrainer
+    from muxtune.spec import TaskSpec
+
+    peft = peft_config_for(method, rank, backbone.model.config.model_type)
+    lead = rank if method == "prompt" else 0
+    length = seq - lead
+    specs, examples = [], {}
+    for i in range(count):
+        specs.append(TaskSpec(name=f"{name}{i}", data="probe.jsonl", peft=peft, batch_size=n_rows, max_seq_len=length,
+                              steps=1_000_000, seed=i))
+        gen = random.Random(i)
+        lengths = [length] * (n_rows - 1) + [length - 1 if n_rows > 1 else length]
+        examples[f"{name}{i}"] = [Example(ids, list(ids)) for ids in
+                                  ([gen.randrange(256) for _ in range(n)] for n in lengths)]
+    trainer = MultiplexedTrainer(backbone, specs, examples)
+    batch = fuse(examples, backbone.tokenizer.pad_token_id, device, lead={task: lead for task in examples})
+    return trainer, batch
+
+
+def measure_shared(backbone, device: str, method: str, rank: int, n_rows: int, seq: int, warmup: int,
+                   repeats: int) -> list[dict]:
+    """The part of a method's overhead that tasks of that method share when fused together (one split
+    and one concatenation per wrapped op, whatever the number of tasks): with O1 the overhead of one
+    task and O2 that of two such tasks, each O = shared + per-task, so shared = 2*O1 - O2."""
+    model = backbone.model
+    one, batch1 = probe_trainer(backbone, device, method, rank, n_rows, seq, count=1, name="solo")
+    try:
+        two, batch2 = probe_trainer(backbone, device, method, rank, n_rows, seq, count=2, name="pair")
+    except BaseException:
+        one.mux.remove_task("solo0")
+        raise
+    loss = lambda tr, b: lambda: torch.stack(list(tr.task_losses(b, training=True).values())).sum()  # noqa: E731
+    bare = lambda b: lambda: bare_model_loss(model, b.input_ids, b.attention_mask)  # noqa: E731
+    calls = [loss(one, batch1), bare(batch1), loss(two, batch2), bare(batch2)]
+    times = [([], []) for _ in calls]
+    try:
+        for i in range(warmup + repeats):
+            for (fs, bs), call in zip(times, calls):
+                f, b = fwd_bwd_seconds(call, device, 0, 1)
+                if i >= warmup:
+                    fs.append(f), bs.append(b)
+    finally:
+        for name in ("solo0", "pair0", "pair1"):
+            one.mux.remove_task(name)
+    rows = []
+    for k, phase in enumerate(("fwd_shared", "bwd_shared")):
+        m = [statistics.median(t[k]) for t in times]
+        shared = 2 * (m[0] - m[1]) - (m[2] - m[3])
+        rows.append(_row("task", phase, shared, n_rows * seq, seq, method, rank))
+    return rows
 
 
 def measure_optimizer(device: str, counts: list[int], tensors: int, warmup: int, repeats: int, bar) -> list[dict]:

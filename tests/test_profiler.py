@@ -40,6 +40,9 @@ def test_grid_interpolation_is_exact_for_the_layer_cost_form():
 
 LAYER = lambda t, s, ph: (1e-4 + 2e-6 * t + 3e-9 * t * s) * (2 if ph == "bwd" else 1)  # noqa: E731
 MODEL_EXTRA = 5e-4  # what the whole model costs beyond its measured parts
+SKIP = {"lora": lambda t: 1e-5 + 1e-8 * t, "ia3": lambda t: 2e-5 + 2e-8 * t}  # backward below the method
+SKIP_BYTES = {"lora": 30, "ia3": 20}
+SHARED = {"fwd": 3e-5, "bwd": 1e-5}
 TASK = {"lora": lambda t, r, ph: 1e-4 + 1e-8 * t * r, "ia3": lambda t, r, ph: 5e-5 + 1e-8 * t}
 
 
@@ -60,8 +63,11 @@ def synthetic_profile(device="cpu", device_name="Test CPU") -> prof.Profile:
             for t in (64, 256):
                 for ph in ("fwd", "bwd"):
                     rows.append(prof._row("task", ph, TASK[method](t, r, ph), t, 32, method, r, 100, saved=10 * t))
+                rows.append(prof._row("task", "skip", SKIP[method](t), t, 32, method, r, 100, saved=SKIP_BYTES[method] * t))
                 if method == "lora":  # the rest of a real step: optimizer at 100 params + 2e-4 s of host work
                     rows.append(prof._row("task", "step", 1e-4 + 1e-9 * 100 + 2e-4, t, 32, method, r, 100))
+    # what a second LoRA task shares with the first (one split/cat per wrapped op)
+    rows += [prof._row("task", f"{ph}_shared", SHARED[ph], 64, 32, "lora", 4) for ph in ("fwd", "bwd")]
     rows += [prof._row("optimizer", "step", 1e-4 + 1e-9 * p, params=p) for p in (1000, 100_000)]
     rows += [prof._row(op, "comm", 2e-5 + n / 1e9, nbytes=n, world=2) for op in ("p2p", "allreduce")
              for n in (1000, 1_000_000)]
@@ -78,8 +84,10 @@ def test_from_profile_composes_a_fused_step_from_parts_at_unmeasured_shapes():
     mb = MicroBatch((a, b), 50)
     t, s = 500, 50
     for ph, fn in (("fwd", cm.forward_seconds), ("bwd", cm.backward_seconds)):
+        # the batch's backward skips the smaller of its methods' skips, at the batch's 500 tokens
+        skip = min(SKIP["lora"](t), SKIP["ia3"](t)) if ph == "bwd" else 0.0
         whole = (SHAPE.n_layers * LAYER(t, s, ph) + (1e-5 * t / 64 if ph == "fwd" else 0) + 4e-7 * t
-                 + MODEL_EXTRA + TASK["lora"](300, 8, ph) + TASK["ia3"](200, 0, ph))
+                 + MODEL_EXTRA + TASK["lora"](300, 8, ph) + TASK["ia3"](200, 0, ph) - skip)
         assert fn(mb, SHAPE.n_layers, True, True) == pytest.approx(whole, rel=1e-9)
         # pipeline stages (first 1 layer + embedding, last 3 layers + head) add up to the single-device step
         assert fn(mb, 1, first=True) + fn(mb, 3, last=True) == pytest.approx(whole, rel=1e-9)
@@ -89,6 +97,12 @@ def test_from_profile_composes_a_fused_step_from_parts_at_unmeasured_shapes():
     step = cm.forward_seconds(mb, 4, True, True) + cm.backward_seconds(mb, 4, True, True) + opt
     assert cm.step_seconds([mb]) == pytest.approx(step, rel=1e-9)
     assert cm.step_seconds([mb, mb]) == pytest.approx(2 * step, rel=1e-9)
+    # a second LoRA task adds its own overhead but not the part LoRA tasks share
+    a2 = TaskLoad("lora", 16, 100, 9000)
+    mb2 = MicroBatch((a, b, a2), 50)
+    for ph, fn in (("fwd", cm.forward_seconds), ("bwd", cm.backward_seconds)):
+        extra = fn(mb2, 4, True, True) - fn(MicroBatch((a, b, TaskLoad("ia3", 0, 100, 0)), 50), 4, True, True)
+        assert extra == pytest.approx(TASK["lora"](100, 16, ph) - TASK["ia3"](100, 0, ph) - SHARED[ph], rel=1e-6)
 
 
 def test_from_profile_links_memory_and_errors():
@@ -102,7 +116,7 @@ def test_from_profile_links_memory_and_errors():
     assert cm.boundary_bytes(mb) == 300 * 64 * 4
     # layers' saved tensors (1000 B/token) + the task's own (10 B/token over the whole model)
     assert cm.activation_bytes(mb, 4) == pytest.approx(4 * 1000 * 300 + 10 * 300, rel=1e-6)
-    assert cm.step_memory_bytes([mb]) == cm.activation_bytes(mb, 4) + 300 * 1040 + 4 * 5000
+    assert cm.step_memory_bytes([mb]) == cm.activation_bytes(mb, 4) + 300 * 1040 - 30 * 300 + 4 * 5000
     with pytest.raises(MuxTuneError, match="'prefix' was not profiled"):
         cm.step_seconds([MicroBatch((TaskLoad("prefix", 8, 64, 10),), 32)])
     with pytest.raises(MuxTuneError, match="unknown method"):
@@ -240,7 +254,7 @@ def test_quick_profile_measures_every_op_on_the_real_backbone(mini_profile):
     p, _ = mini_profile
     t = p.table
     assert set(t["op"]) == {"layer", "stem", "model", "head", "task", "optimizer", "p2p", "allreduce"}
-    assert len(p.rows("layer", "fwd")) == 4 and len(p.rows("task")) == 3 * 5 * 2
+    assert len(p.rows("layer", "fwd")) == 4 and len(p.rows("task")) == 4 * 5 * 2 + 2 * 4
     assert (p.rows("layer")["seconds"] > 0).all() and (p.rows("model")["seconds"] > 0).all()
     layer = p.rows("layer", "fwd").set_index(["tokens", "seq_len"])
     # saved activations grow with tokens and with the attention span

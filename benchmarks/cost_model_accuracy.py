@@ -20,12 +20,12 @@ import random
 import statistics
 
 import torch
-
 from muxtune.executor.backbone import load_backbone
 from muxtune.executor.data import Example
 from muxtune.executor.trainer import MultiplexedTrainer
 from muxtune.profiler.cost_model import CostModel, MicroBatch, TaskLoad
 from muxtune.profiler.profile import load_or_profile, peak_bytes, peft_config_for
+
 from muxtune.spec import TaskSpec
 
 # (name, seq_len, [(method, rank, rows), ...]): none of these (tokens, rank, mix) is a profile point

@@ -23,6 +23,7 @@ Nothing else in MuxTune holds a timing formula: the planner and simulator call t
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,10 +75,10 @@ class ModelShape:
     tied_embeddings: bool = False
 
     @classmethod
-    def from_config(cls, config, dtype=None) -> "ModelShape":
+    def from_config(cls, config, dtype=None) -> ModelShape:
         import torch
 
-        get = lambda *names, default=None: next((getattr(config, n) for n in names  # noqa: E731
+        get = lambda *names, default=None: next((getattr(config, n) for n in names
                                                  if getattr(config, n, None) is not None), default)
         hidden = get("hidden_size", "n_embd")
         heads = get("num_attention_heads", "n_head")
@@ -136,7 +137,8 @@ def hardware(name: str) -> dict:
     catalog = load_catalog()
     key = name.lower().removesuffix(" (analytic)")
     for row in catalog.to_dict("records"):
-        if key == row["name"] or any(m.lower() in key for m in row["match"].split("|")):
+        # whole words, so 'NVIDIA L40S' is not taken for an L4
+        if key == row["name"] or any(re.search(rf"\b{re.escape(m.lower())}\b", key) for m in row["match"].split("|")):
             return row
     raise MuxTuneError(f"hardware: {name!r} is not in the catalog ({CATALOG.name}); choose from "
                        + ", ".join(catalog["name"]))
@@ -158,7 +160,7 @@ class CostModel:
     # constructors
 
     @classmethod
-    def from_profile(cls, profile) -> "CostModel":
+    def from_profile(cls, profile) -> CostModel:
         from muxtune.profiler.profile import Profile
 
         if not isinstance(profile, Profile):
@@ -176,11 +178,11 @@ class CostModel:
         return cls(shape, device, profile=profile, hw=hw, weight_bytes=meta["weight_bytes"])
 
     @classmethod
-    def analytic(cls, hardware_name: str, shape: ModelShape) -> "CostModel":
+    def analytic(cls, hardware_name: str, shape: ModelShape) -> CostModel:
         hw = hardware(hardware_name)
         return cls(shape, f"{hw['name']} (analytic)", hw=hw)
 
-    def calibrate(self, profile) -> "CostModel":
+    def calibrate(self, profile) -> CostModel:
         """Scale this analytic model by how far a real GPU profile sits from the roofline of its own GPU
         (per op family: layers, head, task overheads, optimizer); returns self."""
         if self.profile is not None:
@@ -278,7 +280,7 @@ class CostModel:
         if world <= 1:
             return 0.0
         if self._has("allreduce"):
-            t2 = lambda n: max(interp1(*self._curve("allreduce", "comm", "nbytes"), n), 0.0)  # noqa: E731
+            t2 = lambda n: max(interp1(*self._curve("allreduce", "comm", "nbytes"), n), 0.0)
             return (world - 1) * t2(2 * nbytes / world)
         return (world - 1) * self._analytic_link(2 * nbytes / world)
 

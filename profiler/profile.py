@@ -147,7 +147,7 @@ class Profile:
         return path
 
     @classmethod
-    def load(cls, path: Path) -> "Profile":
+    def load(cls, path: Path) -> Profile:
         path = Path(path)
         try:
             first = path.open(encoding="utf-8").readline()
@@ -509,6 +509,7 @@ def probe_trainer(backbone, device: str, method: str, rank: int, n_rows: int, se
     Each task's last row is one token shorter: padding, as a fused batch of several tasks has."""
     from muxtune.executor.data import Example, fuse
     from muxtune.executor.trainer import MultiplexedTrainer
+
     from muxtune.spec import TaskSpec
 
     peft = peft_config_for(method, rank, backbone.model.config.model_type)
@@ -539,8 +540,8 @@ def measure_shared(backbone, device: str, method: str, rank: int, n_rows: int, s
     except BaseException:
         one.mux.remove_task("solo0")
         raise
-    loss = lambda tr, b: lambda: torch.stack(list(tr.task_losses(b, training=True).values())).sum()  # noqa: E731
-    bare = lambda b: lambda: bare_model_loss(model, b.input_ids, b.attention_mask)  # noqa: E731
+    loss = lambda tr, b: lambda: torch.stack(list(tr.task_losses(b, training=True).values())).sum()
+    bare = lambda b: lambda: bare_model_loss(model, b.input_ids, b.attention_mask)
     calls = [loss(one, batch1), bare(batch1), loss(two, batch2), bare(batch2)]
     times = [([], []) for _ in calls]
     try:
@@ -653,10 +654,9 @@ def layer_param_bytes(model) -> dict:
 def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype: torch.dtype = torch.float32,
                 comm: bool = True, progress: bool = True) -> Profile:
     """Measure every op of the table on `device` for `model_name` (a builtin preset or a HF model dir)."""
-    from tqdm.auto import tqdm
-
     from muxtune.executor.backbone import load_backbone
     from muxtune.profiler.cost_model import ModelShape
+    from tqdm.auto import tqdm
 
     if mode not in GRIDS:
         raise MuxTuneError(f"profile mode: expected one of {sorted(GRIDS)}, got {mode!r}")
@@ -698,7 +698,7 @@ def load_or_profile(model_name: str, device: str = "cpu", mode: str = "quick", d
 
         try:
             config = AutoConfig.from_pretrained(model_name)
-        except Exception as exc:
+        except Exception as exc:  # transformers raises OSError/ValueError/... for a bad id or dir
             raise MuxTuneError(f"model: cannot load {model_name!r}: {exc}") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MuxTuneError(f"devices: {device!r} requested but no CUDA device is available here")

@@ -34,7 +34,11 @@ from muxtune.errors import MuxTuneError
 
 CATALOG = Path(__file__).with_name("hardware.csv")
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight + grad + exp_avg + exp_avg_sq
-METHODS = ("lora", "dora", "ia3", "adapter", "prefix", "prompt", "bitfit")
+# how each method meets the backbone (executor/peft/*.py SHAPE): methods of one shape on their default
+# targets keep the same backbone tensors alive
+METHOD_SHAPES = {"lora": "parallel", "dora": "parallel", "ia3": "scaling", "adapter": "serial",
+                 "bitfit": "bias", "prefix": "attention prefix", "prompt": "input"}
+METHODS = tuple(METHOD_SHAPES)
 
 
 @dataclass(frozen=True)
@@ -322,14 +326,21 @@ class CostModel:
             # the attention mask and rotary tables: one copy shared by every layer of the stage
             shared = self._grid("stem", "fwd", mb.tokens, mb.span, value="saved_bytes") if layers else 0.0
             # What adapters save is mostly whole-batch storage: a task's slice of an op's input or output
-            # is a view that keeps the op's full [T, features] tensor alive, shared by every task of that
-            # method on that op. So each method present counts once, at the batch's T and its largest rank.
+            # is a view that keeps the op's full [T, features] tensor alive. So each method counts once,
+            # at the batch's T and its largest rank; and the backbone tensors it keeps (`batch_bytes`:
+            # the op inputs of LoRA and DoRA, the op outputs of IA3 ...) count once per shape of method.
             rows = self.profile.rows("task", "fwd")
+            kept: dict[str, float] = {}
             for method in {t.method for t in mb.tasks}:
                 mine = rows[rows["method"] == method]
                 if not mine.empty:
                     rank = max(t.rank for t in mb.tasks if t.method == method)
-                    per_layer += interp_grid(mine, "tokens", "rank", "saved_bytes", mb.tokens, rank) / self.shape.n_layers
+                    saved = interp_grid(mine, "tokens", "rank", "saved_bytes", mb.tokens, rank)
+                    batch = interp_grid(mine, "tokens", "rank", "batch_bytes", mb.tokens, rank)
+                    shape = METHOD_SHAPES.get(method, method)
+                    per_layer += (saved - batch) / self.shape.n_layers
+                    kept[shape] = max(kept.get(shape, 0.0), batch)
+            per_layer += sum(kept.values()) / self.shape.n_layers
         else:
             s = self.shape
             # inputs of q/k/v, o, gate/up, down, two norms, the attention output and the MLP activation

@@ -18,7 +18,8 @@ them. Rows of the table (column `op`):
 
 Timing: warm-up calls, then `repeats` timed calls, median; on CUDA the device is synchronized around
 each timed region. Memory: `saved_bytes` are the tensors autograd keeps for backward (counted with
-saved-tensor hooks, any device; for a task: those saved inside its adapter code); `peak_bytes` is the most memory allocated on top of what was live
+saved-tensor hooks, any device; for a task: those saved inside its adapter code, `batch_bytes` being
+the backbone's own tensors among them); `peak_bytes` is the most memory allocated on top of what was live
 before the op (CUDA: max_memory_allocated; CPU: a dispatch-mode tally of live tensor storages).
 """
 
@@ -43,7 +44,7 @@ from torch import nn
 from muxtune.errors import MuxTuneError
 
 COLUMNS = ["op", "phase", "tokens", "seq_len", "method", "rank", "params", "nbytes", "world",
-           "seconds", "saved_bytes", "peak_bytes"]
+           "seconds", "saved_bytes", "batch_bytes", "peak_bytes"]
 HEADER = "# muxtune-profile "  # first line of a profile CSV: this marker + the JSON metadata
 REPO_PROFILES = Path(__file__).resolve().parent.parent / "profiles"  # shipped profiles (in the repo)
 
@@ -262,11 +263,13 @@ def saved_bytes(fn, exclude: set[int]) -> int:
     return sum(seen.values())
 
 
-def adapter_saved_bytes(adapter, fn, exclude: set[int]) -> int:
-    """Bytes of the distinct storages autograd saves inside one task's adapter code (its layers'
-    aggregate/dispatch, its sequence module) while `fn` runs. A saved slice of the batch counts with
-    its whole storage: that is what it keeps alive."""
+def adapter_saved_bytes(adapter, fn, exclude: set[int]) -> tuple[int, int]:
+    """(all, batch) bytes of the distinct storages autograd saves inside one task's adapter code (its
+    layers' aggregate/dispatch, its sequence module) while `fn` runs. A saved slice of the batch counts
+    with its whole storage: that is what it keeps alive. `batch`: the part that is the backbone's own
+    tensors handed to the adapter (an op's input or output), which tasks of the same shape share."""
     seen: dict[int, int] = {}
+    handed: set[int] = set()
 
     def pack(t):
         st = t.untyped_storage()
@@ -276,6 +279,7 @@ def adapter_saved_bytes(adapter, fn, exclude: set[int]) -> int:
 
     def counting(call):
         def wrapped(*args, **kwargs):
+            handed.update(a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor))
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 return call(*args, **kwargs)
         return wrapped
@@ -289,7 +293,7 @@ def adapter_saved_bytes(adapter, fn, exclude: set[int]) -> int:
     finally:
         for module, name in patched:
             del module.__dict__[name]
-    return sum(seen.values())
+    return sum(seen.values()), sum(n for ptr, n in seen.items() if ptr in handed)
 
 
 # --- the backbone pieces -----------------------------------------------------------------------------
@@ -382,9 +386,10 @@ def fwd_bwd_seconds(forward, device: str, warmup: int, repeats: int) -> tuple[fl
 
 
 def _row(op, phase, seconds, tokens=0, seq_len=0, method="", rank=0, params=0, nbytes=0, world=0,
-         saved=0, peak=0) -> dict:
-    return dict(op=op, phase=phase, tokens=tokens, seq_len=seq_len, method=method, rank=rank, params=params,
-                nbytes=nbytes, world=world, seconds=seconds, saved_bytes=saved, peak_bytes=peak)
+         saved=0, batch=0, peak=0) -> dict:
+    return {"op": op, "phase": phase, "tokens": tokens, "seq_len": seq_len, "method": method, "rank": rank,
+            "params": params, "nbytes": nbytes, "world": world, "seconds": seconds, "saved_bytes": saved,
+            "batch_bytes": batch, "peak_bytes": peak}
 
 
 def measure_backbone(model, device: str, grid: dict, warmup: int, repeats: int, bar) -> list[dict]:
@@ -488,14 +493,15 @@ def measure_tasks(backbone, device: str, spec: dict, warmup: int, repeats: int, 
                                 times[k].append(v)
                     m = {k: statistics.median(v) for k, v in times.items()}
                     mine = weights | {p.untyped_storage().data_ptr() for p in run.adapter.parameters()}
-                    saved = adapter_saved_bytes(run.adapter, lambda: with_task().backward(), mine)
+                    saved, batch_saved = adapter_saved_bytes(run.adapter, lambda: with_task().backward(), mine)
                     saved_skip = (saved_bytes(lambda: with_task_full_depth().backward(), mine)
                                   - saved_bytes(lambda: with_task().backward(), mine))
                     run.optimizer.zero_grad(set_to_none=True)
                 finally:
                     trainer.mux.remove_task("probe0")
                 tokens = n_rows * seq
-                out += [_row("task", "fwd", m["f1"] - m["f0"], tokens, seq, method, rank, params, saved=saved),
+                out += [_row("task", "fwd", m["f1"] - m["f0"], tokens, seq, method, rank, params, saved=saved,
+                             batch=batch_saved),
                         _row("task", "bwd", m["b2"] - m["b0"], tokens, seq, method, rank, params),
                         _row("task", "skip", m["b2"] - m["b1"], tokens, seq, method, rank, params, saved=saved_skip),
                         _row("task", "step", m["step"] - m["f1"] - m["b1"], tokens, seq, method, rank, params)]

@@ -68,7 +68,8 @@ def synthetic_profile(device="cpu", device_name="Test CPU") -> prof.Profile:
         for r in ranks:
             for t in (64, 256):
                 for ph in ("fwd", "bwd"):
-                    rows.append(prof._row("task", ph, TASK[method](t, r, ph), t, 32, method, r, 100, saved=10 * t))
+                    rows.append(prof._row("task", ph, TASK[method](t, r, ph), t, 32, method, r, 100, saved=10 * t,
+                                          batch=8 * t if ph == "fwd" else 0))
                 rows.append(prof._row("task", "skip", SKIP[method](t), t, 32, method, r, 100, saved=SKIP_BYTES[method] * t))
                 if method == "lora":  # the rest of a real step: optimizer at 100 params + 2e-4 s of host work
                     rows.append(prof._row("task", "step", 1e-4 + 1e-9 * 100 + 2e-4, t, 32, method, r, 100))
@@ -109,6 +110,24 @@ def test_from_profile_composes_a_fused_step_from_parts_at_unmeasured_shapes():
     for ph, fn in (("fwd", cm.forward_seconds), ("bwd", cm.backward_seconds)):
         extra = fn(mb2, 4, True, True) - fn(MicroBatch((a, b, TaskLoad("ia3", 0, 100, 0)), 50), 4, True, True)
         assert extra == pytest.approx(TASK["lora"](100, 16, ph) - TASK["ia3"](100, 0, ph) - SHARED[ph], rel=1e-6)
+
+
+def test_methods_of_one_shape_keep_the_same_backbone_tensors_alive_once():
+    """LoRA and DoRA (both 'parallel') keep the same op inputs alive: counted once; IA3 ('scaling')
+    keeps other tensors: counted on its own. What each adapter makes itself counts per method."""
+    from muxtune.executor.peft import METHODS
+    from muxtune.profiler.cost_model import METHOD_SHAPES
+
+    assert METHOD_SHAPES == {name: module.SHAPE for name, module in METHODS.items()}
+    p = synthetic_profile()
+    lora = p.table[p.table["method"] == "lora"]
+    p = prof.Profile(pd.concat([p.table, lora.assign(method="dora")], ignore_index=True), p.meta)
+    cm = CostModel.from_profile(p)
+    T, layers = 300, 4 * 1000 * 300
+    one = lambda *methods: MicroBatch(tuple(TaskLoad(m, 8, T // len(methods), 10) for m in methods), 50)
+    assert cm.activation_bytes(one("lora"), 4) == pytest.approx(layers + 10 * T, rel=1e-6)
+    assert cm.activation_bytes(one("lora", "dora"), 4) == pytest.approx(layers + 2 * 2 * T + 8 * T, rel=1e-6)
+    assert cm.activation_bytes(one("lora", "ia3"), 4) == pytest.approx(layers + 2 * 10 * T, rel=1e-6)
 
 
 def test_from_profile_links_memory_and_errors():
@@ -272,6 +291,8 @@ def test_quick_profile_measures_every_op_on_the_real_backbone(mini_profile):
     head = p.rows("head", "fwd")
     assert (head["peak_bytes"] >= head["tokens"] * 260 * 4).all()  # at least the float logits
     lora = p.rows("task", "fwd").query("method == 'lora'").set_index(["rank", "tokens"])
+    # LoRA keeps its op's input alive (the backbone's tensor) besides its own rank-r activations
+    assert 0 < lora.loc[(8, 32), "batch_bytes"] < lora.loc[(8, 32), "saved_bytes"]
     assert lora.loc[(8, 32), "params"] == 2 * 8 * ((64 + 64) + (64 + 32))  # A, B on q (64->64), v (64->32 kv)
     assert p.meta["fingerprint"]["model"] == "builtin:tiny-llama" and p.meta["shape"]["n_layers"] == 2
     assert set(p.rows("p2p")["nbytes"]) == {4096, 65536} and (p.rows("allreduce")["seconds"] > 0).all()

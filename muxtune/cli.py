@@ -98,6 +98,28 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    import re
+
+    import torch
+
+    from muxtune.profiler.profile import load_or_profile
+    from muxtune.run import DTYPES
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.devices):
+        raise MuxTuneError(f"--devices: expected 'cpu', 'cuda' or 'cuda:N', got {args.devices!r}")
+    device = "cuda:0" if args.devices == "cuda" else args.devices
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    profile, path, reused = load_or_profile(args.model, device, args.mode, DTYPES[args.dtype],
+                                            out=args.out, refresh=args.refresh, progress=not args.no_progress)
+    fp = profile.meta["fingerprint"]
+    how = "reused cached profile" if reused else f"measured {len(profile.table)} points ({args.mode})"
+    print(f"{how} for {fp['model']} on {fp['device_name']} (threads {fp['threads']}, torch {fp['torch']})")
+    print(f"wrote {path}" if not reused else f"profile: {path}")
+    return 0
+
+
 def _add_run_args(p: argparse.ArgumentParser, optional_config: bool) -> None:
     if optional_config:
         p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
@@ -140,6 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("task")
     p.set_defaults(fn=cmd_cancel)
+    p = sub.add_parser("profile", help="measure op costs on this device -> a profile CSV (cached by fingerprint)")
+    p.add_argument("--model", default="builtin:tiny-llama", help="builtin:<preset> or a local HF model dir")
+    p.add_argument("--devices", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--mode", choices=["quick", "full"], default="full", help="quick: few points (tests)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--threads", type=int, help="CPU threads to measure with (part of the fingerprint)")
+    p.add_argument("--out", help="profile CSV to write (default: the user cache, ~/.cache/muxtune/profiles)")
+    p.add_argument("--refresh", action="store_true", help="measure even if a cached profile matches")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_profile)
     args = parser.parse_args(argv)
     return _guard(args.fn, args)
 

@@ -1,0 +1,129 @@
+"""CostModel accuracy: predicted vs measured time and peak memory of whole multiplexed training steps.
+
+    python -m benchmarks.cost_model_accuracy [--model builtin:tiny-llama] [--devices cpu|cuda] [--quick]
+
+The profile of this device (cached by fingerprint, else measured now) builds `CostModel.from_profile`.
+Then real `MultiplexedTrainer` steps run for fused configurations that are NOT profile points (other
+task counts, ranks, methods, mixes and lengths); each prints its measured and predicted step time and
+step memory. Time: median over timed steps after warm-up. Memory: the transient peak of one step above
+what was resident before it (CUDA: max_memory_allocated; CPU: profiler.profile.LiveBytes, a tally of
+live tensor storages), against `CostModel.step_memory_bytes`. The last line is one JSON object with
+`median_error`, `max_error`, `memory_median_error` (fractions). Targets: time median <= 0.10 and worst
+<= 0.20, memory median <= 0.10. Timings on a loaded machine are noise, not evidence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+
+import torch
+from muxtune.executor.backbone import load_backbone
+from muxtune.executor.data import Example
+from muxtune.executor.trainer import MultiplexedTrainer
+from muxtune.profiler.cost_model import CostModel, MicroBatch, TaskLoad
+from muxtune.profiler.profile import load_or_profile, peak_bytes, peft_config_for
+
+from muxtune.spec import TaskSpec
+
+# (name, seq_len, [(method, rank, rows), ...]): none of these (tokens, rank, mix) is a profile point
+CONFIGS = [
+    ("2 lora", 48, [("lora", 8, 3), ("lora", 16, 3)]),
+    ("4 mixed", 40, [("lora", 8, 2), ("ia3", 0, 2), ("adapter", 16, 2), ("bitfit", 0, 2)]),
+    ("dora+prompt+lora", 56, [("dora", 12, 2), ("prompt", 12, 3), ("lora", 24, 2)]),
+    ("6 lora ranks", 24, [("lora", r, 4) for r in (6, 10, 12, 20, 40, 48)]),
+    ("prefix+lora+ia3", 72, [("prefix", 16, 2), ("lora", 8, 2), ("ia3", 0, 3)]),
+    ("7 methods", 100, [("lora", 8, 1), ("dora", 8, 1), ("ia3", 0, 1), ("adapter", 32, 1),
+                        ("prefix", 12, 1), ("prompt", 16, 1), ("bitfit", 0, 1)]),
+    ("1 adapter long", 200, [("adapter", 24, 5)]),
+]
+
+
+def build(backbone, seq: int, tasks: list[tuple[str, int, int]], steps: int) -> MultiplexedTrainer:
+    specs, examples = [], {}
+    model_type = backbone.model.config.model_type
+    for i, (method, rank, rows) in enumerate(tasks):
+        name = f"t{i}-{method}"
+        length = seq - (rank if method == "prompt" else 0)  # prompt slots are part of the row
+        specs.append(TaskSpec(name=name, data="synthetic.jsonl", peft=peft_config_for(method, rank, model_type),
+                              batch_size=rows, max_seq_len=length, steps=steps, seed=i, lr=1e-4))
+        # lengths vary as real data's do, so the fused batch has padding and attention takes its masked
+        # path, as in any batch of several tasks; one batch = all `rows` examples, so the longest one
+        # is always in it and sets the batch's seq_len
+        gen = random.Random(i)
+        lengths = [length] + [gen.randint(max(1, length - 8), length - 1) for _ in range(rows - 1)]
+        examples[name] = [Example(ids, list(ids)) for ids in
+                          ([gen.randrange(256) for _ in range(n)] for n in lengths)]
+    return MultiplexedTrainer(backbone, specs, examples)
+
+
+def micro_batch(trainer: MultiplexedTrainer, seq: int, tasks) -> MicroBatch:
+    loads = []
+    for (method, rank, rows), run in zip(tasks, trainer.runs.values()):
+        loads.append(TaskLoad(method, rank, rows * seq, sum(p.numel() for p in run.parameters())))
+    return MicroBatch(tuple(loads), seq)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="builtin:tiny-llama")
+    parser.add_argument("--devices", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument("--quick", action="store_true", help="quick profile, fewer timed steps")
+    parser.add_argument("--profile", help="a profile CSV to use instead of the cache / a fresh measurement")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (part of the profile's fingerprint)")
+    parser.add_argument("--rows-scale", type=int, default=1, help="multiply every task's rows (bigger batches)")
+    parser.add_argument("--configs", type=int, default=len(CONFIGS), help="run only the first N configurations")
+    args = parser.parse_args(argv)
+    device = "cuda:0" if args.devices == "cuda" else args.devices
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
+    if args.profile:
+        cm = CostModel.from_profile(args.profile)
+        source = args.profile
+    else:
+        profile, path, reused = load_or_profile(args.model, device, "quick" if args.quick else "full")
+        cm, source = CostModel.from_profile(profile), f"{path} ({'cached' if reused else 'measured now'})"
+    print(f"profile: {source}")
+    backbone = load_backbone(args.model, device=device)
+    steps = args.steps or (3 if args.quick else 15)
+    results = []
+    for name, seq, tasks in CONFIGS[: args.configs]:
+        tasks = [(method, rank, rows * args.rows_scale) for method, rank, rows in tasks]
+        trainer = build(backbone, seq, tasks, steps + 3)
+        try:
+            trainer.step(), trainer.step()  # warm-up; also creates AdamW's state
+            memory = peak_bytes(trainer.step, device)
+            for _ in range(steps):
+                trainer.step()
+            shape = trainer.step_shapes[-1]
+            assert shape[1] == seq, f"{name}: fused batch is {shape}, expected seq {seq}"
+        finally:
+            for task in list(trainer.runs):
+                trainer.mux.remove_task(task)
+        mb = micro_batch(trainer, seq, tasks)
+        measured = statistics.median(trainer.step_times[3:])
+        predicted = cm.step_seconds([mb])
+        predicted_memory = cm.step_memory_bytes([mb])
+        row = {"config": name, "tasks": len(tasks), "tokens": mb.tokens, "seq_len": seq,
+               "measured_s": measured, "predicted_s": predicted, "error": abs(predicted - measured) / measured,
+               "measured_bytes": memory, "predicted_bytes": predicted_memory,
+               "memory_error": abs(predicted_memory - memory) / memory if memory else 0.0}
+        results.append(row)
+        print(f"{name:18s} tasks={len(tasks)} tokens={mb.tokens:5d} seq={seq:4d}  time measured "
+              f"{1e3 * measured:8.2f} ms predicted {1e3 * predicted:8.2f} ms error {100 * row['error']:5.1f}%  "
+              f"memory measured {memory / 2**20:8.2f} MiB predicted {predicted_memory / 2**20:8.2f} MiB "
+              f"error {100 * row['memory_error']:5.1f}%")
+    errors = [r["error"] for r in results]
+    summary = {"model": args.model, "device": cm.device, "configs": len(results),
+               "median_error": statistics.median(errors), "max_error": max(errors),
+               "memory_median_error": statistics.median(r["memory_error"] for r in results),
+               "results": results}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,470 @@
+"""CostModel: the one place that knows what a fused micro-batch costs in time and memory.
+
+Two sources, one interface:
+- `CostModel.from_profile(profile)`: measurements of this device (profiler/profile.py), interpolated
+  to shapes not measured. Interpolation is piecewise linear with linear extrapolation past the ends:
+  in tokens at a fixed sequence length, then across sequence lengths (a layer costs a + b*T + c*T*S,
+  so linear in T at fixed S and linear in S at fixed T are both exact for that form); a task's
+  overhead in tokens per measured rank, then across ranks; optimizer in parameter count; links in bytes.
+- `CostModel.analytic(hardware, shape)`: a roofline per op (FLOPs and bytes from ModelShape and the
+  micro-batch) over a small hardware catalog (profiler/hardware.csv), so what-if planning works for
+  GPUs we do not have; `.calibrate(profile)` scales it by the efficiency a real profile achieved.
+
+How a step is composed (profile): the whole bare model over (T, span) is measured as `model`; the
+parts `stem`, `layer`, `head` are measured alone, and what the parts miss (the model's own loop,
+mask building) is spread evenly over the layers, so a full single-device step reproduces the
+measured model exactly and a pipeline stage of k layers gets k layers' share. Each task adds its
+measured overhead (spread over the layers too), less, for the second and later task of a method, the
+part tasks of one method share (one split and concatenation per wrapped op). The first stage's backward is shortened by the batch's
+`skip`: the backward work below the lowest op any of its methods needs a gradient at (the least of its
+methods' measured skips). span = seq_len + the longest prefix in the batch.
+Nothing else in MuxTune holds a timing formula: the planner and simulator call these methods.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from muxtune.errors import MuxTuneError
+
+CATALOG = Path(__file__).with_name("hardware.csv")
+ADAM_BYTES_PER_PARAM = 16  # fp32 weight + grad + exp_avg + exp_avg_sq
+# how each method meets the backbone (executor/peft/*.py SHAPE): methods of one shape on their default
+# targets keep the same backbone tensors alive
+METHOD_SHAPES = {"lora": "parallel", "dora": "parallel", "ia3": "scaling", "adapter": "serial",
+                 "bitfit": "bias", "prefix": "attention prefix", "prompt": "input"}
+METHODS = tuple(METHOD_SHAPES)
+
+
+@dataclass(frozen=True)
+class TaskLoad:
+    """One task's share of a fused micro-batch."""
+
+    method: str  # lora | dora | ia3 | adapter | prefix | prompt | bitfit
+    rank: int  # LoRA/DoRA rank, adapter bottleneck size, prefix/prompt virtual tokens; 0 if none
+    tokens: int  # token slots this task occupies in the micro-batch (its rows x seq_len, padding included)
+    params: int  # the task's trainable parameter count (optimizer step, memory)
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    tasks: tuple[TaskLoad, ...]
+    seq_len: int  # attention span of one sequence (chunk length / padded length)
+
+    @property
+    def tokens(self) -> int:
+        return sum(t.tokens for t in self.tasks)
+
+    @property
+    def span(self) -> int:
+        """Keys each query attends over: the sequence plus the longest KV prefix in the batch."""
+        return self.seq_len + max((t.rank for t in self.tasks if t.method == "prefix"), default=0)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    dtype_bytes: int
+    gated_mlp: bool = True  # LLaMA's gate/up/down (3 matrices) vs GPT-2/OPT's up/down (2)
+    tied_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, config, dtype=None) -> ModelShape:
+        import torch
+
+        get = lambda *names, default=None: next((getattr(config, n) for n in names
+                                                 if getattr(config, n, None) is not None), default)
+        hidden = get("hidden_size", "n_embd")
+        heads = get("num_attention_heads", "n_head")
+        return cls(n_layers=get("num_hidden_layers", "n_layer"), hidden=hidden,
+                   intermediate=get("intermediate_size", "ffn_dim", "n_inner", default=4 * hidden),
+                   heads=heads, kv_heads=get("num_key_value_heads", default=heads), vocab=config.vocab_size,
+                   dtype_bytes=(dtype or torch.float32).itemsize, gated_mlp=config.model_type in {"llama", "mistral", "qwen2"},
+                   tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def layer_params(self) -> int:
+        kv = self.hidden * self.kv_heads // self.heads
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * kv
+        return attention + (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+
+
+# --- interpolation -----------------------------------------------------------------------------------
+
+
+def interp1(xs, ys, x: float) -> float:
+    """Piecewise linear through (xs, ys), extended linearly past both ends; one point scales proportionally."""
+    order = np.argsort(xs)
+    xs, ys = np.asarray(xs, float)[order], np.asarray(ys, float)[order]
+    if len(xs) == 1:
+        return float(ys[0] * x / xs[0]) if xs[0] else float(ys[0])
+    if x <= xs[0]:
+        i = 0
+    elif x >= xs[-1]:
+        i = len(xs) - 2
+    else:
+        return float(np.interp(x, xs, ys))
+    slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
+    return float(ys[i] + slope * (x - xs[i]))
+
+
+def interp_grid(table: pd.DataFrame, x_col: str, y_col: str, value: str, x: float, y: float) -> float:
+    """Interpolate `value` in x_col along each measured y_col, then across y_col (see module docstring)."""
+    ys, vals = [], []
+    for y_value, part in table.groupby(y_col):
+        ys.append(y_value)
+        vals.append(interp1(part[x_col].to_numpy(), part[value].to_numpy(), x))
+    if len(ys) == 1:
+        return vals[0]
+    return interp1(ys, vals, y)
+
+
+def load_catalog() -> pd.DataFrame:
+    return pd.read_csv(CATALOG)
+
+
+def hardware(name: str) -> dict:
+    """A catalog row by its name (e.g. 'h100') or by a GPU name it matches ('NVIDIA H100 80GB HBM3')."""
+    catalog = load_catalog()
+    key = name.lower().removesuffix(" (analytic)")
+    for row in catalog.to_dict("records"):
+        # whole words, so 'NVIDIA L40S' is not taken for an L4
+        if key == row["name"] or any(re.search(rf"\b{re.escape(m.lower())}\b", key) for m in row["match"].split("|")):
+            return row
+    raise MuxTuneError(f"hardware: {name!r} is not in the catalog ({CATALOG.name}); choose from "
+                       + ", ".join(catalog["name"]))
+
+
+# --- the cost model ----------------------------------------------------------------------------------
+
+
+class CostModel:
+    """Time and memory of ops, layers, pipeline stages and whole fused steps (see module docstring)."""
+
+    def __init__(self, shape: ModelShape, device: str, profile=None, hw: dict | None = None,
+                 weight_bytes: dict | None = None):
+        self.shape, self.device = shape, device
+        self.profile, self.hw = profile, hw
+        self.scale = {"layer": 1.0, "head": 1.0, "task": 1.0, "optimizer": 1.0, "activation": 1.0}
+        self.weight_bytes = weight_bytes or self._analytic_weight_bytes()
+
+    # constructors
+
+    @classmethod
+    def from_profile(cls, profile) -> CostModel:
+        from muxtune.profiler.profile import Profile
+
+        if not isinstance(profile, Profile):
+            profile = Profile.load(profile)
+        meta = profile.meta
+        shape = ModelShape(**meta["shape"])
+        fp = meta["fingerprint"]
+        device = "cpu" if fp["device"] == "cpu" else f"cuda:{fp['device_name']}"
+        hw = None
+        if fp["device"] == "cuda":
+            try:
+                hw = hardware(fp["device_name"])  # links when only one GPU was there to measure them
+            except MuxTuneError:
+                hw = None
+        return cls(shape, device, profile=profile, hw=hw, weight_bytes=meta["weight_bytes"])
+
+    @classmethod
+    def analytic(cls, hardware_name: str, shape: ModelShape) -> CostModel:
+        hw = hardware(hardware_name)
+        return cls(shape, f"{hw['name']} (analytic)", hw=hw)
+
+    def calibrate(self, profile) -> CostModel:
+        """Scale this analytic model by how far a real GPU profile sits from the roofline of its own GPU
+        (per op family: layers, head, task overheads, optimizer); returns self."""
+        if self.profile is not None:
+            raise MuxTuneError("calibrate: this cost model is already built from a profile")
+        measured = CostModel.from_profile(profile)
+        fp = measured.profile.meta["fingerprint"]
+        if fp["device"] != "cuda":
+            raise MuxTuneError(f"calibrate: needs a profile measured on a catalog GPU; this one is from "
+                               f"{fp['device_name']!r} ({fp['device']})")
+        own = CostModel.analytic(fp["device_name"], measured.shape)
+        ratios = {"layer": [], "head": [], "task": [], "optimizer": []}
+        for row in measured.profile.table.to_dict("records"):
+            op = row["op"]
+            if op == "layer" and row["phase"] == "fwd":
+                mb = MicroBatch((TaskLoad("lora", 0, int(row["tokens"]), 0),), int(row["seq_len"]))
+                ratios["layer"].append(row["seconds"] / own._analytic_layer(mb, "fwd"))
+            elif op == "head" and row["phase"] == "fwd":
+                ratios["head"].append(row["seconds"] / own._analytic_head(int(row["tokens"]), "fwd"))
+            elif op == "task" and row["phase"] in ("fwd", "bwd") and row["seconds"] > 0:
+                task = TaskLoad(row["method"], int(row["rank"]), int(row["tokens"]), int(row["params"]))
+                ratios["task"].append(row["seconds"] / (own.shape.n_layers * own._analytic_task(task, row["phase"])))
+            elif op == "optimizer":
+                ratios["optimizer"].append(row["seconds"] / own._analytic_optimizer(int(row["params"])))
+        for key, values in ratios.items():
+            if values:
+                self.scale[key] = float(np.median(values))
+        self.device = f"{self.hw['name']} (analytic, calibrated on {fp['device_name']})"
+        return self
+
+    # time
+
+    def forward_seconds(self, mb: MicroBatch, layers: int, first: bool = False, last: bool = False) -> float:
+        return self._stage_seconds(mb, layers, first, last, "fwd")
+
+    def backward_seconds(self, mb: MicroBatch, layers: int, first: bool = False, last: bool = False) -> float:
+        return self._stage_seconds(mb, layers, first, last, "bwd")
+
+    def _stage_seconds(self, mb: MicroBatch, layers: int, first: bool, last: bool, phase: str) -> float:
+        self._check(mb)
+        if self.profile is None:
+            per_layer = self._analytic_layer(mb, phase) + sum(self._analytic_task(t, phase) for t in mb.tasks)
+            head = self._analytic_head(mb.tokens, phase) if last else 0.0
+            stem = self._analytic_stem(mb.tokens) if first and phase == "fwd" else 0.0
+            return layers * per_layer + head + stem
+        T, span, L = mb.tokens, mb.span, self.shape.n_layers
+        layer = self._grid("layer", phase, T, span)
+        stem = self._grid("stem", "fwd", T, span) if phase == "fwd" else 0.0
+        head = interp1(*self._curve("head", phase, "tokens"), T)
+        residual = self._grid("model", phase, T, span) - (stem + L * layer + head)
+        tasks = sum(self._task_seconds(t, phase) for t in mb.tasks)
+        # tasks of one method share each wrapped op's split and concatenation: counted once per method
+        for method in {t.method for t in mb.tasks}:
+            count = sum(t.method == method for t in mb.tasks)
+            tasks -= (count - 1) * self._shared_seconds(method, phase)
+        per_layer = layer + (residual + tasks) / L
+        # the backward stops below the lowest op any task needs a gradient at: the first stage skips that
+        skip = self._batch_skip(mb, "seconds") if first and phase == "bwd" else 0.0
+        return max(layers * per_layer + (stem if first else 0.0) + (head if last else 0.0) - skip, 0.0)
+
+    def _shared_seconds(self, method: str, phase: str) -> float:
+        """The part of one task's overhead that more tasks of its method share (profile rows
+        `fwd_shared` / `bwd_shared`; 0 when the profile has none)."""
+        rows = self.profile.rows("task", f"{phase}_shared")
+        rows = rows[rows["method"] == method]
+        return float(rows["seconds"].median()) if not rows.empty else 0.0
+
+    def _batch_skip(self, mb: MicroBatch, value: str) -> float:
+        """Backward work (or saved bytes) the batch skips below its deepest-reaching method: the least
+        of its methods' measured `skip` at the batch's T. A method without skip rows skips nothing."""
+        skips = []
+        rows = self.profile.rows("task", "skip")
+        for method in {t.method for t in mb.tasks}:
+            mine = rows[rows["method"] == method]
+            if mine.empty:
+                return 0.0
+            rank = max(t.rank for t in mb.tasks if t.method == method)
+            skips.append(max(interp_grid(mine, "tokens", "rank", value, mb.tokens, rank), 0.0))
+        return min(skips) if skips else 0.0
+
+    def optimizer_seconds(self, params: int) -> float:
+        """One task's AdamW step + gradient clipping."""
+        if self.profile is None:
+            return self._analytic_optimizer(params)
+        return max(interp1(*self._curve("optimizer", "step", "params"), params), 0.0)
+
+    def p2p_seconds(self, nbytes: int) -> float:
+        """One point-to-point send between 2 devices."""
+        if self._has("p2p"):
+            return max(interp1(*self._curve("p2p", "comm", "nbytes"), nbytes), 0.0)
+        return self._analytic_link(nbytes)
+
+    def allreduce_seconds(self, nbytes: int, world: int) -> float:
+        """Ring all-reduce: 2(w-1) steps of n/w bytes. The 2-process measurement t2(n) = 2a + b*n gives
+        t_w(n) = (w-1) * t2(2n/w)."""
+        if world <= 1:
+            return 0.0
+        if self._has("allreduce"):
+            t2 = lambda n: max(interp1(*self._curve("allreduce", "comm", "nbytes"), n), 0.0)
+            return (world - 1) * t2(2 * nbytes / world)
+        return (world - 1) * self._analytic_link(2 * nbytes / world)
+
+    def step_seconds(self, groups: list[MicroBatch]) -> float:
+        """One optimizer step on one device: the groups' forward+backward one after another, then every
+        task's optimizer step."""
+        total = 0.0
+        for mb in groups:
+            total += self.forward_seconds(mb, self.shape.n_layers, True, True)
+            total += self.backward_seconds(mb, self.shape.n_layers, True, True)
+            total += sum(self.optimizer_seconds(t.params) + self.host_seconds(t) for t in mb.tasks)
+        return total
+
+    def host_seconds(self, task: TaskLoad) -> float:
+        """A task's per-step work besides its share of the fused forward/backward and its optimizer:
+        LR schedule, sampling and fusing its rows (profile: the task's measured `step` rows minus the
+        optimizer at its parameter count; analytic: none)."""
+        if self.profile is None:
+            return 0.0
+        rows = self.profile.rows("task", "step")
+        rows = rows[rows["method"] == task.method]
+        if rows.empty:
+            return 0.0
+        rest = rows.assign(seconds=[s - self.optimizer_seconds(int(p)) for s, p in zip(rows["seconds"], rows["params"])])
+        return max(interp_grid(rest, "tokens", "rank", "seconds", task.tokens, task.rank), 0.0)
+
+    # memory
+
+    def boundary_bytes(self, mb: MicroBatch) -> int:
+        """The hidden states one pipeline stage sends the next (and the gradient coming back)."""
+        return mb.tokens * self.shape.hidden * self.shape.dtype_bytes
+
+    def activation_bytes(self, mb: MicroBatch, layers: int) -> int:
+        """Tensors `layers` decoder layers keep for backward, per micro-batch in flight (the backbone's
+        measured saved tensors, plus what each method's adapters keep alive, from its profile rows)."""
+        self._check(mb)
+        if self.profile is not None:
+            per_layer = self._grid("layer", "fwd", mb.tokens, mb.span, value="saved_bytes")
+            # the attention mask and rotary tables: one copy shared by every layer of the stage
+            shared = self._grid("stem", "fwd", mb.tokens, mb.span, value="saved_bytes") if layers else 0.0
+            # What adapters save is mostly whole-batch storage: a task's slice of an op's input or output
+            # is a view that keeps the op's full [T, features] tensor alive. So each method counts once,
+            # at the batch's T and its largest rank; and the backbone tensors it keeps (`batch_bytes`:
+            # the op inputs of LoRA and DoRA, the op outputs of IA3 ...) count once per shape of method.
+            rows = self.profile.rows("task", "fwd")
+            kept: dict[str, float] = {}
+            for method in {t.method for t in mb.tasks}:
+                mine = rows[rows["method"] == method]
+                if not mine.empty:
+                    rank = max(t.rank for t in mb.tasks if t.method == method)
+                    saved = interp_grid(mine, "tokens", "rank", "saved_bytes", mb.tokens, rank)
+                    batch = interp_grid(mine, "tokens", "rank", "batch_bytes", mb.tokens, rank)
+                    shape = METHOD_SHAPES.get(method, method)
+                    per_layer += (saved - batch) / self.shape.n_layers
+                    kept[shape] = max(kept.get(shape, 0.0), batch)
+            per_layer += sum(kept.values()) / self.shape.n_layers
+        else:
+            s = self.shape
+            # inputs of q/k/v, o, gate/up, down, two norms, the attention output and the MLP activation
+            per_token = s.dtype_bytes * (6 * s.hidden + (3 if s.gated_mlp else 2) * s.intermediate)
+            per_layer = mb.tokens * per_token * self.scale["activation"]
+            shared = 0.0
+        return int(max(per_layer, 0.0) * layers + max(shared, 0.0))
+
+    def head_bytes(self, tokens: int) -> int:
+        """Transient memory of the LM head + float loss over `tokens` (logits, softmax, their gradient)."""
+        if self.profile is not None:
+            rows = self.profile.rows("head", "fwd")
+            return int(max(interp1(rows["tokens"].to_numpy(), rows["peak_bytes"].to_numpy(), tokens), 0.0))
+        return int(tokens * self.shape.vocab * (2 * self.shape.dtype_bytes + 8))
+
+    def backbone_bytes(self, layers: int, first: bool = False, last: bool = False) -> int:
+        w = self.weight_bytes
+        return int(layers * w["layer"] + (w["first"] if first else 0) + (w["last"] if last else 0))
+
+    def task_state_bytes(self, params: int) -> int:
+        """Adapter weights + gradients + AdamW's two moments, all fp32."""
+        return ADAM_BYTES_PER_PARAM * params
+
+    def step_memory_bytes(self, groups: list[MicroBatch]) -> int:
+        """Transient peak of one single-device step above the resident backbone and task states: the
+        largest group's activations + head (less what its backward never needs: the batch's `skip`),
+        plus every task's gradients (kept until the optimizer). activation_bytes itself stays the
+        conservative per-stage figure."""
+        grads = sum(4 * t.params for mb in groups for t in mb.tasks)
+        skip = (lambda mb: self._batch_skip(mb, "saved_bytes")) if self.profile is not None else (lambda mb: 0)
+        live = max(self.activation_bytes(mb, self.shape.n_layers) + self.head_bytes(mb.tokens) - skip(mb)
+                   for mb in groups)
+        return int(live + grads)
+
+    def peak_bytes(self, groups: list[MicroBatch]) -> int:
+        """Device memory of a single-device step: backbone + task states + the step's transient peak."""
+        states = sum(self.task_state_bytes(t.params) for mb in groups for t in mb.tasks)
+        return self.backbone_bytes(self.shape.n_layers, True, True) + states + self.step_memory_bytes(groups)
+
+    # profile look-ups
+
+    def _has(self, op: str) -> bool:
+        return self.profile is not None and not self.profile.rows(op).empty
+
+    def _curve(self, op: str, phase: str, x: str):
+        rows = self.profile.rows(op, phase)
+        if rows.empty:
+            raise MuxTuneError(f"profile: has no {op!r} {phase} measurements")
+        return rows[x].to_numpy(), rows["seconds"].to_numpy()
+
+    def _grid(self, op: str, phase: str, tokens: int, span: int, value: str = "seconds") -> float:
+        rows = self.profile.rows(op, phase)
+        if rows.empty:
+            raise MuxTuneError(f"profile: has no {op!r} {phase} measurements")
+        return interp_grid(rows, "tokens", "seq_len", value, tokens, span)
+
+    def _task_seconds(self, task: TaskLoad, phase: str) -> float:
+        """A task's overhead on the whole model: interpolated in tokens per measured rank, then in rank."""
+        rows = self.profile.rows("task", phase)
+        rows = rows[rows["method"] == task.method]
+        if rows.empty:
+            raise MuxTuneError(f"profile: method {task.method!r} was not profiled (has "
+                               f"{sorted(set(self.profile.rows('task')['method']))})")
+        return interp_grid(rows, "tokens", "rank", "seconds", task.tokens, task.rank)
+
+    def _check(self, mb: MicroBatch) -> None:
+        if not mb.tasks or mb.tokens <= 0 or mb.seq_len <= 0:
+            raise MuxTuneError(f"micro-batch: needs at least one task with tokens > 0 and seq_len > 0, got {mb}")
+        for t in mb.tasks:
+            if t.method not in METHODS:
+                raise MuxTuneError(f"micro-batch: unknown method {t.method!r}; expected one of {METHODS}")
+
+    # roofline pieces (analytic): max(compute, memory) at the catalog's peaks + kernel launches
+
+    LAUNCH_S = 4e-6  # one kernel launch / small-op overhead on a GPU
+
+    def _roofline(self, flops: float, nbytes: float, kernels: int) -> float:
+        hw = self.hw
+        return max(flops / (hw["bf16_tflops"] * 1e12), nbytes / (hw["hbm_gbps"] * 1e9)) + kernels * self.LAUNCH_S
+
+    def _analytic_layer(self, mb: MicroBatch, phase: str) -> float:
+        s, T, span = self.shape, mb.tokens, mb.span
+        gemm = 2 * T * s.layer_params  # dX in backward costs the same as the forward GEMMs
+        attention = 4 * T * span * s.hidden * (2.0 if phase == "bwd" else 1.0)
+        weights = s.layer_params * s.dtype_bytes
+        acts = T * s.dtype_bytes * (12 * s.hidden + 4 * s.intermediate)
+        kernels = 14 if phase == "fwd" else 20
+        return self.scale["layer"] * self._roofline(gemm + attention, weights + acts, kernels)
+
+    def _analytic_head(self, tokens: int, phase: str) -> float:
+        s = self.shape
+        flops = 2 * tokens * s.hidden * s.vocab
+        nbytes = s.hidden * s.vocab * s.dtype_bytes + tokens * s.vocab * (s.dtype_bytes + 8)
+        return self.scale["head"] * self._roofline(flops, nbytes, 4 if phase == "fwd" else 5)
+
+    def _analytic_stem(self, tokens: int) -> float:
+        return self._roofline(0, 2 * tokens * self.shape.hidden * self.shape.dtype_bytes, 6)
+
+    def _analytic_task(self, task: TaskLoad, phase: str) -> float:
+        """A task's per-layer overhead: its adapter GEMMs / element-wise passes over its own tokens."""
+        s, t, r = self.shape, task.tokens, max(task.rank, 1)
+        h, b = s.hidden, 4  # adapters compute in fp32
+        per_op = {  # (ops per layer, FLOPs per token per op, bytes per token per op, kernels per op)
+            "lora": (2, 4 * h * r, b * 4 * h, 6), "dora": (2, 4 * h * r + 4 * h, b * 6 * h, 12),
+            "ia3": (3, h, b * 3 * h, 3), "adapter": (2, 4 * h * r, b * 4 * h, 7),
+            "bitfit": (7, h, b * 3 * h, 3), "prefix": (1, 4 * r * h, b * 2 * h, 4), "prompt": (0, 0, 0, 0),
+        }[task.method]
+        ops, flops, nbytes, kernels = per_op
+        factor = 2.0 if phase == "bwd" else 1.0
+        return self.scale["task"] * factor * self._roofline(ops * t * flops, ops * t * nbytes, ops * kernels)
+
+    def _analytic_optimizer(self, params: int) -> float:
+        # AdamW reads/writes weight, grad and two moments; clipping reads the grads once more
+        return self.scale["optimizer"] * self._roofline(12 * params, 4 * 9 * params, 12)
+
+    def _analytic_link(self, nbytes: float) -> float:
+        """One direction of the catalog's link (datasheet figures are both directions together)."""
+        if self.hw is None:
+            raise MuxTuneError("profile: has no p2p/allreduce measurements and its device is not in the "
+                               "hardware catalog; profile with 2 devices or use CostModel.analytic")
+        link = self.hw["nvlink_gbps"] or self.hw["pcie_gbps"]
+        return 10e-6 + nbytes / (link / 2 * 1e9)
+
+    def _analytic_weight_bytes(self) -> dict:
+        s = self.shape
+        embed = s.vocab * s.hidden * s.dtype_bytes
+        return {"layer": s.layer_params * s.dtype_bytes, "first": embed, "last": 0 if s.tied_embeddings else embed}

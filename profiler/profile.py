@@ -1,0 +1,722 @@
+"""Measure what one multiplexed training step costs on this device -> a Profile (pandas table, CSV).
+
+Everything is measured on the real executor: the backbone from `load_backbone`, its own decoder layers,
+and the tasks' adapters attached through `Multiplexer` / `MultiplexedTrainer` exactly as training runs
+them. Rows of the table (column `op`):
+
+  layer   one decoder layer, fwd / bwd (dX only: the backbone is frozen), over (tokens, seq_len)
+  stem    everything of the backbone's forward that is not a decoder layer (embedding, masks, rotary
+          tables, final norm), fwd, over (tokens, seq_len); its saved_bytes: the mask and rotary
+          tables the layers save (shared by all layers, so not in a layer's saved_bytes)
+  head    LM head + float cross-entropy + per-task loss sums, fwd / bwd, over tokens
+  model   the whole bare backbone + head, fwd / bwd, over (tokens, seq_len): ties the parts together
+  task    what ONE task of `method` at `rank` adds to the whole model (all layers) when its `tokens`
+          ride in the fused batch: measured with the task attached minus the bare model, paired
+          (phases fwd, bwd, skip, step: see measure_tasks)
+  optimizer  one task's AdamW step + gradient clipping + zero_grad, over its trainable `params`
+  p2p / allreduce  between 2 processes (gloo on CPU; NCCL when 2 GPUs are visible), over `nbytes`
+
+Timing: warm-up calls, then `repeats` timed calls, median; on CUDA the device is synchronized around
+each timed region. Memory: `saved_bytes` are the tensors autograd keeps for backward (counted with
+saved-tensor hooks, any device; for a task: those saved inside its adapter code, `batch_bytes` being
+the backbone's own tensors among them); `peak_bytes` is the most memory allocated on top of what was live
+before the op (CUDA: max_memory_allocated; CPU: a dispatch-mode tally of live tensor storages).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from muxtune.errors import MuxTuneError
+
+COLUMNS = ["op", "phase", "tokens", "seq_len", "method", "rank", "params", "nbytes", "world",
+           "seconds", "saved_bytes", "batch_bytes", "peak_bytes"]
+HEADER = "# muxtune-profile "  # first line of a profile CSV: this marker + the JSON metadata
+REPO_PROFILES = Path(__file__).resolve().parent.parent / "profiles"  # shipped profiles (in the repo)
+
+
+def user_cache_dir() -> Path:
+    return Path(os.environ.get("MUXTUNE_CACHE", Path.home() / ".cache" / "muxtune")) / "profiles"
+
+
+# --- what is measured, per mode ----------------------------------------------------------------------
+
+# (seq_len, tokens...) of the backbone grids: rows = tokens / seq_len sequences of seq_len each.
+GRIDS = {
+    "quick": {"layer": {16: [64, 256, 1024], 64: [64, 256, 1024], 256: [256, 1024]},
+              "task_seq": 32, "task_rows": [2, 8],
+              "ranks": {"lora": [4, 32], "dora": [4, 32], "adapter": [8, 64], "prefix": [8, 32],
+                        "prompt": [8, 24], "ia3": [0], "bitfit": [0]},
+              "params": [1_000, 100_000, 1_000_000], "nbytes": [4_096, 262_144, 4_194_304],
+              "warmup": 2, "repeats": 7},
+    "full": {"layer": {32: [256, 1024, 4096], 128: [256, 1024, 4096, 8192], 512: [1024, 4096, 8192],
+                       2048: [2048, 8192]},
+             "task_seq": 128, "task_rows": [2, 4, 16],
+             "ranks": {"lora": [4, 16, 64], "dora": [4, 16, 64], "adapter": [16, 64, 256],
+                       "prefix": [8, 32, 128], "prompt": [8, 32, 96], "ia3": [0], "bitfit": [0]},
+             "params": [1_000, 30_000, 300_000, 3_000_000, 30_000_000],
+             "nbytes": [1_024, 32_768, 1_048_576, 8_388_608, 67_108_864],
+             "warmup": 3, "repeats": 15},
+}
+
+# LoRA/DoRA targets the task rows are measured with, per model family (HF PEFT's usual defaults).
+ATTENTION_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"]}
+
+
+def peft_config_for(method: str, rank: int, model_type: str) -> dict:
+    """The task config a `task` row was measured with (its method's defaults, at `rank`)."""
+    targets = ATTENTION_TARGETS.get(model_type, ["q_proj", "v_proj"])
+    return {"lora": {"method": "lora", "r": rank, "target_modules": targets},
+            "dora": {"method": "dora", "r": rank, "target_modules": targets},
+            "adapter": {"method": "adapter", "size": rank},
+            "prefix": {"method": "prefix", "num_virtual_tokens": rank},
+            "prompt": {"method": "prompt", "num_virtual_tokens": rank},
+            "ia3": {"method": "ia3"}, "bitfit": {"method": "bitfit"}}[method]
+
+
+# --- device fingerprint and the profile file ---------------------------------------------------------
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def model_hash(config) -> str:
+    """Hash of what decides the backbone's costs (its shape), stable across how the config was loaded."""
+    keys = ["model_type", "hidden_size", "n_embd", "intermediate_size", "ffn_dim", "n_inner", "num_hidden_layers",
+            "n_layer", "num_attention_heads", "n_head", "num_key_value_heads", "vocab_size", "tie_word_embeddings"]
+    raw = config.to_dict()
+    return hashlib.sha256(json.dumps({k: raw.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def fingerprint(device: str, model_name: str, config, dtype: torch.dtype) -> dict:
+    """What must match for a stored profile to stand for a measurement here."""
+    return {"device": "cuda" if device.startswith("cuda") else "cpu", "device_name": device_name(device),
+            "threads": torch.get_num_threads() if not device.startswith("cuda") else 0,
+            "torch": torch.__version__.split("+")[0], "model": model_name, "model_hash": model_hash(config),
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+def fingerprint_key(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def profile_filename(fp: dict) -> str:
+    slug = fp["model"].removeprefix("builtin:").replace("/", "_").strip("._") or "model"
+    return f"{fp['device']}-{fingerprint_key(fp)}-{slug}.csv"
+
+
+@dataclass
+class Profile:
+    table: pd.DataFrame  # one row per measurement, COLUMNS
+    meta: dict  # {"fingerprint": {...}, "shape": ModelShape fields, "mode": ..., "layer_param_bytes": ...}
+
+    def rows(self, op: str, phase: str | None = None) -> pd.DataFrame:
+        sel = self.table["op"] == op
+        if phase is not None:
+            sel &= self.table["phase"] == phase
+        return self.table[sel]
+
+    def save(self, path: Path) -> Path:
+        from muxtune.spec import write_text_atomic
+
+        path = Path(path)
+        write_text_atomic(path, HEADER + json.dumps(self.meta, sort_keys=True) + "\n"
+                          + self.table[COLUMNS].to_csv(index=False))
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Profile:
+        path = Path(path)
+        try:
+            first = path.open(encoding="utf-8").readline()
+        except OSError as exc:
+            raise MuxTuneError(f"{path}: cannot read profile: {exc.strerror}") from None
+        if not first.startswith(HEADER):
+            raise MuxTuneError(f"{path}:1: not a MuxTune profile (first line must start with {HEADER.strip()!r})")
+        try:
+            meta = json.loads(first[len(HEADER):])
+        except json.JSONDecodeError as exc:
+            raise MuxTuneError(f"{path}:1: profile header is not valid JSON: {exc.msg}") from None
+        table = pd.read_csv(path, skiprows=1)
+        missing = [c for c in COLUMNS if c not in table.columns]
+        if missing:
+            raise MuxTuneError(f"{path}:2: profile table lacks columns {missing}")
+        table["method"] = table["method"].fillna("")
+        return cls(table, meta)
+
+
+def find_cached(fp: dict, mode: str = "quick", paths: list[Path] | None = None) -> Path | None:
+    """The first stored profile (of `paths`, else the shipped and user-cache ones) measured with
+    fingerprint `fp`; a quick request is served by a full profile too, not the other way round."""
+    if paths is None:
+        paths = [folder / profile_filename(fp) for folder in (REPO_PROFILES, user_cache_dir())]
+    for path in paths:
+        if Path(path).is_file():
+            try:
+                meta = Profile.load(path).meta
+            except MuxTuneError:
+                continue
+            if meta.get("fingerprint") == fp and (mode == "quick" or meta.get("mode") == "full"):
+                return Path(path)
+    return None
+
+
+# --- timing and memory helpers -----------------------------------------------------------------------
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
+
+
+def median_seconds(fn, device: str, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Tally of tensor storages created while active and still alive; `peak` is its maximum. The CPU
+    stand-in for torch.cuda.max_memory_allocated (it sees every aten op, forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key, n = storage.data_ptr(), storage.nbytes()
+                if n and key not in self._seen:
+                    self._seen.add(key)
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key, n)
+        return out
+
+    def _free(self, key: int, n: int) -> None:
+        if key in self._seen:
+            self._seen.discard(key)
+            self.live -= n
+
+
+def peak_bytes(fn, device: str) -> int:
+    """Most memory allocated by `fn` on top of what was live when it started."""
+    if device.startswith("cuda"):
+        dev = torch.device(device)
+        sync(device)
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        fn()
+        sync(device)
+        return int(torch.cuda.max_memory_allocated(dev) - before)
+    with LiveBytes() as tally:
+        fn()
+    return int(tally.peak)
+
+
+def saved_bytes(fn, exclude: set[int]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `fn` runs (not `exclude`d weights)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def adapter_saved_bytes(adapter, fn, exclude: set[int]) -> tuple[int, int]:
+    """(all, batch) bytes of the distinct storages autograd saves inside one task's adapter code (its
+    layers' aggregate/dispatch, its sequence module) while `fn` runs. A saved slice of the batch counts
+    with its whole storage: that is what it keeps alive. `batch`: the part that is the backbone's own
+    tensors handed to the adapter (an op's input or output), which tasks of the same shape share."""
+    seen: dict[int, int] = {}
+    handed: set[int] = set()
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    def counting(call):
+        def wrapped(*args, **kwargs):
+            handed.update(a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor))
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                return call(*args, **kwargs)
+        return wrapped
+
+    patched = [(module, name) for module in [*adapter.layers.values(), adapter.sequence] if module is not None
+               for name in ("aggregate", "dispatch", "prepend", "key_values") if hasattr(module, name)]
+    for module, name in patched:
+        module.__dict__[name] = counting(getattr(module, name))  # an instance attribute shadows the method
+    try:
+        fn()
+    finally:
+        for module, name in patched:
+            del module.__dict__[name]
+    return sum(seen.values()), sum(n for ptr, n in seen.items() if ptr in handed)
+
+
+# --- the backbone pieces -----------------------------------------------------------------------------
+
+
+def decoder_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """(parent, attribute, list) of the model's decoder layers, whatever the family calls them."""
+    n = model.config.num_hidden_layers
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and path:
+            parent_path, _, attr = path.rpartition(".")
+            return model.get_submodule(parent_path) if parent_path else model, attr, module
+    raise MuxTuneError(f"model: cannot find the {n} decoder layers of this {model.config.model_type!r} model")
+
+
+def synthetic_batch(rows: int, seq: int, device: str, vocab: int = 256, seed: int = 0):
+    """Random byte tokens; the last row's last slot is padding, so the attention mask is a real tensor
+    (a fused batch of several tasks always has some padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, seq), generator=gen)
+    mask = torch.ones_like(ids)
+    if seq > 1:
+        mask[-1, -1] = 0
+    return ids.to(device), mask.to(device)
+
+
+def layer_inputs(model: nn.Module, layer: nn.Module, ids, mask):
+    """The exact (args, kwargs) the backbone passes its decoder layer for this batch."""
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _Captured
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured["args"], captured["kwargs"]
+
+
+class _Captured(Exception):
+    pass
+
+
+def head_loss(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, tasks: int = 1) -> torch.Tensor:
+    """What the trainer does after the backbone: LM head on loss positions, float CE, per-task sums."""
+    logits = model.get_output_embeddings()(hidden)
+    per_token = nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    owner = torch.arange(per_token.shape[0], device=hidden.device) * tasks // per_token.shape[0]
+    sums = torch.zeros(tasks, device=hidden.device).index_add(0, owner, per_token)
+    return sums.sum()
+
+
+def bare_model_loss(model: nn.Module, ids, mask) -> torch.Tensor:
+    """The whole frozen backbone + head, with the input embeddings requiring grad so backward computes
+    dX through every layer (what an adapter in the first layer makes the real step do)."""
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+    return head_loss(model, hidden[:, :-1].reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def fwd_bwd_seconds(forward, device: str, warmup: int, repeats: int) -> tuple[float, float]:
+    """Median forward and median backward time of `forward()` -> scalar loss (or (out, grad))."""
+    fwd, bwd = [], []
+    for i in range(warmup + repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = forward()
+        sync(device)
+        t1 = time.perf_counter()
+        if isinstance(out, tuple):
+            out[0].backward(out[1])
+        else:
+            out.backward()
+        sync(device)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+        del out
+    return statistics.median(fwd), statistics.median(bwd)
+
+
+# --- the measurements --------------------------------------------------------------------------------
+
+
+def _row(op, phase, seconds, tokens=0, seq_len=0, method="", rank=0, params=0, nbytes=0, world=0,
+         saved=0, batch=0, peak=0) -> dict:
+    return {"op": op, "phase": phase, "tokens": tokens, "seq_len": seq_len, "method": method, "rank": rank,
+            "params": params, "nbytes": nbytes, "world": world, "seconds": seconds, "saved_bytes": saved,
+            "batch_bytes": batch, "peak_bytes": peak}
+
+
+def measure_backbone(model, device: str, grid: dict, warmup: int, repeats: int, bar) -> list[dict]:
+    rows = []
+    parent, attr, layers = decoder_layers(model)
+    layer = layers[0]
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    head_weight = model.get_output_embeddings().weight
+    for seq, token_counts in grid.items():
+        for tokens in token_counts:
+            ids, mask = synthetic_batch(tokens // seq, seq, device)
+            args, kwargs = layer_inputs(model, layer, ids, mask)
+            hidden, grad = args[0].detach(), torch.randn_like(args[0])
+
+            def layer_fwd():
+                out = layer(hidden.requires_grad_(), *args[1:], **kwargs)
+                return (out[0] if isinstance(out, tuple) else out), grad
+
+            f, b = fwd_bwd_seconds(layer_fwd, device, warmup, repeats)
+            # the mask and rotary tables are built once per forward and shared by every layer: count
+            # them once (on the stem row), not once per layer
+            shared = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args[1:], kwargs))
+                      if isinstance(t, torch.Tensor)}
+            saved = saved_bytes(layer_fwd, weights | shared)
+            saved_shared = saved_bytes(layer_fwd, weights) - saved
+            peak = peak_bytes(lambda: torch.autograd.backward(*layer_fwd()), device)
+            rows += [_row("layer", "fwd", f, tokens, seq, saved=saved, peak=peak),
+                     _row("layer", "bwd", b, tokens, seq)]
+
+            # the stem: the backbone's forward with its layer list emptied
+            setattr(parent, attr, nn.ModuleList())
+            try:
+                with torch.no_grad():
+                    s = median_seconds(lambda: model.base_model(input_ids=ids, attention_mask=mask,
+                                                                use_cache=False), device, warmup, repeats)
+            finally:
+                setattr(parent, attr, layers)
+            rows.append(_row("stem", "fwd", s, tokens, seq, saved=saved_shared))
+
+            f, b = fwd_bwd_seconds(lambda: bare_model_loss(model, ids, mask), device, warmup, repeats)
+            rows += [_row("model", "fwd", f, tokens, seq), _row("model", "bwd", b, tokens, seq)]
+            bar.update(1)
+
+    for tokens in sorted({t for ts in grid.values() for t in ts}):
+        hidden = torch.randn(tokens, model.config.hidden_size, device=device, dtype=head_weight.dtype)
+        targets = torch.randint(0, 256, (tokens,), device=device)
+        f, b = fwd_bwd_seconds(lambda: head_loss(model, hidden.requires_grad_(), targets), device,
+                               warmup, repeats)
+        peak = peak_bytes(lambda: head_loss(model, hidden.requires_grad_(), targets).backward(), device)
+        rows += [_row("head", "fwd", f, tokens, peak=peak), _row("head", "bwd", b, tokens)]
+        hidden.grad = None
+    return rows
+
+
+def measure_tasks(backbone, device: str, spec: dict, warmup: int, repeats: int, bar) -> list[dict]:
+    """Each (method, rank, rows): the fused step with that one task attached vs the bare model on the
+    same batch, in alternation so load on the machine hits both alike. Rows per point:
+      fwd   forward with the task minus the bare forward
+      bwd   backward with the task, run as deep as the bare one (input embeddings requiring grad),
+            minus the bare backward: the task's own backward work
+      skip  how much less the real backward does: it stops below the lowest op this method needs a
+            gradient at (seconds; saved_bytes: tensors not kept for backward). A batch skips what
+            the deepest-reaching of its methods allows, so the cost model counts this once per batch.
+      step  the rest of the task's real trainer step: optimizer, clipping, schedule, sampling, fusing
+    """
+    model, seq, out = backbone.model, spec["task_seq"], []
+    embed = model.get_input_embeddings()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for method, ranks in spec["ranks"].items():
+        # a difference of four timings: three times the repeats to keep its noise near the others'
+        out += measure_shared(backbone, device, method, ranks[0], spec["task_rows"][0], seq, warmup, 3 * repeats)
+        for rank in ranks:
+            for n_rows in spec["task_rows"]:
+                trainer, batch = probe_trainer(backbone, device, method, rank, n_rows, seq, count=1)
+                run = trainer.runs["probe0"]
+                try:
+                    params = sum(p.numel() for p in run.parameters())
+
+                    def with_task():
+                        return torch.stack(list(trainer.task_losses(batch, training=True).values())).sum()
+
+                    def with_task_full_depth():
+                        handle = embed.register_forward_hook(lambda m, a, output: output.detach().requires_grad_())
+                        try:
+                            return with_task()
+                        finally:
+                            handle.remove()
+
+                    def bare():
+                        return bare_model_loss(model, batch.input_ids, batch.attention_mask)
+
+                    times = {k: [] for k in ("f1", "b1", "f2", "b2", "f0", "b0", "step")}
+                    for i in range(warmup + repeats):
+                        f1, b1 = fwd_bwd_seconds(with_task, device, 0, 1)
+                        f2, b2 = fwd_bwd_seconds(with_task_full_depth, device, 0, 1)
+                        f0, b0 = fwd_bwd_seconds(bare, device, 0, 1)
+                        run.optimizer.zero_grad(set_to_none=True)
+                        step = median_seconds(trainer.step, device, 0, 1)  # the real training step
+                        if i >= warmup:
+                            for k, v in zip(times, (f1, b1, f2, b2, f0, b0, step)):
+                                times[k].append(v)
+                    m = {k: statistics.median(v) for k, v in times.items()}
+                    mine = weights | {p.untyped_storage().data_ptr() for p in run.adapter.parameters()}
+                    saved, batch_saved = adapter_saved_bytes(run.adapter, lambda: with_task().backward(), mine)
+                    saved_skip = (saved_bytes(lambda: with_task_full_depth().backward(), mine)
+                                  - saved_bytes(lambda: with_task().backward(), mine))
+                    run.optimizer.zero_grad(set_to_none=True)
+                finally:
+                    trainer.mux.remove_task("probe0")
+                tokens = n_rows * seq
+                out += [_row("task", "fwd", m["f1"] - m["f0"], tokens, seq, method, rank, params, saved=saved,
+                             batch=batch_saved),
+                        _row("task", "bwd", m["b2"] - m["b0"], tokens, seq, method, rank, params),
+                        _row("task", "skip", m["b2"] - m["b1"], tokens, seq, method, rank, params, saved=saved_skip),
+                        _row("task", "step", m["step"] - m["f1"] - m["b1"], tokens, seq, method, rank, params)]
+                bar.update(1)
+    return out
+
+
+def probe_trainer(backbone, device: str, method: str, rank: int, n_rows: int, seq: int, count: int,
+                  name: str = "probe"):
+    """A trainer with `count` tasks of one method (n_rows rows of seq slots each) and their fused batch.
+    Each task's last row is one token shorter: padding, as a fused batch of several tasks has."""
+    from muxtune.executor.data import Example, fuse
+    from muxtune.executor.trainer import MultiplexedTrainer
+
+    from muxtune.spec import TaskSpec
+
+    peft = peft_config_for(method, rank, backbone.model.config.model_type)
+    lead = rank if method == "prompt" else 0
+    length = seq - lead
+    specs, examples = [], {}
+    for i in range(count):
+        specs.append(TaskSpec(name=f"{name}{i}", data="probe.jsonl", peft=peft, batch_size=n_rows, max_seq_len=length,
+                              steps=1_000_000, seed=i))
+        gen = random.Random(i)
+        lengths = [length] * (n_rows - 1) + [length - 1 if n_rows > 1 else length]
+        examples[f"{name}{i}"] = [Example(ids, list(ids)) for ids in
+                                  ([gen.randrange(256) for _ in range(n)] for n in lengths)]
+    trainer = MultiplexedTrainer(backbone, specs, examples)
+    batch = fuse(examples, backbone.tokenizer.pad_token_id, device, lead={task: lead for task in examples})
+    return trainer, batch
+
+
+def measure_shared(backbone, device: str, method: str, rank: int, n_rows: int, seq: int, warmup: int,
+                   repeats: int) -> list[dict]:
+    """The part of a method's overhead that tasks of that method share when fused together (one split
+    and one concatenation per wrapped op, whatever the number of tasks): with O1 the overhead of one
+    task and O2 that of two such tasks, each O = shared + per-task, so shared = 2*O1 - O2."""
+    model = backbone.model
+    one, batch1 = probe_trainer(backbone, device, method, rank, n_rows, seq, count=1, name="solo")
+    try:
+        two, batch2 = probe_trainer(backbone, device, method, rank, n_rows, seq, count=2, name="pair")
+    except BaseException:
+        one.mux.remove_task("solo0")
+        raise
+    loss = lambda tr, b: lambda: torch.stack(list(tr.task_losses(b, training=True).values())).sum()
+    bare = lambda b: lambda: bare_model_loss(model, b.input_ids, b.attention_mask)
+    calls = [loss(one, batch1), bare(batch1), loss(two, batch2), bare(batch2)]
+    times = [([], []) for _ in calls]
+    try:
+        for i in range(warmup + repeats):
+            for (fs, bs), call in zip(times, calls):
+                f, b = fwd_bwd_seconds(call, device, 0, 1)
+                if i >= warmup:
+                    fs.append(f), bs.append(b)
+    finally:
+        for name in ("solo0", "pair0", "pair1"):
+            one.mux.remove_task(name)
+    rows = []
+    for k, phase in enumerate(("fwd_shared", "bwd_shared")):
+        m = [statistics.median(t[k]) for t in times]
+        shared = 2 * (m[0] - m[1]) - (m[2] - m[3])
+        rows.append(_row("task", phase, shared, n_rows * seq, seq, method, rank))
+    return rows
+
+
+def measure_optimizer(device: str, counts: list[int], tensors: int, warmup: int, repeats: int, bar) -> list[dict]:
+    """AdamW step + clip_grad_norm_ + zero_grad over `params` fp32 values split into `tensors` tensors
+    (as a task's adapter layers are), with gradients present as after a backward."""
+    rows = []
+    for params in counts:
+        sizes = [params // tensors + (1 if i < params % tensors else 0) for i in range(tensors)]
+        ps = [nn.Parameter(torch.zeros(max(s, 1), device=device)) for s in sizes]
+        opt = torch.optim.AdamW(ps, lr=1e-4)
+
+        def step():
+            for p in ps:
+                p.grad = torch.ones_like(p)
+            torch.nn.utils.clip_grad_norm_(ps, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        # the gradient fill stands for backward's output; time it separately and leave it out
+        def fill():
+            for p in ps:
+                p.grad = torch.ones_like(p)
+            for p in ps:
+                p.grad = None
+
+        s = median_seconds(step, device, warmup, repeats) - median_seconds(fill, device, warmup, repeats)
+        rows.append(_row("optimizer", "step", max(s, 0.0), params=params))
+        bar.update(1)
+    return rows
+
+
+def _comm_worker(rank: int, world: int, init_file: str, backend: str, sizes: list[int], warmup: int,
+                 repeats: int, result_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    device = f"cuda:{rank}" if backend == "nccl" else "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    rows = []
+    for n in sizes:
+        buf = torch.zeros(max(n // 4, 1), dtype=torch.float32, device=device)
+
+        def p2p():  # one send from rank 0 to rank 1, confirmed by a 1-element reply
+            if rank == 0:
+                dist.send(buf, 1)
+                dist.recv(buf[:1], 1)
+            else:
+                dist.recv(buf, 0)
+                dist.send(buf[:1], 0)
+
+        dist.barrier()
+        rows.append(_row("p2p", "comm", median_seconds(p2p, device, warmup, repeats), nbytes=n, world=world))
+        dist.barrier()
+        rows.append(_row("allreduce", "comm", median_seconds(lambda: dist.all_reduce(buf), device, warmup, repeats),
+                         nbytes=n, world=world))
+    if rank == 0:
+        Path(result_file).write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def measure_comm(device: str, sizes: list[int], warmup: int, repeats: int) -> list[dict]:
+    """p2p and all-reduce between 2 processes. CUDA needs 2 visible GPUs for NCCL; with one, nothing is
+    measured and the cost model takes link bandwidths from the hardware catalog."""
+    import torch.multiprocessing as mp
+
+    if device.startswith("cuda"):
+        if torch.cuda.device_count() < 2:
+            return []
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "comm.json"
+        mp.start_processes(_comm_worker, args=(2, str(Path(tmp) / "init"), backend, sizes, warmup, repeats,
+                                               str(result)), nprocs=2, join=True,
+                           # CUDA cannot be forked; on CPU a fork starts fast and needs no importable __main__
+                           start_method="spawn" if backend == "nccl" else "fork")
+        return json.loads(result.read_text())
+
+
+def layer_param_bytes(model) -> dict:
+    """Bytes of the backbone's weights: one decoder layer, the embedding side, the head side."""
+    _, _, layers = decoder_layers(model)
+    per_layer = sum(p.numel() * p.element_size() for p in layers[0].parameters())
+    head = model.get_output_embeddings().weight
+    layer_ids = {id(p) for layer in layers for p in layer.parameters()}
+    rest = [p for p in model.parameters() if id(p) not in layer_ids and p is not head]
+    return {"layer": per_layer, "first": sum(p.numel() * p.element_size() for p in rest),
+            "last": head.numel() * head.element_size() if not any(p is head for p in rest) else 0}
+
+
+def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype: torch.dtype = torch.float32,
+                comm: bool = True, progress: bool = True) -> Profile:
+    """Measure every op of the table on `device` for `model_name` (a builtin preset or a HF model dir)."""
+    from muxtune.executor.backbone import load_backbone
+    from muxtune.profiler.cost_model import ModelShape
+    from tqdm.auto import tqdm
+
+    if mode not in GRIDS:
+        raise MuxTuneError(f"profile mode: expected one of {sorted(GRIDS)}, got {mode!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MuxTuneError(f"devices: {device!r} requested but no CUDA device is available here")
+    spec = GRIDS[mode]
+    backbone = load_backbone(model_name, device=device, dtype=dtype)
+    model = backbone.model
+    fp = fingerprint(device, model_name, model.config, dtype)
+    w, r = spec["warmup"], spec["repeats"]
+    n_tasks = sum(len(v) for v in spec["ranks"].values()) * len(spec["task_rows"])
+    total = len([t for ts in spec["layer"].values() for t in ts]) + n_tasks + len(spec["params"]) + comm
+    rows = []
+    with tqdm(total=total, desc=f"profiling {model_name} on {device}", unit="point", disable=not progress) as bar:
+        rows += measure_backbone(model, device, spec["layer"], w, r, bar)
+        rows += measure_tasks(backbone, device, spec, w, r, bar)
+        tensors = 4 * model.config.num_hidden_layers  # LoRA on two ops per layer: A and B each
+        rows += measure_optimizer(device, spec["params"], tensors, w, r, bar)
+        if comm:
+            rows += measure_comm(device, spec["nbytes"], w, r)
+            bar.update(1)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    meta = {"fingerprint": fp, "mode": mode, "shape": ModelShape.from_config(model.config, dtype).as_dict(),
+            "weight_bytes": layer_param_bytes(model), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "device_string": device}
+    return Profile(table, meta)
+
+
+def load_or_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype: torch.dtype = torch.float32,
+                    out: Path | None = None, refresh: bool = False, progress: bool = True) -> tuple[Profile, Path, bool]:
+    """A cached profile with this device's fingerprint, else a fresh measurement saved to `out` (default:
+    the user cache). Returns (profile, path, reused)."""
+    from muxtune.executor.backbone import preset_config
+
+    if model_name.startswith("builtin:"):
+        config = preset_config(model_name)
+    else:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(model_name)
+        except Exception as exc:  # transformers raises OSError/ValueError/... for a bad id or dir
+            raise MuxTuneError(f"model: cannot load {model_name!r}: {exc}") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MuxTuneError(f"devices: {device!r} requested but no CUDA device is available here")
+    fp = fingerprint(device, model_name, config, dtype)
+    if not refresh:
+        paths = ([Path(out)] if out else []) + [d / profile_filename(fp) for d in (REPO_PROFILES, user_cache_dir())]
+        cached = find_cached(fp, mode, paths)
+        if cached is not None:
+            profile = Profile.load(cached)
+            if out and Path(out) != cached:
+                profile.save(out)
+            return profile, Path(out) if out else cached, True
+    profile = run_profile(model_name, device, mode, dtype, progress=progress)
+    path = Path(out) if out else user_cache_dir() / profile_filename(profile.meta["fingerprint"])
+    return profile, profile.save(path), False

@@ -1,0 +1,332 @@
+"""Profiler and CostModel: interpolation, composition, the analytic model, fingerprint caching, a quick
+profile run on the real executor, and the CLI (the accuracy benchmark's smoke run is in
+test_benchmarks_smoke.py)."""
+
+
+import pandas as pd
+import pytest
+import torch
+from muxtune.profiler import profile as prof
+from muxtune.profiler.cost_model import (
+    CostModel,
+    MicroBatch,
+    ModelShape,
+    TaskLoad,
+    interp1,
+    interp_grid,
+)
+
+from muxtune.errors import MuxTuneError
+
+SHAPE = ModelShape(n_layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=260, dtype_bytes=4)
+
+
+# --- interpolation -----------------------------------------------------------------------------------
+
+
+def test_interp1_is_piecewise_linear_and_extends_the_end_segments():
+    xs, ys = [10, 20, 40], [1.0, 3.0, 4.0]
+    assert interp1(xs, ys, 15) == pytest.approx(2.0)
+    assert interp1(xs, ys, 30) == pytest.approx(3.5)
+    assert interp1(xs, ys, 80) == pytest.approx(6.0)  # slope of the last segment (1/20)
+    assert interp1(xs, ys, 5) == pytest.approx(0.0)  # slope of the first segment (1/5)
+    assert interp1([8], [2.0], 16) == pytest.approx(4.0)  # one point: proportional
+
+
+def test_grid_interpolation_is_exact_for_the_layer_cost_form():
+    """a + b*T + c*T*S, measured on a ragged grid, is reproduced at points that were not measured."""
+    cost = lambda t, s: 1e-4 + 2e-6 * t + 3e-9 * t * s
+    grid = {16: [64, 256], 64: [64, 256, 1024], 256: [256, 1024]}
+    table = pd.DataFrame([{"tokens": t, "seq_len": s, "seconds": cost(t, s)} for s, ts in grid.items() for t in ts])
+    for t, s in [(100, 16), (777, 40), (2000, 300), (300, 128)]:
+        assert interp_grid(table, "tokens", "seq_len", "seconds", t, s) == pytest.approx(cost(t, s), rel=1e-9)
+
+
+# --- the profile-based cost model on a synthetic profile with known costs ----------------------------
+
+LAYER = lambda t, s, ph: (1e-4 + 2e-6 * t + 3e-9 * t * s) * (2 if ph == "bwd" else 1)
+MODEL_EXTRA = 5e-4  # what the whole model costs beyond its measured parts
+SKIP = {"lora": lambda t: 1e-5 + 1e-8 * t, "ia3": lambda t: 2e-5 + 2e-8 * t}  # backward below the method
+SKIP_BYTES = {"lora": 30, "ia3": 20}
+SHARED = {"fwd": 3e-5, "bwd": 1e-5}
+TASK = {"lora": lambda t, r, ph: 1e-4 + 1e-8 * t * r, "ia3": lambda t, r, ph: 5e-5 + 1e-8 * t}
+
+
+def synthetic_profile(device="cpu", device_name="Test CPU") -> prof.Profile:
+    rows = []
+    for s, ts in {32: [64, 256, 1024], 128: [128, 512, 2048]}.items():
+        for t in ts:
+            stem, head = 1e-5 * t / 64, 4e-7 * t
+            for ph in ("fwd", "bwd"):
+                rows.append(prof._row("layer", ph, LAYER(t, s, ph), t, s, saved=1000 * t))
+                whole = SHAPE.n_layers * LAYER(t, s, ph) + (stem if ph == "fwd" else 0) + head + MODEL_EXTRA
+                rows.append(prof._row("model", ph, whole, t, s))
+            rows.append(prof._row("stem", "fwd", stem, t, s))
+    for t in (64, 128, 256, 512, 1024, 2048):
+        rows += [prof._row("head", ph, 4e-7 * t, t, peak=t * 1040) for ph in ("fwd", "bwd")]
+    for method, ranks in {"lora": [4, 32], "ia3": [0]}.items():
+        for r in ranks:
+            for t in (64, 256):
+                for ph in ("fwd", "bwd"):
+                    rows.append(prof._row("task", ph, TASK[method](t, r, ph), t, 32, method, r, 100, saved=10 * t,
+                                          batch=8 * t if ph == "fwd" else 0))
+                rows.append(prof._row("task", "skip", SKIP[method](t), t, 32, method, r, 100, saved=SKIP_BYTES[method] * t))
+                if method == "lora":  # the rest of a real step: optimizer at 100 params + 2e-4 s of host work
+                    rows.append(prof._row("task", "step", 1e-4 + 1e-9 * 100 + 2e-4, t, 32, method, r, 100))
+    # what a second LoRA task shares with the first (one split/cat per wrapped op)
+    rows += [prof._row("task", f"{ph}_shared", SHARED[ph], 64, 32, "lora", 4) for ph in ("fwd", "bwd")]
+    rows += [prof._row("optimizer", "step", 1e-4 + 1e-9 * p, params=p) for p in (1000, 100_000)]
+    rows += [prof._row(op, "comm", 2e-5 + n / 1e9, nbytes=n, world=2) for op in ("p2p", "allreduce")
+             for n in (1000, 1_000_000)]
+    fp = {"device": device, "device_name": device_name, "threads": 1, "torch": "x", "model": "m",
+          "model_hash": "h", "dtype": "float32"}
+    meta = {"fingerprint": fp, "mode": "quick", "shape": SHAPE.as_dict(),
+            "weight_bytes": {"layer": 1000, "first": 300, "last": 200}}
+    return prof.Profile(pd.DataFrame(rows, columns=prof.COLUMNS), meta)
+
+
+def test_from_profile_composes_a_fused_step_from_parts_at_unmeasured_shapes():
+    cm = CostModel.from_profile(synthetic_profile())
+    a, b = TaskLoad("lora", 8, 300, 5000), TaskLoad("ia3", 0, 200, 700)
+    mb = MicroBatch((a, b), 50)
+    t, s = 500, 50
+    for ph, fn in (("fwd", cm.forward_seconds), ("bwd", cm.backward_seconds)):
+        # the batch's backward skips the smaller of its methods' skips, at the batch's 500 tokens
+        skip = min(SKIP["lora"](t), SKIP["ia3"](t)) if ph == "bwd" else 0.0
+        whole = (SHAPE.n_layers * LAYER(t, s, ph) + (1e-5 * t / 64 if ph == "fwd" else 0) + 4e-7 * t
+                 + MODEL_EXTRA + TASK["lora"](300, 8, ph) + TASK["ia3"](200, 0, ph) - skip)
+        assert fn(mb, SHAPE.n_layers, True, True) == pytest.approx(whole, rel=1e-9)
+        # pipeline stages (first 1 layer + embedding, last 3 layers + head) add up to the single-device step
+        assert fn(mb, 1, first=True) + fn(mb, 3, last=True) == pytest.approx(whole, rel=1e-9)
+        assert fn(mb, 3) < fn(mb, 3, last=True)
+    opt = 2e-4 + 1e-9 * 5700 + 2e-4  # two optimizer steps + the lora task's host work (ia3 has no step rows)
+    assert cm.host_seconds(a) == pytest.approx(2e-4) and cm.host_seconds(b) == 0.0
+    step = cm.forward_seconds(mb, 4, True, True) + cm.backward_seconds(mb, 4, True, True) + opt
+    assert cm.step_seconds([mb]) == pytest.approx(step, rel=1e-9)
+    assert cm.step_seconds([mb, mb]) == pytest.approx(2 * step, rel=1e-9)
+    # a second LoRA task adds its own overhead but not the part LoRA tasks share
+    a2 = TaskLoad("lora", 16, 100, 9000)
+    mb2 = MicroBatch((a, b, a2), 50)
+    for ph, fn in (("fwd", cm.forward_seconds), ("bwd", cm.backward_seconds)):
+        extra = fn(mb2, 4, True, True) - fn(MicroBatch((a, b, TaskLoad("ia3", 0, 100, 0)), 50), 4, True, True)
+        assert extra == pytest.approx(TASK["lora"](100, 16, ph) - TASK["ia3"](100, 0, ph) - SHARED[ph], rel=1e-6)
+
+
+def test_methods_of_one_shape_keep_the_same_backbone_tensors_alive_once():
+    """LoRA and DoRA (both 'parallel') keep the same op inputs alive: counted once; IA3 ('scaling')
+    keeps other tensors: counted on its own. What each adapter makes itself counts per method."""
+    from muxtune.executor.peft import METHODS
+    from muxtune.profiler.cost_model import METHOD_SHAPES
+
+    assert METHOD_SHAPES == {name: module.SHAPE for name, module in METHODS.items()}
+    p = synthetic_profile()
+    lora = p.table[p.table["method"] == "lora"]
+    p = prof.Profile(pd.concat([p.table, lora.assign(method="dora")], ignore_index=True), p.meta)
+    cm = CostModel.from_profile(p)
+    T, layers = 300, 4 * 1000 * 300
+    one = lambda *methods: MicroBatch(tuple(TaskLoad(m, 8, T // len(methods), 10) for m in methods), 50)
+    assert cm.activation_bytes(one("lora"), 4) == pytest.approx(layers + 10 * T, rel=1e-6)
+    assert cm.activation_bytes(one("lora", "dora"), 4) == pytest.approx(layers + 2 * 2 * T + 8 * T, rel=1e-6)
+    assert cm.activation_bytes(one("lora", "ia3"), 4) == pytest.approx(layers + 2 * 10 * T, rel=1e-6)
+
+
+def test_from_profile_links_memory_and_errors():
+    cm = CostModel.from_profile(synthetic_profile())
+    mb = MicroBatch((TaskLoad("lora", 8, 300, 5000),), 50)
+    assert cm.p2p_seconds(500_000) == pytest.approx(2e-5 + 5e-4)
+    assert cm.allreduce_seconds(4_000_000, 4) == pytest.approx(3 * (2e-5 + 2e-3))  # (w-1) * t2(2n/w)
+    assert cm.allreduce_seconds(10, 1) == 0.0
+    assert cm.backbone_bytes(4, True, True) == 4500 and cm.backbone_bytes(2) == 2000
+    assert cm.task_state_bytes(5000) == 16 * 5000
+    assert cm.boundary_bytes(mb) == 300 * 64 * 4
+    # layers' saved tensors (1000 B/token) + the task's own (10 B/token over the whole model)
+    assert cm.activation_bytes(mb, 4) == pytest.approx(4 * 1000 * 300 + 10 * 300, rel=1e-6)
+    assert cm.step_memory_bytes([mb]) == cm.activation_bytes(mb, 4) + 300 * 1040 - 30 * 300 + 4 * 5000
+    with pytest.raises(MuxTuneError, match="'prefix' was not profiled"):
+        cm.step_seconds([MicroBatch((TaskLoad("prefix", 8, 64, 10),), 32)])
+    with pytest.raises(MuxTuneError, match="unknown method"):
+        cm.forward_seconds(MicroBatch((TaskLoad("magic", 8, 64, 10),), 32), 1)
+
+
+# --- analytic model ----------------------------------------------------------------------------------
+
+
+def test_analytic_model_orders_hardware_and_hits_the_compute_roof():
+    big = ModelShape(n_layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000, dtype_bytes=2)
+    mb = MicroBatch((TaskLoad("lora", 16, 8192, 4_000_000),), 2048)
+    times = {hw: CostModel.analytic(hw, big).step_seconds([mb]) for hw in ("l4", "a40", "a100-40gb", "h100")}
+    assert times["l4"] > times["a40"] > times["a100-40gb"] > times["h100"]
+    # a big layer is compute-bound: FLOPs / peak, plus the layer's 14 kernel launches
+    h100 = CostModel.analytic("h100", big)
+    flops = 2 * 8192 * big.layer_params + 4 * 8192 * 2048 * 4096
+    assert h100._analytic_layer(mb, "fwd") == pytest.approx(flops / 989e12 + 14 * CostModel.LAUNCH_S, rel=1e-9)
+    assert CostModel.analytic("NVIDIA H200", big).device == "h200 (analytic)"
+    assert CostModel.analytic("NVIDIA A100-SXM4-80GB", big).hw["name"] == "a100-80gb"
+    with pytest.raises(MuxTuneError, match="not in the catalog"):
+        CostModel.analytic("NVIDIA L40S", big)  # not an L4
+    assert CostModel.analytic("a100-80gb", big).p2p_seconds(300e6) == pytest.approx(10e-6 + 300e6 / 300e9)
+    assert h100.backbone_bytes(32, True, True) > 6.5e9 * 2  # ~6.7B parameters in bf16
+    with pytest.raises(MuxTuneError, match="not in the catalog"):
+        CostModel.analytic("tpu-v9", big)
+
+
+def test_calibrate_scales_by_the_measured_efficiency():
+    shape = SHAPE
+    own = CostModel.analytic("h100", shape)
+    table = []
+    for t, s in [(256, 64), (1024, 64)]:
+        mb = MicroBatch((TaskLoad("lora", 0, t, 0),), s)
+        table.append(prof._row("layer", "fwd", 3 * own._analytic_layer(mb, "fwd"), t, s))
+        table.append(prof._row("head", "fwd", 2 * own._analytic_head(t, "fwd"), t))
+    meta = synthetic_profile("cuda", "NVIDIA H100 80GB HBM3").meta
+    gpu_profile = prof.Profile(pd.DataFrame(table, columns=prof.COLUMNS), meta)
+    cm = CostModel.analytic("a100-80gb", shape).calibrate(gpu_profile)
+    assert cm.scale["layer"] == pytest.approx(3.0) and cm.scale["head"] == pytest.approx(2.0)
+    assert "calibrated on NVIDIA H100" in cm.device
+    with pytest.raises(MuxTuneError, match="catalog GPU"):
+        CostModel.analytic("h100", shape).calibrate(synthetic_profile())
+
+
+def test_model_shape_weight_formula_matches_the_real_preset():
+    from muxtune.executor.backbone import load_backbone
+
+    model = load_backbone("builtin:tiny-llama").model
+    shape = ModelShape.from_config(model.config)
+    measured = prof.layer_param_bytes(model)
+    norms = 2 * shape.hidden * 4  # two RMSNorm weights per layer, not in the GEMM formula
+    assert shape.layer_params * 4 + norms == measured["layer"]
+    assert (shape.n_layers, shape.kv_heads, shape.gated_mlp) == (2, 2, True)
+
+
+# --- profile file, fingerprint cache -----------------------------------------------------------------
+
+
+def test_profile_round_trips_and_bad_files_name_the_line(tmp_path):
+    p = synthetic_profile()
+    path = p.save(tmp_path / "p.csv")
+    back = prof.Profile.load(path)
+    assert back.meta == p.meta
+    pd.testing.assert_frame_equal(back.table, p.table, check_dtype=False)
+    (tmp_path / "bad.csv").write_text("op,phase\n")
+    with pytest.raises(MuxTuneError, match=r"bad.csv:1: not a MuxTune profile"):
+        prof.Profile.load(tmp_path / "bad.csv")
+    with pytest.raises(MuxTuneError, match="cannot read profile"):
+        prof.Profile.load(tmp_path / "missing.csv")
+
+
+def test_cached_profile_is_reused_only_when_the_fingerprint_matches(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUXTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(prof, "REPO_PROFILES", tmp_path / "shipped")
+    calls = []
+
+    def fake_run(model_name, device, mode, dtype, progress=True):
+        calls.append(mode)
+        p = synthetic_profile()
+        p.meta["fingerprint"] = prof.fingerprint(device, model_name, _config(model_name), dtype)
+        p.meta["mode"] = mode
+        return p
+
+    _config = lambda name: __import__("muxtune.executor.backbone", fromlist=["x"]).preset_config(name)
+    monkeypatch.setattr(prof, "run_profile", fake_run)
+    threads = torch.get_num_threads()
+    try:
+        _, path, reused = prof.load_or_profile("builtin:tiny-llama", "cpu", "quick")
+        assert not reused and path.parent == tmp_path / "cache" / "profiles"
+        _, again, reused = prof.load_or_profile("builtin:tiny-llama", "cpu", "quick")
+        assert reused and again == path and calls == ["quick"]
+        _, _, reused = prof.load_or_profile("builtin:tiny-llama", "cpu", "full")  # quick cannot serve full
+        assert not reused and calls == ["quick", "full"]
+        _, _, reused = prof.load_or_profile("builtin:tiny-llama", "cpu", "quick")  # full serves quick
+        assert reused
+        _, _, reused = prof.load_or_profile("builtin:tiny-gpt2", "cpu", "quick")  # another model
+        assert not reused
+        torch.set_num_threads(threads + 1)  # another thread count is another device
+        _, _, reused = prof.load_or_profile("builtin:tiny-llama", "cpu", "quick")
+        assert not reused and len(calls) == 4
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_live_bytes_tracks_the_peak_of_live_tensors():
+    with prof.LiveBytes() as tally:
+        a = torch.empty(250_000)  # 1 MB
+        b = torch.empty(500_000)  # 2 MB
+        del a, b
+        c = torch.empty(125_000)  # 0.5 MB
+    assert tally.peak == 3_000_000
+    assert tally.live == 500_000
+    del c
+
+
+# --- a quick profile on the real executor ------------------------------------------------------------
+
+MINI = {"layer": {16: [32, 64], 32: [64, 128]}, "task_seq": 16, "task_rows": [1, 2],
+        "ranks": {"lora": [2, 8], "ia3": [0], "prefix": [4], "prompt": [4]},
+        "params": [1000, 10000], "nbytes": [4096, 65536], "warmup": 1, "repeats": 2}
+
+
+@pytest.fixture(scope="module")
+def mini_profile(tmp_path_factory):
+    grids = dict(prof.GRIDS)
+    prof.GRIDS["mini"] = MINI
+    try:
+        p = prof.run_profile("builtin:tiny-llama", "cpu", "mini", progress=False)
+    finally:
+        prof.GRIDS.clear()
+        prof.GRIDS.update(grids)
+    path = p.save(tmp_path_factory.mktemp("profile") / "mini.csv")
+    return p, path
+
+
+def test_quick_profile_measures_every_op_on_the_real_backbone(mini_profile):
+    p, _ = mini_profile
+    t = p.table
+    assert set(t["op"]) == {"layer", "stem", "model", "head", "task", "optimizer", "p2p", "allreduce"}
+    assert len(p.rows("layer", "fwd")) == 4 and len(p.rows("task")) == 4 * 5 * 2 + 2 * 4
+    assert (p.rows("layer")["seconds"] > 0).all() and (p.rows("model")["seconds"] > 0).all()
+    layer = p.rows("layer", "fwd").set_index(["tokens", "seq_len"])
+    # saved activations grow with tokens and with the attention span
+    assert layer.loc[(64, 16), "saved_bytes"] > layer.loc[(32, 16), "saved_bytes"] > 0
+    assert layer.loc[(64, 32), "saved_bytes"] > layer.loc[(64, 16), "saved_bytes"]
+    head = p.rows("head", "fwd")
+    assert (head["peak_bytes"] >= head["tokens"] * 260 * 4).all()  # at least the float logits
+    lora = p.rows("task", "fwd").query("method == 'lora'").set_index(["rank", "tokens"])
+    # LoRA keeps its op's input alive (the backbone's tensor) besides its own rank-r activations
+    assert 0 < lora.loc[(8, 32), "batch_bytes"] < lora.loc[(8, 32), "saved_bytes"]
+    assert lora.loc[(8, 32), "params"] == 2 * 8 * ((64 + 64) + (64 + 32))  # A, B on q (64->64), v (64->32 kv)
+    assert p.meta["fingerprint"]["model"] == "builtin:tiny-llama" and p.meta["shape"]["n_layers"] == 2
+    assert set(p.rows("p2p")["nbytes"]) == {4096, 65536} and (p.rows("allreduce")["seconds"] > 0).all()
+    cm = CostModel.from_profile(p)
+    mb = MicroBatch((TaskLoad("lora", 4, 40, 2048), TaskLoad("ia3", 0, 24, 384)), 16)
+    assert cm.step_seconds([mb]) > 0 and cm.activation_bytes(mb, 2) > 0
+    assert cm.backbone_bytes(2, True, True) == sum(x.numel() * 4 for x in
+                                                   __import__("muxtune.executor.backbone", fromlist=["x"])
+                                                   .load_backbone("builtin:tiny-llama").model.parameters())
+
+
+def test_cli_profile_errors_exit_2_without_traceback(capsys, tmp_path):
+    from muxtune.cli import main
+
+    assert main(["profile", "--model", "builtin:nope", "--out", str(tmp_path / "p.csv")]) == 2
+    assert "unknown builtin preset" in capsys.readouterr().err
+    assert main(["profile", "--devices", "tpu"]) == 2
+    assert "--devices" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["profile", "--devices", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_cli_profile_writes_then_reuses(mini_profile, capsys, tmp_path, monkeypatch):
+    from muxtune.cli import main
+
+    p, path = mini_profile
+    monkeypatch.setattr(torch, "get_num_threads", lambda: p.meta["fingerprint"]["threads"])
+    out = tmp_path / "copy.csv"
+    assert main(["profile", "--model", "builtin:tiny-llama", "--mode", "quick", "--out", str(path)]) == 0
+    assert "reused cached profile" in capsys.readouterr().out
+    # a quick profile of the same fingerprint on disk elsewhere is copied to --out
+    monkeypatch.setattr(prof, "REPO_PROFILES", path.parent)
+    path.rename(path.parent / prof.profile_filename(p.meta["fingerprint"]))
+    assert main(["profile", "--model", "builtin:tiny-llama", "--mode", "quick", "--out", str(out)]) == 0
+    assert prof.Profile.load(out).meta == p.meta
+    (path.parent / prof.profile_filename(p.meta["fingerprint"])).rename(path)

@@ -468,3 +468,18 @@ class CostModel:
         s = self.shape
         embed = s.vocab * s.hidden * s.dtype_bytes
         return {"layer": s.layer_params * s.dtype_bytes, "first": embed, "last": 0 if s.tied_embeddings else embed}
+
+
+def cost_model_for(model: str, device: str = "cpu", mode: str = "quick", progress: bool = False) -> CostModel:
+    """The CostModel of `model` on this machine's `device`: a cached profile with this device's
+    fingerprint (shipped in profiles/ or in the user cache), else a profile measured now."""
+    from muxtune.profiler.profile import load_or_profile
+
+    profile, _, _ = load_or_profile(model, device, mode, progress=progress)
+    return CostModel.from_profile(profile)
+
+
+def llama_7b_shape(dtype_bytes: int = 2) -> ModelShape:
+    """LLaMA-2-7B's shape (no weights needed): what-if planning for GPUs and models we do not have."""
+    return ModelShape(n_layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000,
+                      dtype_bytes=dtype_bytes, gated_mlp=True)

@@ -14,25 +14,7 @@ from dataclasses import dataclass
 
 from muxtune.errors import MuxTuneError
 
-try:
-    from muxtune.profiler.cost_model import MicroBatch, TaskLoad
-except ImportError:  # TODO(merge issue 5): delete this fallback; it copies the agreed interface field for field
-
-    @dataclass(frozen=True)
-    class TaskLoad:
-        method: str
-        rank: int
-        tokens: int
-        params: int
-
-    @dataclass(frozen=True)
-    class MicroBatch:
-        tasks: tuple[TaskLoad, ...]
-        seq_len: int
-
-        @property
-        def tokens(self) -> int:
-            return sum(t.tokens for t in self.tasks)
+from muxtune.profiler.cost_model import MicroBatch, TaskLoad
 
 
 @dataclass(frozen=True)

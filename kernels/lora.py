@@ -17,6 +17,7 @@ in fp32 here); on a GPU fp32 operands use TF32 tensor cores unless MUXTUNE_KERNE
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -183,11 +184,16 @@ def _split(grid, inner: int, bk: int, device) -> int:
     if device.type != "cuda":
         return 1
     programs = grid[0] * grid[1] * grid[2]
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     split = 1
     while programs * split < 2 * sms and inner >= split * 2 * 4 * bk:
         split *= 2
     return split
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _outer(p, q, g, goff, table: SegmentTable, rows, cols, gsi, gsj, scaled: bool):

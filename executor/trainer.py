@@ -16,6 +16,7 @@ between steps; the backbone stays loaded.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -310,7 +311,7 @@ class MultiplexedTrainer:
             cache, prefix_mask = self._prefix_cache(batch, adapters, longest, embeds.dtype)
             mask = torch.cat([prefix_mask, mask], dim=1)
         return base(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                    cache=cache).last_hidden_state
+                    **{_cache_kwarg(base): cache}).last_hidden_state
 
     def _prefix_cache(self, batch: FusedBatch, adapters, longest: int, dtype):
         """One KV region of `longest` slots for the whole batch: each prefix task's rows hold their
@@ -347,3 +348,9 @@ class MultiplexedTrainer:
                 if after_step is not None:
                     after_step(self)
                     bar.total = max(bar.total, bar.n + max((r.spec.steps - r.step for r in self.active), default=0))
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` during 5.x; older 5.x releases silently drop
+    an unknown `cache=` into **kwargs (the prefix would vanish), so ask the model which name it takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

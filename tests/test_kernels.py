@@ -171,8 +171,10 @@ def test_executor_gradients_are_the_same_with_the_triton_path(tmp_path, monkeypa
                      lead={name: run.adapter.lead_tokens for name, run in trainer.runs.items()})
         losses = trainer.task_losses(batch, training=True)
         torch.stack(list(losses.values())).sum().backward()
-        grads[kernels] = {f"{name}/{key}": p.grad.clone() for name, run in trainer.runs.items()
-                          for key, p in run.adapter.named_parameters() if p.requires_grad}
+        params = {f"{name}/{key}": p for name, run in trainer.runs.items()
+                  for key, p in run.adapter.named_parameters() if p.requires_grad}
+        assert not [k for k, p in params.items() if p.grad is None], f"{kernels}: parameters without gradient"
+        grads[kernels] = {key: p.grad.clone() for key, p in params.items()}
         for name in list(trainer.runs):
             trainer.mux.remove_task(name)
     assert grads["torch"].keys() == grads["triton"].keys() and len(grads["torch"]) > 20

@@ -60,8 +60,10 @@ class DoraLayer(lora.LoraLayer):
         self.fan_in_fan_out = isinstance(base_op, Conv1D)
         # HF PEFT's init: m = ||W + s B A|| row-wise, so the adapter starts as the identity (B = 0).
         with torch.no_grad():
-            lora_weight = self.lora_B.weight @ self.lora_A.weight
-            weight_norm = self.weight_norm(self.op_weight(torch.float32), lora_weight)
+            weight = self.op_weight(torch.float32)
+            # the layer is built on the CPU (the task's init generator), the op may sit on a GPU
+            lora_weight = (self.lora_B.weight @ self.lora_A.weight).to(weight.device)
+            weight_norm = self.weight_norm(weight, lora_weight)
         self.lora_magnitude_vector = Magnitude(weight_norm)
 
     def op_weight(self, dtype: torch.dtype) -> torch.Tensor:

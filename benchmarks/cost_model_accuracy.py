@@ -26,7 +26,7 @@ from muxtune.executor.trainer import MultiplexedTrainer
 from muxtune.profiler.cost_model import CostModel, MicroBatch, TaskLoad
 from muxtune.profiler.profile import load_or_profile, peak_bytes, peft_config_for
 
-from muxtune.spec import TaskSpec
+from muxtune.spec import Alignment, TaskSpec
 
 # (name, seq_len, [(method, rank, rows), ...]): none of these (tokens, rank, mix) is a profile point
 CONFIGS = [
@@ -56,7 +56,8 @@ def build(backbone, seq: int, tasks: list[tuple[str, int, int]], steps: int) -> 
         lengths = [length] + [gen.randint(max(1, length - 8), length - 1) for _ in range(rows - 1)]
         examples[name] = [Example(ids, list(ids)) for ids in
                           ([gen.randrange(256) for _ in range(n)] for n in lengths)]
-    return MultiplexedTrainer(backbone, specs, examples)
+    return MultiplexedTrainer(backbone, specs, examples,
+                              alignment=Alignment(layout="padded"))  # what the CostModel prices: rows x padded length
 
 
 def micro_batch(trainer: MultiplexedTrainer, seq: int, tasks) -> MicroBatch:

@@ -516,7 +516,7 @@ def probe_trainer(backbone, device: str, method: str, rank: int, n_rows: int, se
     from muxtune.executor.data import Example, fuse
     from muxtune.executor.trainer import MultiplexedTrainer
 
-    from muxtune.spec import TaskSpec
+    from muxtune.spec import Alignment, TaskSpec
 
     peft = peft_config_for(method, rank, backbone.model.config.model_type)
     lead = rank if method == "prompt" else 0
@@ -529,7 +529,8 @@ def probe_trainer(backbone, device: str, method: str, rank: int, n_rows: int, se
         lengths = [length] * (n_rows - 1) + [length - 1 if n_rows > 1 else length]
         examples[f"{name}{i}"] = [Example(ids, list(ids)) for ids in
                                   ([gen.randrange(256) for _ in range(n)] for n in lengths)]
-    trainer = MultiplexedTrainer(backbone, specs, examples)
+    trainer = MultiplexedTrainer(backbone, specs, examples,
+                                 alignment=Alignment(layout="padded"))  # what the CostModel prices: rows x padded length
     batch = fuse(examples, backbone.tokenizer.pad_token_id, device, lead={task: lead for task in examples})
     return trainer, batch
 

@@ -1,10 +1,10 @@
 """The CP-SAT model: which tasks fuse into groups and which backbone instance each group runs on.
 
 For one (instances k, layout) pair from layouts.instance_configs:
-- candidate groups: tasks sorted by sequence length (then method shape), every run of up to
-  `max_group` neighbours in that order (fusing tasks of similar length wastes the least padding:
-  an interval in length order is how an optimal padded fusion looks); each priced by the CostModel
-  (layouts.group_cost), in integer ticks;
+- candidate groups: every subset of up to `max_group` tasks on small instances (<= 1024 subsets);
+  otherwise tasks sorted by sequence length (then method shape) and every run of up to `max_group`
+  neighbours in that order (fusing tasks of similar length wastes the least padding); each priced by
+  the CostModel (layouts.group_cost), in integer ticks;
 - booleans x[g, s]: candidate group g runs on instance s; every task in exactly one chosen group;
 - memory per device of instance s: backbone shard + the states of its tasks + the activations of
   its largest group <= device memory (one constraint per (g, s), enforced when x[g, s]);
@@ -20,6 +20,8 @@ limit is never worse than it.
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field
 
 from ortools.sat.python import cp_model
@@ -46,11 +48,21 @@ class Candidate:
     notes: dict = field(default_factory=dict)
 
 
-def candidate_groups(works: list[TaskWork], max_group: int) -> list[tuple[int, ...]]:
-    """Runs of up to max_group neighbours in length order (indices into works)."""
+def length_order(works: list[TaskWork]) -> list[int]:
+    """Task indices by sequence length, then method shape (tasks that pad each other least side by side)."""
     from muxtune.profiler.cost_model import METHOD_SHAPES
 
-    order = sorted(range(len(works)), key=lambda i: (works[i].seq_len, METHOD_SHAPES.get(works[i].method, ""), i))
+    return sorted(range(len(works)), key=lambda i: (works[i].seq_len, METHOD_SHAPES.get(works[i].method, ""), i))
+
+
+def candidate_groups(works: list[TaskWork], max_group: int, all_subsets_up_to: int = 1024) -> list[tuple[int, ...]]:
+    """Every subset of up to max_group tasks when there are at most `all_subsets_up_to` of them (small
+    instances: the model then covers every partition), else runs of up to max_group neighbours in
+    length order (indices into works)."""
+    n = len(works)
+    if sum(math.comb(n, k) for k in range(1, min(max_group, n) + 1)) <= all_subsets_up_to:
+        return [g for k in range(1, min(max_group, n) + 1) for g in itertools.combinations(range(n), k)]
+    order = length_order(works)
     groups = []
     for start in range(len(order)):
         for size in range(1, max_group + 1):
@@ -172,7 +184,7 @@ def greedy(works: list[TaskWork], slots: int, layout: LayoutChoice, cm, memory_b
     or None when no size fits. Screens the (instances, layout) pairs and hints the solver."""
     costs = {} if costs is None else costs
     base = backbone_bytes(layout, cm)
-    order = [g[0] for g in candidate_groups(works, 1)]
+    order = length_order(works)
     best = None
     size = max_group
     while size >= 1:

@@ -6,7 +6,8 @@ of that plan with the baseline planners, every figure from the simulator.
 
 Steps: (1) every (instances, layout) pair (layouts.instance_configs) is screened by the greedy solution
 (cpsat.greedy); on the `solve` best pairs the CP-SAT model (cpsat.solve) chooses the fusion groups
-and their instance, each within an equal share of half the time limit;
+and their instance, sharing half the time limit (the best-screened pair a double share; what one leaves unused
+goes to the next);
 (2) the `top` best solutions by their estimate are simulated (simulator/iteration.py), each with both
 pipeline schedules when it has several stages, and the best simulated one that fits memory on every
 device is the plan; (3) the baselines are simulated the same way; (4) explain.py writes why.
@@ -131,7 +132,7 @@ def _better(a: Evaluation, b: Evaluation | None, objective: str) -> bool:
 
 
 def plan(tasks, cluster: Cluster, cost_model, objective: str = "throughput", time_limit: float = 10.0,
-         params: dict[str, int] | None = None, priority: dict[str, float] | None = None, top: int = 3, solve: int = 6,
+         params: dict[str, int] | None = None, priority: dict[str, float] | None = None, top: int = 3, solve: int = 4,
          max_group: int = 8, workers: int = 2) -> PlanResult:
     """Plan `tasks` (TaskSpec list) on `cluster` (see the module docstring). priority: a weight per
     task name on its tokens in the throughput objective (default 1)."""
@@ -158,8 +159,12 @@ def plan(tasks, cluster: Cluster, cost_model, objective: str = "throughput", tim
         screened.append((start is not None, sign * start[2] if start else 0.0, instances, layout))
     screened.sort(key=lambda t: (t[0], t[1]), reverse=True)
     candidates, statuses = [], []
-    share = time_limit * 0.5 / min(solve, len(configs))  # the rest: pricing, simulation, baselines
-    for _, _, instances, layout in screened[:solve]:
+    budget = time_limit * 0.5  # the rest: pricing, simulation, baselines
+    chosen_configs = screened[:solve]
+    for index, (_, _, instances, layout) in enumerate(chosen_configs):
+        # the best-screened pair gets a double share; time a pair proves optimal early goes to the rest
+        weights = [2 if i == 0 else 1 for i in range(index, len(chosen_configs))]
+        share = max(0.05, (started + budget - time.perf_counter()) * weights[0] / sum(weights))
         found = cpsat.solve(works, instances, layout, cm, memory, objective, share, steps, max_group=max_group,
                             priority=weights if priority else None, workers=workers)
         statuses.append(f"{instances} x ({layout.label()}): {found.status if found else 'no solution fits memory'}")

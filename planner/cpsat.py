@@ -1,7 +1,7 @@
 """The CP-SAT model: which tasks fuse into groups and which backbone instance each group runs on.
 
 For one (instances k, layout) pair from layouts.instance_configs:
-- candidate groups: every subset of up to `max_group` tasks on small instances (<= 1024 subsets);
+- candidate groups: every subset of up to `max_group` tasks on small instances (<= 64 subsets);
   otherwise tasks sorted by sequence length (then method shape) and every run of up to `max_group`
   neighbours in that order (fusing tasks of similar length wastes the least padding); each priced by
   the CostModel (layouts.group_cost), in integer ticks;
@@ -55,7 +55,7 @@ def length_order(works: list[TaskWork]) -> list[int]:
     return sorted(range(len(works)), key=lambda i: (works[i].seq_len, METHOD_SHAPES.get(works[i].method, ""), i))
 
 
-def candidate_groups(works: list[TaskWork], max_group: int, all_subsets_up_to: int = 1024) -> list[tuple[int, ...]]:
+def candidate_groups(works: list[TaskWork], max_group: int, all_subsets_up_to: int = 64) -> list[tuple[int, ...]]:
     """Every subset of up to max_group tasks when there are at most `all_subsets_up_to` of them (small
     instances: the model then covers every partition), else runs of up to max_group neighbours in
     length order (indices into works)."""

@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass, field
 
 from ortools.sat.python import cp_model
 
-from muxtune.planner.layouts import GroupCost, LayoutChoice, backbone_bytes, group_cost
+from muxtune.planner.layouts import LayoutChoice, backbone_bytes, group_cost
 from muxtune.simulator.workload import TaskWork
 
 OBJECTIVES = ("throughput", "makespan")
-TICKS = 1_000_000  # the longest instance step is priced in about this many integer ticks
+TICKS = 1_000_000  # n x the costliest group's time is this many integer ticks (an upper bound of any step)
 
 
 @dataclass
@@ -94,8 +95,6 @@ def solve(works: list[TaskWork], instances: int, layout: LayoutChoice, cm, memor
           priority: list[float] | None = None, workers: int = 2) -> Candidate | None:
     """Best solution found within time_limit for one (instances, layout); None when nothing fits memory
     or no solution was found in time."""
-    import time
-
     started = time.perf_counter()
     n = len(works)
     slots = min(instances, n)

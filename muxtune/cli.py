@@ -120,6 +120,26 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from muxtune.planner.plan import plan
+    from muxtune.planner.setup import planning_inputs
+    from muxtune.spec import load_config
+
+    config = load_config(args.config)
+    with _about(args.config):
+        cluster, cost_model, params = planning_inputs(config, hardware=args.hardware, gpus=args.gpus,
+                                                      memory_gib=args.memory_gib, profile=args.profile)
+        result = plan(config.tasks, cluster, cost_model, objective=args.objective, time_limit=args.time_limit,
+                      params=params)
+    out = Path(args.out) if args.out else Path("runs") / config.name / "plan.json"
+    result.plan.save(out)
+    print(f"cost model: {cost_model.device}")
+    print(result.table.to_string(index=False, float_format=lambda v: f"{v:,.3g}"))
+    print(result.plan.explanation)
+    print(f"planned in {result.solve_seconds:.1f} s; wrote {out}")
+    return 0
+
+
 def _add_run_args(p: argparse.ArgumentParser, optional_config: bool) -> None:
     if optional_config:
         p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
@@ -172,6 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refresh", action="store_true", help="measure even if a cached profile matches")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_profile)
+    p = sub.add_parser("plan", help="choose fusion groups and parallel layouts for a config -> plan.json (OR-Tools CP-SAT)")
+    p.add_argument("config", help="run config YAML (its optional cluster: section describes the devices)")
+    p.add_argument("--hardware", help="plan for GPUs we may not have: a hardware catalog name (h100, a100-80gb, ...), "
+                   "priced by the analytic cost model")
+    p.add_argument("--gpus", type=int, help="devices in the cluster (default: the config's cluster, else 1)")
+    p.add_argument("--memory-gib", type=float, help="memory per device (default: the cluster's, the catalog's, "
+                   "or this machine's)")
+    p.add_argument("--profile", help="a profile CSV to price this machine with (default: the cached profile of "
+                   "this device, measured now if there is none)")
+    p.add_argument("--objective", choices=["throughput", "makespan"], default="throughput")
+    p.add_argument("--time-limit", type=float, default=10.0, help="seconds for the search (default 10)")
+    p.add_argument("--out", help="plan JSON to write (default: runs/<name>/plan.json)")
+    p.set_defaults(fn=cmd_plan)
     args = parser.parse_args(argv)
     return _guard(args.fn, args)
 

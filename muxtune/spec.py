@@ -48,6 +48,17 @@ class TaskSpec(BaseModel):
                                                     "longer than max_seq_len")
 
 
+class Cluster(BaseModel):
+    """The devices a plan may use (planner/): how many, how much memory each, which hardware.
+    `hardware` names the CostModel: "this" = this machine's measured profile, else a row of the
+    profiler's hardware catalog (h100, a100-80gb, ...) priced analytically; links come from the CostModel."""
+
+    model_config = ConfigDict(extra="forbid")
+    devices: int = Field(1, ge=1, le=4096, description="devices (GPUs, or CPU processes) in the cluster")
+    memory_gib: float = Field(gt=0, description="memory of one device")
+    hardware: str = Field("this", description="'this' (measured profile) or a hardware catalog name")
+
+
 class RunConfig(BaseModel):
     """A whole config file: the shared backbone, the devices, and the tenants' tasks."""
 
@@ -61,6 +72,7 @@ class RunConfig(BaseModel):
                                   "(runs/<name>/checkpoints/); 0: only at the end")
     memory_limit_gib: float | None = Field(None, gt=0, description="admission: refuse a plan or a submitted "
                                            "task predicted to need more (default: the device's free memory)")
+    cluster: Cluster | None = Field(None, description="what `muxtune plan` plans for (default: this machine)")
 
     @field_validator("devices")
     @classmethod

@@ -23,6 +23,7 @@ Nothing else in MuxTune holds a timing formula: the planner and simulator call t
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -160,6 +161,11 @@ class CostModel:
         self.profile, self.hw = profile, hw
         self.scale = {"layer": 1.0, "head": 1.0, "task": 1.0, "optimizer": 1.0, "activation": 1.0}
         self.weight_bytes = weight_bytes or self._analytic_weight_bytes()
+        if profile is not None:
+            # pure look-ups into an immutable profile, asked thousands of times by the planner: memoize
+            # them per instance (each is a pandas selection + interpolation, ~ms each)
+            for name in ("_task_seconds", "_shared_seconds", "_grid", "_batch_skip"):
+                setattr(self, name, functools.lru_cache(maxsize=65536)(getattr(self, name)))
 
     # constructors
 

@@ -134,10 +134,16 @@ class Profile:
     meta: dict  # {"fingerprint": {...}, "shape": ModelShape fields, "mode": ..., "layer_param_bytes": ...}
 
     def rows(self, op: str, phase: str | None = None) -> pd.DataFrame:
-        sel = self.table["op"] == op
-        if phase is not None:
-            sel &= self.table["phase"] == phase
-        return self.table[sel]
+        # the CostModel asks for the same few selections thousands of times (the planner prices many
+        # micro-batches): keep them, keyed by the table object so a replaced table is not served stale
+        cache = self.__dict__.setdefault("_rows", {})
+        key = (id(self.table), op, phase)
+        if key not in cache:
+            sel = self.table["op"] == op
+            if phase is not None:
+                sel &= self.table["phase"] == phase
+            cache[key] = self.table[sel]
+        return cache[key]
 
     def save(self, path: Path) -> Path:
         from muxtune.spec import write_text_atomic

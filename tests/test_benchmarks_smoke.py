@@ -78,3 +78,15 @@ def test_cost_model_accuracy_benchmark_runs_every_configuration_on_a_shipped_pro
     for row in last["results"]:
         assert row["measured_s"] > 0 and row["predicted_s"] > 0
         assert row["measured_bytes"] > 0 and row["predicted_bytes"] > 0
+
+
+def test_planner_benchmark_runs_in_quick_mode(capsys):
+    from benchmarks import planner
+
+    result = planner.main(["--quick"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == json.loads(json.dumps(result))
+    assert {"max_gap", "solve_seconds", "beats_baselines"} <= set(last)
+    assert last["gap_instances"] == 3 and last["max_gap"] == max(last["gaps"])
+    assert len(last["versus_baselines"]) == 8 and last["memory_violations"] == 0
+    assert last["beats_baselines"] == all(v["beats"] for v in last["versus_baselines"])

@@ -1,0 +1,207 @@
+"""The CP-SAT model: which tasks fuse into groups and which backbone instance each group runs on.
+
+For one (instances k, layout) pair from layouts.instance_configs:
+- candidate groups: every subset of up to `max_group` tasks on small instances (<= 64 subsets);
+  otherwise tasks sorted by sequence length (then method shape) and every run of up to `max_group`
+  neighbours in that order (fusing tasks of similar length wastes the least padding); each priced by
+  the CostModel (layouts.group_cost), in integer ticks;
+- booleans x[g, s]: candidate group g runs on instance s; every task in exactly one chosen group;
+- memory per device of instance s: backbone shard + the states of its tasks + the activations of
+  its largest group <= device memory (one constraint per (g, s), enforced when x[g, s]);
+- step time of s: the sum of its groups' costs (its groups share the pipeline one after another);
+- objective `throughput` (default): maximise sum_s useful tokens_s / step_s (an integer division per
+  instance, AddDivisionEquality); `makespan`: minimise the longest instance's time to finish all its
+  tasks, sum over its groups of cost x the group's steps (a group leaves the pipeline when its tasks
+  are done). Priorities weight a task's tokens in the throughput objective.
+The instances are interchangeable: their step times are ordered to break the symmetry. A greedy
+solution (length-sorted groups dealt round-robin) is given as a hint, so the incumbent at the time
+limit is never worse than it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+from ortools.sat.python import cp_model
+
+from muxtune.planner.layouts import LayoutChoice, backbone_bytes, group_cost
+from muxtune.simulator.workload import TaskWork
+
+OBJECTIVES = ("throughput", "makespan")
+TICKS = 1_000_000  # n x the costliest group's time is this many integer ticks (an upper bound of any step)
+
+
+@dataclass
+class Candidate:
+    """A solution in the planner's space: groups (task names) on each of `len(instances)` identical
+    backbone instances with one layout."""
+
+    planner: str
+    instances: list[list[tuple[str, ...]]]
+    layout: LayoutChoice
+    packed: bool
+    estimate: float = 0.0  # objective value under the group-cost estimate (tokens/s, or seconds)
+    status: str = ""
+    solve_seconds: float = 0.0
+    notes: dict = field(default_factory=dict)
+
+
+def length_order(works: list[TaskWork]) -> list[int]:
+    """Task indices by sequence length, then method shape (tasks that pad each other least side by side)."""
+    from muxtune.profiler.cost_model import METHOD_SHAPES
+
+    return sorted(range(len(works)), key=lambda i: (works[i].seq_len, METHOD_SHAPES.get(works[i].method, ""), i))
+
+
+def candidate_groups(works: list[TaskWork], max_group: int, all_subsets_up_to: int = 64) -> list[tuple[int, ...]]:
+    """Every subset of up to max_group tasks when there are at most `all_subsets_up_to` of them (small
+    instances: the model then covers every partition), else runs of up to max_group neighbours in
+    length order (indices into works)."""
+    n = len(works)
+    if sum(math.comb(n, k) for k in range(1, min(max_group, n) + 1)) <= all_subsets_up_to:
+        return [g for k in range(1, min(max_group, n) + 1) for g in itertools.combinations(range(n), k)]
+    order = length_order(works)
+    groups = []
+    for start in range(len(order)):
+        for size in range(1, max_group + 1):
+            if start + size <= len(order):
+                groups.append(tuple(sorted(order[start:start + size])))
+    return groups
+
+
+def estimate(instances: list[list[tuple[int, ...]]], costs: dict, works: list[TaskWork], objective: str,
+             steps: list[int], priority: list[float] | None = None) -> float:
+    """The objective of a solution under group costs (the same figures the CP-SAT model uses, unrounded)."""
+    if objective == "throughput":
+        total = 0.0
+        for groups in instances:
+            if groups:
+                tokens = sum(works[i].tokens * (priority[i] if priority else 1.0) for g in groups for i in g)
+                total += tokens / sum(costs[g].seconds for g in groups)
+        return total
+    return max((sum(costs[g].seconds * max(steps[i] for i in g) for g in groups) for groups in instances if groups),
+               default=0.0)
+
+
+def fits(groups: list[tuple[int, ...]], costs: dict, base: int, memory: int) -> bool:
+    return not groups or base + sum(costs[g].state_bytes for g in groups) + max(costs[g].activation_bytes for g in groups) <= memory
+
+
+def solve(works: list[TaskWork], instances: int, layout: LayoutChoice, cm, memory_bytes: int, objective: str,
+          time_limit: float, steps: list[int], packed: bool = True, max_group: int = 8,
+          priority: list[float] | None = None, workers: int = 2) -> Candidate | None:
+    """Best solution found within time_limit for one (instances, layout); None when nothing fits memory
+    or no solution was found in time."""
+    started = time.perf_counter()
+    n = len(works)
+    slots = min(instances, n)
+    groups = candidate_groups(works, max_group)
+    costs = {g: group_cost(tuple(works[i] for i in g), layout, cm, packed) for g in groups}
+    base = backbone_bytes(layout, cm)
+    # a group that cannot fit alone can never be chosen
+    groups = [g for g in groups if base + costs[g].state_bytes + costs[g].activation_bytes <= memory_bytes]
+    if not all(any(i in g for g in groups) for i in range(n)):
+        return None
+    unit = max(costs[g].seconds for g in groups) * n / TICKS  # seconds per tick
+    ticks = {g: max(1, round(costs[g].seconds / unit)) for g in groups}
+    weight = priority or [1.0] * n
+
+    m = cp_model.CpModel()
+    x = {(g, s): m.NewBoolVar(f"x{gi}_{s}") for gi, g in enumerate(groups) for s in range(slots)}
+    for i in range(n):
+        m.AddExactlyOne(x[g, s] for g in groups if i in g for s in range(slots))
+    step = []
+    horizon = sum(ticks.values())
+    kib = lambda b: -(-int(b) // 1024)  # bytes -> KiB, rounded up (small integer domains)
+    room = (memory_bytes - base) // 1024
+    for s in range(slots):
+        states = m.NewIntVar(0, room, f"states{s}")
+        m.Add(states == sum(kib(costs[g].state_bytes) * x[g, s] for g in groups))
+        activations = m.NewIntVar(0, room, f"activations{s}")  # the instance's largest group's
+        for g in groups:
+            m.Add(activations >= kib(costs[g].activation_bytes) * x[g, s])
+        m.Add(states + activations <= room)
+        t = m.NewIntVar(0, horizon, f"step{s}")
+        m.Add(t == sum(ticks[g] * x[g, s] for g in groups))
+        step.append(t)
+    for s in range(slots - 1):
+        m.Add(step[s] >= step[s + 1])  # interchangeable instances: symmetry breaking
+
+    if objective == "throughput":
+        # rate_s = tokens_s * scale // step_s; tokens in units so the largest rate has ~1e6 resolution
+        token_unit = max(1.0, sum(w.tokens * p for w, p in zip(works, weight)) / 100_000)
+        tok = {g: round(sum(works[i].tokens * weight[i] for i in g) / token_unit) for g in groups}
+        scale = TICKS * 10
+        rates = []
+        for s in range(slots):
+            tokens = m.NewIntVar(0, sum(tok.values()), f"tokens{s}")
+            m.Add(tokens == sum(tok[g] * x[g, s] for g in groups))
+            scaled = m.NewIntVar(0, sum(tok.values()) * scale, f"scaled{s}")
+            m.Add(scaled == tokens * scale)
+            denominator = m.NewIntVar(1, horizon + 1, f"den{s}")
+            m.Add(denominator == step[s] + 1)
+            rate = m.NewIntVar(0, sum(tok.values()) * scale, f"rate{s}")
+            m.AddDivisionEquality(rate, scaled, denominator)
+            rates.append(rate)
+        m.Maximize(sum(rates))
+    else:
+        group_steps = {g: max(steps[i] for i in g) for g in groups}
+        longest = m.NewIntVar(0, sum(ticks[g] * group_steps[g] for g in groups), "makespan")
+        for s in range(slots):
+            m.Add(longest >= sum(ticks[g] * group_steps[g] * x[g, s] for g in groups))
+        m.Minimize(longest)
+
+    start = greedy(works, slots, layout, cm, memory_bytes, objective, steps, packed, max_group, priority, costs)
+    if start is not None:
+        hint = {(g, s) for s, gs in enumerate(start[0]) for g in gs}
+        for (g, s), var in x.items():
+            m.AddHint(var, (g, s) in hint)
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(0.05, time_limit - (time.perf_counter() - started))
+    solver.parameters.num_workers = workers
+    status = solver.Solve(m)
+    name = [w.name for w in works]
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        chosen = [[g for g in groups if solver.Value(x[g, s])] for s in range(slots)]
+        value, how = estimate(chosen, costs, works, objective, steps, priority), solver.StatusName(status)
+    elif start is not None:  # the solver found nothing in time: the greedy start is the incumbent
+        chosen, _, value = start
+        how = f"{solver.StatusName(status)} in time: greedy start kept"
+    else:
+        return None
+    return Candidate("muxtune", [[tuple(name[i] for i in g) for g in c] for c in chosen if c], layout, packed,
+                     value, how, time.perf_counter() - started, {"instances": instances})
+
+
+def greedy(works: list[TaskWork], slots: int, layout: LayoutChoice, cm, memory_bytes: int, objective: str,
+           steps: list[int], packed: bool = True, max_group: int = 8, priority=None, costs: dict | None = None):
+    """Length-sorted tasks cut into runs of `size` (max_group, half of it, ... 1), the runs dealt to the
+    least loaded instance they fit on; the best of those sizes by estimate: (solution, costs, value),
+    or None when no size fits. Screens the (instances, layout) pairs and hints the solver."""
+    costs = {} if costs is None else costs
+    base = backbone_bytes(layout, cm)
+    order = length_order(works)
+    best = None
+    size = max_group
+    while size >= 1:
+        runs = [tuple(sorted(order[i:i + size])) for i in range(0, len(order), size)]
+        for g in runs:
+            if g not in costs:
+                costs[g] = group_cost(tuple(works[i] for i in g), layout, cm, packed)
+        load, placed = [0.0] * slots, [[] for _ in range(slots)]
+        for g in sorted(runs, key=lambda g: -costs[g].seconds):
+            where = [s for s in sorted(range(slots), key=lambda s: load[s]) if fits(placed[s] + [g], costs, base, memory_bytes)]
+            if not where:
+                break
+            placed[where[0]].append(g)
+            load[where[0]] += costs[g].seconds
+        else:
+            placed.sort(key=lambda gs: -sum(costs[g].seconds for g in gs))  # the solver's instance order
+            value = estimate(placed, costs, works, objective, steps, priority)
+            if best is None or (value > best[2] if objective == "throughput" else value < best[2]):
+                best = (placed, costs, value)
+        size //= 2
+    return best

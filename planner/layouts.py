@@ -1,0 +1,125 @@
+"""Candidate layouts of a backbone instance, and what a fusion group costs on one (from the CostModel).
+
+The planner splits the cluster's devices into `instances` equal backbone instances (every divisor of
+the device count); each instance runs one pipeline with a layout (dp replicas x pp stages, an even
+layer split, m micro-batches per replica). These few (instances, layout) pairs are enumerated here,
+outside the CP-SAT model; for each one the model decides which tasks fuse and where groups go.
+
+A group's cost on a layout is the 1F1B time of its micro-batches on the slowest stage plus the
+pipeline's fill and drain, the transfers of its boundary activations, the all-reduce of its
+gradients and its tasks' optimizer steps: an upper bound of what it adds to the pipeline's step
+(the simulator, which overlaps these and interleaves groups, ranks the final candidates).
+Every number comes from the CostModel; nothing here has its own timing formula.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass
+
+from muxtune.simulator.iteration import stage_split
+from muxtune.simulator.workload import TaskWork, split_micro_batches
+
+GRAD_BYTES_PER_PARAM = 4  # adapters train in fp32 (as simulator/iteration.py)
+
+
+@dataclass(frozen=True)
+class LayoutChoice:
+    """One backbone instance's parallel layout."""
+
+    dp: int
+    pp: int
+    micro_batches: int
+    stage_layers: tuple[int, ...]
+
+    @property
+    def devices(self) -> int:
+        return self.dp * self.pp
+
+    def label(self) -> str:
+        return f"dp{self.dp} x pp{self.pp}, {self.micro_batches} micro-batch{'es' * (self.micro_batches > 1)}"
+
+
+@dataclass(frozen=True)
+class GroupCost:
+    seconds: float  # what the group adds to its pipeline's step (upper bound, see module docstring)
+    activation_bytes: int  # worst stage: activations this group keeps in flight
+    state_bytes: int  # worst stage: its tasks' adapter weights, gradients and AdamW moments
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(devices: int, n_layers: int, micro_batch_factors=(1, 4)) -> list[LayoutChoice]:
+    """Every dp x pp = devices (pp <= layers), even layer split, m = pp x factor micro-batches (a larger m
+    shortens the fill and drain and holds fewer activations; with pp = 1 it is gradient accumulation)."""
+    out = []
+    for pp in divisors(devices):
+        if pp > n_layers:
+            continue
+        split = tuple(stage_split(n_layers, pp, None))
+        for factor in micro_batch_factors:
+            out.append(LayoutChoice(devices // pp, pp, pp * factor, split))
+    return out
+
+
+def instance_configs(devices: int, n_layers: int) -> list[tuple[int, LayoutChoice]]:
+    """(instances, layout of each): every way to cut `devices` into equal instances, every layout of one."""
+    return [(k, layout) for k in divisors(devices) for layout in layouts(devices // k, n_layers)]
+
+
+class CachedCostModel:
+    """Memoizes a CostModel's pure methods (MicroBatch is frozen and hashable): the planner prices the
+    same micro-batches many times. Anything else is passed through."""
+
+    CACHED = ("forward_seconds", "backward_seconds", "activation_bytes", "p2p_seconds", "allreduce_seconds",
+              "optimizer_seconds", "boundary_bytes", "backbone_bytes", "task_state_bytes", "peak_bytes")
+
+    def __init__(self, cost_model):
+        self.inner = cost_model
+        for name in self.CACHED:
+            setattr(self, name, functools.lru_cache(maxsize=None)(getattr(cost_model, name)))
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def stage_params(work: TaskWork, stage: int, layers: int, n_layers: int) -> int:
+    """A task's adapter parameters on one stage (prompt tuning's sit with the embedding)."""
+    if work.method == "prompt":
+        return work.params if stage == 0 else 0
+    return round(work.params * layers / n_layers)
+
+
+def group_cost(works: tuple[TaskWork, ...], layout: LayoutChoice, cm, packed: bool) -> GroupCost:
+    """What one fusion group costs on `layout` (see the module docstring)."""
+    n_layers, pp = cm.shape.n_layers, layout.pp
+    parts = split_micro_batches(list(works), layout.dp * layout.micro_batches, packed)
+    mine = parts[0::layout.dp]  # replica 0 gets the most sequences (split_micro_batches fills in order)
+    distinct = Counter(mine)  # the even split makes most micro-batches alike: price each kind once
+    stage_work, stage_act = [], []
+    for s, layers in enumerate(layout.stage_layers):
+        first, last = s == 0, s == pp - 1
+        stage_work.append(sum(count * (cm.forward_seconds(mb, layers, first, last) + cm.backward_seconds(mb, layers, first, last))
+                              for mb, count in distinct.items()))
+        in_flight = min(pp - s, len(mine))  # 1F1B: stage s holds at most pp - s micro-batches
+        stage_act.append(in_flight * max(cm.activation_bytes(mb, layers) for mb in distinct))
+    per_micro_batch = max(stage_work) / len(mine)
+    fill = (pp - 1) * per_micro_batch
+    transfers = 2 * (pp - 1) * max(cm.p2p_seconds(cm.boundary_bytes(mb)) for mb in distinct) if pp > 1 else 0.0
+    widest = max(layout.stage_layers)
+    grads = sum(round(w.params * widest / n_layers) for w in works) * GRAD_BYTES_PER_PARAM
+    allreduce = cm.allreduce_seconds(grads, layout.dp) if layout.dp > 1 else 0.0
+    optim = max(sum(cm.optimizer_seconds(p) for p in (stage_params(w, s, layers, n_layers) for w in works) if p)
+                for s, layers in enumerate(layout.stage_layers))
+    state = max(sum(cm.task_state_bytes(stage_params(w, s, layers, n_layers)) for w in works)
+                for s, layers in enumerate(layout.stage_layers))
+    return GroupCost(max(stage_work) + fill + transfers + allreduce + optim, int(max(stage_act)), int(state))
+
+
+def backbone_bytes(layout: LayoutChoice, cm) -> int:
+    """The largest backbone shard of a stage."""
+    pp = layout.pp
+    return max(cm.backbone_bytes(layers, s == 0, s == pp - 1) for s, layers in enumerate(layout.stage_layers))

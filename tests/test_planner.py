@@ -1,0 +1,180 @@
+"""The planner: valid plans that fit memory, within 3% of the exhaustive optimum on small instances,
+ahead of the baselines on the shipped mixes, and `muxtune plan` on this machine and on GPUs we lack.
+Costs come from the shipped CPU profile of tiny-llama or the analytic H100 model (no profiling here)."""
+
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from muxtune.errors import MuxTuneError
+from muxtune.planner import baselines, cpsat, exhaustive
+from muxtune.planner.layouts import CachedCostModel, instance_configs
+from muxtune.planner.plan import device_labels, plan, simulate, works_of
+from muxtune.profiler.cost_model import CostModel, llama_7b_shape
+from muxtune.simulator.iteration import simulate_step
+from muxtune.spec import Cluster, Plan, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def cpu_model():
+    return CostModel.from_profile(next((REPO / "profiles").glob("cpu-*-tiny-llama.csv")))
+
+
+@pytest.fixture(scope="module")
+def h100():
+    return CachedCostModel(CostModel.analytic("h100", llama_7b_shape()))
+
+
+def random_tasks(seed: int, n: int):
+    base = load_config(REPO / "examples" / "mixed_methods.yaml").tasks
+    rng = random.Random(seed)
+    return [rng.choice(base).model_copy(update={"name": f"t{i}", "max_seq_len": rng.choice([128, 256, 512, 1024]),
+                                                 "batch_size": rng.choice([2, 4, 8]), "steps": rng.randint(10, 100)})
+            for i in range(n)]
+
+
+def exhaustive_best(tasks, cluster, cm, objective="throughput"):
+    """The best simulated plan among the exhaustive search's best estimates."""
+    works = works_of(tasks, cm)
+    found = exhaustive.search(works, [t.steps for t in tasks], cm, cluster.devices, int(cluster.memory_gib * GIB),
+                              objective, keep=5)
+    steps = {t.name: t.steps for t in tasks}
+    return max((simulate(c, works, steps, cm, device_labels(cluster, cm), int(cluster.memory_gib * GIB), s)
+                for c in found for s in (("1f1b", "interleaved") if c.layout.pp > 1 else ("1f1b",))),
+               key=lambda e: e.throughput)
+
+
+def test_layouts_cover_every_split_of_the_devices():
+    configs = instance_configs(4, n_layers=32)
+    assert {(k, l.dp, l.pp) for k, l in configs} == {(1, 4, 1), (1, 2, 2), (1, 1, 4), (2, 2, 1), (2, 1, 2), (4, 1, 1)}
+    assert all(sum(l.stage_layers) == 32 and l.micro_batches % l.pp == 0 for _, l in configs)
+    assert all(l.pp <= 2 for _, l in instance_configs(8, n_layers=2))
+
+
+def test_set_partitions_counts_match_bell_numbers():
+    assert [sum(1 for _ in exhaustive.set_partitions(list(range(n)))) for n in range(1, 7)] == [1, 2, 5, 15, 52, 203]
+    assert sum(1 for _ in exhaustive.set_partitions(list(range(4)), max_blocks=2)) == 8  # S(4,1) + S(4,2)
+
+
+def test_quickstart_plan_is_valid_fits_memory_and_beats_the_baselines(cpu_model, tmp_path):
+    config = load_config(REPO / "examples" / "quickstart.yaml")
+    result = plan(config.tasks, Cluster(devices=1, memory_gib=4), cpu_model, time_limit=3)
+    result.plan.check_against(config)  # every task in exactly one group
+    result.plan.save(tmp_path / "plan.json")
+    again = Plan.load(tmp_path / "plan.json")
+    assert again == result.plan and again.version == 2 and again.alignment.layout == "chunked"
+    assert result.chosen.fits and result.chosen.peak_memory <= 4 * GIB
+    table = result.table.set_index("planner")
+    assert list(table.index) == ["muxtune", "dedicated", "spatial", "temporal"]
+    for name in ("dedicated", "spatial", "temporal"):
+        assert table.loc["muxtune", "tokens_per_s"] > table.loc[name, "tokens_per_s"], name
+    for line in ("baseline dedicated", "baseline spatial", "baseline temporal", "predicted (simulator)"):
+        assert line in result.plan.explanation
+    # the table's figures are the simulator's: re-simulating the saved plan gives the same step
+    works = {w.name: w for w in works_of(config.tasks, cpu_model)}
+    step = simulate_step(again, works, cpu_model, packed=True).step_seconds
+    tokens = sum(w.tokens for w in works.values())
+    assert tokens / step == pytest.approx(result.chosen.throughput, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed,n,devices", [(0, 6, 2), (1, 5, 4), (2, 6, 1), (3, 4, 4)])
+def test_plan_is_within_3_percent_of_the_exhaustive_optimum(h100, seed, n, devices):
+    tasks = random_tasks(seed, n)
+    cluster = Cluster(devices=devices, memory_gib=80, hardware="h100")
+    result = plan(tasks, cluster, h100, time_limit=5)
+    best = exhaustive_best(tasks, cluster, h100)
+    assert result.chosen.fits
+    assert result.chosen.throughput >= 0.97 * best.throughput
+
+
+def test_memory_limit_splits_groups_and_is_never_exceeded(cpu_model):
+    config = load_config(REPO / "examples" / "long_short.yaml")
+    roomy = plan(config.tasks, Cluster(devices=1, memory_gib=8), cpu_model, time_limit=2)
+    spatial = next(b for b in roomy.baselines if b.candidate.planner == "spatial")
+    # a cap below what fusing everything needs, above what the largest single task needs
+    works = works_of(config.tasks, cpu_model)
+    alone = max(simulate(baselines.dedicated(works, [t.steps for t in config.tasks], cpu_model, 1, 8 * GIB,
+                                             "throughput"), works, {t.name: t.steps for t in config.tasks},
+                         cpu_model, ["cpu"], 8 * GIB, "1f1b").peak_memory, 1)
+    cap = (alone + spatial.peak_memory) / 2
+    tight = plan(config.tasks, Cluster(devices=1, memory_gib=cap / GIB), cpu_model, time_limit=2)
+    assert tight.chosen.peak_memory <= cap and tight.chosen.fits
+    # fusing everything in one micro-batch no longer fits: the spatial baseline now accumulates gradients
+    squeezed = next(b for b in tight.baselines if b.candidate.planner == "spatial")
+    assert spatial.peak_memory > cap and spatial.candidate.layout.micro_batches == 1
+    assert squeezed.candidate.layout.micro_batches > 1 and squeezed.peak_memory <= cap
+    with pytest.raises(MuxTuneError, match="no plan fits"):
+        plan(config.tasks, Cluster(devices=1, memory_gib=0.001), cpu_model, time_limit=1)
+
+
+def test_cp_sat_matches_the_exhaustive_estimate_for_both_objectives(h100):
+    tasks = random_tasks(5, 5)
+    works, steps = works_of(tasks, h100), [t.steps for t in tasks]
+    for objective in ("throughput", "makespan"):
+        best = exhaustive.search(works, steps, h100, 2, 80 * GIB, objective, keep=1)[0]
+        k, layout = best.notes["instances"], best.layout
+        found = cpsat.solve(works, k, layout, h100, 80 * GIB, objective, 3, steps)
+        assert found.status in ("OPTIMAL", "FEASIBLE")
+        if objective == "throughput":
+            assert found.estimate >= 0.97 * best.estimate
+        else:
+            assert found.estimate <= 1.03 * best.estimate
+
+
+def test_makespan_objective_finishes_sooner_than_the_throughput_plan(h100):
+    tasks = random_tasks(7, 6)
+    cluster = Cluster(devices=2, memory_gib=80, hardware="h100")
+    fast = plan(tasks, cluster, h100, objective="makespan", time_limit=2)
+    busy = plan(tasks, cluster, h100, objective="throughput", time_limit=2)
+    assert fast.chosen.makespan <= busy.chosen.makespan * 1.0001
+    assert busy.chosen.throughput >= fast.chosen.throughput * 0.9999
+    with pytest.raises(MuxTuneError, match="objective"):
+        plan(tasks, cluster, h100, objective="latency")
+
+
+def test_baselines_have_their_shapes(h100):
+    tasks = random_tasks(4, 6)
+    works, steps = works_of(tasks, h100), [t.steps for t in tasks]
+    dedicated, spatial, temporal = baselines.all_baselines(works, steps, h100, 8, 80 * GIB, "throughput")
+    assert sorted(len(i) for i in dedicated.instances) == [1] * 6  # an instance per task
+    assert len(spatial.instances) == 1 and len(spatial.instances[0]) == 1 and not spatial.packed
+    assert len(temporal.instances[0]) == 6 and temporal.notes["schedule"] == "interleaved"
+
+
+def test_cli_plans_for_this_machine_and_for_gpus_we_lack(tmp_path, monkeypatch, capsys):
+    from muxtune import cli
+
+    monkeypatch.chdir(REPO)
+    profile = str(next((REPO / "profiles").glob("cpu-*-tiny-llama.csv")))
+    out = tmp_path / "plan.json"
+    assert cli.main(["plan", "examples/quickstart.yaml", "--profile", profile, "--memory-gib", "4",
+                     "--time-limit", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "baseline dedicated" in printed and Plan.load(out).planner.startswith("muxtune")
+    assert cli.main(["plan", "examples/mixed_methods.yaml", "--hardware", "h100", "--gpus", "4",
+                     "--time-limit", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "h100 (analytic)" in printed
+    assert {d for g in Plan.load(out).groups for d in g.devices} <= {f"cuda:{i}" for i in range(4)}
+    assert cli.main(["plan", "examples/quickstart.yaml", "--hardware", "tpu9"]) == 2
+    assert "not in the catalog" in capsys.readouterr().err
+    assert cli.main(["plan", "examples/quickstart.yaml", "--hardware", "h100", "--gpus", "0"]) == 2
+    assert "--gpus" in capsys.readouterr().err
+
+
+def test_config_cluster_section_is_validated_with_its_line(tmp_path):
+    raw = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    for task in raw["tasks"]:
+        task["data"] = str(REPO / "examples" / task["data"])
+    raw["cluster"] = {"devices": 8, "memory_gib": 80, "hardware": "h100"}
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert load_config(tmp_path / "ok.yaml").cluster == Cluster(devices=8, memory_gib=80, hardware="h100")
+    raw["cluster"] = {"devices": 0, "memory_gib": 80}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(MuxTuneError, match=r"bad.yaml:\d+: cluster.devices"):
+        load_config(tmp_path / "bad.yaml")

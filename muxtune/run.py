@@ -416,14 +416,15 @@ def plan_and_run(config: RunConfig, out_dir: Path, plan: Plan | None = None, pro
         def phase(name):
             bar.set_postfix_str(name)
         phase("profile")
+        if not dry_run:  # every input is checked before the (possibly long) profile
+            backbone, _, examples, stats = prepare(config, plan)
         cost_model, source = profile_phase(config, profile, hardware, progress)
         bar.update(1)
         phase("plan + simulate")
         if dry_run:
-            devices = dry_run_devices(hardware, gpus) if hardware else config.device_list()
+            devices = dry_run_devices(hardware, gpus) if hardware else config.device_list()[:1]
             prediction = predict(config, cost_model, source, devices, plan, progress=progress)
         else:
-            backbone, _, examples, stats = prepare(config, plan)
             devices = config.device_list()[:1] if plan is None else sorted({d for g in plan.groups for d in g.devices})
             prediction = predict(config, cost_model, source, devices, plan, backbone, stats, progress)
             del backbone, examples

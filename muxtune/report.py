@@ -177,7 +177,8 @@ def write_report(run_dir: Path) -> Path:
     events = _read_csv(run_dir / "simulation.csv")
 
     figures: dict[str, tuple[str, Path]] = {}  # section -> (title, png)
-    name = metrics["name"] if metrics else run_dir.name
+    # the run's name, not the folder's: a dry run is rendered in its staging folder
+    name = metrics["name"] if metrics else (prediction or {}).get("name", run_dir.name)
     parts = [f"<h1>MuxTune run <code>{html.escape(name)}</code></h1>"]
     if metrics:
         parts.append(
@@ -186,7 +187,8 @@ def write_report(run_dir: Path) -> Path:
             f" {metrics['train_time_s']:.1f} s ({metrics['tokens_per_s']:.0f} tokens/s); ineffective (padding)"
             f" tokens: {100 * metrics['ineffective_token_fraction']:.1f}% of those computed.</p>")
     else:
-        parts.append("<p><b>Dry run</b>: planned and simulated only, nothing was trained.</p>")
+        model = html.escape((prediction or {}).get("model", "?"))
+        parts.append(f"<p><b>Dry run</b> of <code>{model}</code>: planned and simulated only, nothing was trained.</p>")
 
     groups = "".join(f"<li>group {i}: {html.escape(', '.join(g.tasks))} on {html.escape(', '.join(g.devices))} "
                      f"(dp={g.layout.dp}, pp={g.layout.pp}, tp={g.layout.tp}, micro-batches={g.micro_batches})</li>"

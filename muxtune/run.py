@@ -361,7 +361,7 @@ def predict(config: RunConfig, cost_model, cost_model_name: str, devices: list[s
         plans["muxtune"] = plan
     comparison, timeline, memory = simulate_phase(plans, works, cost_model, progress)
     chosen = plans["muxtune"]
-    info = {"cost_model": cost_model_name, "devices": devices, "gpus": len(devices),
+    info = {"name": config.name, "model": config.model, "cost_model": cost_model_name, "devices": devices, "gpus": len(devices),
             "step_s": timeline.step_seconds, "tokens_per_s": sum(timeline.tokens_per_second.values()),
             "task_tokens_per_s": timeline.tokens_per_second, "bubble_fraction": timeline.bubble_fraction,
             "step_tokens": {n: w.tokens for n, w in works.items()},

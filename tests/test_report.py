@@ -98,7 +98,7 @@ def test_dry_run_plans_hardware_that_is_not_here(tmp_path, capsys, monkeypatch):
     assert [g["tasks"] for g in dedicated["groups"]] == [["a"], ["b"]]
     assert len(set(dedicated["groups"][0]["devices"]) & set(dedicated["groups"][1]["devices"])) == 0
     page = (run / "report.html").read_text()
-    assert "Dry run" in page and 'id="fig-gantt"' in page and 'id="fig-loss"' not in page
+    assert "Dry run" in page and "MuxTune run <code>tiny</code>" in page and 'id="fig-gantt"' in page and 'id="fig-loss"' not in page
     # plan-and-run: --hardware needs --dry-run
     result = call(capsys, monkeypatch, tmp_path, "plan-and-run", str(config), "--hardware", "h100", "--no-progress")
     assert result.returncode == 2 and "--dry-run" in result.stderr

@@ -438,7 +438,21 @@ def plan_and_run(config: RunConfig, out_dir: Path, plan: Plan | None = None, pro
                 write_report(staging)
         else:
             phase("execute")
-            metrics = execute(config, out_dir, plan=prediction.plans["muxtune"], progress=progress, resume=resume)
+            # a bar per task beside the trainer's: tasks of different lengths finish at different steps
+            task_bars = {t.name: tqdm(total=t.steps, desc=f"{t.name} ({t.peft.method})", unit="step",
+                                      disable=not progress, leave=False) for t in config.tasks}
+
+            def advance_task_bars(trainer):
+                for name, run in trainer.runs.items():
+                    if name in task_bars:
+                        task_bars[name].update(run.step - task_bars[name].n)
+
+            try:
+                metrics = execute(config, out_dir, plan=prediction.plans["muxtune"], progress=progress,
+                                  resume=resume, after_step=advance_task_bars)
+            finally:
+                for task_bar in task_bars.values():
+                    task_bar.close()
             bar.update(1)
             phase("report")
             write_prediction(prediction, out_dir)

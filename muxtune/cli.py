@@ -44,7 +44,7 @@ def _out_dir(config, args) -> Path:
     return Path(args.out) if args.out else Path("runs") / config.name
 
 
-def _print_run(metrics: dict, out: Path) -> None:
+def _print_run(metrics: dict) -> None:
     from muxtune.report import summary_table
 
     print(summary_table(metrics).to_string(index=False))
@@ -69,7 +69,7 @@ def cmd_run(args) -> int:
     out = _out_dir(config, args)
     with _about(args.config):
         metrics = execute(config, out, plan=plan, progress=not args.no_progress, resume=args.resume)
-    _print_run(metrics, out)
+    _print_run(metrics)
     print(f"wrote {out}/ (plan.json, metrics.json, report.html, adapters/, checkpoints/)")
     return 0
 
@@ -88,7 +88,7 @@ def cmd_plan_and_run(args) -> int:
                                            progress=not args.no_progress, resume=getattr(args, "resume", False))
     _print_prediction(prediction)
     if metrics is not None:
-        _print_run(metrics, out)
+        _print_run(metrics)
     print(f"report: {(out / 'report.html').resolve()}")
     return 0
 

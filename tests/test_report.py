@@ -145,3 +145,12 @@ def test_report_renders_in_headless_chromium(trained_run, tmp_path):
 
     pixels = Image.open(shot).convert("L")
     assert pixels.size == (1000, 3000) and pixels.getextrema()[0] < 100  # dark plot lines and text, not blank
+
+
+@pytest.mark.parametrize("args,message", [(["--hardware", "tpu"], "not in the catalog"),
+                                          (["--hardware", "h100", "--gpus", "0"], "--gpus: need at least 1")])
+def test_simulate_refuses_bad_hardware_cleanly(tmp_path, capsys, monkeypatch, args, message):
+    config = small_config(tmp_path)
+    result = call(capsys, monkeypatch, tmp_path, "muxtune", "simulate", str(config), *args, "--no-progress")
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()

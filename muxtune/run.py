@@ -223,34 +223,49 @@ class Prediction:
 def profile_phase(config: RunConfig, profile: str | None = None, hardware: str | None = None,
                   progress: bool = True):
     """The CostModel: `hardware` (a catalog GPU, analytic), else the profile CSV `profile`, else a cached
-    profile of this device (a quick one is measured now if none matches; minutes on a CPU)."""
-    from muxtune.profiler.cost_model import CostModel, ModelShape
-    from muxtune.profiler.profile import load_or_profile
+    profile of this device; if none matches, a quick one is measured now (minutes on a CPU, once) by
+    `muxtune profile` in a fresh process: its all-reduce workers fork, which is only safe from a process
+    that has not started thread pools yet (this one has loaded data by now)."""
+    import subprocess
+    import sys
 
+    from muxtune.profiler.cost_model import CostModel, ModelShape
+    from muxtune.profiler.profile import find_cached, fingerprint
+
+    dtype = DTYPES[config.dtype]
     if hardware:
-        return CostModel.analytic(hardware, model_shape(config.model, DTYPES[config.dtype])), f"analytic {hardware}"
+        return CostModel.analytic(hardware, ModelShape.from_config(model_config(config.model), dtype)), \
+            f"analytic {hardware}"
     if profile:
         return CostModel.from_profile(profile), f"profile {profile}"
-    device = config.device_list()[0]
-    found, path, reused = load_or_profile(config.model, device, "quick", DTYPES[config.dtype], progress=progress)
-    return CostModel.from_profile(found), f"profile {path}" + ("" if reused else " (measured now)")
+    device = check_devices(config)[0]
+    threads = torch.get_num_threads()  # part of the fingerprint: the child measures with ours
+    fp = fingerprint(device, config.model, model_config(config.model), dtype)
+    cached, measured = find_cached(fp, "quick"), ""
+    if cached is None:
+        command = [sys.executable, "-m", "muxtune.cli", "profile", "--model", config.model, "--devices", device,
+                   "--mode", "quick", "--dtype", config.dtype, "--threads", str(threads)]
+        done = subprocess.run(command + ([] if progress else ["--no-progress"]), text=True,
+                              stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE)
+        cached, measured = find_cached(fp, "quick"), " (measured now)"
+        if done.returncode != 0 or cached is None:
+            raise MuxTuneError(f"profile: measuring {config.model} on {device} failed (exit {done.returncode}): "
+                               f"{(done.stderr or done.stdout or '').strip()[-500:]}")
+    return CostModel.from_profile(cached), f"profile {cached}{measured}"
 
 
-def model_shape(model: str, dtype: torch.dtype):
-    from muxtune.profiler.cost_model import ModelShape
-
+def model_config(model: str):
+    """The model's transformers config (a builtin preset's, or a local dir's / hub id's)."""
     if model.startswith("builtin:"):
         from muxtune.executor.backbone import preset_config
 
-        config = preset_config(model)
-    else:
-        from transformers import AutoConfig
+        return preset_config(model)
+    from transformers import AutoConfig
 
-        try:
-            config = AutoConfig.from_pretrained(model)
-        except Exception as exc:  # transformers raises OSError/ValueError/... for a bad id or dir
-            raise MuxTuneError(f"model: cannot load {model!r}: {exc}") from None
-    return ModelShape.from_config(config, dtype)
+    try:
+        return AutoConfig.from_pretrained(model)
+    except Exception as exc:  # transformers raises OSError/ValueError/... for a bad id or dir
+        raise MuxTuneError(f"model: cannot load {model!r}: {exc}") from None
 
 
 def task_works(config: RunConfig, cost_model, backbone=None, stats: dict | None = None) -> dict:

@@ -359,7 +359,7 @@ def simulate_phase(plans: dict[str, Plan], works: dict, cost_model, progress: bo
                      "devices": len({d for g in plan.groups for d in g.devices}),
                      "step_s": timeline.step_seconds,
                      "tokens_per_s": sum(timeline.tokens_per_second.values()),
-                     "bubble": max(timeline.bubble_fraction.values()) if timeline.bubble_fraction else 0.0,
+                     "bubble": max(0.0, *timeline.bubble_fraction.values()),  # float noise can dip below 0
                      "peak_memory_gib": float(total.max()) / 2**30})
         if name == "muxtune":
             chosen = (timeline, memory)

@@ -6,7 +6,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test install clean bench data
+.PHONY: demo test install clean bench data browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The whole chain on the embedded default; opens nothing, prints where report.html is. The first run on a
+# new machine measures a quick profile of this CPU (cached in ~/.cache/muxtune/profiles afterwards).
 demo: $(STAMP)
 	$(BIN)/plan-and-run examples/quickstart.yaml
+
+# Headless Chromium for tests/test_report.py's render check (Debian/Ubuntu; needs root).
+browser:
+	apt-get install -y --no-install-recommends chromium
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

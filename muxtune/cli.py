@@ -44,9 +44,24 @@ def _out_dir(config, args) -> Path:
     return Path(args.out) if args.out else Path("runs") / config.name
 
 
+def _print_run(metrics: dict) -> None:
+    from muxtune.report import summary_table
+
+    print(summary_table(metrics).to_string(index=False))
+    print(f"{metrics['tokens']} tokens in {metrics['train_time_s']:.1f} s "
+          f"({metrics['tokens_per_s']:.0f} tokens/s, {100 * metrics['ineffective_token_fraction']:.1f}% padding)")
+    stopped = {name: t for name, t in metrics["tasks"].items() if t["status"] in ("failed", "cancelled")}
+    for name, t in stopped.items():
+        print(f"{name}: {t['status']}: {t['reason']}")
+
+
+def _print_prediction(prediction) -> None:
+    print(prediction.comparison.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"why: {prediction.info['why']}")
+
+
 def cmd_run(args) -> int:
     from muxtune.run import execute
-    from muxtune.report import summary_table
     from muxtune.spec import Plan, load_config
 
     config = load_config(args.config)
@@ -54,13 +69,35 @@ def cmd_run(args) -> int:
     out = _out_dir(config, args)
     with _about(args.config):
         metrics = execute(config, out, plan=plan, progress=not args.no_progress, resume=args.resume)
-    print(summary_table(metrics).to_string(index=False))
-    print(f"{metrics['tokens']} tokens in {metrics['train_time_s']:.1f} s "
-          f"({metrics['tokens_per_s']:.0f} tokens/s, {100 * metrics['ineffective_token_fraction']:.1f}% padding)")
-    stopped = {name: t for name, t in metrics["tasks"].items() if t["status"] in ("failed", "cancelled")}
-    for name, t in stopped.items():
-        print(f"{name}: {t['status']}: {t['reason']}")
+    _print_run(metrics)
     print(f"wrote {out}/ (plan.json, metrics.json, report.html, adapters/, checkpoints/)")
+    return 0
+
+
+def cmd_plan_and_run(args) -> int:
+    from muxtune.run import plan_and_run
+    from muxtune.spec import Plan, load_config
+
+    config = load_config(args.config)
+    plan = Plan.load(args.plan) if args.plan else None
+    out = _out_dir(config, args)
+    dry_run = getattr(args, "dry_run", True)
+    with _about(args.config):
+        prediction, metrics = plan_and_run(config, out, plan=plan, profile=args.profile, dry_run=dry_run,
+                                           hardware=args.hardware, gpus=args.gpus,
+                                           progress=not args.no_progress, resume=getattr(args, "resume", False))
+    _print_prediction(prediction)
+    if metrics is not None:
+        _print_run(metrics)
+    print(f"report: {(out / 'report.html').resolve()}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from muxtune.report import write_report
+
+    path = write_report(Path(args.run_dir))
+    print(f"report: {path.resolve()}")
     return 0
 
 
@@ -153,22 +190,37 @@ def _add_run_args(p: argparse.ArgumentParser, optional_config: bool) -> None:
                    help="continue the unfinished tasks from the output folder's checkpoints/")
 
 
+def _add_predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", help="profile CSV to price ops with (default: a cached profile of this "
+                                     "device, else a quick one measured now, ~minutes on a CPU)")
+    p.add_argument("--hardware", help="plan for catalog GPUs that are not here (analytic cost model): "
+                                      "a100-40gb, a100-80gb, h100, h200, a40, l4; needs --dry-run")
+    p.add_argument("--gpus", type=int, default=1, help="how many --hardware GPUs to plan for (default 1)")
+
+
 def plan_and_run_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="plan-and-run",
-        description="Plan and train every task of CONFIG multiplexed on one shared backbone; "
-                    "write runs/<name>/ with plan.json, metrics.json, report.html and adapters/ (HF PEFT format).",
-        epilog="exit codes: 0 ok, 2 bad input, 130 interrupted",
+        description="The whole chain for CONFIG: profile (reuse a cached one) -> plan (and baseline plans) "
+                    "-> simulate -> train every task multiplexed on one shared backbone -> report. Writes "
+                    "runs/<name>/: plan.json, plans.csv (plan vs baselines), simulation.csv (timeline of a "
+                    "step), memory.csv, metrics.json, report.html + PNGs, adapters/ (HF PEFT format).",
+        epilog="examples: plan-and-run examples/quickstart.yaml; "
+               "plan-and-run CONFIG --dry-run --hardware h100 --gpus 16 (plan + simulate only). "
+               "exit codes: 0 ok, 2 bad input, 130 interrupted",
     )
     _add_run_args(parser, optional_config=True)
-    return _guard(cmd_run, parser.parse_args(argv))
+    _add_predict_args(parser)
+    parser.add_argument("--dry-run", action="store_true", help="plan + simulate only: no training")
+    return _guard(cmd_plan_and_run, parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="muxtune", description="MuxTune: many PEFT jobs, one backbone.",
                                      epilog="exit codes: 0 ok, 2 bad input, 130 interrupted")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="train a config's tasks multiplexed (as plan-and-run)")
+    p = sub.add_parser("run", help="train a config's tasks multiplexed on the trivial plan or --plan "
+                                   "(plan-and-run runs the whole chain)")
     _add_run_args(p, optional_config=False)
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("validate", help="check a config and its data files without training")
@@ -205,6 +257,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds for the search (default 10)")
     p.add_argument("--out", help="plan JSON to write (default: runs/<name>/plan.json)")
     p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("simulate", help="plan + simulate one step (no training): plan vs baselines, "
+                                        "timeline, memory, report",
+                       epilog="example: muxtune simulate examples/quickstart.yaml --hardware h100 --gpus 16")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("--plan", help="a plan.json to simulate instead of planning")
+    p.add_argument("--out", help="output folder (default: runs/<name>/)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_predict_args(p)
+    p.set_defaults(fn=cmd_plan_and_run)
+    p = sub.add_parser("report", help="re-render RUN_DIR/report.html and its PNGs from the run folder's files")
+    p.add_argument("run_dir", help="a run folder (runs/<name>/) with plan.json")
+    p.set_defaults(fn=cmd_report)
     args = parser.parse_args(argv)
     return _guard(args.fn, args)
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -156,7 +157,7 @@ def write_run(config: RunConfig, plan: Plan, trainer, backbone, stats: dict, met
         for name, run in trainer.runs.items():
             export_adapter(run.adapter, backbone.model, backbone.name, staging / "adapters" / name)
         write_text_atomic(staging / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        write_report(staging, metrics, plan)
+        write_report(staging)
 
 
 def collect_metrics(config: RunConfig, trainer, stats: dict, wall: float) -> dict:
@@ -200,3 +201,276 @@ def collect_metrics(config: RunConfig, trainer, stats: dict, wall: float) -> dic
         "step_time_s": trainer.step_times,
         "tasks": tasks,
     }
+
+
+# --- plan-and-run: profile -> plan -> simulate -> execute -> report --------------------------------------
+#
+# Each phase is one function taking and returning plain objects; `plan_and_run` chains them and writes
+# the run folder. `--dry-run` stops after simulate (hardware that is not here: an analytic CostModel).
+
+@dataclass
+class Prediction:
+    """What the simulate phase predicts for the chosen plan and every baseline, as saved in the run folder:
+    plans.csv (comparison), simulation.csv (the chosen plan's step timeline), memory.csv, prediction.json."""
+
+    plans: dict  # name -> Plan; "muxtune" is the chosen one
+    comparison: Any  # pandas DataFrame, one row per plan
+    timeline: Any  # simulator Timeline of the chosen plan
+    memory: Any  # pandas DataFrame: device, backbone, adapters, optimizer, activations (bytes)
+    info: dict  # cost model, hardware, gpus, predicted step time and tokens/s
+
+
+def profile_phase(config: RunConfig, profile: str | None = None, hardware: str | None = None,
+                  progress: bool = True):
+    """The CostModel: `hardware` (a catalog GPU, analytic), else the profile CSV `profile`, else a cached
+    profile of this device; if none matches, a quick one is measured now (minutes on a CPU, once) by
+    `muxtune profile` in a fresh process: its all-reduce workers fork, which is only safe from a process
+    that has not started thread pools yet (this one has loaded data by now)."""
+    import subprocess
+    import sys
+
+    from muxtune.profiler.cost_model import CostModel, ModelShape
+    from muxtune.profiler.profile import find_cached, fingerprint
+
+    dtype = DTYPES[config.dtype]
+    if hardware:
+        return CostModel.analytic(hardware, ModelShape.from_config(model_config(config.model), dtype)), \
+            f"analytic {hardware}"
+    if profile:
+        return CostModel.from_profile(profile), f"profile {profile}"
+    device = check_devices(config)[0]
+    threads = torch.get_num_threads()  # part of the fingerprint: the child measures with ours
+    fp = fingerprint(device, config.model, model_config(config.model), dtype)
+    cached, measured = find_cached(fp, "quick"), ""
+    if cached is None:
+        command = [sys.executable, "-m", "muxtune.cli", "profile", "--model", config.model, "--devices", device,
+                   "--mode", "quick", "--dtype", config.dtype, "--threads", str(threads)]
+        done = subprocess.run(command + ([] if progress else ["--no-progress"]), text=True,
+                              stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE)
+        cached, measured = find_cached(fp, "quick"), " (measured now)"
+        if done.returncode != 0 or cached is None:
+            raise MuxTuneError(f"profile: measuring {config.model} on {device} failed (exit {done.returncode}): "
+                               f"{(done.stderr or done.stdout or '').strip()[-500:]}")
+    return CostModel.from_profile(cached), f"profile {cached}{measured}"
+
+
+def model_config(model: str):
+    """The model's transformers config (a builtin preset's, or a local dir's / hub id's)."""
+    if model.startswith("builtin:"):
+        from muxtune.executor.backbone import preset_config
+
+        return preset_config(model)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model)
+    except Exception as exc:  # transformers raises OSError/ValueError/... for a bad id or dir
+        raise MuxTuneError(f"model: cannot load {model!r}: {exc}") from None
+
+
+def task_works(config: RunConfig, cost_model, backbone=None, stats: dict | None = None) -> dict:
+    """Each task's per-step work for the simulator: exact adapter sizes and mean data lengths when the
+    backbone and data are loaded, else estimates from method and rank at max_seq_len (worst case)."""
+    from muxtune.simulator.workload import count_trainable_params, estimate_params, method_rank, task_work
+
+    works = {}
+    for t in config.tasks:
+        if backbone is not None:
+            params = count_trainable_params(t, backbone.model)
+        else:
+            params = estimate_params(t.peft.method, method_rank(t.peft), cost_model.shape)
+        mean = None
+        if stats and stats.get(t.name) and stats[t.name].examples:
+            mean = stats[t.name].tokens / stats[t.name].examples
+        works[t.name] = task_work(t, params, mean_seq_len=mean)
+    return works
+
+
+def baseline_plans(config: RunConfig, devices: list[str], n_layers: int) -> dict[str, Plan]:
+    """Plans a platform would run without MuxTune, built on `devices`:
+    dedicated: one instance per task (tasks share a device one after another when there are fewer devices
+    than tasks); spatial: all tasks in one padded fused batch, data-parallel over the devices; temporal:
+    one group per task, interleaved in one pipeline (padded per task), data-parallel over what is left."""
+    from muxtune.spec import Alignment, FusionGroup, Layout
+
+    names = [t.name for t in config.tasks]
+    n = len(devices)
+    padded = Alignment(layout="padded")
+    if n >= len(names):
+        per = n // len(names)
+        dedicated = [FusionGroup(tasks=[t], devices=devices[i * per:(i + 1) * per], layout=Layout(dp=per))
+                     for i, t in enumerate(names)]
+    else:
+        dedicated = [FusionGroup(tasks=[t], devices=[devices[i % n]]) for i, t in enumerate(names)]
+    pp = max(d for d in range(1, min(n, n_layers) + 1) if n % d == 0)
+    pipeline = Layout(dp=n // pp, pp=pp)
+    return {
+        "dedicated": Plan(planner="dedicated", groups=dedicated, alignment=padded,
+                          explanation="one instance per task, no sharing of the backbone"),
+        "spatial": Plan(planner="spatial", groups=[FusionGroup(tasks=names, devices=devices, layout=Layout(dp=n))],
+                        alignment=padded, explanation="all tasks in one fused batch padded to its longest row"),
+        "temporal": Plan(planner="temporal", groups=[FusionGroup(tasks=[t], devices=devices, layout=pipeline,
+                                                                 micro_batches=pp) for t in names],
+                         schedule="interleaved", alignment=padded,
+                         explanation=f"one group per task interleaved in a {pp}-stage pipeline"),
+    }
+
+
+def plan_phase(config: RunConfig, cost_model, devices: list[str], works: dict) -> dict[str, Plan]:
+    """The plan to run ("muxtune") and the baselines it is compared with. THE seam for the planner:
+    `muxtune.planner.plan` when it exists, else all tasks fused and chunk-aligned (data-parallel over the
+    devices), which is what the single-process executor runs."""
+    from muxtune.spec import FusionGroup, Layout
+
+    baselines = baseline_plans(config, devices, cost_model.shape.n_layers)
+    try:
+        from muxtune.planner import plan as search
+    except ImportError:  # the planner is not there yet (or is an older build without `plan`)
+        search = None
+    if search is not None:
+        chosen, _table = search(config, cost_model, devices=devices, works=works)
+        return {"muxtune": chosen, **baselines}
+    names = [t.name for t in config.tasks]
+    if len(devices) == 1:
+        chosen = Plan.trivial(config).model_copy(update={"groups": [FusionGroup(tasks=names, devices=devices)]})
+    else:
+        chosen = Plan(planner="fused", groups=[FusionGroup(tasks=names, devices=devices,
+                                                           layout=Layout(dp=len(devices)))],
+                      explanation=f"all tasks fused, chunk-aligned, data-parallel over {len(devices)} devices")
+    return {"muxtune": chosen, **baselines}
+
+
+def simulate_phase(plans: dict[str, Plan], works: dict, cost_model, progress: bool = True):
+    """Simulate one step of every plan; returns (comparison table, chosen plan's Timeline, its memory)."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from muxtune.simulator.iteration import memory_breakdown, simulate_step
+
+    rows, chosen = [], None
+    for name, plan in tqdm(plans.items(), desc="simulating plans", unit="plan", disable=not progress):
+        timeline = simulate_step(plan, works, cost_model, packed=plan.alignment.layout == "chunked")
+        memory = memory_breakdown(plan, works, cost_model, timeline)
+        if name == "dedicated":  # every instance holds its own backbone copy, also when it shares a device
+            copies = pd.Series([sum(d in g.devices for g in plan.groups) for d in memory["device"]])
+            memory["backbone"] = memory["backbone"] * copies.clip(lower=1)
+        total = memory[["backbone", "adapters", "optimizer", "activations"]].sum(axis=1)
+        rows.append({"plan": name, "planner": plan.planner, "groups": len(plan.groups),
+                     "devices": len({d for g in plan.groups for d in g.devices}),
+                     "step_s": timeline.step_seconds,
+                     "tokens_per_s": sum(timeline.tokens_per_second.values()),
+                     "bubble": max(0.0, *timeline.bubble_fraction.values()),  # float noise can dip below 0
+                     "peak_memory_gib": float(total.max()) / 2**30})
+        if name == "muxtune":
+            chosen = (timeline, memory)
+    return pd.DataFrame(rows), chosen[0], chosen[1]
+
+
+def predict(config: RunConfig, cost_model, cost_model_name: str, devices: list[str], plan: Plan | None = None,
+            backbone=None, stats: dict | None = None, progress: bool = True) -> Prediction:
+    """plan + simulate: a `plan` given by the user replaces the planner's choice, baselines stay."""
+    works = task_works(config, cost_model, backbone, stats)
+    plans = plan_phase(config, cost_model, devices, works)
+    if plan is not None:
+        plan.check_against(config)
+        plans["muxtune"] = plan
+    comparison, timeline, memory = simulate_phase(plans, works, cost_model, progress)
+    chosen = plans["muxtune"]
+    info = {"name": config.name, "model": config.model, "cost_model": cost_model_name, "devices": devices, "gpus": len(devices),
+            "step_s": timeline.step_seconds, "tokens_per_s": sum(timeline.tokens_per_second.values()),
+            "task_tokens_per_s": timeline.tokens_per_second, "bubble_fraction": timeline.bubble_fraction,
+            "step_tokens": {n: w.tokens for n, w in works.items()},
+            "why": why(chosen, comparison)}
+    return Prediction(plans, comparison, timeline, memory, info)
+
+
+def why(chosen: Plan, comparison) -> str:
+    """The plan's own explanation plus how it compares with the best baseline, in numbers."""
+    mine = comparison[comparison["plan"] == "muxtune"].iloc[0]
+    others = comparison[comparison["plan"] != "muxtune"]
+    if others.empty:
+        return chosen.explanation
+    best = others.sort_values("tokens_per_s", ascending=False).iloc[0]
+    ratio = mine["tokens_per_s"] / best["tokens_per_s"] if best["tokens_per_s"] else float("inf")
+    return (f"{chosen.explanation}. Predicted {mine['tokens_per_s']:.0f} tokens/s, {ratio:.2f}x the best "
+            f"baseline ({best['plan']}, {best['tokens_per_s']:.0f} tokens/s); peak memory "
+            f"{mine['peak_memory_gib']:.3g} GiB vs {best['peak_memory_gib']:.3g} GiB.")
+
+
+def write_prediction(prediction: Prediction, run_dir: Path) -> None:
+    """plans.csv, simulation.csv, memory.csv, prediction.json, plans/<name>.json into `run_dir`."""
+    run_dir = Path(run_dir)
+    write_text_atomic(run_dir / "plans.csv", prediction.comparison.to_csv(index=False))
+    write_text_atomic(run_dir / "simulation.csv", prediction.timeline.events.to_csv(index=False))
+    write_text_atomic(run_dir / "memory.csv", prediction.memory.to_csv(index=False))
+    write_text_atomic(run_dir / "prediction.json", json.dumps(prediction.info, indent=2) + "\n")
+    for name, plan in prediction.plans.items():
+        (run_dir / "plans").mkdir(parents=True, exist_ok=True)
+        plan.save(run_dir / "plans" / f"{name}.json")
+
+
+def dry_run_devices(hardware: str, gpus: int) -> list[str]:
+    if gpus < 1:
+        raise MuxTuneError(f"--gpus: need at least 1, got {gpus}")
+    return [f"{hardware}:{i}" for i in range(gpus)]
+
+
+def plan_and_run(config: RunConfig, out_dir: Path, plan: Plan | None = None, profile: str | None = None,
+                 dry_run: bool = False, hardware: str | None = None, gpus: int = 1,
+                 progress: bool = True, resume: bool = False) -> tuple[Prediction, dict | None]:
+    """The whole chain. Returns the prediction and the measured metrics (None for a dry run)."""
+    from tqdm.auto import tqdm
+
+    from muxtune.report import write_report
+
+    out_dir = Path(out_dir)
+    if hardware and not dry_run:
+        raise MuxTuneError("--hardware: a catalog GPU that is not here can only be planned for: add --dry-run")
+    phases = ["profile", "plan + simulate"] + ([] if dry_run else ["execute"]) + ["report"]
+    with tqdm(total=len(phases), desc="plan-and-run", unit="phase", disable=not progress, position=0) as bar:
+        def phase(name):
+            bar.set_postfix_str(name)
+        phase("profile")
+        if not dry_run:  # every input is checked before the (possibly long) profile
+            backbone, _, examples, stats = prepare(config, plan)
+        cost_model, source = profile_phase(config, profile, hardware, progress)
+        bar.update(1)
+        phase("plan + simulate")
+        if dry_run:
+            devices = dry_run_devices(hardware, gpus) if hardware else config.device_list()[:1]
+            prediction = predict(config, cost_model, source, devices, plan, progress=progress)
+        else:
+            devices = config.device_list()[:1] if plan is None else sorted({d for g in plan.groups for d in g.devices})
+            prediction = predict(config, cost_model, source, devices, plan, backbone, stats, progress)
+            del backbone, examples
+        bar.update(1)
+        metrics = None
+        if dry_run:
+            with staged_directory(out_dir) as staging:
+                prediction.plans["muxtune"].save(staging / "plan.json")
+                write_prediction(prediction, staging)
+                phase("report")
+                write_report(staging)
+        else:
+            phase("execute")
+            # a bar per task beside the trainer's: tasks of different lengths finish at different steps
+            task_bars = {t.name: tqdm(total=t.steps, desc=f"{t.name} ({t.peft.method})", unit="step",
+                                      disable=not progress, leave=False) for t in config.tasks}
+
+            def advance_task_bars(trainer):
+                for name, run in trainer.runs.items():
+                    if name in task_bars:
+                        task_bars[name].update(run.step - task_bars[name].n)
+
+            try:
+                metrics = execute(config, out_dir, plan=prediction.plans["muxtune"], progress=progress,
+                                  resume=resume, after_step=advance_task_bars)
+            finally:
+                for task_bar in task_bars.values():
+                    task_bar.close()
+            bar.update(1)
+            phase("report")
+            write_prediction(prediction, out_dir)
+            write_report(out_dir)
+        bar.update(1)
+    return prediction, metrics

@@ -648,8 +648,9 @@ def measure_comm(device: str, sizes: list[int], warmup: int, repeats: int) -> li
         result = Path(tmp) / "comm.json"
         mp.start_processes(_comm_worker, args=(2, str(Path(tmp) / "init"), backend, sizes, warmup, repeats,
                                                str(result)), nprocs=2, join=True,
-                           # CUDA cannot be forked; on CPU a fork starts fast and needs no importable __main__
-                           start_method="spawn" if backend == "nccl" else "fork")
+                           # spawn, never fork: CUDA cannot be forked, and on CPU children forked after this
+                           # process ran a backward pass (autograd's threads) hang in their first collective
+                           start_method="spawn")
         return json.loads(result.read_text())
 
 

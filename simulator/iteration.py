@@ -152,7 +152,7 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
     def compute(delay):
         return env.timeout(max(0.0, float(delay)))
 
-    for pipe in pipes:
+    def add_pipeline(pipe):  # a function, so each pipeline's closures see its own events and devices
         p = pipe.pp
         first_last = [(s == 0, s == p - 1) for s in range(p)]
         links = {(r, s, d): simpy.Resource(env, 1) for r in range(pipe.dp) for s in range(p) for d in ("fwd", "bwd")}
@@ -242,6 +242,8 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
                         env.process(transfer("bwd", r, s + 1, s, g, k, mb))
             for s in range(p):
                 env.process(stage_process(r, s, blocks))
+    for pipe in pipes:
+        add_pipeline(pipe)
     env.run()
 
     events = pd.DataFrame(rows, columns=EVENT_COLUMNS)
@@ -270,3 +272,28 @@ def _peak_memory(rows: list[tuple], static: dict[str, int], activation_of: dict[
             top = max(top, held)
         peak[device] = static[device] + top
     return peak
+
+
+def memory_breakdown(plan, works: dict[str, TaskWork], cost_model, timeline: Timeline) -> pd.DataFrame:
+    """Bytes per device at the step's peak, split the way an operator asks about them: the backbone part
+    of the stage, adapter weights + gradients, AdamW's two moments, and activations in flight (the
+    timeline's peak less the static part). One row per device of the plan."""
+    n_layers = cost_model.shape.n_layers
+    rows: dict[str, dict] = {}
+    for group in plan.groups:
+        layout = group.layout
+        split = stage_split(n_layers, layout.pp, layout.stage_layers)
+        for i, device in enumerate(group.devices):
+            stage = (i // layout.tp) % layout.pp
+            layers = split[stage]
+            row = rows.setdefault(device, {"device": device, "backbone": cost_model.backbone_bytes(
+                layers, stage == 0, stage == layout.pp - 1), "adapters": 0, "optimizer": 0})
+            params = sum(_stage_params(works[t], stage, layers, n_layers) for t in group.tasks)
+            state = cost_model.task_state_bytes(params)
+            row["adapters"] += 2 * GRAD_BYTES_PER_PARAM * params  # fp32 weights + gradients
+            row["optimizer"] += state - 2 * GRAD_BYTES_PER_PARAM * params  # the moments
+    table = pd.DataFrame(list(rows.values()), columns=["device", "backbone", "adapters", "optimizer"])
+    static = table[["backbone", "adapters", "optimizer"]].sum(axis=1)
+    peak = table["device"].map(lambda d: timeline.peak_memory.get(d, 0))
+    table["activations"] = (peak - static).clip(lower=0)
+    return table

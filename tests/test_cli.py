@@ -53,7 +53,8 @@ def small_config(tmp_path, **overrides):
 
 def test_plan_and_run_writes_the_run_folder(tmp_path):
     config = small_config(tmp_path)
-    result = run_cli("plan-and-run", str(config), "--no-progress", cwd=tmp_path)
+    profile = next((Path(__file__).resolve().parent.parent / "profiles").glob("cpu-*-tiny-gpt2.csv"))
+    result = run_cli("plan-and-run", str(config), "--no-progress", "--profile", str(profile), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     run = tmp_path / "runs" / "tiny"
     plan = json.loads((run / "plan.json").read_text())
@@ -66,7 +67,8 @@ def test_plan_and_run_writes_the_run_folder(tmp_path):
         assert (run / "adapters" / name / "adapter_config.json").is_file()
         assert (run / "adapters" / name / "adapter_model.safetensors").is_file()
     html = (run / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 and (run / "loss_curves.png").stat().st_size > 1000
+    # plan vs baselines, predicted vs measured, Gantt, memory, loss, throughput, ineffective tokens
+    assert html.count("data:image/png;base64,") == 7 and (run / "loss_curves.png").stat().st_size > 1000
     assert "a" in result.stdout and "tokens/s" in result.stdout
     # --out puts it elsewhere; no staging folder is left behind
     result = run_cli("muxtune", "run", str(config), "--out", str(tmp_path / "elsewhere"), "--no-progress",

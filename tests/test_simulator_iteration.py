@@ -161,3 +161,33 @@ def test_plan_v2_fields_and_v1_files_load(tmp_path):
                 schedule="interleaved")
     plan.save(tmp_path / "v2.json")
     assert Plan.load(tmp_path / "v2.json") == plan
+
+
+def test_pipelines_on_separate_devices_run_side_by_side():
+    """Two groups on their own devices (dedicated instances, and pipelines of different depth) are two
+    independent pipelines: the step is the slower one, each device only runs its own group."""
+    cm = FakeCostModel(shape=FakeShape(n_layers=4))
+    works = {"a": work("a", sequences=8), "b": work("b", sequences=4, seq_len=30.0)}
+    alone = {t: simulate_step(Plan(groups=[FusionGroup(tasks=[t], devices=["g0"])]), works, cm).step_seconds
+             for t in works}
+    both = simulate_step(Plan(groups=[FusionGroup(tasks=["a"], devices=["g0"]),
+                                      FusionGroup(tasks=["b"], devices=["g1", "g2"], layout=Layout(pp=2),
+                                                  micro_batches=2)]), works, cm)
+    assert set(both.events[both.events["group"] == 0]["device"]) == {"g0"}
+    assert set(both.events[both.events["group"] == 1]["device"]) == {"g1", "g2"}
+    a_alone = both.events[both.events["device"] == "g0"]["end"].max()
+    assert a_alone == pytest.approx(alone["a"])
+    assert both.step_seconds == pytest.approx(max(a_alone, both.events[both.events["group"] == 1]["end"].max()))
+
+
+def test_memory_breakdown_splits_the_peak():
+    from muxtune.simulator.iteration import memory_breakdown
+
+    cm = FakeCostModel(shape=FakeShape(n_layers=8))
+    works = {"a": work("a", sequences=12, seq_len=10.0, params=800)}
+    plan = pipeline_plan([["a"]], 4, 6)
+    timeline = simulate_step(plan, works, cm)
+    table = memory_breakdown(plan, works, cm, timeline).set_index("device")
+    for device, row in table.iterrows():
+        assert row.sum() == timeline.peak_memory[device]
+        assert row["adapters"] == row["optimizer"] == 8 * 800 * 2 // 8 and row["activations"] > 0

@@ -1,0 +1,156 @@
+"""plan-and-run end to end, `muxtune simulate` / `muxtune report`, and the report as a browser shows it."""
+
+import base64
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_cli import call, small_config
+
+FIGURES = ["plans", "steps", "gantt", "memory", "loss", "throughput", "ineffective"]
+PNGS = ["plans.png", "step_times.png", "gantt.png", "memory.png", "loss_curves.png", "throughput.png",
+        "ineffective_tokens.png"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One plan-and-run of a two-task tiny-gpt2 config (shipped profile of this CPU, in process)."""
+    import torch
+
+    from muxtune.run import plan_and_run
+    from muxtune.spec import load_config
+
+    tmp = tmp_path_factory.mktemp("run")
+    config = load_config(small_config(tmp))
+    profile = next((Path(__file__).resolve().parent.parent / "profiles").glob("cpu-*-tiny-gpt2.csv"))
+    torch.set_num_threads(1)
+    prediction, metrics = plan_and_run(config, tmp / "out", profile=str(profile), progress=False)
+    return tmp / "out", prediction, metrics
+
+
+def test_plan_and_run_writes_every_output(trained_run):
+    run, prediction, metrics = trained_run
+    for name in ["plan.json", "plans.csv", "simulation.csv", "memory.csv", "prediction.json", "metrics.json",
+                 "report.html", *PNGS]:
+        assert (run / name).is_file(), name
+    for task in ("a", "b"):
+        assert (run / "adapters" / task / "adapter_config.json").is_file()
+    plans = pd.read_csv(run / "plans.csv")
+    assert list(plans["plan"]) == ["muxtune", "dedicated", "spatial", "temporal"]
+    assert (plans["step_s"] > 0).all() and (plans["tokens_per_s"] > 0).all()
+    # the chosen plan is what ran, and it is what plan.json says
+    assert json.loads((run / "plan.json").read_text())["groups"][0]["tasks"] == ["a", "b"]
+    events = pd.read_csv(run / "simulation.csv")
+    assert {"fwd", "bwd", "optim"} <= set(events["kind"]) and events["end"].max() == pytest.approx(
+        prediction.info["step_s"])
+    memory = pd.read_csv(run / "memory.csv")
+    assert list(memory.columns) == ["device", "backbone", "adapters", "optimizer", "activations"]
+    assert (memory[["backbone", "adapters", "optimizer", "activations"]] > 0).all().all()
+    # exact adapter sizes: 16 bytes of state per trainable parameter (weights, grads, two moments)
+    params = sum(t["trainable_params"] for t in metrics["tasks"].values())
+    assert int(memory["adapters"].sum() + memory["optimizer"].sum()) == 16 * params
+
+
+def test_report_has_every_section_and_figure(trained_run):
+    run, prediction, metrics = trained_run
+    page = (run / "report.html").read_text()
+    for key in FIGURES:
+        assert f'id="fig-{key}"' in page, key
+    images = page.split('src="data:image/png;base64,')[1:]
+    assert len(images) == len(FIGURES)
+    for image in images:
+        assert base64.b64decode(image.split('"')[0])[:8] == b"\x89PNG\r\n\x1a\n"
+    for heading in ["Plan (", "MuxTune vs baselines", "Predicted vs measured", "Simulated timeline",
+                    "Memory per device", "Tasks", "Ineffective tokens", "Failed or cancelled tasks"]:
+        assert heading in page, heading
+    assert "dedicated" in page and "temporal" in page and prediction.info["why"].split(".")[0] in page
+
+
+def test_report_rerenders_from_the_run_folder(trained_run, tmp_path, capsys, monkeypatch):
+    run, _, _ = trained_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    for png in PNGS:
+        (copy / png).unlink()
+    (copy / "report.html").unlink()
+    result = call(capsys, monkeypatch, tmp_path, "muxtune", "report", str(copy))
+    assert result.returncode == 0, result.stderr
+    assert "report.html" in result.stdout and all((copy / png).is_file() for png in PNGS)
+    result = call(capsys, monkeypatch, tmp_path, "muxtune", "report", str(tmp_path / "nothing"))
+    assert result.returncode == 2 and "not a run folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dry_run_plans_hardware_that_is_not_here(tmp_path, capsys, monkeypatch):
+    config = small_config(tmp_path)
+    result = call(capsys, monkeypatch, tmp_path, "muxtune", "simulate", str(config), "--hardware", "h100",
+                  "--gpus", "16", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "tiny"
+    assert not (run / "metrics.json").exists() and not (run / "adapters").exists()
+    plans = pd.read_csv(run / "plans.csv").set_index("plan")
+    assert (plans["devices"] == 16).all()
+    assert json.loads((run / "prediction.json").read_text())["cost_model"] == "analytic h100"
+    # dedicated: each of the two tasks gets its own 8 GPUs
+    dedicated = json.loads((run / "plans" / "dedicated.json").read_text())
+    assert [g["tasks"] for g in dedicated["groups"]] == [["a"], ["b"]]
+    assert len(set(dedicated["groups"][0]["devices"]) & set(dedicated["groups"][1]["devices"])) == 0
+    page = (run / "report.html").read_text()
+    assert "Dry run" in page and "MuxTune run <code>tiny</code>" in page and 'id="fig-gantt"' in page and 'id="fig-loss"' not in page
+    # plan-and-run: --hardware needs --dry-run
+    result = call(capsys, monkeypatch, tmp_path, "plan-and-run", str(config), "--hardware", "h100", "--no-progress")
+    assert result.returncode == 2 and "--dry-run" in result.stderr
+
+
+def test_every_subcommand_has_help(capsys):
+    from muxtune import cli
+
+    for argv in (["--help"], ["run", "--help"], ["simulate", "--help"], ["report", "--help"],
+                 ["profile", "--help"], ["validate", "--help"], ["submit", "--help"], ["cancel", "--help"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        assert exit_.value.code == 0
+    with pytest.raises(SystemExit):
+        cli.plan_and_run_main(["--help"])
+    out = capsys.readouterr().out
+    assert "exit codes" in out and "--dry-run" in out and "--hardware" in out
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+PROBE = """<script>window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  document.body.setAttribute('data-probe', imgs.map(i => i.id || i.parentElement.id + ':' + i.naturalWidth).join(','));
+});</script></body>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install -y chromium)")
+def test_report_renders_in_headless_chromium(trained_run, tmp_path):
+    """A browser loads every embedded figure (naturalWidth > 0) and the page screenshot is not blank."""
+    run, _, _ = trained_run
+    page = tmp_path / "probe.html"
+    page.write_text((run / "report.html").read_text().replace("</body>", PROBE))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    probe = dom.split('data-probe="')[1].split('"')[0].split(",")
+    widths = {entry.split(":")[0]: int(entry.split(":")[1]) for entry in probe}
+    assert set(widths) == {f"fig-{k}" for k in FIGURES}
+    assert all(w > 100 for w in widths.values()), widths
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, *flags, "--window-size=1000,3000", f"--screenshot={shot}",
+                    (run / "report.html").as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+
+    pixels = Image.open(shot).convert("L")
+    assert pixels.size == (1000, 3000) and pixels.getextrema()[0] < 100  # dark plot lines and text, not blank
+
+
+@pytest.mark.parametrize("args,message", [(["--hardware", "tpu"], "not in the catalog"),
+                                          (["--hardware", "h100", "--gpus", "0"], "--gpus: need at least 1")])
+def test_simulate_refuses_bad_hardware_cleanly(tmp_path, capsys, monkeypatch, args, message):
+    config = small_config(tmp_path)
+    result = call(capsys, monkeypatch, tmp_path, "muxtune", "simulate", str(config), *args, "--no-progress")
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()

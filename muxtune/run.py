@@ -317,26 +317,22 @@ def baseline_plans(config: RunConfig, devices: list[str], n_layers: int) -> dict
 
 
 def plan_phase(config: RunConfig, cost_model, devices: list[str], works: dict) -> dict[str, Plan]:
-    """The plan to run ("muxtune") and the baselines it is compared with. THE seam for the planner:
-    `muxtune.planner.plan` when it exists, else all tasks fused and chunk-aligned (data-parallel over the
-    devices), which is what the single-process executor runs."""
-    from muxtune.spec import FusionGroup, Layout
+    """The plan to run ("muxtune", chosen by the OR-Tools planner, muxtune.planner.plan) and the baselines
+    it is compared with, for a cluster of `devices` (this machine's, or catalog GPUs in a dry run)."""
+    from muxtune.planner.plan import plan as search
+    from muxtune.planner.setup import free_memory_gib
+    from muxtune.spec import Cluster
 
     baselines = baseline_plans(config, devices, cost_model.shape.n_layers)
-    try:
-        from muxtune.planner import plan as search
-    except ImportError:  # the planner is not there yet (or is an older build without `plan`)
-        search = None
-    if search is not None:
-        chosen, _table = search(config, cost_model, devices=devices, works=works)
-        return {"muxtune": chosen, **baselines}
-    names = [t.name for t in config.tasks]
-    if len(devices) == 1:
-        chosen = Plan.trivial(config).model_copy(update={"groups": [FusionGroup(tasks=names, devices=devices)]})
-    else:
-        chosen = Plan(planner="fused", groups=[FusionGroup(tasks=names, devices=devices,
-                                                           layout=Layout(dp=len(devices)))],
-                      explanation=f"all tasks fused, chunk-aligned, data-parallel over {len(devices)} devices")
+    if cost_model.profile is None and cost_model.hw is not None:  # a catalog GPU, priced analytically
+        hardware, memory = cost_model.hw["name"], cost_model.hw["memory_gb"] * 1e9 / 2**30
+    else:  # this machine
+        hardware, memory = "this", config.memory_limit_gib or free_memory_gib(devices[0])
+    cluster = Cluster(devices=len(devices), memory_gib=memory, hardware=hardware)
+    params = {name: work.params for name, work in works.items()} if works else None
+    chosen = search(config.tasks, cluster, cost_model, params=params).plan
+    if hardware == "this" and len(devices) == 1:  # the planner names this machine's device generically
+        chosen = chosen.model_copy(update={"groups": [g.model_copy(update={"devices": devices}) for g in chosen.groups]})
     return {"muxtune": chosen, **baselines}
 
 

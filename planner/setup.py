@@ -46,7 +46,7 @@ def exact_params(config: RunConfig) -> dict[str, int] | None:
     return {t.name: count_trainable_params(t, model) for t in config.tasks}
 
 
-def _free_memory_gib(device: str) -> float:
+def free_memory_gib(device: str) -> float:
     if device.startswith("cuda"):
         import torch
 
@@ -78,6 +78,6 @@ def planning_inputs(config: RunConfig, hardware: str | None = None, gpus: int | 
     else:
         device = "cpu" if config.devices == "cpu" else config.device_list()[0]
         cost_model = CostModel.from_profile(profile) if profile else cost_model_for(config.model, device, progress=True)
-        memory = memory_gib or (given.memory_gib if given else config.memory_limit_gib) or _free_memory_gib(device)
+        memory = memory_gib or (given.memory_gib if given else config.memory_limit_gib) or free_memory_gib(device)
         cluster = Cluster(devices=devices, memory_gib=memory, hardware="this")
     return cluster, cost_model, exact_params(config)

@@ -91,7 +91,9 @@ def test_dry_run_plans_hardware_that_is_not_here(tmp_path, capsys, monkeypatch):
     run = tmp_path / "runs" / "tiny"
     assert not (run / "metrics.json").exists() and not (run / "adapters").exists()
     plans = pd.read_csv(run / "plans.csv").set_index("plan")
-    assert (plans["devices"] == 16).all()
+    # the baselines spread over the 16 GPUs; the planner may use fewer (two tiny tasks need no pipeline)
+    assert (plans.loc[["dedicated", "spatial", "temporal"], "devices"] == 16).all()
+    assert 1 <= plans.loc["muxtune", "devices"] <= 16
     assert json.loads((run / "prediction.json").read_text())["cost_model"] == "analytic h100"
     # dedicated: each of the two tasks gets its own 8 GPUs
     dedicated = json.loads((run / "plans" / "dedicated.json").read_text())

@@ -192,3 +192,18 @@ def test_wheel_maps_every_folder_into_the_muxtune_package(repo, tmp_path):
         assert module in names, module
     # no bare top-level packages that would shadow PyPI's `executor`, `kernels`, `profiler`, ...
     assert not [n for n in names if n.split("/")[0] in {"executor", "kernels", "profiler", "planner", "simulator"}]
+
+
+def test_skipped_bad_lines_and_truncation_are_counted_in_the_metrics(tmp_path, capsys, monkeypatch):
+    config = small_config(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    with open(tmp_path / "a.jsonl", "a") as f:
+        f.write('{"prompt": "no completion here"}\n{not json\n')
+        f.write(json.dumps({"prompt": "word " * 200, "completion": " end"}) + "\n")  # longer than max_seq_len
+    raw["tasks"][0].update(on_bad_line="skip", truncation="truncate")
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = call(capsys, monkeypatch, tmp_path, "muxtune", "run", str(config), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())["tasks"]["a"]["data"]
+    assert data["skipped_bad_lines"] == 2 and data["first_bad_line"].startswith(str(tmp_path / "a.jsonl") + ":21:")
+    assert data["truncated"] == 1 and data["lines"] == 23

@@ -24,8 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import torch
 
 from muxtune.errors import MuxTuneError
 from muxtune.executor.mux import DATA_STREAM, Segment, stream_seed
+from muxtune.spec import staged_directory
 
 IGNORE = -100  # label of a token that carries no loss (HF convention)
 FORMATS = ("chat", "prompt_completion", "alpaca", "text")
@@ -148,21 +147,13 @@ def _tokenize_to_cache(path: Path, tokenizer, max_seq_len: int, options: DataOpt
     features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
                          "length": Value("int32")})
 
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
-    try:
+    with staged_directory(entry) as staging:
         stats = DataStats()
         with ArrowWriter(path=str(staging / "data.arrow"), features=features) as writer:
             for ex in _read_examples(path, tokenizer, max_seq_len, options, stats):
                 writer.write({"input_ids": ex.input_ids, "labels": ex.labels, "length": len(ex.input_ids)})
             writer.finalize()
         (staging / "stats.json").write_text(json.dumps(asdict(stats)))
-        if entry.exists():
-            shutil.rmtree(entry)
-        staging.rename(entry)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _read_examples(path: Path, tokenizer, max_seq_len: int, options: DataOptions, stats: DataStats):

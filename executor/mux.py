@@ -280,12 +280,14 @@ class Multiplexer:
             self.segments, self.shape, self.training, self.own_rows, self._tables = previous
 
     def backend(self, device: torch.device) -> str:
+        """'triton' or 'torch' for the batch in flight (resolved once per batch, not once per op call)."""
         from muxtune.kernels import backend
 
-        return backend(device, self.kernels)
+        return self.segment_table(("backend", device.type), lambda: backend(device, self.kernels))
 
     def segment_table(self, key, build):
-        """A grouped kernel's segment metadata, built once per micro-batch for each distinct key."""
+        """Per-batch metadata (a grouped kernel's segment table, the kernel backend), built once per
+        micro-batch for each distinct key."""
         table = self._tables.get(key)
         if table is None:
             table = self._tables[key] = build()

@@ -259,14 +259,10 @@ def segmented_lora_reference(x: torch.Tensor, out: torch.Tensor, a_weights: list
                              b_weights: list[torch.Tensor], table: SegmentTable) -> torch.Tensor:
     """The same function in torch: segments padded to one length and ranks to one rank, two batched
     matmuls (fp32), scattered back. Out of place."""
-    n_seg, length, rank = table.n, table.max_length, max(table.max_rank, 1)
-    k, n = x.shape[-1], out.shape[-1]
+    length, rank, n = table.max_length, max(table.max_rank, 1), out.shape[-1]
     starts, lengths = table.start.tolist(), table.length.tolist()
-    xs = x.new_zeros(n_seg, length, k, dtype=torch.float32)
-    a = x.new_zeros(n_seg, rank, k, dtype=torch.float32)
-    b = x.new_zeros(n_seg, n, rank, dtype=torch.float32)
     xs = torch.stack([torch.nn.functional.pad(x[lo:lo + ln].float(), (0, 0, 0, length - ln))
-                      for lo, ln in zip(starts, lengths)]) if n_seg else xs
+                      for lo, ln in zip(starts, lengths)])
     a = torch.stack([torch.nn.functional.pad(w.float(), (0, 0, 0, rank - w.shape[0])) for w in a_weights])
     b = torch.stack([torch.nn.functional.pad(w.float(), (0, rank - w.shape[1])) for w in b_weights])
     delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)) * table.scale.view(-1, 1, 1)

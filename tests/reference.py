@@ -36,12 +36,14 @@ def write_jsonl(path: Path, n: int, seed: int, min_len: int, max_len: int, kind:
 
 
 def randomize_b(trainer, seed: int = 7) -> None:
-    """HF PEFT inits B to zero; a random B makes the very first step exercise the A gradients too."""
+    """HF PEFT inits B to zero; a random B makes the very first step exercise the A gradients too.
+    Layers of other methods (no B) are left as they are."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for run in trainer.runs.values():
             for _, layer in run.adapter.items():
-                layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.1)
+                if hasattr(layer, "lora_B"):
+                    layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.1)
 
 
 def initial_state(trainer) -> dict[str, dict[str, torch.Tensor]]:

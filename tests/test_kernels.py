@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from reference import adapter_state, initial_state
+from reference import adapter_state, initial_state, randomize_b
 from test_equivalence import TARGETS, assert_same_training, make_trainer, three_tasks
 
 from muxtune.errors import MuxTuneError
@@ -131,16 +131,6 @@ def test_backend_switch(monkeypatch):
             backend(torch.device("cpu"))
 
 
-def randomize_lora_b(trainer, seed: int = 7) -> None:
-    """LoRA's B starts at zero; a random B makes the first step exercise the A gradients too."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for run in trainer.runs.values():
-            for _, layer in run.adapter.items():
-                if hasattr(layer, "lora_B"):
-                    layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.1)
-
-
 def mixed_specs(tmp_path):
     """LoRA (ranks 4/16/8, rsLoRA, dropout), IA3 (output and feed-forward input scaling) and a prefix task."""
     specs = three_tasks(tmp_path, TARGETS["builtin:tiny-llama"], steps=2, dropout=0.1)
@@ -165,7 +155,7 @@ def test_executor_gradients_are_the_same_with_the_triton_path(tmp_path, monkeypa
     for kernels in ("torch", "triton"):
         trainer, _ = make_trainer("builtin:tiny-llama", specs, device=DEVICE)
         trainer.mux.kernels = kernels
-        randomize_lora_b(trainer)
+        randomize_b(trainer)
         batch = fuse({name: run.sampler.next_batch() for name, run in trainer.runs.items()},
                      trainer.backbone.tokenizer.pad_token_id, trainer.device,
                      lead={name: run.adapter.lead_tokens for name, run in trainer.runs.items()})
@@ -196,7 +186,7 @@ def test_executor_trains_the_same_with_the_triton_path(tmp_path, monkeypatch):
     for kernels in ("torch", "triton"):
         trainer, _ = make_trainer("builtin:tiny-llama", specs, device=DEVICE)
         trainer.mux.kernels = kernels
-        randomize_lora_b(trainer)
+        randomize_b(trainer)
         init = initial_state(trainer)
         trainer.train(progress=False)
         states[kernels] = trainer, {name: adapter_state(trainer, name) for name in trainer.runs}, init

@@ -22,7 +22,8 @@ may carry "threads": n, applied with torch.set_num_threads first):
   {"op": "train", "steps": K}              K timed steps; answers tokens, seconds (perf_counter),
                                            start/end (time.time(), for concurrent runs), peak RSS
   {"op": "exit"}                           exits
-All configs train with the same hyper-parameters (lr 2e-4, AdamW without weight decay, grad-norm
+All configs train with the same hyper-parameters (lr 2e-4, fused AdamW (transformers' default optimizer,
+`adamw_torch_fused`) without weight decay, grad-norm
 clipping at 1.0, constant schedule, dropout 0) and the same data path (TaskSampler + fuse).
 """
 
@@ -80,7 +81,7 @@ class Separate:
         self.backbone = load_backbone(model_name)
         self.model = get_peft_model(self.backbone.model, hf_lora_config(ranks[task_index]))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=LR, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(self.params, lr=LR, weight_decay=0.0, fused=True)
         self.seed = task_index
 
     def prepare(self, rows: int, seq: int) -> None:
@@ -112,7 +113,7 @@ class Switch:
             self.model.add_adapter(name, hf_lora_config(rank))
         self.params = {name: [p for n, p in self.model.named_parameters() if f".{name}." in n]
                        for name in self.names}
-        self.optimizers = {name: torch.optim.AdamW(ps, lr=LR, weight_decay=0.0)
+        self.optimizers = {name: torch.optim.AdamW(ps, lr=LR, weight_decay=0.0, fused=True)
                            for name, ps in self.params.items()}
 
     def prepare(self, rows: int, seq: int) -> None:
@@ -153,12 +154,18 @@ class Muxed:
     def prepare(self, rows: int, seq: int) -> None:
         from muxtune.executor.data import TaskSampler
 
-        for run in self.trainer.runs.values():  # new shape: swap in a sampler over new data
+        for run in self.trainer.runs.values():  # new shape: a batch of `rows` sequences over new data
+            run.spec = run.spec.model_copy(update={"batch_size": rows, "max_seq_len": max(seq, run.spec.max_seq_len)})
             run.sampler = TaskSampler(synthetic_examples(rows, seq, run.spec.seed), rows, run.spec.seed)
+        self.expected = rows * seq * len(self.trainer.runs)
 
     def step(self) -> int:
         self.trainer.step()
-        return self.trainer.step_tokens[-1]
+        tokens = self.trainer.step_tokens[-1]
+        # every arm must train the tokens the parent asked for, or the comparison means nothing
+        if tokens != self.expected:
+            raise RuntimeError(f"muxtune step trained {tokens} tokens, expected {self.expected}")
+        return tokens
 
 
 CONFIGS = {"separate": Separate, "switch": Switch, "muxtune": Muxed, "limit": Muxed}

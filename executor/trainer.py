@@ -64,11 +64,18 @@ class TaskRun:
 def build_task_run(mux: Multiplexer, spec: TaskSpec, examples: list[Example]) -> TaskRun:
     adapter = mux.add_task(spec.name, spec.peft, spec.seed, spec.max_seq_len)
     params = [p for p in adapter.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    optimizer = make_optimizer(params, spec)
     scheduler = get_scheduler(spec.lr_schedule, optimizer, num_warmup_steps=spec.warmup_steps,
                               num_training_steps=spec.steps)
     sampler = TaskSampler(examples, spec.batch_size, spec.seed)
     return TaskRun(spec, adapter, optimizer, scheduler, sampler)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], spec: TaskSpec) -> torch.optim.Optimizer:
+    """A task's AdamW. `fused=True` runs the whole update of all its tensors in one kernel per tensor
+    (CPU and CUDA) instead of ~10 small ops each: a task's step costs a third as much on the host.
+    The references in the tests build theirs here too, so "the same optimizer" holds bit for bit."""
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=True)
 
 
 def example_problem(example: Example, vocab_size: int, max_seq_len: int) -> str | None:
@@ -85,9 +92,11 @@ def example_problem(example: Example, vocab_size: int, max_seq_len: int) -> str 
     return None
 
 
-def grads_finite(run: TaskRun) -> bool:
+def grad_norm(run: TaskRun) -> torch.Tensor | None:
+    """The task's total gradient norm (None without gradients): one pass serves both the finiteness
+    check and the clipping, exactly as `clip_grad_norm_` would compute it."""
     grads = [p.grad for p in run.parameters() if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+    return torch.nn.utils.get_total_norm(grads) if grads else None
 
 
 class MultiplexedTrainer:
@@ -187,20 +196,23 @@ class MultiplexedTrainer:
                     computed[name] = computed.get(name, 0) + n
                 self.step_shapes.append(tuple(batch.input_ids.shape))
         losses = {name: sums[name] / counts[name] for name in sums}
+        norms = {}
         for run in runs:
             if run.status != "running":
                 continue
             loss = losses[run.spec.name]
+            norm = norms[run.spec.name] = grad_norm(run)
             if not math.isfinite(loss):
                 self.fail(run, f"non-finite loss ({loss}) at step {run.step + 1}")
-            elif not grads_finite(run):
+            elif norm is not None and not torch.isfinite(norm):
                 self.fail(run, f"non-finite gradient at step {run.step + 1}")
         for run in runs:
             if run.status != "running":
                 continue
             try:
-                if run.spec.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(run.parameters(), run.spec.max_grad_norm)
+                norm = norms[run.spec.name]
+                if run.spec.max_grad_norm is not None and norm is not None:
+                    torch.nn.utils.clip_grads_with_norm_(run.parameters(), run.spec.max_grad_norm, norm)
                 run.optimizer.step()
                 run.scheduler.step()
             except (RuntimeError, ValueError, OverflowError) as exc:  # e.g. an lr that overflows fp32

@@ -21,7 +21,7 @@ still runs padded batches as before.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +149,20 @@ class _Packed:
 
     spans: list[tuple[int, int, object]]  # (start, end, per-layer prefix (k, v) | None | "pad")
     buckets: list[tuple[torch.Tensor, torch.Tensor]]  # prefix-free sequences by length, see _length_buckets
+    # Every position the attention reads, prefix sequences then buckets, gathered with ONE index_select
+    # per tensor: its backward is one index_add, where a slice or gather per sequence/bucket would each
+    # zero-fill a full-size gradient in the backward and sum them.
+    device: torch.device | str = "cpu"
+    gather: torch.Tensor | None = None
+    sizes: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        pieces = [torch.arange(start, end, device=self.device) for start, end, prefix in self.spans
+                  if end > start and prefix not in (None, "pad")]
+        pieces += [idx.reshape(-1) for idx, _ in self.buckets]
+        if pieces:
+            self.sizes = [p.numel() for p in pieces]
+            self.gather = torch.cat(pieces)
 
 
 _ACTIVE: _Packed | None = None
@@ -171,10 +185,17 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     total, heads, dim = query.shape[2], query.shape[1], query.shape[3]
     rows, results = [], []
+    if packed.gather is None:
+        return query.new_zeros(1, total, heads, dim), None  # nothing but padding in the stream
+    gather = packed.gather
+    # [heads, positions, d] pieces: one per prefix sequence, then one per bucket
+    q_parts, k_parts, v_parts = (t[0].index_select(1, gather).split(packed.sizes, dim=1) for t in (query, key, value))
+    part = 0
     for start, end, prefix in packed.spans:
         if end <= start or prefix in (None, "pad"):
             continue
-        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        q, k, v = (t[part].unsqueeze(0) for t in (q_parts, k_parts, v_parts))
+        part += 1
         prefix_k, prefix_v = prefix[module.layer_idx]
         if groups > 1:
             prefix_k, prefix_v = prefix_k.repeat_interleave(groups, dim=1), prefix_v.repeat_interleave(groups, dim=1)
@@ -189,9 +210,10 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     for bucket in packed.buckets:
         idx, valid = bucket  # [n, longest] stream positions (clamped in padding), [n, longest] bool
         n, longest = idx.shape
-        gather = lambda t: t[0][:, idx.reshape(-1)].view(heads, n, longest, dim).transpose(0, 1)  # noqa: E731
-        out = F.scaled_dot_product_attention(gather(query), gather(key), gather(value), dropout_p=dropout,
-                                             is_causal=True, scale=scaling)  # [n, heads, longest, d]
+        q, k, v = (t[part].view(heads, n, longest, dim).transpose(0, 1) for t in (q_parts, k_parts, v_parts))
+        part += 1
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                             scale=scaling)  # [n, heads, longest, d]
         out = out.transpose(1, 2)[valid]  # [tokens, heads, d]
         rows.append(idx[valid])
         results.append(out)
@@ -251,7 +273,8 @@ def packed_attention(model, batch: ChunkedBatch, prefixes: dict[int, list]):
     if cursor < total:
         spans.append((cursor, total, "pad"))
     previous = (_ACTIVE, model.config._attn_implementation)
-    _ACTIVE = _Packed(spans, _length_buckets(spans, batch.input_ids.device))
+    device = batch.input_ids.device
+    _ACTIVE = _Packed(spans, _length_buckets(spans, device), device)
     model.config._attn_implementation = ATTENTION
     try:
         yield

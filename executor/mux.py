@@ -154,9 +154,10 @@ class MultiplexedOp(nn.Module):
             if kernel is not None:
                 dispatched = kernel([(layer, lo, hi) for _, lo, hi, layer in dispatching], flat_x, self._mux)
             else:
-                dispatched = torch.cat([layer.dispatch(flat_x[lo:hi].float()).to(x.dtype)
-                                        if hasattr(layer, "dispatch") else flat_x[lo:hi]
-                                        for _, lo, hi, layer in spans], dim=0)
+                # one split, not a slice per task: a slice's backward zero-fills a full-size dX
+                parts = flat_x.split([hi - lo for _, lo, hi, _ in spans])
+                dispatched = torch.cat([layer.dispatch(part.float()).to(x.dtype) if hasattr(layer, "dispatch")
+                                        else part for (*_, layer), part in zip(spans, parts)], dim=0)
             out = self.base_op(dispatched.view(x.shape))
         else:
             # base op first, as HF PEFT does: autograd then sums dX's contributions in the same order

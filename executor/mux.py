@@ -165,12 +165,15 @@ class MultiplexedOp(nn.Module):
             flat_x = x.reshape(-1, x.shape[-1])
         flat_out = out.reshape(-1, out.shape[-1])
 
-        # aggregate, grouped: one kernel launch for all segments of a method that has one (Triton path)
+        # aggregate, grouped: one kernel launch (Triton) or one autograd node (torch: `looped_aggregate`)
+        # for all segments of a method that has one
         done: set[int] = set()
-        if grouped:
+        kernel_name = "grouped_aggregate" if grouped else "looped_aggregate"
+        # the looped torch path computes in the adapters' fp32 only (low-precision backbones take the per-task path)
+        if grouped or flat_x.dtype == flat_out.dtype == torch.float32:
             by_kernel: dict = {}
             for i, (_, _, _, layer) in enumerate(spans):
-                kernel = getattr(layer, "grouped_aggregate", None)
+                kernel = getattr(layer, kernel_name, None)
                 if kernel is not None:
                     by_kernel.setdefault(kernel, []).append(i)
             for kernel, members in by_kernel.items():

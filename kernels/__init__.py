@@ -4,11 +4,12 @@ The executor applies every task's adapter to its own rows of the fused token mat
 per-task ops are tiny and launch-bound, so `lora.segmented_lora` and `ia3.segmented_scale` do all
 tasks' segments in one launch per GEMM kind (forward and backward). Which path runs is one switch:
 
-    MUXTUNE_KERNELS=auto    (default) Triton on CUDA tensors, the per-task torch path elsewhere
+    MUXTUNE_KERNELS=auto    (default) Triton on CUDA tensors, the torch path elsewhere
     MUXTUNE_KERNELS=triton  always Triton; on CPU this needs TRITON_INTERPRET=1 set before start-up
     MUXTUNE_KERNELS=torch   never Triton
 
-The per-task torch path stays the default on CPU because it is the one proven bit-identical to HF PEFT.
+The torch path stays the default on CPU because it is the one proven bit-identical to HF PEFT (for LoRA
+it is `lora.looped_lora`: one autograd node per op for all tasks, a matmul pair per task).
 """
 
 from __future__ import annotations

@@ -273,3 +273,62 @@ def segmented_lora_reference(x: torch.Tensor, out: torch.Tensor, a_weights: list
         cursor = lo + ln
     pieces.append(flat[cursor:])
     return torch.cat(pieces).view(out.shape)
+
+
+class LoopedLoRA(torch.autograd.Function):
+    """The torch path of the same segmented op, for CPUs: one matmul pair per segment (no Triton), but
+    ONE autograd node for all segments. The per-task path builds ~5 nodes per task and a split/cat of
+    the op's full output around them; this builds none of that. Each segment runs exactly the matmuls
+    autograd runs for HF PEFT's `lora_B(lora_A(x)) * scaling` (same operands, same layouts, also in the
+    backward, as torch's mm derivative formulas do), so results stay bit-identical to HF PEFT."""
+
+    @staticmethod
+    def forward(ctx, out, x, spans, scales, masks, *weights):
+        n, k = out.shape[-1], x.shape[-1]
+        # a fresh output when the base op's is a view (Conv1D, 3D inputs): in place on a view would make
+        # autograd copy the whole gradient (CopySlices) in the backward
+        inplace = out._base is None
+        result = out if inplace else out.clone()
+        y, x2 = result.view(-1, n), x.reshape(-1, k)
+        shrunk = []
+        for (lo, hi), scale, mask, a, b in zip(spans, scales, masks, weights[0::2], weights[1::2]):
+            xi = x2[lo:hi] if mask is None else x2[lo:hi] * mask
+            s = xi.mm(a.t())
+            y[lo:hi] += s.mm(b.t()) * scale
+            shrunk.append(s)
+        if inplace:
+            ctx.mark_dirty(result)
+        ctx.save_for_backward(x, *shrunk, *weights)
+        ctx.spans, ctx.scales, ctx.masks = spans, scales, masks
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, *saved = ctx.saved_tensors
+        segments = len(ctx.spans)
+        shrunk, weights = saved[:segments], saved[segments:]
+        n, k = grad_out.shape[-1], x.shape[-1]
+        g, x2 = grad_out.reshape(-1, n), x.reshape(-1, k)
+        want_dx = ctx.needs_input_grad[1]  # False where x is frozen (the first layer's, without prompt tuning)
+        covered = sum(hi - lo for lo, hi in ctx.spans)
+        dx = (torch.empty_like if covered == x2.shape[0] else torch.zeros_like)(x2) if want_dx else None
+        grads = []
+        for (lo, hi), scale, mask, s, a, b in zip(ctx.spans, ctx.scales, ctx.masks, shrunk,
+                                                   weights[0::2], weights[1::2]):
+            xi = x2[lo:hi] if mask is None else x2[lo:hi] * mask
+            gb = g[lo:hi] * scale
+            ds = gb.mm(b)
+            grads += [ds.t().mm(xi), gb.t().mm(s)]  # dA [r, k], dB [n, r]
+            if want_dx:
+                dxi = ds.mm(a)
+                dx[lo:hi] = dxi if mask is None else dxi * mask
+        return grad_out, None if dx is None else dx.view(x.shape), None, None, None, *grads
+
+
+def looped_lora(x: torch.Tensor, out: torch.Tensor, spans: list[tuple[int, int]], scales: list[float],
+                masks: list[torch.Tensor | None], a_weights: list[torch.Tensor],
+                b_weights: list[torch.Tensor]) -> torch.Tensor:
+    """`out` with every segment's LoRA update added to its rows (in place when `out` is not a view).
+    x: [tokens, K]; spans: (first row, end row) per segment; masks: a segment's dropout mask or None."""
+    weights = [w for pair in zip(a_weights, b_weights) for w in pair]
+    return LoopedLoRA.apply(out, x, tuple(spans), tuple(scales), tuple(masks), *weights)

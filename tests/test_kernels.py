@@ -95,6 +95,48 @@ def test_segmented_lora_reference_equals_a_per_task_loop():
     torch.testing.assert_close(segmented_lora_reference(x, base, a_w, b_w, table), expected)
 
 
+@pytest.mark.parametrize("view_output", [False, True])
+def test_looped_lora_is_bit_identical_to_the_per_task_layers(view_output):
+    """The CPU path (one autograd node, a matmul pair per segment) against each task's own LoraLayer
+    applied to its rows through autograd, as HF PEFT computes it: outputs and every gradient (x, A, B)
+    equal bit for bit; with dropout masks, empty segments and rows left to the base op alone."""
+    from muxtune.executor.peft.lora import Config, LoraLayer
+    from muxtune.kernels.lora import looped_lora
+
+    gen = torch.Generator().manual_seed(7)
+    tokens, k, n = 50, 24, 20
+    spans = [(0, 0), (0, 12), (12, 30), (34, 50)]  # an empty segment, and rows 30..34 without adapter
+    layers = [LoraLayer(Config(r=r, alpha=a, dropout=0.1), k, n, gen) for r, a in ((2, 4), (1, 3), (8, 16), (4, 4))]
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_B.weight, generator=gen)
+    masks = [None, None, (torch.rand(18, k, generator=gen) > 0.1).float() / 0.9, None]
+    x0, w = torch.randn(tokens, k, generator=gen), torch.randn(n, k, generator=gen)
+    upstream = torch.randn(tokens, n, generator=gen)
+
+    def run(looped: bool):
+        x = x0.clone().requires_grad_(True)
+        out = (x.unsqueeze(0) @ w.T).view(tokens, n) if view_output else x @ w.T  # the frozen op
+        if looped:
+            out = looped_lora(x, out, spans, [l.scaling for l in layers], masks,
+                              [l.lora_A.weight for l in layers], [l.lora_B.weight for l in layers])
+        else:
+            pieces, cursor = [], 0
+            for (lo, hi), layer, mask in zip(spans, layers, masks):
+                pieces += [out[cursor:lo], layer.aggregate(x[lo:hi], out[lo:hi], mask)]
+                cursor = hi
+            out = torch.cat(pieces + [out[cursor:]])
+        for layer in layers:
+            layer.zero_grad(set_to_none=True)
+        (out * upstream).sum().backward()
+        grads = [p.grad.clone() for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+        return out.detach(), x.grad, grads
+
+    (out, dx, grads), (ref_out, ref_dx, ref_grads) = run(True), run(False)
+    assert torch.equal(out, ref_out) and torch.equal(dx, ref_dx)
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
+    assert ref_grads[0].abs().sum() == 0 and ref_grads[2].abs().max() > 0  # empty segment: no gradient
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_segmented_scale_matches_reference(dtype):
     gen = torch.Generator().manual_seed(3)
@@ -132,12 +174,14 @@ def test_backend_switch(monkeypatch):
 
 
 def mixed_specs(tmp_path):
-    """LoRA (ranks 4/16/8, rsLoRA, dropout), IA3 (output and feed-forward input scaling) and a prefix task."""
+    """LoRA (ranks 4/16/8, rsLoRA, dropout), IA3 (output and feed-forward input scaling), a prefix task and DoRA."""
     specs = three_tasks(tmp_path, TARGETS["builtin:tiny-llama"], steps=2, dropout=0.1)
     like = lambda spec, **changes: TaskSpec.model_validate({**spec.model_dump(), **changes})  # noqa: E731
     specs.append(like(specs[0], name="ia3", seed=21, lr=1e-2, peft={
         "method": "ia3", "target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}))
     specs.append(like(specs[1], name="prefix", seed=22, peft={"method": "prefix", "num_virtual_tokens": 3}))
+    # DoRA is a LoRA subclass whose update is NOT LoRA's: it must never take LoRA's grouped paths
+    specs.append(like(specs[2], name="dora", seed=23, peft={"method": "dora", "r": 4, "target_modules": ["q_proj", "v_proj"]}))
     return specs
 
 

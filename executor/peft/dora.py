@@ -66,6 +66,10 @@ class DoraLayer(lora.LoraLayer):
             weight_norm = self.weight_norm(weight, lora_weight)
         self.lora_magnitude_vector = Magnitude(weight_norm)
 
+    # LoRA's grouped paths compute a plain low-rank update; DoRA's rescaling needs its own (per-task) path
+    grouped_aggregate = None
+    looped_aggregate = None
+
     def op_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The frozen op's weight as [out, in] (a view for Conv1D, as peft's `transpose`)."""
         weight = self.base_op.weight.to(dtype)

@@ -77,6 +77,16 @@ class LoraLayer(nn.Module):
         return segmented_lora(x, flat_out, [layer.lora_A.weight for layer, *_ in items],
                               [layer.lora_B.weight for layer, *_ in items], table)
 
+    @staticmethod
+    def looped_aggregate(items, flat_x: torch.Tensor, flat_out: torch.Tensor, mux) -> torch.Tensor:
+        """The torch path of `grouped_aggregate` (CPU): all LoRA segments of one op in one autograd node,
+        one matmul pair per segment (muxtune.kernels.lora.looped_lora); bit-identical to HF PEFT."""
+        from muxtune.kernels.lora import looped_lora
+
+        return looped_lora(flat_x, flat_out, [(lo, hi) for _, lo, hi, _ in items],
+                           [layer.scaling for layer, *_ in items], [mask for *_, mask in items],
+                           [layer.lora_A.weight for layer, *_ in items], [layer.lora_B.weight for layer, *_ in items])
+
     def export_state(self, prefix: str) -> dict[str, torch.Tensor]:
         """Weights under HF PEFT's keys (`<prefix>.lora_A.weight`), as PeftModel.from_pretrained expects."""
         return {f"{prefix}.lora_A.weight": self.lora_A.weight, f"{prefix}.lora_B.weight": self.lora_B.weight}

@@ -90,3 +90,22 @@ def test_planner_benchmark_runs_in_quick_mode(capsys):
     assert last["gap_instances"] == 3 and last["max_gap"] == max(last["gaps"])
     assert len(last["versus_baselines"]) == 8 and last["memory_violations"] == 0
     assert last["beats_baselines"] == all(v["beats"] for v in last["versus_baselines"])
+
+
+def test_mux_vs_separate_benchmark_runs_every_arm_in_quick_mode():
+    """All five arms (separate processes one after another and concurrently, adapter switching, MuxTune,
+    the one-adapter limit) train, each checking every step that it trained the tokens asked for."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.mux_vs_separate", "--quick", "--sweep", "32",
+                           "--steps", "1", "--threads", "1"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    point = last["sweep"][0]
+    for arm in ("separate_seq", "separate_concurrent", "switch", "muxtune", "single_adapter_limit"):
+        assert point[arm]["tokens_per_s"] > 0, arm
+    assert last["tasks"] == 3 and last["throughput_ratio"] > 0 and last["throughput_ceiling"] > 0
+    assert last["memory_ratio"] > 1  # three backbones vs one: holds on any machine

@@ -24,7 +24,9 @@ MODEL = "builtin:tiny-llama"
 def test_two_tensor_ranks_through_the_cli_equal_one_process(tmp_path):
     """tp=2 through `muxtune run --plan` (the plan-and-run launcher): the three LoRA tasks cover column ops
     (q, v, k, gate, up: A replicated, B split) and row ops (o, down: A split, B replicated), with different
-    r, schedules and clipping (clipping's norm is summed over both ranks' slices).
+    r, schedules and clipping (clipping's norm is summed over both ranks' slices), and LoRA dropout 0.1:
+    every rank draws the task's masks from the same stream, a row op's at the full input width cut to
+    its columns, so the masks are exactly one process's (a different draw would change the losses).
 
     Tolerance, from the rounding: a row-parallel op adds two fp32 partial sums (each over half the input
     features) in one all-reduce, and a column op's input gradient and a replicated tensor's gradient are
@@ -37,7 +39,7 @@ def test_two_tensor_ranks_through_the_cli_equal_one_process(tmp_path):
     missing or doubled gradient reduction would not satisfy: it changes most coordinates."""
     from muxtune.cli import main
 
-    specs = three_tasks(tmp_path, TARGETS[MODEL])
+    specs = three_tasks(tmp_path, TARGETS[MODEL], dropout=0.1)
     config = RunConfig(name="tensor", model=MODEL, tasks=specs)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
     plan = plan_of(Layout(tp=2), micro_batches=1, schedule="1f1b")
@@ -63,3 +65,46 @@ def test_two_tensor_ranks_through_the_cli_equal_one_process(tmp_path):
             torch.testing.assert_close(state[key], ref[key].detach(), rtol=0, atol=1e-7 + 2e-3 * moved, msg=key)
             outliers = ((state[key] - ref[key].detach()).abs() > 2e-7).float().mean().item()
             assert outliers <= 0.01, (key, outliers)
+
+
+# --- no processes needed: what tensor parallelism refuses, and how slices are put back together ------
+
+
+def trainer_with(tmp_path, model, peft, tp=2):
+    spec = TaskSpec.model_validate({"name": "job", "data": three_tasks(tmp_path, TARGETS[MODEL])[0].data,
+                                    "peft": peft, "steps": 1})
+    backbone = load_backbone(model)
+    examples = {spec.name: load_examples(spec.data, backbone.tokenizer, spec.max_seq_len)[0]}
+    plan = plan_of(Layout(tp=tp), 1, "1f1b", groups=[[spec.name]])
+    return PipelineTrainer(backbone, [spec], examples, plan, Topology(rank=0, tp=tp))
+
+
+@pytest.mark.parametrize("peft", [{"method": "ia3"}, {"method": "dora", "target_modules": ["q_proj"]},
+                                  {"method": "prompt", "num_virtual_tokens": 2}])
+def test_methods_other_than_lora_are_refused_naming_task_and_method(tmp_path, peft):
+    with pytest.raises(MuxTuneError, match=f"task 'job': method '{peft['method']}' is not supported under tensor "
+                                           "parallelism"):
+        trainer_with(tmp_path, MODEL, peft)
+
+
+def test_models_and_degrees_the_split_does_not_cover_are_refused(tmp_path):
+    lora = {"method": "lora", "target_modules": ["c_attn"]}
+    with pytest.raises(MuxTuneError, match="tensor parallelism is implemented for .* not model type 'gpt2'"):
+        trainer_with(tmp_path, "builtin:tiny-gpt2", lora)
+    with pytest.raises(MuxTuneError, match="tp=4 does not divide the model's num_key_value_heads=2"):
+        trainer_with(tmp_path, MODEL, {"method": "lora"}, tp=4)
+
+
+def test_op_kinds_and_assembling_slices():
+    assert [op_kind(f"model.layers.0.{p}") for p in ("self_attn.q_proj", "mlp.up_proj", "self_attn.o_proj",
+                                                     "mlp.down_proj", "self_attn.rotary")] == \
+        ["column", "column", "row", "row", None]
+    b, a = torch.arange(8.0).view(4, 2), torch.arange(6.0).view(2, 3)
+    parts = [({"x.lora_B.weight": b[:2], "x.lora_A.weight": a, "y.lora_A.weight": a[:, :1]},
+              {"x.lora_B.weight": 0, "y.lora_A.weight": 1}),
+             ({"x.lora_B.weight": b[2:], "x.lora_A.weight": a + 1, "y.lora_A.weight": a[:, 1:]},
+              {"x.lora_B.weight": 0, "y.lora_A.weight": 1})]
+    state = assemble_state(parts)
+    assert torch.equal(state["x.lora_B.weight"], b)  # split by output rows: concatenated in rank order
+    assert torch.equal(state["y.lora_A.weight"], a)  # split by input columns
+    assert torch.equal(state["x.lora_A.weight"], a)  # replicated: tensor rank 0's copy

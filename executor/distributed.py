@@ -99,6 +99,7 @@ def gather_to_rank0(trainer: PipelineTrainer) -> list[dict] | None:
         "losses": {name: run.losses for name, run in trainer.runs.items()},
         "tokens": {name: (run.tokens, run.computed_tokens) for name, run in trainer.runs.items()},
         "step_times": trainer.step_times, "step_tokens": trainer.step_tokens, "step_shapes": trainer.step_shapes,
+        "task_step_tokens": trainer.task_step_tokens,
         "records": [(r.seconds, r.spans) for r in trainer.records],
     }
     gathered = [None] * topo.world if topo.rank == 0 else None
@@ -178,6 +179,10 @@ def collect(trainer: PipelineTrainer, config: RunConfig, stats: dict, wall: floa
         "dp": layout.dp, "pp": layout.pp, "tp": layout.tp, "schedule": trainer.plan.schedule,
         "devices": trainer.plan.groups[0].devices,
         "step_tokens": trainer.step_tokens,  # real tokens of each step, all replicas
+        # per step: each task's computed tokens (chunk padding included), all replicas: the step's shapes
+        "task_computed_tokens": [
+            {name: sum(step.get(name, 0) for step in steps) for name in trainer.runs if any(name in s for s in steps)}
+            for steps in zip(*(p["task_step_tokens"] for p in gathered if p["first"] and p["tensor_rank"] == 0))],
         # per process: share of the steps (after the first, warm-up one) its compute was idle: pipeline
         # bubbles and waits for transfers
         "bubble_fraction": {str(p["rank"]): bubble_fraction(p["records"], skip=1 if len(p["records"]) > 1 else 0)

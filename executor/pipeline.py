@@ -211,6 +211,7 @@ class PipelineTrainer:
         self.step_times: list[float] = []
         self.step_tokens: list[int] = []
         self.step_shapes: list[tuple[int, int]] = []
+        self.task_step_tokens: list[dict[str, int]] = []  # per step: each task's computed tokens, this replica
         self.records: list[StepRecord] = []
 
     # --- what this stage holds -----------------------------------------------------------------
@@ -350,6 +351,7 @@ class PipelineTrainer:
         self.records.append(self._record)
         self.step_times.append(elapsed)
         self.step_tokens.append(sum(tokens.values()))
+        self.task_step_tokens.append(computed)
         return losses
 
     def blocks(self, units: list[list[tuple[int, int]]]) -> list[list[tuple[int, int]]]:

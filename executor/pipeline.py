@@ -1,8 +1,9 @@
 """Two-tiered parallel execution of a Plan: pipeline stages across processes, data-parallel replicas
 of the pipeline, and temporal multiplexing of fusion groups inside one pipeline schedule.
 
-Each process is one (replica, stage) of the Plan's layout (rank = replica * pp + stage, the order of
-`FusionGroup.devices`). A stage runs a contiguous slice of the backbone's decoder layers: the first
+Each process is one (replica, stage, tensor rank) of the Plan's layout (rank = (replica * pp + stage) *
+tp + tensor rank, the order of `FusionGroup.devices`; tp > 1 splits the stage's layers across its tensor
+ranks, executor/tensor_parallel.py). A stage runs a contiguous slice of the backbone's decoder layers: the first
 stage also the embedding (and prompt tuning's virtual tokens), the last also the final norm, the LM head
 and each task's loss. Every process builds the same fused micro-batches from the same seeded task
 samplers, so only hidden states (forward) and their gradients (backward) cross stages, with async
@@ -204,9 +205,8 @@ class PipelineTrainer:
             free_other_stages(self.model, self.parts, self.layers, self.topo.first, self.topo.last)
         self.tensor_parallel = None  # this process's slice of the stage's layers (executor/tensor_parallel.py)
         if self.topo.tp > 1:
-            self.tensor_parallel = TensorParallel(self.model, self.mux, self.runs, stage_parts(self.model).layers,
-                                                  self.layers, self.topo.tp, self.topo.tensor_rank,
-                                                  self.topo.tensor_group)
+            self.tensor_parallel = TensorParallel(self.model, self.mux, self.runs, self.layers, self.topo.tp,
+                                                  self.topo.tensor_rank, self.topo.tensor_group)
         self.owned = {name: self.owned_parameters(run) for name, run in self.runs.items()}
         self.step_times: list[float] = []
         self.step_tokens: list[int] = []

@@ -40,10 +40,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from muxtune.errors import MuxTuneError
-from muxtune.executor.mux import MultiplexedOp, _key
+from muxtune.executor.mux import MultiplexedOp
 
-# the model families whose decoder layers use these projection names (the HF LLaMA layout)
+# the model families whose decoder layers (at LAYERS) use these projection names (the HF LLaMA layout)
 FAMILIES = ("llama", "mistral", "qwen2")
+LAYERS = "model.layers"
 COLUMN_OPS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_OPS = ("o_proj", "down_proj")
 
@@ -170,15 +171,14 @@ class TensorParallel:
     """The split of one process (tensor rank `rank` of `tp`) of a stage: backbone slices, adapter
     slices, and which adapter tensors are replicated (their gradients are summed over the group)."""
 
-    def __init__(self, model: nn.Module, mux, runs: dict, layers_path: str, layers: range, tp: int, rank: int,
-                 group):
+    def __init__(self, model: nn.Module, mux, runs: dict, layers: range, tp: int, rank: int, group):
         check_supported(model, runs, tp)
         self.tp, self.rank, self.group = tp, rank, group
         self.replicated: dict[str, list[nn.Parameter]] = {name: [] for name in runs}  # partial grads, summed
         self.split_dims: dict[str, dict[str, int]] = {name: {} for name in runs}  # export key -> concat dim
         self.counted_once: set[int] = set()  # ids of parameters identical on every process (norm: once)
-        prefix = layers_path + "."
-        full_layers = model.get_submodule(layers_path)
+        prefix = LAYERS + "."
+        full_layers = model.get_submodule(LAYERS)
         for index in layers:
             for path, module in list(full_layers[index].named_modules()):
                 kind = op_kind(path)

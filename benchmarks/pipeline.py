@@ -10,8 +10,12 @@ runs 1 process, pp=1, where there are no pipeline bubbles to fill), each a pipel
                  "interleaved"): one group's work fills the other's pipeline bubbles.
 Each group's step is cut into --micro-batches micro-batches. Figures exclude the first (warm-up) step:
 bubble fraction = 1 - compute time / wall time on a stage (worst stage), tokens/s = real tokens per
-second of wall time. `sim_error`: |simulated - measured| / measured step time (simulator.simulate_step
-with the profiler's CostModel, the worst of the three plans), null while the CostModel is not in the tree.
+second of wall time. `sim_error`: the simulator's error on the step time (simulator.simulate_step with
+the profiler's CostModel for the same plan), the worst of the three plans. Honest by construction: each
+measured step after the warm-up is simulated with that step's own shapes (each task's computed tokens,
+chunk padding included) and compared with that step's measured time (the slowest process); a plan's
+figure is the median of its steps' |predicted - measured| / measured. On CPU the profile is taken at the
+thread count each process trains with (cores / processes), so the ops are priced as they run.
 
 The last printed line is one JSON object.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -63,21 +68,26 @@ def measure(config, plan, warmup: int) -> dict:
             "bubble_fraction": max(dist["bubble_fraction"].values()), "metrics": metrics}
 
 
-def sim_error(config, plan, measured: dict) -> float:
-    """|predicted - measured| / measured median step time; raises ImportError without the profiler."""
+def sim_error(config, plan, measured: dict, warmup: int) -> dict:
+    """Per measured step after `warmup`: the simulated step time for that step's shapes; raises
+    ImportError without the profiler."""
     from benchmarks.simulator import load_cost_model
     from muxtune.simulator.iteration import simulate_step
     from muxtune.simulator.workload import task_work
 
     device = plan.groups[0].devices[0]
-    cost_model = load_cost_model(config.model, device.split(":")[0] if device == "cpu" else device)
-    tasks = measured["metrics"]["tasks"]
-    works = {}
-    for t in config.tasks:
-        mean_len = tasks[t.name]["tokens"] / (tasks[t.name]["steps"] * t.batch_size)
-        works[t.name] = task_work(t, tasks[t.name]["trainable_params"], mean_seq_len=mean_len)
-    predicted = simulate_step(plan, works, cost_model, packed=True).step_seconds
-    return abs(predicted - measured["step_s"]) / measured["step_s"]
+    cost_model = load_cost_model(config.model, "cpu" if device == "cpu" else device)
+    metrics = measured["metrics"]
+    specs = {t.name: t for t in config.tasks}
+    predicted, errors = [], []
+    for measured_s, computed in list(zip(metrics["step_time_s"], metrics["distributed"]["task_computed_tokens"]))[warmup:]:
+        works = {name: task_work(specs[name], metrics["tasks"][name]["trainable_params"],
+                                 mean_seq_len=tokens / specs[name].batch_size) for name, tokens in computed.items()}
+        step_plan = plan.model_copy(update={"groups": [g.model_copy(update={"tasks": [n for n in g.tasks if n in works]})
+                                                       for g in plan.groups if any(n in works for n in g.tasks)]})
+        predicted.append(simulate_step(step_plan, works, cost_model, packed=True).step_seconds)
+        errors.append(abs(predicted[-1] - measured_s) / measured_s)
+    return {"predicted_step_s": statistics.median(predicted), "error": statistics.median(errors)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,13 +115,21 @@ def main(argv: list[str] | None = None) -> dict:
     config = config.model_copy(update={"model": args.model, "tasks": tasks,
                                        "devices": "cpu" if args.devices == "cpu" else "cuda"})
     warmup = 1 if args.steps > 1 else 0
-    results, errors = {}, {}
-    for name, plan in plans(config, devices, args.micro_batches).items():
-        results[name] = measure(config, plan, warmup)
-        try:
-            errors[name] = sim_error(config, plan, results[name])
-        except ImportError as exc:
-            errors[name], reason = None, f"no CostModel yet ({exc})"
+    results = {name: measure(config, plan, warmup) for name, plan in plans(config, devices, args.micro_batches).items()}
+    threads = torch.get_num_threads()
+    if args.devices == "cpu":  # price the ops at the thread count each training process ran with
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(devices)))
+    errors = {}
+    try:
+        for name, plan in plans(config, devices, args.micro_batches).items():
+            try:
+                predicted = sim_error(config, plan, results[name], warmup)
+                errors[name] = predicted["error"]
+                results[name]["predicted_step_s"] = predicted["predicted_step_s"]
+            except ImportError as exc:
+                errors[name], reason = None, f"no CostModel ({exc})"
+    finally:
+        torch.set_num_threads(threads)
     summary = {name: {k: v for k, v in r.items() if k != "metrics"} for name, r in results.items()}
     for name, row in summary.items():
         print(f"{name:>11}: step {row['step_s']:.3f} s, {row['tokens_per_s']:.0f} tokens/s, "

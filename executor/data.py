@@ -147,7 +147,8 @@ def _tokenize_to_cache(path: Path, tokenizer, max_seq_len: int, options: DataOpt
     features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
                          "length": Value("int32")})
 
-    with staged_directory(entry) as staging:
+    # several processes of one job may tokenize the same file at once: the first entry in place stays
+    with staged_directory(entry, keep_existing=True) as staging:
         stats = DataStats()
         with ArrowWriter(path=str(staging / "data.arrow"), features=features) as writer:
             for ex in _read_examples(path, tokenizer, max_seq_len, options, stats):

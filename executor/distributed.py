@@ -1,6 +1,7 @@
 """Running a multi-process Plan on torch.distributed: process groups, launching, gathering results.
 
-One process per device of the Plan's layout (rank = replica * pp + stage; gloo on CPU, NCCL on CUDA).
+One process per device of the Plan's layout (rank = (replica * pp + stage) * tp + tensor rank; gloo on
+CPU, NCCL on CUDA).
 `launch` starts them on this machine with torch.multiprocessing; on several machines start them with
 torchrun (every node runs the same line; rank 0's node writes `runs/<name>/`):
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 
 from muxtune.errors import MuxTuneError
 from muxtune.executor.pipeline import PipelineTrainer, Topology
+from muxtune.executor.tensor_parallel import assemble_state
 from muxtune.spec import Plan, RunConfig
 
 
@@ -40,12 +42,10 @@ def needs_processes(plan: Plan) -> bool:
 
 def check_plan(plan: Plan) -> None:
     """What the distributed executor carries out: every group on the same devices with the same
-    layout (one pipeline shared by all groups, temporally multiplexed), no tensor parallelism."""
+    layout (one pipeline shared by all groups, temporally multiplexed). Tensor parallelism's own limits
+    (model family, LoRA only) are checked when the model and tasks are built (tensor_parallel.py)."""
     first = plan.groups[0]
     for i, group in enumerate(plan.groups):
-        if group.layout.tp > 1:
-            raise MuxTuneError(f"plan: groups[{i}].layout.tp={group.layout.tp}: tensor parallelism is not "
-                               "implemented in the distributed executor")
         if group.devices != first.devices or group.layout != first.layout:
             raise MuxTuneError(f"plan: groups[{i}]: every group must use the same devices and layout as "
                                "groups[0] (one shared pipeline); separate pipelines are not implemented")
@@ -65,17 +65,26 @@ def free_port() -> int:
 def init_topology(plan: Plan, rank: int, world: int) -> Topology:
     """Process groups of the layout; every process creates every group, in the same order."""
     layout = plan.groups[0].layout
-    if world != layout.dp * layout.pp:
-        raise MuxTuneError(f"plan: layout needs dp*pp = {layout.dp * layout.pp} processes, got {world}")
-    topo = Topology(rank=rank, dp=layout.dp, pp=layout.pp)
-    for r in range(layout.dp):
-        group = dist.new_group([r * layout.pp + s for s in range(layout.pp)])
+    dp, pp, tp = layout.dp, layout.pp, layout.tp
+    if world != dp * pp * tp:
+        raise MuxTuneError(f"plan: layout needs dp*pp*tp = {dp * pp * tp} processes, got {world}")
+    topo = Topology(rank=rank, dp=dp, pp=pp, tp=tp)
+    rank_of = lambda r, s, t: (r * pp + s) * tp + t  # noqa: E731  (the order of FusionGroup.devices)
+    for r in range(dp):
+        group = dist.new_group([rank_of(r, s, t) for s in range(pp) for t in range(tp)])
         if r == topo.replica:
             topo.pipeline_group = group
-    for s in range(layout.pp):
-        group = dist.new_group([r * layout.pp + s for r in range(layout.dp)])
-        if s == topo.stage:
-            topo.replica_group = group
+    for s in range(pp):
+        for t in range(tp):
+            group = dist.new_group([rank_of(r, s, t) for r in range(dp)])
+            if (s, t) == (topo.stage, topo.tensor_rank):
+                topo.replica_group = group
+    if tp > 1:
+        for r in range(dp):
+            for s in range(pp):
+                group = dist.new_group([rank_of(r, s, t) for t in range(tp)])
+                if (r, s) == (topo.replica, topo.stage):
+                    topo.tensor_group = group
     return topo
 
 
@@ -84,10 +93,13 @@ def gather_to_rank0(trainer: PipelineTrainer) -> list[dict] | None:
     topo = trainer.topo
     payload = {
         "rank": topo.rank, "replica": topo.replica, "stage": topo.stage, "first": topo.first, "last": topo.last,
+        "tensor_rank": topo.tensor_rank,
+        "split_dims": trainer.tensor_parallel.split_dims if trainer.tensor_parallel else {},
         "states": {name: trainer.owned_state(run) for name, run in trainer.runs.items()},
         "losses": {name: run.losses for name, run in trainer.runs.items()},
         "tokens": {name: (run.tokens, run.computed_tokens) for name, run in trainer.runs.items()},
         "step_times": trainer.step_times, "step_tokens": trainer.step_tokens, "step_shapes": trainer.step_shapes,
+        "task_step_tokens": trainer.task_step_tokens,
         "records": [(r.seconds, r.spans) for r in trainer.records],
     }
     gathered = [None] * topo.world if topo.rank == 0 else None
@@ -97,17 +109,21 @@ def gather_to_rank0(trainer: PipelineTrainer) -> list[dict] | None:
 
 def assemble(trainer: PipelineTrainer, gathered: list[dict]) -> None:
     """On rank 0: put the whole job's results into rank 0's trainer (full adapters from replica 0's
-    stages, losses from its last stage, tokens of every replica, a step's time = its slowest process)."""
+    stages and tensor ranks, losses from its last stage, tokens of every replica, a step's time = its
+    slowest process). Tensor ranks hold the same losses and tokens: those come from tensor rank 0."""
     replica0 = [p for p in gathered if p["replica"] == 0]
-    last = next(p for p in replica0 if p["last"])
-    heads = [p for p in gathered if p["first"]]
+    last = next(p for p in replica0 if p["last"] and p["tensor_rank"] == 0)
+    heads = [p for p in gathered if p["first"] and p["tensor_rank"] == 0]
     trainer.step_times = [max(times) for times in zip(*(p["step_times"] for p in gathered))]
     trainer.step_tokens = [sum(t) for t in zip(*(p["step_tokens"] for p in heads))]
     trainer.step_shapes = [shape for p in heads for shape in p["step_shapes"]]
     for name, run in trainer.runs.items():
         state = {}
-        for part in sorted(replica0, key=lambda p: p["stage"]):
-            state.update(part["states"][name])
+        for stage in sorted({p["stage"] for p in replica0}):
+            ranks = sorted((p for p in replica0 if p["stage"] == stage), key=lambda p: p["tensor_rank"])
+            state.update(assemble_state([(p["states"][name], p["split_dims"].get(name, {})) for p in ranks]))
+        if trainer.tensor_parallel is not None:  # rank 0's slices become whole tensors again
+            trainer.tensor_parallel.make_whole(run, state)
         run.adapter.load_export_state({k: v.to(trainer.device) for k, v in state.items()})
         run.losses = list(last["losses"][name])
         run.tokens = sum(p["tokens"][name][0] for p in heads)
@@ -160,9 +176,13 @@ def collect(trainer: PipelineTrainer, config: RunConfig, stats: dict, wall: floa
     metrics = collect_metrics(config, trainer, stats, wall)
     layout = trainer.plan.groups[0].layout
     metrics["distributed"] = {
-        "dp": layout.dp, "pp": layout.pp, "schedule": trainer.plan.schedule,
+        "dp": layout.dp, "pp": layout.pp, "tp": layout.tp, "schedule": trainer.plan.schedule,
         "devices": trainer.plan.groups[0].devices,
         "step_tokens": trainer.step_tokens,  # real tokens of each step, all replicas
+        # per step: each task's computed tokens (chunk padding included), all replicas: the step's shapes
+        "task_computed_tokens": [
+            {name: sum(step.get(name, 0) for step in steps) for name in trainer.runs if any(name in s for s in steps)}
+            for steps in zip(*(p["task_step_tokens"] for p in gathered if p["first"] and p["tensor_rank"] == 0))],
         # per process: share of the steps (after the first, warm-up one) its compute was idle: pipeline
         # bubbles and waits for transfers
         "bubble_fraction": {str(p["rank"]): bubble_fraction(p["records"], skip=1 if len(p["records"]) > 1 else 0)

@@ -1,8 +1,9 @@
 """Two-tiered parallel execution of a Plan: pipeline stages across processes, data-parallel replicas
 of the pipeline, and temporal multiplexing of fusion groups inside one pipeline schedule.
 
-Each process is one (replica, stage) of the Plan's layout (rank = replica * pp + stage, the order of
-`FusionGroup.devices`). A stage runs a contiguous slice of the backbone's decoder layers: the first
+Each process is one (replica, stage, tensor rank) of the Plan's layout (rank = (replica * pp + stage) *
+tp + tensor rank, the order of `FusionGroup.devices`; tp > 1 splits the stage's layers across its tensor
+ranks, executor/tensor_parallel.py). A stage runs a contiguous slice of the backbone's decoder layers: the first
 stage also the embedding (and prompt tuning's virtual tokens), the last also the final norm, the LM head
 and each task's loss. Every process builds the same fused micro-batches from the same seeded task
 samplers, so only hidden states (forward) and their gradients (backward) cross stages, with async
@@ -40,6 +41,7 @@ from muxtune.executor.alignment import ChunkedBatch, packed_attention
 from muxtune.executor.backbone import Backbone
 from muxtune.executor.data import Example
 from muxtune.executor.mux import _key
+from muxtune.executor.tensor_parallel import TensorParallel
 from muxtune.executor.trainer import MultiplexedTrainer, TaskRun
 from muxtune.simulator.iteration import one_f_one_b, stage_split
 from muxtune.spec import Plan, TaskSpec
@@ -69,20 +71,26 @@ class Topology:
     rank: int = 0
     dp: int = 1
     pp: int = 1
-    pipeline_group: object = None  # the stages of this replica
-    replica_group: object = None  # this stage in every replica
+    tp: int = 1
+    pipeline_group: object = None  # every process of this replica (its stages x tensor ranks)
+    replica_group: object = None  # this (stage, tensor rank) in every replica
+    tensor_group: object = None  # the tensor ranks of this (replica, stage)
 
     @property
     def world(self) -> int:
-        return self.dp * self.pp
+        return self.dp * self.pp * self.tp
 
     @property
     def replica(self) -> int:
-        return self.rank // self.pp
+        return self.rank // (self.pp * self.tp)
 
     @property
     def stage(self) -> int:
-        return self.rank % self.pp
+        return self.rank // self.tp % self.pp
+
+    @property
+    def tensor_rank(self) -> int:
+        return self.rank % self.tp
 
     @property
     def first(self) -> bool:
@@ -174,9 +182,9 @@ class PipelineTrainer:
                  plan: Plan, topology: Topology | None = None):
         self.topo = topology or Topology()
         layout = plan.groups[0].layout
-        if (layout.dp, layout.pp) != (self.topo.dp, self.topo.pp):
-            raise MuxTuneError(f"plan: layout dp={layout.dp} pp={layout.pp} but the world is "
-                               f"dp={self.topo.dp} pp={self.topo.pp}")
+        if (layout.dp, layout.pp, layout.tp) != (self.topo.dp, self.topo.pp, self.topo.tp):
+            raise MuxTuneError(f"plan: layout dp={layout.dp} pp={layout.pp} tp={layout.tp} but the world is "
+                               f"dp={self.topo.dp} pp={self.topo.pp} tp={self.topo.tp}")
         # every adapter is built on the full model, in the config's task order: the same init as one process
         self.inner = MultiplexedTrainer(backbone, specs, examples, groups=[g.tasks for g in plan.groups],
                                         alignment=plan.alignment)
@@ -195,10 +203,15 @@ class PipelineTrainer:
                     raise MuxTuneError(f"plan: task {run.spec.name!r}: prefix tuning is not supported across "
                                        "pipeline stages (its K/V prefix spans every layer); use pp=1")
             free_other_stages(self.model, self.parts, self.layers, self.topo.first, self.topo.last)
+        self.tensor_parallel = None  # this process's slice of the stage's layers (executor/tensor_parallel.py)
+        if self.topo.tp > 1:
+            self.tensor_parallel = TensorParallel(self.model, self.mux, self.runs, self.layers, self.topo.tp,
+                                                  self.topo.tensor_rank, self.topo.tensor_group)
         self.owned = {name: self.owned_parameters(run) for name, run in self.runs.items()}
         self.step_times: list[float] = []
         self.step_tokens: list[int] = []
         self.step_shapes: list[tuple[int, int]] = []
+        self.task_step_tokens: list[dict[str, int]] = []  # per step: each task's computed tokens, this replica
         self.records: list[StepRecord] = []
 
     # --- what this stage holds -----------------------------------------------------------------
@@ -316,6 +329,8 @@ class PipelineTrainer:
                 p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
 
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.reduce_replicated_grads(runs)
         losses = self._losses(names)
         self._clip(runs)
         for run in runs:
@@ -336,6 +351,7 @@ class PipelineTrainer:
         self.records.append(self._record)
         self.step_times.append(elapsed)
         self.step_tokens.append(sum(tokens.values()))
+        self.task_step_tokens.append(computed)
         return losses
 
     def blocks(self, units: list[list[tuple[int, int]]]) -> list[list[tuple[int, int]]]:
@@ -358,7 +374,7 @@ class PipelineTrainer:
         topo, batch = self.topo, self._batches[unit]
         inputs = None
         if not topo.first:
-            inputs = self._recv(self._hidden_shape(batch), topo.rank - 1).requires_grad_()
+            inputs = self._recv(self._hidden_shape(batch), topo.rank - topo.tp).requires_grad_()
         done = self._timed("fwd", unit)
         if self.parts is None:
             sums = self.inner.loss_sums(batch, training=True)
@@ -373,7 +389,7 @@ class PipelineTrainer:
             self._saved[unit] = (inputs, hidden)
         done()
         if not topo.last:
-            self._send(hidden.detach(), topo.rank + 1)
+            self._send(hidden.detach(), topo.rank + topo.tp)
 
     def _stage_forward(self, batch: ChunkedBatch, inputs: torch.Tensor | None):
         topo = self.topo
@@ -390,13 +406,13 @@ class PipelineTrainer:
     def backward(self, unit: tuple[int, int]) -> None:
         topo = self.topo
         inputs, out = self._saved.pop(unit)
-        grad = None if topo.last else self._recv(out.shape, topo.rank + 1)
+        grad = None if topo.last else self._recv(out.shape, topo.rank + topo.tp)
         done = self._timed("bwd", unit)
         if out.requires_grad:
             out.backward(grad)
         done()
         if not topo.first:
-            self._send(inputs.grad if inputs.grad is not None else torch.zeros_like(inputs), topo.rank - 1)
+            self._send(inputs.grad if inputs.grad is not None else torch.zeros_like(inputs), topo.rank - topo.tp)
 
     def _hidden_shape(self, batch: ChunkedBatch) -> tuple[int, int, int]:
         return (1, batch.input_ids.numel(), self.model.config.hidden_size)
@@ -437,16 +453,17 @@ class PipelineTrainer:
         return {n: float(s) / self._counts[n] for n, s in zip(names, sums.tolist())}
 
     def _clip(self, runs: list[TaskRun]) -> None:
-        """Per-task gradient clipping; across stages the norm is taken over all the task's stages."""
+        """Per-task gradient clipping; across stages the norm is taken over all the task's stages (and
+        tensor ranks: a split tensor's slices on each, a replicated tensor once)."""
         clipped = [run for run in runs if run.spec.max_grad_norm is not None]
-        if self.topo.pp == 1:
+        if self.topo.pp == 1 and self.topo.tp == 1:
             for run in clipped:
                 torch.nn.utils.clip_grad_norm_(run.parameters(), run.spec.max_grad_norm)
             return
         squares = torch.zeros(len(clipped), dtype=torch.float64)
         for i, run in enumerate(clipped):
             for p in self.owned[run.spec.name]:
-                if p.grad is not None:
+                if p.grad is not None and (self.tensor_parallel is None or self.tensor_parallel.norm_share(p)):
                     squares[i] += float(torch.linalg.vector_norm(p.grad.float())) ** 2
         if clipped:
             dist.all_reduce(squares, group=self.topo.pipeline_group)

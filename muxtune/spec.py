@@ -330,14 +330,24 @@ def _line_of(node, loc) -> int | None:
 
 
 @contextlib.contextmanager
-def staged_directory(out_dir: Path):
+def staged_directory(out_dir: Path, keep_existing: bool = False):
     """Yield a hidden staging folder beside `out_dir`; on success it replaces `out_dir` by a rename,
-    on any failure it is removed: readers never see a half-written folder."""
+    on any failure it is removed: readers never see a half-written folder. keep_existing: a folder
+    another process put in place meanwhile wins and the staged copy is dropped (content-addressed
+    caches: the same key is the same content, and deleting it could pull it from under a reader)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
         yield staging
+        if keep_existing:
+            try:
+                staging.rename(out_dir)  # fails when a non-empty out_dir is already there
+            except OSError:
+                if not out_dir.exists():
+                    raise
+                shutil.rmtree(staging, ignore_errors=True)
+            return
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

@@ -168,3 +168,17 @@ def test_chat_uses_a_real_tokenizers_chat_template(tmp_path):
     trained = [t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE and t != tok.eos_token_id]
     # a token that straddles a turn's start (BPE's " there") belongs to the turn
     assert tok.decode(trained).split() == ["hello", "there"]
+
+
+def test_a_cache_entry_another_process_put_in_place_is_kept(tmp_path):
+    """Processes of one job tokenize the same file at once: the later one must not delete the entry
+    the earlier one put in place (a reader may be opening it), and leaves no staging folder behind."""
+    from muxtune.spec import staged_directory
+
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    (entry / "data.arrow").write_text("first")
+    with staged_directory(entry, keep_existing=True) as staging:
+        (staging / "data.arrow").write_text("second")
+    assert (entry / "data.arrow").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]

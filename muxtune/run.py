@@ -73,11 +73,13 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
         from muxtune.executor.distributed import launch, needs_processes
 
         if needs_processes(plan):  # one process per device of the layout, same outputs (rank 0 writes them)
-            if resume:
-                raise MuxTuneError("--resume: multi-process plans do not checkpoint yet (docs/distributed.md)")
             plan.check_against(config)
             check_devices(config)
-            return launch(config, plan, out_dir, progress)
+            if resume:  # checked here too, so a wrong plan or model is refused before any process starts
+                manifest = checkpoint.load_manifest(out_dir)
+                checkpoint.check_manifest(manifest, out_dir, config.model, {t.name: t for t in config.tasks})
+                checkpoint.check_layout(manifest, out_dir, plan)
+            return launch(config, plan, out_dir, progress, resume=resume)
     backbone, plan, examples, stats = prepare(config, plan)
     specs, groups = list(config.tasks), [list(g.tasks) for g in plan.groups]
     manifest, resumed_from = None, None
@@ -91,6 +93,7 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
     if resume:
         manifest = checkpoint.load_manifest(out_dir)
         checkpoint.check_manifest(manifest, out_dir, config.model, {t.name: t for t in config.tasks})
+        checkpoint.check_layout(manifest, out_dir, plan, groups=False)
         resumed_from = manifest["steps"]
         for name, entry in manifest["tasks"].items():  # tasks submitted while the run went on
             if name not in examples:

@@ -122,6 +122,7 @@ def worker(rank: int, world: int, config: RunConfig, plan: Plan, out_dir: str | 
     which writes the run folder. Returns the metrics on rank 0. With `out_dir`, every process takes part
     in a checkpoint every `config.checkpoint_every` steps and at the end (rank 0 writes it,
     executor/checkpoint.py); `resume` continues from the last one."""
+    from muxtune import admission
     from muxtune.executor import checkpoint
     from muxtune.run import prepare, write_run
 
@@ -138,7 +139,10 @@ def worker(rank: int, world: int, config: RunConfig, plan: Plan, out_dir: str | 
         topo = init_topology(plan, rank, world)
         local = config.model_copy(update={"devices": device if device.startswith("cuda") else "cpu"})
         backbone, plan, examples, stats = prepare(local, plan, distributed=True)
+        # priced on the whole model, checked once each stage has dropped the other stages' weights
+        estimates = admission.plan_estimates(backbone.model, config.tasks, plan)
         trainer = PipelineTrainer(backbone, config.tasks, examples, plan, topo)
+        admission.admit_processes(estimates, rank, local.devices, backbone.model, config.memory_limit_gib)
         manifest, resumed_from = None, None
         if resume:
             manifest = checkpoint.restore_distributed(trainer, Path(out_dir), config.model,

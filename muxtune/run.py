@@ -104,7 +104,8 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
         for spec in config.tasks:  # a task added to the config since: joins the first group
             if not any(spec.name in g for g in groups):
                 groups[0].append(spec.name)
-    estimate = admission.admit(backbone.model, specs, groups, plan.alignment, config.memory_limit_gib)
+    adapter_params: dict = {}  # each task's trainable parameters by layer, counted once (admission)
+    admission.admit(backbone.model, specs, groups, plan.alignment, config.memory_limit_gib, params=adapter_params)
     if not resume:
         shutil.rmtree(checkpoint.checkpoint_dir(out_dir), ignore_errors=True)
         shutil.rmtree(spool.spool_dir(out_dir), ignore_errors=True)
@@ -116,13 +117,11 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
                 trainer.cancel(name, run.reason)
     spool.spool_dir(out_dir).mkdir(parents=True, exist_ok=True)
     events: list[dict] = []
-    adapter_sizes = dict(estimate.adapters)
 
     def admit_submitted(trainer, spec):
         active = [r.spec for r in trainer.active] + [spec]
-        admitted = admission.admit(backbone.model, active, [[s.name for s in active]], plan.alignment,
-                                   config.memory_limit_gib, what=f"submit {spec.name}", adapters=adapter_sizes)
-        adapter_sizes.update(admitted.adapters)
+        admission.admit(backbone.model, active, [[s.name for s in active]], plan.alignment,
+                        config.memory_limit_gib, what=f"submit {spec.name}", params=adapter_params)
 
     def at_step_boundary(trainer):
         nonlocal manifest

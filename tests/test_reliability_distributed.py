@@ -38,8 +38,8 @@ def specs_in(folder):
     ]
 
 
-def write_job(folder, specs, groups, layout=Layout(pp=2), every=2, model=MODEL):
-    config = RunConfig(name="job", model=model, tasks=specs, checkpoint_every=every)
+def write_job(folder, specs, groups, layout=Layout(pp=2), every=2, model=MODEL, **settings):
+    config = RunConfig(name="job", model=model, tasks=specs, checkpoint_every=every, **settings)
     (folder / "run.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
     plan = Plan(groups=[FusionGroup(tasks=g, devices=["cpu"] * (layout.dp * layout.pp), layout=layout,
                                     micro_batches=2) for g in groups],
@@ -154,3 +154,14 @@ def test_a_task_going_nan_in_a_pipeline_fails_alone(reference, tmp_path):
                                    rtol=1e-5, atol=1e-6)
         for key, value in ref_adapters[name].items():
             torch.testing.assert_close(adapters[name][key], value, rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+
+
+def test_a_pipeline_over_its_device_memory_is_refused_per_device(tmp_path, capsys):
+    """Both stages share this machine's memory: their estimates are summed against it and the refusal
+    names the device, its ranks and the numbers, before any training or output."""
+    config, plan = write_job(tmp_path, specs_in(tmp_path), GROUPS, memory_limit_gib=0.001)
+    out = tmp_path / "out"
+    assert main(["run", str(config), "--plan", str(plan), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "predicted not to fit" in err and ":cpu (ranks 0, 1): needs ~" in err and "1.0 MiB available" in err
+    assert "Traceback" not in err and not (out / "metrics.json").exists()

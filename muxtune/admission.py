@@ -121,8 +121,10 @@ def _micro_batches(members: list[TaskSpec], params: dict[str, int], parts: int, 
 def estimate(model, specs: list[TaskSpec], groups: list[list[str]], alignment: Alignment, available: int,
              params: dict[str, dict] | None = None, layout: Layout | None = None, schedule: str = "1f1b",
              micro_batches: list[int] | None = None, rank: int = 0, cost_model=None) -> MemoryEstimate:
-    """Memory of process `rank` (replica rank // pp, stage rank % pp) of a plan with these groups and
-    `layout` (default: one device). `params` caches adapter_params per task (filled here)."""
+    """Memory of process `rank` (rank = (replica * pp + stage) * tp + tensor rank, as the plan's device
+    order) of a plan with these groups and `layout` (default: one device). `params` caches
+    adapter_params per task (filled here). Tensor-parallel ranks are priced as holding their whole stage
+    (an upper bound: how tp shards weights and activations is not modelled here)."""
     from muxtune.simulator.iteration import one_f_one_b, stage_split
 
     layout = layout or Layout()
@@ -133,7 +135,7 @@ def estimate(model, specs: list[TaskSpec], groups: list[list[str]], alignment: A
             params[spec.name] = adapter_params(model, spec)
     n_layers = cm.shape.n_layers
     split = stage_split(n_layers, layout.pp, layout.stage_layers)
-    replica, stage = rank // layout.pp, rank % layout.pp
+    replica, stage = rank // (layout.pp * layout.tp), (rank // layout.tp) % layout.pp
     first, last = stage == 0, stage == layout.pp - 1
     mine = range(sum(split[:stage]), sum(split[: stage + 1]))
 
@@ -182,7 +184,7 @@ def plan_estimates(model, specs: list[TaskSpec], plan: Plan, cost_model=None) ->
     cm = cost_model or cost_model_of(model)
     return [estimate(model, specs, [list(g.tasks) for g in plan.groups], plan.alignment, 0, params, layout,
                      plan.schedule, [g.micro_batches for g in plan.groups], rank, cm)
-            for rank in range(layout.dp * layout.pp)]
+            for rank in range(layout.dp * layout.pp * layout.tp)]
 
 
 def available_bytes(device: torch.device, model, limit_gib: float | None) -> int:
@@ -230,7 +232,7 @@ def admit_processes(estimates: list[MemoryEstimate], rank: int, device: str, mod
     torch_device = torch.device(device)
     mine = {"rank": rank, "device": f"{socket.gethostname()}:{device}", "free": _free_bytes(torch_device),
             "loaded": sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")}
-    everyone = [None] * len(estimates)
+    everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     return per_device(estimates, everyone, limit_gib, what)
 

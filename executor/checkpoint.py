@@ -261,6 +261,8 @@ def check_layout(manifest: dict, run_dir: Path, plan, groups: bool = True) -> No
     `groups`: the plan's fusion groups must be the checkpoint's too (multi-process plans)."""
     path = checkpoint_dir(run_dir) / "manifest.json"
     saved = manifest.get("plan", {"layout": {"dp": 1, "pp": 1, "tp": 1, "stage_layers": None}})
+    if not isinstance(saved, dict) or not isinstance(saved.get("layout"), dict):
+        raise MuxTuneError(f"{path}: plan: expected the plan's layout, got {saved!r}")
     now = plan_layout(plan)
     for key in ("dp", "pp", "tp", "stage_layers"):
         if saved["layout"].get(key) != now["layout"][key]:
@@ -362,7 +364,7 @@ def restore_distributed(trainer, run_dir: Path, model: str, specs: dict[str, Tas
             manifest = load_manifest(run_dir)
             check_manifest(manifest, run_dir, model, specs)
             check_layout(manifest, run_dir, trainer.plan)
-            if str(topo.world - 1) not in manifest.get("ranks", {}):
+            if not isinstance(manifest.get("ranks"), dict) or str(topo.world - 1) not in manifest["ranks"]:
                 raise MuxTuneError(f"{checkpoint_dir(run_dir) / 'manifest.json'}: ranks: not written by a "
                                    f"{topo.world}-process run")
             files = {}

@@ -1,6 +1,6 @@
-"""Reliability of multi-process plans (gloo, 2 processes, tiny preset): a 2-stage pipeline run killed with
-SIGKILL (the launcher and its workers) and resumed ends with the same losses and adapters as an
-uninterrupted one; a checkpoint is refused under another layout or model; a task going NaN in a
+"""Reliability of multi-process plans (gloo, 2 processes, tiny preset): a 2-stage pipeline run, and a
+2-replica data-parallel one, killed with SIGKILL (the launcher and its workers) and resumed end with the
+same losses and adapters as an uninterrupted one; a checkpoint is refused under another layout or model; a task going NaN in a
 pipeline is stopped alone."""
 
 import json
@@ -52,12 +52,24 @@ GROUPS = [["lora", "prompt"], ["ia3"]]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted 2-stage run of the three tasks."""
-    folder = tmp_path_factory.mktemp("ref")
-    config, plan = write_job(folder, specs_in(folder), GROUPS)
-    assert main(["run", str(config), "--plan", str(plan), "--out", str(folder / "out"), "--no-progress"]) == 0
-    return folder
+def references(tmp_path_factory):
+    """Uninterrupted runs of the three tasks, one per layout, made once."""
+    made = {}
+
+    def of(layout):
+        key = (layout.dp, layout.pp)
+        if key not in made:
+            folder = made[key] = tmp_path_factory.mktemp(f"ref-dp{layout.dp}-pp{layout.pp}")
+            config, plan = write_job(folder, specs_in(folder), GROUPS, layout=layout)
+            assert main(["run", str(config), "--plan", str(plan), "--out", str(folder / "out"),
+                         "--no-progress"]) == 0
+        return made[key]
+    return of
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references(Layout(pp=2))
 
 
 def metrics_of(out):
@@ -68,8 +80,10 @@ def adapters_of(out):
     return {p.parent.name: load_file(str(p)) for p in (out / "adapters").glob("*/adapter_model.safetensors")}
 
 
-def test_pipeline_killed_mid_run_resumes_to_the_same_losses_and_adapters(reference, tmp_path):
-    config, plan = write_job(tmp_path, specs_in(tmp_path), GROUPS)
+@pytest.mark.parametrize("layout", [Layout(pp=2), Layout(dp=2)], ids=["pipeline", "data-parallel"])
+def test_killed_mid_run_resumes_to_the_same_losses_and_adapters(references, layout, tmp_path):
+    reference = references(layout)
+    config, plan = write_job(tmp_path, specs_in(tmp_path), GROUPS, layout=layout)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "muxtune.cli", "run", str(config), "--plan", str(plan), "--out", str(out),
                "--no-progress"]
@@ -86,8 +100,8 @@ def test_pipeline_killed_mid_run_resumes_to_the_same_losses_and_adapters(referen
     assert manifest.exists(), proc.stderr.read().decode()
     saved = json.loads(manifest.read_text())
     assert 4 <= saved["steps"] < STEPS + 2 and not (out / "metrics.json").exists()  # killed mid-run
-    assert saved["plan"]["layout"]["pp"] == 2 and set(saved["ranks"]) == {"0", "1"}
-    # each task folder holds both stages' adapter layers, merged
+    assert saved["plan"]["layout"]["pp"] == layout.pp and set(saved["ranks"]) == {"0", "1"}
+    # each task folder holds the whole adapter (both stages' layers, merged) and each process's dropout stream
     lora = saved["tasks"]["lora"]["folder"]
     tensors = load_file(str(out / "checkpoints" / "lora" / lora / "tensors.safetensors"))
     assert {"rank0.rng.dropout", "rank1.rng.dropout"} <= set(tensors)

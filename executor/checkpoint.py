@@ -41,16 +41,7 @@ def save(trainer, run_dir: Path, model: str, previous: dict | None = None) -> di
     """Checkpoint every task whose state changed since `previous` (the manifest returned by the last
     call); returns the new manifest."""
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    old_tasks = (previous or {}).get("tasks", {})
-    tasks = {}
-    for name, run in trainer.runs.items():
-        folder = f"step-{run.step:06d}"
-        known = old_tasks.get(name)
-        if not (known and known["folder"] == folder and known["status"] == run.status
-                and (root / name / folder).is_dir()):
-            _save_task(run, root / name / folder)
-        tasks[name] = {"folder": folder, "status": run.status, "spec": run.spec.model_dump(mode="json")}
+    payloads = {name: _task_payload(run) for name, run in trainer.runs.items()}
     manifest = {
         "version": FORMAT_VERSION,
         "model": model,
@@ -59,8 +50,24 @@ def save(trainer, run_dir: Path, model: str, previous: dict | None = None) -> di
         "step_times": trainer.step_times,
         "step_tokens": trainer.step_tokens,
         "step_shapes": [list(shape) for shape in trainer.step_shapes],
-        "tasks": tasks,
     }
+    return _commit(root, manifest, payloads, previous)
+
+
+def _commit(root: Path, manifest: dict, payloads: dict[str, tuple[dict, dict]], previous: dict | None) -> dict:
+    """Write each task's (tensors, state) whose step or status changed since `previous`, then the
+    manifest naming them all, then drop the folders it no longer names (in that order: see above)."""
+    root.mkdir(parents=True, exist_ok=True)
+    old_tasks = (previous or {}).get("tasks", {})
+    tasks = {}
+    for name, (tensors, state) in payloads.items():
+        folder = f"step-{state['step']:06d}"
+        known = old_tasks.get(name)
+        if not (known and known["folder"] == folder and known["status"] == state["status"]
+                and (root / name / folder).is_dir()):
+            _write_task(root / name / folder, tensors, state)
+        tasks[name] = {"folder": folder, "status": state["status"], "spec": state["spec"]}
+    manifest = {**manifest, "tasks": tasks}
     write_text_atomic(root / "manifest.json", json.dumps(manifest) + "\n")
     for name in tasks:  # older checkpoints are dropped only once the new manifest is in place
         for old in (root / name).iterdir():
@@ -69,14 +76,17 @@ def save(trainer, run_dir: Path, model: str, previous: dict | None = None) -> di
     return manifest
 
 
-def _save_task(run, folder: Path) -> None:
-    staging = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    tensors = {f"adapter.{k}": v.detach().cpu().contiguous() for k, v in run.adapter.state_dict().items()}
+def _task_payload(run, adapter_keys: set[str] | None = None,
+                  param_indices: set[int] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """A task's checkpoint as (tensors, state.json content); `adapter_keys` / `param_indices` keep only
+    the adapter tensors and AdamW entries one pipeline stage owns (all by default)."""
+    tensors = {f"adapter.{k}": v.detach().cpu().contiguous() for k, v in run.adapter.state_dict().items()
+               if adapter_keys is None or k in adapter_keys}
     optim = run.optimizer.state_dict()
     optim_scalars = {}
     for index, state in optim["state"].items():
+        if param_indices is not None and index not in param_indices:
+            continue
         for key, value in state.items():
             if torch.is_tensor(value):
                 tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
@@ -86,10 +96,10 @@ def _save_task(run, folder: Path) -> None:
     tensors["data.order"] = torch.tensor(run.sampler.order, dtype=torch.int64)
     if run.adapter.dropout_gen is not None:
         tensors["rng.dropout"] = run.adapter.dropout_gen.get_state()
-    save_file(tensors, str(staging / "tensors.safetensors"))
     state = {
         "version": FORMAT_VERSION,
         "task": run.spec.name,
+        "spec": run.spec.model_dump(mode="json"),
         "step": run.step,
         "status": run.status,
         "reason": run.reason,
@@ -104,6 +114,14 @@ def _save_task(run, folder: Path) -> None:
         "optimizer_scalars": optim_scalars,
         "scheduler": run.scheduler.state_dict(),
     }
+    return tensors, state
+
+
+def _write_task(folder: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    staging = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file(tensors, str(staging / "tensors.safetensors"))
     (staging / "state.json").write_text(json.dumps(state))
     for path in staging.iterdir():  # on disk before the rename makes the folder visible
         with path.open("rb") as handle:
@@ -155,14 +173,27 @@ def restore(trainer, run_dir: Path, manifest: dict) -> None:
 
 
 def _restore_task(run, folder: Path) -> None:
-    tensors_path, state_path = folder / "tensors.safetensors", folder / "state.json"
+    state, tensors = _read_task(folder)
+    _apply_task(run, state, tensors, folder)
+
+
+def _read_task(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    state_path, tensors_path = folder / "state.json", folder / "tensors.safetensors"
     try:
-        state = json.loads(state_path.read_text())
-        tensors = load_file(str(tensors_path))
+        return json.loads(state_path.read_text()), load_file(str(tensors_path))
     except FileNotFoundError as exc:
         raise MuxTuneError(f"{exc.filename}: checkpoint file missing") from None
     except Exception as exc:  # noqa: BLE001 - a damaged file of any kind is bad input
         raise MuxTuneError(f"{folder}: unreadable checkpoint: {exc}") from None
+
+
+def _apply_task(run, state: dict, tensors: dict[str, torch.Tensor], folder: Path,
+                adapter_keys: set[str] | None = None, param_indices: set[int] | None = None,
+                rank: int | None = None) -> None:
+    """Put a task's checkpoint into its TaskRun. Every adapter tensor is checked against the task's
+    adapter; only `adapter_keys` / `param_indices` (one pipeline stage's share) are loaded. `rank`:
+    the process of a multi-process checkpoint, whose own counters and dropout stream are restored."""
+    tensors_path, state_path = folder / "tensors.safetensors", folder / "state.json"
     adapter = {k.removeprefix("adapter."): v for k, v in tensors.items() if k.startswith("adapter.")}
     expected = run.adapter.state_dict()
     for key, value in expected.items():
@@ -177,7 +208,10 @@ def _restore_task(run, folder: Path) -> None:
     if state["data"]["examples"] != len(run.sampler.examples):
         raise MuxTuneError(f"{state_path}: data.examples: the checkpoint's data had {state['data']['examples']} "
                            f"examples, {run.spec.data} now has {len(run.sampler.examples)}")
-    run.adapter.load_state_dict(adapter)
+    if adapter_keys is None:
+        run.adapter.load_state_dict(adapter)
+    else:  # the other stages' layers are on the meta device here
+        run.adapter.load_state_dict({k: v for k, v in adapter.items() if k in adapter_keys}, strict=False)
 
     optim_state: dict = {}
     for key, value in tensors.items():
@@ -187,15 +221,169 @@ def _restore_task(run, folder: Path) -> None:
     for key, value in state["optimizer_scalars"].items():
         index, field = key.split(".", 1)
         optim_state.setdefault(int(index), {})[field] = value
+    if param_indices is not None:
+        optim_state = {i: s for i, s in optim_state.items() if i in param_indices}
     run.optimizer.load_state_dict({"state": optim_state, "param_groups": state["param_groups"]})
     run.scheduler.load_state_dict(state["scheduler"])
 
     run.sampler.generator.set_state(tensors["rng.data"])
     run.sampler.order = tensors["data.order"].tolist()
     run.sampler.epoch, run.sampler.cursor = state["data"]["epoch"], state["data"]["cursor"]
+    own = state if rank is None else state["ranks"][str(rank)]
+    dropout = "rng.dropout" if rank is None else f"rank{rank}.rng.dropout"
     if run.adapter.dropout_gen is not None:
-        run.adapter.dropout_gen.set_state(tensors["rng.dropout"])
+        run.adapter.dropout_gen.set_state(tensors[dropout])
     run.step, run.status, run.reason = state["step"], state["status"], state["reason"]
     run.stopped_at, run.bad_examples = state["stopped_at"], state["bad_examples"]
-    run.losses, run.tokens = state["losses"], state["tokens"]
-    run.computed_tokens, run.seconds = state["computed_tokens"], state["seconds"]
+    run.losses, run.tokens = own["losses"], own["tokens"]
+    run.computed_tokens, run.seconds = own["computed_tokens"], own["seconds"]
+
+
+# --- multi-process plans (executor/pipeline.py, distributed.py) ---------------------------------------
+#
+# Every process holds the whole job's task states except the adapter layers (and their AdamW moments)
+# of other pipeline stages, its own counters (a replica counts its share of the tokens; only the last
+# stage knows the losses) and its own dropout stream. At a checkpoint every process sends its part to
+# rank 0 (adapters are small), which merges them into the single-process format (full adapter, full
+# optimizer state, one copy of the data order and cursor, identical on every process) plus each rank's
+# counters and dropout generator, and writes it with the same staging, manifest and clean-up order.
+# Rank 0 alone writes and reads the files: other nodes need not share its file system.
+
+
+def plan_layout(plan) -> dict:
+    """What a multi-process checkpoint is only valid for: the same stages, replicas, schedule and groups."""
+    return {"layout": plan.groups[0].layout.model_dump(mode="json"), "schedule": plan.schedule,
+            "micro_batches": [g.micro_batches for g in plan.groups]}
+
+
+def check_layout(manifest: dict, run_dir: Path, plan, groups: bool = True) -> None:
+    """Refuse to resume checkpoints written under another parallel layout (or none) with this plan;
+    `groups`: the plan's fusion groups must be the checkpoint's too (multi-process plans)."""
+    path = checkpoint_dir(run_dir) / "manifest.json"
+    saved = manifest.get("plan", {"layout": {"dp": 1, "pp": 1, "tp": 1, "stage_layers": None}})
+    if not isinstance(saved, dict) or not isinstance(saved.get("layout"), dict):
+        raise MuxTuneError(f"{path}: plan: expected the plan's layout, got {saved!r}")
+    now = plan_layout(plan)
+    for key in ("dp", "pp", "tp", "stage_layers"):
+        if saved["layout"].get(key) != now["layout"][key]:
+            raise MuxTuneError(f"{path}: plan.layout.{key}: the checkpoints were written with {key}="
+                               f"{saved['layout'].get(key)}, this plan has {key}={now['layout'][key]}; resume "
+                               "with the plan they were written with (runs/<name>/plan.json)")
+    if "schedule" in saved and saved["schedule"] != now["schedule"]:
+        raise MuxTuneError(f"{path}: plan.schedule: the checkpoints were written with {saved['schedule']!r}, "
+                           f"this plan has {now['schedule']!r}")
+    if not groups:
+        return
+    planned = [list(g.tasks) for g in plan.groups]
+    if manifest.get("groups") != planned:
+        raise MuxTuneError(f"{path}: groups: the checkpoints were written for fusion groups {manifest.get('groups')}, "
+                           f"this plan has {planned}")
+    if "micro_batches" in saved and saved["micro_batches"] != now["micro_batches"]:
+        raise MuxTuneError(f"{path}: plan.groups.micro_batches: the checkpoints were written with "
+                           f"{saved['micro_batches']}, this plan has {now['micro_batches']}")
+
+
+def _owned(trainer, run) -> tuple[set[str], set[int]]:
+    """The adapter state-dict keys and optimizer parameter indices this process's stage trains."""
+    from muxtune.executor.mux import _key
+
+    prefixes = tuple(f"layers.{_key(path)}." for path in trainer.owned_paths(run))
+    if trainer.topo.first:
+        prefixes += ("sequence.",)
+    keys = {k for k in run.adapter.state_dict() if k.startswith(prefixes)}
+    mine = {id(p) for p in trainer.owned[run.spec.name]}
+    indices = {i for i, p in enumerate(run.parameters()) if id(p) in mine}
+    return keys, indices
+
+
+def save_distributed(trainer, run_dir: Path | None, model: str, previous: dict | None = None) -> dict | None:
+    """Called by every process of a multi-process plan at the same step; rank 0 writes the checkpoint
+    and returns the manifest (None elsewhere)."""
+    import torch.distributed as dist
+
+    topo = trainer.topo
+    part = {"rank": topo.rank, "replica": topo.replica, "stage": topo.stage, "first": topo.first,
+            "last": topo.last, "tasks": {name: _task_payload(run, *_owned(trainer, run))
+                                         for name, run in trainer.runs.items()},
+            "step_times": trainer.step_times, "step_tokens": trainer.step_tokens,
+            "step_shapes": [list(s) for s in trainer.step_shapes]}
+    gathered = [None] * topo.world if topo.rank == 0 else None
+    dist.gather_object(part, gathered, dst=0)
+    if topo.rank != 0 or run_dir is None:
+        return None
+    ranks = sorted(gathered, key=lambda p: p["rank"])
+    replica0 = sorted((p for p in ranks if p["replica"] == 0), key=lambda p: p["stage"])
+    last = replica0[-1]
+    heads = [p for p in ranks if p["first"]]
+    payloads = {}
+    for name in trainer.runs:
+        tensors, state = dict(ranks[0]["tasks"][name][0]), dict(ranks[0]["tasks"][name][1])
+        tensors.pop("rng.dropout", None)
+        scalars = {}
+        for p in replica0:  # each stage's adapter layers and AdamW entries; replicas hold equal copies
+            own_tensors, own_state = p["tasks"][name]
+            tensors.update({k: v for k, v in own_tensors.items() if k.startswith(("adapter.", "optimizer."))})
+            scalars.update(own_state["optimizer_scalars"])
+        state["optimizer_scalars"] = scalars
+        state["ranks"] = {}
+        for p in ranks:
+            own_tensors, own_state = p["tasks"][name]
+            if "rng.dropout" in own_tensors:
+                tensors[f"rank{p['rank']}.rng.dropout"] = own_tensors["rng.dropout"]
+            state["ranks"][str(p["rank"])] = {k: own_state[k] for k in ("losses", "tokens", "computed_tokens",
+                                                                         "seconds")}
+        # the job's figures, as a one-process checkpoint has them (for reading; resume uses `ranks`)
+        state["losses"] = last["tasks"][name][1]["losses"]
+        state["tokens"] = sum(p["tasks"][name][1]["tokens"] for p in heads)
+        state["computed_tokens"] = sum(p["tasks"][name][1]["computed_tokens"] for p in heads)
+        payloads[name] = (tensors, state)
+    manifest = {
+        "version": FORMAT_VERSION,
+        "model": model,
+        "steps": len(trainer.step_times),
+        "groups": [list(g.tasks) for g in trainer.plan.groups],
+        "plan": plan_layout(trainer.plan),
+        "step_times": [max(t) for t in zip(*(p["step_times"] for p in ranks))],
+        "step_tokens": [sum(t) for t in zip(*(p["step_tokens"] for p in heads))],
+        "step_shapes": [s for p in heads for s in p["step_shapes"]],
+        "ranks": {str(p["rank"]): {k: p[k] for k in ("step_times", "step_tokens", "step_shapes")} for p in ranks},
+    }
+    return _commit(checkpoint_dir(run_dir), manifest, payloads, previous)
+
+
+def restore_distributed(trainer, run_dir: Path, model: str, specs: dict[str, TaskSpec]) -> dict:
+    """Called by every process: rank 0 reads and checks the checkpoint and sends it to every process,
+    which loads its share. An error on rank 0 is raised on every process. Returns the manifest."""
+    import torch.distributed as dist
+    from safetensors.torch import load as load_bytes
+
+    topo = trainer.topo
+    message = [None]
+    if topo.rank == 0:
+        try:
+            manifest = load_manifest(run_dir)
+            check_manifest(manifest, run_dir, model, specs)
+            check_layout(manifest, run_dir, trainer.plan)
+            if not isinstance(manifest.get("ranks"), dict) or str(topo.world - 1) not in manifest["ranks"]:
+                raise MuxTuneError(f"{checkpoint_dir(run_dir) / 'manifest.json'}: ranks: not written by a "
+                                   f"{topo.world}-process run")
+            files = {}
+            for name, entry in manifest["tasks"].items():
+                folder = checkpoint_dir(run_dir) / name / entry["folder"]
+                state, _ = _read_task(folder)  # parse once here, so a damaged file names itself
+                files[name] = (str(folder), state, (folder / "tensors.safetensors").read_bytes())
+            message = [("ok", manifest, files)]
+        except MuxTuneError as exc:
+            message = [("error", str(exc))]
+    dist.broadcast_object_list(message, src=0)
+    if message[0][0] == "error":
+        raise MuxTuneError(message[0][1])
+    _, manifest, files = message[0]
+    for name, (folder, state, blob) in files.items():
+        run = trainer.runs[name]
+        keys, indices = _owned(trainer, run)
+        _apply_task(run, state, load_bytes(blob), Path(folder), keys, indices, rank=topo.rank)
+    own = manifest["ranks"][str(topo.rank)]
+    trainer.step_times, trainer.step_tokens = list(own["step_times"]), list(own["step_tokens"])
+    trainer.step_shapes = [tuple(s) for s in own["step_shapes"]]
+    return manifest

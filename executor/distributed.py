@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -132,9 +133,13 @@ def assemble(trainer: PipelineTrainer, gathered: list[dict]) -> None:
 
 
 def worker(rank: int, world: int, config: RunConfig, plan: Plan, out_dir: str | None, progress: bool,
-           result_file: str | None = None) -> dict | None:
+           result_file: str | None = None, resume: bool = False) -> dict | None:
     """One process of the job (torch.multiprocessing or torchrun): train its stage, gather to rank 0,
-    which writes the run folder. Returns the metrics on rank 0."""
+    which writes the run folder. Returns the metrics on rank 0. With `out_dir`, every process takes part
+    in a checkpoint every `config.checkpoint_every` steps and at the end (rank 0 writes it,
+    executor/checkpoint.py); `resume` continues from the last one."""
+    from muxtune import admission
+    from muxtune.executor import checkpoint
     from muxtune.run import prepare, write_run
 
     device = plan.groups[0].devices[rank]
@@ -150,18 +155,39 @@ def worker(rank: int, world: int, config: RunConfig, plan: Plan, out_dir: str | 
         topo = init_topology(plan, rank, world)
         local = config.model_copy(update={"devices": device if device.startswith("cuda") else "cpu"})
         backbone, plan, examples, stats = prepare(local, plan, distributed=True)
+        # priced on the whole model, checked once each stage has dropped the other stages' weights
+        estimates = admission.plan_estimates(backbone.model, config.tasks, plan)
         trainer = PipelineTrainer(backbone, config.tasks, examples, plan, topo)
+        admission.admit_processes(estimates, rank, local.devices, backbone.model, config.memory_limit_gib)
+        manifest, resumed_from = None, None
+        if resume:
+            manifest = checkpoint.restore_distributed(trainer, Path(out_dir), config.model,
+                                                      {t.name: t for t in config.tasks})
+            resumed_from = manifest["steps"]
+        elif rank == 0 and out_dir is not None:  # a fresh run: earlier checkpoints are not its own
+            shutil.rmtree(checkpoint.checkpoint_dir(Path(out_dir)), ignore_errors=True)
+
+        def at_step_boundary(trainer):
+            nonlocal manifest
+            if out_dir is not None and config.checkpoint_every and \
+                    len(trainer.step_times) % config.checkpoint_every == 0:
+                manifest = checkpoint.save_distributed(trainer, Path(out_dir), config.model, manifest)
+
         dist.barrier()
         started = time.perf_counter()
-        trainer.train(progress=progress)
+        trainer.train(progress=progress, after_step=at_step_boundary)
         wall = time.perf_counter() - started
+        if out_dir is not None:
+            manifest = checkpoint.save_distributed(trainer, Path(out_dir), config.model, manifest)
         gathered = gather_to_rank0(trainer)
         metrics = None
         if rank == 0:
             assemble(trainer, gathered)
             metrics = collect(trainer, config, stats, wall, gathered)
-            if out_dir is not None:
-                write_run(config, plan, trainer, backbone, stats, metrics, Path(out_dir))
+            metrics["resumed_from_step"] = resumed_from
+            if out_dir is not None:  # the final checkpoints stay with the outputs (as in one process)
+                write_run(config, plan, trainer, backbone, stats, metrics, Path(out_dir),
+                          checkpoints=checkpoint.checkpoint_dir(Path(out_dir)))
             if result_file is not None:
                 Path(result_file).write_text(json.dumps(metrics))
         dist.barrier()
@@ -201,12 +227,13 @@ def bubble_fraction(records: list[tuple[float, list]], skip: int = 0) -> float:
     return 1.0 - busy / wall if wall > 0 else 0.0
 
 
-def _spawned(rank: int, world: int, port: int, config, plan, out_dir, progress, result_file) -> None:
+def _spawned(rank: int, world: int, port: int, config, plan, out_dir, progress, result_file, resume) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    worker(rank, world, config, plan, out_dir, progress, result_file)
+    worker(rank, world, config, plan, out_dir, progress, result_file, resume)
 
 
-def launch(config: RunConfig, plan: Plan, out_dir: Path | None, progress: bool = True) -> dict:
+def launch(config: RunConfig, plan: Plan, out_dir: Path | None, progress: bool = True,
+           resume: bool = False) -> dict:
     """Run the Plan's processes on this machine (torch.multiprocessing) and return rank 0's metrics."""
     import tempfile
 
@@ -218,7 +245,7 @@ def launch(config: RunConfig, plan: Plan, out_dir: Path | None, progress: bool =
         result_file = str(Path(tmp) / "metrics.json")
         try:
             mp.spawn(_spawned, args=(world, free_port(), config, plan, None if out_dir is None else str(out_dir),
-                                     progress, result_file), nprocs=world, join=True)
+                                     progress, result_file, resume), nprocs=world, join=True)
         except mp.ProcessRaisedException as exc:
             lines = [line for line in str(exc).strip().splitlines() if line.strip()]
             message = next((l for l in reversed(lines) if "MuxTuneError" in l), None)
@@ -238,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", required=True)
     parser.add_argument("--out")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
     args = parser.parse_args(argv)
     try:
         config, plan = load_config(args.config), Plan.load(args.plan)
@@ -245,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         check_plan(plan)
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         out = args.out or str(Path("runs") / config.name)
-        worker(rank, world, config, plan, out, not args.no_progress)
+        worker(rank, world, config, plan, out, not args.no_progress, resume=args.resume)
     except MuxTuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ normalisation, and per-task gradient clipping with the norm summed over all stag
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -279,8 +280,9 @@ class PipelineTrainer:
         tokens, computed = {}, {}
         for g, group in enumerate(self.plan.groups):
             members = [run for run in runs if run.spec.name in group.tasks]
-            full = {run.spec.name: run.sampler.next_batch() for run in members}
-            mine = self.replica_micro_batches(full, group.micro_batches) if members else []
+            # a corrupt example fails its task on every process alike: they all draw the same batches
+            full = {run.spec.name: batch for run in members if (batch := self.inner.draw_batch(run)) is not None}
+            mine = self.replica_micro_batches(full, group.micro_batches) if full else []
             units.append([(g, k) for k in range(len(mine))])
             for k, batch in enumerate(mine):
                 self._batches[(g, k)] = batch
@@ -291,6 +293,7 @@ class PipelineTrainer:
                 for name, n in batch.computed_per_task.items():
                     computed[name] = computed.get(name, 0) + n
                 self.step_shapes.append(tuple(batch.input_ids.shape))
+        runs = [run for run in runs if run.status == "running"]
         names = [run.spec.name for run in runs]
         # the loss of a task is the mean over the target tokens of its WHOLE batch, all replicas together
         counts = torch.tensor([float(local_counts.get(n, 0)) for n in names], dtype=torch.float64)
@@ -332,11 +335,23 @@ class PipelineTrainer:
         if self.tensor_parallel is not None:
             self.tensor_parallel.reduce_replicated_grads(runs)
         losses = self._losses(names)
+        runs = self._stop_non_finite(runs, losses)
         self._clip(runs)
-        for run in runs:
-            run.optimizer.step()
-            run.scheduler.step()
+        failed = torch.zeros(len(runs))
+        for i, run in enumerate(runs):
+            try:
+                run.optimizer.step()
+                run.scheduler.step()
+            except (RuntimeError, ValueError, OverflowError) as exc:  # e.g. an lr that overflows fp32
+                failed[i] = 1
+                run.reason = f"optimizer step failed at step {run.step + 1}: {exc}"
             run.optimizer.zero_grad(set_to_none=True)
+        if topo.world > 1:  # a step that failed on one stage stops the task on every process
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        for run, bad in zip(runs, failed.tolist()):
+            if bad:
+                self.inner.fail(run, run.reason or f"optimizer step failed at step {run.step + 1} on another stage")
+        runs = [run for run in runs if run.status == "running"]
         elapsed = time.perf_counter() - start
         for run in runs:
             name = run.spec.name
@@ -352,7 +367,28 @@ class PipelineTrainer:
         self.step_times.append(elapsed)
         self.step_tokens.append(sum(tokens.values()))
         self.task_step_tokens.append(computed)
-        return losses
+        return {run.spec.name: losses[run.spec.name] for run in runs}
+
+    def _stop_non_finite(self, runs: list[TaskRun], losses: dict[str, float]) -> list[TaskRun]:
+        """Fail a task whose loss (known on the last stage) or gradients (on any stage) are non-finite,
+        on every process alike (one all-reduce of per-task flags over the world); returns the others.
+        Its gradients never reach its optimizer; the other tasks never saw its values (own rows only,
+        and a non-finite loss was left out of the backward)."""
+        flags = torch.zeros(len(runs), 2)
+        for i, run in enumerate(runs):
+            if self.topo.last and not math.isfinite(losses[run.spec.name]):
+                flags[i, 0] = 1
+            grads = [p.grad for p in self.owned[run.spec.name] if p.grad is not None]
+            if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+                flags[i, 1] = 1
+        if self.topo.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        for run, (bad_loss, bad_grad) in zip(runs, flags.tolist()):
+            if bad_loss:
+                self.inner.fail(run, f"non-finite loss at step {run.step + 1}")
+            elif bad_grad:
+                self.inner.fail(run, f"non-finite gradient at step {run.step + 1}")
+        return [run for run in runs if run.status == "running"]
 
     def blocks(self, units: list[list[tuple[int, int]]]) -> list[list[tuple[int, int]]]:
         """Each block is one 1F1B: a group each ("1f1b"), or all groups' micro-batches alternating."""
@@ -381,7 +417,9 @@ class PipelineTrainer:
         else:
             sums, hidden = self._stage_forward(batch, inputs)
         if topo.last:
-            loss = torch.stack([total / self._counts[name] for name, total in sums.items()]).sum()
+            # a non-finite loss stays out of the backward: only its own task is stopped (after the step)
+            finite = [total / self._counts[name] for name, total in sums.items() if torch.isfinite(total)]
+            loss = torch.stack(finite).sum() if finite else None
             for name, total in sums.items():
                 self._sums[name] += float(total.detach())
             self._saved[unit] = (inputs, loss)
@@ -408,7 +446,7 @@ class PipelineTrainer:
         inputs, out = self._saved.pop(unit)
         grad = None if topo.last else self._recv(out.shape, topo.rank + topo.tp)
         done = self._timed("bwd", unit)
-        if out.requires_grad:
+        if out is not None and out.requires_grad:
             out.backward(grad)
         done()
         if not topo.first:
@@ -473,13 +511,17 @@ class PipelineTrainer:
                 if p.grad is not None:
                     p.grad.mul_(coefficient)
 
-    def train(self, progress: bool = True) -> None:
+    def train(self, progress: bool = True, after_step=None) -> None:
+        """Step until no task is active; `after_step(self)` runs on every process at each step boundary
+        (checkpoints: a collective, so every process must call it at the same steps)."""
         from tqdm.auto import tqdm
 
-        total = max(run.spec.steps for run in self.runs.values())
+        total = max((run.spec.steps - run.step for run in self.active), default=0)
         show = progress and self.topo.rank == self.topo.world - 1  # the last stage knows the losses
         with tqdm(total=total, desc="training", unit="step", disable=not show) as bar:
             while self.active:
                 losses = self.step()
                 bar.update(1)
                 bar.set_postfix({k[:12]: f"{v:.3f}" for k, v in list(losses.items())[:4]})
+                if after_step is not None:
+                    after_step(self)

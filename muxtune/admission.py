@@ -1,29 +1,37 @@
 """Admission: refuse a task or plan that is predicted not to fit in device memory, up front, with the
 numbers, instead of running out of memory halfway.
 
-No profiled CostModel is merged yet, so the prediction is an estimate from the model's shape:
+The prediction is the CostModel's memory model (profiler/cost_model.py), priced on the loaded model's
+shape and measured weight bytes, for the micro-batches the executor will run. Per device (one pipeline
+stage of one replica):
 
-    needed = backbone weights (as loaded)
-           + per task: trainable adapter parameters x 16 bytes (fp32 weight, gradient, two AdamW moments)
-           + activations of the largest fused micro-batch:
-               tokens x layers x (8 x hidden + 4 x ffn) x backbone dtype bytes   (what autograd keeps
-                 per token and layer: norms, q/k/v, attention output, residuals, the MLP's inputs)
-             + tokens x vocab x 8 bytes                                           (fp32 logits + their
-                 gradient; an upper bound, the LM head only runs on target tokens)
-    tokens = sum over the group's tasks of batch_size x (max_seq_len + virtual tokens), capped by the
-             plan's token budget for chunk-aligned micro-batches (a longer step is split).
-    available = free device memory now (CUDA: torch.cuda.mem_get_info; CPU: available RAM) + the
-             backbone weights already loaded, or the config's `memory_limit_gib` if smaller.
+    needed    = backbone_bytes(the stage's layers, first, last)             the frozen weights it keeps
+              + task_state_bytes(params) per task                           the adapter layers it trains:
+                                                                            fp32 weight, gradient, 2 AdamW moments
+              + the most activation_bytes(micro-batch, the stage's layers)  micro-batches in flight at once in
+                in flight at once                                           the executor's 1F1B order
+              + head_bytes(tokens) of the largest micro-batch (last stage)  logits, softmax and their gradient
+    micro-batch = each task's share of its batch (dp replicas x the group's micro-batches), every sequence
+              at max_seq_len (+ virtual tokens); chunk-aligned batches hold at most max(token_budget, the
+              longest sequence) tokens (a longer step is split), padded ones pad every row to the group's
+              longest
+    available = free device memory (CUDA mem_get_info, else available RAM) + the backbone part already
+              loaded, or `memory_limit_gib` if smaller. Processes that share a device (several stages on
+              one CPU) are summed against it.
+
+With no profile at hand the CostModel prices activations from the model's shape; a profiled CostModel
+(`cost_model=`) uses this device's measured saved bytes instead.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
 from muxtune.errors import MuxTuneError
-from muxtune.spec import Alignment, TaskSpec
+from muxtune.spec import Alignment, Layout, Plan, TaskSpec
 
 GIB = 1024**3
 
@@ -31,9 +39,10 @@ GIB = 1024**3
 @dataclass
 class MemoryEstimate:
     backbone: int  # bytes
-    adapters: dict[str, int]  # task -> bytes of weights, gradients and optimizer state
-    activations: int  # bytes of the largest group's fused micro-batch
+    adapters: dict[str, int]  # task -> bytes of weights, gradients and optimizer state on this device
+    activations: int  # bytes: micro-batches in flight + the LM head's transient
     available: int
+    device: str = "device"
 
     @property
     def needed(self) -> int:
@@ -49,72 +58,209 @@ def _size(n: int) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
-def model_dims(model) -> tuple[int, int, int, int]:
-    """(layers, hidden, ffn, vocab) of a Llama / GPT-2 / OPT style config."""
-    c = model.config
-    hidden = getattr(c, "hidden_size", None) or c.n_embd
-    layers = getattr(c, "num_hidden_layers", None) or c.n_layer
-    ffn = getattr(c, "intermediate_size", None) or getattr(c, "ffn_dim", None) or getattr(c, "n_inner", None) \
-        or 4 * hidden
-    return layers, hidden, ffn, c.vocab_size
+def cost_model_of(model):
+    """The CostModel of a loaded model: its shape, and its weight bytes as loaded."""
+    from muxtune.profiler.cost_model import CostModel, ModelShape
+    from muxtune.profiler.profile import layer_param_bytes
+
+    dtype = next(model.parameters()).dtype
+    return CostModel(ModelShape.from_config(model.config, dtype), "admission", weight_bytes=layer_param_bytes(model))
+
+
+def adapter_params(model, spec: TaskSpec) -> dict[int | str | None, int]:
+    """The task's trainable parameters by decoder layer index; "sequence": prompt/prefix tuning's
+    tensors (the first stage's); None: adapters of ops outside the decoder layers (every stage's)."""
+    from muxtune.executor.mux import TaskAdapter
+    from muxtune.profiler.profile import decoder_layers
+
+    adapter = TaskAdapter(spec.name, spec.peft, model, spec.seed, spec.max_seq_len, "cpu")
+    layer_of = {id(m): i for i, layer in enumerate(decoder_layers(model)[2]) for m in layer.modules()}
+    counts: dict[int | str | None, int] = {}
+    if adapter.sequence is not None:
+        counts["sequence"] = sum(p.numel() for p in adapter.sequence.parameters() if p.requires_grad)
+    for path, layer in adapter.items():
+        index = layer_of.get(id(model.get_submodule(path)))
+        counts[index] = counts.get(index, 0) + sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    return counts
 
 
 def adapter_bytes(model, spec: TaskSpec) -> int:
-    """Weights + gradients + AdamW moments (fp32) of the task's adapter, built once on the CPU to count."""
-    from muxtune.executor.mux import TaskAdapter
-
-    adapter = TaskAdapter(spec.name, spec.peft, model, spec.seed, spec.max_seq_len, "cpu")
-    return 16 * sum(p.numel() for p in adapter.parameters() if p.requires_grad)
-
-
-def estimate(model, specs: list[TaskSpec], groups: list[list[str]], alignment: Alignment, available: int,
-             adapters: dict[str, int] | None = None) -> MemoryEstimate:
-    layers, hidden, ffn, vocab = model_dims(model)
-    dtype_bytes = next(model.parameters()).element_size()
-    backbone = sum(p.numel() * p.element_size() for p in model.parameters())
-    backbone += sum(b.numel() * b.element_size() for b in model.buffers())
-    adapters = dict(adapters or {})
-    for spec in specs:
-        if spec.name not in adapters:
-            adapters[spec.name] = adapter_bytes(model, spec)
-    by_name = {spec.name: spec for spec in specs}
-    per_token = layers * (8 * hidden + 4 * ffn) * dtype_bytes + vocab * 8
-    peak = 0
-    for group in groups:
-        members = [by_name[name] for name in group if name in by_name]
-        tokens = sum(s.batch_size * (s.max_seq_len + _virtual_tokens(s)) for s in members)
-        if alignment.layout == "chunked" and members:
-            tokens = min(tokens, max(alignment.token_budget, max(s.max_seq_len + _virtual_tokens(s) for s in members)))
-        peak = max(peak, tokens * per_token)
-    return MemoryEstimate(backbone, adapters, peak, available)
+    """Weights + gradients + AdamW moments (fp32) of the task's whole adapter."""
+    return cost_model_of(model).task_state_bytes(sum(adapter_params(model, spec).values()))
 
 
 def _virtual_tokens(spec: TaskSpec) -> int:
     return getattr(spec.peft, "num_virtual_tokens", 0) if spec.peft.method in ("prompt", "prefix") else 0
 
 
-def available_bytes(device: torch.device, model, limit_gib: float | None) -> int:
-    loaded = sum(p.numel() * p.element_size() for p in model.parameters())
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        import psutil
+def _micro_batches(members: list[TaskSpec], params: dict[str, int], parts: int, index: int,
+                   alignment: Alignment) -> list:
+    """The micro-batch(es) the executor builds from part `index` of `parts` of the group's step (as
+    PipelineTrainer.replica_micro_batches), priced as CostModel MicroBatches."""
+    from muxtune.profiler.cost_model import MicroBatch, TaskLoad
+    from muxtune.simulator.workload import method_rank
 
-        free = psutil.virtual_memory().available
-    available = free + loaded
+    longest = max(s.max_seq_len + _virtual_tokens(s) for s in members)
+    loads = []
+    for s in members:
+        rows = s.batch_size // parts + (1 if index < s.batch_size % parts else 0)
+        per_row = s.max_seq_len + _virtual_tokens(s) if alignment.layout == "chunked" else longest
+        if rows:
+            loads.append(TaskLoad(s.peft.method, method_rank(s.peft), rows * per_row, params[s.name]))
+    if not loads:
+        return []
+    if alignment.layout == "padded":
+        return [MicroBatch(tuple(loads), seq_len=longest)]
+    total = sum(t.tokens for t in loads)
+    cap = min(total, max(alignment.token_budget, longest))
+    pieces = math.ceil(total / cap)  # the token budget splits it into this many, each at most `cap`
+    scaled = tuple(TaskLoad(t.method, t.rank, max(1, round(t.tokens * cap / total)), t.params) for t in loads)
+    return [MicroBatch(scaled, seq_len=alignment.chunk_len)] * pieces
+
+
+def estimate(model, specs: list[TaskSpec], groups: list[list[str]], alignment: Alignment, available: int,
+             params: dict[str, dict] | None = None, layout: Layout | None = None, schedule: str = "1f1b",
+             micro_batches: list[int] | None = None, rank: int = 0, cost_model=None) -> MemoryEstimate:
+    """Memory of process `rank` (rank = (replica * pp + stage) * tp + tensor rank, as the plan's device
+    order) of a plan with these groups and `layout` (default: one device). `params` caches
+    adapter_params per task (filled here). Tensor-parallel ranks are priced as holding their whole stage
+    (an upper bound: how tp shards weights and activations is not modelled here)."""
+    from muxtune.simulator.iteration import one_f_one_b, stage_split
+
+    layout = layout or Layout()
+    cm = cost_model or cost_model_of(model)
+    params = params if params is not None else {}
+    for spec in specs:
+        if spec.name not in params:
+            params[spec.name] = adapter_params(model, spec)
+    n_layers = cm.shape.n_layers
+    split = stage_split(n_layers, layout.pp, layout.stage_layers)
+    replica, stage = rank // (layout.pp * layout.tp), (rank // layout.tp) % layout.pp
+    first, last = stage == 0, stage == layout.pp - 1
+    mine = range(sum(split[:stage]), sum(split[: stage + 1]))
+
+    def stage_params(name: str) -> int:
+        return sum(n for layer, n in params[name].items()
+                   if layer is None or (layer == "sequence" and first) or (isinstance(layer, int) and layer in mine))
+
+    by_name = {spec.name: spec for spec in specs}
+    total_params = {name: sum(params[name].values()) for name in by_name}
+    adapters = {name: cm.task_state_bytes(stage_params(name)) for name in by_name}
+    # every group's micro-batches on this replica, in the order the executor runs them
+    units = []
+    for g, group in enumerate(groups):
+        members = [by_name[name] for name in group if name in by_name]
+        if not members:
+            continue
+        parts = layout.dp * (micro_batches[g] if micro_batches else 1)
+        count = micro_batches[g] if micro_batches else 1
+        units.append([mb for k in range(count)
+                      for mb in _micro_batches(members, total_params, parts, k * layout.dp + replica, alignment)])
+    if schedule == "interleaved":
+        longest = max((len(u) for u in units), default=0)
+        blocks = [[u[k] for k in range(longest) for u in units if k < len(u)]]
+    else:
+        blocks = units
+    peak = 0
+    for block in blocks:
+        held = 0
+        ids = list(range(len(block)))
+        for kind, i in one_f_one_b(ids, stage, layout.pp):
+            mb = block[i]
+            if kind == "fwd":
+                held += cm.activation_bytes(mb, len(mine))
+                peak = max(peak, held + (cm.head_bytes(mb.tokens) if last else 0))
+            else:
+                held -= cm.activation_bytes(mb, len(mine))
+    backbone = cm.backbone_bytes(len(mine), first, last)
+    return MemoryEstimate(backbone, adapters, peak, available)
+
+
+def plan_estimates(model, specs: list[TaskSpec], plan: Plan, cost_model=None) -> list[MemoryEstimate]:
+    """One estimate per process of a (multi-process) plan, in rank order; `available` is filled in by
+    `admit_processes`."""
+    layout = plan.groups[0].layout
+    params: dict[str, dict] = {}
+    cm = cost_model or cost_model_of(model)
+    return [estimate(model, specs, [list(g.tasks) for g in plan.groups], plan.alignment, 0, params, layout,
+                     plan.schedule, [g.micro_batches for g in plan.groups], rank, cm)
+            for rank in range(layout.dp * layout.pp * layout.tp)]
+
+
+def available_bytes(device: torch.device, model, limit_gib: float | None) -> int:
+    loaded = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+    available = _free_bytes(device) + loaded
     if limit_gib is not None:
         available = min(available, int(limit_gib * GIB))
     return available
 
 
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 def admit(model, specs: list[TaskSpec], groups: list[list[str]], alignment: Alignment, limit_gib: float | None,
-          what: str = "plan", adapters: dict[str, int] | None = None) -> MemoryEstimate:
-    """Raise MuxTuneError (with needed vs available) when the tasks are predicted not to fit."""
+          what: str = "plan", params: dict[str, dict] | None = None) -> MemoryEstimate:
+    """Raise MuxTuneError (with needed vs available) when the tasks are predicted not to fit on the
+    one device of a single-process run."""
     device = next(model.parameters()).device
-    result = estimate(model, specs, groups, alignment, available_bytes(device, model, limit_gib), adapters)
+    result = estimate(model, specs, groups, alignment, available_bytes(device, model, limit_gib), params)
+    result.device = str(device)
     if result.needed > result.available:
         worst = max(result.adapters, key=result.adapters.get) if result.adapters else None
         raise MuxTuneError(f"{what}: refused, predicted not to fit in {device} memory: {result.describe()}"
-                           + (f"; largest task state: {worst!r}" if worst else "")
-                           + "; lower batch_size / max_seq_len, the plan's token_budget, or split the tasks")
+                           + (f"; largest task state: {worst!r}" if worst else "") + _ADVICE)
     return result
+
+
+_ADVICE = "; lower batch_size / max_seq_len, the plan's token_budget, or split the tasks"
+
+
+def admit_processes(estimates: list[MemoryEstimate], rank: int, device: str, model, limit_gib: float | None,
+                    what: str = "plan") -> dict[str, MemoryEstimate]:
+    """Called by every process of a multi-process plan (a collective): each reports its device's free
+    memory; processes on the same device (host and name) are summed against it. Every process raises
+    the same MuxTuneError, naming each device that does not fit with its numbers."""
+    import socket
+
+    import torch.distributed as dist
+
+    torch_device = torch.device(device)
+    mine = {"rank": rank, "device": f"{socket.gethostname()}:{device}", "free": _free_bytes(torch_device),
+            "loaded": sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return per_device(estimates, everyone, limit_gib, what)
+
+
+def per_device(estimates: list[MemoryEstimate], reports: list[dict], limit_gib: float | None,
+               what: str = "plan") -> dict[str, MemoryEstimate]:
+    """Sum the processes' estimates per device (`reports`: each rank's device, free and loaded bytes)
+    and refuse, naming every device that does not fit with its ranks and numbers."""
+    devices: dict[str, list[dict]] = {}
+    for report in reports:
+        devices.setdefault(report["device"], []).append(report)
+    combined, refused = {}, []
+    for name, group in devices.items():
+        ranks = sorted(r["rank"] for r in group)
+        parts = [estimates[r] for r in ranks]
+        adapters: dict[str, int] = {}
+        for part in parts:
+            for task, n in part.adapters.items():
+                adapters[task] = adapters.get(task, 0) + n
+        available = min(r["free"] for r in group) + sum(r["loaded"] for r in group)
+        if limit_gib is not None:
+            available = min(available, int(limit_gib * GIB))
+        total = MemoryEstimate(sum(p.backbone for p in parts), adapters, sum(p.activations for p in parts),
+                               available, device=name)
+        combined[name] = total
+        if total.needed > total.available:
+            who = ", ".join(str(r) for r in ranks)
+            refused.append(f"{name} (rank{'s' if len(ranks) > 1 else ''} {who}): {total.describe()}")
+    if refused:
+        raise MuxTuneError(f"{what}: refused, predicted not to fit in device memory: " + "; ".join(refused) + _ADVICE)
+    return combined

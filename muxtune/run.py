@@ -73,11 +73,13 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
         from muxtune.executor.distributed import launch, needs_processes
 
         if needs_processes(plan):  # one process per device of the layout, same outputs (rank 0 writes them)
-            if resume:
-                raise MuxTuneError("--resume: multi-process plans do not checkpoint yet (docs/distributed.md)")
             plan.check_against(config)
             check_devices(config)
-            return launch(config, plan, out_dir, progress)
+            if resume:  # checked here too, so a wrong plan or model is refused before any process starts
+                manifest = checkpoint.load_manifest(out_dir)
+                checkpoint.check_manifest(manifest, out_dir, config.model, {t.name: t for t in config.tasks})
+                checkpoint.check_layout(manifest, out_dir, plan)
+            return launch(config, plan, out_dir, progress, resume=resume)
     backbone, plan, examples, stats = prepare(config, plan)
     specs, groups = list(config.tasks), [list(g.tasks) for g in plan.groups]
     manifest, resumed_from = None, None
@@ -91,6 +93,7 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
     if resume:
         manifest = checkpoint.load_manifest(out_dir)
         checkpoint.check_manifest(manifest, out_dir, config.model, {t.name: t for t in config.tasks})
+        checkpoint.check_layout(manifest, out_dir, plan, groups=False)
         resumed_from = manifest["steps"]
         for name, entry in manifest["tasks"].items():  # tasks submitted while the run went on
             if name not in examples:
@@ -101,7 +104,8 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
         for spec in config.tasks:  # a task added to the config since: joins the first group
             if not any(spec.name in g for g in groups):
                 groups[0].append(spec.name)
-    estimate = admission.admit(backbone.model, specs, groups, plan.alignment, config.memory_limit_gib)
+    adapter_params: dict = {}  # each task's trainable parameters by layer, counted once (admission)
+    admission.admit(backbone.model, specs, groups, plan.alignment, config.memory_limit_gib, params=adapter_params)
     if not resume:
         shutil.rmtree(checkpoint.checkpoint_dir(out_dir), ignore_errors=True)
         shutil.rmtree(spool.spool_dir(out_dir), ignore_errors=True)
@@ -113,13 +117,11 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
                 trainer.cancel(name, run.reason)
     spool.spool_dir(out_dir).mkdir(parents=True, exist_ok=True)
     events: list[dict] = []
-    adapter_sizes = dict(estimate.adapters)
 
     def admit_submitted(trainer, spec):
         active = [r.spec for r in trainer.active] + [spec]
-        admitted = admission.admit(backbone.model, active, [[s.name for s in active]], plan.alignment,
-                                   config.memory_limit_gib, what=f"submit {spec.name}", adapters=adapter_sizes)
-        adapter_sizes.update(admitted.adapters)
+        admission.admit(backbone.model, active, [[s.name for s in active]], plan.alignment,
+                        config.memory_limit_gib, what=f"submit {spec.name}", params=adapter_params)
 
     def at_step_boundary(trainer):
         nonlocal manifest

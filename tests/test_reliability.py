@@ -334,3 +334,56 @@ def test_plan_predicted_not_to_fit_is_refused_up_front_with_numbers(tmp_path, ca
     bigger = spec.model_copy(update={"batch_size": spec.batch_size * 2})
     two = estimate(backbone.model, [bigger], [[spec.name]], Alignment(), 0)
     assert two.activations == 2 * one.activations > 0 and one.adapters[spec.name] > 0
+
+
+def test_admission_is_the_cost_models_memory_model_per_device(tmp_path):
+    """One source of truth: admission's numbers are the CostModel's memory methods for the executor's
+    micro-batches; a pipeline is admitted per stage (each holds its layers, its adapters, its 1F1B's
+    micro-batches in flight) and a refusal names each device over its memory, with its numbers."""
+    from muxtune.admission import cost_model_of, estimate, per_device, plan_estimates
+    from muxtune.errors import MuxTuneError
+    from muxtune.profiler.cost_model import MicroBatch, TaskLoad
+    from muxtune.simulator.workload import count_trainable_params, method_rank
+    from muxtune.spec import FusionGroup, Layout, Plan
+
+    backbone = load_backbone("builtin:tiny-llama")
+    model = backbone.model
+    specs = load_config(write_config(tmp_path / "ok.yaml")).tasks  # lora, ia3, prompt (4 virtual tokens)
+    names = [s.name for s in specs]
+    cm = cost_model_of(model)
+    n = cm.shape.n_layers
+    params = {s.name: count_trainable_params(s, model) for s in specs}
+    virtual = {"prompt": 4}
+    mb = MicroBatch(tuple(TaskLoad(s.peft.method, method_rank(s.peft), s.batch_size * (s.max_seq_len + virtual.get(
+        s.peft.method, 0)), params[s.name]) for s in specs), seq_len=16)
+    one = estimate(model, specs, [names], Alignment(), 0)
+    assert one.backbone == cm.backbone_bytes(n, True, True) == sum(
+        p.numel() * p.element_size() for p in model.parameters())
+    assert one.adapters == {name: cm.task_state_bytes(params[name]) for name in names}
+    assert one.activations == cm.activation_bytes(mb, n) + cm.head_bytes(mb.tokens)
+
+    # two stages, two micro-batches: the stages split the backbone and the adapters between them
+    plan = Plan(groups=[FusionGroup(tasks=names, devices=["cpu"] * 2, layout=Layout(pp=2), micro_batches=2)])
+    stages = plan_estimates(model, specs, plan)
+    assert [s.backbone for s in stages] == [cm.backbone_bytes(1, True, False), cm.backbone_bytes(1, False, True)]
+    for name in names:
+        assert sum(s.adapters[name] for s in stages) == one.adapters[name]
+    assert stages[1].adapters["chat"] == 0 < stages[0].adapters["chat"]  # prompt tuning: the first stage
+    # stage 0 holds both micro-batches' activations of its layer in flight, the last stage one + the head
+    first, second = (MicroBatch(tuple(TaskLoad(s.peft.method, method_rank(s.peft), (s.batch_size + 1 - k) // 2 * (
+        s.max_seq_len + virtual.get(s.peft.method, 0)), params[s.name]) for s in specs), 16) for k in (0, 1))
+    assert first.tokens > second.tokens  # odd batch sizes: the first micro-batch takes the extra sequence
+    assert stages[0].activations == cm.activation_bytes(first, 1) + cm.activation_bytes(second, 1)
+    assert stages[1].activations == cm.activation_bytes(first, 1) + cm.head_bytes(first.tokens)
+
+    # per device: two GPUs, only the second over; the same stages sharing one CPU are summed against it
+    reports = [{"rank": 0, "device": "h:cuda:0", "free": stages[0].needed, "loaded": 0},
+               {"rank": 1, "device": "h:cuda:1", "free": stages[1].needed - 1, "loaded": 0}]
+    with pytest.raises(MuxTuneError) as refused:
+        per_device(stages, reports, None)
+    message = str(refused.value)
+    assert "h:cuda:1 (rank 1): needs ~" in message and "h:cuda:0" not in message and "available" in message
+    shared = [{"rank": r, "device": "h:cpu", "free": 10**12, "loaded": 0} for r in (0, 1)]
+    assert per_device(stages, shared, None)["h:cpu"].needed == stages[0].needed + stages[1].needed
+    with pytest.raises(MuxTuneError, match=r"h:cpu \(ranks 0, 1\): needs ~"):
+        per_device(stages, shared, limit_gib=(stages[0].needed + stages[1].needed - 1) / 2**30)

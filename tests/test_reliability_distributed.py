@@ -1,0 +1,181 @@
+"""Reliability of multi-process plans (gloo, 2 processes, tiny preset): a 2-stage pipeline run, and a
+2-replica data-parallel one, killed with SIGKILL (the launcher and its workers) and resumed end with the
+same losses and adapters as an uninterrupted one; a checkpoint is refused under another layout or model; a task going NaN in a
+pipeline is stopped alone."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from reference import write_jsonl
+from safetensors.torch import load_file
+
+from muxtune.cli import main
+from muxtune.spec import Alignment, FusionGroup, Layout, Plan, RunConfig, TaskSpec
+
+MODEL = "builtin:tiny-llama"
+STEPS = 12
+
+
+def specs_in(folder):
+    a = write_jsonl(folder / "a.jsonl", 40, seed=1, min_len=2, max_len=6)
+    b = write_jsonl(folder / "b.jsonl", 30, seed=2, min_len=8, max_len=20, kind="text")
+    return [
+        # dropout: each process draws its masks from its own stream, which the checkpoint keeps per rank
+        TaskSpec(name="lora", data=a, peft=dict(method="lora", r=4, alpha=8, dropout=0.1), batch_size=4,
+                 max_seq_len=64, lr=5e-3, steps=STEPS, seed=11, lr_schedule="linear", warmup_steps=2),
+        TaskSpec(name="ia3", data=b, peft=dict(method="ia3"), batch_size=3, max_seq_len=96, lr=2e-3,
+                 steps=STEPS - 2, seed=12, max_grad_norm=0.5),
+        # prompt tuning's virtual tokens live on the first stage only
+        TaskSpec(name="prompt", data=b, peft=dict(method="prompt", num_virtual_tokens=3), batch_size=2,
+                 max_seq_len=96, lr=1e-2, steps=STEPS + 2, seed=13),
+    ]
+
+
+def write_job(folder, specs, groups, layout=Layout(pp=2), every=2, model=MODEL, **settings):
+    config = RunConfig(name="job", model=model, tasks=specs, checkpoint_every=every, **settings)
+    (folder / "run.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    plan = Plan(groups=[FusionGroup(tasks=g, devices=["cpu"] * (layout.dp * layout.pp), layout=layout,
+                                    micro_batches=2) for g in groups],
+                schedule="interleaved", alignment=Alignment(chunk_len=16))
+    plan.save(folder / "plan.json")
+    return folder / "run.yaml", folder / "plan.json"
+
+
+GROUPS = [["lora", "prompt"], ["ia3"]]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """Uninterrupted runs of the three tasks, one per layout, made once."""
+    made = {}
+
+    def of(layout):
+        key = (layout.dp, layout.pp)
+        if key not in made:
+            folder = made[key] = tmp_path_factory.mktemp(f"ref-dp{layout.dp}-pp{layout.pp}")
+            config, plan = write_job(folder, specs_in(folder), GROUPS, layout=layout)
+            assert main(["run", str(config), "--plan", str(plan), "--out", str(folder / "out"),
+                         "--no-progress"]) == 0
+        return made[key]
+    return of
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references(Layout(pp=2))
+
+
+def metrics_of(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+def adapters_of(out):
+    return {p.parent.name: load_file(str(p)) for p in (out / "adapters").glob("*/adapter_model.safetensors")}
+
+
+@pytest.mark.parametrize("layout", [Layout(pp=2), Layout(dp=2)], ids=["pipeline", "data-parallel"])
+def test_killed_mid_run_resumes_to_the_same_losses_and_adapters(references, layout, tmp_path):
+    reference = references(layout)
+    config, plan = write_job(tmp_path, specs_in(tmp_path), GROUPS, layout=layout)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "muxtune.cli", "run", str(config), "--plan", str(plan), "--out", str(out),
+               "--no-progress"]
+    # its own session: SIGKILL reaches the launcher and both workers at once, as a lost machine would
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    manifest = out / "checkpoints" / "manifest.json"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if manifest.exists() and json.loads(manifest.read_text())["steps"] >= 4:
+            break
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert manifest.exists(), proc.stderr.read().decode()
+    saved = json.loads(manifest.read_text())
+    assert 4 <= saved["steps"] < STEPS + 2 and not (out / "metrics.json").exists()  # killed mid-run
+    assert saved["plan"]["layout"]["pp"] == layout.pp and set(saved["ranks"]) == {"0", "1"}
+    # each task folder holds the whole adapter (both stages' layers, merged) and each process's dropout stream
+    lora = saved["tasks"]["lora"]["folder"]
+    tensors = load_file(str(out / "checkpoints" / "lora" / lora / "tensors.safetensors"))
+    assert {"rank0.rng.dropout", "rank1.rng.dropout"} <= set(tensors)
+    assert any("__layers__0__" in k for k in tensors) and any("__layers__1__" in k for k in tensors)
+
+    assert main(["run", str(config), "--plan", str(plan), "--out", str(out), "--resume", "--no-progress"]) == 0
+    metrics, ref = metrics_of(out), metrics_of(reference / "out")
+    assert metrics["resumed_from_step"] == saved["steps"]
+    for name, task in ref["tasks"].items():
+        assert metrics["tasks"][name]["status"] == "finished"
+        assert metrics["tasks"][name]["loss"] == task["loss"], name  # the whole curve, exactly
+        assert metrics["tasks"][name]["tokens"] == task["tokens"]
+    assert metrics["distributed"]["step_tokens"] == ref["distributed"]["step_tokens"]
+    adapters, ref_adapters = adapters_of(out), adapters_of(reference / "out")
+    assert set(adapters) == set(ref_adapters) == {"lora", "ia3", "prompt"}
+    for name, state in ref_adapters.items():
+        for key, value in state.items():
+            assert torch.equal(adapters[name][key], value), f"{name} {key}"
+
+
+def test_resume_refuses_another_layout_another_model_and_one_process(reference, tmp_path, capsys):
+    out = reference / "out"  # its final checkpoint stays with the outputs
+    config = reference / "run.yaml"
+    _, dp_plan = write_job(tmp_path, specs_in(reference), GROUPS, layout=Layout(dp=2))
+    assert main(["run", str(config), "--plan", str(dp_plan), "--out", str(out), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json: plan.layout.dp" in err and "dp=1" in err and "Traceback" not in err
+
+    regrouped = tmp_path / "regrouped"
+    regrouped.mkdir()
+    _, other_groups = write_job(regrouped, specs_in(reference), [["lora"], ["prompt", "ia3"]])
+    assert main(["run", str(config), "--plan", str(other_groups), "--out", str(out), "--resume",
+                 "--no-progress"]) == 2
+    assert "manifest.json: groups" in capsys.readouterr().err
+
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    other_model, plan = write_job(gpt2, specs_in(reference), GROUPS, model="builtin:tiny-gpt2")
+    assert main(["run", str(other_model), "--plan", str(plan), "--out", str(out), "--resume", "--no-progress"]) == 2
+    assert "manifest.json: model:" in capsys.readouterr().err
+
+    # without the plan: the one-process executor refuses the 2-stage checkpoint
+    assert main(["run", str(config), "--out", str(out), "--resume", "--no-progress"]) == 2
+    assert "plan.layout.pp" in capsys.readouterr().err
+    assert metrics_of(out)["resumed_from_step"] is None  # the refused resumes changed nothing
+
+
+def test_a_task_going_nan_in_a_pipeline_fails_alone(reference, tmp_path):
+    specs = specs_in(tmp_path)
+    poison = TaskSpec(name="poison", data=specs[0].data, peft=dict(method="lora", r=4), batch_size=2,
+                      max_seq_len=64, lr=3e37, steps=6, seed=3, max_grad_norm=None)
+    config, plan = write_job(tmp_path, specs + [poison], [["lora", "prompt", "poison"], ["ia3"]], every=0)
+    assert main(["run", str(config), "--plan", str(plan), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    metrics, ref = metrics_of(tmp_path / "out"), metrics_of(reference / "out")
+    bad = metrics["tasks"]["poison"]
+    assert bad["status"] == "failed" and "non-finite" in bad["reason"] and bad["stopped_at_step"] == bad["steps"] + 1
+    assert 1 <= bad["steps"] < 6 and all(torch.isfinite(torch.tensor(bad["loss"])))
+    adapters, ref_adapters = adapters_of(tmp_path / "out"), adapters_of(reference / "out")
+    for name, task in ref["tasks"].items():
+        assert metrics["tasks"][name]["status"] == "finished"
+        # the fused shapes differ (the poisoned rows are there until it fails): rounding only, the
+        # equivalence tests' bound
+        torch.testing.assert_close(torch.tensor(metrics["tasks"][name]["loss"]), torch.tensor(task["loss"]),
+                                   rtol=1e-5, atol=1e-6)
+        for key, value in ref_adapters[name].items():
+            torch.testing.assert_close(adapters[name][key], value, rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+
+
+def test_a_pipeline_over_its_device_memory_is_refused_per_device(tmp_path, capsys):
+    """Both stages share this machine's memory: their estimates are summed against it and the refusal
+    names the device, its ranks and the numbers, before any training or output."""
+    config, plan = write_job(tmp_path, specs_in(tmp_path), GROUPS, memory_limit_gib=0.001)
+    out = tmp_path / "out"
+    assert main(["run", str(config), "--plan", str(plan), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "predicted not to fit" in err and ":cpu (ranks 0, 1): needs ~" in err and "1.0 MiB available" in err
+    assert "Traceback" not in err and not (out / "metrics.json").exists()

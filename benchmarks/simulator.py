@@ -27,17 +27,19 @@ from pathlib import Path
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
 
 
-def load_cost_model(model: str, device: str):
-    """The profiler's CostModel for `model` on `device`: a cached profile with this device's fingerprint,
-    else a quick profile measured now."""
-    from muxtune.profiler.cost_model import cost_model_for
+def load_cost_model(model: str, device: str, profile: str | None = None):
+    """The profiler's CostModel for `model` on `device`: `profile` (a CSV) if given, else a cached profile
+    with this device's fingerprint, else a quick profile measured now."""
+    from muxtune.profiler.cost_model import CostModel, cost_model_for
 
-    return cost_model_for(model, device)
+    return CostModel.from_profile(profile) if profile else cost_model_for(model, device)
 
 
-def prediction_errors(model: str, device: str, steps: int, warmup: int, max_seq_len: int | None = None) -> list[float]:
+def prediction_errors(model: str, device: str, steps: int, warmup: int, max_seq_len: int | None = None,
+                      profile: str | None = None) -> list[float]:
     """Relative error of the simulated step time against every measured executor step after warm-up."""
     from muxtune.executor.trainer import MultiplexedTrainer
+    from muxtune.profiler.profile import clock
     from muxtune.run import prepare
     from muxtune.simulator.iteration import simulate_step
     from muxtune.simulator.workload import count_trainable_params, task_work
@@ -48,7 +50,7 @@ def prediction_errors(model: str, device: str, steps: int, warmup: int, max_seq_
     cap = lambda t: {"max_seq_len": min(t.max_seq_len, max_seq_len)} if max_seq_len else {}  # noqa: E731
     config = config.model_copy(update={"model": model, "devices": device,
                                        "tasks": [t.model_copy(update={"steps": steps, **cap(t)}) for t in config.tasks]})
-    cost_model = load_cost_model(model, device)
+    cost_model = load_cost_model(model, device, profile)
     names = [t.name for t in config.tasks]
     errors = []
     for groups in ([names], [[n] for n in names]):
@@ -60,7 +62,9 @@ def prediction_errors(model: str, device: str, steps: int, warmup: int, max_seq_
         trainer = MultiplexedTrainer(backbone, config.tasks, examples, groups=[g.tasks for g in plan.groups],
                                      alignment=plan.alignment)
         for step in range(steps):
+            start = clock()
             trainer.step()
+            measured = clock() - start  # wall time, or CPU time with MUXTUNE_PROFILE_CLOCK=cpu (as the profile)
             shapes = trainer.step_shapes[-len(groups):]  # (rows, padded length) of each group this step
             if step < warmup:
                 continue
@@ -69,7 +73,6 @@ def prediction_errors(model: str, device: str, steps: int, warmup: int, max_seq_
                 for name in group:
                     works[name] = task_work(config.task(name), params[name], mean_seq_len=padded)
             predicted = simulate_step(plan, works, cost_model).step_seconds
-            measured = trainer.step_times[-1]
             errors.append(abs(predicted - measured) / measured)
             print(f"groups={len(groups)} step={step} shapes={shapes} predicted={predicted * 1e3:.1f} ms "
                   f"measured={measured * 1e3:.1f} ms error={errors[-1]:.1%}", file=sys.stderr)
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gpus", type=int, default=64)
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="cap the quickstart tasks' max_seq_len (keep shapes inside the profile's range)")
+    parser.add_argument("--profile", help="a profile CSV to use instead of the cache / a fresh measurement")
     parser.add_argument("--rate", type=float, default=400.0, help="job arrivals per hour")
     args = parser.parse_args(argv)
     if args.quick:
@@ -102,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     import muxtune.spec  # noqa: F401  (import time is not simulation time)
 
     result: dict = {"model": args.model, "device": args.device}
-    errors = prediction_errors(args.model, args.device, args.steps, warmup=1, max_seq_len=args.max_seq_len)
+    errors = prediction_errors(args.model, args.device, args.steps, warmup=1, max_seq_len=args.max_seq_len,
+                               profile=args.profile)
     result.update(median_error=statistics.median(errors), max_error=max(errors), predicted_steps=len(errors))
     # the cluster: GPUs we do not have, priced by the analytic cost model (LLaMA-7B-shaped jobs on H100s)
     from muxtune.profiler.cost_model import CostModel, llama_7b_shape

@@ -15,7 +15,9 @@ parts `stem`, `layer`, `head` are measured alone, and what the parts miss (the m
 mask building) is spread evenly over the layers, so a full single-device step reproduces the
 measured model exactly and a pipeline stage of k layers gets k layers' share. Each task adds its
 measured overhead (spread over the layers too), less, for the second and later task of a method, the
-part tasks of one method share (one split and concatenation per wrapped op). The first stage's backward is shortened by the batch's
+part tasks of one method share (one split and concatenation per wrapped op). A LoRA/DoRA task's
+overhead is the sum over the op names it targets of the profile's `target` rows (plus their
+`dropout_*` rows when it has dropout), so its target list and dropout are priced, not assumed. The first stage's backward is shortened by the batch's
 `skip`: the backward work below the lowest op any of its methods needs a gradient at (the least of its
 methods' measured skips). span = seq_len + the longest prefix in the batch.
 Nothing else in MuxTune holds a timing formula: the planner and simulator call these methods.
@@ -50,6 +52,10 @@ class TaskLoad:
     rank: int  # LoRA/DoRA rank, adapter bottleneck size, prefix/prompt virtual tokens; 0 if none
     tokens: int  # token slots this task occupies in the micro-batch (its rows x seq_len, padding included)
     params: int  # the task's trainable parameter count (optimizer step, memory)
+    # LoRA/DoRA: the op names it targets in every layer (() = the profile's task_targets, the defaults its
+    # method rows were measured on) and its dropout probability: both change what it costs
+    targets: tuple[str, ...] = ()
+    dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -164,7 +170,7 @@ class CostModel:
         if profile is not None:
             # pure look-ups into an immutable profile, asked thousands of times by the planner: memoize
             # them per instance (each is a pandas selection + interpolation, ~ms each)
-            for name in ("_task_seconds", "_shared_seconds", "_grid", "_batch_skip"):
+            for name in ("_task_seconds", "_shared_seconds", "_grid", "_batch_skip", "_batch_shared"):
                 setattr(self, name, functools.lru_cache(maxsize=65536)(getattr(self, name)))
 
     # constructors
@@ -242,15 +248,35 @@ class CostModel:
         stem = self._grid("stem", "fwd", T, span) if phase == "fwd" else 0.0
         head = interp1(*self._curve("head", phase, "tokens"), T)
         residual = self._grid("model", phase, T, span) - (stem + L * layer + head)
-        tasks = sum(self._task_seconds(t, phase) for t in mb.tasks)
-        # tasks of one method share each wrapped op's split and concatenation: counted once per method
-        for method in {t.method for t in mb.tasks}:
-            count = sum(t.method == method for t in mb.tasks)
-            tasks -= (count - 1) * self._shared_seconds(method, phase)
+        tasks = sum(self._task_seconds(t, phase) for t in mb.tasks) - self._batch_shared(mb, phase)
         per_layer = layer + (residual + tasks) / L
         # the backward stops below the lowest op any task needs a gradient at: the first stage skips that
         skip = self._batch_skip(mb, "seconds") if first and phase == "bwd" else 0.0
         return max(layers * per_layer + (stem if first else 0.0) + (head if last else 0.0) - skip, 0.0)
+
+    def _batch_shared(self, mb: MicroBatch, phase: str) -> float:
+        """What the batch's tasks share: each wrapped op's split and concatenation runs once however many
+        tasks of a method wrap it, so every task after the first of (method, op) saves its share. The
+        measured share of a method (on its default targets) is spread evenly over those targets."""
+        defaults = self._default_targets()
+        wrapped: dict[tuple[str, str], int] = {}
+        for t in mb.tasks:
+            for name in (self._targets_of(t) or defaults):
+                wrapped[(t.method, name)] = wrapped.get((t.method, name), 0) + 1
+        return sum((count - 1) * self._shared_seconds(method, phase) / len(defaults)
+                   for (method, _), count in wrapped.items())
+
+    def _default_targets(self) -> tuple[str, ...]:
+        """The target list the profile's method-level task rows were measured on (one name: unknown)."""
+        return tuple(self.profile.meta.get("task_targets") or ("default",))
+
+    def _targets_of(self, task: TaskLoad) -> tuple[str, ...]:
+        """The op names a LoRA/DoRA task is priced on when the profile has per-target rows; () otherwise
+        (then its method rows price it). A dotted target (`self_attn.q_proj`) is priced as its op name."""
+        rows = self.profile.rows("target")
+        if rows.empty or task.method not in set(rows["method"]):
+            return ()
+        return tuple(name.rsplit(".", 1)[-1] for name in (task.targets or self._default_targets()))
 
     def _shared_seconds(self, method: str, phase: str) -> float:
         """The part of one task's overhead that more tasks of its method share (profile rows
@@ -404,7 +430,22 @@ class CostModel:
         return interp_grid(rows, "tokens", "seq_len", value, tokens, span)
 
     def _task_seconds(self, task: TaskLoad, phase: str) -> float:
-        """A task's overhead on the whole model: interpolated in tokens per measured rank, then in rank."""
+        """A task's overhead on the whole model: interpolated in tokens per measured rank, then in rank.
+        LoRA/DoRA: the sum over its targets' rows (and their dropout rows if it has dropout)."""
+        targets = self._targets_of(task)
+        if targets:
+            rows = self.profile.rows("target")
+            rows = rows[rows["method"] == task.method]
+            total = 0.0
+            for name in targets:
+                mine = rows[rows["target"] == name]
+                if mine.empty:
+                    raise MuxTuneError(f"profile: {task.method} was not profiled on target {name!r} (has "
+                                       f"{sorted(set(rows['target']))})")
+                phases = [phase] + ([f"dropout_{phase}"] if task.dropout > 0 else [])
+                for part in phases:
+                    total += interp_grid(mine[mine["phase"] == part], "tokens", "rank", "seconds", task.tokens, task.rank)
+            return total
         rows = self.profile.rows("task", phase)
         rows = rows[rows["method"] == task.method]
         if rows.empty:

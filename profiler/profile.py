@@ -17,6 +17,8 @@ them. Rows of the table (column `op`):
           over (tokens, rank): phases fwd / bwd as for `task`, and dropout_fwd / dropout_bwd, what
           its dropout (p > 0: the mask drawn at the task's own shape, the masked input) adds on top.
           A task's overhead is the sum over its targets, so any target list is priced from these rows.
+  step    phase host_fixed, over tokens: the host work of a trainer step that is there once per step
+          (fusing, routing, loss bookkeeping), not once per task (see measure_step_fixed)
   optimizer  one task's AdamW step + gradient clipping + zero_grad, over its trainable `params`
   p2p / allreduce  between 2 processes (gloo on CPU; NCCL when 2 GPUs are visible), over `nbytes`
 
@@ -177,7 +179,7 @@ class Profile:
         if missing:
             raise MuxTuneError(f"{path}:2: profile table lacks columns {missing}")
         table["method"] = table["method"].fillna("")
-        table["target"] = table["target"].fillna("")
+        table["target"] = table["target"].astype(object).fillna("")  # an all-empty column reads as float
         return cls(table, meta)
 
 
@@ -642,6 +644,38 @@ def probe_trainer(backbone, device: str, method: str, rank: int, n_rows: int, se
     return trainer, batch
 
 
+def measure_step_fixed(backbone, device: str, spec: dict, warmup: int, repeats: int, bar) -> list[dict]:
+    """The host work of a trainer step that is there once per step, whatever the number of tasks (fusing
+    the batch, routing, the loss bookkeeping, the step's own loop): a step's host time (the real
+    `trainer.step()` minus its forward and backward) with one and with `count` LoRA tasks of the same
+    rows each, h(n) = fixed + n * per_task, so fixed = h(1) - (h(count) - h(1)) / (count - 1). Rows
+    `step` / `host_fixed` over the tokens of ONE task's rows (what a task-level `step` row is over)."""
+    seq, count, out = spec["task_seq"], 3, []
+    rank = spec["ranks"]["lora"][0]
+    for n_rows in spec["task_rows"]:
+        host = {}
+        for n in (1, count):
+            trainer, batch = probe_trainer(backbone, device, "lora", rank, n_rows, seq, count=n, name=f"fixed{n}_")
+            try:
+                loss = lambda: torch.stack(list(trainer.task_losses(batch, training=True).values())).sum()
+                times = []
+                for i in range(warmup + 3 * repeats):  # a difference of differences: more repeats
+                    f, b = fwd_bwd_seconds(loss, device, 0, 1)
+                    for run in trainer.runs.values():
+                        run.optimizer.zero_grad(set_to_none=True)
+                    step = median_seconds(trainer.step, device, 0, 1)
+                    if i >= warmup:
+                        times.append(step - f - b)
+                host[n] = statistics.median(times)
+            finally:
+                for name in list(trainer.runs):
+                    trainer.mux.remove_task(name)
+        fixed = host[1] - (host[count] - host[1]) / (count - 1)
+        out.append(_row("step", "host_fixed", fixed, n_rows * seq, seq, "lora", rank))
+        bar.update(1)
+    return out
+
+
 def measure_shared(backbone, device: str, method: str, rank: int, n_rows: int, seq: int, warmup: int,
                    repeats: int) -> list[dict]:
     """The part of a method's overhead that tasks of that method share when fused together (one split
@@ -784,12 +818,14 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
     w, r = spec["warmup"], spec["repeats"]
     n_tasks = sum(len(v) for v in spec["ranks"].values()) * len(spec["task_rows"])
     n_targets = len(layer_op_names(model)) * len([m for m in TARGET_METHODS if m in spec["ranks"]])
-    total = len([t for ts in spec["layer"].values() for t in ts]) + n_tasks + n_targets + len(spec["params"]) + comm
+    total = (len([t for ts in spec["layer"].values() for t in ts]) + n_tasks + n_targets + len(spec["task_rows"])
+             + len(spec["params"]) + comm)
     rows = []
     with tqdm(total=total, desc=f"profiling {model_name} on {device}", unit="point", disable=not progress) as bar:
         rows += measure_backbone(model, device, spec["layer"], w, r, bar)
         rows += measure_tasks(backbone, device, spec, w, r, bar)
         rows += measure_targets(backbone, device, spec, w, r, bar)
+        rows += measure_step_fixed(backbone, device, spec, w, r, bar)
         tensors = 4 * model.config.num_hidden_layers  # LoRA on two ops per layer: A and B each
         rows += measure_optimizer(device, spec["params"], tensors, w, r, bar)
         if comm:

@@ -6,8 +6,8 @@ order, each op waiting for its input: the previous stage's activations (forward)
 gradients (backward), delivered by point-to-point transfers on full-duplex links between neighbouring
 stages. Transfers and data-parallel all-reduces run on the communication side while compute goes on
 (the executor overlaps them). At the start of the step the first stage of each replica does every task's
-per-step host work (CostModel.host_seconds: sampling and fusing its rows, its schedule, gradient norm;
-kind `host`); at the end each task's optimizer runs on every stage that holds its adapter, after its
+per-step host work (CostModel.batch_host_seconds per micro-batch: fusing, routing, loss bookkeeping;
+host_seconds per task: sampling its rows, its schedule, gradient norm; kind `host`); at the end each task's optimizer runs on every stage that holds its adapter, after its
 gradients are all-reduced across replicas.
 
 Schedules (Plan.schedule), per pipeline of p stages over units (group, micro-batch):
@@ -205,6 +205,10 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
             device = device_of(r, s)
             if s == 0:  # the step's host work: drawing and fusing the batches comes before any forward
                 for g in _pipe.groups:
+                    for k, mb in enumerate(_pipe.micro_batches[g][r]):
+                        start = env.now
+                        yield compute(cost_model.batch_host_seconds(mb))
+                        log(device, "compute", g, k, "host", start, None, r, s)
                     for name in plan.groups[g].tasks:
                         start = env.now
                         yield compute(cost_model.host_seconds(_host_load(plan, g, name, works, _pipe.dp, packed)))

@@ -50,6 +50,9 @@ class FakeCostModel:
     def host_seconds(self, task):
         return self.host
 
+    def batch_host_seconds(self, mb):
+        return 0.0
+
     def p2p_seconds(self, nbytes):
         return self.p2p
 

@@ -17,9 +17,11 @@ measured model exactly and a pipeline stage of k layers gets k layers' share. Ea
 measured overhead (spread over the layers too), less, for the second and later task of a method, the
 part tasks of one method share (one split and concatenation per wrapped op). A LoRA/DoRA task's
 overhead is the sum over the op names it targets of the profile's `target` rows (plus their
-`dropout_*` rows when it has dropout), so its target list and dropout are priced, not assumed. The first stage's backward is shortened by the batch's
-`skip`: the backward work below the lowest op any of its methods needs a gradient at (the least of its
-methods' measured skips). span = seq_len + the longest prefix in the batch.
+`dropout_*` rows when it has dropout), so its target list and dropout are priced, not assumed. The
+first stage's backward is shortened by the batch's `skip`: the backward work below the lowest op any
+of its methods needs a gradient at (the least of its methods' measured skips). span = seq_len + the
+longest prefix in the batch. A step adds each task's optimizer and host work and, once per
+micro-batch, the step's fixed host work (`step_breakdown` lists every term).
 Nothing else in MuxTune holds a timing formula: the planner and simulator call these methods.
 """
 

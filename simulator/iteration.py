@@ -5,10 +5,11 @@ pipeline. Each device runs its stage's forward/backward of every micro-batch in 
 order, each op waiting for its input: the previous stage's activations (forward) or the next stage's
 gradients (backward), delivered by point-to-point transfers on full-duplex links between neighbouring
 stages. Transfers and data-parallel all-reduces run on the communication side while compute goes on
-(the executor overlaps them). At the start of the step the first stage of each replica does every task's
-per-step host work (CostModel.batch_host_seconds per micro-batch: fusing, routing, loss bookkeeping;
-host_seconds per task: sampling its rows, its schedule, gradient norm; kind `host`); at the end each task's optimizer runs on every stage that holds its adapter, after its
-gradients are all-reduced across replicas.
+(the executor overlaps them). At the start of the step the first stage of each replica does the
+step's host work (kind `host`: CostModel.batch_host_seconds per micro-batch for fusing, routing and
+loss bookkeeping; host_seconds per task for sampling its rows, its schedule, its gradient norm); at
+the end each task's optimizer runs on every stage that holds its adapter, after its gradients are
+all-reduced across replicas.
 
 Schedules (Plan.schedule), per pipeline of p stages over units (group, micro-batch):
   1f1b         groups one after another, each its own 1F1B with a flush: bubble (p-1)/(m+p-1) per group

@@ -85,7 +85,7 @@ def test_pipeline_benchmark_runs_in_quick_mode(capsys):
 
 
 def test_cost_model_accuracy_benchmark_runs_every_configuration_on_a_shipped_profile(repo, capsys):
-    """Real trainer steps for all seven configurations (all methods), priced by a shipped CPU profile
+    """Real trainer steps for every configuration (all methods), priced by a shipped CPU profile
     (its fingerprint need not match this machine: the file is given explicitly)."""
     profile = next((repo / "profiles").glob("cpu-*-tiny-llama.csv"))
     result = cost_model_accuracy.main(["--profile", str(profile), "--quick", "--steps", "1"])

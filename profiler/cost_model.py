@@ -172,7 +172,8 @@ class CostModel:
         if profile is not None:
             # pure look-ups into an immutable profile, asked thousands of times by the planner: memoize
             # them per instance (each is a pandas selection + interpolation, ~ms each)
-            for name in ("_task_seconds", "_shared_seconds", "_grid", "_batch_skip", "_batch_shared"):
+            for name in ("_task_seconds", "_shared_seconds", "_grid", "_batch_skip", "_batch_shared", "_target_rows",
+                         "_targets_of"):
                 setattr(self, name, functools.lru_cache(maxsize=65536)(getattr(self, name)))
 
     # constructors
@@ -287,6 +288,15 @@ class CostModel:
         if rows.empty or task.method not in set(rows["method"]):
             return ()
         return tuple(name.rsplit(".", 1)[-1] for name in (task.targets or self._default_targets()))
+
+    def _target_rows(self, method: str, name: str, phase: str) -> pd.DataFrame:
+        rows = self.profile.rows("target")
+        rows = rows[rows["method"] == method]
+        mine = rows[(rows["target"] == name) & (rows["phase"] == phase)]
+        if mine.empty:
+            raise MuxTuneError(f"profile: {method} was not profiled on target {name!r} (has "
+                               f"{sorted(set(rows['target']))})")
+        return mine
 
     def _shared_seconds(self, method: str, phase: str) -> float:
         """The part of one task's overhead that more tasks of its method share (profile rows
@@ -467,18 +477,9 @@ class CostModel:
         LoRA/DoRA: the sum over its targets' rows (and their dropout rows if it has dropout)."""
         targets = self._targets_of(task)
         if targets:
-            rows = self.profile.rows("target")
-            rows = rows[rows["method"] == task.method]
-            total = 0.0
-            for name in targets:
-                mine = rows[rows["target"] == name]
-                if mine.empty:
-                    raise MuxTuneError(f"profile: {task.method} was not profiled on target {name!r} (has "
-                                       f"{sorted(set(rows['target']))})")
-                phases = [phase] + ([f"dropout_{phase}"] if task.dropout > 0 else [])
-                for part in phases:
-                    total += interp_grid(mine[mine["phase"] == part], "tokens", "rank", "seconds", task.tokens, task.rank)
-            return total
+            parts = [phase] + ([f"dropout_{phase}"] if task.dropout > 0 else [])
+            return sum(interp_grid(self._target_rows(task.method, name, part), "tokens", "rank", "seconds",
+                                   task.tokens, task.rank) for name in targets for part in parts)
         rows = self.profile.rows("task", phase)
         rows = rows[rows["method"] == task.method]
         if rows.empty:

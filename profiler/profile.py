@@ -557,8 +557,6 @@ def measure_targets(backbone, device: str, spec: dict, warmup: int, repeats: int
     alternation. Measured at the op, not as a difference of whole-model passes: the signal is the
     adapter work itself, so it stays readable on a busy machine and at large token counts.
     At the first rank also the same task with dropout: what the dropout (mask, masked input) adds."""
-    from muxtune.executor.backbone import op_features
-
     model, seq, out = backbone.model, spec["task_seq"], []
     model_type, dtype = model.config.model_type, next(model.parameters()).dtype
     for method in [m for m in TARGET_METHODS if m in spec["ranks"]]:
@@ -573,10 +571,9 @@ def measure_targets(backbone, device: str, spec: dict, warmup: int, repeats: int
                         variants["dropout"] = probe_trainer(backbone, device, method, rank, n_rows, seq, 1, "drop",
                                                             {**peft, "dropout": DROPOUT_P})
                     try:
-                        calls = {key: _wrapped_ops_loss(trainer, batch, n_rows, seq, dtype, device, op_features)
+                        calls = {key: _wrapped_ops_loss(trainer, batch, n_rows, seq, dtype, device)
                                  for key, (trainer, batch) in variants.items()}
-                        calls["bare"] = _wrapped_ops_loss(*variants["plain"], n_rows, seq, dtype, device, op_features,
-                                                          bare=True)
+                        calls["bare"] = _wrapped_ops_loss(*variants["plain"], n_rows, seq, dtype, device, bare=True)
                         times = {key: ([], []) for key in calls}
                         for i in range(warmup + repeats):
                             for key, call in calls.items():
@@ -601,9 +598,11 @@ def measure_targets(backbone, device: str, spec: dict, warmup: int, repeats: int
     return out
 
 
-def _wrapped_ops_loss(trainer, batch, n_rows: int, seq: int, dtype, device: str, op_features, bare: bool = False):
+def _wrapped_ops_loss(trainer, batch, n_rows: int, seq: int, dtype, device: str, bare: bool = False):
     """A loss over every op the trainer's one task wraps, each called on a [rows, seq, in] input with
     the task's rows routed (bare: the frozen op alone on the same input)."""
+    from muxtune.executor.backbone import op_features
+
     run = next(iter(trainer.runs.values()))
     ops = [trainer.mux._ops[path] for path in run.adapter.paths]
     gen = torch.Generator().manual_seed(0)

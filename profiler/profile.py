@@ -810,6 +810,9 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
         raise MuxTuneError(f"profile mode: expected one of {sorted(GRIDS)}, got {mode!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MuxTuneError(f"devices: {device!r} requested but no CUDA device is available here")
+    if device.startswith("cuda") and os.environ.get("MUXTUNE_PROFILE_CLOCK") == "cpu":
+        raise MuxTuneError("MUXTUNE_PROFILE_CLOCK=cpu times host CPU work only; CUDA kernels run "
+                           "asynchronously: unset it to profile a GPU")
     spec = GRIDS[mode]
     backbone = load_backbone(model_name, device=device, dtype=dtype)
     model = backbone.model

@@ -24,11 +24,12 @@ from muxtune.executor.backbone import load_backbone
 from muxtune.executor.data import Example
 from muxtune.executor.trainer import MultiplexedTrainer
 from muxtune.profiler.cost_model import CostModel, MicroBatch, TaskLoad
-from muxtune.profiler.profile import load_or_profile, peak_bytes, peft_config_for
+from muxtune.profiler.profile import clock, load_or_profile, peak_bytes, peft_config_for, sync
 
 from muxtune.spec import Alignment, TaskSpec
 
-# (name, seq_len, [(method, rank, rows), ...]): none of these (tokens, rank, mix) is a profile point
+# (name, seq_len, [(method, rank, rows[, peft overrides]), ...]): none of these (tokens, rank, mix, target
+# list) is a profile point
 CONFIGS = [
     ("2 lora", 48, [("lora", 8, 3), ("lora", 16, 3)]),
     ("4 mixed", 40, [("lora", 8, 2), ("ia3", 0, 2), ("adapter", 16, 2), ("bitfit", 0, 2)]),
@@ -38,16 +39,27 @@ CONFIGS = [
     ("7 methods", 100, [("lora", 8, 1), ("dora", 8, 1), ("ia3", 0, 1), ("adapter", 32, 1),
                         ("prefix", 12, 1), ("prompt", 16, 1), ("bitfit", 0, 1)]),
     ("1 adapter long", 200, [("adapter", 24, 5)]),
+    # the quickstart's kind of tenants: LoRA on other ops than the defaults, some with dropout
+    ("lora targets+dropout", 96, [("lora", 8, 4, {"dropout": 0.05}),
+                                  ("lora", 16, 2, {"target_modules": "attention"}),
+                                  ("lora", 4, 2, {"target_modules": "mlp", "dropout": 0.1})]),
 ]
+# every attention op / every MLP op of a layer, per model family (target_modules "attention" / "mlp")
+OP_GROUPS = {"llama": {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]},
+             "gpt2": {"attention": ["c_attn", "c_proj"], "mlp": ["c_fc"]},
+             "opt": {"attention": ["q_proj", "k_proj", "v_proj", "out_proj"], "mlp": ["fc1", "fc2"]}}
 
 
 def build(backbone, seq: int, tasks: list[tuple[str, int, int]], steps: int) -> MultiplexedTrainer:
     specs, examples = [], {}
     model_type = backbone.model.config.model_type
-    for i, (method, rank, rows) in enumerate(tasks):
+    for i, (method, rank, rows, *overrides) in enumerate(tasks):
         name = f"t{i}-{method}"
         length = seq - (rank if method == "prompt" else 0)  # prompt slots are part of the row
-        specs.append(TaskSpec(name=name, data="synthetic.jsonl", peft=peft_config_for(method, rank, model_type),
+        peft = {**peft_config_for(method, rank, model_type), **(overrides[0] if overrides else {})}
+        if isinstance(peft.get("target_modules"), str):
+            peft["target_modules"] = OP_GROUPS[model_type][peft["target_modules"]]
+        specs.append(TaskSpec(name=name, data="synthetic.jsonl", peft=peft,
                               batch_size=rows, max_seq_len=length, steps=steps, seed=i, lr=1e-4))
         # lengths vary as real data's do, so the fused batch has padding and attention takes its masked
         # path, as in any batch of several tasks; one batch = all `rows` examples, so the longest one
@@ -62,8 +74,11 @@ def build(backbone, seq: int, tasks: list[tuple[str, int, int]], steps: int) -> 
 
 def micro_batch(trainer: MultiplexedTrainer, seq: int, tasks) -> MicroBatch:
     loads = []
-    for (method, rank, rows), run in zip(tasks, trainer.runs.values()):
-        loads.append(TaskLoad(method, rank, rows * seq, sum(p.numel() for p in run.parameters())))
+    for (method, rank, rows, *_), run in zip(tasks, trainer.runs.values()):
+        peft = run.spec.peft
+        targets = tuple(peft.target_modules) if method in ("lora", "dora") else ()
+        dropout = float(peft.dropout) if method in ("lora", "dora") else 0.0
+        loads.append(TaskLoad(method, rank, rows * seq, sum(p.numel() for p in run.parameters()), targets, dropout))
     return MicroBatch(tuple(loads), seq)
 
 
@@ -92,20 +107,24 @@ def main(argv=None) -> dict:
     steps = args.steps or (3 if args.quick else 15)
     results = []
     for name, seq, tasks in CONFIGS[: args.configs]:
-        tasks = [(method, rank, rows * args.rows_scale) for method, rank, rows in tasks]
+        tasks = [(method, rank, rows * args.rows_scale, *rest) for method, rank, rows, *rest in tasks]
         trainer = build(backbone, seq, tasks, steps + 3)
         try:
             trainer.step(), trainer.step()  # warm-up; also creates AdamW's state
             memory = peak_bytes(trainer.step, device)
+            times = []
             for _ in range(steps):
+                start = clock()
                 trainer.step()
+                sync(device)
+                times.append(clock() - start)  # wall time, or CPU time with MUXTUNE_PROFILE_CLOCK=cpu
             shape = trainer.step_shapes[-1]
             assert shape[1] == seq, f"{name}: fused batch is {shape}, expected seq {seq}"
         finally:
             for task in list(trainer.runs):
                 trainer.mux.remove_task(task)
         mb = micro_batch(trainer, seq, tasks)
-        measured = statistics.median(trainer.step_times[3:])
+        measured = statistics.median(times)
         predicted = cm.step_seconds([mb])
         predicted_memory = cm.step_memory_bytes([mb])
         row = {"config": name, "tasks": len(tasks), "tokens": mb.tokens, "seq_len": seq,

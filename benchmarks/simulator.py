@@ -27,40 +27,58 @@ from pathlib import Path
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
 
 
-def load_cost_model(model: str, device: str):
-    """The profiler's CostModel for `model` on `device`: a cached profile with this device's fingerprint,
-    else a quick profile measured now."""
-    from muxtune.profiler.cost_model import cost_model_for
+def load_cost_model(model: str, device: str, profile: str | None = None):
+    """The profiler's CostModel for `model` on `device`: `profile` (a CSV) if given, else a cached profile
+    with this device's fingerprint, else a quick profile measured now."""
+    from muxtune.profiler.cost_model import CostModel, cost_model_for
 
-    return cost_model_for(model, device)
+    return CostModel.from_profile(profile) if profile else cost_model_for(model, device)
 
 
-def prediction_errors(model: str, device: str, steps: int, warmup: int, max_seq_len: int | None = None) -> list[float]:
-    """Relative error of the simulated step time against every measured executor step after warm-up."""
-    from muxtune.executor.trainer import MultiplexedTrainer
-    from muxtune.run import prepare
-    from muxtune.simulator.iteration import simulate_step
-    from muxtune.simulator.workload import count_trainable_params, task_work
-    from muxtune.spec import Alignment, FusionGroup, Plan, load_config
+def quickstart(model: str, device: str, steps: int, max_seq_len: int | None):
+    from muxtune.spec import load_config
 
     config = load_config(QUICKSTART)
     # --max-seq-len keeps the shapes inside what a (quick) profile measured: interpolation, not extrapolation
     cap = lambda t: {"max_seq_len": min(t.max_seq_len, max_seq_len)} if max_seq_len else {}  # noqa: E731
-    config = config.model_copy(update={"model": model, "devices": device,
-                                       "tasks": [t.model_copy(update={"steps": steps, **cap(t)}) for t in config.tasks]})
-    cost_model = load_cost_model(model, device)
+    return config.model_copy(update={"model": model, "devices": device,
+                                     "tasks": [t.model_copy(update={"steps": steps, **cap(t)}) for t in config.tasks]})
+
+
+def padded_trainer(config, groups: list[list[str]]):
+    """(trainer, plan, trainable params per task) of `config` with these fusion groups, padded layout:
+    rows x padded length is exactly what `task_work` describes to the simulator."""
+    from muxtune.executor.trainer import MultiplexedTrainer
+    from muxtune.run import prepare
+    from muxtune.simulator.workload import count_trainable_params
+    from muxtune.spec import Alignment, FusionGroup, Plan
+
+    plan = Plan(groups=[FusionGroup(tasks=g, devices=config.device_list()[:1]) for g in groups],
+                alignment=Alignment(layout="padded"))
+    backbone, plan, examples, _ = prepare(config, plan)
+    params = {t.name: count_trainable_params(t, backbone.model) for t in config.tasks}
+    trainer = MultiplexedTrainer(backbone, config.tasks, examples, groups=[g.tasks for g in plan.groups],
+                                 alignment=plan.alignment)
+    return trainer, plan, params
+
+
+def prediction_errors(model: str, device: str, steps: int, warmup: int, max_seq_len: int | None = None,
+                      profile: str | None = None) -> list[float]:
+    """Relative error of the simulated step time against every measured executor step after warm-up."""
+    from muxtune.profiler.profile import clock
+    from muxtune.simulator.iteration import simulate_step
+    from muxtune.simulator.workload import task_work
+
+    config = quickstart(model, device, steps, max_seq_len)
+    cost_model = load_cost_model(model, device, profile)
     names = [t.name for t in config.tasks]
     errors = []
     for groups in ([names], [[n] for n in names]):
-        # the padded layout: rows x padded length is exactly what `task_work` describes to the simulator
-        plan = Plan(groups=[FusionGroup(tasks=g, devices=config.device_list()[:1]) for g in groups],
-                    alignment=Alignment(layout="padded"))
-        backbone, plan, examples, _ = prepare(config, plan)
-        params = {t.name: count_trainable_params(t, backbone.model) for t in config.tasks}
-        trainer = MultiplexedTrainer(backbone, config.tasks, examples, groups=[g.tasks for g in plan.groups],
-                                     alignment=plan.alignment)
+        trainer, plan, params = padded_trainer(config, groups)
         for step in range(steps):
+            start = clock()
             trainer.step()
+            measured = clock() - start  # wall time, or CPU time with MUXTUNE_PROFILE_CLOCK=cpu (as the profile)
             shapes = trainer.step_shapes[-len(groups):]  # (rows, padded length) of each group this step
             if step < warmup:
                 continue
@@ -69,11 +87,113 @@ def prediction_errors(model: str, device: str, steps: int, warmup: int, max_seq_
                 for name in group:
                     works[name] = task_work(config.task(name), params[name], mean_seq_len=padded)
             predicted = simulate_step(plan, works, cost_model).step_seconds
-            measured = trainer.step_times[-1]
             errors.append(abs(predicted - measured) / measured)
             print(f"groups={len(groups)} step={step} shapes={shapes} predicted={predicted * 1e3:.1f} ms "
                   f"measured={measured * 1e3:.1f} ms error={errors[-1]:.1%}", file=sys.stderr)
     return errors
+
+
+# what the CostModel's step_breakdown terms price, per measured phase of a trainer step
+PHASES = [("forward", ["fwd_backbone", "fwd_head", "fwd_tasks"]),
+          ("  bare backbone + head forward, same batch", ["fwd_backbone", "fwd_head"]),
+          ("  LM head + loss sums (trainer)", ["fwd_head"]),
+          ("  adapters (forward - bare)", ["fwd_tasks"]),
+          ("backward", ["bwd_backbone", "bwd_head", "bwd_tasks"]),
+          ("  bare backbone + head backward, same batch", ["bwd_backbone", "bwd_head"]),
+          ("  adapters (backward - bare)", ["bwd_tasks"]),
+          ("grad norm + clip + AdamW + zero_grad", ["optimizer"]),
+          ("draw + fuse + schedule + rest of step", ["host_tasks", "host_batch"]),
+          ("whole step", None)]
+
+
+def step_phases(model: str, device: str, steps: int, warmup: int, max_seq_len: int | None = None,
+                profile: str | None = None) -> list[dict]:
+    """Time the phases of real fused trainer steps (all quickstart tasks in one group) and set each
+    beside the CostModel terms that price it at the same shapes. The trainer is only observed: its
+    methods are wrapped with the profiler's clock for the run. The bare backbone + head is run on
+    each step's batch right after it (profiler.profile.bare_model_loss, what the `model` rows measure)."""
+    import functools
+    import statistics
+
+    import torch
+    from muxtune.executor import trainer as trainer_module
+    from muxtune.profiler.profile import bare_model_loss, clock, fwd_bwd_seconds
+    from muxtune.simulator.workload import split_micro_batches, task_work
+
+    config = quickstart(model, device, steps, max_seq_len)
+    cost_model = load_cost_model(model, device, profile)
+    names = [t.name for t in config.tasks]
+    trainer, _, params = padded_trainer(config, [names])
+    spent: dict[str, float] = {}
+    last: dict = {}
+
+    def timed(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            start = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + clock() - start
+        return wrapper
+
+    def keep(fn):
+        def wrapper(batches):
+            last["batches"] = fn(batches)
+            return last["batches"]
+        return wrapper
+
+    trainer.draw_batch = timed("draw", trainer.draw_batch)
+    trainer.micro_batches = timed("fuse", keep(trainer.micro_batches))
+    trainer.loss_sums = timed("forward", trainer.loss_sums)
+    trainer.head_loss_sums = timed("head", trainer.head_loss_sums)
+    for run in trainer.runs.values():
+        run.optimizer.step = timed("optimizer", run.optimizer.step)
+        run.optimizer.zero_grad = timed("optimizer", run.optimizer.zero_grad)
+    patches = [(torch.Tensor, "backward", timed("backward", torch.Tensor.backward)),
+               (trainer_module, "grad_norm", timed("optimizer", trainer_module.grad_norm)),
+               (torch.nn.utils, "clip_grads_with_norm_", timed("optimizer", torch.nn.utils.clip_grads_with_norm_))]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    measured: list[dict] = []
+    try:
+        for step in range(steps):
+            for owner, name, wrapper in patches:
+                setattr(owner, name, wrapper)
+            spent.clear()
+            start = clock()
+            trainer.step()
+            spent["step"] = clock() - start
+            for owner, name, original in originals:
+                setattr(owner, name, original)
+            batch = last["batches"][0]
+            spent["bare_forward"], spent["bare_backward"] = fwd_bwd_seconds(
+                lambda: bare_model_loss(trainer.model, batch.input_ids, batch.attention_mask), device, 0, 1)
+            if step >= warmup:
+                measured.append(dict(spent, shape=tuple(batch.input_ids.shape)))
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+    median = lambda key: statistics.median(m.get(key, 0.0) for m in measured)  # noqa: E731
+    host = median("step") - median("forward") - median("backward") - median("optimizer")
+    seen = {"forward": median("forward"), "  bare backbone + head forward, same batch": median("bare_forward"),
+            "  LM head + loss sums (trainer)": median("head"),
+            "  adapters (forward - bare)": median("forward") - median("bare_forward"),
+            "backward": median("backward"), "  bare backbone + head backward, same batch": median("bare_backward"),
+            "  adapters (backward - bare)": median("backward") - median("bare_backward"),
+            "grad norm + clip + AdamW + zero_grad": median("optimizer"),
+            "draw + fuse + schedule + rest of step": host, "whole step": median("step")}
+    seq = measured[-1]["shape"][1]
+    mb = split_micro_batches([task_work(config.task(n), params[n], mean_seq_len=seq) for n in names], 1)[0]
+    terms = cost_model.step_breakdown(mb)
+    table = []
+    for label, keys in PHASES:
+        key = label
+        predicted = sum(terms[k] for k in keys) if keys else sum(terms.values())
+        table.append({"phase": label.strip(), "measured_ms": 1e3 * seen[key], "predicted_ms": 1e3 * predicted,
+                      "terms": ", ".join(keys) if keys else "step_seconds"})
+        print(f"{label:44s} measured {1e3 * seen[key]:8.2f} ms  predicted {1e3 * predicted:8.2f} ms  "
+              f"({table[-1]['terms']})", file=sys.stderr)
+    return table
 
 
 def cluster_speed(jobs: int, gpus: int, rate_per_hour: float, cost_model) -> tuple[float, dict]:
@@ -95,6 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gpus", type=int, default=64)
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="cap the quickstart tasks' max_seq_len (keep shapes inside the profile's range)")
+    parser.add_argument("--profile", help="a profile CSV to use instead of the cache / a fresh measurement")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time the phases of the fused steps beside the CostModel terms that price them")
     parser.add_argument("--rate", type=float, default=400.0, help="job arrivals per hour")
     args = parser.parse_args(argv)
     if args.quick:
@@ -102,8 +225,12 @@ def main(argv: list[str] | None = None) -> dict:
     import muxtune.spec  # noqa: F401  (import time is not simulation time)
 
     result: dict = {"model": args.model, "device": args.device}
-    errors = prediction_errors(args.model, args.device, args.steps, warmup=1, max_seq_len=args.max_seq_len)
+    errors = prediction_errors(args.model, args.device, args.steps, warmup=1, max_seq_len=args.max_seq_len,
+                               profile=args.profile)
     result.update(median_error=statistics.median(errors), max_error=max(errors), predicted_steps=len(errors))
+    if args.phases:
+        result["phases"] = step_phases(args.model, args.device, args.steps, warmup=1, max_seq_len=args.max_seq_len,
+                                       profile=args.profile)
     # the cluster: GPUs we do not have, priced by the analytic cost model (LLaMA-7B-shaped jobs on H100s)
     from muxtune.profiler.cost_model import CostModel, llama_7b_shape
 

@@ -15,9 +15,13 @@ parts `stem`, `layer`, `head` are measured alone, and what the parts miss (the m
 mask building) is spread evenly over the layers, so a full single-device step reproduces the
 measured model exactly and a pipeline stage of k layers gets k layers' share. Each task adds its
 measured overhead (spread over the layers too), less, for the second and later task of a method, the
-part tasks of one method share (one split and concatenation per wrapped op). The first stage's backward is shortened by the batch's
-`skip`: the backward work below the lowest op any of its methods needs a gradient at (the least of its
-methods' measured skips). span = seq_len + the longest prefix in the batch.
+part tasks of one method share (one split and concatenation per wrapped op). A LoRA/DoRA task's
+overhead is the sum over the op names it targets of the profile's `target` rows (plus their
+`dropout_*` rows when it has dropout), so its target list and dropout are priced, not assumed. The
+first stage's backward is shortened by the batch's `skip`: the backward work below the lowest op any
+of its methods needs a gradient at (the least of its methods' measured skips). span = seq_len + the
+longest prefix in the batch. A step adds each task's optimizer and host work and, once per
+micro-batch, the step's fixed host work (`step_breakdown` lists every term).
 Nothing else in MuxTune holds a timing formula: the planner and simulator call these methods.
 """
 
@@ -50,6 +54,10 @@ class TaskLoad:
     rank: int  # LoRA/DoRA rank, adapter bottleneck size, prefix/prompt virtual tokens; 0 if none
     tokens: int  # token slots this task occupies in the micro-batch (its rows x seq_len, padding included)
     params: int  # the task's trainable parameter count (optimizer step, memory)
+    # LoRA/DoRA: the op names it targets in every layer (() = the profile's task_targets, the defaults its
+    # method rows were measured on) and its dropout probability: both change what it costs
+    targets: tuple[str, ...] = ()
+    dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -164,7 +172,8 @@ class CostModel:
         if profile is not None:
             # pure look-ups into an immutable profile, asked thousands of times by the planner: memoize
             # them per instance (each is a pandas selection + interpolation, ~ms each)
-            for name in ("_task_seconds", "_shared_seconds", "_grid", "_batch_skip"):
+            for name in ("_task_seconds", "_shared_seconds", "_grid", "_batch_skip", "_batch_shared", "_target_rows",
+                         "_targets_of"):
                 setattr(self, name, functools.lru_cache(maxsize=65536)(getattr(self, name)))
 
     # constructors
@@ -231,26 +240,63 @@ class CostModel:
         return self._stage_seconds(mb, layers, first, last, "bwd")
 
     def _stage_seconds(self, mb: MicroBatch, layers: int, first: bool, last: bool, phase: str) -> float:
+        return max(sum(self._stage_parts(mb, layers, first, last, phase).values()), 0.0)
+
+    def _stage_parts(self, mb: MicroBatch, layers: int, first: bool, last: bool, phase: str) -> dict[str, float]:
+        """The terms of a stage's forward or backward: backbone (layers, stem, what the parts miss), head,
+        tasks (their overheads less what they share and, backward, less what the batch skips)."""
         self._check(mb)
         if self.profile is None:
-            per_layer = self._analytic_layer(mb, phase) + sum(self._analytic_task(t, phase) for t in mb.tasks)
             head = self._analytic_head(mb.tokens, phase) if last else 0.0
             stem = self._analytic_stem(mb.tokens) if first and phase == "fwd" else 0.0
-            return layers * per_layer + head + stem
+            return {"backbone": layers * self._analytic_layer(mb, phase) + stem, "head": head,
+                    "tasks": layers * sum(self._analytic_task(t, phase) for t in mb.tasks)}
         T, span, L = mb.tokens, mb.span, self.shape.n_layers
         layer = self._grid("layer", phase, T, span)
         stem = self._grid("stem", "fwd", T, span) if phase == "fwd" else 0.0
         head = interp1(*self._curve("head", phase, "tokens"), T)
         residual = self._grid("model", phase, T, span) - (stem + L * layer + head)
-        tasks = sum(self._task_seconds(t, phase) for t in mb.tasks)
-        # tasks of one method share each wrapped op's split and concatenation: counted once per method
-        for method in {t.method for t in mb.tasks}:
-            count = sum(t.method == method for t in mb.tasks)
-            tasks -= (count - 1) * self._shared_seconds(method, phase)
-        per_layer = layer + (residual + tasks) / L
+        tasks = sum(self._task_seconds(t, phase) for t in mb.tasks) - self._batch_shared(mb, phase)
         # the backward stops below the lowest op any task needs a gradient at: the first stage skips that
         skip = self._batch_skip(mb, "seconds") if first and phase == "bwd" else 0.0
-        return max(layers * per_layer + (stem if first else 0.0) + (head if last else 0.0) - skip, 0.0)
+        return {"backbone": layers * (layer + residual / L) + (stem if first else 0.0),
+                "head": head if last else 0.0, "tasks": layers * tasks / L - skip}
+
+    def _batch_shared(self, mb: MicroBatch, phase: str) -> float:
+        """What the batch's tasks priced by method rows share: each wrapped op's split and concatenation
+        runs once however many tasks of a method wrap it, so every task after the first saves its share."""
+        defaults = self._default_targets()
+        wrapped: dict[tuple[str, str], int] = {}
+        for t in mb.tasks:
+            if self._targets_of(t):
+                # priced at its ops (`target` rows): one task's split and concatenation there cover its
+                # own rows only, so more tasks on an op add theirs; nothing to take back
+                continue
+            for name in defaults:
+                wrapped[(t.method, name)] = wrapped.get((t.method, name), 0) + 1
+        return sum((count - 1) * self._shared_seconds(method, phase) / len(defaults)
+                   for (method, _), count in wrapped.items())
+
+    def _default_targets(self) -> tuple[str, ...]:
+        """The target list the profile's method-level task rows were measured on (one name: unknown)."""
+        return tuple(self.profile.meta.get("task_targets") or ("default",))
+
+    def _targets_of(self, task: TaskLoad) -> tuple[str, ...]:
+        """The op names a LoRA/DoRA task is priced on when the profile has per-target rows; () otherwise
+        (then its method rows price it). A dotted target (`self_attn.q_proj`) is priced as its op name."""
+        rows = self.profile.rows("target")
+        if rows.empty or task.method not in set(rows["method"]):
+            return ()
+        return tuple(name.rsplit(".", 1)[-1] for name in (task.targets or self._default_targets()))
+
+    def _target_rows(self, method: str, name: str, phase: str) -> pd.DataFrame:
+        rows = self.profile.rows("target")
+        rows = rows[rows["method"] == method]
+        mine = rows[(rows["target"] == name) & (rows["phase"] == phase)]
+        if mine.empty:
+            raise MuxTuneError(f"profile: {method} was not profiled on target {name!r} (has "
+                               f"{sorted(set(rows['target']))})")
+        return mine
 
     def _shared_seconds(self, method: str, phase: str) -> float:
         """The part of one task's overhead that more tasks of its method share (profile rows
@@ -296,18 +342,29 @@ class CostModel:
 
     def step_seconds(self, groups: list[MicroBatch]) -> float:
         """One optimizer step on one device: the groups' forward+backward one after another, then every
-        task's optimizer step."""
-        total = 0.0
-        for mb in groups:
-            total += self.forward_seconds(mb, self.shape.n_layers, True, True)
-            total += self.backward_seconds(mb, self.shape.n_layers, True, True)
-            total += sum(self.optimizer_seconds(t.params) + self.host_seconds(t) for t in mb.tasks)
-        return total
+        task's optimizer step, and the step's host work."""
+        return sum(sum(self.step_breakdown(mb).values()) for mb in groups)
+
+    def step_breakdown(self, mb: MicroBatch) -> dict[str, float]:
+        """One micro-batch's share of a single-device step, term by term (seconds; they add up to
+        step_seconds([mb])): what each phase of a trainer step is priced at, to set beside its measurement."""
+        L, out = self.shape.n_layers, {}
+        for phase in ("fwd", "bwd"):
+            parts = self._stage_parts(mb, L, True, True, phase)
+            total = max(sum(parts.values()), 0.0)
+            # a stage's time is never negative: a (noisy) negative total goes to 0 in its backbone term
+            parts["backbone"] += total - sum(parts.values())
+            out.update({f"{phase}_{name}": value for name, value in parts.items()})
+        out["optimizer"] = sum(self.optimizer_seconds(t.params) for t in mb.tasks)
+        out["host_tasks"] = sum(self.host_seconds(t) for t in mb.tasks)
+        out["host_batch"] = self.batch_host_seconds(mb)
+        return out
 
     def host_seconds(self, task: TaskLoad) -> float:
-        """A task's per-step work besides its share of the fused forward/backward and its optimizer:
-        LR schedule, sampling and fusing its rows (profile: the task's measured `step` rows minus the
-        optimizer at its parameter count; analytic: none)."""
+        """A task's own per-step work besides its share of the fused forward/backward and its optimizer:
+        LR schedule, sampling its rows, its gradient norm (profile: the task's measured `step` rows
+        minus the optimizer at its parameter count and minus the step's fixed host work, which one
+        task's step also holds; analytic: none)."""
         if self.profile is None:
             return 0.0
         rows = self.profile.rows("task", "step")
@@ -315,7 +372,19 @@ class CostModel:
         if rows.empty:
             return 0.0
         rest = rows.assign(seconds=[s - self.optimizer_seconds(int(p)) for s, p in zip(rows["seconds"], rows["params"])])
-        return max(interp_grid(rest, "tokens", "rank", "seconds", task.tokens, task.rank), 0.0)
+        own = interp_grid(rest, "tokens", "rank", "seconds", task.tokens, task.rank)
+        return max(own - self._host_fixed(task.tokens), 0.0)
+
+    def batch_host_seconds(self, mb: MicroBatch) -> float:
+        """The host work of one fused micro-batch that is there once, whatever its number of tasks:
+        fusing it, routing it, the loss bookkeeping (profile rows `step`/`host_fixed` at its tokens)."""
+        return self._host_fixed(mb.tokens) if self.profile is not None else 0.0
+
+    def _host_fixed(self, tokens: int) -> float:
+        rows = self.profile.rows("step", "host_fixed")
+        if rows.empty:  # older profiles: the fixed part stays inside every task's `step` rows
+            return 0.0
+        return max(interp1(rows["tokens"].to_numpy(), rows["seconds"].to_numpy(), tokens), 0.0)
 
     # memory
 
@@ -404,7 +473,13 @@ class CostModel:
         return interp_grid(rows, "tokens", "seq_len", value, tokens, span)
 
     def _task_seconds(self, task: TaskLoad, phase: str) -> float:
-        """A task's overhead on the whole model: interpolated in tokens per measured rank, then in rank."""
+        """A task's overhead on the whole model: interpolated in tokens per measured rank, then in rank.
+        LoRA/DoRA: the sum over its targets' rows (and their dropout rows if it has dropout)."""
+        targets = self._targets_of(task)
+        if targets:
+            parts = [phase] + ([f"dropout_{phase}"] if task.dropout > 0 else [])
+            return sum(interp_grid(self._target_rows(task.method, name, part), "tokens", "rank", "seconds",
+                                   task.tokens, task.rank) for name in targets for part in parts)
         rows = self.profile.rows("task", phase)
         rows = rows[rows["method"] == task.method]
         if rows.empty:

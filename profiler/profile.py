@@ -13,6 +13,12 @@ them. Rows of the table (column `op`):
   task    what ONE task of `method` at `rank` adds to the whole model (all layers) when its `tokens`
           ride in the fused batch: measured with the task attached minus the bare model, paired
           (phases fwd, bwd, skip, step: see measure_tasks)
+  target  what ONE LoRA/DoRA task adds per backbone op NAME it targets (e.g. `q_proj`, all layers),
+          over (tokens, rank): phases fwd / bwd as for `task`, and dropout_fwd / dropout_bwd, what
+          its dropout (p > 0: the mask drawn at the task's own shape, the masked input) adds on top.
+          A task's overhead is the sum over its targets, so any target list is priced from these rows.
+  step    phase host_fixed, over tokens: the host work of a trainer step that is there once per step
+          (fusing, routing, loss bookkeeping), not once per task (see measure_step_fixed)
   optimizer  one task's AdamW step + gradient clipping + zero_grad, over its trainable `params`
   p2p / allreduce  between 2 processes (gloo on CPU; NCCL when 2 GPUs are visible), over `nbytes`
 
@@ -44,7 +50,7 @@ from torch import nn
 from muxtune.errors import MuxTuneError
 
 COLUMNS = ["op", "phase", "tokens", "seq_len", "method", "rank", "params", "nbytes", "world",
-           "seconds", "saved_bytes", "batch_bytes", "peak_bytes"]
+           "seconds", "saved_bytes", "batch_bytes", "peak_bytes", "target"]
 HEADER = "# muxtune-profile "  # first line of a profile CSV: this marker + the JSON metadata
 REPO_PROFILES = Path(__file__).resolve().parent.parent / "profiles"  # shipped profiles (in the repo)
 
@@ -58,14 +64,14 @@ def user_cache_dir() -> Path:
 # (seq_len, tokens...) of the backbone grids: rows = tokens / seq_len sequences of seq_len each.
 GRIDS = {
     "quick": {"layer": {16: [64, 256, 1024], 64: [64, 256, 1024], 256: [256, 1024]},
-              "task_seq": 32, "task_rows": [2, 8],
+              "task_seq": 32, "task_rows": [2, 8], "target_tokens": [256, 1024, 4096],
               "ranks": {"lora": [4, 32], "dora": [4, 32], "adapter": [8, 64], "prefix": [8, 32],
                         "prompt": [8, 24], "ia3": [0], "bitfit": [0]},
               "params": [1_000, 100_000, 1_000_000], "nbytes": [4_096, 262_144, 4_194_304],
               "warmup": 2, "repeats": 7},
     "full": {"layer": {32: [256, 1024, 4096], 128: [256, 1024, 4096, 8192], 512: [1024, 4096, 8192],
                        2048: [2048, 8192]},
-             "task_seq": 128, "task_rows": [2, 4, 16],
+             "task_seq": 128, "task_rows": [2, 4, 16], "target_tokens": [512, 2048, 8192, 32768],
              "ranks": {"lora": [4, 16, 64], "dora": [4, 16, 64], "adapter": [16, 64, 256],
                        "prefix": [8, 32, 128], "prompt": [8, 32, 96], "ia3": [0], "bitfit": [0]},
              "params": [1_000, 30_000, 300_000, 3_000_000, 30_000_000],
@@ -167,10 +173,13 @@ class Profile:
         except json.JSONDecodeError as exc:
             raise MuxTuneError(f"{path}:1: profile header is not valid JSON: {exc.msg}") from None
         table = pd.read_csv(path, skiprows=1)
+        if "target" not in table.columns:  # profiles from before per-target rows: none of them
+            table["target"] = ""
         missing = [c for c in COLUMNS if c not in table.columns]
         if missing:
             raise MuxTuneError(f"{path}:2: profile table lacks columns {missing}")
         table["method"] = table["method"].fillna("")
+        table["target"] = table["target"].astype(object).fillna("")  # an all-empty column reads as float
         return cls(table, meta)
 
 
@@ -198,16 +207,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize(torch.device(device))
 
 
+def clock() -> float:
+    """The profiler's timer: wall time (what a step takes), or with MUXTUNE_PROFILE_CLOCK=cpu this
+    process's CPU time, which on a CPU shared with other jobs counts this work and not the time the
+    others held the cores (a diagnostic for loaded machines: wrong for CUDA, whose work is async)."""
+    return time.process_time() if os.environ.get("MUXTUNE_PROFILE_CLOCK") == "cpu" else time.perf_counter()
+
+
 def median_seconds(fn, device: str, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         sync(device)
-        start = time.perf_counter()
+        start = clock()
         fn()
         sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -371,16 +387,16 @@ def fwd_bwd_seconds(forward, device: str, warmup: int, repeats: int) -> tuple[fl
     fwd, bwd = [], []
     for i in range(warmup + repeats):
         sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         out = forward()
         sync(device)
-        t1 = time.perf_counter()
+        t1 = clock()
         if isinstance(out, tuple):
             out[0].backward(out[1])
         else:
             out.backward()
         sync(device)
-        t2 = time.perf_counter()
+        t2 = clock()
         if i >= warmup:
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
@@ -392,10 +408,10 @@ def fwd_bwd_seconds(forward, device: str, warmup: int, repeats: int) -> tuple[fl
 
 
 def _row(op, phase, seconds, tokens=0, seq_len=0, method="", rank=0, params=0, nbytes=0, world=0,
-         saved=0, batch=0, peak=0) -> dict:
+         saved=0, batch=0, peak=0, target="") -> dict:
     return {"op": op, "phase": phase, "tokens": tokens, "seq_len": seq_len, "method": method, "rank": rank,
             "params": params, "nbytes": nbytes, "world": world, "seconds": seconds, "saved_bytes": saved,
-            "batch_bytes": batch, "peak_bytes": peak}
+            "batch_bytes": batch, "peak_bytes": peak, "target": target}
 
 
 def measure_backbone(model, device: str, grid: dict, warmup: int, repeats: int, bar) -> list[dict]:
@@ -515,8 +531,94 @@ def measure_tasks(backbone, device: str, spec: dict, warmup: int, repeats: int, 
     return out
 
 
+TARGET_METHODS = ("lora", "dora")  # the methods whose cost follows their target_modules list
+DROPOUT_P = 0.1  # the dropout the dropout_* rows are measured at (its cost does not depend on p)
+
+
+def layer_op_names(model: nn.Module) -> list[str]:
+    """Names of the ops of one decoder layer a task can target (`q_proj`, `c_attn`, ...), in order."""
+    from transformers.pytorch_utils import Conv1D
+
+    _, _, layers = decoder_layers(model)
+    names = []
+    for path, module in layers[0].named_modules():
+        if path and not path.endswith("base_op") and (isinstance(module, (nn.Linear, Conv1D))
+                                                      or hasattr(module, "base_op")):
+            name = path.rsplit(".", 1)[-1]
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def measure_targets(backbone, device: str, spec: dict, warmup: int, repeats: int, bar) -> list[dict]:
+    """Each (LoRA/DoRA, target op name, rank, tokens): one task targeting only that name; every op it
+    wraps (all layers) is called as the model calls it, through its MultiplexedOp with the task's rows
+    routed, forward and backward (dX, adapter gradients) minus the bare op on the same input, in
+    alternation. Measured at the op, not as a difference of whole-model passes: the signal is the
+    adapter work itself, so it stays readable on a busy machine and at large token counts.
+    At the first rank also the same task with dropout: what the dropout (mask, masked input) adds."""
+    model, seq, out = backbone.model, spec["task_seq"], []
+    model_type, dtype = model.config.model_type, next(model.parameters()).dtype
+    for method in [m for m in TARGET_METHODS if m in spec["ranks"]]:
+        ranks = spec["ranks"][method]
+        for target in layer_op_names(model):
+            for rank in ranks:
+                for tokens in spec["target_tokens"]:
+                    n_rows = tokens // seq
+                    peft = {**peft_config_for(method, rank, model_type), "target_modules": [target]}
+                    variants = {"plain": probe_trainer(backbone, device, method, rank, n_rows, seq, 1, "plain", peft)}
+                    if rank == ranks[0]:
+                        variants["dropout"] = probe_trainer(backbone, device, method, rank, n_rows, seq, 1, "drop",
+                                                            {**peft, "dropout": DROPOUT_P})
+                    try:
+                        calls = {key: _wrapped_ops_loss(trainer, batch, n_rows, seq, dtype, device)
+                                 for key, (trainer, batch) in variants.items()}
+                        calls["bare"] = _wrapped_ops_loss(*variants["plain"], n_rows, seq, dtype, device, bare=True)
+                        times = {key: ([], []) for key in calls}
+                        for i in range(warmup + repeats):
+                            for key, call in calls.items():
+                                f, b = fwd_bwd_seconds(call, device, 0, 1)
+                                if i >= warmup:
+                                    times[key][0].append(f), times[key][1].append(b)
+                            for trainer, _ in variants.values():
+                                for run in trainer.runs.values():
+                                    run.optimizer.zero_grad(set_to_none=True)
+                    finally:
+                        for trainer, _ in variants.values():
+                            for name in list(trainer.runs):
+                                trainer.mux.remove_task(name)
+                    m = {key: [statistics.median(t) for t in pair] for key, pair in times.items()}
+                    for k, phase in enumerate(("fwd", "bwd")):
+                        out.append(_row("target", phase, m["plain"][k] - m["bare"][k], tokens, seq, method, rank,
+                                        target=target))
+                        if "dropout" in m:
+                            out.append(_row("target", f"dropout_{phase}", m["dropout"][k] - m["plain"][k], tokens,
+                                            seq, method, rank, target=target))
+            bar.update(1)
+    return out
+
+
+def _wrapped_ops_loss(trainer, batch, n_rows: int, seq: int, dtype, device: str, bare: bool = False):
+    """A loss over every op the trainer's one task wraps, each called on a [rows, seq, in] input with
+    the task's rows routed (bare: the frozen op alone on the same input)."""
+    from muxtune.executor.backbone import op_features
+
+    run = next(iter(trainer.runs.values()))
+    ops = [trainer.mux._ops[path] for path in run.adapter.paths]
+    gen = torch.Generator().manual_seed(0)
+    shapes = [op_features(op.base_op) for op in ops]
+    xs = [torch.randn(n_rows, seq, i, generator=gen).to(device, dtype) for i, _ in shapes]
+    grads = [torch.randn(n_rows, seq, o, generator=gen).to(device, dtype) for _, o in shapes]
+
+    def loss():
+        with trainer.mux.route(batch.segments, seq, training=True):
+            outs = [(op.base_op if bare else op)(x.detach().requires_grad_()) for op, x in zip(ops, xs)]
+        return sum((o * g).sum() for o, g in zip(outs, grads))
+    return loss
+
+
 def probe_trainer(backbone, device: str, method: str, rank: int, n_rows: int, seq: int, count: int,
-                  name: str = "probe"):
+                  name: str = "probe", peft: dict | None = None):
     """A trainer with `count` tasks of one method (n_rows rows of seq slots each) and their fused batch.
     Each task's last row is one token shorter: padding, as a fused batch of several tasks has."""
     from muxtune.executor.data import Example, fuse
@@ -524,7 +626,7 @@ def probe_trainer(backbone, device: str, method: str, rank: int, n_rows: int, se
 
     from muxtune.spec import Alignment, TaskSpec
 
-    peft = peft_config_for(method, rank, backbone.model.config.model_type)
+    peft = peft or peft_config_for(method, rank, backbone.model.config.model_type)
     lead = rank if method == "prompt" else 0
     length = seq - lead
     specs, examples = [], {}
@@ -539,6 +641,38 @@ def probe_trainer(backbone, device: str, method: str, rank: int, n_rows: int, se
                                  alignment=Alignment(layout="padded"))  # what the CostModel prices: rows x padded length
     batch = fuse(examples, backbone.tokenizer.pad_token_id, device, lead={task: lead for task in examples})
     return trainer, batch
+
+
+def measure_step_fixed(backbone, device: str, spec: dict, warmup: int, repeats: int, bar) -> list[dict]:
+    """The host work of a trainer step that is there once per step, whatever the number of tasks (fusing
+    the batch, routing, the loss bookkeeping, the step's own loop): a step's host time (the real
+    `trainer.step()` minus its forward and backward) with one and with `count` LoRA tasks of the same
+    rows each, h(n) = fixed + n * per_task, so fixed = h(1) - (h(count) - h(1)) / (count - 1). Rows
+    `step` / `host_fixed` over the tokens of ONE task's rows (what a task-level `step` row is over)."""
+    seq, count, out = spec["task_seq"], 3, []
+    rank = spec["ranks"]["lora"][0]
+    for n_rows in spec["task_rows"]:
+        host = {}
+        for n in (1, count):
+            trainer, batch = probe_trainer(backbone, device, "lora", rank, n_rows, seq, count=n, name=f"fixed{n}_")
+            try:
+                loss = lambda: torch.stack(list(trainer.task_losses(batch, training=True).values())).sum()
+                times = []
+                for i in range(warmup + 3 * repeats):  # a difference of differences: more repeats
+                    f, b = fwd_bwd_seconds(loss, device, 0, 1)
+                    for run in trainer.runs.values():
+                        run.optimizer.zero_grad(set_to_none=True)
+                    step = median_seconds(trainer.step, device, 0, 1)
+                    if i >= warmup:
+                        times.append(step - f - b)
+                host[n] = statistics.median(times)
+            finally:
+                for name in list(trainer.runs):
+                    trainer.mux.remove_task(name)
+        fixed = host[1] - (host[count] - host[1]) / (count - 1)
+        out.append(_row("step", "host_fixed", fixed, n_rows * seq, seq, "lora", rank))
+        bar.update(1)
+    return out
 
 
 def measure_shared(backbone, device: str, method: str, rank: int, n_rows: int, seq: int, warmup: int,
@@ -676,17 +810,24 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
         raise MuxTuneError(f"profile mode: expected one of {sorted(GRIDS)}, got {mode!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MuxTuneError(f"devices: {device!r} requested but no CUDA device is available here")
+    if device.startswith("cuda") and os.environ.get("MUXTUNE_PROFILE_CLOCK") == "cpu":
+        raise MuxTuneError("MUXTUNE_PROFILE_CLOCK=cpu times host CPU work only; CUDA kernels run "
+                           "asynchronously: unset it to profile a GPU")
     spec = GRIDS[mode]
     backbone = load_backbone(model_name, device=device, dtype=dtype)
     model = backbone.model
     fp = fingerprint(device, model_name, model.config, dtype)
     w, r = spec["warmup"], spec["repeats"]
     n_tasks = sum(len(v) for v in spec["ranks"].values()) * len(spec["task_rows"])
-    total = len([t for ts in spec["layer"].values() for t in ts]) + n_tasks + len(spec["params"]) + comm
+    n_targets = len(layer_op_names(model)) * len([m for m in TARGET_METHODS if m in spec["ranks"]])
+    total = (len([t for ts in spec["layer"].values() for t in ts]) + n_tasks + n_targets + len(spec["task_rows"])
+             + len(spec["params"]) + comm)
     rows = []
     with tqdm(total=total, desc=f"profiling {model_name} on {device}", unit="point", disable=not progress) as bar:
         rows += measure_backbone(model, device, spec["layer"], w, r, bar)
         rows += measure_tasks(backbone, device, spec, w, r, bar)
+        rows += measure_targets(backbone, device, spec, w, r, bar)
+        rows += measure_step_fixed(backbone, device, spec, w, r, bar)
         tensors = 4 * model.config.num_hidden_layers  # LoRA on two ops per layer: A and B each
         rows += measure_optimizer(device, spec["params"], tensors, w, r, bar)
         if comm:
@@ -694,8 +835,11 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
             bar.update(1)
     table = pd.DataFrame(rows, columns=COLUMNS)
     meta = {"fingerprint": fp, "mode": mode, "shape": ModelShape.from_config(model.config, dtype).as_dict(),
-            "weight_bytes": layer_param_bytes(model), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "device_string": device}
+            "weight_bytes": layer_param_bytes(model),
+            # what the method-level task rows were measured on (a task with no target list is priced so)
+            "task_targets": ATTENTION_TARGETS.get(model.config.model_type, ["q_proj", "v_proj"]),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "device_string": device, "clock": "cpu" if os.environ.get("MUXTUNE_PROFILE_CLOCK") == "cpu" else "wall"}
     return Profile(table, meta)
 
 

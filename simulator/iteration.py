@@ -5,8 +5,11 @@ pipeline. Each device runs its stage's forward/backward of every micro-batch in 
 order, each op waiting for its input: the previous stage's activations (forward) or the next stage's
 gradients (backward), delivered by point-to-point transfers on full-duplex links between neighbouring
 stages. Transfers and data-parallel all-reduces run on the communication side while compute goes on
-(the executor overlaps them). At the end of the step each task's optimizer runs on every stage that
-holds its adapter, after its gradients are all-reduced across replicas.
+(the executor overlaps them). At the start of the step the first stage of each replica does the
+step's host work (kind `host`: CostModel.batch_host_seconds per micro-batch for fusing, routing and
+loss bookkeeping; host_seconds per task for sampling its rows, its schedule, its gradient norm); at
+the end each task's optimizer runs on every stage that holds its adapter, after its gradients are
+all-reduced across replicas.
 
 Schedules (Plan.schedule), per pipeline of p stages over units (group, micro-batch):
   1f1b         groups one after another, each its own 1F1B with a flush: bubble (p-1)/(m+p-1) per group
@@ -26,6 +29,7 @@ import pandas as pd
 import simpy
 
 from muxtune.errors import MuxTuneError
+from muxtune.profiler.cost_model import TaskLoad
 from muxtune.simulator.workload import MicroBatch, TaskWork, split_micro_batches
 
 GRAD_BYTES_PER_PARAM = 4  # adapters train in fp32 (executor/mux.py), so their gradients are fp32
@@ -35,7 +39,7 @@ EVENT_COLUMNS = ["device", "stream", "group", "micro_batch", "kind", "start", "e
 @dataclass
 class Timeline:
     """One simulated step. `events` has a row per op: device, stream (compute|comm), group (index in the
-    plan), micro_batch (-1 for per-step ops), kind (fwd|bwd|send|recv|allreduce|optim), start, end (s),
+    plan), micro_batch (-1 for per-step ops), kind (host|fwd|bwd|send|recv|allreduce|optim), start, end (s),
     task (optim only), replica, stage."""
 
     events: pd.DataFrame
@@ -135,6 +139,14 @@ def _stage_params(work: TaskWork, stage: int, layers: int, n_layers: int) -> int
     return round(work.params * layers / n_layers)
 
 
+def _host_load(plan, g: int, name: str, works: dict[str, TaskWork], dp: int, packed: bool) -> TaskLoad:
+    """A task's share of one replica's step, as host_seconds prices it: its rows x their length (the
+    group's longest when padded, as split_micro_batches lays them out)."""
+    w = works[name]
+    per_row = w.seq_len if packed else max(works[t].seq_len for t in plan.groups[g].tasks)
+    return TaskLoad(w.method, w.rank, int(round(w.sequences / dp * per_row)), w.params, w.targets, w.dropout)
+
+
 def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = False) -> Timeline:
     """Simulate one optimizer step of every task in `plan` (a muxtune.spec.Plan). `works` gives each
     task's per-step work (see workload.task_work); packed=True counts real tokens only (chunk-aligned
@@ -192,6 +204,16 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
             layers = _pipe.stage_layers[s]
             first, last = first_last[s]
             device = device_of(r, s)
+            if s == 0:  # the step's host work: drawing and fusing the batches comes before any forward
+                for g in _pipe.groups:
+                    for k, mb in enumerate(_pipe.micro_batches[g][r]):
+                        start = env.now
+                        yield compute(cost_model.batch_host_seconds(mb))
+                        log(device, "compute", g, k, "host", start, None, r, s)
+                    for name in plan.groups[g].tasks:
+                        start = env.now
+                        yield compute(cost_model.host_seconds(_host_load(plan, g, name, works, _pipe.dp, packed)))
+                        log(device, "compute", g, -1, "host", start, name, r, s)
             for b, units in enumerate(blocks):
                 if b > 0:
                     yield group_done[(r, b - 1)]

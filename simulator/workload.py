@@ -27,6 +27,8 @@ class TaskWork:
     params: int  # trainable parameters
     sequences: int  # sequences per optimizer step (batch size)
     seq_len: float  # mean tokens per sequence
+    targets: tuple[str, ...] = ()  # LoRA/DoRA target op names (() = the method's defaults)
+    dropout: float = 0.0  # LoRA/DoRA dropout probability
 
     @property
     def tokens(self) -> float:
@@ -44,7 +46,12 @@ def method_rank(peft) -> int:
 def task_work(spec, params: int, mean_seq_len: float | None = None) -> TaskWork:
     """A TaskSpec's step: batch_size sequences of mean_seq_len tokens (default: max_seq_len, the worst case)."""
     length = spec.max_seq_len if mean_seq_len is None else min(float(mean_seq_len), spec.max_seq_len)
-    return TaskWork(spec.name, spec.peft.method, method_rank(spec.peft), int(params), spec.batch_size, length)
+    # the CostModel prices LoRA/DoRA per targeted op and their dropout (profile `target` rows)
+    priced = spec.peft.method in ("lora", "dora")
+    targets = tuple(spec.peft.target_modules) if priced else ()
+    dropout = float(spec.peft.dropout) if priced else 0.0
+    return TaskWork(spec.name, spec.peft.method, method_rank(spec.peft), int(params), spec.batch_size, length,
+                    targets, dropout)
 
 
 def count_trainable_params(spec, model) -> int:
@@ -70,7 +77,7 @@ def split_micro_batches(works: list[TaskWork], parts: int, packed: bool = False)
             rows = w.sequences // parts + (1 if i < w.sequences % parts else 0)
             if rows:
                 per_row = w.seq_len if packed else longest
-                loads.append(TaskLoad(w.method, w.rank, int(round(rows * per_row)), w.params))
+                loads.append(TaskLoad(w.method, w.rank, int(round(rows * per_row)), w.params, w.targets, w.dropout))
         if loads:
             out.append(MicroBatch(tuple(loads), seq_len=int(math.ceil(longest))))
     return out

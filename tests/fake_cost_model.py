@@ -32,6 +32,7 @@ class FakeCostModel:
     p2p: float = 0.0  # seconds per transfer
     allreduce: float = 0.0  # seconds per all-reduce (world > 1)
     optimizer: float = 0.0  # seconds per optimizer call
+    host: float = 0.0  # seconds of per-step host work per task
     layer_bytes: int = 1000
     act_bytes_per_token_layer: int = 10
     state_bytes_per_param: int = 16
@@ -45,6 +46,12 @@ class FakeCostModel:
 
     def optimizer_seconds(self, params):
         return self.optimizer
+
+    def host_seconds(self, task):
+        return self.host
+
+    def batch_host_seconds(self, mb):
+        return 0.0
 
     def p2p_seconds(self, nbytes):
         return self.p2p
@@ -68,4 +75,4 @@ class FakeCostModel:
         n = self.shape.n_layers
         compute = sum(self.forward_seconds(mb, n, True, True) + self.backward_seconds(mb, n, True, True)
                       for mb in groups)
-        return compute + sum(self.optimizer_seconds(t.params) for mb in groups for t in mb.tasks)
+        return compute + sum(self.optimizer_seconds(t.params) + self.host_seconds(t) for mb in groups for t in mb.tasks)

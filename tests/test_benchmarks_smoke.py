@@ -3,6 +3,8 @@ speed targets live in the benchmarks themselves and docs/benchmarks.md)."""
 
 import json
 
+import pytest
+
 from benchmarks import cost_model_accuracy, mixed_methods
 
 
@@ -20,12 +22,27 @@ def test_simulator_benchmark_runs_and_predicts_with_a_plugged_in_cost_model(caps
     from benchmarks import simulator
 
     # the real CostModel arrives with the profiler; here the prediction path runs on the tests' fake
-    monkeypatch.setattr(simulator, "load_cost_model", lambda model, device: FakeCostModel(shape=FakeShape(n_layers=2)))
+    monkeypatch.setattr(simulator, "load_cost_model", lambda model, device, profile=None: FakeCostModel(shape=FakeShape(n_layers=2)))
     result = simulator.main(["--quick"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == json.loads(json.dumps(result))
     assert last["predicted_steps"] == 2 * 2 and last["median_error"] >= 0
     assert last["cluster_sim_seconds"] > 0 and last["cluster_metrics"]["jobs"] == 100
+
+
+def test_simulator_benchmark_times_the_step_phases_beside_the_shipped_profiles_terms(repo, capsys):
+    """--phases on the real CostModel (a shipped profile, given explicitly): every term of the step's
+    price sits beside one measured phase, so the phase rows add up to the whole step's price."""
+    from benchmarks import simulator
+
+    profile = next((repo / "profiles").glob("cpu-*-tiny-llama.csv"))
+    result = simulator.main(["--quick", "--phases", "--max-seq-len", "48", "--profile", str(profile)])
+    phases = {row["phase"]: row for row in result["phases"]}
+    top = ["forward", "backward", "grad norm + clip + AdamW + zero_grad", "draw + fuse + schedule + rest of step"]
+    assert sum(phases[name]["predicted_ms"] for name in top) == pytest.approx(phases["whole step"]["predicted_ms"])
+    assert all(row["measured_ms"] == row["measured_ms"] for row in result["phases"])  # no NaN
+    assert phases["whole step"]["measured_ms"] > phases["forward"]["measured_ms"] > 0
+    assert result["median_error"] >= 0 and result["predicted_steps"] == 2 * 2
 
 
 def test_alignment_benchmark_runs_in_quick_mode(capsys):
@@ -70,7 +87,7 @@ def test_pipeline_benchmark_runs_in_quick_mode(capsys):
 
 
 def test_cost_model_accuracy_benchmark_runs_every_configuration_on_a_shipped_profile(repo, capsys):
-    """Real trainer steps for all seven configurations (all methods), priced by a shipped CPU profile
+    """Real trainer steps for every configuration (all methods), priced by a shipped CPU profile
     (its fingerprint need not match this machine: the file is given explicitly)."""
     profile = next((repo / "profiles").glob("cpu-*-tiny-llama.csv"))
     result = cost_model_accuracy.main(["--profile", str(profile), "--quick", "--steps", "1"])

@@ -112,6 +112,64 @@ def test_from_profile_composes_a_fused_step_from_parts_at_unmeasured_shapes():
         assert extra == pytest.approx(TASK["lora"](100, 16, ph) - TASK["ia3"](100, 0, ph) - SHARED[ph], rel=1e-6)
 
 
+# per targeted op (fwd/bwd) and what dropout adds there, for one task over all layers; fixed host work
+TARGET = {"q_proj": lambda t, r: 2e-5 + 1e-8 * t * r, "v_proj": lambda t, r: 1e-5 + 1e-8 * t * r,
+          "down_proj": lambda t, r: 4e-5 + 3e-8 * t * r}
+DROPOUT = {"q_proj": lambda t: 1e-7 * t, "v_proj": lambda t: 1e-7 * t, "down_proj": lambda t: 2e-7 * t}
+HOST_FIXED = lambda t: 5e-5 + 1e-7 * t
+
+
+def targeted_profile() -> prof.Profile:
+    """The synthetic profile plus per-target LoRA rows (bwd = 2x fwd), dropout rows at the first rank,
+    and the step's fixed host work."""
+    p = synthetic_profile()
+    rows = []
+    for target, cost in TARGET.items():
+        for r in (4, 32):
+            for t in (256, 1024, 4096):
+                rows += [prof._row("target", ph, cost(t, r) * k, t, 32, "lora", r, target=target)
+                         for ph, k in (("fwd", 1), ("bwd", 2))]
+                if r == 4:
+                    rows += [prof._row("target", f"dropout_{ph}", DROPOUT[target](t) * k, t, 32, "lora", r, target=target)
+                             for ph, k in (("fwd", 1), ("bwd", 0.5))]
+    rows += [prof._row("step", "host_fixed", HOST_FIXED(t), t, 32, "lora", 4) for t in (64, 256)]
+    table = pd.concat([p.table, pd.DataFrame(rows, columns=prof.COLUMNS)], ignore_index=True)
+    return prof.Profile(table, {**p.meta, "task_targets": ["q_proj", "v_proj"]})
+
+
+def test_lora_is_priced_per_target_op_with_its_dropout_and_host_work_once_per_batch():
+    cm, plain = CostModel.from_profile(targeted_profile()), CostModel.from_profile(synthetic_profile())
+    ia3 = TaskLoad("ia3", 0, 200, 700)
+    mlp = TaskLoad("lora", 8, 600, 5000, ("q_proj", "down_proj"), dropout=0.1)
+    default = TaskLoad("lora", 16, 300, 9000)  # no target list: the profile's task_targets (q_proj, v_proj)
+    mb = MicroBatch((mlp, default, ia3), 50)
+    bare = MicroBatch((ia3,), 50)
+    for ph, fn, k, kd in (("fwd", CostModel.forward_seconds, 1, 1), ("bwd", CostModel.backward_seconds, 2, 0.5)):
+        skip = min(SKIP["lora"](1100), SKIP["ia3"](1100)) if ph == "bwd" else 0.0
+        # the backbone at the batch's 1100 tokens with the IA3 task's own 200, skipping what LoRA allows
+        base = (fn(plain, MicroBatch((TaskLoad("ia3", 0, 1100, 0),), 50), 4, True, True) + TASK["ia3"](200, 0, ph)
+                - TASK["ia3"](1100, 0, ph) + (SKIP["ia3"](1100) if ph == "bwd" else 0.0) - skip)
+        # the sum over its ops, dropout on each; nothing shared between target-priced tasks
+        adapters = k * (TARGET["q_proj"](600, 8) + TARGET["down_proj"](600, 8)) + kd * (
+            DROPOUT["q_proj"](600) + DROPOUT["down_proj"](600)) + k * (TARGET["q_proj"](300, 16) + TARGET["v_proj"](300, 16))
+        assert fn(cm, mb, 4, True, True) == pytest.approx(base + adapters, rel=1e-9)
+        assert fn(cm, bare, 4, True, True) == pytest.approx(fn(plain, bare, 4, True, True), rel=1e-12)
+    # a dotted target is priced as its op name; an op that was not profiled is an error naming it
+    dotted = MicroBatch((TaskLoad("lora", 8, 600, 5000, ("mlp.down_proj", "self_attn.q_proj"), 0.1), default, ia3), 50)
+    assert cm.forward_seconds(dotted, 4, True, True) == pytest.approx(cm.forward_seconds(mb, 4, True, True))
+    with pytest.raises(MuxTuneError, match="lora was not profiled on target 'gate_proj'"):
+        cm.forward_seconds(MicroBatch((TaskLoad("lora", 8, 64, 10, ("gate_proj",)),), 32), 1)
+    # host: the step's fixed part once per batch, each task's step rows less the optimizer and that part
+    assert cm.batch_host_seconds(mb) == pytest.approx(HOST_FIXED(1100))
+    assert cm.host_seconds(default) == pytest.approx(2e-4 - HOST_FIXED(300))
+    terms = cm.step_breakdown(mb)
+    assert sum(terms.values()) == pytest.approx(cm.step_seconds([mb]), rel=1e-12)
+    assert terms["host_batch"] + terms["host_tasks"] == pytest.approx(
+        HOST_FIXED(1100) + 2e-4 - HOST_FIXED(600) + 2e-4 - HOST_FIXED(300))
+    assert terms["fwd_backbone"] + terms["fwd_head"] + terms["fwd_tasks"] == pytest.approx(
+        cm.forward_seconds(mb, 4, True, True), rel=1e-12)
+
+
 def test_methods_of_one_shape_keep_the_same_backbone_tensors_alive_once():
     """LoRA and DoRA (both 'parallel') keep the same op inputs alive: counted once; IA3 ('scaling')
     keeps other tensors: counted on its own. What each adapter makes itself counts per method."""
@@ -207,6 +265,10 @@ def test_profile_round_trips_and_bad_files_name_the_line(tmp_path):
     back = prof.Profile.load(path)
     assert back.meta == p.meta
     pd.testing.assert_frame_equal(back.table, p.table, check_dtype=False)
+    # a profile from before the `target` column still loads (no target rows: method rows price LoRA)
+    old = tmp_path / "old.csv"
+    old.write_text(path.read_text().replace(",target\n", "\n").replace(",\n", "\n"))
+    assert set(prof.Profile.load(old).table["target"]) == {""}
     (tmp_path / "bad.csv").write_text("op,phase\n")
     with pytest.raises(MuxTuneError, match=r"bad.csv:1: not a MuxTune profile"):
         prof.Profile.load(tmp_path / "bad.csv")
@@ -260,7 +322,7 @@ def test_live_bytes_tracks_the_peak_of_live_tensors():
 
 # --- a quick profile on the real executor ------------------------------------------------------------
 
-MINI = {"layer": {16: [32, 64], 32: [64, 128]}, "task_seq": 16, "task_rows": [1, 2],
+MINI = {"layer": {16: [32, 64], 32: [64, 128]}, "task_seq": 16, "task_rows": [1, 2], "target_tokens": [32, 128],
         "ranks": {"lora": [2, 8], "ia3": [0], "prefix": [4], "prompt": [4]},
         "params": [1000, 10000], "nbytes": [4096, 65536], "warmup": 1, "repeats": 2}
 
@@ -281,7 +343,13 @@ def mini_profile(tmp_path_factory):
 def test_quick_profile_measures_every_op_on_the_real_backbone(mini_profile):
     p, _ = mini_profile
     t = p.table
-    assert set(t["op"]) == {"layer", "stem", "model", "head", "task", "optimizer", "p2p", "allreduce"}
+    assert set(t["op"]) == {"layer", "stem", "model", "head", "task", "target", "step", "optimizer", "p2p", "allreduce"}
+    # LoRA on each op of a layer alone: 2 ranks x 2 token counts x fwd/bwd, dropout at the first rank
+    targets = p.rows("target")
+    assert set(targets["target"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(targets) == 7 * (2 * 2 * 2 + 2 * 2) and set(targets["method"]) == {"lora"}
+    assert set(p.rows("step", "host_fixed")["tokens"]) == {16, 32}
+    assert p.meta["task_targets"] == ["q_proj", "v_proj"]
     assert len(p.rows("layer", "fwd")) == 4 and len(p.rows("task")) == 4 * 5 * 2 + 2 * 4
     assert (p.rows("layer")["seconds"] > 0).all() and (p.rows("model")["seconds"] > 0).all()
     layer = p.rows("layer", "fwd").set_index(["tokens", "seq_len"])
@@ -299,6 +367,8 @@ def test_quick_profile_measures_every_op_on_the_real_backbone(mini_profile):
     cm = CostModel.from_profile(p)
     mb = MicroBatch((TaskLoad("lora", 4, 40, 2048), TaskLoad("ia3", 0, 24, 384)), 16)
     assert cm.step_seconds([mb]) > 0 and cm.activation_bytes(mb, 2) > 0
+    mlp = MicroBatch((TaskLoad("lora", 4, 40, 2048, ("gate_proj", "up_proj", "down_proj"), 0.1),), 16)
+    assert cm.step_seconds([mlp]) > 0
     assert cm.backbone_bytes(2, True, True) == sum(x.numel() * 4 for x in
                                                    __import__("muxtune.executor.backbone", fromlist=["x"])
                                                    .load_backbone("builtin:tiny-llama").model.parameters())

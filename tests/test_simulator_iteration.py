@@ -88,6 +88,32 @@ def test_single_device_step_equals_cost_models_step_seconds():
     assert timeline.tokens_per_second["a"] == pytest.approx(8 * 10 / timeline.step_seconds)
 
 
+def test_host_work_comes_first_and_the_real_cost_model_prices_the_same_step():
+    """Each task's host work (sampling, fusing) runs on the first stage before any forward; on one
+    device the simulated step is exactly CostModel.step_seconds, host and fixed per-batch work included."""
+    from muxtune.profiler.cost_model import CostModel
+    from test_profiler import targeted_profile
+
+    cm = FakeCostModel(shape=FakeShape(n_layers=4), per_token=0.001, host=0.02, optimizer=0.01)
+    works = {"a": work("a"), "b": work("b", seq_len=30.0)}
+    timeline = simulate_step(pipeline_plan([["a", "b"]], 2, 2), works, cm)
+    ev = timeline.events
+    host = ev[ev["kind"] == "host"]
+    assert sorted(host["task"].dropna()) == ["a", "b"] and set(host["stage"]) == {0}
+    assert host["end"].max() <= ev[ev["kind"] == "fwd"]["start"].min() + 1e-12
+    without = simulate_step(pipeline_plan([["a", "b"]], 2, 2), works, FakeCostModel(
+        shape=FakeShape(n_layers=4), per_token=0.001, optimizer=0.01))
+    assert timeline.step_seconds == pytest.approx(without.step_seconds + 2 * 0.02)
+
+    real = CostModel.from_profile(targeted_profile())
+    works = {"a": TaskWork("a", "lora", 8, 5000, 4, 50.0, ("q_proj", "down_proj"), 0.1),
+             "b": TaskWork("b", "lora", 16, 9000, 2, 40.0), "c": TaskWork("c", "ia3", 0, 700, 3, 50.0)}
+    plan = Plan(groups=[FusionGroup(tasks=["a", "b", "c"], devices=["cpu"])])
+    batch = split_micro_batches(list(works.values()), 1)[0]
+    assert batch.tasks[0].targets == ("q_proj", "down_proj") and batch.tasks[0].dropout == 0.1
+    assert simulate_step(plan, works, real).step_seconds == pytest.approx(real.step_seconds([batch]), rel=1e-9)
+
+
 def test_data_parallel_halves_compute_and_adds_allreduce():
     cm = FakeCostModel(per_layer=0.0, per_token=0.01, allreduce=0.7, optimizer=0.1)
     works = {"a": work("a", sequences=8, seq_len=10.0)}

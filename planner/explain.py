@@ -15,7 +15,7 @@ def _row(name: str, evaluation) -> dict:
     return {"planner": name, "instances": len(c.instances), "layout": c.layout.label(),
             "groups": sum(len(i) for i in c.instances), "schedule": evaluation.schedule,
             "alignment": "chunked" if c.packed else "padded", "tokens_per_s": evaluation.throughput,
-            "makespan_s": evaluation.makespan, "peak_memory_gib": evaluation.peak_memory / GIB,
+            "steady_tokens_per_s": evaluation.steady, "makespan_s": evaluation.makespan, "peak_memory_gib": evaluation.peak_memory / GIB,
             "fits_memory": evaluation.fits}
 
 
@@ -56,7 +56,8 @@ def explain(result, works, cluster, objective: str) -> str:
              f"{cluster.memory_gib:g} GiB each",
              f"plan: {len(c.instances)} backbone instance(s) of {c.layout.devices} device(s), {c.layout.label()}, "
              f"schedule {chosen.schedule}, {'chunked' if c.packed else 'padded'} alignment",
-             f"predicted (simulator): {chosen.throughput:,.0f} useful tokens/s, makespan {chosen.makespan:,.1f} s, "
+             f"predicted (simulator): {chosen.throughput:,.0f} useful tokens/s over the whole job (makespan "
+             f"{chosen.makespan:,.1f} s; {chosen.steady:,.0f} tokens/s while every task is present), "
              f"peak memory {chosen.peak_memory / GIB:.2f} GiB per device"]
     for s, instance in enumerate(c.instances):
         for names in instance:

@@ -14,6 +14,7 @@ Every number comes from the CostModel; nothing here has its own timing formula.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import Counter
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class GroupCost:
     seconds: float  # what the group adds to its pipeline's step (upper bound, see module docstring)
     activation_bytes: int  # worst stage: activations this group keeps in flight
     state_bytes: int  # worst stage: its tasks' adapter weights, gradients and AdamW moments
+    job_seconds: float = 0.0  # what it adds until all its tasks finished their steps (see priced)
 
 
 def divisors(n: int) -> list[int]:
@@ -123,3 +125,22 @@ def backbone_bytes(layout: LayoutChoice, cm) -> int:
     """The largest backbone shard of a stage."""
     pp = layout.pp
     return max(cm.backbone_bytes(layers, s == 0, s == pp - 1) for s, layers in enumerate(layout.stage_layers))
+
+
+def priced(g: tuple[int, ...], works: list[TaskWork], steps: list[int], layout: LayoutChoice, cm, packed: bool,
+           costs: dict) -> GroupCost:
+    """group_cost of the tasks `g` (indices into works), memoized in `costs`, with job_seconds: the time
+    the group adds to its pipeline over all its tasks' steps. A task leaves the fused batch when its
+    steps are done (the executor drops finished tasks), so the group runs in phases: all its tasks for
+    the fewest steps, then the rest (priced as a group of their own) for their remaining steps."""
+    if g in costs:
+        return costs[g]
+    step = group_cost(tuple(works[i] for i in g), layout, cm, packed)
+    first = min(steps[i] for i in g)
+    rest = tuple(i for i in g if steps[i] > first)
+    job = step.seconds * first
+    if rest:
+        later = priced(rest, works, steps, layout, cm, packed, costs)
+        job += later.job_seconds - later.seconds * first  # the rest's phases after step `first`
+    costs[g] = dataclasses.replace(step, job_seconds=job)
+    return costs[g]

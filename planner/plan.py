@@ -39,8 +39,9 @@ class Evaluation:
     candidate: cpsat.Candidate
     schedule: str
     plan: Plan
-    throughput: float  # useful tokens/s, all instances together
-    makespan: float  # s to finish every task's steps: each group's share of the step (its compute time) x its steps
+    throughput: float  # useful tokens of the whole job (every task's steps) / makespan
+    steady: float  # useful tokens/s while every task is present (sum over instances)
+    makespan: float  # s until every task has done its steps
     peak_memory: int  # bytes, the most on any device
     fits: bool
 
@@ -97,30 +98,54 @@ def _chunk_len(works: list[TaskWork]) -> int:
     return min(CHUNK_LENGTHS, key=lambda c: (waste[c], -c))
 
 
+@dataclass
+class JobFigures:
+    """A Plan's whole job as the simulator predicts it (every task for its own number of steps)."""
+
+    throughput: float  # useful tokens of every task's steps / makespan
+    steady: float  # useful tokens/s with every task present: sum over instances of a step's tokens / its step
+    makespan: float  # s until the last task has done its steps
+    peak_memory: dict[str, int]  # per device, bytes, the most over the job's phases
+
+
+def simulate_job(plan: Plan, works: dict[str, TaskWork], steps: dict[str, int], cm, packed: bool) -> JobFigures:
+    """Simulate every backbone instance of `plan` (its groups on one set of devices) through the job's
+    phases: a task leaves the fused batch when its steps are done (the executor drops finished tasks),
+    so an instance runs all its tasks for the fewest steps, then the rest, and so on; each phase is one
+    simulated step (simulator/iteration.py) times its number of steps. Instances run independently."""
+    instances: dict[tuple[str, ...], list] = {}
+    for g in plan.groups:
+        instances.setdefault(tuple(g.devices), []).append(g)
+    steady, makespan, peak = 0.0, 0.0, {}
+    for groups in instances.values():
+        names = [t for g in groups for t in g.tasks]
+        elapsed, done = 0.0, 0
+        for boundary in sorted({steps[t] for t in names}):
+            active = [g.model_copy(update={"tasks": [t for t in g.tasks if steps[t] >= boundary]}) for g in groups]
+            phase = plan.model_copy(update={"groups": [g for g in active if g.tasks]})
+            timeline = simulate_step(phase, works, cm, packed=packed)
+            if done == 0:
+                steady += sum(works[t].tokens for t in names) / timeline.step_seconds
+            for device, used in timeline.peak_memory.items():
+                peak[device] = max(peak.get(device, 0), used)
+            elapsed += (boundary - done) * timeline.step_seconds
+            done = boundary
+        makespan = max(makespan, elapsed)
+    tokens = sum(works[t].tokens * steps[t] for g in plan.groups for t in g.tasks)
+    return JobFigures(tokens / makespan if makespan > 0 else 0.0, steady, makespan, peak)
+
+
 def simulate(candidate: cpsat.Candidate, works: list[TaskWork], steps: dict[str, int], cm, labels: list[str],
              memory_bytes: int, schedule: str) -> Evaluation:
-    """Simulate every instance of the candidate on its own (instances run independently)."""
+    """A candidate's whole job in the simulator (simulate_job)."""
     plan = to_plan(candidate, labels, schedule, works)
-    by_name = {w.name: w for w in works}
-    d = candidate.layout.devices
-    throughput, makespan, peak = 0.0, 0.0, 0
-    for s, instance in enumerate(candidate.instances):
-        groups = [g for g in plan.groups if g.devices == labels[s * d:(s + 1) * d]]
-        sub = plan.model_copy(update={"groups": groups})
-        timeline = simulate_step(sub, by_name, cm, packed=candidate.packed)
-        throughput += sum(by_name[t].tokens for g in groups for t in g.tasks) / timeline.step_seconds
-        copies = len(groups) if candidate.notes.get("backbone_copies") else 1
-        extra = (copies - 1) * max(cm.backbone_bytes(k, i == 0, i == candidate.layout.pp - 1)
+    job = simulate_job(plan, {w.name: w for w in works}, steps, cm, candidate.packed)
+    peak = max(job.peak_memory.values())
+    if candidate.notes.get("backbone_copies"):  # tasks taking turns on a device, each with its own backbone copy
+        copies = max(len(i) for i in candidate.instances)
+        peak += (copies - 1) * max(cm.backbone_bytes(k, i == 0, i == candidate.layout.pp - 1)
                                    for i, k in enumerate(candidate.layout.stage_layers))
-        peak = max(peak, max(timeline.peak_memory.values()) + extra)
-        # makespan: a group leaves the pipeline when its tasks are done; the simulated step is split
-        # among the groups by their compute time on the instance, and each share lasts the group's steps
-        compute = timeline.events[timeline.events["stream"] == "compute"]
-        busy = (compute["end"] - compute["start"]).groupby(compute["group"]).sum()
-        total = float(busy.sum())
-        makespan = max(makespan, sum(timeline.step_seconds * float(busy.get(i, 0.0)) / total
-                                     * max(steps[t] for t in g.tasks) for i, g in enumerate(groups)))
-    return Evaluation(candidate, schedule, plan, throughput, makespan, peak, peak <= memory_bytes)
+    return Evaluation(candidate, schedule, plan, job.throughput, job.steady, job.makespan, peak, peak <= memory_bytes)
 
 
 def _better(a: Evaluation, b: Evaluation | None, objective: str) -> bool:
@@ -128,14 +153,15 @@ def _better(a: Evaluation, b: Evaluation | None, objective: str) -> bool:
         return True
     if a.fits != b.fits:
         return a.fits
-    return a.throughput > b.throughput if objective == "throughput" else a.makespan < b.makespan
+    return a.throughput > b.throughput if objective == "throughput" else a.steady > b.steady
 
 
 def plan(tasks, cluster: Cluster, cost_model, objective: str = "throughput", time_limit: float = 10.0,
          params: dict[str, int] | None = None, priority: dict[str, float] | None = None, top: int = 3, solve: int = 4,
          max_group: int = 8, workers: int = 2) -> PlanResult:
     """Plan `tasks` (TaskSpec list) on `cluster` (see the module docstring). priority: a weight per
-    task name on its tokens in the throughput objective (default 1)."""
+    task name on its tokens in the `steady` objective (default 1; the `throughput` objective counts the
+    whole job, whose tokens are fixed, so weights do not change what it prefers)."""
     from muxtune.planner.explain import comparison_table, explain
 
     if objective not in cpsat.OBJECTIVES:
@@ -151,20 +177,19 @@ def plan(tasks, cluster: Cluster, cost_model, objective: str = "throughput", tim
     labels = device_labels(cluster, cm)
     configs = instance_configs(cluster.devices, cm.shape.n_layers)
     # screen: the greedy solution of every (instances, layout) pair; CP-SAT on the `solve` best of them
-    sign = 1 if objective == "throughput" else -1
     screened = []
     for instances, layout in configs:
         start = cpsat.greedy(works, min(instances, len(works)), layout, cm, memory, objective, steps,
                              max_group=max_group, priority=weights if priority else None)
-        screened.append((start is not None, sign * start[2] if start else 0.0, instances, layout))
+        screened.append((start is not None, start[2] if start else 0.0, instances, layout))
     screened.sort(key=lambda t: (t[0], t[1]), reverse=True)
     candidates, statuses = [], []
     budget = time_limit * 0.5  # the rest: pricing, simulation, baselines
     chosen_configs = screened[:solve]
     for index, (_, _, instances, layout) in enumerate(chosen_configs):
         # the best-screened pair gets a double share; time a pair proves optimal early goes to the rest
-        weights = [2 if i == 0 else 1 for i in range(index, len(chosen_configs))]
-        share = max(0.05, (started + budget - time.perf_counter()) * weights[0] / sum(weights))
+        shares = [2 if i == 0 else 1 for i in range(index, len(chosen_configs))]
+        share = max(0.05, (started + budget - time.perf_counter()) * shares[0] / sum(shares))
         found = cpsat.solve(works, instances, layout, cm, memory, objective, share, steps, max_group=max_group,
                             priority=weights if priority else None, workers=workers)
         statuses.append(f"{instances} x ({layout.label()}): {found.status if found else 'no solution fits memory'}")
@@ -173,7 +198,7 @@ def plan(tasks, cluster: Cluster, cost_model, objective: str = "throughput", tim
     if not candidates:
         raise MuxTuneError(f"planner: no plan fits {cluster.memory_gib} GiB per device on {cluster.devices} "
                            f"device(s) (the backbone and the tasks' activations need more)")
-    candidates.sort(key=lambda c: -c.estimate if objective == "throughput" else c.estimate)
+    candidates.sort(key=lambda c: -c.estimate)
     step_of = {t.name: t.steps for t in tasks}
     chosen = None
     for candidate in candidates[:top]:

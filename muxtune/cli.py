@@ -56,8 +56,10 @@ def _print_run(metrics: dict) -> None:
 
 
 def _print_prediction(prediction) -> None:
+    print("plan vs baselines (predicted; tokens_per_s: useful tokens of every task's steps / makespan_s):")
     print(prediction.comparison.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"why: {prediction.info['why']}")
+    print(prediction.plans["muxtune"].explanation)
+    print(f"verdict: {prediction.info['why']}")
 
 
 def cmd_run(args) -> int:

@@ -15,6 +15,11 @@ from muxtune.planner.cpsat import Candidate, estimate, fits
 from muxtune.planner.layouts import backbone_bytes, divisors, layouts, priced
 
 BASELINES = ("dedicated", "spatial", "temporal")
+DESCRIPTIONS = {  # one line each, for tables and reports
+    "dedicated": "one backbone instance per task (HF-PEFT / NeMo style), nothing shared",
+    "spatial": "every task fused in one padded micro-batch stream on one instance (mLoRA style)",
+    "temporal": "every task its own group, interleaved in one pipeline over all devices (no fusion)",
+}
 
 
 def _best(name, works, steps, cm, devices, instances, arrange, memory_bytes, objective, packed, schedule,

@@ -62,14 +62,16 @@ def device_labels(cluster: Cluster, cost_model) -> list[str]:
     return [f"cuda:{i}" for i in range(cluster.devices)]
 
 
-def works_of(tasks, cost_model, params: dict[str, int] | None = None) -> list[TaskWork]:
-    """Each task's step (batch_size sequences of max_seq_len tokens: the worst case); parameters from
-    `params` (exact counts) or estimated from method and rank on the cost model's shape."""
+def works_of(tasks, cost_model, params: dict[str, int] | None = None,
+             seq_lens: dict[str, float] | None = None) -> list[TaskWork]:
+    """Each task's step: batch_size sequences of its data's mean length (`seq_lens`, when the data was
+    read) or of max_seq_len tokens (the worst case); parameters from `params` (exact counts) or
+    estimated from method and rank on the cost model's shape."""
     out = []
     for t in tasks:
         count = params[t.name] if params and t.name in params else estimate_params(
             t.peft.method, method_rank(t.peft), cost_model.shape)
-        out.append(task_work(t, count))
+        out.append(task_work(t, count, (seq_lens or {}).get(t.name)))
     return out
 
 
@@ -158,7 +160,7 @@ def _better(a: Evaluation, b: Evaluation | None, objective: str) -> bool:
 
 def plan(tasks, cluster: Cluster, cost_model, objective: str = "throughput", time_limit: float = 10.0,
          params: dict[str, int] | None = None, priority: dict[str, float] | None = None, top: int = 3, solve: int = 4,
-         max_group: int = 8, workers: int = 2) -> PlanResult:
+         max_group: int = 8, workers: int = 2, seq_lens: dict[str, float] | None = None) -> PlanResult:
     """Plan `tasks` (TaskSpec list) on `cluster` (see the module docstring). priority: a weight per
     task name on its tokens in the `steady` objective (default 1; the `throughput` objective counts the
     whole job, whose tokens are fixed, so weights do not change what it prefers)."""
@@ -170,7 +172,7 @@ def plan(tasks, cluster: Cluster, cost_model, objective: str = "throughput", tim
         raise MuxTuneError(f"planner: time limit must be > 0 s, got {time_limit}")
     started = time.perf_counter()
     cm = CachedCostModel(cost_model)
-    works = works_of(tasks, cm, params)
+    works = works_of(tasks, cm, params, seq_lens)
     steps = [t.steps for t in tasks]
     weights = [float((priority or {}).get(t.name, 1.0)) for t in tasks]
     memory = int(cluster.memory_gib * GIB)

@@ -1,6 +1,7 @@
 """plan-and-run end to end, `muxtune simulate` / `muxtune report`, and the report as a browser shows it."""
 
 import base64
+import html
 import json
 import shutil
 import subprocess
@@ -66,7 +67,10 @@ def test_report_has_every_section_and_figure(trained_run):
     for heading in ["Plan (", "MuxTune vs baselines", "Predicted vs measured", "Simulated timeline",
                     "Memory per device", "Tasks", "Ineffective tokens", "Failed or cancelled tasks"]:
         assert heading in page, heading
-    assert "dedicated" in page and "temporal" in page and prediction.info["why"].split(".")[0] in page
+    assert "dedicated" in page and "temporal" in page and html.escape(prediction.info["why"]) in page
+    # the planner's explanation: one list item per line, never run together
+    lines = prediction.plans["muxtune"].explanation.splitlines()
+    assert len(lines) >= 5 and all(f"<li>{html.escape(line)}</li>" in page for line in lines)
 
 
 def test_report_rerenders_from_the_run_folder(trained_run, tmp_path, capsys, monkeypatch):

@@ -56,7 +56,9 @@ def _print_run(metrics: dict) -> None:
 
 
 def _print_prediction(prediction) -> None:
-    print("plan vs baselines (predicted; tokens_per_s: useful tokens of every task's steps / makespan_s):")
+    info = prediction.info
+    print(f"plan vs baselines for {info['model']} on {info['gpus']} device(s), predicted with the "
+          f"{info['cost_model']} cost model (tokens_per_s: useful tokens of every task's steps / makespan_s):")
     print(prediction.comparison.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(prediction.plans["muxtune"].explanation)
     print(f"verdict: {prediction.info['why']}")

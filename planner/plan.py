@@ -8,9 +8,9 @@ Steps: (1) every (instances, layout) pair (layouts.instance_configs) is screened
 (cpsat.greedy); on the `solve` best pairs the CP-SAT model (cpsat.solve) chooses the fusion groups
 and their instance, sharing half the time limit (the best-screened pair a double share; what one leaves unused
 goes to the next);
-(2) the `top` best solutions by their estimate are simulated (simulator/iteration.py), each with both
-pipeline schedules when it has several stages, and the best simulated one that fits memory on every
-device is the plan; (3) the baselines are simulated the same way; (4) explain.py writes why.
+(2) the `top` best solutions by their estimate are simulated over the whole job (simulate_job), each
+with both pipeline schedules when it has several stages, and the best simulated one that fits memory on
+every device is the plan (once 80% of the time limit is spent, no further candidate is simulated); (3) the baselines are simulated the same way; (4) explain.py writes why.
 """
 
 from __future__ import annotations
@@ -204,6 +204,10 @@ def plan(tasks, cluster: Cluster, cost_model, objective: str = "throughput", tim
     step_of = {t.name: t.steps for t in tasks}
     chosen = None
     for candidate in candidates[:top]:
+        if chosen is not None and chosen.fits and time.perf_counter() - started > 0.8 * time_limit:
+            statuses.append(f"simulated the best {candidates.index(candidate)} candidate(s) of {min(top, len(candidates))} "
+                            f"within the time limit")
+            break  # the rest of the limit is the baselines' (a whole job simulates phase by phase)
         for schedule in (("1f1b", "interleaved") if candidate.layout.pp > 1 else ("1f1b",)):
             evaluation = simulate(candidate, works, step_of, cm, labels, memory, schedule)
             if _better(evaluation, chosen, objective):

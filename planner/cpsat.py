@@ -8,6 +8,9 @@ For one (instances k, layout) pair from layouts.instance_configs:
 - booleans x[g, s]: candidate group g runs on instance s; every task in exactly one chosen group;
 - memory per device of instance s: backbone shard + the states of its tasks + the activations of
   its largest group <= device memory (one constraint per (g, s), enforced when x[g, s]);
+- the time of instance s (one step, or its whole job): its groups' costs without their pipeline fill
+  and drain, plus the largest fill among them (interleaved groups fill each other's bubbles; pp = 1
+  has none): instance_seconds;
 - objective `throughput` (default): the useful tokens of the whole job (every task's steps) per second
   of the job. Those tokens are fixed by the tasks, so this minimises the makespan: the longest instance's
   time to finish all its tasks, the sum over its groups of their job time (a group runs in phases,
@@ -82,14 +85,14 @@ def estimate(instances: list[list[tuple[int, ...]]], costs: dict, works: list[Ta
     tokens / the step time."""
     weight = priority or [1.0] * len(works)
     if objective == "throughput":
-        makespan = max((sum(costs[g].job_seconds for g in groups) for groups in instances if groups), default=0.0)
+        makespan = max((instance_seconds(groups, costs, objective) for groups in instances if groups), default=0.0)
         tokens = sum(works[i].tokens * steps[i] * weight[i] for groups in instances for g in groups for i in g)
         return tokens / makespan if makespan > 0 else 0.0
     total = 0.0
     for groups in instances:
         if groups:
             tokens = sum(works[i].tokens * weight[i] for g in groups for i in g)
-            total += tokens / sum(costs[g].seconds for g in groups)
+            total += tokens / instance_seconds(groups, costs, objective)
     return total
 
 
@@ -98,15 +101,30 @@ def load(cost, objective: str) -> float:
     return cost.job_seconds if objective == "throughput" else cost.seconds
 
 
+def fill(cost, objective: str) -> float:
+    """The pipeline fill and drain inside load(): paid once per step by groups that interleave."""
+    return cost.job_fill_seconds if objective == "throughput" else cost.fill_seconds
+
+
+def instance_seconds(groups, costs: dict, objective: str) -> float:
+    """An instance's time (its whole job, or one step) with its groups interleaved in one pipeline: each
+    group's work without its fill and drain, plus the largest fill (0 when pp = 1)."""
+    return (sum(load(costs[g], objective) - fill(costs[g], objective) for g in groups)
+            + max(fill(costs[g], objective) for g in groups))
+
+
 def fits(groups: list[tuple[int, ...]], costs: dict, base: int, memory: int) -> bool:
     return not groups or base + sum(costs[g].state_bytes for g in groups) + max(costs[g].activation_bytes for g in groups) <= memory
 
 
 def solve(works: list[TaskWork], instances: int, layout: LayoutChoice, cm, memory_bytes: int, objective: str,
           time_limit: float, steps: list[int], packed: bool = True, max_group: int = 8,
-          priority: list[float] | None = None, workers: int = 2) -> Candidate | None:
+          priority: list[float] | None = None, workers: int = 2, alternatives: int = 0) -> Candidate | None:
     """Best solution found within time_limit for one (instances, layout); None when nothing fits memory
-    or no solution was found in time."""
+    or no solution was found in time. `alternatives` > 0: after an optimal solution, the model is solved
+    again that many times, each time excluding the solutions found so far; the next-best ones are in
+    `notes["alternatives"]` (for pipelines, whose estimate ranks close solutions less surely than the
+    simulator)."""
     started = time.perf_counter()
     n = len(works)
     slots = min(instances, n)
@@ -120,7 +138,8 @@ def solve(works: list[TaskWork], instances: int, layout: LayoutChoice, cm, memor
     if not all(any(i in g for g in groups) for i in range(n)):
         return None
     unit = max(load(costs[g], objective) for g in groups) * n / TICKS  # seconds per tick
-    ticks = {g: max(1, round(load(costs[g], objective) / unit)) for g in groups}
+    fills = {g: round(fill(costs[g], objective) / unit) for g in groups}
+    ticks = {g: max(1, round(load(costs[g], objective) / unit) - fills[g]) for g in groups}  # without the fill
     weight = priority or [1.0] * n
 
     m = cp_model.CpModel()
@@ -128,7 +147,7 @@ def solve(works: list[TaskWork], instances: int, layout: LayoutChoice, cm, memor
     for i in range(n):
         m.AddExactlyOne(x[g, s] for g in groups if i in g for s in range(slots))
     busy = []  # per instance: its step (steady) or its whole job (throughput), in ticks
-    horizon = sum(ticks.values())
+    horizon = sum(ticks.values()) + max(fills.values())
     kib = lambda b: -(-int(b) // 1024)  # bytes -> KiB, rounded up (small integer domains)
     room = (memory_bytes - base) // 1024
     for s in range(slots):
@@ -138,8 +157,12 @@ def solve(works: list[TaskWork], instances: int, layout: LayoutChoice, cm, memor
         for g in groups:
             m.Add(activations >= kib(costs[g].activation_bytes) * x[g, s])
         m.Add(states + activations <= room)
+        widest = m.NewIntVar(0, max(fills.values()), f"fill{s}")  # interleaved groups share one fill and drain
+        for g in groups:
+            if fills[g]:
+                m.Add(widest >= fills[g] * x[g, s])
         t = m.NewIntVar(0, horizon, f"busy{s}")
-        m.Add(t == sum(ticks[g] * x[g, s] for g in groups))
+        m.Add(t == sum(ticks[g] * x[g, s] for g in groups) + widest)
         busy.append(t)
     for s in range(slots - 1):
         m.Add(busy[s] >= busy[s + 1])  # interchangeable instances: symmetry breaking
@@ -184,8 +207,26 @@ def solve(works: list[TaskWork], instances: int, layout: LayoutChoice, cm, memor
         how = f"{solver.StatusName(status)} in time: greedy start kept"
     else:
         return None
-    return Candidate("muxtune", [[tuple(name[i] for i in g) for g in c] for c in chosen if c], layout, packed,
-                     value, how, time.perf_counter() - started, {"instances": instances})
+
+    def candidate(solution, value, how):
+        return Candidate("muxtune", [[tuple(name[i] for i in g) for g in c] for c in solution if c], layout, packed,
+                         value, how, time.perf_counter() - started, {"instances": instances})
+
+    found = candidate(chosen, value, how)
+    found.notes["alternatives"] = []
+    solution = chosen
+    while status == cp_model.OPTIMAL and len(found.notes["alternatives"]) < alternatives:
+        picked = [x[g, s] for s, gs in enumerate(solution) for g in gs]
+        m.Add(sum(picked) <= len(picked) - 1)  # not this solution again
+        m.ClearHints()
+        solver.parameters.max_time_in_seconds = max(0.05, time_limit - (time.perf_counter() - started))
+        status = solver.Solve(m)
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            break
+        solution = [[g for g in groups if solver.Value(x[g, s])] for s in range(slots)]
+        found.notes["alternatives"].append(candidate(solution, estimate(solution, costs, works, objective, steps,
+                                                                        priority), "alternative"))
+    return found
 
 
 def greedy(works: list[TaskWork], slots: int, layout: LayoutChoice, cm, memory_bytes: int, objective: str,
@@ -210,7 +251,7 @@ def greedy(works: list[TaskWork], slots: int, layout: LayoutChoice, cm, memory_b
             placed[where[0]].append(g)
             busy[where[0]] += load(costs[g], objective)
         else:
-            placed.sort(key=lambda gs: -sum(load(costs[g], objective) for g in gs))  # the solver's instance order
+            placed.sort(key=lambda gs: -instance_seconds(gs, costs, objective) if gs else 0.0)  # the solver's order
             value = estimate(placed, costs, works, objective, steps, priority)
             if best is None or value > best[2]:
                 best = (placed, costs, value)

@@ -29,6 +29,7 @@ from muxtune.simulator.workload import TaskWork, estimate_params, method_rank, s
 from muxtune.spec import Alignment, Cluster, FusionGroup, Layout, Plan
 
 GIB = 2**30
+PIPELINE_ALTERNATIVES = 4  # next-best CP-SAT solutions simulated for a pp > 1 pair (close estimates, see cpsat.solve)
 CHUNK_LENGTHS = (16, 32, 64, 128)
 
 
@@ -193,7 +194,8 @@ def plan(tasks, cluster: Cluster, cost_model, objective: str = "throughput", tim
         shares = [2 if i == 0 else 1 for i in range(index, len(chosen_configs))]
         share = max(0.05, (started + budget - time.perf_counter()) * shares[0] / sum(shares))
         found = cpsat.solve(works, instances, layout, cm, memory, objective, share, steps, max_group=max_group,
-                            priority=weights if priority else None, workers=workers)
+                            priority=weights if priority else None, workers=workers,
+                            alternatives=PIPELINE_ALTERNATIVES if layout.pp > 1 else 0)
         statuses.append(f"{instances} x ({layout.label()}): {found.status if found else 'no solution fits memory'}")
         if found is not None:
             candidates.append(found)
@@ -201,12 +203,13 @@ def plan(tasks, cluster: Cluster, cost_model, objective: str = "throughput", tim
         raise MuxTuneError(f"planner: no plan fits {cluster.memory_gib} GiB per device on {cluster.devices} "
                            f"device(s) (the backbone and the tasks' activations need more)")
     candidates.sort(key=lambda c: -c.estimate)
+    # the `top` best, and the next-best solutions of the pipelined ones among them
+    ranked = [c for candidate in candidates[:top] for c in [candidate] + candidate.notes.pop("alternatives", [])]
     step_of = {t.name: t.steps for t in tasks}
     chosen = None
-    for candidate in candidates[:top]:
+    for candidate in ranked:
         if chosen is not None and chosen.fits and time.perf_counter() - started > 0.8 * time_limit:
-            statuses.append(f"simulated the best {candidates.index(candidate)} candidate(s) of {min(top, len(candidates))} "
-                            f"within the time limit")
+            statuses.append(f"simulated {ranked.index(candidate)} of {len(ranked)} candidates within the time limit")
             break  # the rest of the limit is the baselines' (a whole job simulates phase by phase)
         for schedule in (("1f1b", "interleaved") if candidate.layout.pp > 1 else ("1f1b",)):
             evaluation = simulate(candidate, works, step_of, cm, labels, memory, schedule)

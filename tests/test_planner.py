@@ -93,14 +93,19 @@ def test_quickstart_plan_is_valid_fits_memory_and_beats_the_baselines(cpu_model,
     assert result.chosen.throughput == pytest.approx(job_tokens / makespan, rel=1e-9)
 
 
-@pytest.mark.parametrize("seed,n,devices", [(0, 6, 2), (1, 5, 4), (2, 6, 1), (3, 4, 4)])
-def test_plan_is_within_3_percent_of_the_exhaustive_optimum(h100, seed, n, devices):
+@pytest.mark.parametrize("seed,n,devices,memory_gib", [(0, 6, 2, 80), (1, 5, 4, 80), (2, 6, 1, 80), (3, 4, 4, 80),
+                                                       (5, 5, 2, 16), (6, 4, 2, 16)])
+def test_plan_is_within_3_percent_of_the_exhaustive_optimum(h100, seed, n, devices, memory_gib):
+    """16 GiB per H100: the 7B backbone needs two pipeline stages, whose group estimate ranks close
+    solutions less surely than the simulator (the planner simulates next-best ones too)."""
     tasks = random_tasks(seed, n)
-    cluster = Cluster(devices=devices, memory_gib=80, hardware="h100")
+    cluster = Cluster(devices=devices, memory_gib=memory_gib, hardware="h100")
     result = plan(tasks, cluster, h100, time_limit=5)
     best = exhaustive_best(tasks, cluster, h100)
     assert result.chosen.fits
     assert result.chosen.throughput >= 0.97 * best.throughput
+    if memory_gib == 16:
+        assert result.chosen.candidate.layout.pp > 1 and best.candidate.layout.pp > 1
 
 
 def test_memory_limit_splits_groups_and_is_never_exceeded(cpu_model):

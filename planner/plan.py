@@ -54,7 +54,8 @@ class PlanResult:
     chosen: Evaluation
     baselines: list[Evaluation]
     solver_status: list[str] = field(default_factory=list)
-    solve_seconds: float = 0.0  # wall time of the whole search (CP-SAT + simulation)
+    solve_seconds: float = 0.0  # wall time of choosing the plan (screening, pricing, CP-SAT, simulating candidates)
+    compare_seconds: float = 0.0  # wall time of pricing and simulating the baselines after that
 
 
 def device_labels(cluster: Cluster, cost_model) -> list[str]:
@@ -218,11 +219,12 @@ def plan(tasks, cluster: Cluster, cost_model, objective: str = "throughput", tim
     if not chosen.fits:
         raise MuxTuneError(f"planner: the best candidates exceed {cluster.memory_gib} GiB per device when simulated "
                            f"(predicted {chosen.peak_memory / GIB:.2f} GiB)")
+    solved = time.perf_counter()
     base = []
     for candidate in baselines.all_baselines(works, steps, cm, cluster.devices, memory, objective):
         base.append(simulate(candidate, works, step_of, cm, labels, memory, candidate.notes["schedule"]))
     final = chosen.plan.model_copy(update={"planner": f"muxtune (cp-sat, {objective})"})
-    result = PlanResult(final, pd.DataFrame(), chosen, base, statuses, time.perf_counter() - started)
+    result = PlanResult(final, pd.DataFrame(), chosen, base, statuses, solved - started, time.perf_counter() - solved)
     result.table = comparison_table(result, memory)
     result.plan = final.model_copy(update={"explanation": explain(result, works, cluster, objective)})
     return result

@@ -250,7 +250,7 @@ def write_report(run_dir: Path) -> Path:
                             f'src="data:image/png;base64,{data}"><figcaption>{html.escape(title)}</figcaption></figure>')
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>MuxTune report: {html.escape(name)}</title>
-<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}}
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:0.5em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 figure{{margin:1.5em 0}}img{{max-width:100%}}.wide{{overflow-x:auto}}table{{font-size:0.9em}}</style></head><body>
 {body}

@@ -46,8 +46,8 @@ def _why_alone(work, others, shares_instance: bool) -> str:
         side = "longer" if work.seq_len > nearest.seq_len else "shorter"
         return f"its sequences are {ratio:.0f}x {side} than the nearest other task's ({nearest.name})"
     if shares_instance:
-        return ("its own group, taking turns with the instance's other groups (CostModel: fused, the group "
-                "would have taken longer than the tokens it adds are worth)")
+        return ("its own group, run in turn with the instance's other groups in each step (CostModel: fused "
+                "with one of them, the step would take longer)")
     return "an instance of its own (CostModel: fused with other tasks, they would all finish later)"
 
 
@@ -82,7 +82,8 @@ def explain(result, works, cluster, objective: str) -> str:
                 others = [w for w in works if w.name != names[0]]
                 lines.append(f"instance {s}: {names[0]} alone: {_why_alone(group[0], others, len(instance) > 1)}")
         if len(instance) > 1:
-            lines.append(f"instance {s}: its {len(instance)} groups share one pipeline ({chosen.schedule})")
+            lines.append(f"instance {s}: its {len(instance)} groups take turns in each step "
+                         f"({'interleaved in one pipeline' if chosen.schedule == 'interleaved' else chosen.schedule})")
     for b in result.baselines:
         verdict = "does not fit memory" if not b.fits else f"{b.throughput / chosen.throughput:.2f}x the plan's throughput"
         lines.append(f"baseline {b.candidate.planner}: {b.throughput:,.0f} tokens/s, job {b.makespan:.3g} s, "

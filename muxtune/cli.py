@@ -177,7 +177,8 @@ def cmd_plan(args) -> int:
     print(f"cost model: {cost_model.device}")
     print(result.table.to_string(index=False, float_format=lambda v: f"{v:,.3g}"))
     print(result.plan.explanation)
-    print(f"planned in {result.solve_seconds:.1f} s (baselines compared in {result.compare_seconds:.1f} s); wrote {out}")
+    print(f"planned in {result.solve_seconds:.1f} s (baselines compared in {result.compare_seconds:.1f} s); "
+          f"wrote {out}")
     return 0
 
 

@@ -71,8 +71,8 @@ def explain(result, works, cluster, objective: str) -> str:
              f"{chosen.makespan:.3g} s ({chosen.steady:,.0f} tokens/s while every task is present); peak memory "
              f"{_gib(chosen.peak_memory)} per device"]
     if used < cluster.devices:
-        lines.append(f"uses {used} of the {cluster.devices} devices: the search found no faster layout that also uses the other "
-                     f"{cluster.devices - used}")
+        lines.append(f"uses {used} of the {cluster.devices} devices: the search found no faster layout that "
+                     f"also uses the other {cluster.devices - used}")
     for s, instance in enumerate(c.instances):
         for names in instance:
             group = [by_name[n] for n in names]

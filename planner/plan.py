@@ -10,7 +10,8 @@ and their instance, sharing half the time limit (the best-screened pair a double
 goes to the next);
 (2) the `top` best solutions by their estimate are simulated over the whole job (simulate_job), each
 with both pipeline schedules when it has several stages, and the best simulated one that fits memory on
-every device is the plan (once 80% of the time limit is spent, no further candidate is simulated); (3) the baselines are simulated the same way; (4) explain.py writes why.
+every device is the plan (once 80% of the time limit is spent, no further candidate is simulated);
+(3) the baselines are simulated the same way; (4) explain.py writes why.
 """
 
 from __future__ import annotations

@@ -134,13 +134,14 @@ def measured_step_seconds(metrics: dict) -> float | None:
 
 def predicted_vs_measured(metrics: dict, prediction: dict) -> pd.DataFrame:
     measured_step = measured_step_seconds(metrics)
-    # tokens the predicted step carries / measured step time: the same work priced two ways
+    # tokens the predicted step carries / measured step time: the same work priced two ways (a run folder
+    # written before the job figures existed has no steady_tokens_per_s or makespan_s: those rows stay blank)
     step_tokens = sum(prediction.get("step_tokens", {}).values())
     rows = [{"figure": "step time, every task present (s)", "predicted": prediction["step_s"],
              "measured": measured_step},
-            {"figure": "tokens/s, every task present", "predicted": prediction["steady_tokens_per_s"],
+            {"figure": "tokens/s, every task present", "predicted": prediction.get("steady_tokens_per_s"),
              "measured": step_tokens / measured_step if measured_step else None},
-            {"figure": "time to train every task (s)", "predicted": prediction["makespan_s"],
+            {"figure": "time to train every task (s)", "predicted": prediction.get("makespan_s"),
              "measured": metrics["train_time_s"]},
             {"figure": "tokens/s over the whole run", "predicted": prediction["tokens_per_s"],
              "measured": metrics["tokens_per_s"]}]

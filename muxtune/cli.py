@@ -56,8 +56,12 @@ def _print_run(metrics: dict) -> None:
 
 
 def _print_prediction(prediction) -> None:
+    info = prediction.info
+    print(f"plan vs baselines for {info['model']} on {info['gpus']} device(s), predicted with the "
+          f"{info['cost_model']} cost model (tokens_per_s: useful tokens of every task's steps / makespan_s):")
     print(prediction.comparison.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"why: {prediction.info['why']}")
+    print(prediction.plans["muxtune"].explanation)
+    print(f"verdict: {prediction.info['why']}")
 
 
 def cmd_run(args) -> int:
@@ -173,102 +177,122 @@ def cmd_plan(args) -> int:
     print(f"cost model: {cost_model.device}")
     print(result.table.to_string(index=False, float_format=lambda v: f"{v:,.3g}"))
     print(result.plan.explanation)
-    print(f"planned in {result.solve_seconds:.1f} s; wrote {out}")
+    print(f"planned in {result.solve_seconds:.1f} s (baselines compared in {result.compare_seconds:.1f} s); "
+          f"wrote {out}")
     return 0
 
 
-def _add_run_args(p: argparse.ArgumentParser, optional_config: bool) -> None:
+EXIT_CODES = ("exit codes: 0 ok; 2 bad input (the message names the file, line or key; no traceback); "
+              "130 interrupted; anything else is a bug in MuxTune")
+HARDWARE = "a100-40gb, a100-80gb, h100, h200, a40, l4 (profiler/hardware.csv)"
+
+
+def _add_run_args(p: argparse.ArgumentParser, optional_config: bool, plans: bool = True) -> None:
     if optional_config:
         p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
                        help=f"run config YAML (default: {DEFAULT_CONFIG})")
     else:
         p.add_argument("config", help="run config YAML")
     p.add_argument("--out", help="output folder (default: runs/<name>/)")
-    p.add_argument("--plan", help="a plan.json to carry out instead of planning")
+    p.add_argument("--plan", help="a plan.json (from `muxtune plan` or a run folder) to carry out "
+                   + ("instead of planning" if plans else "instead of the trivial plan (every task fused on one device)"))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished tasks from the output folder's checkpoints/")
 
 
-def _add_predict_args(p: argparse.ArgumentParser) -> None:
+def _add_predict_args(p: argparse.ArgumentParser, dry_run_only: bool) -> None:
     p.add_argument("--profile", help="profile CSV to price ops with (default: a cached profile of this "
                                      "device, else a quick one measured now, ~minutes on a CPU)")
-    p.add_argument("--hardware", help="plan for catalog GPUs that are not here (analytic cost model): "
-                                      "a100-40gb, a100-80gb, h100, h200, a40, l4; needs --dry-run")
+    p.add_argument("--hardware", help=f"plan for catalog GPUs that are not here, priced by the analytic cost "
+                                      f"model: {HARDWARE}" + ("" if dry_run_only else "; needs --dry-run"))
     p.add_argument("--gpus", type=int, default=1, help="how many --hardware GPUs to plan for (default 1)")
 
 
 def plan_and_run_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="plan-and-run",
-        description="The whole chain for CONFIG: profile (reuse a cached one) -> plan (and baseline plans) "
-                    "-> simulate -> train every task multiplexed on one shared backbone -> report. Writes "
-                    "runs/<name>/: plan.json, plans.csv (plan vs baselines), simulation.csv (timeline of a "
-                    "step), memory.csv, metrics.json, report.html + PNGs, adapters/ (HF PEFT format).",
-        epilog="examples: plan-and-run examples/quickstart.yaml; "
-               "plan-and-run CONFIG --dry-run --hardware h100 --gpus 16 (plan + simulate only). "
-               "exit codes: 0 ok, 2 bad input, 130 interrupted",
+        description="The whole chain for CONFIG: profile (reuse a cached one) -> plan (OR-Tools planner, and "
+                    "the dedicated / spatial / temporal baselines) -> simulate -> train every task multiplexed "
+                    "on one shared backbone -> report. Writes runs/<name>/: plan.json, plans.csv (plan vs "
+                    "baselines, predicted), simulation.csv (timeline of a step), memory.csv, metrics.json, "
+                    "report.html + PNGs, adapters/ (HF PEFT format).",
+        epilog="examples: plan-and-run (the quickstart); plan-and-run CONFIG --out DIR; "
+               "plan-and-run CONFIG --dry-run --hardware h100 --gpus 16 (plan + simulate for 16 H100s, no "
+               "training). " + EXIT_CODES,
     )
     _add_run_args(parser, optional_config=True)
-    _add_predict_args(parser)
-    parser.add_argument("--dry-run", action="store_true", help="plan + simulate only: no training")
+    _add_predict_args(parser, dry_run_only=False)
+    parser.add_argument("--dry-run", action="store_true", help="plan + simulate + report only: no training")
     return _guard(cmd_plan_and_run, parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="muxtune", description="MuxTune: many PEFT jobs, one backbone.",
-                                     epilog="exit codes: 0 ok, 2 bad input, 130 interrupted")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="train a config's tasks multiplexed on the trivial plan or --plan "
-                                   "(plan-and-run runs the whole chain)")
-    _add_run_args(p, optional_config=False)
-    p.set_defaults(fn=cmd_run)
-    p = sub.add_parser("validate", help="check a config and its data files without training")
-    p.add_argument("config")
-    p.set_defaults(fn=cmd_validate)
-    p = sub.add_parser("submit", help="add a task (a YAML file of task keys) to a running job")
+    parser = argparse.ArgumentParser(prog="muxtune", description="MuxTune: many PEFT jobs, one backbone. "
+                                     "`muxtune COMMAND --help` describes each command; `plan-and-run` runs "
+                                     "the whole chain.", epilog=EXIT_CODES)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, fn, summary, example=""):
+        p = sub.add_parser(name, help=summary, description=summary,
+                           epilog=(f"example: {example}. " if example else "") + EXIT_CODES)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = command("run", cmd_run, "train a config's tasks multiplexed on one backbone, on the trivial plan or "
+                "--plan (no planning; plan-and-run runs the whole chain)", "muxtune run CONFIG --plan plan.json")
+    _add_run_args(p, optional_config=False, plans=False)
+    p = command("validate", cmd_validate, "check a config and its data files without training: examples "
+                "read, truncated, dropped and skipped per task", "muxtune validate examples/quickstart.yaml")
+    p.add_argument("config", help="run config YAML")
+    p = command("submit", cmd_submit, "add a task to a running job: it joins at the next step boundary, "
+                "without reloading the backbone", "muxtune submit runs/quickstart new_task.yaml")
     p.add_argument("run_dir", help="the running job's output folder (runs/<name>/)")
-    p.add_argument("task_file")
-    p.set_defaults(fn=cmd_submit)
-    p = sub.add_parser("cancel", help="stop a task of a running job at its next step boundary")
-    p.add_argument("run_dir")
-    p.add_argument("task")
-    p.set_defaults(fn=cmd_cancel)
-    p = sub.add_parser("profile", help="measure op costs on this device -> a profile CSV (cached by fingerprint)")
-    p.add_argument("--model", default="builtin:tiny-llama", help="builtin:<preset> or a local HF model dir")
-    p.add_argument("--devices", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--mode", choices=["quick", "full"], default="full", help="quick: few points (tests)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("task_file", help="a YAML file of one task's keys (as an entry of a config's tasks:)")
+    p = command("cancel", cmd_cancel, "stop a task of a running job at its next step boundary (the others "
+                "go on)", "muxtune cancel runs/quickstart chat")
+    p.add_argument("run_dir", help="the running job's output folder (runs/<name>/)")
+    p.add_argument("task", help="the task's name")
+    p = command("profile", cmd_profile, "measure op costs on this device -> a profile CSV (cached by device "
+                "fingerprint), which prices plans", "muxtune profile --model builtin:tiny-llama --devices cpu")
+    p.add_argument("--model", default="builtin:tiny-llama", help="builtin:<preset> or a local HF model dir "
+                   "(default builtin:tiny-llama)")
+    p.add_argument("--devices", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--mode", choices=["quick", "full"], default="full", help="quick: few points (tests); "
+                   "full (default): the grid the planner prices with")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="backbone dtype, as the config's dtype (default float32)")
     p.add_argument("--threads", type=int, help="CPU threads to measure with (part of the fingerprint)")
     p.add_argument("--out", help="profile CSV to write (default: the user cache, ~/.cache/muxtune/profiles)")
     p.add_argument("--refresh", action="store_true", help="measure even if a cached profile matches")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(fn=cmd_profile)
-    p = sub.add_parser("plan", help="choose fusion groups and parallel layouts for a config -> plan.json (OR-Tools CP-SAT)")
+    p = command("plan", cmd_plan, "choose fusion groups and parallel layouts for a config's tasks (OR-Tools "
+                "CP-SAT over the CostModel) -> plan.json, compared with the dedicated / spatial / temporal "
+                "baselines", "muxtune plan examples/mixed_methods.yaml --hardware h100 --gpus 16")
     p.add_argument("config", help="run config YAML (its optional cluster: section describes the devices)")
-    p.add_argument("--hardware", help="plan for GPUs we may not have: a hardware catalog name (h100, a100-80gb, ...), "
-                   "priced by the analytic cost model")
+    p.add_argument("--hardware", help=f"plan for GPUs that are not here, priced by the analytic cost model: {HARDWARE}")
     p.add_argument("--gpus", type=int, help="devices in the cluster (default: the config's cluster, else 1)")
     p.add_argument("--memory-gib", type=float, help="memory per device (default: the cluster's, the catalog's, "
-                   "or this machine's)")
+                   "or what this machine has free)")
     p.add_argument("--profile", help="a profile CSV to price this machine with (default: the cached profile of "
                    "this device, measured now if there is none)")
-    p.add_argument("--objective", choices=["throughput", "makespan"], default="throughput")
+    p.add_argument("--objective", choices=["throughput", "steady"], default="throughput",
+                   help="throughput (default): useful tokens of the whole job (every task's steps) per second "
+                   "of its makespan, i.e. finish the job soonest; steady: tokens/s while every task is present "
+                   "(as if finished tenants were always replaced)")
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds for the search (default 10)")
     p.add_argument("--out", help="plan JSON to write (default: runs/<name>/plan.json)")
-    p.set_defaults(fn=cmd_plan)
-    p = sub.add_parser("simulate", help="plan + simulate one step (no training): plan vs baselines, "
-                                        "timeline, memory, report",
-                       epilog="example: muxtune simulate examples/quickstart.yaml --hardware h100 --gpus 16")
+    p = command("simulate", cmd_plan_and_run, "plan + simulate the whole job (no training): plan vs "
+                "baselines, timeline, memory, report.html; the same as plan-and-run --dry-run",
+                "muxtune simulate examples/quickstart.yaml --hardware h100 --gpus 16")
     p.add_argument("config", help="run config YAML")
     p.add_argument("--plan", help="a plan.json to simulate instead of planning")
     p.add_argument("--out", help="output folder (default: runs/<name>/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_predict_args(p)
-    p.set_defaults(fn=cmd_plan_and_run)
-    p = sub.add_parser("report", help="re-render RUN_DIR/report.html and its PNGs from the run folder's files")
+    _add_predict_args(p, dry_run_only=True)
+    p = command("report", cmd_report, "re-render RUN_DIR/report.html and its PNGs from the run folder's files",
+                "muxtune report runs/quickstart")
     p.add_argument("run_dir", help="a run folder (runs/<name>/) with plan.json")
-    p.set_defaults(fn=cmd_report)
     args = parser.parse_args(argv)
     return _guard(args.fn, args)
 

@@ -77,7 +77,7 @@ def plot_plans(comparison: pd.DataFrame, path: Path) -> Path:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     colors = ["tab:green" if p == "muxtune" else "tab:gray" for p in comparison["plan"]]
     ax1.bar(comparison["plan"], comparison["tokens_per_s"], color=colors)
-    ax1.set(ylabel="predicted tokens/s (all tasks)", title="throughput of one step")
+    ax1.set(ylabel="predicted useful tokens/s", title="throughput over the whole job (tokens / makespan)")
     ax2.bar(comparison["plan"], comparison["peak_memory_gib"], color=colors)
     ax2.set(ylabel="GiB", title="peak memory of the fullest device")
     for ax in (ax1, ax2):
@@ -134,13 +134,20 @@ def measured_step_seconds(metrics: dict) -> float | None:
 
 def predicted_vs_measured(metrics: dict, prediction: dict) -> pd.DataFrame:
     measured_step = measured_step_seconds(metrics)
-    # tokens the predicted step carries / measured step time: the same work priced two ways
+    # tokens the predicted step carries / measured step time: the same work priced two ways (a run folder
+    # written before the job figures existed has no steady_tokens_per_s or makespan_s: those rows stay blank)
     step_tokens = sum(prediction.get("step_tokens", {}).values())
-    rows = [{"figure": "step time (s)", "predicted": prediction["step_s"], "measured": measured_step},
-            {"figure": "tokens/s (all tasks)", "predicted": prediction["tokens_per_s"],
-             "measured": step_tokens / measured_step if measured_step else None}]
+    rows = [{"figure": "step time, every task present (s)", "predicted": prediction["step_s"],
+             "measured": measured_step},
+            {"figure": "tokens/s, every task present", "predicted": prediction.get("steady_tokens_per_s"),
+             "measured": step_tokens / measured_step if measured_step else None},
+            {"figure": "time to train every task (s)", "predicted": prediction.get("makespan_s"),
+             "measured": metrics["train_time_s"]},
+            {"figure": "tokens/s over the whole run", "predicted": prediction["tokens_per_s"],
+             "measured": metrics["tokens_per_s"]}]
     table = pd.DataFrame(rows)
-    table["error"] = (table["predicted"] - table["measured"]) / table["measured"]
+    error = (table["predicted"] - table["measured"]) / table["measured"]
+    table["error"] = [f"{100 * e:+.0f}%" if pd.notna(e) else "" for e in error]  # predicted vs measured
     return table
 
 
@@ -161,7 +168,8 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")
+    table = frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")
+    return f'<div class="wide">{table}</div>'  # scrolls sideways on a narrow window instead of being cut off
 
 
 def write_report(run_dir: Path) -> Path:
@@ -194,11 +202,12 @@ def write_report(run_dir: Path) -> Path:
                      f"(dp={g.layout.dp}, pp={g.layout.pp}, tp={g.layout.tp}, micro-batches={g.micro_batches})</li>"
                      for i, g in enumerate(plan.groups))
     align = plan.alignment
-    parts.append(f"<h2>Plan ({html.escape(plan.planner)})</h2><p>{html.escape(plan.explanation)}</p><ul>{groups}</ul>"
+    explanation = "".join(f"<li>{html.escape(line)}</li>" for line in plan.explanation.splitlines() if line.strip())
+    parts.append(f"<h2>Plan ({html.escape(plan.planner)})</h2><ul>{explanation}</ul><p>Fusion groups:</p><ul>{groups}</ul>"
                  f"<p>Schedule {plan.schedule}; alignment {align.layout}, chunk size {align.chunk_len} tokens, "
                  f"token budget {align.token_budget} per micro-batch.</p>")
     if prediction:
-        parts.append(f"<p><b>Why:</b> {html.escape(prediction['why'])}</p>"
+        parts.append(f"<p><b>Verdict:</b> {html.escape(prediction['why'])}.</p>"
                      f"<p>Cost model: {html.escape(prediction['cost_model'])}; {prediction['gpus']} device(s).</p>")
 
     if comparison is not None:
@@ -242,9 +251,9 @@ def write_report(run_dir: Path) -> Path:
                             f'src="data:image/png;base64,{data}"><figcaption>{html.escape(title)}</figcaption></figure>')
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>MuxTune report: {html.escape(name)}</title>
-<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}}
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:0.5em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
-figure{{margin:1.5em 0}}img{{max-width:100%}}</style></head><body>
+figure{{margin:1.5em 0}}img{{max-width:100%}}.wide{{overflow-x:auto}}table{{font-size:0.9em}}</style></head><body>
 {body}
 </body></html>
 """

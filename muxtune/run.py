@@ -288,111 +288,100 @@ def task_works(config: RunConfig, cost_model, backbone=None, stats: dict | None 
     return works
 
 
-def baseline_plans(config: RunConfig, devices: list[str], n_layers: int) -> dict[str, Plan]:
-    """Plans a platform would run without MuxTune, built on `devices`:
-    dedicated: one instance per task (tasks share a device one after another when there are fewer devices
-    than tasks); spatial: all tasks in one padded fused batch, data-parallel over the devices; temporal:
-    one group per task, interleaved in one pipeline (padded per task), data-parallel over what is left."""
-    from muxtune.spec import Alignment, FusionGroup, Layout
-
-    names = [t.name for t in config.tasks]
-    n = len(devices)
-    padded = Alignment(layout="padded")
-    if n >= len(names):
-        per = n // len(names)
-        dedicated = [FusionGroup(tasks=[t], devices=devices[i * per:(i + 1) * per], layout=Layout(dp=per))
-                     for i, t in enumerate(names)]
-    else:
-        dedicated = [FusionGroup(tasks=[t], devices=[devices[i % n]]) for i, t in enumerate(names)]
-    pp = max(d for d in range(1, min(n, n_layers) + 1) if n % d == 0)
-    pipeline = Layout(dp=n // pp, pp=pp)
-    return {
-        "dedicated": Plan(planner="dedicated", groups=dedicated, alignment=padded,
-                          explanation="one instance per task, no sharing of the backbone"),
-        "spatial": Plan(planner="spatial", groups=[FusionGroup(tasks=names, devices=devices, layout=Layout(dp=n))],
-                        alignment=padded, explanation="all tasks in one fused batch padded to its longest row"),
-        "temporal": Plan(planner="temporal", groups=[FusionGroup(tasks=[t], devices=devices, layout=pipeline,
-                                                                 micro_batches=pp) for t in names],
-                         schedule="interleaved", alignment=padded,
-                         explanation=f"one group per task interleaved in a {pp}-stage pipeline"),
-    }
-
-
 def plan_phase(config: RunConfig, cost_model, devices: list[str], works: dict) -> dict[str, Plan]:
-    """The plan to run ("muxtune", chosen by the OR-Tools planner, muxtune.planner.plan) and the baselines
-    it is compared with, for a cluster of `devices` (this machine's, or catalog GPUs in a dry run)."""
+    """The plan to run ("muxtune", chosen by the OR-Tools planner, muxtune.planner.plan) and the planner's
+    baselines it is compared with (dedicated, spatial, temporal: planner/baselines.py), as Plans for a
+    cluster of `devices` (this machine's, or catalog GPUs in a dry run). The planner prices the tasks as
+    `works` says (exact adapter sizes and the data's mean lengths once they are loaded)."""
+    from muxtune.planner.baselines import DESCRIPTIONS
     from muxtune.planner.plan import plan as search
     from muxtune.planner.setup import free_memory_gib
     from muxtune.spec import Cluster
 
-    baselines = baseline_plans(config, devices, cost_model.shape.n_layers)
     if cost_model.profile is None and cost_model.hw is not None:  # a catalog GPU, priced analytically
         hardware, memory = cost_model.hw["name"], cost_model.hw["memory_gb"] * 1e9 / 2**30
     else:  # this machine
         hardware, memory = "this", config.memory_limit_gib or free_memory_gib(devices[0])
     cluster = Cluster(devices=len(devices), memory_gib=memory, hardware=hardware)
-    params = {name: work.params for name, work in works.items()} if works else None
-    chosen = search(config.tasks, cluster, cost_model, params=params).plan
+    result = search(config.tasks, cluster, cost_model, params={n: w.params for n, w in works.items()},
+                    seq_lens={n: w.seq_len for n, w in works.items()})
+    plans = {"muxtune": result.plan}
+    for b in result.baselines:
+        plans[b.candidate.planner] = b.plan.model_copy(update={"explanation": DESCRIPTIONS[b.candidate.planner]})
     if hardware == "this" and len(devices) == 1:  # the planner names this machine's device generically
-        chosen = chosen.model_copy(update={"groups": [g.model_copy(update={"devices": devices}) for g in chosen.groups]})
-    return {"muxtune": chosen, **baselines}
+        plans = {name: p.model_copy(update={"groups": [g.model_copy(update={"devices": devices}) for g in p.groups]})
+                 for name, p in plans.items()}
+    return plans
 
 
-def simulate_phase(plans: dict[str, Plan], works: dict, cost_model, progress: bool = True):
-    """Simulate one step of every plan; returns (comparison table, chosen plan's Timeline, its memory)."""
+def simulate_phase(plans: dict[str, Plan], works: dict, steps: dict[str, int], cost_model, progress: bool = True):
+    """Simulate every plan's whole job (planner.plan.simulate_job: each task for its own steps, leaving
+    its group when done) and one step with every task present; returns (comparison table, the chosen
+    plan's Timeline of that step, its memory)."""
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from muxtune.planner.plan import simulate_job
     from muxtune.simulator.iteration import memory_breakdown, simulate_step
 
     rows, chosen = [], None
     for name, plan in tqdm(plans.items(), desc="simulating plans", unit="plan", disable=not progress):
-        timeline = simulate_step(plan, works, cost_model, packed=plan.alignment.layout == "chunked")
+        packed = plan.alignment.layout == "chunked"
+        job = simulate_job(plan, works, steps, cost_model, packed)
+        timeline = simulate_step(plan, works, cost_model, packed=packed)
         memory = memory_breakdown(plan, works, cost_model, timeline)
         if name == "dedicated":  # every instance holds its own backbone copy, also when it shares a device
             copies = pd.Series([sum(d in g.devices for g in plan.groups) for d in memory["device"]])
             memory["backbone"] = memory["backbone"] * copies.clip(lower=1)
         total = memory[["backbone", "adapters", "optimizer", "activations"]].sum(axis=1)
-        rows.append({"plan": name, "planner": plan.planner, "groups": len(plan.groups),
+        rows.append({"plan": name, "groups": len(plan.groups),
                      "devices": len({d for g in plan.groups for d in g.devices}),
-                     "step_s": timeline.step_seconds,
-                     "tokens_per_s": sum(timeline.tokens_per_second.values()),
+                     "tokens_per_s": job.throughput, "makespan_s": job.makespan,
+                     "steady_tokens_per_s": job.steady, "step_s": timeline.step_seconds,
                      "bubble": max(0.0, *timeline.bubble_fraction.values()),  # float noise can dip below 0
                      "peak_memory_gib": float(total.max()) / 2**30})
         if name == "muxtune":
-            chosen = (timeline, memory)
-    return pd.DataFrame(rows), chosen[0], chosen[1]
+            chosen = (timeline, memory, job)
+    comparison = pd.DataFrame(rows)
+    comparison["vs_muxtune"] = comparison["tokens_per_s"] / comparison.loc[comparison["plan"] == "muxtune",
+                                                                             "tokens_per_s"].iloc[0]
+    return comparison, chosen[0], chosen[1], chosen[2]
 
 
 def predict(config: RunConfig, cost_model, cost_model_name: str, devices: list[str], plan: Plan | None = None,
             backbone=None, stats: dict | None = None, progress: bool = True) -> Prediction:
     """plan + simulate: a `plan` given by the user replaces the planner's choice, baselines stay."""
     works = task_works(config, cost_model, backbone, stats)
+    steps = {t.name: t.steps for t in config.tasks}
     plans = plan_phase(config, cost_model, devices, works)
     if plan is not None:
         plan.check_against(config)
         plans["muxtune"] = plan
-    comparison, timeline, memory = simulate_phase(plans, works, cost_model, progress)
-    chosen = plans["muxtune"]
-    info = {"name": config.name, "model": config.model, "cost_model": cost_model_name, "devices": devices, "gpus": len(devices),
-            "step_s": timeline.step_seconds, "tokens_per_s": sum(timeline.tokens_per_second.values()),
+    comparison, timeline, memory, job = simulate_phase(plans, works, steps, cost_model, progress)
+    info = {"name": config.name, "model": config.model, "cost_model": cost_model_name, "devices": devices,
+            "gpus": len(devices), "tokens_per_s": job.throughput, "makespan_s": job.makespan,
+            "steady_tokens_per_s": job.steady, "step_s": timeline.step_seconds,
             "task_tokens_per_s": timeline.tokens_per_second, "bubble_fraction": timeline.bubble_fraction,
             "step_tokens": {n: w.tokens for n, w in works.items()},
-            "why": why(chosen, comparison)}
+            "job_tokens": sum(w.tokens * steps[n] for n, w in works.items()),
+            "why": why(comparison)}
     return Prediction(plans, comparison, timeline, memory, info)
 
 
-def why(chosen: Plan, comparison) -> str:
-    """The plan's own explanation plus how it compares with the best baseline, in numbers."""
+def why(comparison) -> str:
+    """How the chosen plan compares with the best baseline, in numbers (the plan's own explanation, in
+    plan.json, says which tasks fuse and why)."""
     mine = comparison[comparison["plan"] == "muxtune"].iloc[0]
     others = comparison[comparison["plan"] != "muxtune"]
     if others.empty:
-        return chosen.explanation
+        return ""
     best = others.sort_values("tokens_per_s", ascending=False).iloc[0]
     ratio = mine["tokens_per_s"] / best["tokens_per_s"] if best["tokens_per_s"] else float("inf")
-    return (f"{chosen.explanation}. Predicted {mine['tokens_per_s']:.0f} tokens/s, {ratio:.2f}x the best "
-            f"baseline ({best['plan']}, {best['tokens_per_s']:.0f} tokens/s); peak memory "
-            f"{mine['peak_memory_gib']:.3g} GiB vs {best['peak_memory_gib']:.3g} GiB.")
+    verdict = "ahead of" if ratio > 1 else "level with" if ratio == 1 else "behind"
+    return (f"predicted {mine['tokens_per_s']:,.0f} useful tokens/s over the whole job (every task's steps, "
+            f"{mine['makespan_s']:.3g} s): {ratio:.2f}x the best baseline ({best['plan']}, "
+            f"{best['tokens_per_s']:,.0f} tokens/s), so {verdict} it; peak memory {mine['peak_memory_gib']:.3g} GiB "
+            f"per device vs {best['peak_memory_gib']:.3g} GiB")
 
 
 def write_prediction(prediction: Prediction, run_dir: Path) -> None:

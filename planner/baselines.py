@@ -12,9 +12,14 @@ simulator, each with the best layout for it by the same group-cost estimate:
 from __future__ import annotations
 
 from muxtune.planner.cpsat import Candidate, estimate, fits
-from muxtune.planner.layouts import backbone_bytes, divisors, group_cost, layouts
+from muxtune.planner.layouts import backbone_bytes, divisors, layouts, priced
 
 BASELINES = ("dedicated", "spatial", "temporal")
+DESCRIPTIONS = {  # one line each, for tables and reports
+    "dedicated": "one backbone instance per task (HF-PEFT / NeMo style), nothing shared",
+    "spatial": "every task fused in one padded micro-batch stream on one instance (mLoRA style)",
+    "temporal": "every task its own group, interleaved in one pipeline over all devices (no fusion)",
+}
 
 
 def _best(name, works, steps, cm, devices, instances, arrange, memory_bytes, objective, packed, schedule,
@@ -23,12 +28,14 @@ def _best(name, works, steps, cm, devices, instances, arrange, memory_bytes, obj
     better = None
     for layout in layouts(devices // instances, cm.shape.n_layers):
         solution = arrange(instances)
-        costs = {g: group_cost(tuple(works[i] for i in g), layout, cm, packed) for gs in solution for g in gs}
+        costs = {}
+        for g in (g for gs in solution for g in gs):
+            priced(g, works, steps, layout, cm, packed, costs)
         base = backbone_bytes(layout, cm)
         copies = max(len(gs) for gs in solution) if backbone_copies else 1
         fit = all(fits(gs, costs, base * copies, memory_bytes) for gs in solution)
         value = estimate(solution, costs, works, objective, steps)
-        key = (fit, value if objective == "throughput" else -value)
+        key = (fit, value)
         if better is None or key > better[0]:
             names = [w.name for w in works]
             better = (key, Candidate(name, [[tuple(names[i] for i in g) for g in gs] for gs in solution if gs],

@@ -4,18 +4,24 @@ For one (instances k, layout) pair from layouts.instance_configs:
 - candidate groups: every subset of up to `max_group` tasks on small instances (<= 64 subsets);
   otherwise tasks sorted by sequence length (then method shape) and every run of up to `max_group`
   neighbours in that order (fusing tasks of similar length wastes the least padding); each priced by
-  the CostModel (layouts.group_cost), in integer ticks;
+  the CostModel (layouts.priced), in integer ticks;
 - booleans x[g, s]: candidate group g runs on instance s; every task in exactly one chosen group;
 - memory per device of instance s: backbone shard + the states of its tasks + the activations of
   its largest group <= device memory (one constraint per (g, s), enforced when x[g, s]);
-- step time of s: the sum of its groups' costs (its groups share the pipeline one after another);
-- objective `throughput` (default): maximise sum_s useful tokens_s / step_s (an integer division per
-  instance, AddDivisionEquality); `makespan`: minimise the longest instance's time to finish all its
-  tasks, sum over its groups of cost x the group's steps (a group leaves the pipeline when its tasks
-  are done). Priorities weight a task's tokens in the throughput objective.
-The instances are interchangeable: their step times are ordered to break the symmetry. A greedy
-solution (length-sorted groups dealt round-robin) is given as a hint, so the incumbent at the time
-limit is never worse than it.
+- the time of instance s (one step, or its whole job): its groups' costs without their pipeline fill
+  and drain, plus the largest fill among them (interleaved groups fill each other's bubbles; pp = 1
+  has none): instance_seconds;
+- objective `throughput` (default): the useful tokens of the whole job (every task's steps) per second
+  of the job. Those tokens are fixed by the tasks, so this minimises the makespan: the longest instance's
+  time to finish all its tasks, the sum over its groups of their job time (a group runs in phases,
+  losing each task when its steps are done: layouts.priced). Counting the job, not one step, is what
+  makes an instance that idles after its short task ended cost what it costs.
+- objective `steady`: the steady-state rate with every task present (no task ever finishes, e.g. a
+  service that refills finished tenants): maximise sum_s tokens of one step of s / step time of s (an
+  integer division per instance, AddDivisionEquality); priorities weight a task's tokens here.
+The instances are interchangeable: their loads are ordered to break the symmetry. A greedy solution
+(length-sorted groups dealt to the least loaded instance) is given as a hint, so the incumbent at the
+time limit is never worse than it.
 """
 
 from __future__ import annotations
@@ -27,11 +33,11 @@ from dataclasses import dataclass, field
 
 from ortools.sat.python import cp_model
 
-from muxtune.planner.layouts import LayoutChoice, backbone_bytes, group_cost
+from muxtune.planner.layouts import LayoutChoice, backbone_bytes, priced
 from muxtune.simulator.workload import TaskWork
 
-OBJECTIVES = ("throughput", "makespan")
-TICKS = 1_000_000  # n x the costliest group's time is this many integer ticks (an upper bound of any step)
+OBJECTIVES = ("throughput", "steady")
+TICKS = 1_000_000  # n x the costliest group's time is this many integer ticks (an upper bound of any load)
 
 
 @dataclass
@@ -43,7 +49,7 @@ class Candidate:
     instances: list[list[tuple[str, ...]]]
     layout: LayoutChoice
     packed: bool
-    estimate: float = 0.0  # objective value under the group-cost estimate (tokens/s, or seconds)
+    estimate: float = 0.0  # objective value under the group-cost estimate (tokens/s)
     status: str = ""
     solve_seconds: float = 0.0
     notes: dict = field(default_factory=dict)
@@ -74,16 +80,37 @@ def candidate_groups(works: list[TaskWork], max_group: int, all_subsets_up_to: i
 
 def estimate(instances: list[list[tuple[int, ...]]], costs: dict, works: list[TaskWork], objective: str,
              steps: list[int], priority: list[float] | None = None) -> float:
-    """The objective of a solution under group costs (the same figures the CP-SAT model uses, unrounded)."""
+    """The objective of a solution under group costs (the figures the CP-SAT model uses, unrounded):
+    `throughput`: the job's useful tokens / its makespan; `steady`: sum over instances of one step's
+    tokens / the step time."""
+    weight = priority or [1.0] * len(works)
     if objective == "throughput":
-        total = 0.0
-        for groups in instances:
-            if groups:
-                tokens = sum(works[i].tokens * (priority[i] if priority else 1.0) for g in groups for i in g)
-                total += tokens / sum(costs[g].seconds for g in groups)
-        return total
-    return max((sum(costs[g].seconds * max(steps[i] for i in g) for g in groups) for groups in instances if groups),
-               default=0.0)
+        makespan = max((instance_seconds(groups, costs, objective) for groups in instances if groups), default=0.0)
+        tokens = sum(works[i].tokens * steps[i] * weight[i] for groups in instances for g in groups for i in g)
+        return tokens / makespan if makespan > 0 else 0.0
+    total = 0.0
+    for groups in instances:
+        if groups:
+            tokens = sum(works[i].tokens * weight[i] for g in groups for i in g)
+            total += tokens / instance_seconds(groups, costs, objective)
+    return total
+
+
+def load(cost, objective: str) -> float:
+    """What a group adds to its instance under the objective: its whole job, or one step."""
+    return cost.job_seconds if objective == "throughput" else cost.seconds
+
+
+def fill(cost, objective: str) -> float:
+    """The pipeline fill and drain inside load(): paid once per step by groups that interleave."""
+    return cost.job_fill_seconds if objective == "throughput" else cost.fill_seconds
+
+
+def instance_seconds(groups, costs: dict, objective: str) -> float:
+    """An instance's time (its whole job, or one step) with its groups interleaved in one pipeline: each
+    group's work without its fill and drain, plus the largest fill (0 when pp = 1)."""
+    return (sum(load(costs[g], objective) - fill(costs[g], objective) for g in groups)
+            + max(fill(costs[g], objective) for g in groups))
 
 
 def fits(groups: list[tuple[int, ...]], costs: dict, base: int, memory: int) -> bool:
@@ -92,29 +119,35 @@ def fits(groups: list[tuple[int, ...]], costs: dict, base: int, memory: int) -> 
 
 def solve(works: list[TaskWork], instances: int, layout: LayoutChoice, cm, memory_bytes: int, objective: str,
           time_limit: float, steps: list[int], packed: bool = True, max_group: int = 8,
-          priority: list[float] | None = None, workers: int = 2) -> Candidate | None:
+          priority: list[float] | None = None, workers: int = 2, alternatives: int = 0) -> Candidate | None:
     """Best solution found within time_limit for one (instances, layout); None when nothing fits memory
-    or no solution was found in time."""
+    or no solution was found in time. `alternatives` > 0: after an optimal solution, the model is solved
+    again that many times, each time excluding the solutions found so far; the next-best ones are in
+    `notes["alternatives"]` (for pipelines, whose estimate ranks close solutions less surely than the
+    simulator)."""
     started = time.perf_counter()
     n = len(works)
     slots = min(instances, n)
     groups = candidate_groups(works, max_group)
-    costs = {g: group_cost(tuple(works[i] for i in g), layout, cm, packed) for g in groups}
+    costs: dict = {}
+    for g in groups:
+        priced(g, works, steps, layout, cm, packed, costs)
     base = backbone_bytes(layout, cm)
     # a group that cannot fit alone can never be chosen
     groups = [g for g in groups if base + costs[g].state_bytes + costs[g].activation_bytes <= memory_bytes]
     if not all(any(i in g for g in groups) for i in range(n)):
         return None
-    unit = max(costs[g].seconds for g in groups) * n / TICKS  # seconds per tick
-    ticks = {g: max(1, round(costs[g].seconds / unit)) for g in groups}
+    unit = max(load(costs[g], objective) for g in groups) * n / TICKS  # seconds per tick
+    fills = {g: round(fill(costs[g], objective) / unit) for g in groups}
+    ticks = {g: max(1, round(load(costs[g], objective) / unit) - fills[g]) for g in groups}  # without the fill
     weight = priority or [1.0] * n
 
     m = cp_model.CpModel()
     x = {(g, s): m.NewBoolVar(f"x{gi}_{s}") for gi, g in enumerate(groups) for s in range(slots)}
     for i in range(n):
         m.AddExactlyOne(x[g, s] for g in groups if i in g for s in range(slots))
-    step = []
-    horizon = sum(ticks.values())
+    busy = []  # per instance: its step (steady) or its whole job (throughput), in ticks
+    horizon = sum(ticks.values()) + max(fills.values())
     kib = lambda b: -(-int(b) // 1024)  # bytes -> KiB, rounded up (small integer domains)
     room = (memory_bytes - base) // 1024
     for s in range(slots):
@@ -124,13 +157,17 @@ def solve(works: list[TaskWork], instances: int, layout: LayoutChoice, cm, memor
         for g in groups:
             m.Add(activations >= kib(costs[g].activation_bytes) * x[g, s])
         m.Add(states + activations <= room)
-        t = m.NewIntVar(0, horizon, f"step{s}")
-        m.Add(t == sum(ticks[g] * x[g, s] for g in groups))
-        step.append(t)
+        widest = m.NewIntVar(0, max(fills.values()), f"fill{s}")  # interleaved groups share one fill and drain
+        for g in groups:
+            if fills[g]:
+                m.Add(widest >= fills[g] * x[g, s])
+        t = m.NewIntVar(0, horizon, f"busy{s}")
+        m.Add(t == sum(ticks[g] * x[g, s] for g in groups) + widest)
+        busy.append(t)
     for s in range(slots - 1):
-        m.Add(step[s] >= step[s + 1])  # interchangeable instances: symmetry breaking
+        m.Add(busy[s] >= busy[s + 1])  # interchangeable instances: symmetry breaking
 
-    if objective == "throughput":
+    if objective == "steady":
         # rate_s = tokens_s * scale // step_s; tokens in units so the largest rate has ~1e6 resolution
         token_unit = max(1.0, sum(w.tokens * p for w, p in zip(works, weight)) / 100_000)
         tok = {g: round(sum(works[i].tokens * weight[i] for i in g) / token_unit) for g in groups}
@@ -142,16 +179,14 @@ def solve(works: list[TaskWork], instances: int, layout: LayoutChoice, cm, memor
             scaled = m.NewIntVar(0, sum(tok.values()) * scale, f"scaled{s}")
             m.Add(scaled == tokens * scale)
             denominator = m.NewIntVar(1, horizon + 1, f"den{s}")
-            m.Add(denominator == step[s] + 1)
+            m.Add(denominator == busy[s] + 1)
             rate = m.NewIntVar(0, sum(tok.values()) * scale, f"rate{s}")
             m.AddDivisionEquality(rate, scaled, denominator)
             rates.append(rate)
         m.Maximize(sum(rates))
-    else:
-        group_steps = {g: max(steps[i] for i in g) for g in groups}
-        longest = m.NewIntVar(0, sum(ticks[g] * group_steps[g] for g in groups), "makespan")
-        for s in range(slots):
-            m.Add(longest >= sum(ticks[g] * group_steps[g] * x[g, s] for g in groups))
+    else:  # throughput of the job = its fixed tokens / the makespan
+        longest = m.NewIntVar(0, horizon, "makespan")
+        m.AddMaxEquality(longest, busy)
         m.Minimize(longest)
 
     start = greedy(works, slots, layout, cm, memory_bytes, objective, steps, packed, max_group, priority, costs)
@@ -172,8 +207,26 @@ def solve(works: list[TaskWork], instances: int, layout: LayoutChoice, cm, memor
         how = f"{solver.StatusName(status)} in time: greedy start kept"
     else:
         return None
-    return Candidate("muxtune", [[tuple(name[i] for i in g) for g in c] for c in chosen if c], layout, packed,
-                     value, how, time.perf_counter() - started, {"instances": instances})
+
+    def candidate(solution, value, how):
+        return Candidate("muxtune", [[tuple(name[i] for i in g) for g in c] for c in solution if c], layout, packed,
+                         value, how, time.perf_counter() - started, {"instances": instances})
+
+    found = candidate(chosen, value, how)
+    found.notes["alternatives"] = []
+    solution = chosen
+    while status == cp_model.OPTIMAL and len(found.notes["alternatives"]) < alternatives:
+        picked = [x[g, s] for s, gs in enumerate(solution) for g in gs]
+        m.Add(sum(picked) <= len(picked) - 1)  # not this solution again
+        m.ClearHints()
+        solver.parameters.max_time_in_seconds = max(0.05, time_limit - (time.perf_counter() - started))
+        status = solver.Solve(m)
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            break
+        solution = [[g for g in groups if solver.Value(x[g, s])] for s in range(slots)]
+        found.notes["alternatives"].append(candidate(solution, estimate(solution, costs, works, objective, steps,
+                                                                        priority), "alternative"))
+    return found
 
 
 def greedy(works: list[TaskWork], slots: int, layout: LayoutChoice, cm, memory_bytes: int, objective: str,
@@ -189,19 +242,18 @@ def greedy(works: list[TaskWork], slots: int, layout: LayoutChoice, cm, memory_b
     while size >= 1:
         runs = [tuple(sorted(order[i:i + size])) for i in range(0, len(order), size)]
         for g in runs:
-            if g not in costs:
-                costs[g] = group_cost(tuple(works[i] for i in g), layout, cm, packed)
-        load, placed = [0.0] * slots, [[] for _ in range(slots)]
-        for g in sorted(runs, key=lambda g: -costs[g].seconds):
-            where = [s for s in sorted(range(slots), key=lambda s: load[s]) if fits(placed[s] + [g], costs, base, memory_bytes)]
+            priced(g, works, steps, layout, cm, packed, costs)
+        busy, placed = [0.0] * slots, [[] for _ in range(slots)]
+        for g in sorted(runs, key=lambda g: -load(costs[g], objective)):
+            where = [s for s in sorted(range(slots), key=lambda s: busy[s]) if fits(placed[s] + [g], costs, base, memory_bytes)]
             if not where:
                 break
             placed[where[0]].append(g)
-            load[where[0]] += costs[g].seconds
+            busy[where[0]] += load(costs[g], objective)
         else:
-            placed.sort(key=lambda gs: -sum(costs[g].seconds for g in gs))  # the solver's instance order
+            placed.sort(key=lambda gs: -instance_seconds(gs, costs, objective) if gs else 0.0)  # the solver's order
             value = estimate(placed, costs, works, objective, steps, priority)
-            if best is None or (value > best[2] if objective == "throughput" else value < best[2]):
+            if best is None or value > best[2]:
                 best = (placed, costs, value)
         size //= 2
     return best

@@ -11,7 +11,7 @@ import itertools
 
 from muxtune.errors import MuxTuneError
 from muxtune.planner.cpsat import Candidate, estimate, fits
-from muxtune.planner.layouts import backbone_bytes, group_cost, instance_configs
+from muxtune.planner.layouts import backbone_bytes, instance_configs, priced
 
 MAX_TASKS = 7
 
@@ -30,39 +30,41 @@ def set_partitions(items: list, max_blocks: int | None = None):
 
 
 def search(works, steps, cm, devices: int, memory_bytes: int, objective: str, packed: bool = True,
-           keep: int = 5, priority=None) -> list[Candidate]:
-    """The `keep` best memory-feasible solutions by estimate, best first."""
+           keep: int = 5, priority=None, per_layout: bool = False) -> list[Candidate]:
+    """The `keep` best memory-feasible solutions by estimate, best first; with `per_layout`, also the
+    best of every (instances, layout) pair (a pipeline's estimate is an upper bound of its simulated
+    step, so a pp > 1 solution the estimate ranks low can still simulate best)."""
     n = len(works)
     if n > MAX_TASKS:
         raise MuxTuneError(f"exhaustive search: {n} tasks; it is meant for at most {MAX_TASKS}")
-    better = (lambda v: v) if objective == "throughput" else (lambda v: -v)
     best: list[tuple[float, int, Candidate]] = []
+    layout_best: list[tuple[float, int, Candidate]] = []
     counter = itertools.count()
     names = [w.name for w in works]
     for instances, layout in instance_configs(devices, cm.shape.n_layers):
         costs = {}
         base = backbone_bytes(layout, cm)
-
-        def cost(g):
-            if g not in costs:
-                costs[g] = group_cost(tuple(works[i] for i in g), layout, cm, packed)
-            return costs[g]
-
+        mine = None
         for placement in set_partitions(list(range(n)), instances):
             per_instance = [list(set_partitions(block)) for block in placement]
             for choice in itertools.product(*per_instance):
                 solution = [[tuple(sorted(g)) for g in groups] for groups in choice]
                 for groups in solution:
                     for g in groups:
-                        cost(g)
+                        priced(g, works, steps, layout, cm, packed, costs)
                 if not all(fits(groups, costs, base, memory_bytes) for groups in solution):
                     continue
                 value = estimate(solution, costs, works, objective, steps, priority)
-                item = (better(value), next(counter), Candidate(
+                item = (value, next(counter), Candidate(
                     "exhaustive", [[tuple(names[i] for i in g) for g in groups] for groups in solution],
                     layout, packed, value, "EXHAUSTIVE", notes={"instances": instances}))
                 if len(best) < keep:
                     heapq.heappush(best, item)
                 else:
                     heapq.heappushpop(best, item)
-    return [c for _, _, c in sorted(best, key=lambda t: (-t[0], t[1]))]
+                if mine is None or value > mine[0]:
+                    mine = item
+        if per_layout and mine is not None:
+            layout_best.append(mine)
+    chosen = {t[1]: t for t in best + layout_best}.values()
+    return [c for _, _, c in sorted(chosen, key=lambda t: (-t[0], t[1]))]

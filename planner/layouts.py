@@ -8,12 +8,16 @@ outside the CP-SAT model; for each one the model decides which tasks fuse and wh
 A group's cost on a layout is the 1F1B time of its micro-batches on the slowest stage plus the
 pipeline's fill and drain, the transfers of its boundary activations, the all-reduce of its
 gradients and its tasks' optimizer steps: an upper bound of what it adds to the pipeline's step
-(the simulator, which overlaps these and interleaves groups, ranks the final candidates).
+when groups take turns (1f1b). When groups interleave in one pipeline they fill each other's bubbles
+and the fill and drain is paid once per step, so the fill part is kept apart (`fill_seconds`): an
+instance costs the sum of its groups' other parts plus the largest fill (cpsat.instance_seconds). The
+simulator, which overlaps these and tries both schedules, ranks the final candidates.
 Every number comes from the CostModel; nothing here has its own timing formula.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import Counter
 from dataclasses import dataclass
@@ -46,6 +50,9 @@ class GroupCost:
     seconds: float  # what the group adds to its pipeline's step (upper bound, see module docstring)
     activation_bytes: int  # worst stage: activations this group keeps in flight
     state_bytes: int  # worst stage: its tasks' adapter weights, gradients and AdamW moments
+    job_seconds: float = 0.0  # what it adds until all its tasks finished their steps (see priced)
+    fill_seconds: float = 0.0  # the part of `seconds` that fills and drains the pipeline (0 when pp = 1)
+    job_fill_seconds: float = 0.0  # the same over all its tasks' steps
 
 
 def divisors(n: int) -> list[int]:
@@ -116,10 +123,31 @@ def group_cost(works: tuple[TaskWork, ...], layout: LayoutChoice, cm, packed: bo
                 for s, layers in enumerate(layout.stage_layers))
     state = max(sum(cm.task_state_bytes(stage_params(w, s, layers, n_layers)) for w in works)
                 for s, layers in enumerate(layout.stage_layers))
-    return GroupCost(max(stage_work) + fill + transfers + allreduce + optim, int(max(stage_act)), int(state))
+    return GroupCost(max(stage_work) + fill + transfers + allreduce + optim, int(max(stage_act)), int(state),
+                     fill_seconds=fill + transfers)
 
 
 def backbone_bytes(layout: LayoutChoice, cm) -> int:
     """The largest backbone shard of a stage."""
     pp = layout.pp
     return max(cm.backbone_bytes(layers, s == 0, s == pp - 1) for s, layers in enumerate(layout.stage_layers))
+
+
+def priced(g: tuple[int, ...], works: list[TaskWork], steps: list[int], layout: LayoutChoice, cm, packed: bool,
+           costs: dict) -> GroupCost:
+    """group_cost of the tasks `g` (indices into works), memoized in `costs`, with job_seconds: the time
+    the group adds to its pipeline over all its tasks' steps. A task leaves the fused batch when its
+    steps are done (the executor drops finished tasks), so the group runs in phases: all its tasks for
+    the fewest steps, then the rest (priced as a group of their own) for their remaining steps."""
+    if g in costs:
+        return costs[g]
+    step = group_cost(tuple(works[i] for i in g), layout, cm, packed)
+    first = min(steps[i] for i in g)
+    rest = tuple(i for i in g if steps[i] > first)
+    job, job_fill = step.seconds * first, step.fill_seconds * first
+    if rest:
+        later = priced(rest, works, steps, layout, cm, packed, costs)
+        job += later.job_seconds - later.seconds * first  # the rest's phases after step `first`
+        job_fill += later.job_fill_seconds - later.fill_seconds * first
+    costs[g] = dataclasses.replace(step, job_seconds=job, job_fill_seconds=job_fill)
+    return costs[g]

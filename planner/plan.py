@@ -8,9 +8,10 @@ Steps: (1) every (instances, layout) pair (layouts.instance_configs) is screened
 (cpsat.greedy); on the `solve` best pairs the CP-SAT model (cpsat.solve) chooses the fusion groups
 and their instance, sharing half the time limit (the best-screened pair a double share; what one leaves unused
 goes to the next);
-(2) the `top` best solutions by their estimate are simulated (simulator/iteration.py), each with both
-pipeline schedules when it has several stages, and the best simulated one that fits memory on every
-device is the plan; (3) the baselines are simulated the same way; (4) explain.py writes why.
+(2) the `top` best solutions by their estimate are simulated over the whole job (simulate_job), each
+with both pipeline schedules when it has several stages, and the best simulated one that fits memory on
+every device is the plan (once 80% of the time limit is spent, no further candidate is simulated);
+(3) the baselines are simulated the same way; (4) explain.py writes why.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from muxtune.simulator.workload import TaskWork, estimate_params, method_rank, s
 from muxtune.spec import Alignment, Cluster, FusionGroup, Layout, Plan
 
 GIB = 2**30
+PIPELINE_ALTERNATIVES = 4  # next-best CP-SAT solutions simulated for a pp > 1 pair (close estimates, see cpsat.solve)
 CHUNK_LENGTHS = (16, 32, 64, 128)
 
 
@@ -39,8 +41,9 @@ class Evaluation:
     candidate: cpsat.Candidate
     schedule: str
     plan: Plan
-    throughput: float  # useful tokens/s, all instances together
-    makespan: float  # s to finish every task's steps: each group's share of the step (its compute time) x its steps
+    throughput: float  # useful tokens of the whole job (every task's steps) / makespan
+    steady: float  # useful tokens/s while every task is present (sum over instances)
+    makespan: float  # s until every task has done its steps
     peak_memory: int  # bytes, the most on any device
     fits: bool
 
@@ -52,7 +55,8 @@ class PlanResult:
     chosen: Evaluation
     baselines: list[Evaluation]
     solver_status: list[str] = field(default_factory=list)
-    solve_seconds: float = 0.0  # wall time of the whole search (CP-SAT + simulation)
+    solve_seconds: float = 0.0  # wall time of choosing the plan (screening, pricing, CP-SAT, simulating candidates)
+    compare_seconds: float = 0.0  # wall time of pricing and simulating the baselines after that
 
 
 def device_labels(cluster: Cluster, cost_model) -> list[str]:
@@ -61,14 +65,16 @@ def device_labels(cluster: Cluster, cost_model) -> list[str]:
     return [f"cuda:{i}" for i in range(cluster.devices)]
 
 
-def works_of(tasks, cost_model, params: dict[str, int] | None = None) -> list[TaskWork]:
-    """Each task's step (batch_size sequences of max_seq_len tokens: the worst case); parameters from
-    `params` (exact counts) or estimated from method and rank on the cost model's shape."""
+def works_of(tasks, cost_model, params: dict[str, int] | None = None,
+             seq_lens: dict[str, float] | None = None) -> list[TaskWork]:
+    """Each task's step: batch_size sequences of its data's mean length (`seq_lens`, when the data was
+    read) or of max_seq_len tokens (the worst case); parameters from `params` (exact counts) or
+    estimated from method and rank on the cost model's shape."""
     out = []
     for t in tasks:
         count = params[t.name] if params and t.name in params else estimate_params(
             t.peft.method, method_rank(t.peft), cost_model.shape)
-        out.append(task_work(t, count))
+        out.append(task_work(t, count, (seq_lens or {}).get(t.name)))
     return out
 
 
@@ -97,30 +103,54 @@ def _chunk_len(works: list[TaskWork]) -> int:
     return min(CHUNK_LENGTHS, key=lambda c: (waste[c], -c))
 
 
+@dataclass
+class JobFigures:
+    """A Plan's whole job as the simulator predicts it (every task for its own number of steps)."""
+
+    throughput: float  # useful tokens of every task's steps / makespan
+    steady: float  # useful tokens/s with every task present: sum over instances of a step's tokens / its step
+    makespan: float  # s until the last task has done its steps
+    peak_memory: dict[str, int]  # per device, bytes, the most over the job's phases
+
+
+def simulate_job(plan: Plan, works: dict[str, TaskWork], steps: dict[str, int], cm, packed: bool) -> JobFigures:
+    """Simulate every backbone instance of `plan` (its groups on one set of devices) through the job's
+    phases: a task leaves the fused batch when its steps are done (the executor drops finished tasks),
+    so an instance runs all its tasks for the fewest steps, then the rest, and so on; each phase is one
+    simulated step (simulator/iteration.py) times its number of steps. Instances run independently."""
+    instances: dict[tuple[str, ...], list] = {}
+    for g in plan.groups:
+        instances.setdefault(tuple(g.devices), []).append(g)
+    steady, makespan, peak = 0.0, 0.0, {}
+    for groups in instances.values():
+        names = [t for g in groups for t in g.tasks]
+        elapsed, done = 0.0, 0
+        for boundary in sorted({steps[t] for t in names}):
+            active = [g.model_copy(update={"tasks": [t for t in g.tasks if steps[t] >= boundary]}) for g in groups]
+            phase = plan.model_copy(update={"groups": [g for g in active if g.tasks]})
+            timeline = simulate_step(phase, works, cm, packed=packed)
+            if done == 0:
+                steady += sum(works[t].tokens for t in names) / timeline.step_seconds
+            for device, used in timeline.peak_memory.items():
+                peak[device] = max(peak.get(device, 0), used)
+            elapsed += (boundary - done) * timeline.step_seconds
+            done = boundary
+        makespan = max(makespan, elapsed)
+    tokens = sum(works[t].tokens * steps[t] for g in plan.groups for t in g.tasks)
+    return JobFigures(tokens / makespan if makespan > 0 else 0.0, steady, makespan, peak)
+
+
 def simulate(candidate: cpsat.Candidate, works: list[TaskWork], steps: dict[str, int], cm, labels: list[str],
              memory_bytes: int, schedule: str) -> Evaluation:
-    """Simulate every instance of the candidate on its own (instances run independently)."""
+    """A candidate's whole job in the simulator (simulate_job)."""
     plan = to_plan(candidate, labels, schedule, works)
-    by_name = {w.name: w for w in works}
-    d = candidate.layout.devices
-    throughput, makespan, peak = 0.0, 0.0, 0
-    for s, instance in enumerate(candidate.instances):
-        groups = [g for g in plan.groups if g.devices == labels[s * d:(s + 1) * d]]
-        sub = plan.model_copy(update={"groups": groups})
-        timeline = simulate_step(sub, by_name, cm, packed=candidate.packed)
-        throughput += sum(by_name[t].tokens for g in groups for t in g.tasks) / timeline.step_seconds
-        copies = len(groups) if candidate.notes.get("backbone_copies") else 1
-        extra = (copies - 1) * max(cm.backbone_bytes(k, i == 0, i == candidate.layout.pp - 1)
+    job = simulate_job(plan, {w.name: w for w in works}, steps, cm, candidate.packed)
+    peak = max(job.peak_memory.values())
+    if candidate.notes.get("backbone_copies"):  # tasks taking turns on a device, each with its own backbone copy
+        copies = max(len(i) for i in candidate.instances)
+        peak += (copies - 1) * max(cm.backbone_bytes(k, i == 0, i == candidate.layout.pp - 1)
                                    for i, k in enumerate(candidate.layout.stage_layers))
-        peak = max(peak, max(timeline.peak_memory.values()) + extra)
-        # makespan: a group leaves the pipeline when its tasks are done; the simulated step is split
-        # among the groups by their compute time on the instance, and each share lasts the group's steps
-        compute = timeline.events[timeline.events["stream"] == "compute"]
-        busy = (compute["end"] - compute["start"]).groupby(compute["group"]).sum()
-        total = float(busy.sum())
-        makespan = max(makespan, sum(timeline.step_seconds * float(busy.get(i, 0.0)) / total
-                                     * max(steps[t] for t in g.tasks) for i, g in enumerate(groups)))
-    return Evaluation(candidate, schedule, plan, throughput, makespan, peak, peak <= memory_bytes)
+    return Evaluation(candidate, schedule, plan, job.throughput, job.steady, job.makespan, peak, peak <= memory_bytes)
 
 
 def _better(a: Evaluation, b: Evaluation | None, objective: str) -> bool:
@@ -128,14 +158,15 @@ def _better(a: Evaluation, b: Evaluation | None, objective: str) -> bool:
         return True
     if a.fits != b.fits:
         return a.fits
-    return a.throughput > b.throughput if objective == "throughput" else a.makespan < b.makespan
+    return a.throughput > b.throughput if objective == "throughput" else a.steady > b.steady
 
 
 def plan(tasks, cluster: Cluster, cost_model, objective: str = "throughput", time_limit: float = 10.0,
          params: dict[str, int] | None = None, priority: dict[str, float] | None = None, top: int = 3, solve: int = 4,
-         max_group: int = 8, workers: int = 2) -> PlanResult:
+         max_group: int = 8, workers: int = 2, seq_lens: dict[str, float] | None = None) -> PlanResult:
     """Plan `tasks` (TaskSpec list) on `cluster` (see the module docstring). priority: a weight per
-    task name on its tokens in the throughput objective (default 1)."""
+    task name on its tokens in the `steady` objective (default 1; the `throughput` objective counts the
+    whole job, whose tokens are fixed, so weights do not change what it prefers)."""
     from muxtune.planner.explain import comparison_table, explain
 
     if objective not in cpsat.OBJECTIVES:
@@ -144,39 +175,44 @@ def plan(tasks, cluster: Cluster, cost_model, objective: str = "throughput", tim
         raise MuxTuneError(f"planner: time limit must be > 0 s, got {time_limit}")
     started = time.perf_counter()
     cm = CachedCostModel(cost_model)
-    works = works_of(tasks, cm, params)
+    works = works_of(tasks, cm, params, seq_lens)
     steps = [t.steps for t in tasks]
     weights = [float((priority or {}).get(t.name, 1.0)) for t in tasks]
     memory = int(cluster.memory_gib * GIB)
     labels = device_labels(cluster, cm)
     configs = instance_configs(cluster.devices, cm.shape.n_layers)
     # screen: the greedy solution of every (instances, layout) pair; CP-SAT on the `solve` best of them
-    sign = 1 if objective == "throughput" else -1
     screened = []
     for instances, layout in configs:
         start = cpsat.greedy(works, min(instances, len(works)), layout, cm, memory, objective, steps,
                              max_group=max_group, priority=weights if priority else None)
-        screened.append((start is not None, sign * start[2] if start else 0.0, instances, layout))
+        screened.append((start is not None, start[2] if start else 0.0, instances, layout))
     screened.sort(key=lambda t: (t[0], t[1]), reverse=True)
     candidates, statuses = [], []
     budget = time_limit * 0.5  # the rest: pricing, simulation, baselines
     chosen_configs = screened[:solve]
     for index, (_, _, instances, layout) in enumerate(chosen_configs):
         # the best-screened pair gets a double share; time a pair proves optimal early goes to the rest
-        weights = [2 if i == 0 else 1 for i in range(index, len(chosen_configs))]
-        share = max(0.05, (started + budget - time.perf_counter()) * weights[0] / sum(weights))
+        shares = [2 if i == 0 else 1 for i in range(index, len(chosen_configs))]
+        share = max(0.05, (started + budget - time.perf_counter()) * shares[0] / sum(shares))
         found = cpsat.solve(works, instances, layout, cm, memory, objective, share, steps, max_group=max_group,
-                            priority=weights if priority else None, workers=workers)
+                            priority=weights if priority else None, workers=workers,
+                            alternatives=PIPELINE_ALTERNATIVES if layout.pp > 1 else 0)
         statuses.append(f"{instances} x ({layout.label()}): {found.status if found else 'no solution fits memory'}")
         if found is not None:
             candidates.append(found)
     if not candidates:
         raise MuxTuneError(f"planner: no plan fits {cluster.memory_gib} GiB per device on {cluster.devices} "
                            f"device(s) (the backbone and the tasks' activations need more)")
-    candidates.sort(key=lambda c: -c.estimate if objective == "throughput" else c.estimate)
+    candidates.sort(key=lambda c: -c.estimate)
+    # the `top` best, and the next-best solutions of the pipelined ones among them
+    ranked = [c for candidate in candidates[:top] for c in [candidate] + candidate.notes.pop("alternatives", [])]
     step_of = {t.name: t.steps for t in tasks}
     chosen = None
-    for candidate in candidates[:top]:
+    for candidate in ranked:
+        if chosen is not None and chosen.fits and time.perf_counter() - started > 0.8 * time_limit:
+            statuses.append(f"simulated {ranked.index(candidate)} of {len(ranked)} candidates within the time limit")
+            break  # the rest of the limit is the baselines' (a whole job simulates phase by phase)
         for schedule in (("1f1b", "interleaved") if candidate.layout.pp > 1 else ("1f1b",)):
             evaluation = simulate(candidate, works, step_of, cm, labels, memory, schedule)
             if _better(evaluation, chosen, objective):
@@ -184,11 +220,12 @@ def plan(tasks, cluster: Cluster, cost_model, objective: str = "throughput", tim
     if not chosen.fits:
         raise MuxTuneError(f"planner: the best candidates exceed {cluster.memory_gib} GiB per device when simulated "
                            f"(predicted {chosen.peak_memory / GIB:.2f} GiB)")
+    solved = time.perf_counter()
     base = []
     for candidate in baselines.all_baselines(works, steps, cm, cluster.devices, memory, objective):
         base.append(simulate(candidate, works, step_of, cm, labels, memory, candidate.notes["schedule"]))
     final = chosen.plan.model_copy(update={"planner": f"muxtune (cp-sat, {objective})"})
-    result = PlanResult(final, pd.DataFrame(), chosen, base, statuses, time.perf_counter() - started)
+    result = PlanResult(final, pd.DataFrame(), chosen, base, statuses, solved - started, time.perf_counter() - solved)
     result.table = comparison_table(result, memory)
     result.plan = final.model_copy(update={"explanation": explain(result, works, cluster, objective)})
     return result

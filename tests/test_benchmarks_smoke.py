@@ -105,7 +105,7 @@ def test_planner_benchmark_runs_in_quick_mode(capsys):
     result = planner.main(["--quick"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == json.loads(json.dumps(result))
-    assert {"max_gap", "solve_seconds", "beats_baselines"} <= set(last)
+    assert {"max_gap", "solve_seconds", "compare_seconds", "pipeline_instances", "beats_baselines"} <= set(last)
     assert last["gap_instances"] == 3 and last["max_gap"] == max(last["gaps"])
     assert len(last["versus_baselines"]) == 8 and last["memory_violations"] == 0
     assert last["beats_baselines"] == all(v["beats"] for v in last["versus_baselines"])

@@ -10,7 +10,7 @@ import yaml
 
 from muxtune.errors import MuxTuneError
 from muxtune.planner import baselines, cpsat, exhaustive
-from muxtune.planner.layouts import CachedCostModel, instance_configs
+from muxtune.planner.layouts import CachedCostModel, instance_configs, priced
 from muxtune.planner.plan import device_labels, plan, simulate, works_of
 from muxtune.profiler.cost_model import CostModel, llama_7b_shape
 from muxtune.simulator.iteration import simulate_step
@@ -39,10 +39,10 @@ def random_tasks(seed: int, n: int):
 
 
 def exhaustive_best(tasks, cluster, cm, objective="throughput"):
-    """The best simulated plan among the exhaustive search's best estimates."""
+    """The best simulated plan among the exhaustive search's best estimates (and the best of every layout)."""
     works = works_of(tasks, cm)
     found = exhaustive.search(works, [t.steps for t in tasks], cm, cluster.devices, int(cluster.memory_gib * GIB),
-                              objective, keep=5)
+                              objective, keep=5, per_layout=True)
     steps = {t.name: t.steps for t in tasks}
     return max((simulate(c, works, steps, cm, device_labels(cluster, cm), int(cluster.memory_gib * GIB), s)
                 for c in found for s in (("1f1b", "interleaved") if c.layout.pp > 1 else ("1f1b",))),
@@ -75,21 +75,37 @@ def test_quickstart_plan_is_valid_fits_memory_and_beats_the_baselines(cpu_model,
         assert table.loc["muxtune", "tokens_per_s"] > table.loc[name, "tokens_per_s"], name
     for line in ("baseline dedicated", "baseline spatial", "baseline temporal", "predicted (simulator)"):
         assert line in result.plan.explanation
-    # the table's figures are the simulator's: re-simulating the saved plan gives the same step
+    # the table's figures are the simulator's: re-simulating the saved plan gives the same step ...
     works = {w.name: w for w in works_of(config.tasks, cpu_model)}
     step = simulate_step(again, works, cpu_model, packed=True).step_seconds
     tokens = sum(w.tokens for w in works.values())
-    assert tokens / step == pytest.approx(result.chosen.throughput, rel=1e-9)
+    assert tokens / step == pytest.approx(result.chosen.steady, rel=1e-9)
+    # ... and the job: each phase (tasks leave when their steps are done) is a simulated step of the rest
+    steps = {t.name: t.steps for t in config.tasks}
+    makespan, done = 0.0, 0
+    for boundary in sorted(set(steps.values())):
+        left = [g.model_copy(update={"tasks": [t for t in g.tasks if steps[t] >= boundary]}) for g in again.groups]
+        phase = again.model_copy(update={"groups": [g for g in left if g.tasks]})
+        makespan += (boundary - done) * simulate_step(phase, works, cpu_model, packed=True).step_seconds
+        done = boundary
+    assert result.chosen.makespan == pytest.approx(makespan, rel=1e-9)
+    job_tokens = sum(works[t].tokens * steps[t] for t in steps)
+    assert result.chosen.throughput == pytest.approx(job_tokens / makespan, rel=1e-9)
 
 
-@pytest.mark.parametrize("seed,n,devices", [(0, 6, 2), (1, 5, 4), (2, 6, 1), (3, 4, 4)])
-def test_plan_is_within_3_percent_of_the_exhaustive_optimum(h100, seed, n, devices):
+@pytest.mark.parametrize("seed,n,devices,memory_gib", [(0, 6, 2, 80), (1, 5, 4, 80), (2, 6, 1, 80), (3, 4, 4, 80),
+                                                       (5, 5, 2, 16), (6, 4, 2, 16)])
+def test_plan_is_within_3_percent_of_the_exhaustive_optimum(h100, seed, n, devices, memory_gib):
+    """16 GiB per H100: the 7B backbone needs two pipeline stages, whose group estimate ranks close
+    solutions less surely than the simulator (the planner simulates next-best ones too)."""
     tasks = random_tasks(seed, n)
-    cluster = Cluster(devices=devices, memory_gib=80, hardware="h100")
+    cluster = Cluster(devices=devices, memory_gib=memory_gib, hardware="h100")
     result = plan(tasks, cluster, h100, time_limit=5)
     best = exhaustive_best(tasks, cluster, h100)
     assert result.chosen.fits
     assert result.chosen.throughput >= 0.97 * best.throughput
+    if memory_gib == 16:
+        assert result.chosen.candidate.layout.pp > 1 and best.candidate.layout.pp > 1
 
 
 def test_memory_limit_splits_groups_and_is_never_exceeded(cpu_model):
@@ -115,26 +131,49 @@ def test_memory_limit_splits_groups_and_is_never_exceeded(cpu_model):
 def test_cp_sat_matches_the_exhaustive_estimate_for_both_objectives(h100):
     tasks = random_tasks(5, 5)
     works, steps = works_of(tasks, h100), [t.steps for t in tasks]
-    for objective in ("throughput", "makespan"):
+    for objective in ("throughput", "steady"):
         best = exhaustive.search(works, steps, h100, 2, 80 * GIB, objective, keep=1)[0]
         k, layout = best.notes["instances"], best.layout
         found = cpsat.solve(works, k, layout, h100, 80 * GIB, objective, 3, steps)
         assert found.status in ("OPTIMAL", "FEASIBLE")
-        if objective == "throughput":
-            assert found.estimate >= 0.97 * best.estimate
-        else:
-            assert found.estimate <= 1.03 * best.estimate
+        assert found.estimate >= 0.97 * best.estimate
 
 
-def test_makespan_objective_finishes_sooner_than_the_throughput_plan(h100):
-    tasks = random_tasks(7, 6)
-    cluster = Cluster(devices=2, memory_gib=80, hardware="h100")
-    fast = plan(tasks, cluster, h100, objective="makespan", time_limit=2)
-    busy = plan(tasks, cluster, h100, objective="throughput", time_limit=2)
-    assert fast.chosen.makespan <= busy.chosen.makespan * 1.0001
-    assert busy.chosen.throughput >= fast.chosen.throughput * 0.9999
+def test_group_job_time_has_a_phase_per_step_count(h100):
+    """A fused group loses each task when its steps are done: its job time is the full group's step for
+    the fewest steps, then the rest's step for theirs (not the full step times the most steps)."""
+    tasks = random_tasks(3, 3)
+    tasks = [t.model_copy(update={"steps": s}) for t, s in zip(tasks, (10, 30, 30))]
+    works, steps = works_of(tasks, h100), [t.steps for t in tasks]
+    layout = instance_configs(1, h100.shape.n_layers)[0][1]
+    costs = {}
+    whole = priced((0, 1, 2), works, steps, layout, h100, True, costs)
+    rest = costs[(1, 2)]
+    assert whole.job_seconds == pytest.approx(10 * whole.seconds + 20 * rest.seconds)
+    assert whole.job_seconds < 30 * whole.seconds
+    assert priced((1,), works, steps, layout, h100, True, costs).job_seconds == pytest.approx(30 * costs[(1,)].seconds)
+
+
+def test_throughput_counts_the_job_so_no_device_idles_after_a_short_task(h100):
+    """Quickstart on 4 H100s (compute-bound 7B): in the steady state a dedicated GPU per task is as good as
+    it gets, but its GPUs idle once their short tasks end; over the whole job the plan must lead."""
+    config = load_config(REPO / "examples" / "quickstart.yaml")
+    result = plan(config.tasks, Cluster(devices=4, memory_gib=80, hardware="h100"), h100, time_limit=3)
+    table = result.table.set_index("planner")
+    for name in ("dedicated", "spatial", "temporal"):
+        assert table.loc["muxtune", "tokens_per_s"] > table.loc[name, "tokens_per_s"], name
+    dedicated = table.loc["dedicated"]
+    assert dedicated["tokens_per_s"] < dedicated["steady_tokens_per_s"]  # it idles after the short tasks
+    # job throughput is the fixed job's tokens over the makespan, for the plan and the baselines alike
+    job_tokens = sum(w.tokens * t.steps for w, t in zip(works_of(config.tasks, h100), config.tasks))
+    for name, row in table.iterrows():
+        assert row["tokens_per_s"] == pytest.approx(job_tokens / row["makespan_s"], rel=1e-9), name
+    steady = plan(config.tasks, Cluster(devices=4, memory_gib=80, hardware="h100"), h100, objective="steady",
+                  time_limit=3)
+    assert steady.chosen.steady >= result.chosen.steady * 0.9999
+    assert result.chosen.makespan <= steady.chosen.makespan * 1.0001
     with pytest.raises(MuxTuneError, match="objective"):
-        plan(tasks, cluster, h100, objective="latency")
+        plan(config.tasks, Cluster(devices=4, memory_gib=80, hardware="h100"), h100, objective="latency")
 
 
 def test_baselines_have_their_shapes(h100):

@@ -451,8 +451,10 @@ class CostModel:
         return int(live + grads)
 
     def peak_bytes(self, groups: list[MicroBatch]) -> int:
-        """Device memory of a single-device step: backbone + task states + the step's transient peak."""
-        states = sum(self.task_state_bytes(t.params) for mb in groups for t in mb.tasks)
+        """Device memory of a single-device step: backbone + task states + the step's transient peak.
+        Gradients live only from backward to the optimizer: the transient peak holds them, so the
+        resident states here are weights and AdamW moments (task_state_bytes less 4 bytes a parameter)."""
+        states = sum(self.task_state_bytes(t.params) - 4 * t.params for mb in groups for t in mb.tasks)
         return self.backbone_bytes(self.shape.n_layers, True, True) + states + self.step_memory_bytes(groups)
 
     # profile look-ups

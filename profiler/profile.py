@@ -306,8 +306,11 @@ def adapter_saved_bytes(adapter, fn, exclude: set[int]) -> tuple[int, int]:
                 return call(*args, **kwargs)
         return wrapped
 
+    # the grouped paths (one call for all of an op's segments) count as the adapter's code as well
+    names = ("aggregate", "dispatch", "looped_aggregate", "grouped_aggregate", "grouped_dispatch", "prepend",
+             "key_values")
     patched = [(module, name) for module in [*adapter.layers.values(), adapter.sequence] if module is not None
-               for name in ("aggregate", "dispatch", "prepend", "key_values") if hasattr(module, name)]
+               for name in names if getattr(module, name, None) is not None]
     for module, name in patched:
         module.__dict__[name] = counting(getattr(module, name))  # an instance attribute shadows the method
     try:

@@ -63,7 +63,7 @@ def user_cache_dir() -> Path:
 
 # (seq_len, tokens...) of the backbone grids: rows = tokens / seq_len sequences of seq_len each.
 GRIDS = {
-    "quick": {"layer": {16: [64, 256, 1024], 64: [64, 256, 1024], 256: [256, 1024]},
+    "quick": {"layer": {16: [64, 256, 1024], 64: [64, 256, 1024, 4096], 256: [256, 1024, 4096]},
               "task_seq": 32, "task_rows": [2, 8], "target_tokens": [256, 1024, 4096],
               "ranks": {"lora": [4, 32], "dora": [4, 32], "adapter": [8, 64], "prefix": [8, 32],
                         "prompt": [8, 24], "ia3": [0], "bitfit": [0]},

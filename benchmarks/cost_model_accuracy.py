@@ -18,6 +18,7 @@ import argparse
 import json
 import random
 import statistics
+import sys
 
 import torch
 from muxtune.executor.backbone import load_backbone
@@ -27,6 +28,8 @@ from muxtune.profiler.cost_model import CostModel, MicroBatch, TaskLoad
 from muxtune.profiler.profile import clock, load_or_profile, peak_bytes, peft_config_for, sync
 
 from muxtune.spec import Alignment, TaskSpec
+
+from benchmarks.simulator import observe_phases
 
 # (name, seq_len, [(method, rank, rows[, peft overrides]), ...]): none of these (tokens, rank, mix, target
 # list) is a profile point
@@ -92,6 +95,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (part of the profile's fingerprint)")
     parser.add_argument("--rows-scale", type=int, default=1, help="multiply every task's rows (bigger batches)")
     parser.add_argument("--configs", type=int, default=len(CONFIGS), help="run only the first N configurations")
+    parser.add_argument("--phases", action="store_true",
+                        help="also print each configuration's step phases beside the CostModel terms (stderr)")
     args = parser.parse_args(argv)
     device = "cuda:0" if args.devices == "cuda" else args.devices
     if device == "cpu":
@@ -108,7 +113,7 @@ def main(argv=None) -> dict:
     results = []
     for name, seq, tasks in CONFIGS[: args.configs]:
         tasks = [(method, rank, rows * args.rows_scale, *rest) for method, rank, rows, *rest in tasks]
-        trainer = build(backbone, seq, tasks, steps + 3)
+        trainer = build(backbone, seq, tasks, steps + 3 + (steps if args.phases else 0))
         try:
             trainer.step(), trainer.step()  # warm-up; also creates AdamW's state
             memory = peak_bytes(trainer.step, device)
@@ -120,6 +125,9 @@ def main(argv=None) -> dict:
                 times.append(clock() - start)  # wall time, or CPU time with MUXTUNE_PROFILE_CLOCK=cpu
             shape = trainer.step_shapes[-1]
             assert shape[1] == seq, f"{name}: fused batch is {shape}, expected seq {seq}"
+            if args.phases:
+                print(f"--- {name}", file=sys.stderr)
+                observe_phases(trainer, lambda _seq: micro_batch(trainer, seq, tasks), cm, device, steps, 1)
         finally:
             for task in list(trainer.runs):
                 trainer.mux.remove_task(task)

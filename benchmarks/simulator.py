@@ -108,22 +108,32 @@ PHASES = [("forward", ["fwd_backbone", "fwd_head", "fwd_tasks"]),
 
 def step_phases(model: str, device: str, steps: int, warmup: int, max_seq_len: int | None = None,
                 profile: str | None = None) -> list[dict]:
-    """Time the phases of real fused trainer steps (all quickstart tasks in one group) and set each
-    beside the CostModel terms that price it at the same shapes. The trainer is only observed: its
-    methods are wrapped with the profiler's clock for the run. The bare backbone + head is run on
-    each step's batch right after it (profiler.profile.bare_model_loss, what the `model` rows measure)."""
-    import functools
-    import statistics
-
-    import torch
-    from muxtune.executor import trainer as trainer_module
-    from muxtune.profiler.profile import bare_model_loss, clock, fwd_bwd_seconds
+    """The phases of real fused trainer steps of the quickstart's tasks (one group), beside their terms."""
     from muxtune.simulator.workload import split_micro_batches, task_work
 
     config = quickstart(model, device, steps, max_seq_len)
     cost_model = load_cost_model(model, device, profile)
     names = [t.name for t in config.tasks]
     trainer, _, params = padded_trainer(config, [names])
+
+    def micro_batch(seq):
+        return split_micro_batches([task_work(config.task(n), params[n], mean_seq_len=seq) for n in names], 1)[0]
+    return observe_phases(trainer, micro_batch, cost_model, device, steps, warmup)
+
+
+def observe_phases(trainer, micro_batch, cost_model, device: str, steps: int, warmup: int) -> list[dict]:
+    """Time the phases of `steps` real `trainer.step()`s and set each beside the CostModel terms that
+    price it (`micro_batch(seq_len)` -> the MicroBatch the CostModel prices for the step's shape). The
+    trainer is only observed: its methods are wrapped with the profiler's clock for the run. The bare
+    backbone + head is run on each step's batch right after it (profiler.profile.bare_model_loss, what
+    the `model` rows measure)."""
+    import functools
+    import statistics
+
+    import torch
+    from muxtune.executor import trainer as trainer_module
+    from muxtune.profiler.profile import bare_model_loss, clock, fwd_bwd_seconds
+
     spent: dict[str, float] = {}
     last: dict = {}
 
@@ -173,6 +183,11 @@ def step_phases(model: str, device: str, steps: int, warmup: int, max_seq_len: i
     finally:
         for owner, name, original in originals:
             setattr(owner, name, original)
+        # the wrappers are instance attributes over the class's methods: dropping them restores those
+        for name in ("draw_batch", "micro_batches", "loss_sums", "head_loss_sums"):
+            vars(trainer).pop(name, None)
+        for run in trainer.runs.values():
+            vars(run.optimizer).pop("step", None), vars(run.optimizer).pop("zero_grad", None)
     median = lambda key: statistics.median(m.get(key, 0.0) for m in measured)  # noqa: E731
     host = median("step") - median("forward") - median("backward") - median("optimizer")
     seen = {"forward": median("forward"), "  bare backbone + head forward, same batch": median("bare_forward"),
@@ -182,16 +197,13 @@ def step_phases(model: str, device: str, steps: int, warmup: int, max_seq_len: i
             "  adapters (backward - bare)": median("backward") - median("bare_backward"),
             "grad norm + clip + AdamW + zero_grad": median("optimizer"),
             "draw + fuse + schedule + rest of step": host, "whole step": median("step")}
-    seq = measured[-1]["shape"][1]
-    mb = split_micro_batches([task_work(config.task(n), params[n], mean_seq_len=seq) for n in names], 1)[0]
-    terms = cost_model.step_breakdown(mb)
+    terms = cost_model.step_breakdown(micro_batch(measured[-1]["shape"][1]))
     table = []
     for label, keys in PHASES:
-        key = label
         predicted = sum(terms[k] for k in keys) if keys else sum(terms.values())
-        table.append({"phase": label.strip(), "measured_ms": 1e3 * seen[key], "predicted_ms": 1e3 * predicted,
+        table.append({"phase": label.strip(), "measured_ms": 1e3 * seen[label], "predicted_ms": 1e3 * predicted,
                       "terms": ", ".join(keys) if keys else "step_seconds"})
-        print(f"{label:44s} measured {1e3 * seen[key]:8.2f} ms  predicted {1e3 * predicted:8.2f} ms  "
+        print(f"{label:44s} measured {1e3 * seen[label]:8.2f} ms  predicted {1e3 * predicted:8.2f} ms  "
               f"({table[-1]['terms']})", file=sys.stderr)
     return table
 

@@ -267,15 +267,32 @@ class CostModel:
         runs once however many tasks of a method wrap it, so every task after the first saves its share."""
         defaults = self._default_targets()
         wrapped: dict[tuple[str, str], int] = {}
+        targeted: dict[tuple[str, str], list[int]] = {}
         for t in mb.tasks:
-            if self._targets_of(t):
-                # priced at its ops (`target` rows): one task's split and concatenation there cover its
-                # own rows only, so more tasks on an op add theirs; nothing to take back
+            targets = self._targets_of(t)
+            if targets:
+                # priced at its ops (`target` rows), each task as if alone on them: every task after the
+                # first on an op shares that op's node / launch (`target` shared rows)
+                for name in targets:
+                    targeted.setdefault((t.method, name), []).append(t.tokens)
                 continue
             for name in defaults:
                 wrapped[(t.method, name)] = wrapped.get((t.method, name), 0) + 1
-        return sum((count - 1) * self._shared_seconds(method, phase) / len(defaults)
-                   for (method, _), count in wrapped.items())
+        by_method = sum((count - 1) * self._shared_seconds(method, phase) / len(defaults)
+                        for (method, _), count in wrapped.items())
+        by_target = sum((len(tokens) - 1) * self._target_shared_seconds(method, name, phase, sum(tokens) / len(tokens))
+                        for (method, name), tokens in targeted.items())
+        return by_method + by_target
+
+    def _target_shared_seconds(self, method: str, name: str, phase: str, tokens: float) -> float:
+        """What one more task of `method` on op `name` does not add again (profile rows `target` /
+        `shared_<phase>`, over one task's tokens; 0 for profiles without them)."""
+        rows = self.profile.rows("target", f"shared_{phase}")
+        rows = rows[(rows["method"] == method) & (rows["target"] == name)]
+        if rows.empty:
+            return 0.0
+        rows = rows.sort_values("tokens")  # held at the ends: a fixed cost, not extrapolated along noise
+        return max(float(np.interp(tokens, rows["tokens"].to_numpy(), rows["seconds"].to_numpy())), 0.0)
 
     def _default_targets(self) -> tuple[str, ...]:
         """The target list the profile's method-level task rows were measured on (one name: unknown)."""
@@ -384,7 +401,8 @@ class CostModel:
         rows = self.profile.rows("step", "host_fixed")
         if rows.empty:  # older profiles: the fixed part stays inside every task's `step` rows
             return 0.0
-        return max(interp1(rows["tokens"].to_numpy(), rows["seconds"].to_numpy(), tokens), 0.0)
+        rows = rows.sort_values("tokens")  # held at the ends: a fixed cost, not extrapolated along noise
+        return max(float(np.interp(tokens, rows["tokens"].to_numpy(), rows["seconds"].to_numpy())), 0.0)
 
     # memory
 

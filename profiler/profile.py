@@ -16,7 +16,9 @@ them. Rows of the table (column `op`):
   target  what ONE LoRA/DoRA task adds per backbone op NAME it targets (e.g. `q_proj`, all layers),
           over (tokens, rank): phases fwd / bwd as for `task`, and dropout_fwd / dropout_bwd, what
           its dropout (p > 0: the mask drawn at the task's own shape, the masked input) adds on top.
-          A task's overhead is the sum over its targets, so any target list is priced from these rows.
+          A task's overhead is the sum over its targets, so any target list is priced from these rows;
+          shared_fwd / shared_bwd: what a second task of the method on the same op does not add again
+          (one autograd node or kernel launch for all of them, see measure_target_shared).
   step    phase host_fixed, over tokens: the host work of a trainer step that is there once per step
           (fusing, routing, loss bookkeeping), not once per task (see measure_step_fixed)
   optimizer  one task's AdamW step + gradient clipping + zero_grad, over its trainable `params`
@@ -43,6 +45,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -597,8 +600,53 @@ def measure_targets(backbone, device: str, spec: dict, warmup: int, repeats: int
                         if "dropout" in m:
                             out.append(_row("target", f"dropout_{phase}", m["dropout"][k] - m["plain"][k], tokens,
                                             seq, method, rank, target=target))
+            for tokens in spec["target_tokens"][:2]:
+                out += measure_target_shared(backbone, device, method, ranks[0], target, tokens // seq, seq,
+                                             warmup, 3 * repeats)
             bar.update(1)
     return out
+
+
+def measure_target_shared(backbone, device: str, method: str, rank: int, target: str, n_rows: int, seq: int,
+                          warmup: int, repeats: int) -> list[dict]:
+    """What tasks of `method` on the same op NAME share: all LoRA tasks of an op run as one autograd node
+    (`LoopedLoRA`, or one Triton launch), so a second task adds its matmuls but not the node. At the op,
+    as `measure_targets`: O1 = one task of n_rows rows minus the bare op, O2 = two such tasks (2 n_rows
+    rows) minus the bare op; each O = shared + per-task work, linear in rows, so shared = 2*O1 - O2.
+    Rows `target` / `shared_fwd`, `shared_bwd` over the tokens of ONE task."""
+    model = backbone.model
+    peft = {**peft_config_for(method, rank, model.config.model_type), "target_modules": [target]}
+    dtype = next(model.parameters()).dtype
+    one = probe_trainer(backbone, device, method, rank, n_rows, seq, 1, "shared_one", peft)
+    try:
+        two = probe_trainer(backbone, device, method, rank, n_rows, seq, 2, "shared_two", peft)
+    except BaseException:
+        one[0].mux.remove_task("shared_one0")
+        raise
+    try:
+        calls = [_wrapped_ops_loss(*one, n_rows, seq, dtype, device),
+                 _wrapped_ops_loss(*one, n_rows, seq, dtype, device, bare=True),
+                 _wrapped_ops_loss(*two, 2 * n_rows, seq, dtype, device),
+                 _wrapped_ops_loss(*two, 2 * n_rows, seq, dtype, device, bare=True)]
+        times = [([], []) for _ in calls]
+        for i in range(warmup + repeats):
+            for (fs, bs), call in zip(times, calls):
+                f, b = fwd_bwd_seconds(call, device, 0, 1)
+                if i >= warmup:
+                    fs.append(f), bs.append(b)
+            for trainer, _ in (one, two):
+                for run in trainer.runs.values():
+                    run.optimizer.zero_grad(set_to_none=True)
+    finally:
+        for trainer, _ in (one, two):
+            for name in list(trainer.runs):
+                trainer.mux.remove_task(name)
+    rows = []
+    for k, phase in enumerate(("fwd", "bwd")):
+        m = [statistics.median(t[k]) for t in times]
+        shared = 2 * (m[0] - m[1]) - (m[2] - m[3])
+        rows.append(_row("target", f"shared_{phase}", shared, n_rows * seq, seq, method, rank, target=target))
+    return rows
 
 
 def _wrapped_ops_loss(trainer, batch, n_rows: int, seq: int, dtype, device: str, bare: bool = False):
@@ -649,14 +697,15 @@ def probe_trainer(backbone, device: str, method: str, rank: int, n_rows: int, se
 def measure_step_fixed(backbone, device: str, spec: dict, warmup: int, repeats: int, bar) -> list[dict]:
     """The host work of a trainer step that is there once per step, whatever the number of tasks (fusing
     the batch, routing, the loss bookkeeping, the step's own loop): a step's host time (the real
-    `trainer.step()` minus its forward and backward) with one and with `count` LoRA tasks of the same
-    rows each, h(n) = fixed + n * per_task, so fixed = h(1) - (h(count) - h(1)) / (count - 1). Rows
-    `step` / `host_fixed` over the tokens of ONE task's rows (what a task-level `step` row is over)."""
-    seq, count, out = spec["task_seq"], 3, []
+    `trainer.step()` minus its forward and backward) with 1 to 4 LoRA tasks of the same rows each,
+    h(n) = fixed + n * per_task: fixed is the intercept of a least-squares line through the four (two
+    points made it a difference of noisy differences). Rows `step` / `host_fixed` over the tokens of
+    ONE task's rows (what a task-level `step` row is over)."""
+    seq, counts, out = spec["task_seq"], (1, 2, 3, 4), []
     rank = spec["ranks"]["lora"][0]
     for n_rows in spec["task_rows"]:
         host = {}
-        for n in (1, count):
+        for n in counts:
             trainer, batch = probe_trainer(backbone, device, "lora", rank, n_rows, seq, count=n, name=f"fixed{n}_")
             try:
                 loss = lambda: torch.stack(list(trainer.task_losses(batch, training=True).values())).sum()
@@ -672,7 +721,7 @@ def measure_step_fixed(backbone, device: str, spec: dict, warmup: int, repeats: 
             finally:
                 for name in list(trainer.runs):
                     trainer.mux.remove_task(name)
-        fixed = host[1] - (host[count] - host[1]) / (count - 1)
+        per_task, fixed = (float(v) for v in np.polyfit(counts, [host[n] for n in counts], 1))
         out.append(_row("step", "host_fixed", fixed, n_rows * seq, seq, "lora", rank))
         bar.update(1)
     return out

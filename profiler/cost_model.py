@@ -401,8 +401,7 @@ class CostModel:
         rows = self.profile.rows("step", "host_fixed")
         if rows.empty:  # older profiles: the fixed part stays inside every task's `step` rows
             return 0.0
-        rows = rows.sort_values("tokens")  # held at the ends: a fixed cost, not extrapolated along noise
-        return max(float(np.interp(tokens, rows["tokens"].to_numpy(), rows["seconds"].to_numpy())), 0.0)
+        return max(interp1(rows["tokens"].to_numpy(), rows["seconds"].to_numpy(), tokens), 0.0)
 
     # memory
 

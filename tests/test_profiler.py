@@ -170,6 +170,31 @@ def test_lora_is_priced_per_target_op_with_its_dropout_and_host_work_once_per_ba
         cm.forward_seconds(mb, 4, True, True), rel=1e-12)
 
 
+def test_lora_tasks_on_the_same_op_share_its_node_once():
+    """Each target-priced task is measured alone on its ops; a second LoRA task on an op does not add
+    that op's shared part again (rows target/shared_*, held at the ends of their token range)."""
+    p = targeted_profile()
+    shared = {"q_proj": 3e-5, "v_proj": 2e-5, "down_proj": 1e-5}
+    rows = [prof._row("target", f"shared_{ph}", cost * k, t, 32, "lora", 4, target=name)
+            for name, cost in shared.items() for t in (256, 1024) for ph, k in (("fwd", 1), ("bwd", 0.5))]
+    cm = CostModel.from_profile(prof.Profile(pd.concat([p.table, pd.DataFrame(rows, columns=prof.COLUMNS)],
+                                                       ignore_index=True), p.meta))
+    alone = CostModel.from_profile(p)
+    mlp = TaskLoad("lora", 8, 600, 5000, ("q_proj", "down_proj"), dropout=0.1)
+    default = TaskLoad("lora", 16, 300, 9000)  # q_proj, v_proj: shares q_proj with `mlp`
+    third = TaskLoad("lora", 4, 2000, 900, ("q_proj", "v_proj", "down_proj"))
+    for fn, k in ((CostModel.forward_seconds, 1), (CostModel.backward_seconds, 0.5)):
+        two = MicroBatch((mlp, default), 50)
+        assert fn(alone, two, 4, True, True) - fn(cm, two, 4, True, True) == pytest.approx(k * shared["q_proj"])
+        three = MicroBatch((mlp, default, third), 50)
+        saved = k * (2 * shared["q_proj"] + shared["v_proj"] + shared["down_proj"])
+        assert fn(alone, three, 4, True, True) - fn(cm, three, 4, True, True) == pytest.approx(saved)
+        # one task alone shares nothing; tasks on different ops share nothing
+        for mb in (MicroBatch((mlp,), 50), MicroBatch((TaskLoad("lora", 8, 600, 5000, ("down_proj",)),
+                                                       TaskLoad("lora", 8, 600, 5000, ("v_proj",))), 50)):
+            assert fn(cm, mb, 4, True, True) == pytest.approx(fn(alone, mb, 4, True, True), rel=1e-12)
+
+
 def test_methods_of_one_shape_keep_the_same_backbone_tensors_alive_once():
     """LoRA and DoRA (both 'parallel') keep the same op inputs alive: counted once; IA3 ('scaling')
     keeps other tensors: counted on its own. What each adapter makes itself counts per method."""
@@ -344,10 +369,13 @@ def test_quick_profile_measures_every_op_on_the_real_backbone(mini_profile):
     p, _ = mini_profile
     t = p.table
     assert set(t["op"]) == {"layer", "stem", "model", "head", "task", "target", "step", "optimizer", "p2p", "allreduce"}
-    # LoRA on each op of a layer alone: 2 ranks x 2 token counts x fwd/bwd, dropout at the first rank
+    # LoRA on each op of a layer alone: 2 ranks x 2 token counts x fwd/bwd, dropout at the first rank,
+    # and what a second task on the op shares at the first rank, at both token counts
     targets = p.rows("target")
     assert set(targets["target"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert len(targets) == 7 * (2 * 2 * 2 + 2 * 2) and set(targets["method"]) == {"lora"}
+    assert len(targets) == 7 * (2 * 2 * 2 + 2 * 2 + 2 * 2) and set(targets["method"]) == {"lora"}
+    shared = targets[targets["phase"].str.startswith("shared_")]
+    assert len(shared) == 7 * 2 * 2 and set(shared["rank"]) == {int(targets["rank"].min())}
     assert set(p.rows("step", "host_fixed")["tokens"]) == {16, 32}
     assert p.meta["task_targets"] == ["q_proj", "v_proj"]
     assert len(p.rows("layer", "fwd")) == 4 and len(p.rows("task")) == 4 * 5 * 2 + 2 * 4

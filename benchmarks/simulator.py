@@ -122,81 +122,30 @@ def step_phases(model: str, device: str, steps: int, warmup: int, max_seq_len: i
 
 
 def observe_phases(trainer, micro_batch, cost_model, device: str, steps: int, warmup: int) -> list[dict]:
-    """Time the phases of `steps` real `trainer.step()`s and set each beside the CostModel terms that
-    price it (`micro_batch(seq_len)` -> the MicroBatch the CostModel prices for the step's shape). The
-    trainer is only observed: its methods are wrapped with the profiler's clock for the run. The bare
-    backbone + head is run on each step's batch right after it (profiler.profile.bare_model_loss, what
-    the `model` rows measure)."""
-    import functools
+    """Time the phases of `steps` real `trainer.step()`s (profiler.profile.observe_step) and set each
+    beside the CostModel terms that price it (`micro_batch(seq_len)` -> the MicroBatch the CostModel
+    prices for the step's shape). The bare backbone + head is run on each step's batch right after it
+    (profiler.profile.bare_model_loss, what the `model` rows measure)."""
     import statistics
 
-    import torch
-    from muxtune.executor import trainer as trainer_module
-    from muxtune.profiler.profile import bare_model_loss, clock, fwd_bwd_seconds
+    from muxtune.profiler.profile import bare_model_loss, fwd_bwd_seconds, observe_step
 
-    spent: dict[str, float] = {}
-    last: dict = {}
-
-    def timed(name, fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            start = clock()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[name] = spent.get(name, 0.0) + clock() - start
-        return wrapper
-
-    def keep(fn):
-        def wrapper(batches):
-            last["batches"] = fn(batches)
-            return last["batches"]
-        return wrapper
-
-    trainer.draw_batch = timed("draw", trainer.draw_batch)
-    trainer.micro_batches = timed("fuse", keep(trainer.micro_batches))
-    trainer.loss_sums = timed("forward", trainer.loss_sums)
-    trainer.head_loss_sums = timed("head", trainer.head_loss_sums)
-    for run in trainer.runs.values():
-        run.optimizer.step = timed("optimizer", run.optimizer.step)
-        run.optimizer.zero_grad = timed("optimizer", run.optimizer.zero_grad)
-    patches = [(torch.Tensor, "backward", timed("backward", torch.Tensor.backward)),
-               (trainer_module, "grad_norm", timed("optimizer", trainer_module.grad_norm)),
-               (torch.nn.utils, "clip_grads_with_norm_", timed("optimizer", torch.nn.utils.clip_grads_with_norm_))]
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     measured: list[dict] = []
-    try:
-        for step in range(steps):
-            for owner, name, wrapper in patches:
-                setattr(owner, name, wrapper)
-            spent.clear()
-            start = clock()
-            trainer.step()
-            spent["step"] = clock() - start
-            for owner, name, original in originals:
-                setattr(owner, name, original)
-            batch = last["batches"][0]
-            spent["bare_forward"], spent["bare_backward"] = fwd_bwd_seconds(
-                lambda: bare_model_loss(trainer.model, batch.input_ids, batch.attention_mask), device, 0, 1)
-            if step >= warmup:
-                measured.append(dict(spent, shape=tuple(batch.input_ids.shape)))
-    finally:
-        for owner, name, original in originals:
-            setattr(owner, name, original)
-        # the wrappers are instance attributes over the class's methods: dropping them restores those
-        for name in ("draw_batch", "micro_batches", "loss_sums", "head_loss_sums"):
-            vars(trainer).pop(name, None)
-        for run in trainer.runs.values():
-            vars(run.optimizer).pop("step", None), vars(run.optimizer).pop("zero_grad", None)
-    median = lambda key: statistics.median(m.get(key, 0.0) for m in measured)  # noqa: E731
-    host = median("step") - median("forward") - median("backward") - median("optimizer")
+    for step in range(steps):
+        spent = observe_step(trainer, device)
+        batch = spent.pop("last_batch")
+        spent["bare_forward"], spent["bare_backward"] = fwd_bwd_seconds(
+            lambda: bare_model_loss(trainer.model, batch.input_ids, batch.attention_mask), device, 0, 1)
+        if step >= warmup:
+            measured.append(dict(spent, shape=tuple(batch.input_ids.shape)))
+    median = lambda key: statistics.median(m[key] for m in measured)  # noqa: E731
     seen = {"forward": median("forward"), "  bare backbone + head forward, same batch": median("bare_forward"),
             "  LM head + loss sums (trainer)": median("head"),
             "  adapters (forward - bare)": median("forward") - median("bare_forward"),
             "backward": median("backward"), "  bare backbone + head backward, same batch": median("bare_backward"),
             "  adapters (backward - bare)": median("backward") - median("bare_backward"),
             "grad norm + clip + AdamW + zero_grad": median("optimizer"),
-            "draw + fuse + schedule + rest of step": host, "whole step": median("step")}
+            "draw + fuse + schedule + rest of step": median("host"), "whole step": median("step")}
     terms = cost_model.step_breakdown(micro_batch(measured[-1]["shape"][1]))
     table = []
     for label, keys in PHASES:

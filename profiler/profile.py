@@ -230,6 +230,68 @@ def median_seconds(fn, device: str, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def observe_step(trainer, device: str) -> dict:
+    """Run one real `trainer.step()` with its phases timed inside it (seconds): forward (the fused
+    forward, LM head included), head, backward, optimizer (grad norm, clipping, AdamW, zero_grad),
+    draw, fuse, and the whole `step`; `last_batch` is the step's first fused batch. The trainer is
+    only observed: its methods are wrapped for the call and restored after. Host work is what the step
+    spends outside forward, backward and optimizer, timed in the same call (a difference against a
+    separately timed forward/backward carries the two calls' different cache states into it)."""
+    import functools
+
+    from muxtune.executor import trainer as trainer_module
+
+    spent: dict = {}
+
+    def timed(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            start = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + clock() - start
+        return wrapper
+
+    def fuse(batches):
+        out = micro_batches(batches)
+        spent.setdefault("last_batch", out[0])
+        return out
+
+    micro_batches = trainer.micro_batches
+    trainer.draw_batch = timed("draw", trainer.draw_batch)
+    trainer.micro_batches = timed("fuse", fuse)
+    trainer.loss_sums = timed("forward", trainer.loss_sums)
+    trainer.head_loss_sums = timed("head", trainer.head_loss_sums)
+    optimizers = [run.optimizer for run in trainer.runs.values()]
+    for opt in optimizers:
+        opt.step, opt.zero_grad = timed("optimizer", opt.step), timed("optimizer", opt.zero_grad)
+    patches = [(torch.Tensor, "backward", timed("backward", torch.Tensor.backward)),
+               (trainer_module, "grad_norm", timed("optimizer", trainer_module.grad_norm)),
+               (torch.nn.utils, "clip_grads_with_norm_", timed("optimizer", torch.nn.utils.clip_grads_with_norm_))]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, wrapper in patches:
+            setattr(owner, name, wrapper)
+        sync(device)
+        start = clock()
+        trainer.step()
+        sync(device)
+        spent["step"] = clock() - start
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+        # the wrappers are instance attributes over the classes' methods: dropping them restores those
+        for name in ("draw_batch", "micro_batches", "loss_sums", "head_loss_sums"):
+            vars(trainer).pop(name, None)
+        for opt in optimizers:
+            vars(opt).pop("step", None), vars(opt).pop("zero_grad", None)
+    for key in ("forward", "head", "backward", "optimizer", "draw", "fuse"):
+        spent.setdefault(key, 0.0)
+    spent["host"] = spent["step"] - spent["forward"] - spent["backward"] - spent["optimizer"]
+    return spent
+
+
 class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
     """Tally of tensor storages created while active and still alive; `peak` is its maximum. The CPU
     stand-in for torch.cuda.max_memory_allocated (it sees every aten op, forward and backward)."""
@@ -482,6 +544,7 @@ def measure_tasks(backbone, device: str, spec: dict, warmup: int, repeats: int, 
             gradient at (seconds; saved_bytes: tensors not kept for backward). A batch skips what
             the deepest-reaching of its methods allows, so the cost model counts this once per batch.
       step  the rest of the task's real trainer step: optimizer, clipping, schedule, sampling, fusing
+            (timed inside that step: `observe_step`)
     """
     model, seq, out = backbone.model, spec["task_seq"], []
     embed = model.get_input_embeddings()
@@ -515,7 +578,8 @@ def measure_tasks(backbone, device: str, spec: dict, warmup: int, repeats: int, 
                         f2, b2 = fwd_bwd_seconds(with_task_full_depth, device, 0, 1)
                         f0, b0 = fwd_bwd_seconds(bare, device, 0, 1)
                         run.optimizer.zero_grad(set_to_none=True)
-                        step = median_seconds(trainer.step, device, 0, 1)  # the real training step
+                        seen = observe_step(trainer, device)  # the real training step
+                        step = seen["host"] + seen["optimizer"]
                         if i >= warmup:
                             for k, v in zip(times, (f1, b1, f2, b2, f0, b0, step)):
                                 times[k].append(v)
@@ -532,7 +596,7 @@ def measure_tasks(backbone, device: str, spec: dict, warmup: int, repeats: int, 
                              batch=batch_saved),
                         _row("task", "bwd", m["b2"] - m["b0"], tokens, seq, method, rank, params),
                         _row("task", "skip", m["b2"] - m["b1"], tokens, seq, method, rank, params, saved=saved_skip),
-                        _row("task", "step", m["step"] - m["f1"] - m["b1"], tokens, seq, method, rank, params)]
+                        _row("task", "step", m["step"], tokens, seq, method, rank, params)]
                 bar.update(1)
     return out
 
@@ -697,7 +761,7 @@ def probe_trainer(backbone, device: str, method: str, rank: int, n_rows: int, se
 def measure_step_fixed(backbone, device: str, spec: dict, warmup: int, repeats: int, bar) -> list[dict]:
     """The host work of a trainer step that is there once per step, whatever the number of tasks (fusing
     the batch, routing, the loss bookkeeping, the step's own loop): a step's host time (the real
-    `trainer.step()` minus its forward and backward) with 1 to 4 LoRA tasks of the same rows each,
+    `trainer.step()` minus its forward and backward, timed inside it) with 1 to 4 LoRA tasks of the same rows each,
     h(n) = fixed + n * per_task: fixed is the intercept of a least-squares line through the four (two
     points made it a difference of noisy differences). Rows `step` / `host_fixed` over the tokens of
     ONE task's rows (what a task-level `step` row is over)."""
@@ -708,15 +772,11 @@ def measure_step_fixed(backbone, device: str, spec: dict, warmup: int, repeats: 
         for n in counts:
             trainer, batch = probe_trainer(backbone, device, "lora", rank, n_rows, seq, count=n, name=f"fixed{n}_")
             try:
-                loss = lambda: torch.stack(list(trainer.task_losses(batch, training=True).values())).sum()
                 times = []
-                for i in range(warmup + 3 * repeats):  # a difference of differences: more repeats
-                    f, b = fwd_bwd_seconds(loss, device, 0, 1)
-                    for run in trainer.runs.values():
-                        run.optimizer.zero_grad(set_to_none=True)
-                    step = median_seconds(trainer.step, device, 0, 1)
+                for i in range(warmup + 3 * repeats):  # a fit through small differences: more repeats
+                    seen = observe_step(trainer, device)
                     if i >= warmup:
-                        times.append(step - f - b)
+                        times.append(seen["host"] + seen["optimizer"])
                 host[n] = statistics.median(times)
             finally:
                 for name in list(trainer.runs):

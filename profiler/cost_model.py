@@ -17,11 +17,14 @@ measured model exactly and a pipeline stage of k layers gets k layers' share. Ea
 measured overhead (spread over the layers too), less, for the second and later task of a method, the
 part tasks of one method share (one split and concatenation per wrapped op). A LoRA/DoRA task's
 overhead is the sum over the op names it targets of the profile's `target` rows (plus their
-`dropout_*` rows when it has dropout), so its target list and dropout are priced, not assumed. The
+`dropout_*` rows when it has dropout), so its target list and dropout are priced, not assumed; each
+LoRA task after the first on an op saves that op's `shared_*` part (one autograd node / kernel
+launch serves them all). The
 first stage's backward is shortened by the batch's `skip`: the backward work below the lowest op any
 of its methods needs a gradient at (the least of its methods' measured skips). span = seq_len + the
 longest prefix in the batch. A step adds each task's optimizer and host work and, once per
-micro-batch, the step's fixed host work (`step_breakdown` lists every term).
+micro-batch, the step's fixed host work (`step_breakdown` lists every term). Host terms are nearly
+flat in tokens and rank: they are held at the ends of their measured range, never extrapolated.
 Nothing else in MuxTune holds a timing formula: the planner and simulator call these methods.
 """
 
@@ -114,10 +117,13 @@ class ModelShape:
 # --- interpolation -----------------------------------------------------------------------------------
 
 
-def interp1(xs, ys, x: float) -> float:
-    """Piecewise linear through (xs, ys), extended linearly past both ends; one point scales proportionally."""
+def interp1(xs, ys, x: float, hold: bool = False) -> float:
+    """Piecewise linear through (xs, ys), extended linearly past both ends (hold: the end values held
+    instead, for costs that are flat in x, whose measured slope is noise); one point scales proportionally."""
     order = np.argsort(xs)
     xs, ys = np.asarray(xs, float)[order], np.asarray(ys, float)[order]
+    if hold:
+        return float(np.interp(x, xs, ys))
     if len(xs) == 1:
         return float(ys[0] * x / xs[0]) if xs[0] else float(ys[0])
     if x <= xs[0]:
@@ -130,15 +136,16 @@ def interp1(xs, ys, x: float) -> float:
     return float(ys[i] + slope * (x - xs[i]))
 
 
-def interp_grid(table: pd.DataFrame, x_col: str, y_col: str, value: str, x: float, y: float) -> float:
+def interp_grid(table: pd.DataFrame, x_col: str, y_col: str, value: str, x: float, y: float,
+                hold: bool = False) -> float:
     """Interpolate `value` in x_col along each measured y_col, then across y_col (see module docstring)."""
     ys, vals = [], []
     for y_value, part in table.groupby(y_col):
         ys.append(y_value)
-        vals.append(interp1(part[x_col].to_numpy(), part[value].to_numpy(), x))
+        vals.append(interp1(part[x_col].to_numpy(), part[value].to_numpy(), x, hold))
     if len(ys) == 1:
         return vals[0]
-    return interp1(ys, vals, y)
+    return interp1(ys, vals, y, hold)
 
 
 def load_catalog() -> pd.DataFrame:
@@ -291,8 +298,8 @@ class CostModel:
         rows = rows[(rows["method"] == method) & (rows["target"] == name)]
         if rows.empty:
             return 0.0
-        rows = rows.sort_values("tokens")  # held at the ends: a fixed cost, not extrapolated along noise
-        return max(float(np.interp(tokens, rows["tokens"].to_numpy(), rows["seconds"].to_numpy())), 0.0)
+        # held at the ends: a fixed cost, not extrapolated along noise
+        return max(interp1(rows["tokens"].to_numpy(), rows["seconds"].to_numpy(), tokens, hold=True), 0.0)
 
     def _default_targets(self) -> tuple[str, ...]:
         """The target list the profile's method-level task rows were measured on (one name: unknown)."""
@@ -389,7 +396,8 @@ class CostModel:
         if rows.empty:
             return 0.0
         rest = rows.assign(seconds=[s - self.optimizer_seconds(int(p)) for s, p in zip(rows["seconds"], rows["params"])])
-        own = interp_grid(rest, "tokens", "rank", "seconds", task.tokens, task.rank)
+        # host work hardly grows with tokens or rank: held at the measured ends, not extrapolated
+        own = interp_grid(rest, "tokens", "rank", "seconds", task.tokens, task.rank, hold=True)
         return max(own - self._host_fixed(task.tokens), 0.0)
 
     def batch_host_seconds(self, mb: MicroBatch) -> float:
@@ -401,7 +409,7 @@ class CostModel:
         rows = self.profile.rows("step", "host_fixed")
         if rows.empty:  # older profiles: the fixed part stays inside every task's `step` rows
             return 0.0
-        return max(interp1(rows["tokens"].to_numpy(), rows["seconds"].to_numpy(), tokens), 0.0)
+        return max(interp1(rows["tokens"].to_numpy(), rows["seconds"].to_numpy(), tokens, hold=True), 0.0)
 
     # memory
 

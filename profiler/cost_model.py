@@ -180,7 +180,7 @@ class CostModel:
             # pure look-ups into an immutable profile, asked thousands of times by the planner: memoize
             # them per instance (each is a pandas selection + interpolation, ~ms each)
             for name in ("_task_seconds", "_shared_seconds", "_grid", "_batch_skip", "_batch_shared", "_target_rows",
-                         "_targets_of"):
+                         "_targets_of", "_batch_overhead"):
                 setattr(self, name, functools.lru_cache(maxsize=65536)(getattr(self, name)))
 
     # constructors
@@ -263,7 +263,8 @@ class CostModel:
         stem = self._grid("stem", "fwd", T, span) if phase == "fwd" else 0.0
         head = interp1(*self._curve("head", phase, "tokens"), T)
         residual = self._grid("model", phase, T, span) - (stem + L * layer + head)
-        tasks = sum(self._task_seconds(t, phase) for t in mb.tasks) - self._batch_shared(mb, phase)
+        tasks = (sum(self._task_seconds(t, phase) for t in mb.tasks) - self._batch_shared(mb, phase)
+                 + self._batch_level(mb, phase))
         # the backward stops below the lowest op any task needs a gradient at: the first stage skips that
         skip = self._batch_skip(mb, "seconds") if first and phase == "bwd" else 0.0
         return {"backbone": layers * (layer + residual / L) + (stem if first else 0.0),
@@ -300,6 +301,34 @@ class CostModel:
             return 0.0
         # held at the ends: a fixed cost, not extrapolated along noise
         return max(interp1(rows["tokens"].to_numpy(), rows["seconds"].to_numpy(), tokens, hold=True), 0.0)
+
+    def _batch_level(self, mb: MicroBatch, phase: str) -> float:
+        """The trainer's own per-forward work for adapters (routing the rows, each task's loss), there
+        ONCE per fused batch whatever its tasks. Each method's model-level task rows hold it once per
+        method (its `*_shared` part is taken back for a method's later tasks), op-level `target` rows
+        not at all: so a batch of M methods priced by method rows gets (1 - M) times it."""
+        methods = {t.method for t in mb.tasks if not self._targets_of(t)}
+        return (1 - len(methods)) * self._batch_overhead(phase)
+
+    def _batch_overhead(self, phase: str) -> float:
+        """That per-forward work, from rows the profile has anyway: LoRA on the default targets measured
+        on the whole model (`task` rows) minus the same LoRA measured at its ops (`target` rows, summed
+        over the defaults), at the token counts and rank both were measured at (0 without both)."""
+        targets, tasks = self.profile.rows("target", phase), self.profile.rows("task", phase)
+        tasks = tasks[tasks["method"] == "lora"]
+        targets = targets[targets["method"] == "lora"]
+        names = [name.rsplit(".", 1)[-1] for name in self._default_targets()]
+        if tasks.empty or targets.empty or not set(names) <= set(targets["target"]):
+            return 0.0
+        rank = int(targets["rank"].min())
+        common = sorted(set(tasks[tasks["rank"] == rank]["tokens"]) & set(targets["tokens"]))
+        residuals = []
+        for tokens in common:
+            whole = tasks[(tasks["rank"] == rank) & (tasks["tokens"] == tokens)]["seconds"].median()
+            at_ops = sum(targets[(targets["rank"] == rank) & (targets["tokens"] == tokens) & (targets["target"] == name)]
+                         ["seconds"].median() for name in names)
+            residuals.append(whole - at_ops)
+        return float(np.median(residuals)) if residuals else 0.0
 
     def _default_targets(self) -> tuple[str, ...]:
         """The target list the profile's method-level task rows were measured on (one name: unknown)."""

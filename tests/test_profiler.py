@@ -172,6 +172,29 @@ def test_lora_is_priced_per_target_op_with_its_dropout_and_host_work_once_per_ba
         cm.forward_seconds(mb, 4, True, True), rel=1e-12)
 
 
+def test_the_trainers_per_forward_work_is_priced_once_per_batch():
+    """Method-level task rows hold the trainer's own per-forward work (routing, per-task losses) once
+    per method, op-level target rows not at all; it is the difference of the two for LoRA on the
+    default targets where both were measured (rank 4, 256 tokens) and a batch pays it once."""
+    cm, plain = CostModel.from_profile(targeted_profile()), CostModel.from_profile(synthetic_profile())
+    ia3 = TaskLoad("ia3", 0, 200, 700)
+    lora = TaskLoad("lora", 8, 600, 5000, ("q_proj", "down_proj"))
+    for ph, fn, k in (("fwd", CostModel.forward_seconds, 1), ("bwd", CostModel.backward_seconds, 2)):
+        overhead = TASK["lora"](256, 4, ph) - k * (TARGET["q_proj"](256, 4) + TARGET["v_proj"](256, 4))
+        assert cm._batch_overhead(ph) == pytest.approx(overhead)
+        # LoRA alone (target rows only): its ops plus the batch's overhead once
+        skip = SKIP["lora"](600) if ph == "bwd" else 0.0
+        base = fn(plain, MicroBatch((TaskLoad("ia3", 0, 600, 0),), 50), 4, True, True) - TASK["ia3"](600, 0, ph) + (
+            SKIP["ia3"](600) if ph == "bwd" else 0.0) - skip
+        adapters = k * (TARGET["q_proj"](600, 8) + TARGET["down_proj"](600, 8))
+        assert fn(cm, MicroBatch((lora,), 50), 4, True, True) == pytest.approx(base + adapters + overhead, rel=1e-9)
+        # with an IA3 task (one method priced by method rows): its rows already hold the overhead once
+        without = CostModel.from_profile(targeted_profile())
+        without._batch_overhead = lambda phase: 0.0
+        for mb, times in ((MicroBatch((lora,), 50), 1), (MicroBatch((lora, ia3), 50), 0), (MicroBatch((ia3,), 50), 0)):
+            assert fn(cm, mb, 4, True, True) - fn(without, mb, 4, True, True) == pytest.approx(times * overhead)
+
+
 def test_lora_tasks_on_the_same_op_share_its_node_once():
     """Each target-priced task is measured alone on its ops; a second LoRA task on an op does not add
     that op's shared part again (rows target/shared_*, held at the ends of their token range)."""

@@ -128,3 +128,5 @@ def test_mux_vs_separate_benchmark_runs_every_arm_in_quick_mode():
         assert point[arm]["tokens_per_s"] > 0, arm
     assert last["tasks"] == 3 and last["throughput_ratio"] > 0 and last["throughput_ceiling"] > 0
     assert last["memory_ratio"] > 1  # three backbones vs one: holds on any machine
+    # limit_ratio pairs the two arms' steps of the same round; with one round that is the plain ratio
+    assert last["limit_ratio"] == point["mux_vs_limit_paired"] == pytest.approx(point["mux_vs_limit"], abs=2e-3)

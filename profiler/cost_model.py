@@ -328,6 +328,11 @@ class CostModel:
     def tp_allreduce_seconds(self, mb: MicroBatch, tp: int) -> float:
         return self.allreduce_seconds(self.tp_allreduce_bytes(mb), tp)
 
+    def tp_comm_seconds(self, mb: MicroBatch, layers: int, first: bool, tp: int) -> float:
+        """All the all-reduces a stage's forward and backward of `mb` wait for under tensor parallelism."""
+        count = sum(self.tp_collectives(mb, layers, first, "fwd")) + sum(self.tp_collectives(mb, layers, first, "bwd"))
+        return count * self.tp_allreduce_seconds(mb, tp) if tp > 1 else 0.0
+
     def tp_collectives(self, mb: MicroBatch, layers: int, first: bool, phase: str) -> list[int]:
         """The all-reduces of a stage's forward or backward under tp > 1, in execution order: the number
         that follow each of its 2 x layers compute segments (per layer: attention, then MLP; the backward

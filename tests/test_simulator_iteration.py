@@ -6,7 +6,7 @@ import pytest
 
 from fake_cost_model import FakeCostModel, FakeShape
 from muxtune.errors import MuxTuneError
-from muxtune.simulator.iteration import simulate_step
+from muxtune.simulator.iteration import memory_breakdown, simulate_step
 from muxtune.simulator.workload import TaskWork, split_micro_batches
 from muxtune.spec import FusionGroup, Layout, Plan
 
@@ -266,6 +266,15 @@ def test_tp2_step_by_hand(targets, bwd_reduces):
         tokens = 8 * 16
         # memory: half the layers' weights, the stem/head whole, 60 replicated + 30 split parameters
         assert timeline.peak_memory[device] == 4 * 1000 // 2 + 500 + 700 + 16 * 90 + 10 * tokens * 4 // 2
+    table = memory_breakdown(tp_plan(["a"]), works, cm, timeline).set_index("device")
+    assert list(table["backbone"]) == [4 * 1000 // 2 + 1200] * 2 and list(table["activations"]) == [10 * 8 * 16 * 4 // 2] * 2
+    assert list(table["adapters"] + table["optimizer"]) == [16 * 90] * 2
+
+
+def test_tp_gantt_draws_the_collectives(tmp_path):
+    cm = FakeCostModel(shape=FakeShape(n_layers=2), tp_allreduce=0.02)
+    timeline = simulate_step(tp_plan(["a"], pp=2, m=2), {"a": lora("a", ("q_proj",))}, cm)
+    assert timeline.gantt(tmp_path / "tp.png").stat().st_size > 0
 
 
 def test_pp2_x_tp2_and_dp2_x_tp2_by_hand():

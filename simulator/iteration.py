@@ -50,7 +50,8 @@ class Timeline:
     """One simulated step. `events` has a row per op: device, stream (compute|comm), group (index in the
     plan), micro_batch (-1 for per-step ops), kind (host|fwd|bwd|send|recv|allreduce|tp_allreduce|optim),
     start, end (s); with tp > 1 a fwd/bwd is several compute segments between its tp_allreduce events,
-    task (optim only), replica, stage."""
+    task (host, optim and the replicated gradients' tp_allreduce), replica, stage. bubble_fraction counts
+    waiting for a tp all-reduce as idle (the executor's measured bubble times it inside its fwd/bwd)."""
 
     events: pd.DataFrame
     step_seconds: float
@@ -211,7 +212,7 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
                 yield compute(seconds)
                 log_all(r, s, "compute", g, k, kind, start)
                 return
-            counts = cost_model.tp_collectives(mb, layers, first, kind)
+            counts = cost_model.tp_collectives(mb, layers, first, kind) or [0]  # a stage of 0 layers: 1 segment
             reduce_seconds = cost_model.tp_allreduce_seconds(mb, tp)
             for count in counts:
                 start = env.now

@@ -22,6 +22,10 @@ first stage's backward is shortened by the batch's `skip`: the backward work bel
 of its methods needs a gradient at (the least of its methods' measured skips). span = seq_len + the
 longest prefix in the batch. A step adds each task's optimizer and host work and, once per
 micro-batch, the step's fixed host work (`step_breakdown` lists every term).
+Tensor parallelism (tp > 1, executor/tensor_parallel.py): forward/backward_seconds(..., tp) price one
+tensor rank's compute (its layer shard, the profile's `tp_layer` rows; stem, head and adapters whole),
+tp_collectives / tp_allreduce_seconds the all-reduces it waits for, backbone_bytes / activation_bytes
+(..., tp) and tp_params its memory (see the tensor-parallel section below).
 Nothing else in MuxTune holds a timing formula: the planner and simulator call these methods.
 """
 

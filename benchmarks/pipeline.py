@@ -17,6 +17,13 @@ chunk padding included) and compared with that step's measured time (the slowest
 figure is the median of its steps' |predicted - measured| / measured. On CPU the profile is taken at the
 thread count each process trains with (cores / processes), so the ops are priced as they run.
 
+A fourth arm, `tensor_parallel`, runs all tasks in one group split by tensor parallelism over the same
+2 processes (Layout tp=2: each process holds half of every projection, 2 all-reduces per layer forward
+and up to 5 backward) and reports its measured step and the simulator's error on it as `tp_sim_error`
+(priced at the same thread count; `tp_profile_measured` says whether the profile has measured
+`tp_layer` rows for tp=2 or the CostModel fell back to the whole layer / 2). LLaMA-family models and
+2 devices only (the executor's limits); otherwise `tp_sim_error` is null with `tp_skipped` saying why.
+
 The last printed line is one JSON object.
 """
 
@@ -55,6 +62,14 @@ def plans(config, devices: list[str], micro_batches: int) -> dict:
     return {"dedicated": plan([[n] for n in names], "1f1b"),
             "fused_1f1b": plan([names], "1f1b"),
             "muxtune": plan(two_groups(config.tasks), "interleaved")}
+
+
+def tensor_parallel_plan(config, devices: list[str], micro_batches: int):
+    """All tasks in one group, its stage split over the devices by tensor parallelism."""
+    from muxtune.spec import FusionGroup, Layout, Plan
+
+    return Plan(planner="benchmark", schedule="1f1b", groups=[FusionGroup(
+        tasks=[t.name for t in config.tasks], devices=devices, layout=Layout(tp=len(devices)), micro_batches=micro_batches)])
 
 
 def measure(config, plan, warmup: int) -> dict:
@@ -116,6 +131,16 @@ def main(argv: list[str] | None = None) -> dict:
                                        "devices": "cpu" if args.devices == "cpu" else "cuda"})
     warmup = 1 if args.steps > 1 else 0
     results = {name: measure(config, plan, warmup) for name, plan in plans(config, devices, args.micro_batches).items()}
+    tp_plan, tp_skipped = tensor_parallel_plan(config, devices, args.micro_batches), None
+    if len(devices) < 2:
+        tp_skipped = "tensor parallelism needs 2 devices"
+    else:
+        from muxtune.executor.tensor_parallel import FAMILIES
+        from muxtune.planner.setup import model_shape
+
+        if not model_shape(config).gated_mlp:
+            tp_skipped = f"tensor parallelism is implemented for {list(FAMILIES)} models only"
+    tp = None if tp_skipped else measure(config, tp_plan, warmup)
     threads = torch.get_num_threads()
     if args.devices == "cpu":  # price the ops at the thread count each training process ran with
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(devices)))
@@ -128,6 +153,13 @@ def main(argv: list[str] | None = None) -> dict:
                 results[name]["predicted_step_s"] = predicted["predicted_step_s"]
             except ImportError as exc:
                 errors[name], reason = None, f"no CostModel ({exc})"
+        if tp is not None:
+            predicted = sim_error(config, tp_plan, tp, warmup)
+            tp["sim_error"], tp["predicted_step_s"] = predicted["error"], predicted["predicted_step_s"]
+            from benchmarks.simulator import load_cost_model
+
+            rows = load_cost_model(config.model, "cpu" if devices[0] == "cpu" else devices[0]).profile.rows("tp_layer")
+            tp["profile_measured"] = bool(not rows.empty and (rows["world"] == len(devices)).any())
     finally:
         torch.set_num_threads(threads)
     summary = {name: {k: v for k, v in r.items() if k != "metrics"} for name, r in results.items()}
@@ -142,7 +174,15 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup_vs_dedicated": summary["muxtune"]["tokens_per_s"] / summary["dedicated"]["tokens_per_s"],
         "sim_error": max(known) if known else None,
         "sim_errors": errors,
+        "tensor_parallel": None if tp is None else {k: v for k, v in tp.items() if k != "metrics"},
+        "tp_sim_error": None if tp is None else tp["sim_error"],
+        "tp_profile_measured": None if tp is None else tp["profile_measured"],
     }
+    if tp is None:
+        result["tp_skipped"] = tp_skipped
+    else:
+        print(f"tensor_parallel (tp={len(devices)}): step {tp['step_s']:.3f} s, {tp['tokens_per_s']:.0f} tokens/s, "
+              f"predicted {tp['predicted_step_s']:.3f} s, sim error {tp['sim_error']:.3f}")
     if not known:
         result["sim_error_reason"] = reason
     print(json.dumps(result))

@@ -1,9 +1,13 @@
 """Candidate layouts of a backbone instance, and what a fusion group costs on one (from the CostModel).
 
 The planner splits the cluster's devices into `instances` equal backbone instances (every divisor of
-the device count); each instance runs one pipeline with a layout (dp replicas x pp stages, an even
-layer split, m micro-batches per replica). These few (instances, layout) pairs are enumerated here,
-outside the CP-SAT model; for each one the model decides which tasks fuse and where groups go.
+the device count); each instance runs one pipeline with a layout (dp replicas x pp stages x tp tensor
+ranks, an even layer split, m micro-batches per replica). These few (instances, layout) pairs are
+enumerated here, outside the CP-SAT model; for each one the model decides which tasks fuse and where
+groups go. Tensor parallelism (tp > 1) is offered only where the executor carries it out and it can pay
+(tp_degrees: LLaMA-family model, LoRA-only tasks, tp dividing the heads and MLP width, a fast
+intra-node link, at most TP_MAX devices); a tp stage's work adds the all-reduces each of its ops waits
+for, and its memory is the rank's shard.
 
 A group's cost on a layout is the 1F1B time of its micro-batches on the slowest stage plus the
 pipeline's fill and drain, the transfers of its boundary activations, the all-reduce of its
@@ -26,6 +30,7 @@ from muxtune.simulator.iteration import stage_split
 from muxtune.simulator.workload import TaskWork, split_micro_batches
 
 GRAD_BYTES_PER_PARAM = 4  # adapters train in fp32 (as simulator/iteration.py)
+TP_MAX = 8  # tensor ranks of one stage: the GPUs of one node (NVLink); TP's per-layer all-reduces stay inside it
 
 
 @dataclass(frozen=True)
@@ -36,13 +41,15 @@ class LayoutChoice:
     pp: int
     micro_batches: int
     stage_layers: tuple[int, ...]
+    tp: int = 1
 
     @property
     def devices(self) -> int:
-        return self.dp * self.pp
+        return self.dp * self.pp * self.tp
 
     def label(self) -> str:
-        return f"dp{self.dp} x pp{self.pp}, {self.micro_batches} micro-batch{'es' * (self.micro_batches > 1)}"
+        tp = f" x tp{self.tp}" if self.tp > 1 else ""
+        return f"dp{self.dp} x pp{self.pp}{tp}, {self.micro_batches} micro-batch{'es' * (self.micro_batches > 1)}"
 
 
 @dataclass(frozen=True)
@@ -59,22 +66,37 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layouts(devices: int, n_layers: int, micro_batch_factors=(1, 4)) -> list[LayoutChoice]:
-    """Every dp x pp = devices (pp <= layers), even layer split, m = pp x factor micro-batches (a larger m
-    shortens the fill and drain and holds fewer activations; with pp = 1 it is gradient accumulation)."""
+def layouts(devices: int, n_layers: int, micro_batch_factors=(1, 4), tp_options=(1,)) -> list[LayoutChoice]:
+    """Every dp x pp x tp = devices (pp <= layers, tp in tp_options), even layer split, m = pp x factor
+    micro-batches (a larger m shortens the fill and drain and holds fewer activations; with pp = 1 it is
+    gradient accumulation)."""
     out = []
-    for pp in divisors(devices):
-        if pp > n_layers:
+    for tp in tp_options:
+        if devices % tp:
             continue
-        split = tuple(stage_split(n_layers, pp, None))
-        for factor in micro_batch_factors:
-            out.append(LayoutChoice(devices // pp, pp, pp * factor, split))
+        for pp in divisors(devices // tp):
+            if pp > n_layers:
+                continue
+            split = tuple(stage_split(n_layers, pp, None))
+            for factor in micro_batch_factors:
+                out.append(LayoutChoice(devices // (pp * tp), pp, pp * factor, split, tp))
     return out
 
 
-def instance_configs(devices: int, n_layers: int) -> list[tuple[int, LayoutChoice]]:
+def tp_degrees(cm, works, devices: int) -> tuple[int, ...]:
+    """The tensor-parallel degrees worth planning: 1, and every tp > 1 dividing `devices` (up to TP_MAX)
+    that the executor carries out for these tasks on this model (CostModel.tp_refusal) on hardware with a
+    fast intra-node link (CostModel.tp_fast_link: not CPU processes over gloo, not PCIe-only GPUs).
+    A cost model without tensor-parallel pricing plans tp = 1."""
+    if not getattr(cm, "tp_fast_link", lambda: False)():
+        return (1,)
+    methods = {w.method for w in works}
+    return (1,) + tuple(tp for tp in divisors(devices) if 1 < tp <= TP_MAX and cm.tp_refusal(tp, methods) is None)
+
+
+def instance_configs(devices: int, n_layers: int, tp_options=(1,)) -> list[tuple[int, LayoutChoice]]:
     """(instances, layout of each): every way to cut `devices` into equal instances, every layout of one."""
-    return [(k, layout) for k in divisors(devices) for layout in layouts(devices // k, n_layers)]
+    return [(k, layout) for k in divisors(devices) for layout in layouts(devices // k, n_layers, tp_options=tp_options)]
 
 
 class CachedCostModel:
@@ -82,7 +104,8 @@ class CachedCostModel:
     same micro-batches many times. Anything else is passed through."""
 
     CACHED = ("forward_seconds", "backward_seconds", "activation_bytes", "p2p_seconds", "allreduce_seconds",
-              "optimizer_seconds", "boundary_bytes", "backbone_bytes", "task_state_bytes", "peak_bytes")
+              "optimizer_seconds", "boundary_bytes", "backbone_bytes", "task_state_bytes", "peak_bytes",
+              "tp_comm_seconds", "tp_params")
 
     def __init__(self, cost_model):
         self.inner = cost_model
@@ -100,37 +123,49 @@ def stage_params(work: TaskWork, stage: int, layers: int, n_layers: int) -> int:
     return round(work.params * layers / n_layers)
 
 
+def device_params(work: TaskWork, stage: int, layers: int, n_layers: int, tp: int, cm) -> tuple[int, int]:
+    """(a task's parameters on one device of the stage, of which replicated over its tensor ranks)."""
+    params = stage_params(work, stage, layers, n_layers)
+    return cm.tp_params(params, work.targets, tp) if tp > 1 else (params, 0)
+
+
 def group_cost(works: tuple[TaskWork, ...], layout: LayoutChoice, cm, packed: bool) -> GroupCost:
     """What one fusion group costs on `layout` (see the module docstring)."""
-    n_layers, pp = cm.shape.n_layers, layout.pp
+    n_layers, pp, tp = cm.shape.n_layers, layout.pp, layout.tp
+    tp_kw = {"tp": tp} if tp > 1 else {}
     parts = split_micro_batches(list(works), layout.dp * layout.micro_batches, packed)
     mine = parts[0::layout.dp]  # replica 0 gets the most sequences (split_micro_batches fills in order)
     distinct = Counter(mine)  # the even split makes most micro-batches alike: price each kind once
     stage_work, stage_act = [], []
     for s, layers in enumerate(layout.stage_layers):
         first, last = s == 0, s == pp - 1
-        stage_work.append(sum(count * (cm.forward_seconds(mb, layers, first, last) + cm.backward_seconds(mb, layers, first, last))
+        stage_work.append(sum(count * (cm.forward_seconds(mb, layers, first, last, **tp_kw)
+                                       + cm.backward_seconds(mb, layers, first, last, **tp_kw)
+                                       + (cm.tp_comm_seconds(mb, layers, first, tp) if tp > 1 else 0.0))
                               for mb, count in distinct.items()))
         in_flight = min(pp - s, len(mine))  # 1F1B: stage s holds at most pp - s micro-batches
-        stage_act.append(in_flight * max(cm.activation_bytes(mb, layers) for mb in distinct))
+        stage_act.append(in_flight * max(cm.activation_bytes(mb, layers, **tp_kw) for mb in distinct))
     per_micro_batch = max(stage_work) / len(mine)
     fill = (pp - 1) * per_micro_batch
     transfers = 2 * (pp - 1) * max(cm.p2p_seconds(cm.boundary_bytes(mb)) for mb in distinct) if pp > 1 else 0.0
     widest = max(layout.stage_layers)
-    grads = sum(round(w.params * widest / n_layers) for w in works) * GRAD_BYTES_PER_PARAM
+    held = [device_params(w, 0, widest, n_layers, tp, cm) for w in works]  # (on a device, replicated)
+    grads = sum(mine for mine, _ in held) * GRAD_BYTES_PER_PARAM
     allreduce = cm.allreduce_seconds(grads, layout.dp) if layout.dp > 1 else 0.0
-    optim = max(sum(cm.optimizer_seconds(p) for p in (stage_params(w, s, layers, n_layers) for w in works) if p)
+    # tp: each task's replicated adapter gradients summed over the tensor ranks before its optimizer
+    allreduce += sum(cm.allreduce_seconds(rep * GRAD_BYTES_PER_PARAM, tp) for _, rep in held if rep)
+    optim = max(sum(cm.optimizer_seconds(p) for p in (device_params(w, s, layers, n_layers, tp, cm)[0] for w in works) if p)
                 for s, layers in enumerate(layout.stage_layers))
-    state = max(sum(cm.task_state_bytes(stage_params(w, s, layers, n_layers)) for w in works)
+    state = max(sum(cm.task_state_bytes(device_params(w, s, layers, n_layers, tp, cm)[0]) for w in works)
                 for s, layers in enumerate(layout.stage_layers))
     return GroupCost(max(stage_work) + fill + transfers + allreduce + optim, int(max(stage_act)), int(state),
                      fill_seconds=fill + transfers)
 
 
 def backbone_bytes(layout: LayoutChoice, cm) -> int:
-    """The largest backbone shard of a stage."""
-    pp = layout.pp
-    return max(cm.backbone_bytes(layers, s == 0, s == pp - 1) for s, layers in enumerate(layout.stage_layers))
+    """The largest backbone shard of a device (a stage's layers, their tp shard when tp > 1)."""
+    pp, tp_kw = layout.pp, ({"tp": layout.tp} if layout.tp > 1 else {})
+    return max(cm.backbone_bytes(layers, s == 0, s == pp - 1, **tp_kw) for s, layers in enumerate(layout.stage_layers))
 
 
 def priced(g: tuple[int, ...], works: list[TaskWork], steps: list[int], layout: LayoutChoice, cm, packed: bool,

@@ -24,7 +24,7 @@ import pandas as pd
 
 from muxtune.errors import MuxTuneError
 from muxtune.planner import baselines, cpsat
-from muxtune.planner.layouts import CachedCostModel, instance_configs
+from muxtune.planner.layouts import CachedCostModel, instance_configs, tp_degrees
 from muxtune.simulator.iteration import simulate_step
 from muxtune.simulator.workload import TaskWork, estimate_params, method_rank, split_micro_batches, task_work
 from muxtune.spec import Alignment, Cluster, FusionGroup, Layout, Plan
@@ -87,7 +87,8 @@ def to_plan(candidate: cpsat.Candidate, labels: list[str], schedule: str, works:
         devices = labels[s * d:(s + 1) * d]
         for names in instance:
             groups.append(FusionGroup(tasks=list(names), devices=devices, micro_batches=layout.micro_batches,
-                                      layout=Layout(dp=layout.dp, pp=layout.pp, stage_layers=list(layout.stage_layers))))
+                                      layout=Layout(dp=layout.dp, pp=layout.pp, tp=layout.tp,
+                                                    stage_layers=list(layout.stage_layers))))
             parts = split_micro_batches([by_name[n] for n in names], layout.dp * layout.micro_batches, candidate.packed)
             budget = max(budget, max(mb.tokens for mb in parts))
     if candidate.packed:
@@ -180,7 +181,7 @@ def plan(tasks, cluster: Cluster, cost_model, objective: str = "throughput", tim
     weights = [float((priority or {}).get(t.name, 1.0)) for t in tasks]
     memory = int(cluster.memory_gib * GIB)
     labels = device_labels(cluster, cm)
-    configs = instance_configs(cluster.devices, cm.shape.n_layers)
+    configs = instance_configs(cluster.devices, cm.shape.n_layers, tp_degrees(cm, works, cluster.devices))
     # screen: the greedy solution of every (instances, layout) pair; CP-SAT on the `solve` best of them
     screened = []
     for instances, layout in configs:

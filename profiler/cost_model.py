@@ -25,6 +25,10 @@ of its methods needs a gradient at (the least of its methods' measured skips). s
 longest prefix in the batch. A step adds each task's optimizer and host work and, once per
 micro-batch, the step's fixed host work (`step_breakdown` lists every term). Host terms are nearly
 flat in tokens and rank: they are held at the ends of their measured range, never extrapolated.
+Tensor parallelism (tp > 1, executor/tensor_parallel.py): forward/backward_seconds(..., tp) price one
+tensor rank's compute (its layer shard, the profile's `tp_layer` rows; stem, head and adapters whole),
+tp_collectives / tp_allreduce_seconds the all-reduces it waits for, backbone_bytes / activation_bytes
+(..., tp) and tp_params its memory (see the tensor-parallel section below).
 Nothing else in MuxTune holds a timing formula: the planner and simulator call these methods.
 """
 
@@ -240,26 +244,34 @@ class CostModel:
 
     # time
 
-    def forward_seconds(self, mb: MicroBatch, layers: int, first: bool = False, last: bool = False) -> float:
-        return self._stage_seconds(mb, layers, first, last, "fwd")
+    def forward_seconds(self, mb: MicroBatch, layers: int, first: bool = False, last: bool = False,
+                        tp: int = 1) -> float:
+        """A stage's forward compute on one device (tp > 1: one tensor rank's, without its collectives:
+        tp_collectives lists those)."""
+        return self._stage_seconds(mb, layers, first, last, "fwd", tp)
 
-    def backward_seconds(self, mb: MicroBatch, layers: int, first: bool = False, last: bool = False) -> float:
-        return self._stage_seconds(mb, layers, first, last, "bwd")
+    def backward_seconds(self, mb: MicroBatch, layers: int, first: bool = False, last: bool = False,
+                         tp: int = 1) -> float:
+        return self._stage_seconds(mb, layers, first, last, "bwd", tp)
 
-    def _stage_seconds(self, mb: MicroBatch, layers: int, first: bool, last: bool, phase: str) -> float:
-        return max(sum(self._stage_parts(mb, layers, first, last, phase).values()), 0.0)
+    def _stage_seconds(self, mb: MicroBatch, layers: int, first: bool, last: bool, phase: str, tp: int = 1) -> float:
+        return max(sum(self._stage_parts(mb, layers, first, last, phase, tp).values()), 0.0)
 
-    def _stage_parts(self, mb: MicroBatch, layers: int, first: bool, last: bool, phase: str) -> dict[str, float]:
+    def _stage_parts(self, mb: MicroBatch, layers: int, first: bool, last: bool, phase: str,
+                     tp: int = 1) -> dict[str, float]:
         """The terms of a stage's forward or backward: backbone (layers, stem, what the parts miss), head,
-        tasks (their overheads less what they share and, backward, less what the batch skips)."""
+        tasks (their overheads less what they share and, backward, less what the batch skips). With tp > 1
+        the layers are one tensor rank's shard (`_layer_seconds`); stem, head, what the parts miss and the
+        tasks' adapters are priced whole (replicated, or, for the adapters, see tp_layer_seconds)."""
         self._check(mb)
         if self.profile is None:
             head = self._analytic_head(mb.tokens, phase) if last else 0.0
             stem = self._analytic_stem(mb.tokens) if first and phase == "fwd" else 0.0
-            return {"backbone": layers * self._analytic_layer(mb, phase) + stem, "head": head,
+            return {"backbone": layers * self._analytic_layer(mb, phase, tp) + stem, "head": head,
                     "tasks": layers * sum(self._analytic_task(t, phase) for t in mb.tasks)}
         T, span, L = mb.tokens, mb.span, self.shape.n_layers
         layer = self._grid("layer", phase, T, span)
+        shard = self.tp_layer_seconds(mb, phase, tp) if tp > 1 else layer
         stem = self._grid("stem", "fwd", T, span) if phase == "fwd" else 0.0
         head = interp1(*self._curve("head", phase, "tokens"), T)
         residual = self._grid("model", phase, T, span) - (stem + L * layer + head)
@@ -267,8 +279,109 @@ class CostModel:
                  + self._batch_level(mb, phase))
         # the backward stops below the lowest op any task needs a gradient at: the first stage skips that
         skip = self._batch_skip(mb, "seconds") if first and phase == "bwd" else 0.0
-        return {"backbone": layers * (layer + residual / L) + (stem if first else 0.0),
+        return {"backbone": layers * (shard + residual / L) + (stem if first else 0.0),
                 "head": head if last else 0.0, "tasks": layers * tasks / L - skip}
+
+    # tensor parallelism: executor/tensor_parallel.py's Megatron split of a LLaMA-family decoder layer over
+    # the tp processes of a stage. q/k/v/gate/up are column-parallel (output features / tp, heads / tp),
+    # o/down row-parallel (input features / tp); embeddings, norms and the LM head are replicated. The
+    # collectives the executor issues, each an all-reduce of the full hidden states [tokens, hidden]:
+    #   forward   one per row-parallel op (its partial sums): 2 per layer
+    #   backward  one per column-parallel op's input gradient (Megatron's f, one per op: q, k, v, gate,
+    #             up): 5 per layer, less where the input needs no gradient (the first stage's first layer)
+    # The executor waits for each (dist.all_reduce, synchronous): they are on the critical path.
+    # After the backward, the partial gradients of replicated adapter tensors (a column op's LoRA A, a
+    # row op's LoRA B: rank x hidden each) are all-reduced, one flat fp32 buffer per task.
+
+    TP_FAMILY_NOTE = "LLaMA-family (gated-MLP: llama, mistral, qwen2) models"
+    TP_COLUMN_OPS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    TP_ROW_OPS = ("o_proj", "down_proj")
+    ATTENTION_OPS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def tp_refusal(self, tp: int, methods=()) -> str | None:
+        """Why the executor would refuse tensor parallelism of degree tp for tasks of `methods` on this
+        model (executor/tensor_parallel.check_supported), or None when it carries it out. ModelShape's
+        gated_mlp is set exactly for the families the executor splits (llama, mistral, qwen2)."""
+        if tp <= 1:
+            return None
+        s = self.shape
+        if not s.gated_mlp:
+            return f"tensor parallelism is implemented for {self.TP_FAMILY_NOTE} only"
+        for what, n in (("heads", s.heads), ("kv_heads", s.kv_heads), ("intermediate", s.intermediate)):
+            if n % tp:
+                return f"tp={tp} does not divide the model's {what}={n}"
+        other = sorted(set(methods) - {"lora"})
+        if other:
+            return f"method(s) {other} are not supported under tensor parallelism; only LoRA is"
+        return None
+
+    def tp_fast_link(self) -> bool:
+        """Whether the devices have a fast intra-node link (NVLink) that makes tensor parallelism's
+        per-layer all-reduces worth planning; CPU processes (gloo) and PCIe-only GPUs do not."""
+        return bool(self.hw is not None and self.hw.get("nvlink_gbps", 0) and self.hw["nvlink_gbps"] > 0)
+
+    def tp_layer_seconds(self, mb: MicroBatch, phase: str, tp: int) -> float:
+        """One decoder layer's compute on one tensor rank (its heads / tp and MLP width / tp; norms
+        whole). Profile: its `tp_layer` rows for this tp (a rank's layer measured as such), else the
+        whole layer / tp (every op of a LLaMA layer but its two norms and residual adds is split: an
+        optimistic bound on a device where per-op overheads do not shrink with the shard)."""
+        if self.profile is None:
+            return self._analytic_layer(mb, phase, tp)
+        rows = self.profile.rows("tp_layer", phase)
+        rows = rows[rows["world"] == tp] if not rows.empty else rows
+        if not rows.empty:
+            return interp_grid(rows, "tokens", "seq_len", "seconds", mb.tokens, mb.span)
+        return self._grid("layer", phase, mb.tokens, mb.span) / tp
+
+    def tp_allreduce_bytes(self, mb: MicroBatch) -> int:
+        """One tensor-parallel all-reduce of the micro-batch's hidden states (tokens x hidden x dtype)."""
+        return mb.tokens * self.shape.hidden * self.shape.dtype_bytes
+
+    def tp_allreduce_seconds(self, mb: MicroBatch, tp: int) -> float:
+        return self.allreduce_seconds(self.tp_allreduce_bytes(mb), tp)
+
+    def tp_comm_seconds(self, mb: MicroBatch, layers: int, first: bool, tp: int) -> float:
+        """All the all-reduces a stage's forward and backward of `mb` wait for under tensor parallelism."""
+        count = sum(self.tp_collectives(mb, layers, first, "fwd")) + sum(self.tp_collectives(mb, layers, first, "bwd"))
+        return count * self.tp_allreduce_seconds(mb, tp) if tp > 1 else 0.0
+
+    def tp_collectives(self, mb: MicroBatch, layers: int, first: bool, phase: str) -> list[int]:
+        """The all-reduces of a stage's forward or backward under tp > 1, in execution order: the number
+        that follow each of its 2 x layers compute segments (per layer: attention, then MLP; the backward
+        runs the layers top down, MLP first). Forward: [1, 1] per layer (o_proj, down_proj). Backward:
+        [2, 3] per layer (gate/up, then q/k/v input gradients), except the first stage's first layer,
+        whose q/k/v input (the frozen embedding's normalized output) needs no gradient: [2, 0], or
+        [0, 0] when no task adapts an attention op there (nothing below the MLP needs a gradient)."""
+        if phase == "fwd":
+            return [1, 1] * layers
+        counts = [2, 3] * layers
+        if first and layers:
+            attention = any(not t.targets or any(name.rsplit(".", 1)[-1] in self.ATTENTION_OPS for name in t.targets)
+                            for t in mb.tasks)  # no target list: the defaults (q_proj, v_proj)
+            counts[-2:] = [2 if attention else 0, 0]
+        return counts
+
+    def tp_replicated_share(self, targets: tuple[str, ...]) -> float:
+        """The share of a LoRA task's parameters that every tensor rank holds whole (a column op's A:
+        r x in, a row op's B: out x r, both r x hidden); the rest is split over the ranks. No targets:
+        the defaults (q_proj, v_proj)."""
+        s = self.shape
+        kv = s.hidden * s.kv_heads // s.heads
+        dims = {"q_proj": (s.hidden, s.hidden), "k_proj": (s.hidden, kv), "v_proj": (s.hidden, kv),
+                "o_proj": (s.hidden, s.hidden), "gate_proj": (s.hidden, s.intermediate),
+                "up_proj": (s.hidden, s.intermediate), "down_proj": (s.intermediate, s.hidden)}
+        names = [n.rsplit(".", 1)[-1] for n in (targets or ("q_proj", "v_proj"))]
+        names = [n for n in names if n in dims]
+        if not names:
+            return 1.0  # not a split op: replicated
+        return sum(s.hidden for n in names) / sum(sum(dims[n]) for n in names)
+
+    def tp_params(self, params: int, targets: tuple[str, ...], tp: int) -> tuple[int, int]:
+        """(parameters one tensor rank holds, of which replicated) for a LoRA task's `params` on a stage."""
+        if tp <= 1:
+            return params, 0
+        replicated = round(params * self.tp_replicated_share(targets))
+        return replicated + round((params - replicated) / tp), replicated
 
     def _batch_shared(self, mb: MicroBatch, phase: str) -> float:
         """What the batch's tasks priced by method rows share: each wrapped op's split and concatenation
@@ -446,12 +559,13 @@ class CostModel:
         """The hidden states one pipeline stage sends the next (and the gradient coming back)."""
         return mb.tokens * self.shape.hidden * self.shape.dtype_bytes
 
-    def activation_bytes(self, mb: MicroBatch, layers: int) -> int:
+    def activation_bytes(self, mb: MicroBatch, layers: int, tp: int = 1) -> int:
         """Tensors `layers` decoder layers keep for backward, per micro-batch in flight (the backbone's
-        measured saved tensors, plus what each method's adapters keep alive, from its profile rows)."""
+        measured saved tensors, plus what each method's adapters keep alive, from its profile rows).
+        tp > 1: one tensor rank's (its layer shard's saved tensors; the adapters' priced whole)."""
         self._check(mb)
         if self.profile is not None:
-            per_layer = self._grid("layer", "fwd", mb.tokens, mb.span, value="saved_bytes")
+            per_layer = self._tp_saved_bytes(mb, tp)
             # the attention mask and rotary tables: one copy shared by every layer of the stage
             shared = self._grid("stem", "fwd", mb.tokens, mb.span, value="saved_bytes") if layers else 0.0
             # What adapters save is mostly whole-batch storage: a task's slice of an op's input or output
@@ -473,7 +587,10 @@ class CostModel:
         else:
             s = self.shape
             # inputs of q/k/v, o, gate/up, down, two norms, the attention output and the MLP activation
-            per_token = s.dtype_bytes * (6 * s.hidden + (3 if s.gated_mlp else 2) * s.intermediate)
+            # tp > 1: the inputs of q/k/v and gate/up and the two norms' stay whole (4 x hidden), the
+            # attention output and the MLP's split
+            whole = 4 * s.hidden if tp > 1 else 0
+            per_token = s.dtype_bytes * (whole + (6 * s.hidden - whole + (3 if s.gated_mlp else 2) * s.intermediate) / tp)
             per_layer = mb.tokens * per_token * self.scale["activation"]
             shared = 0.0
         return int(max(per_layer, 0.0) * layers + max(shared, 0.0))
@@ -485,9 +602,27 @@ class CostModel:
             return int(max(interp1(rows["tokens"].to_numpy(), rows["peak_bytes"].to_numpy(), tokens), 0.0))
         return int(tokens * self.shape.vocab * (2 * self.shape.dtype_bytes + 8))
 
-    def backbone_bytes(self, layers: int, first: bool = False, last: bool = False) -> int:
+    def backbone_bytes(self, layers: int, first: bool = False, last: bool = False, tp: int = 1) -> int:
+        """Frozen weights a device of a stage holds; tp > 1: its shard of each layer's projections plus
+        the whole norms (2 x hidden), and the embedding / LM head whole (replicated)."""
         w = self.weight_bytes
-        return int(layers * w["layer"] + (w["first"] if first else 0) + (w["last"] if last else 0))
+        norms = 2 * self.shape.hidden * self.shape.dtype_bytes if tp > 1 else 0
+        layer = (w["layer"] - norms) / tp + norms
+        return int(layers * layer + (w["first"] if first else 0) + (w["last"] if last else 0))
+
+    def _tp_saved_bytes(self, mb: MicroBatch, tp: int) -> float:
+        """A layer's saved tensors on one tensor rank: the profile's `tp_layer` rows for this tp, else the
+        whole layer's scaled as the analytic count splits them (see activation_bytes)."""
+        whole = self._grid("layer", "fwd", mb.tokens, mb.span, value="saved_bytes")
+        if tp <= 1:
+            return whole
+        rows = self.profile.rows("tp_layer", "fwd")
+        rows = rows[rows["world"] == tp] if not rows.empty else rows
+        if not rows.empty:
+            return interp_grid(rows, "tokens", "seq_len", "saved_bytes", mb.tokens, mb.span)
+        s = self.shape
+        full = 6 * s.hidden + 3 * s.intermediate
+        return whole * (4 * s.hidden + (full - 4 * s.hidden) / tp) / full
 
     def task_state_bytes(self, params: int) -> int:
         """Adapter weights + gradients + AdamW's two moments, all fp32."""
@@ -558,12 +693,14 @@ class CostModel:
         hw = self.hw
         return max(flops / (hw["bf16_tflops"] * 1e12), nbytes / (hw["hbm_gbps"] * 1e9)) + kernels * self.LAUNCH_S
 
-    def _analytic_layer(self, mb: MicroBatch, phase: str) -> float:
+    def _analytic_layer(self, mb: MicroBatch, phase: str, tp: int = 1) -> float:
+        """One layer (tp > 1: one tensor rank's shard: projections, attention heads and the MLP width
+        split; the norms' and residuals' reads and writes of the full hidden states are not)."""
         s, T, span = self.shape, mb.tokens, mb.span
-        gemm = 2 * T * s.layer_params  # dX in backward costs the same as the forward GEMMs
-        attention = 4 * T * span * s.hidden * (2.0 if phase == "bwd" else 1.0)
-        weights = s.layer_params * s.dtype_bytes
-        acts = T * s.dtype_bytes * (12 * s.hidden + 4 * s.intermediate)
+        gemm = 2 * T * s.layer_params / tp  # dX in backward costs the same as the forward GEMMs
+        attention = 4 * T * span * s.hidden * (2.0 if phase == "bwd" else 1.0) / tp
+        weights = s.layer_params * s.dtype_bytes / tp
+        acts = T * s.dtype_bytes * (6 * s.hidden + (6 * s.hidden + 4 * s.intermediate) / tp)
         kernels = 14 if phase == "fwd" else 20
         return self.scale["layer"] * self._roofline(gemm + attention, weights + acts, kernels)
 

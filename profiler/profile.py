@@ -5,6 +5,10 @@ and the tasks' adapters attached through `Multiplexer` / `MultiplexedTrainer` ex
 them. Rows of the table (column `op`):
 
   layer   one decoder layer, fwd / bwd (dX only: the backbone is frozen), over (tokens, seq_len)
+  tp_layer  LLaMA-family models: one tensor rank's shard of a decoder layer at tensor-parallel degree
+          `world` (TP_DEGREES; heads, KV heads and MLP width / world, as executor/tensor_parallel.py
+          splits it), its compute only (the collectives are priced from the allreduce rows), fwd / bwd,
+          over the layer grid; saved_bytes as for `layer`
   stem    everything of the backbone's forward that is not a decoder layer (embedding, masks, rotary
           tables, final norm), fwd, over (tokens, seq_len); its saved_bytes: the mask and rotary
           tables the layers save (shared by all layers, so not in a layer's saved_bytes)
@@ -482,10 +486,41 @@ def _row(op, phase, seconds, tokens=0, seq_len=0, method="", rank=0, params=0, n
             "batch_bytes": batch, "peak_bytes": peak, "target": target}
 
 
+TP_DEGREES = (2,)  # tensor-parallel degrees whose layer shards are measured (tp_layer rows)
+
+
+def tp_shard_layers(model: nn.Module, layer: nn.Module) -> dict[int, nn.Module]:
+    """{tp: a decoder layer shaped like one tensor rank's shard} for the TP_DEGREES the executor can
+    split this model into (executor/tensor_parallel.py: LLaMA family, tp dividing heads and MLP width).
+    A fresh layer of the model's class with heads / tp, KV heads / tp and MLP width / tp (same head
+    size): the same ops on the shard's shapes, what each process computes; its weights are random."""
+    import copy
+
+    from muxtune.executor.tensor_parallel import FAMILIES
+
+    config = model.config
+    if config.model_type not in FAMILIES:
+        return {}
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    param = next(layer.parameters())
+    out = {}
+    for tp in TP_DEGREES:
+        if heads % tp or kv_heads % tp or config.intermediate_size % tp:
+            continue
+        shard = copy.deepcopy(config)
+        shard.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        shard.num_attention_heads, shard.num_key_value_heads = heads // tp, kv_heads // tp
+        shard.intermediate_size = config.intermediate_size // tp
+        out[tp] = type(layer)(shard, layer_idx=0).to(device=param.device, dtype=param.dtype).requires_grad_(False)
+    return out
+
+
 def measure_backbone(model, device: str, grid: dict, warmup: int, repeats: int, bar) -> list[dict]:
     rows = []
     parent, attr, layers = decoder_layers(model)
     layer = layers[0]
+    shards = tp_shard_layers(model, layer)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     head_weight = model.get_output_embeddings().weight
     for seq, token_counts in grid.items():
@@ -508,6 +543,16 @@ def measure_backbone(model, device: str, grid: dict, warmup: int, repeats: int, 
             peak = peak_bytes(lambda: torch.autograd.backward(*layer_fwd()), device)
             rows += [_row("layer", "fwd", f, tokens, seq, saved=saved, peak=peak),
                      _row("layer", "bwd", b, tokens, seq)]
+            for tp, shard in shards.items():  # one tensor rank's layer on the same inputs
+
+                def shard_fwd(shard=shard):
+                    out = shard(hidden.requires_grad_(), *args[1:], **kwargs)
+                    return (out[0] if isinstance(out, tuple) else out), grad
+
+                f, b = fwd_bwd_seconds(shard_fwd, device, warmup, repeats)
+                shard_weights = {p.untyped_storage().data_ptr() for p in shard.parameters()}
+                rows += [_row("tp_layer", "fwd", f, tokens, seq, world=tp, saved=saved_bytes(shard_fwd, shard_weights | shared)),
+                         _row("tp_layer", "bwd", b, tokens, seq, world=tp)]
 
             # the stem: the backbone's forward with its layer list emptied
             setattr(parent, attr, nn.ModuleList())

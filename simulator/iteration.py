@@ -16,6 +16,15 @@ Schedules (Plan.schedule), per pipeline of p stages over units (group, micro-bat
   interleaved  the groups' micro-batches alternate (g0 mb0, g1 mb0, g0 mb1, ...) in ONE 1F1B, so the
                groups fill each other's bubbles: bubble (p-1)/(M+p-1) with M micro-batches in all
 
+Tensor parallelism (Layout.tp > 1): the tp devices of a stage run the same ops in lock step, each on its
+shard of the layers (CostModel.forward_seconds / backward_seconds with tp), and between the compute
+segments of every layer the all-reduces the executor waits for (CostModel.tp_collectives: 2 per layer
+forward, up to 5 backward), each an event of kind `tp_allreduce` on every tensor rank's comm stream
+while its compute stream idles. After the backward (and the data-parallel all-reduce) each task's
+replicated adapter gradients are all-reduced over the tensor ranks (kind `tp_allreduce`, per task) before
+its optimizer. Pipeline sends go between the same tensor rank of neighbouring stages; the data-parallel
+all-reduce runs per tensor rank over its shard of the gradients.
+
 Every duration and byte count comes from the CostModel; nothing here knows how long an op takes.
 """
 
@@ -39,8 +48,10 @@ EVENT_COLUMNS = ["device", "stream", "group", "micro_batch", "kind", "start", "e
 @dataclass
 class Timeline:
     """One simulated step. `events` has a row per op: device, stream (compute|comm), group (index in the
-    plan), micro_batch (-1 for per-step ops), kind (host|fwd|bwd|send|recv|allreduce|optim), start, end (s),
-    task (optim only), replica, stage."""
+    plan), micro_batch (-1 for per-step ops), kind (host|fwd|bwd|send|recv|allreduce|tp_allreduce|optim),
+    start, end (s); with tp > 1 a fwd/bwd is several compute segments between its tp_allreduce events,
+    task (host, optim and the replicated gradients' tp_allreduce), replica, stage. bubble_fraction counts
+    waiting for a tp all-reduce as idle (the executor's measured bubble times it inside its fwd/bwd)."""
 
     events: pd.DataFrame
     step_seconds: float
@@ -63,10 +74,11 @@ class Timeline:
 @dataclass
 class _Pipeline:
     groups: list[int]  # plan group indices on these devices, in plan order
-    devices: list[str]  # unique labels, replica-major: devices[r * pp + s]
+    devices: list[str]  # unique labels, replica-major: devices[(r * pp + s) * tp + t]
     dp: int
     pp: int
     stage_layers: list[int]
+    tp: int = 1
     micro_batches: dict[int, list[list[MicroBatch]]] = field(default_factory=dict)  # group -> [replica][k]
 
 
@@ -91,19 +103,21 @@ def one_f_one_b(units: list, stage: int, stages: int) -> list[tuple[str, object]
     return ops + [("bwd", u) for u in units[len(units) - warm:]]
 
 
-def _pipelines(plan, works: dict[str, TaskWork], n_layers: int, packed: bool) -> list[_Pipeline]:
+def _pipelines(plan, works: dict[str, TaskWork], cost_model, packed: bool) -> list[_Pipeline]:
+    n_layers = cost_model.shape.n_layers
     by_devices: dict[tuple[str, ...], _Pipeline] = {}
     owner: dict[str, tuple[str, ...]] = {}
     for gi, group in enumerate(plan.groups):
         key = tuple(group.devices)
         layout = group.layout
         where = f"plan: groups[{gi}]"
-        if layout.tp > 1:
-            raise MuxTuneError(f"{where}: tensor parallelism (tp={layout.tp}) is not simulated: the CostModel "
-                               "interface has no tensor-parallel costs")
         for name in group.tasks:
             if name not in works:
                 raise MuxTuneError(f"{where}: task {name!r} has no workload (not in the config)")
+        if layout.tp > 1:  # what the executor would refuse is not priced either
+            why = cost_model.tp_refusal(layout.tp, {works[t].method for t in group.tasks})
+            if why:
+                raise MuxTuneError(f"{where}: layout.tp={layout.tp}: {why}")
         for device in set(key):
             if device in owner and owner[device] != key:
                 raise MuxTuneError(f"{where}: device {device!r} is shared with a group on other devices "
@@ -112,10 +126,10 @@ def _pipelines(plan, works: dict[str, TaskWork], n_layers: int, packed: bool) ->
         split = stage_split(n_layers, layout.pp, layout.stage_layers, where)
         if key not in by_devices:
             labels = [d if key.count(d) == 1 else f"{d}#{i}" for i, d in enumerate(key)]
-            by_devices[key] = _Pipeline([], labels, layout.dp, layout.pp, split)
+            by_devices[key] = _Pipeline([], labels, layout.dp, layout.pp, split, layout.tp)
         pipe = by_devices[key]
-        if (pipe.dp, pipe.pp, pipe.stage_layers) != (layout.dp, layout.pp, split):
-            raise MuxTuneError(f"{where}: groups on the same devices need the same layout (dp, pp, stage_layers)")
+        if (pipe.dp, pipe.pp, pipe.tp, pipe.stage_layers) != (layout.dp, layout.pp, layout.tp, split):
+            raise MuxTuneError(f"{where}: groups on the same devices need the same layout (dp, pp, tp, stage_layers)")
         pipe.groups.append(gi)
         parts = split_micro_batches([works[t] for t in group.tasks], layout.dp * group.micro_batches, packed)
         pipe.micro_batches[gi] = [parts[r::layout.dp] for r in range(layout.dp)]
@@ -139,6 +153,12 @@ def _stage_params(work: TaskWork, stage: int, layers: int, n_layers: int) -> int
     return round(work.params * layers / n_layers)
 
 
+def _device_params(work: TaskWork, stage: int, layers: int, n_layers: int, tp: int, cost_model) -> tuple[int, int]:
+    """(parameters one device of the stage holds, of which replicated over its tensor ranks)."""
+    params = _stage_params(work, stage, layers, n_layers)
+    return cost_model.tp_params(params, work.targets, tp) if tp > 1 else (params, 0)
+
+
 def _host_load(plan, g: int, name: str, works: dict[str, TaskWork], dp: int, packed: bool) -> TaskLoad:
     """A task's share of one replica's step, as host_seconds prices it: its rows x their length (the
     group's longest when padded, as split_micro_batches lays them out)."""
@@ -152,7 +172,7 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
     task's per-step work (see workload.task_work); packed=True counts real tokens only (chunk-aligned
     batches), else rows are padded to the group's longest sequence as the executor's `fuse` does."""
     n_layers = cost_model.shape.n_layers
-    pipes = _pipelines(plan, works, n_layers, packed)
+    pipes = _pipelines(plan, works, cost_model, packed)
     env = simpy.Environment()
     rows: list[tuple] = []
     static_memory: dict[str, int] = {}
@@ -165,7 +185,8 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
         return env.timeout(max(0.0, float(delay)))
 
     def add_pipeline(pipe):  # a function, so each pipeline's closures see its own events and devices
-        p = pipe.pp
+        p, tp = pipe.pp, pipe.tp
+        tp_kw = {"tp": tp} if tp > 1 else {}  # tp = 1: the CostModel interface as before
         first_last = [(s == 0, s == p - 1) for s in range(p)]
         links = {(r, s, d): simpy.Resource(env, 1) for r in range(pipe.dp) for s in range(p) for d in ("fwd", "bwd")}
         dp_channel = {(r, s): simpy.Resource(env, 1) for r in range(pipe.dp) for s in range(p)}
@@ -174,8 +195,33 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
         group_done = defaultdict(env.event)  # (r, block) -> the block's pipeline flushed
         reduced = defaultdict(env.event)  # (s, g) -> the group's gradients all-reduced on stage s
 
-        def device_of(r, s, _pipe=pipe):
-            return _pipe.devices[r * _pipe.pp + s]
+        def devices_of(r, s, _pipe=pipe):
+            """The tensor ranks of replica r's stage s: they run the same ops in lock step."""
+            return _pipe.devices[(r * _pipe.pp + s) * _pipe.tp:(r * _pipe.pp + s + 1) * _pipe.tp]
+
+        def log_all(r, s, stream, g, k, kind, start, task=None):
+            for device in devices_of(r, s):
+                log(device, stream, g, k, kind, start, task, r, s)
+
+        def run_op(r, s, g, k, kind, mb, layers, first, last):
+            """One forward/backward; with tp > 1 its compute segments and the all-reduces between them."""
+            seconds = (cost_model.forward_seconds if kind == "fwd" else cost_model.backward_seconds)(
+                mb, layers, first, last, **tp_kw)
+            if tp == 1:
+                start = env.now
+                yield compute(seconds)
+                log_all(r, s, "compute", g, k, kind, start)
+                return
+            counts = cost_model.tp_collectives(mb, layers, first, kind) or [0]  # a stage of 0 layers: 1 segment
+            reduce_seconds = cost_model.tp_allreduce_seconds(mb, tp)
+            for count in counts:
+                start = env.now
+                yield compute(seconds / len(counts))
+                log_all(r, s, "compute", g, k, kind, start)
+                for _ in range(count):
+                    start = env.now
+                    yield compute(reduce_seconds)
+                    log_all(r, s, "comm", g, k, "tp_allreduce", start)
 
         def transfer(direction, r, s_from, s_to, g, k, mb, _pipe=pipe, _links=links):
             yield done[(direction, r, s_from, g, k)]
@@ -183,8 +229,8 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
                 yield req
                 start = env.now
                 yield compute(cost_model.p2p_seconds(cost_model.boundary_bytes(mb)))
-                log(device_of(r, s_from), "comm", g, k, "send", start, None, r, s_from)
-                log(device_of(r, s_to), "comm", g, k, "recv", start, None, r, s_to)
+                log_all(r, s_from, "comm", g, k, "send", start)  # tensor rank t sends to tensor rank t
+                log_all(r, s_to, "comm", g, k, "recv", start)
             ready[(direction, r, s_to, g, k)].succeed()
 
         def allreduce(s, g, nbytes, _pipe=pipe, _channels=dp_channel):
@@ -196,24 +242,24 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
             start = env.now
             yield compute(cost_model.allreduce_seconds(nbytes, _pipe.dp))
             for r, req in enumerate(requests):
-                log(device_of(r, s), "comm", g, -1, "allreduce", start, None, r, s)
+                log_all(r, s, "comm", g, -1, "allreduce", start)  # each tensor rank over its shard
                 _channels[(r, s)].release(req)
             reduced[(s, g)].succeed()
 
         def stage_process(r, s, blocks, _pipe=pipe):
             layers = _pipe.stage_layers[s]
             first, last = first_last[s]
-            device = device_of(r, s)
+            devices = devices_of(r, s)
             if s == 0:  # the step's host work: drawing and fusing the batches comes before any forward
                 for g in _pipe.groups:
                     for k, mb in enumerate(_pipe.micro_batches[g][r]):
                         start = env.now
                         yield compute(cost_model.batch_host_seconds(mb))
-                        log(device, "compute", g, k, "host", start, None, r, s)
+                        log_all(r, s, "compute", g, k, "host", start)
                     for name in plan.groups[g].tasks:
                         start = env.now
                         yield compute(cost_model.host_seconds(_host_load(plan, g, name, works, _pipe.dp, packed)))
-                        log(device, "compute", g, -1, "host", start, name, r, s)
+                        log_all(r, s, "compute", g, -1, "host", start, name)
             for b, units in enumerate(blocks):
                 if b > 0:
                     yield group_done[(r, b - 1)]
@@ -221,38 +267,48 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
                     mb = _pipe.micro_batches[g][r][k]
                     if not (kind == "fwd" and s == 0):
                         yield ready[(kind, r, s, g, k)]
-                    start = env.now
                     if kind == "fwd":
-                        activation_of[(device, g, k)] = cost_model.activation_bytes(mb, layers)
-                        yield compute(cost_model.forward_seconds(mb, layers, first, last))
-                    else:
-                        yield compute(cost_model.backward_seconds(mb, layers, first, last))
-                    log(device, "compute", g, k, kind, start, None, r, s)
+                        for device in devices:
+                            activation_of[(device, g, k)] = cost_model.activation_bytes(mb, layers, **tp_kw)
+                    yield from run_op(r, s, g, k, kind, mb, layers, first, last)
                     done[(kind, r, s, g, k)].succeed()
                     if kind == "fwd" and s == p - 1:
                         ready[("bwd", r, s, g, k)].succeed()
                 if s == 0:
                     group_done[(r, b)].succeed()
+            if _pipe.tp > 1:  # after every data-parallel all-reduce: each task's replicated adapter gradients
+                if _pipe.dp > 1:
+                    yield env.all_of([reduced[(s, g)] for g in _pipe.groups])
+                for g in _pipe.groups:
+                    for name in plan.groups[g].tasks:
+                        _, replicated = _device_params(works[name], s, layers, n_layers, _pipe.tp, cost_model)
+                        if replicated:
+                            start = env.now
+                            yield compute(cost_model.allreduce_seconds(replicated * GRAD_BYTES_PER_PARAM, _pipe.tp))
+                            log_all(r, s, "comm", g, -1, "tp_allreduce", start, name)
             for g in _pipe.groups:  # each task's optimizer, once its gradients are complete everywhere
                 if _pipe.dp > 1:
                     yield reduced[(s, g)]
                 for name in plan.groups[g].tasks:
-                    params = _stage_params(works[name], s, layers, n_layers)
+                    params, _ = _device_params(works[name], s, layers, n_layers, _pipe.tp, cost_model)
                     if params:
                         start = env.now
                         yield compute(cost_model.optimizer_seconds(params))
-                        log(device, "compute", g, -1, "optim", start, name, r, s)
+                        log_all(r, s, "compute", g, -1, "optim", start, name)
 
         for s in range(p):
             layers = pipe.stage_layers[s]
             first, last = first_last[s]
             tasks = [t for g in pipe.groups for t in plan.groups[g].tasks]
-            state = sum(cost_model.task_state_bytes(_stage_params(works[t], s, layers, n_layers)) for t in tasks)
+            state = sum(cost_model.task_state_bytes(_device_params(works[t], s, layers, n_layers, tp, cost_model)[0])
+                        for t in tasks)
             for r in range(pipe.dp):
-                static_memory[device_of(r, s)] = cost_model.backbone_bytes(layers, first, last) + state
+                for device in devices_of(r, s):
+                    static_memory[device] = cost_model.backbone_bytes(layers, first, last, **tp_kw) + state
             if pipe.dp > 1:
                 for g in pipe.groups:
-                    grads = sum(_stage_params(works[t], s, layers, n_layers) for t in plan.groups[g].tasks)
+                    grads = sum(_device_params(works[t], s, layers, n_layers, tp, cost_model)[0]
+                                for t in plan.groups[g].tasks)
                     env.process(allreduce(s, g, grads * GRAD_BYTES_PER_PARAM))
         for r in range(pipe.dp):
             blocks = _units(pipe, r, plan.schedule)
@@ -279,13 +335,19 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
 
 def _peak_memory(rows: list[tuple], static: dict[str, int], activation_of: dict[tuple, int]) -> dict[str, int]:
     """Static bytes plus the most activation bytes in flight at once: a micro-batch's activations are
-    held from the start of its forward to the end of its backward on that device."""
-    changes = defaultdict(list)
+    held from the start of its forward (first segment) to the end of its backward (last segment)."""
+    held_from, held_to = {}, {}
     for device, _stream, group, mb, kind, start, end, *_ in rows:
+        key = (device, group, mb)
         if kind == "fwd":
-            changes[device].append((start, 1, activation_of[(device, group, mb)]))
+            held_from[key] = min(start, held_from.get(key, start))
         elif kind == "bwd":
-            changes[device].append((end, 0, -activation_of[(device, group, mb)]))
+            held_to[key] = max(end, held_to.get(key, end))
+    changes = defaultdict(list)
+    for key, start in held_from.items():
+        changes[key[0]].append((start, 1, activation_of[key]))
+    for key, end in held_to.items():
+        changes[key[0]].append((end, 0, -activation_of[key]))
     peak = dict(static)
     for device, device_changes in changes.items():
         held = top = 0
@@ -308,9 +370,11 @@ def memory_breakdown(plan, works: dict[str, TaskWork], cost_model, timeline: Tim
         for i, device in enumerate(group.devices):
             stage = (i // layout.tp) % layout.pp
             layers = split[stage]
+            tp_kw = {"tp": layout.tp} if layout.tp > 1 else {}
             row = rows.setdefault(device, {"device": device, "backbone": cost_model.backbone_bytes(
-                layers, stage == 0, stage == layout.pp - 1), "adapters": 0, "optimizer": 0})
-            params = sum(_stage_params(works[t], stage, layers, n_layers) for t in group.tasks)
+                layers, stage == 0, stage == layout.pp - 1, **tp_kw), "adapters": 0, "optimizer": 0})
+            params = sum(_device_params(works[t], stage, layers, n_layers, layout.tp, cost_model)[0]
+                         for t in group.tasks)
             state = cost_model.task_state_bytes(params)
             row["adapters"] += 2 * GRAD_BYTES_PER_PARAM * params  # fp32 weights + gradients
             row["optimizer"] += state - 2 * GRAD_BYTES_PER_PARAM * params  # the moments

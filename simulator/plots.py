@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 KIND_STYLE = {"fwd": dict(alpha=0.95), "bwd": dict(alpha=0.55, hatch="//"), "optim": dict(alpha=0.9, hatch=".."),
-              "send": dict(alpha=0.7), "recv": dict(alpha=0.35), "allreduce": dict(alpha=0.8, hatch="xx")}
+              "send": dict(alpha=0.7), "recv": dict(alpha=0.35), "allreduce": dict(alpha=0.8, hatch="xx"),
+              "tp_allreduce": dict(alpha=0.8, hatch="++")}
 
 
 def gantt(events: pd.DataFrame, path: Path, title: str) -> Path:

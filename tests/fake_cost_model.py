@@ -2,11 +2,15 @@
 
 Forward of a stage = layers * (per_layer + per_token * tokens) (+ embed/head constants on the first/last
 stage); backward = bwd_factor * forward. Memory counts bytes with simple per-layer/per-token constants.
-It has exactly the methods of the agreed CostModel interface (profiler/cost_model.py)."""
+It has exactly the methods of the agreed CostModel interface (profiler/cost_model.py). Tensor parallelism:
+a rank's layers cost per_layer / tp (the backbone's compute split evenly), each of its all-reduces
+`tp_allreduce` seconds, and the all-reduces are the real CostModel's count (tp_collectives)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from muxtune.profiler.cost_model import CostModel
 
 
 @dataclass(frozen=True)
@@ -36,13 +40,29 @@ class FakeCostModel:
     layer_bytes: int = 1000
     act_bytes_per_token_layer: int = 10
     state_bytes_per_param: int = 16
+    tp_allreduce: float = 0.0  # seconds per tensor-parallel all-reduce of the hidden states
+    ATTENTION_OPS = CostModel.ATTENTION_OPS
 
-    def forward_seconds(self, mb, layers, first=False, last=False):
-        return layers * (self.per_layer + self.per_token * mb.tokens) + (self.embed if first else 0.0) + (
+    def forward_seconds(self, mb, layers, first=False, last=False, tp=1):
+        return layers * (self.per_layer + self.per_token * mb.tokens) / tp + (self.embed if first else 0.0) + (
             self.head if last else 0.0)
 
-    def backward_seconds(self, mb, layers, first=False, last=False):
-        return self.bwd_factor * self.forward_seconds(mb, layers, first, last)
+    def backward_seconds(self, mb, layers, first=False, last=False, tp=1):
+        return self.bwd_factor * self.forward_seconds(mb, layers, first, last, tp)
+
+    # tensor parallelism: the real counts, constant prices
+    tp_collectives = CostModel.tp_collectives
+
+    def tp_allreduce_seconds(self, mb, tp):
+        return self.tp_allreduce
+
+    def tp_refusal(self, tp, methods=()):
+        other = sorted(set(methods) - {"lora"})
+        return f"method(s) {other}: only LoRA" if tp > 1 and other else None
+
+    def tp_params(self, params, targets, tp):
+        """Half of a task's parameters replicated, half split."""
+        return params // 2 + params // 2 // tp, params // 2
 
     def optimizer_seconds(self, params):
         return self.optimizer
@@ -62,11 +82,11 @@ class FakeCostModel:
     def boundary_bytes(self, mb):
         return mb.tokens * self.shape.hidden * self.shape.dtype_bytes
 
-    def activation_bytes(self, mb, layers):
-        return self.act_bytes_per_token_layer * mb.tokens * layers
+    def activation_bytes(self, mb, layers, tp=1):
+        return self.act_bytes_per_token_layer * mb.tokens * layers // tp
 
-    def backbone_bytes(self, layers, first=False, last=False):
-        return self.layer_bytes * layers + (500 if first else 0) + (700 if last else 0)
+    def backbone_bytes(self, layers, first=False, last=False, tp=1):
+        return self.layer_bytes * layers // tp + (500 if first else 0) + (700 if last else 0)
 
     def task_state_bytes(self, params):
         return self.state_bytes_per_param * params

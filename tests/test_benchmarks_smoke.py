@@ -84,6 +84,10 @@ def test_pipeline_benchmark_runs_in_quick_mode(capsys):
     # the CostModel is in the tree: the simulator's error on the same plans is always computed
     assert last["sim_error"] >= 0 and set(last["sim_errors"]) == set(last["variants"])
     assert all(row["predicted_step_s"] > 0 for row in last["variants"].values())
+    # the tensor-parallel arm (tiny-llama splits over 2 processes): measured and simulated
+    tp = last["tensor_parallel"]
+    assert tp["tokens_per_s"] > 0 and tp["predicted_step_s"] > 0 and last["tp_sim_error"] == tp["sim_error"] >= 0
+    assert isinstance(last["tp_profile_measured"], bool)
 
 
 def test_cost_model_accuracy_benchmark_runs_every_configuration_on_a_shipped_profile(repo, capsys):

@@ -217,3 +217,71 @@ def test_config_cluster_section_is_validated_with_its_line(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     with pytest.raises(MuxTuneError, match=r"bad.yaml:\d+: cluster.devices"):
         load_config(tmp_path / "bad.yaml")
+
+
+# --- tensor parallelism ---------------------------------------------------------------------------------
+
+WIDE_ONE_LAYER = dict(n_layers=1, hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=32000, dtype_bytes=2)
+
+
+def lora_tasks(n=2, method="lora"):
+    base = load_config(REPO / "examples" / "quickstart.yaml").tasks
+    other = [t for t in load_config(REPO / "examples" / "mixed_methods.yaml").tasks if t.peft.method == method]
+    short = {"batch_size": 2, "max_seq_len": 64, "steps": 5}
+    return [base[i % len(base)].model_copy(update={"name": f"t{i}", **short}) for i in range(n)] + (
+        [other[0].model_copy(update={"name": "other", **short})] if method != "lora" else [])
+
+
+def test_tp_layouts_only_where_the_executor_splits_and_the_link_is_fast(cpu_model):
+    from muxtune.planner.layouts import tp_degrees
+    from muxtune.profiler.cost_model import ModelShape
+
+    h100 = CostModel.analytic("h100", llama_7b_shape())
+    lora = works_of(lora_tasks(), h100)
+    assert tp_degrees(h100, lora, 8) == (1, 2, 4, 8) and tp_degrees(h100, lora, 16) == (1, 2, 4, 8)
+    assert tp_degrees(h100, lora, 6) == (1, 2)  # 3 does not divide 32 heads
+    assert tp_degrees(h100, works_of(lora_tasks(method="ia3"), h100), 8) == (1,)  # only LoRA is split
+    gpt2 = CostModel.analytic("h100", ModelShape(**{**WIDE_ONE_LAYER, "gated_mlp": False}))
+    assert tp_degrees(gpt2, works_of(lora_tasks(), gpt2), 8) == (1,)  # not a LLaMA-family model
+    assert tp_degrees(CostModel.analytic("l4", llama_7b_shape()), lora, 8) == (1,)  # PCIe only
+    assert tp_degrees(cpu_model, works_of(lora_tasks(), cpu_model), 2) == (1,)  # processes over gloo
+    tp_configs = {(k, l.dp, l.pp, l.tp) for k, l in instance_configs(4, 32, (1, 2))}
+    assert tp_configs - {(k, l.dp, l.pp, 1) for k, l in instance_configs(4, 32)} == {
+        (1, 2, 1, 2), (1, 1, 2, 2), (2, 1, 1, 2)}
+
+
+def test_tp_is_chosen_when_memory_forces_it_and_never_for_other_methods():
+    """A one-layer model whose weights (1.7 GB layer + 1 GB embedding/head) do not fit a 2.3 GiB device:
+    2 devices cannot split it by stages (one layer) nor replicate it; tp=2 halves the layer."""
+    from muxtune.profiler.cost_model import ModelShape
+
+    cm = CostModel.analytic("h100", ModelShape(**WIDE_ONE_LAYER))
+    cluster = Cluster(devices=2, memory_gib=2.3, hardware="h100")
+    assert cm.backbone_bytes(1, True, True) > 2.3 * GIB > cm.backbone_bytes(1, True, True, tp=2)
+    result = plan(lora_tasks(), cluster, cm, time_limit=4)
+    layouts = {(g.layout.dp, g.layout.pp, g.layout.tp) for g in result.plan.groups}
+    assert layouts == {(1, 1, 2)} and all(len(g.devices) == 2 for g in result.plan.groups)
+    assert result.chosen.fits and result.chosen.peak_memory <= 2.3 * GIB
+    with pytest.raises(MuxTuneError, match="no plan fits"):  # the executor splits LoRA only: no tp plan
+        plan(lora_tasks(method="ia3"), cluster, cm, time_limit=4)
+
+
+def test_tp_group_cost_is_the_simulated_step():
+    """pp = 1, one micro-batch, analytic costs: the planner's group cost on a tp layout (layers' shard +
+    every all-reduce + replicated gradients + optimizer) is exactly the simulator's step."""
+    from muxtune.planner.layouts import LayoutChoice, group_cost
+    from muxtune.spec import FusionGroup, Layout
+
+    cm = CostModel.analytic("h100", llama_7b_shape())
+    tasks = lora_tasks(3)
+    works = works_of(tasks, cm)
+    for dp, tp in ((1, 2), (2, 2), (1, 4)):
+        layout = LayoutChoice(dp, 1, 1, (32,), tp)
+        cost = group_cost(tuple(works), layout, cm, packed=True)
+        devices = [f"cuda:{i}" for i in range(dp * tp)]
+        step = simulate_step(Plan(groups=[FusionGroup(tasks=[t.name for t in tasks], devices=devices,
+                                                      layout=Layout(dp=dp, tp=tp))]),
+                             {w.name: w for w in works}, cm, packed=True)
+        assert cost.seconds == pytest.approx(step.step_seconds, rel=1e-9)
+        one = group_cost(tuple(works), LayoutChoice(dp, 1, 1, (32,)), cm, packed=True)
+        assert cost.state_bytes < one.state_bytes and cost.activation_bytes < one.activation_bytes

@@ -238,6 +238,64 @@ def test_methods_of_one_shape_keep_the_same_backbone_tensors_alive_once():
     assert cm.activation_bytes(one("lora", "ia3"), 4) == pytest.approx(layers + 2 * 10 * T, rel=1e-6)
 
 
+def test_tensor_parallel_pricing_by_hand():
+    """tp=2: a rank's layers from the profile's tp_layer rows (else the whole layer / tp), stem, head, what
+    the parts miss and the adapters whole; the all-reduces the executor issues, each of tokens x hidden x
+    dtype bytes at the profile's all-reduce price; weights: the layer shard + whole norms + the embedding
+    and head whole; adapter parameters: A of a column op and B of a row op (r x hidden) whole."""
+    profile = synthetic_profile()
+    cm = CostModel.from_profile(profile)
+    mb = MicroBatch((TaskLoad("lora", 8, 300, 5000, ("q_proj", "v_proj")),), 40)
+    for phase, fn in (("fwd", cm.forward_seconds), ("bwd", cm.backward_seconds)):
+        whole, half = cm._stage_parts(mb, 4, True, True, phase), cm._stage_parts(mb, 4, True, True, phase, tp=2)
+        assert half["head"] == whole["head"] and half["tasks"] == whole["tasks"]
+        layer = LAYER(300, 40, phase)
+        assert whole["backbone"] - half["backbone"] == pytest.approx(4 * layer / 2)  # no tp rows: layer / tp
+        assert fn(mb, 4, True, True, tp=2) == pytest.approx(sum(half.values()))
+    shard_rows = [prof._row("tp_layer", ph, 0.3 * LAYER(t, s, ph), t, s, world=2, saved=700 * t)
+                  for s, ts in {32: [64, 256, 1024], 128: [128, 512, 2048]}.items() for t in ts for ph in ("fwd", "bwd")]
+    measured = CostModel.from_profile(prof.Profile(pd.concat([profile.table, pd.DataFrame(shard_rows, columns=prof.COLUMNS)]),
+                                                   profile.meta))
+    for phase in ("fwd", "bwd"):
+        assert measured.tp_layer_seconds(mb, phase, 2) == pytest.approx(0.3 * LAYER(300, 40, phase))
+        assert measured.tp_layer_seconds(mb, phase, 4) == pytest.approx(LAYER(300, 40, phase) / 4)  # not measured
+    skip_saved = measured.activation_bytes(mb, 4) - 4 * 1000 * 300
+    assert measured.activation_bytes(mb, 4, tp=2) == pytest.approx(4 * 700 * 300 + skip_saved, abs=1)
+    # collectives: 2 per layer forward; backward 5 per layer but the first stage's first layer's q/k/v
+    assert cm.tp_allreduce_bytes(mb) == 300 * 64 * 4
+    assert cm.tp_allreduce_seconds(mb, 2) == pytest.approx(2e-5 + 300 * 64 * 4 / 1e9)
+    assert cm.tp_collectives(mb, 3, True, "fwd") == [1, 1] * 3
+    assert cm.tp_collectives(mb, 3, False, "bwd") == [2, 3] * 3
+    assert cm.tp_collectives(mb, 3, True, "bwd") == [2, 3, 2, 3, 2, 0]
+    mlp_only = MicroBatch((TaskLoad("lora", 8, 300, 5000, ("down_proj",)),), 40)
+    assert cm.tp_collectives(mlp_only, 3, True, "bwd") == [2, 3, 2, 3, 0, 0]
+    # memory: layer 1000 bytes of which the norms 2 x 64 x 4 stay whole; embedding 300 and head 200 whole
+    assert cm.backbone_bytes(4, True, True, tp=2) == int(4 * ((1000 - 512) / 2 + 512) + 300 + 200)
+    # LoRA on q (64 -> 64) and v (64 -> 32): r x (128 + 96) parameters a layer, r x 64 x 2 replicated
+    assert cm.tp_replicated_share(("q_proj", "v_proj")) == pytest.approx(128 / 224)
+    assert cm.tp_params(2240, ("q_proj", "v_proj"), 2) == (1280 + 480, 1280)
+    assert cm.tp_params(2240, ("q_proj",), 1) == (2240, 0)
+
+
+def test_tensor_parallel_support_and_the_analytic_shard():
+    cm = CostModel.analytic("h100", SHAPE)
+    assert cm.tp_refusal(1, {"ia3"}) is None and cm.tp_refusal(2, {"lora"}) is None
+    assert "only LoRA" in cm.tp_refusal(2, {"lora", "ia3"})
+    assert "kv_heads=2" in cm.tp_refusal(4, {"lora"})
+    gpt2 = CostModel.analytic("h100", ModelShape(n_layers=2, hidden=64, intermediate=256, heads=4, kv_heads=4,
+                                                 vocab=260, dtype_bytes=4, gated_mlp=False))
+    assert "LLaMA" in gpt2.tp_refusal(2, {"lora"})
+    assert cm.tp_fast_link() and not CostModel.analytic("l4", SHAPE).tp_fast_link()
+    assert not CostModel.from_profile(synthetic_profile()).tp_fast_link()  # CPU processes over gloo
+    big = CostModel.analytic("h100", ModelShape(n_layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32,
+                                                vocab=32000, dtype_bytes=2))
+    mb = MicroBatch((TaskLoad("lora", 8, 8192, 10**6),), 1024)
+    whole, half = big._analytic_layer(mb, "fwd"), big._analytic_layer(mb, "fwd", 2)
+    assert whole / 2 < half < whole * 0.6  # compute-bound GEMMs halve; launches and norms do not
+    # all-reduce over NVLink: (w - 1) x one link transfer of 2n / w bytes
+    assert big.tp_allreduce_seconds(mb, 2) == pytest.approx(10e-6 + 8192 * 4096 * 2 / 450e9)
+
+
 def test_from_profile_links_memory_and_errors():
     cm = CostModel.from_profile(synthetic_profile())
     mb = MicroBatch((TaskLoad("lora", 8, 300, 5000),), 50)
@@ -393,7 +451,14 @@ def mini_profile(tmp_path_factory):
 def test_quick_profile_measures_every_op_on_the_real_backbone(mini_profile):
     p, _ = mini_profile
     t = p.table
-    assert set(t["op"]) == {"layer", "stem", "model", "head", "task", "target", "step", "optimizer", "p2p", "allreduce"}
+    assert set(t["op"]) == {"layer", "tp_layer", "stem", "model", "head", "task", "target", "step", "optimizer",
+                            "p2p", "allreduce"}
+    # one tensor rank's layer shard (tp=2: 2 of 4 heads, 1 of 2 KV heads, half the MLP) on the layer grid
+    shard = p.rows("tp_layer", "fwd").set_index(["tokens", "seq_len"])
+    assert len(shard) == 4 and set(shard["world"]) == {2} and len(p.rows("tp_layer", "bwd")) == 4
+    whole = p.rows("layer", "fwd").set_index(["tokens", "seq_len"])
+    # it saves the full-width inputs of q/k/v and gate/up and the norms' but half of the rest
+    assert (whole["saved_bytes"] / 2 < shard["saved_bytes"]).all() and (shard["saved_bytes"] < whole["saved_bytes"]).all()
     # LoRA on each op of a layer alone: 2 ranks x 2 token counts x fwd/bwd, dropout at the first rank,
     # and what a second task on the op shares at the first rank, at both token counts
     targets = p.rows("target")

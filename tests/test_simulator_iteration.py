@@ -6,7 +6,7 @@ import pytest
 
 from fake_cost_model import FakeCostModel, FakeShape
 from muxtune.errors import MuxTuneError
-from muxtune.simulator.iteration import simulate_step
+from muxtune.simulator.iteration import memory_breakdown, simulate_step
 from muxtune.simulator.workload import TaskWork, split_micro_batches
 from muxtune.spec import FusionGroup, Layout, Plan
 
@@ -167,8 +167,9 @@ def test_plan_errors_are_clear(tmp_path):
     split = Plan(groups=[FusionGroup(tasks=["a"], devices=["g0", "g1"], layout=Layout(pp=2, stage_layers=[1, 2]))])
     with pytest.raises(MuxTuneError, match="stage_layers"):
         simulate_step(split, works, cm)
-    with pytest.raises(MuxTuneError, match="not simulated"):
-        simulate_step(Plan(groups=[FusionGroup(tasks=["a"], devices=["g0", "g1"], layout=Layout(tp=2))]), works, cm)
+    ia3 = {"a": work("a", method="ia3")}  # what the executor refuses under tp is not simulated either
+    with pytest.raises(MuxTuneError, match=r"groups\[0\]: layout.tp=2: .*only LoRA"):
+        simulate_step(Plan(groups=[FusionGroup(tasks=["a"], devices=["g0", "g1"], layout=Layout(tp=2))]), ia3, cm)
 
 
 def test_plan_v2_fields_and_v1_files_load(tmp_path):
@@ -217,3 +218,87 @@ def test_memory_breakdown_splits_the_peak():
     for device, row in table.iterrows():
         assert row.sum() == timeline.peak_memory[device]
         assert row["adapters"] == row["optimizer"] == 8 * 800 * 2 // 8 and row["activations"] > 0
+
+
+# --- tensor parallelism -------------------------------------------------------------------------------
+
+
+def tp_plan(tasks, dp=1, pp=1, tp=2, m=1, schedule="1f1b"):
+    devices = [f"g{i}" for i in range(dp * pp * tp)]
+    return Plan(schedule=schedule, groups=[FusionGroup(tasks=tasks, devices=devices, layout=Layout(dp=dp, pp=pp, tp=tp),
+                                                       micro_batches=m)])
+
+
+def lora(name, targets, sequences=8, params=120):
+    return TaskWork(name, "lora", 8, params, sequences, 16.0, targets)
+
+
+@pytest.mark.parametrize("targets,bwd_reduces", [(("q_proj", "v_proj"), 5 * 4 - 3), (("down_proj",), 5 * 4 - 5)])
+def test_tp2_step_by_hand(targets, bwd_reduces):
+    """tp=2 on one stage of 4 layers: each rank computes half the layers' work; 2 all-reduces per layer
+    forward (o_proj, down_proj), 5 backward (the q/k/v/gate/up input gradients) but the first layer's
+    q/k/v (their input, the embedding's, needs no gradient) and, when no attention op is adapted, its
+    gate/up too; then the task's replicated adapter gradients, once; everything on the critical path."""
+    cm = FakeCostModel(shape=FakeShape(n_layers=4), per_layer=0.25, tp_allreduce=0.01, allreduce=0.03,
+                       layer_bytes=1000, act_bytes_per_token_layer=10)
+    works = {"a": lora("a", targets)}
+    timeline = simulate_step(tp_plan(["a"]), works, cm)
+    single = simulate_step(tp_plan(["a"], tp=1), works, cm)
+    fwd, bwd = 4 * 0.25 / 2, 2 * 4 * 0.25 / 2  # half of one device's 1.0 s and 2.0 s
+    assert single.step_seconds == pytest.approx(3.0)
+    assert timeline.step_seconds == pytest.approx(fwd + bwd + (8 + bwd_reduces) * 0.01 + 0.03)
+    ev = timeline.events
+    assert set(ev["device"]) == {"g0", "g1"}
+    for device, mine in ev.groupby("device"):
+        reduces = mine[mine["kind"] == "tp_allreduce"]
+        assert (reduces["stream"] == "comm").all()
+        per_op = reduces[reduces["micro_batch"] == 0]
+        starts = sorted(per_op["start"])
+        assert len(per_op) == 8 + bwd_reduces
+        assert len([t for t in starts if t < fwd + 8 * 0.01 - 1e-9]) == 8  # 2 per layer in the forward
+        assert list(reduces[reduces["micro_batch"] == -1]["task"]) == ["a"]  # replicated gradients, once
+        busy = mine[mine["stream"] == "compute"]
+        assert (busy["end"] - busy["start"]).sum() == pytest.approx(fwd + bwd)
+        # the compute stream waits for every all-reduce: no compute overlaps one
+        for op in reduces.itertuples():
+            assert not ((busy["start"] < op.end - 1e-12) & (busy["end"] > op.start + 1e-12)).any()
+        assert timeline.bubble_fraction[device] == pytest.approx(1 - (fwd + bwd) / timeline.step_seconds)
+        tokens = 8 * 16
+        # memory: half the layers' weights, the stem/head whole, 60 replicated + 30 split parameters
+        assert timeline.peak_memory[device] == 4 * 1000 // 2 + 500 + 700 + 16 * 90 + 10 * tokens * 4 // 2
+    table = memory_breakdown(tp_plan(["a"]), works, cm, timeline).set_index("device")
+    assert list(table["backbone"]) == [4 * 1000 // 2 + 1200] * 2 and list(table["activations"]) == [10 * 8 * 16 * 4 // 2] * 2
+    assert list(table["adapters"] + table["optimizer"]) == [16 * 90] * 2
+
+
+def test_tp_gantt_draws_the_collectives(tmp_path):
+    cm = FakeCostModel(shape=FakeShape(n_layers=2), tp_allreduce=0.02)
+    timeline = simulate_step(tp_plan(["a"], pp=2, m=2), {"a": lora("a", ("q_proj",))}, cm)
+    assert timeline.gantt(tmp_path / "tp.png").stat().st_size > 0
+
+
+def test_pp2_x_tp2_and_dp2_x_tp2_by_hand():
+    """4 devices as (stage, tensor rank) and (replica, tensor rank): device order replica-major,
+    tensor rank fastest; sends go to the same tensor rank of the next stage; the later stage's layers
+    have all 5 backward all-reduces (its input needs a gradient)."""
+    cm = FakeCostModel(shape=FakeShape(n_layers=4), per_layer=0.25, tp_allreduce=0.01, p2p=0.05, allreduce=0.03)
+    works = {"a": lora("a", ("q_proj", "v_proj"))}
+    m = 2
+    ev = simulate_step(tp_plan(["a"], pp=2, m=m), works, cm).events
+    per_op = ev[(ev["kind"] == "tp_allreduce") & (ev["micro_batch"] >= 0)]
+    for device, stage in (("g0", 0), ("g1", 0), ("g2", 1), ("g3", 1)):
+        mine = per_op[per_op["device"] == device]
+        assert set(mine["stage"]) == {stage}
+        bwd = 2 * 5 - (3 if stage == 0 else 0)  # 2 layers a stage
+        assert len(mine) == m * (2 * 2 + bwd)
+    sends = ev[ev["kind"] == "send"]
+    assert sorted(set(sends["device"])) == ["g0", "g1", "g2", "g3"]  # activations down, gradients up
+    assert len(sends) == 2 * m * 2  # per tensor rank: m forward + m backward transfers
+    # dp=2 x tp=2: the data-parallel all-reduce per tensor rank, then the replicated gradients over the ranks
+    ev = simulate_step(tp_plan(["a"], dp=2, m=1), {"a": lora("a", ("q_proj",), sequences=8)}, cm).events
+    dp_reduce = ev[ev["kind"] == "allreduce"]
+    assert sorted(dp_reduce["device"]) == ["g0", "g1", "g2", "g3"] and set(dp_reduce["replica"]) == {0, 1}
+    replicated = ev[(ev["kind"] == "tp_allreduce") & (ev["micro_batch"] == -1)]
+    assert len(replicated) == 4 and (replicated["start"] >= dp_reduce["end"].max() - 1e-12).all()
+    optim = ev[ev["kind"] == "optim"]
+    assert (optim["start"] >= replicated["end"].max() - 1e-12).all()

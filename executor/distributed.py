@@ -262,7 +262,9 @@ def worker(rank: int, world: int, config: RunConfig, plan: Plan, out_dir: str | 
 
         def at_step_boundary(trainer):
             nonlocal manifest
-            if out_dir is None:
+            if out_dir is None:  # no run folder: no spool, no checkpoints
+                if rank == 0 and after_step is not None:
+                    after_step(trainer)
                 return
             for event in poll_spool(trainer, Path(out_dir), config, local.devices, memory, after_step):
                 if event["event"] == "submitted":  # rank 0 read its data: the metrics list its stats

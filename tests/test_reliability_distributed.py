@@ -204,6 +204,32 @@ def late_task_files(folder):
     return late, huge
 
 
+@pytest.mark.parametrize("peft", [dict(method="lora", r=4), dict(method="dora", r=4), dict(method="ia3"),
+                                  dict(method="bitfit"), dict(method="adapter", size=8),
+                                  dict(method="prompt", num_virtual_tokens=3)], ids=lambda p: p["method"])
+def test_a_task_joining_a_pipeline_stage_gets_the_init_it_would_get_alone(peft, tmp_path):
+    """No processes: an adapter built after a stage dropped the other stages' layers (to the meta
+    device) holds, for this stage's own layers, exactly the tensors of one built on the full model."""
+    from muxtune.executor.backbone import load_backbone
+    from muxtune.executor.mux import TaskAdapter
+    from muxtune.executor.pipeline import free_other_stages, stage_parts
+
+    full = load_backbone(MODEL).model
+    compared = 0
+    for stage, layers in enumerate([range(0, 1), range(1, 2)]):  # tiny-llama: 2 layers, one per stage
+        model = load_backbone(MODEL).model
+        free_other_stages(model, stage_parts(model), layers, first=stage == 0, last=stage == 1)
+        spec = TaskSpec(name="late", data=str(tmp_path / "x.jsonl"), peft=peft, seed=21)
+        alone = TaskAdapter("late", spec.peft, full, spec.seed, spec.max_seq_len, "cpu").state_dict()
+        joined = TaskAdapter("late", spec.peft, model, spec.seed, spec.max_seq_len, "cpu").state_dict()
+        assert set(joined) == set(alone) and all(not v.is_meta for v in joined.values())
+        own = [k for k in alone if f"layers__{layers[0]}__" in k or (k.startswith("sequence.") and stage == 0)]
+        for key in own:
+            assert torch.equal(joined[key], alone[key]), key
+        compared += len(own)
+    assert compared == len(alone)  # every tensor is some stage's own
+
+
 def tenants(out, late, huge, crash_at, trainer):
     step = len(trainer.step_times)
     if step == 3:

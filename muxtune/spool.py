@@ -8,6 +8,10 @@ passes admission, and its adapter is attached to the already-loaded backbone; a 
 and is detached. Handled files move to spool/done/; a submission that cannot be taken (bad data, no
 memory, a name in use) is answered with spool/<task>.rejected holding the reason, and the run goes on.
 Each file is written atomically (temp file + rename), so the watcher never reads half a file.
+
+Reading and applying are separate (`decide`, `apply`, `answer`) so a multi-process run can read the
+spool on rank 0 alone and have every process apply the same events at the same step
+(executor/distributed.py `poll_spool`); one process simply does all three (`poll`).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from reference import write_jsonl
 from safetensors.torch import load_file
 
 from muxtune.cli import main
+from muxtune.errors import MuxTuneError
 from muxtune.spec import Alignment, FusionGroup, Layout, Plan, RunConfig, TaskSpec
 
 MODEL = "builtin:tiny-llama"
@@ -240,8 +241,8 @@ def tenants(out, late, huge, crash_at, trainer):
         assert trainer.runs["late"].step == 1 and "huge" not in trainer.runs
     if step == 5:
         assert main(["cancel", out, "ia3"]) == 0
-    if step == crash_at:
-        raise RuntimeError(f"simulated crash after step {step}")
+    if step == crash_at:  # raised inside the spool's collective: every process stops with this message
+        raise MuxTuneError(f"simulated crash after step {step}")
 
 
 def run_with_tenants(folder, layout, crash_at=None, resume=False):
@@ -334,7 +335,7 @@ def test_a_crash_after_a_task_joined_resumes_with_it(with_tenants, tmp_path):
     task back from the checkpoint (its spec and data are in the manifest, not the config), replays the
     cancellation at step 5, and ends bit-equal to the uninterrupted run."""
     folder, uninterrupted = with_tenants(Layout(pp=2))
-    with pytest.raises(Exception, match="simulated crash after step 6"):
+    with pytest.raises(MuxTuneError, match="simulated crash after step 6"):
         run_with_tenants(tmp_path, Layout(pp=2), crash_at=6)
     out = tmp_path / "out"
     saved = json.loads((out / "checkpoints" / "manifest.json").read_text())

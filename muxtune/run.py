@@ -61,7 +61,9 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
 
     While training, `out_dir` holds `checkpoints/` (every `config.checkpoint_every` steps, see
     executor/checkpoint.py) and `spool/` (tasks submitted or cancelled mid-run, see muxtune/spool.py);
-    the finished outputs replace it in one rename. `resume=True` continues from the checkpoints."""
+    the finished outputs replace it in one rename. `resume=True` continues from the checkpoints.
+    `after_step(trainer)` runs at every step boundary, before the spool is read; for a multi-process
+    plan it runs on rank 0 and must be picklable (a module-level function or a partial of one)."""
     from muxtune import admission, spool
     from muxtune.executor import checkpoint
     from muxtune.executor.data import DataOptions, load_examples

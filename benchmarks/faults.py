@@ -1,13 +1,19 @@
 """Faults: a long multiplexed run killed with SIGKILL at random steps and resumed each time, with one
 poisoned tenant (its learning rate overflows its adapter to NaN) among healthy ones.
 
-    python -m benchmarks.faults [--quick] [--kills 5] [--steps 120] [--every 10] [--tasks 5] [--seed 0]
+    python -m benchmarks.faults [--quick] [--plan single|pp2] [--kills 5] [--steps 120] [--every 10]
+                                [--tasks 5] [--seed 0]
 
-Three runs of the same tenants on builtin:tiny-llama, CPU, one thread (so results are bit-reproducible):
-  reference   the healthy tenants only, never interrupted (in this process);
-  clean       healthy + poisoned, never interrupted (in this process);
-  faulty      healthy + poisoned, `muxtune run` in a subprocess killed with SIGKILL `--kills` times at
-              random steps, each time restarted with `--resume`.
+Three runs of the same tenants on builtin:tiny-llama, CPU, one thread per process (so results are
+bit-reproducible):
+  reference   the healthy tenants only, never interrupted;
+  clean       healthy + poisoned, never interrupted;
+  faulty      healthy + poisoned, `muxtune run` in a subprocess (its own session) killed with SIGKILL
+              `--kills` times at random steps (the whole process group: launcher and workers at once, as
+              a lost machine), each time restarted with `--resume`.
+`--plan single` (default): one process (reference and clean run in this process). `--plan pp2`: every
+run is a 2-stage pipeline, 2 processes (gloo), the tenants in two fusion groups interleaved, 2
+micro-batches each; the faulty run's kills take down both stages.
 Figures (the last printed line is one JSON object):
   max_steps_lost        over all kills: steps the killed process had completed minus the step its
                         resume started from (target: <= checkpoint_interval)
@@ -16,6 +22,7 @@ Figures (the last printed line is one JSON object):
                         beyond float rounding (target: 0)
   resume_identical      the faulty run's adapters and loss curves equal the clean run's bit for bit
   poisoned_status       the poisoned tenant's status and the step it was stopped at
+  layout, processes     which plan the runs used ("single" / "pp2") and its process count
 """
 
 from __future__ import annotations
@@ -53,14 +60,32 @@ def write_config(path: Path, tasks: int, steps: int, every: int, poisoned: bool)
     return path
 
 
-def run_with_kills(config: Path, out: Path, kills: int, rng: random.Random, total_steps: int) -> list[dict]:
-    """Run to completion in a subprocess; SIGKILL it when it reports each of `kills` random steps."""
+def write_plan(path: Path, config: Path) -> Path:
+    """A 2-stage pipeline plan (2 processes on this CPU) of the config's tasks: two fusion groups
+    (alternate tasks), interleaved in one 1F1B, 2 micro-batches each."""
+    from muxtune.spec import Alignment, FusionGroup, Layout, Plan, load_config
+
+    names = [t.name for t in load_config(config).tasks]
+    groups = [names[0::2], names[1::2]]
+    plan = Plan(groups=[FusionGroup(tasks=g, devices=["cpu", "cpu"], layout=Layout(pp=2), micro_batches=2)
+                        for g in groups if g], schedule="interleaved", alignment=Alignment(chunk_len=16))
+    plan.save(path)
+    return path
+
+
+def run_with_kills(config: Path, out: Path, kills: int, rng: random.Random, total_steps: int,
+                   plan: Path | None = None) -> list[dict]:
+    """Run to completion in a subprocess; SIGKILL its process group when it reports each of `kills`
+    random steps."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     records, resume = [], False
     targets = sorted(rng.sample(range(1, total_steps - 1), kills))  # kill points spread over the run
     for attempt in range(kills + 1):
-        command = [sys.executable, "-m", "benchmarks._faults_worker", str(config), str(out)] + (["--resume"] if resume else [])
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        command = [sys.executable, "-m", "benchmarks._faults_worker", str(config), str(out)] + \
+            (["--plan", str(plan)] if plan else []) + (["--resume"] if resume else [])
+        # its own session: the SIGKILL reaches the launcher and every worker process at once
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         start_step = int(proc.stdout.readline().split()[1])  # "start N": the step it resumed from
         target = max(targets[attempt], start_step + 1) if attempt < kills else None
         last = start_step
@@ -68,7 +93,7 @@ def run_with_kills(config: Path, out: Path, kills: int, rng: random.Random, tota
             if line.startswith("step "):
                 last = int(line.split()[1])
                 if target is not None and last >= target:
-                    proc.send_signal(signal.SIGKILL)
+                    os.killpg(proc.pid, signal.SIGKILL)
                     break
         proc.wait()
         if target is None:
@@ -82,11 +107,12 @@ def run_with_kills(config: Path, out: Path, kills: int, rng: random.Random, tota
     return records
 
 
-def run_in_process(config: Path, out: Path) -> dict:
+def run_in_process(config: Path, out: Path, plan: Path | None = None) -> dict:
+    """An uninterrupted run (a multi-process plan's processes are spawned from here)."""
     from muxtune.run import execute
-    from muxtune.spec import load_config
+    from muxtune.spec import Plan, load_config
 
-    return execute(load_config(config), out, progress=False)
+    return execute(load_config(config), out, plan=Plan.load(plan) if plan else None, progress=False)
 
 
 def adapters(out: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -109,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--every", type=int, default=10, help="checkpoint_every")
     parser.add_argument("--tasks", type=int, default=5, help="healthy tenants")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plan", choices=["single", "pp2"], default="single",
+                        help="one process, or a 2-stage pipeline of 2 processes (default single)")
     args = parser.parse_args(argv)
     if args.quick:
         args.kills, args.steps, args.every, args.tasks = 2, 24, 4, 3
@@ -119,10 +147,14 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.setdefault("MUXTUNE_CACHE", str(tmp / "cache"))
         healthy = write_config(tmp / "healthy.yaml", args.tasks, args.steps, args.every, poisoned=False)
         faulty = write_config(tmp / "faulty.yaml", args.tasks, args.steps, args.every, poisoned=True)
-        reference = run_in_process(healthy, tmp / "reference")
-        clean = run_in_process(faulty, tmp / "clean")
+        healthy_plan = faulty_plan = None
+        if args.plan == "pp2":
+            healthy_plan = write_plan(tmp / "healthy-plan.json", healthy)
+            faulty_plan = write_plan(tmp / "faulty-plan.json", faulty)
+        reference = run_in_process(healthy, tmp / "reference", healthy_plan)
+        clean = run_in_process(faulty, tmp / "clean", faulty_plan)
         started = time.perf_counter()
-        kills = run_with_kills(faulty, tmp / "faulty", args.kills, rng, args.steps)
+        kills = run_with_kills(faulty, tmp / "faulty", args.kills, rng, args.steps, faulty_plan)
         faulty_seconds = time.perf_counter() - started
         result_metrics = json.loads((tmp / "faulty" / "metrics.json").read_text())
 
@@ -152,8 +184,10 @@ def main(argv: list[str] | None = None) -> dict:
         "healthy_tasks": args.tasks,
         "steps": args.steps,
         "faulty_run_seconds": round(faulty_seconds, 1),
+        "layout": args.plan,
+        "processes": 2 if args.plan == "pp2" else 1,
     }
-    print(f"{len(kills)} kills, steps lost per kill {lost} (checkpoint every {args.every}); "
+    print(f"[{args.plan}] {len(kills)} kills, steps lost per kill {lost} (checkpoint every {args.every}); "
           f"poisoned tenant {poisoned['status']} at step {poisoned['stopped_at_step']}; "
           f"healthy tenants affected: {len(affected)}; resume bit-identical: {identical}")
     print(json.dumps(result))

@@ -162,6 +162,18 @@ def check_manifest(manifest: dict, run_dir: Path, model: str, specs: dict[str, T
                                    f"{saved.get(key)!r}, the config now says {now[key]!r}")
 
 
+def joined_tasks(manifest: dict, configured: set[str], run_dir: Path) -> list[TaskSpec]:
+    """The tasks submitted while the run went on (through the spool): in the manifest, not in the config."""
+    specs = []
+    for name, entry in manifest["tasks"].items():
+        if name not in configured:
+            try:
+                specs.append(TaskSpec.model_validate(entry["spec"]))
+            except Exception as exc:  # noqa: BLE001 - a damaged manifest is bad input
+                raise MuxTuneError(f"{checkpoint_dir(run_dir) / 'manifest.json'}: tasks.{name}.spec: {exc}") from None
+    return specs
+
+
 def restore(trainer, run_dir: Path, manifest: dict) -> None:
     """Load each task's checkpoint named by the manifest into the trainer's runs (same names)."""
     root = checkpoint_dir(run_dir)
@@ -256,9 +268,10 @@ def plan_layout(plan) -> dict:
             "micro_batches": [g.micro_batches for g in plan.groups]}
 
 
-def check_layout(manifest: dict, run_dir: Path, plan, groups: bool = True) -> None:
+def check_layout(manifest: dict, run_dir: Path, plan, groups: bool = True, joined: set[str] = frozenset()) -> None:
     """Refuse to resume checkpoints written under another parallel layout (or none) with this plan;
-    `groups`: the plan's fusion groups must be the checkpoint's too (multi-process plans)."""
+    `groups`: the plan's fusion groups must be the checkpoint's too (multi-process plans), apart from
+    the `joined` tasks (submitted mid-run: in the manifest, not in the config or plan)."""
     path = checkpoint_dir(run_dir) / "manifest.json"
     saved = manifest.get("plan", {"layout": {"dp": 1, "pp": 1, "tp": 1, "stage_layers": None}})
     if not isinstance(saved, dict) or not isinstance(saved.get("layout"), dict):
@@ -275,7 +288,10 @@ def check_layout(manifest: dict, run_dir: Path, plan, groups: bool = True) -> No
     if not groups:
         return
     planned = [list(g.tasks) for g in plan.groups]
-    if manifest.get("groups") != planned:
+    saved_groups = manifest.get("groups")
+    if isinstance(saved_groups, list) and all(isinstance(g, list) for g in saved_groups):
+        saved_groups = [[name for name in g if name not in joined] for g in saved_groups]
+    if saved_groups != planned:
         raise MuxTuneError(f"{path}: groups: the checkpoints were written for fusion groups {manifest.get('groups')}, "
                            f"this plan has {planned}")
     if "micro_batches" in saved and saved["micro_batches"] != now["micro_batches"]:

@@ -132,13 +132,93 @@ def assemble(trainer: PipelineTrainer, gathered: list[dict]) -> None:
         run.seconds = sum(trainer.step_times[: run.step])
 
 
+def load_task_data(backbone, spec):
+    from muxtune.executor.data import DataOptions, load_examples
+
+    return load_examples(spec.data, backbone.tokenizer, spec.max_seq_len, key=f"{spec.name}.data",
+                         options=DataOptions.of(spec))
+
+
+def from_rank0(rank: int, produce):
+    """`produce()` on rank 0, its result on every process (broadcast); a MuxTuneError raised there is
+    raised on every process."""
+    message = [None]
+    if rank == 0:
+        try:
+            message = [("ok", produce())]
+        except MuxTuneError as exc:
+            message = [("error", str(exc))]
+    dist.broadcast_object_list(message, src=0)
+    if message[0][0] == "error":
+        raise MuxTuneError(message[0][1])
+    return message[0][1]
+
+
+def resumed_tasks(rank: int, backbone, config: RunConfig, plan: Plan, out_dir: Path):
+    """The tasks that joined the checkpointed run through the spool (rank 0 reads the manifest and their
+    data, every process gets them) and the plan with the checkpoint's groups, which list them."""
+    from muxtune.executor import checkpoint
+
+    def read():
+        manifest = checkpoint.load_manifest(out_dir)
+        joined = checkpoint.joined_tasks(manifest, {t.name for t in config.tasks}, out_dir)
+        checkpoint.check_layout(manifest, out_dir, plan, joined={s.name for s in joined})
+        return [(spec, *load_task_data(backbone, spec)) for spec in joined], manifest["groups"]
+
+    joined, groups = from_rank0(rank, read)
+    if joined:
+        plan = plan.model_copy(update={"groups": [g.model_copy(update={"tasks": list(tasks)})
+                                                  for g, tasks in zip(plan.groups, groups)]})
+    return joined, plan
+
+
+def poll_spool(trainer: PipelineTrainer, run_dir: Path, config: RunConfig, device: str, memory: dict,
+               after_step=None) -> list[dict]:
+    """Tenants come and go in a multi-process run. Called by every process at each step boundary (a
+    collective): rank 0 runs `after_step`, reads the spool and the submitted tasks' data
+    (muxtune/spool.decide) and broadcasts the decided events; every process then applies them in the
+    same order (spool.apply): admission per device for each submission (admission.admit_processes, its
+    own collective), the task joins the group spool.join_group picks, cancellations detach. Rank 0
+    answers the files (`.rejected`, done/) and returns the events (empty elsewhere). `memory`: the
+    CostModel and adapter-size cache of the run's admission."""
+    from muxtune import admission, spool
+
+    topo = trainer.topo
+
+    def decide():
+        if after_step is not None:
+            after_step(trainer)
+        return spool.decide(run_dir, set(trainer.runs), lambda spec: load_task_data(trainer.inner.backbone, spec))
+
+    events = from_rank0(topo.rank, decide)
+    if not events:
+        return []
+
+    def admit(trainer, spec, group):
+        groups = spool.trainer_groups(trainer)
+        groups[group].append(spec.name)
+        plan = trainer.plan.model_copy(update={"groups": [g.model_copy(update={"tasks": tasks})
+                                                          for g, tasks in zip(trainer.plan.groups, groups)]})
+        specs = [run.spec for run in trainer.active] + [spec]
+        estimates = admission.plan_estimates(trainer.model, specs, plan, memory["cost_model"], memory["params"])
+        admission.admit_processes(estimates, topo.rank, device, trainer.model, config.memory_limit_gib,
+                                  what=f"submit {spec.name}")
+
+    spool.apply(trainer, events, admit)
+    if topo.rank != 0:
+        return []
+    return spool.answer(run_dir, events, len(trainer.step_times))
+
+
 def worker(rank: int, world: int, config: RunConfig, plan: Plan, out_dir: str | None, progress: bool,
-           result_file: str | None = None, resume: bool = False) -> dict | None:
+           result_file: str | None = None, resume: bool = False, after_step=None) -> dict | None:
     """One process of the job (torch.multiprocessing or torchrun): train its stage, gather to rank 0,
     which writes the run folder. Returns the metrics on rank 0. With `out_dir`, every process takes part
     in a checkpoint every `config.checkpoint_every` steps and at the end (rank 0 writes it,
-    executor/checkpoint.py); `resume` continues from the last one."""
-    from muxtune import admission
+    executor/checkpoint.py), and in reading the spool at every step boundary (tasks submitted and
+    cancelled mid-run, `poll_spool`); `resume` continues from the last checkpoint. `after_step(trainer)`
+    runs on rank 0 at each step boundary, before the spool is read."""
+    from muxtune import admission, spool
     from muxtune.executor import checkpoint
     from muxtune.run import prepare, write_run
 
@@ -155,22 +235,42 @@ def worker(rank: int, world: int, config: RunConfig, plan: Plan, out_dir: str | 
         topo = init_topology(plan, rank, world)
         local = config.model_copy(update={"devices": device if device.startswith("cuda") else "cpu"})
         backbone, plan, examples, stats = prepare(local, plan, distributed=True)
+        specs, run_plan = list(config.tasks), plan
+        if resume:  # tasks submitted before the kill are in the checkpoint (and in its groups), not the config
+            joined, run_plan = resumed_tasks(rank, backbone, config, plan, Path(out_dir))
+            for spec, data, data_stats in joined:
+                specs.append(spec)
+                examples[spec.name], stats[spec.name] = data, data_stats
         # priced on the whole model, checked once each stage has dropped the other stages' weights
-        estimates = admission.plan_estimates(backbone.model, config.tasks, plan)
-        trainer = PipelineTrainer(backbone, config.tasks, examples, plan, topo)
+        memory = {"cost_model": admission.cost_model_of(backbone.model), "params": {}}
+        estimates = admission.plan_estimates(backbone.model, specs, run_plan, memory["cost_model"], memory["params"])
+        trainer = PipelineTrainer(backbone, specs, examples, run_plan, topo)
         admission.admit_processes(estimates, rank, local.devices, backbone.model, config.memory_limit_gib)
-        manifest, resumed_from = None, None
+        manifest, resumed_from, events = None, None, []
         if resume:
             manifest = checkpoint.restore_distributed(trainer, Path(out_dir), config.model,
                                                       {t.name: t for t in config.tasks})
             resumed_from = manifest["steps"]
-        elif rank == 0 and out_dir is not None:  # a fresh run: earlier checkpoints are not its own
+            for name, run in trainer.runs.items():  # cancelled before the kill: detached again
+                if run.status == "cancelled":
+                    trainer.cancel(name, run.reason)
+        elif rank == 0 and out_dir is not None:  # a fresh run: earlier checkpoints and submissions are not its own
             shutil.rmtree(checkpoint.checkpoint_dir(Path(out_dir)), ignore_errors=True)
+            shutil.rmtree(spool.spool_dir(Path(out_dir)), ignore_errors=True)
+        if rank == 0 and out_dir is not None:
+            spool.spool_dir(Path(out_dir)).mkdir(parents=True, exist_ok=True)
 
         def at_step_boundary(trainer):
             nonlocal manifest
-            if out_dir is not None and config.checkpoint_every and \
-                    len(trainer.step_times) % config.checkpoint_every == 0:
+            if out_dir is None:  # no run folder: no spool, no checkpoints
+                if rank == 0 and after_step is not None:
+                    after_step(trainer)
+                return
+            for event in poll_spool(trainer, Path(out_dir), config, local.devices, memory, after_step):
+                if event["event"] == "submitted":  # rank 0 read its data: the metrics list its stats
+                    stats[event["task"]] = event["stats"]
+                events.append(event)
+            if config.checkpoint_every and len(trainer.step_times) % config.checkpoint_every == 0:
                 manifest = checkpoint.save_distributed(trainer, Path(out_dir), config.model, manifest)
 
         dist.barrier()
@@ -185,6 +285,7 @@ def worker(rank: int, world: int, config: RunConfig, plan: Plan, out_dir: str | 
             assemble(trainer, gathered)
             metrics = collect(trainer, config, stats, wall, gathered)
             metrics["resumed_from_step"] = resumed_from
+            metrics["events"] = [{k: v for k, v in e.items() if k != "stats"} for e in events]
             if out_dir is not None:  # the final checkpoints stay with the outputs (as in one process)
                 write_run(config, plan, trainer, backbone, stats, metrics, Path(out_dir),
                           checkpoints=checkpoint.checkpoint_dir(Path(out_dir)))
@@ -227,14 +328,17 @@ def bubble_fraction(records: list[tuple[float, list]], skip: int = 0) -> float:
     return 1.0 - busy / wall if wall > 0 else 0.0
 
 
-def _spawned(rank: int, world: int, port: int, config, plan, out_dir, progress, result_file, resume) -> None:
+def _spawned(rank: int, world: int, port: int, config, plan, out_dir, progress, result_file, resume,
+             after_step) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    worker(rank, world, config, plan, out_dir, progress, result_file, resume)
+    worker(rank, world, config, plan, out_dir, progress, result_file, resume, after_step)
 
 
 def launch(config: RunConfig, plan: Plan, out_dir: Path | None, progress: bool = True,
-           resume: bool = False) -> dict:
-    """Run the Plan's processes on this machine (torch.multiprocessing) and return rank 0's metrics."""
+           resume: bool = False, after_step=None) -> dict:
+    """Run the Plan's processes on this machine (torch.multiprocessing) and return rank 0's metrics.
+    `after_step(trainer)` runs on rank 0 at each step boundary; it is pickled to the spawned processes
+    (a module-level function, or a functools.partial of one)."""
     import tempfile
 
     import torch.multiprocessing as mp
@@ -245,7 +349,7 @@ def launch(config: RunConfig, plan: Plan, out_dir: Path | None, progress: bool =
         result_file = str(Path(tmp) / "metrics.json")
         try:
             mp.spawn(_spawned, args=(world, free_port(), config, plan, None if out_dir is None else str(out_dir),
-                                     progress, result_file, resume), nprocs=world, join=True)
+                                     progress, result_file, resume, after_step), nprocs=world, join=True)
         except mp.ProcessRaisedException as exc:
             lines = [line for line in str(exc).strip().splitlines() if line.strip()]
             message = next((l for l in reversed(lines) if "MuxTuneError" in l), None)

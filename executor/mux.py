@@ -66,7 +66,15 @@ class TaskAdapter(nn.Module):
         for path, op in ops:
             base = op.base_op if isinstance(op, MultiplexedOp) else op
             # adapters train in fp32 whatever the backbone's dtype, as HF PEFT does by default
-            self.layers[_key(path)] = self.method.build_layer(peft_config, base, path, init_gen)
+            layer = self.layers[_key(path)] = self.method.build_layer(peft_config, base, path, init_gen)
+            if any(t.is_meta for t in [*layer.parameters(), *layer.buffers()]):
+                # an op that another pipeline stage holds (a task joining mid-run, after this stage dropped
+                # the other layers' weights): the init stream was drawn as on the full model, so this
+                # stage's own layers get the init they would get alone; this one only needs its shapes
+                layer.to_empty(device=device)
+                with torch.no_grad():
+                    for tensor in [*layer.parameters(), *layer.buffers()]:
+                        tensor.zero_()
         self.to(device=device, dtype=torch.float32)
         self.dropout_gen = torch.Generator(device=device).manual_seed(stream_seed(seed, DROPOUT_STREAM))
 
@@ -244,7 +252,8 @@ class Multiplexer:
     def add_task(self, name: str, peft_config, seed: int, max_seq_len: int) -> TaskAdapter:
         if name in self.adapters:
             raise MuxTuneError(f"task {name!r} is already attached")
-        device = next(self.model.parameters()).device
+        # a pipeline stage keeps other stages' weights on the meta device: the first real one says where it is
+        device = next((p.device for p in self.model.parameters() if not p.is_meta), torch.device("cpu"))
         adapter = TaskAdapter(name, peft_config, self.model, seed, max_seq_len, device)
         for path, layer in adapter.items():
             self._wrap(path).adapters[name] = layer

@@ -43,7 +43,7 @@ from muxtune.executor.backbone import Backbone
 from muxtune.executor.data import Example
 from muxtune.executor.mux import _key
 from muxtune.executor.tensor_parallel import TensorParallel
-from muxtune.executor.trainer import MultiplexedTrainer, TaskRun
+from muxtune.executor.trainer import MultiplexedTrainer, TaskRun, build_task_run
 from muxtune.simulator.iteration import one_f_one_b, stage_split
 from muxtune.spec import Plan, TaskSpec
 
@@ -186,6 +186,8 @@ class PipelineTrainer:
         if (layout.dp, layout.pp, layout.tp) != (self.topo.dp, self.topo.pp, self.topo.tp):
             raise MuxTuneError(f"plan: layout dp={layout.dp} pp={layout.pp} tp={layout.tp} but the world is "
                                f"dp={self.topo.dp} pp={self.topo.pp} tp={self.topo.tp}")
+        # our own copy: tasks that join mid-run (add_task) extend its groups, not the caller's plan
+        plan = plan.model_copy(deep=True)
         # every adapter is built on the full model, in the config's task order: the same init as one process
         self.inner = MultiplexedTrainer(backbone, specs, examples, groups=[g.tasks for g in plan.groups],
                                         alignment=plan.alignment)
@@ -200,9 +202,7 @@ class PipelineTrainer:
             if self.alignment.layout != "chunked":
                 raise MuxTuneError("plan: pipeline stages need alignment.layout 'chunked'")
             for run in self.runs.values():
-                if run.adapter.prefix_tokens:
-                    raise MuxTuneError(f"plan: task {run.spec.name!r}: prefix tuning is not supported across "
-                                       "pipeline stages (its K/V prefix spans every layer); use pp=1")
+                self._check_stageable(run)
             free_other_stages(self.model, self.parts, self.layers, self.topo.first, self.topo.last)
         self.tensor_parallel = None  # this process's slice of the stage's layers (executor/tensor_parallel.py)
         if self.topo.tp > 1:
@@ -214,6 +214,37 @@ class PipelineTrainer:
         self.step_shapes: list[tuple[int, int]] = []
         self.task_step_tokens: list[dict[str, int]] = []  # per step: each task's computed tokens, this replica
         self.records: list[StepRecord] = []
+
+    def _check_stageable(self, run: TaskRun) -> None:
+        if self.parts is not None and run.adapter.prefix_tokens:
+            raise MuxTuneError(f"plan: task {run.spec.name!r}: prefix tuning is not supported across "
+                               "pipeline stages (its K/V prefix spans every layer); use pp=1")
+
+    # --- tenants come and go (muxtune/spool.py decides what, on rank 0; every process applies it) ---------
+
+    def add_task(self, spec: TaskSpec, examples: list[Example], group: int) -> TaskRun:
+        """A task joins between steps, on every process at the same step boundary. Its adapter is built
+        on this stage's model, whose other stages' layers are on the meta device: the task's init stream
+        is drawn over every op as on the full model (shapes only), so each stage's own layers start from
+        exactly the weights the task would get alone; the others are placeholders never trained here."""
+        if self.tensor_parallel is not None:
+            raise MuxTuneError(f"submit {spec.name}: tensor-parallel plans (tp > 1) do not take tasks mid-run yet")
+        if spec.name in self.runs:
+            raise MuxTuneError(f"task {spec.name!r} is already in this run")
+        run = build_task_run(self.mux, spec, examples)
+        try:
+            self._check_stageable(run)
+        except MuxTuneError:
+            self.mux.remove_task(spec.name)
+            raise
+        self.runs[spec.name] = run  # the inner trainer's dict: it draws the task's batches
+        self.plan.groups[group].tasks.append(spec.name)  # the inner trainer's groups are these lists
+        self.owned[spec.name] = self.owned_parameters(run)
+        return run
+
+    def cancel(self, name: str, reason: str = "cancelled") -> TaskRun:
+        """A task leaves between steps (every process alike): stopped and detached, kept for export."""
+        return self.inner.cancel(name, reason)
 
     # --- what this stage holds -----------------------------------------------------------------
 

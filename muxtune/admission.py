@@ -176,11 +176,12 @@ def estimate(model, specs: list[TaskSpec], groups: list[list[str]], alignment: A
     return MemoryEstimate(backbone, adapters, peak, available)
 
 
-def plan_estimates(model, specs: list[TaskSpec], plan: Plan, cost_model=None) -> list[MemoryEstimate]:
+def plan_estimates(model, specs: list[TaskSpec], plan: Plan, cost_model=None,
+                   params: dict[str, dict] | None = None) -> list[MemoryEstimate]:
     """One estimate per process of a (multi-process) plan, in rank order; `available` is filled in by
-    `admit_processes`."""
+    `admit_processes`. `params` caches adapter_params per task (filled here)."""
     layout = plan.groups[0].layout
-    params: dict[str, dict] = {}
+    params = params if params is not None else {}
     cm = cost_model or cost_model_of(model)
     return [estimate(model, specs, [list(g.tasks) for g in plan.groups], plan.alignment, 0, params, layout,
                      plan.schedule, [g.micro_batches for g in plan.groups], rank, cm)

@@ -61,7 +61,9 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
 
     While training, `out_dir` holds `checkpoints/` (every `config.checkpoint_every` steps, see
     executor/checkpoint.py) and `spool/` (tasks submitted or cancelled mid-run, see muxtune/spool.py);
-    the finished outputs replace it in one rename. `resume=True` continues from the checkpoints."""
+    the finished outputs replace it in one rename. `resume=True` continues from the checkpoints.
+    `after_step(trainer)` runs at every step boundary, before the spool is read; for a multi-process
+    plan it runs on rank 0 and must be picklable (a module-level function or a partial of one)."""
     from muxtune import admission, spool
     from muxtune.executor import checkpoint
     from muxtune.executor.data import DataOptions, load_examples
@@ -78,8 +80,10 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
             if resume:  # checked here too, so a wrong plan or model is refused before any process starts
                 manifest = checkpoint.load_manifest(out_dir)
                 checkpoint.check_manifest(manifest, out_dir, config.model, {t.name: t for t in config.tasks})
-                checkpoint.check_layout(manifest, out_dir, plan)
-            return launch(config, plan, out_dir, progress, resume=resume)
+                joined = checkpoint.joined_tasks(manifest, {t.name for t in config.tasks}, out_dir)
+                checkpoint.check_layout(manifest, out_dir, plan, joined={s.name for s in joined})
+            # `after_step` runs on rank 0 (a module-level function: it is sent to the spawned processes)
+            return launch(config, plan, out_dir, progress, resume=resume, after_step=after_step)
     backbone, plan, examples, stats = prepare(config, plan)
     specs, groups = list(config.tasks), [list(g.tasks) for g in plan.groups]
     manifest, resumed_from = None, None
@@ -95,11 +99,9 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
         checkpoint.check_manifest(manifest, out_dir, config.model, {t.name: t for t in config.tasks})
         checkpoint.check_layout(manifest, out_dir, plan, groups=False)
         resumed_from = manifest["steps"]
-        for name, entry in manifest["tasks"].items():  # tasks submitted while the run went on
-            if name not in examples:
-                spec = TaskSpec.model_validate(entry["spec"])
-                examples[name], _ = load_data(spec)
-                specs.append(spec)
+        for spec in checkpoint.joined_tasks(manifest, set(examples), out_dir):  # submitted while the run went on
+            examples[spec.name], _ = load_data(spec)
+            specs.append(spec)
         groups = [list(g) for g in manifest["groups"]]
         for spec in config.tasks:  # a task added to the config since: joins the first group
             if not any(spec.name in g for g in groups):
@@ -118,7 +120,7 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
     spool.spool_dir(out_dir).mkdir(parents=True, exist_ok=True)
     events: list[dict] = []
 
-    def admit_submitted(trainer, spec):
+    def admit_submitted(trainer, spec, group):
         active = [r.spec for r in trainer.active] + [spec]
         admission.admit(backbone.model, active, [[s.name for s in active]], plan.alignment,
                         config.memory_limit_gib, what=f"submit {spec.name}", params=adapter_params)
@@ -450,8 +452,12 @@ def plan_and_run(config: RunConfig, out_dir: Path, plan: Plan | None = None, pro
                         task_bars[name].update(run.step - task_bars[name].n)
 
             try:
-                metrics = execute(config, out_dir, plan=prediction.plans["muxtune"], progress=progress,
-                                  resume=resume, after_step=advance_task_bars)
+                from muxtune.executor.distributed import needs_processes
+
+                chosen = prediction.plans["muxtune"]
+                # a multi-process run cannot call back into this process: its bars stay as they are
+                metrics = execute(config, out_dir, plan=chosen, progress=progress, resume=resume,
+                                  after_step=None if needs_processes(chosen) else advance_task_bars)
             finally:
                 for task_bar in task_bars.values():
                     task_bar.close()

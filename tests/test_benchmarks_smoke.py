@@ -68,6 +68,20 @@ def test_faults_benchmark_kills_resumes_and_contains_the_poisoned_task(capsys):
     assert last["max_steps_lost"] <= last["checkpoint_interval"]
     assert last["tasks_affected"] == 0 and last["resume_identical"] is True
     assert last["poisoned_status"] == "failed"
+    assert last["layout"] == "single" and last["processes"] == 1
+
+
+def test_faults_benchmark_on_a_two_process_pipeline(capsys):
+    """--plan pp2: every run is a 2-stage pipeline; the kill takes down the launcher and both stages."""
+    from benchmarks import faults
+
+    result = faults.main(["--plan", "pp2", "--kills", "1", "--steps", "8", "--every", "3", "--tasks", "2"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == json.loads(json.dumps(result))
+    assert last["layout"] == "pp2" and last["processes"] == 2 and last["kills"] == 1
+    assert last["max_steps_lost"] <= last["checkpoint_interval"] == 3
+    assert last["tasks_affected"] == 0 and last["resume_identical"] is True
+    assert last["poisoned_status"] == "failed"
 
 
 def test_pipeline_benchmark_runs_in_quick_mode(capsys):

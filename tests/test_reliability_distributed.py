@@ -3,12 +3,14 @@
 same losses and adapters as an uninterrupted one; a checkpoint is refused under another layout or model; a task going NaN in a
 pipeline is stopped alone."""
 
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from reference import write_jsonl
 from safetensors.torch import load_file
 
 from muxtune.cli import main
+from muxtune.errors import MuxTuneError
 from muxtune.spec import Alignment, FusionGroup, Layout, Plan, RunConfig, TaskSpec
 
 MODEL = "builtin:tiny-llama"
@@ -179,3 +182,175 @@ def test_a_pipeline_over_its_device_memory_is_refused_per_device(tmp_path, capsy
     err = capsys.readouterr().err
     assert "predicted not to fit" in err and ":cpu (ranks 0, 1): needs ~" in err and "1.0 MiB available" in err
     assert "Traceback" not in err and not (out / "metrics.json").exists()
+
+
+# --- tenants come and go in a multi-process run ------------------------------------------------------
+#
+# `tenants` runs on rank 0 of the spawned processes at every step boundary, before the spool is read (it
+# is pickled to them: a module-level function), and submits / cancels through the real CLI, so the
+# timing is fixed: the late task joins after step 3, ia3 leaves after step 5.
+
+LATE_STEPS = 5
+
+
+def late_task_files(folder):
+    # DoRA: its magnitude is initialised from the frozen weights, which each stage holds for its own
+    # layers only by the time the task joins
+    late = folder / "late.yaml"
+    late.write_text(f"name: late\ndata: {folder / 'a.jsonl'}\npeft: {{method: dora, r: 4, alpha: 8}}\n"
+                    f"batch_size: 3\nmax_seq_len: 64\nsteps: {LATE_STEPS}\nseed: 21\nlr: 3.0e-3\n")
+    huge = folder / "huge.yaml"  # ~1.2 GiB predicted on the CPU, over the job's 0.25: rejected, the run goes on
+    huge.write_text(f"name: huge\ndata: {folder / 'a.jsonl'}\npeft: {{method: lora}}\nbatch_size: 64\n"
+                    "max_seq_len: 100000\n")
+    return late, huge
+
+
+@pytest.mark.parametrize("peft", [dict(method="lora", r=4), dict(method="dora", r=4), dict(method="ia3"),
+                                  dict(method="bitfit"), dict(method="adapter", size=8),
+                                  dict(method="prompt", num_virtual_tokens=3)], ids=lambda p: p["method"])
+def test_a_task_joining_a_pipeline_stage_gets_the_init_it_would_get_alone(peft, tmp_path):
+    """No processes: an adapter built after a stage dropped the other stages' layers (to the meta
+    device) holds, for this stage's own layers, exactly the tensors of one built on the full model."""
+    from muxtune.executor.backbone import load_backbone
+    from muxtune.executor.mux import TaskAdapter
+    from muxtune.executor.pipeline import free_other_stages, stage_parts
+
+    full = load_backbone(MODEL).model
+    compared = 0
+    for stage, layers in enumerate([range(0, 1), range(1, 2)]):  # tiny-llama: 2 layers, one per stage
+        model = load_backbone(MODEL).model
+        free_other_stages(model, stage_parts(model), layers, first=stage == 0, last=stage == 1)
+        spec = TaskSpec(name="late", data=str(tmp_path / "x.jsonl"), peft=peft, seed=21)
+        alone = TaskAdapter("late", spec.peft, full, spec.seed, spec.max_seq_len, "cpu").state_dict()
+        joined = TaskAdapter("late", spec.peft, model, spec.seed, spec.max_seq_len, "cpu").state_dict()
+        assert set(joined) == set(alone) and all(not v.is_meta for v in joined.values())
+        own = [k for k in alone if f"layers__{layers[0]}__" in k or (k.startswith("sequence.") and stage == 0)]
+        for key in own:
+            assert torch.equal(joined[key], alone[key]), key
+        compared += len(own)
+    assert compared == len(alone)  # every tensor is some stage's own
+
+
+def tenants(out, late, huge, crash_at, trainer):
+    step = len(trainer.step_times)
+    if step == 3:
+        assert main(["submit", out, late]) == 0
+        assert main(["submit", out, huge]) == 0
+    if step == 4:  # answered at step 3's boundary, beside the submission
+        assert "predicted not to fit" in (Path(out) / "spool" / "huge.rejected").read_text()
+        assert trainer.runs["late"].step == 1 and "huge" not in trainer.runs
+    if step == 5:
+        assert main(["cancel", out, "ia3"]) == 0
+    if step == crash_at:  # raised inside the spool's collective: every process stops with this message
+        raise MuxTuneError(f"simulated crash after step {step}")
+
+
+def run_with_tenants(folder, layout, crash_at=None, resume=False):
+    from muxtune.run import execute
+    from muxtune.spec import load_config
+
+    if not resume:
+        write_job(folder, specs_in(folder), GROUPS, layout=layout, memory_limit_gib=0.25)
+    late, huge = late_task_files(folder)
+    out = folder / "out"
+    hook = functools.partial(tenants, str(out), str(late), str(huge), crash_at)
+    return execute(load_config(folder / "run.yaml"), out, plan=Plan.load(folder / "plan.json"), progress=False,
+                   resume=resume, after_step=hook)
+
+
+@pytest.fixture(scope="module")
+def with_tenants(tmp_path_factory):
+    """Runs where a task joins after step 3 and one leaves after step 5, one per layout, made once."""
+    made = {}
+
+    def of(layout):
+        key = (layout.dp, layout.pp)
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"tenants-dp{layout.dp}-pp{layout.pp}")
+            made[key] = (folder, run_with_tenants(folder, layout))
+        return made[key]
+    return of
+
+
+def train_alone(spec):
+    from muxtune.executor.backbone import load_backbone
+    from muxtune.executor.data import load_examples
+    from muxtune.executor.trainer import MultiplexedTrainer
+
+    backbone = load_backbone(MODEL)
+    examples = {spec.name: load_examples(spec.data, backbone.tokenizer, spec.max_seq_len)[0]}
+    trainer = MultiplexedTrainer(backbone, [spec], examples, alignment=Alignment(chunk_len=16))
+    init = {k: v.detach().clone() for k, v in trainer.runs[spec.name].adapter.export_state().items()}
+    trainer.train(progress=False)
+    return trainer.runs[spec.name], init
+
+
+@pytest.mark.parametrize("layout", [Layout(pp=2), Layout(dp=2)], ids=["pipeline", "data-parallel"])
+def test_tasks_join_and_leave_a_multi_process_run(with_tenants, references, layout):
+    from muxtune.spec import load_task
+
+    folder, metrics = with_tenants(layout)
+    out, ref_out = folder / "out", references(layout) / "out"
+    # the spool's files in name order
+    assert [(e["step"], e["task"], e["event"]) for e in metrics["events"]] == [
+        (3, "huge", "rejected"), (3, "late", "submitted"), (5, "ia3", "cancelled")]
+    # the late task joins the group with the fewest active tasks: ia3's (spool.join_group)
+    assert metrics["events"][1]["group"] == 1
+    assert "predicted not to fit" in metrics["events"][0]["reason"] and ":cpu (rank" in metrics["events"][0]["reason"]
+    ref = metrics_of(ref_out)
+    adapters, ref_adapters = adapters_of(out), adapters_of(ref_out)
+
+    # the late task: exactly the result of training it alone, in one process, from its own step 0
+    late = metrics["tasks"]["late"]
+    assert late["status"] == "finished" and late["steps"] == LATE_STEPS and late["tokens"] > 0
+    alone, init = train_alone(load_task(folder / "late.yaml"))
+    torch.testing.assert_close(torch.tensor(late["loss"]), torch.tensor(alone.losses), rtol=1e-5, atol=1e-6)
+    expected = alone.adapter.export_state()
+    assert set(adapters["late"]) == set(expected)
+    assert max((expected[k] - init[k]).abs().max().item() for k in expected) > 1e-4  # it trained
+    for key, value in expected.items():
+        torch.testing.assert_close(adapters["late"][key], value.detach(), rtol=1e-4, atol=1e-6, msg=key)
+
+    # the cancelled task stopped after its 5th step with the curve it had; the others are unchanged
+    # by the arrival and the departure (their fused shapes changed: rounding only, as above)
+    ia3 = metrics["tasks"]["ia3"]
+    assert ia3["status"] == "cancelled" and ia3["steps"] == 5 and "cancelled at step 5" in ia3["reason"]
+    torch.testing.assert_close(torch.tensor(ia3["loss"]), torch.tensor(ref["tasks"]["ia3"]["loss"][:5]),
+                               rtol=1e-5, atol=1e-6)
+    assert set(adapters["ia3"]) == set(ref_adapters["ia3"])
+    for name in ("lora", "prompt"):
+        assert metrics["tasks"][name]["status"] == "finished"
+        torch.testing.assert_close(torch.tensor(metrics["tasks"][name]["loss"]),
+                                   torch.tensor(ref["tasks"][name]["loss"]), rtol=1e-5, atol=1e-6)
+        for key, value in ref_adapters[name].items():
+            torch.testing.assert_close(adapters[name][key], value, rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+    # the final checkpoint holds the joined task in its group, whole (both stages' layers merged)
+    manifest = json.loads((out / "checkpoints" / "manifest.json").read_text())
+    assert manifest["groups"] == [["lora", "prompt"], ["ia3", "late"]]
+    assert manifest["tasks"]["late"]["spec"]["peft"]["method"] == "dora"
+
+
+def test_a_crash_after_a_task_joined_resumes_with_it(with_tenants, tmp_path):
+    """Crashed after step 6 (the last checkpoint: step 4, after the join), `--resume` brings the joined
+    task back from the checkpoint (its spec and data are in the manifest, not the config), replays the
+    cancellation at step 5, and ends bit-equal to the uninterrupted run."""
+    folder, uninterrupted = with_tenants(Layout(pp=2))
+    with pytest.raises(MuxTuneError, match="simulated crash after step 6"):
+        run_with_tenants(tmp_path, Layout(pp=2), crash_at=6)
+    out = tmp_path / "out"
+    saved = json.loads((out / "checkpoints" / "manifest.json").read_text())
+    assert saved["steps"] == 4 and saved["groups"] == [["lora", "prompt"], ["ia3", "late"]]
+    assert not (out / "metrics.json").exists()
+
+    metrics = run_with_tenants(tmp_path, Layout(pp=2), resume=True)
+    assert metrics["resumed_from_step"] == 4
+    assert [(e["step"], e["event"]) for e in metrics["events"]] == [(5, "cancelled")]
+    for name, task in uninterrupted["tasks"].items():
+        assert metrics["tasks"][name]["status"] == task["status"], name
+        assert metrics["tasks"][name]["loss"] == task["loss"], name  # the whole curve, exactly
+        assert metrics["tasks"][name]["tokens"] == task["tokens"], name
+    adapters, ref_adapters = adapters_of(out), adapters_of(folder / "out")
+    assert set(adapters) == set(ref_adapters) == {"lora", "ia3", "prompt", "late"}
+    for name, state in ref_adapters.items():
+        for key, value in state.items():
+            assert torch.equal(adapters[name][key], value), f"{name} {key}"

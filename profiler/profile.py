@@ -479,6 +479,26 @@ def fwd_bwd_seconds(forward, device: str, warmup: int, repeats: int) -> tuple[fl
 # --- the measurements --------------------------------------------------------------------------------
 
 
+def alternated(calls: list, device: str, warmup: int, repeats: int, between=None) -> list[tuple[float, float]]:
+    """(median forward, median backward) seconds of each of `calls`, timed in alternation (one of each
+    per round) so load on the machine hits them alike; `between()` runs after every round."""
+    times = [([], []) for _ in calls]
+    for i in range(warmup + repeats):
+        for (fs, bs), call in zip(times, calls):
+            f, b = fwd_bwd_seconds(call, device, 0, 1)
+            if i >= warmup:
+                fs.append(f), bs.append(b)
+        if between is not None:
+            between()
+    return [(statistics.median(fs), statistics.median(bs)) for fs, bs in times]
+
+
+def zero_grads(*trainers) -> None:
+    for trainer in trainers:
+        for run in trainer.runs.values():
+            run.optimizer.zero_grad(set_to_none=True)
+
+
 def _row(op, phase, seconds, tokens=0, seq_len=0, method="", rank=0, params=0, nbytes=0, world=0,
          saved=0, batch=0, peak=0, target="") -> dict:
     return {"op": op, "phase": phase, "tokens": tokens, "seq_len": seq_len, "method": method, "rank": rank,
@@ -689,20 +709,13 @@ def measure_targets(backbone, device: str, spec: dict, warmup: int, repeats: int
                         calls = {key: _wrapped_ops_loss(trainer, batch, n_rows, seq, dtype, device)
                                  for key, (trainer, batch) in variants.items()}
                         calls["bare"] = _wrapped_ops_loss(*variants["plain"], n_rows, seq, dtype, device, bare=True)
-                        times = {key: ([], []) for key in calls}
-                        for i in range(warmup + repeats):
-                            for key, call in calls.items():
-                                f, b = fwd_bwd_seconds(call, device, 0, 1)
-                                if i >= warmup:
-                                    times[key][0].append(f), times[key][1].append(b)
-                            for trainer, _ in variants.values():
-                                for run in trainer.runs.values():
-                                    run.optimizer.zero_grad(set_to_none=True)
+                        medians = alternated(list(calls.values()), device, warmup, repeats,
+                                             lambda: zero_grads(*(trainer for trainer, _ in variants.values())))
                     finally:
                         for trainer, _ in variants.values():
                             for name in list(trainer.runs):
                                 trainer.mux.remove_task(name)
-                    m = {key: [statistics.median(t) for t in pair] for key, pair in times.items()}
+                    m = dict(zip(calls, medians))
                     for k, phase in enumerate(("fwd", "bwd")):
                         out.append(_row("target", phase, m["plain"][k] - m["bare"][k], tokens, seq, method, rank,
                                         target=target))
@@ -737,25 +750,19 @@ def measure_target_shared(backbone, device: str, method: str, rank: int, target:
                  _wrapped_ops_loss(*one, n_rows, seq, dtype, device, bare=True),
                  _wrapped_ops_loss(*two, 2 * n_rows, seq, dtype, device),
                  _wrapped_ops_loss(*two, 2 * n_rows, seq, dtype, device, bare=True)]
-        times = [([], []) for _ in calls]
-        for i in range(warmup + repeats):
-            for (fs, bs), call in zip(times, calls):
-                f, b = fwd_bwd_seconds(call, device, 0, 1)
-                if i >= warmup:
-                    fs.append(f), bs.append(b)
-            for trainer, _ in (one, two):
-                for run in trainer.runs.values():
-                    run.optimizer.zero_grad(set_to_none=True)
+        m = alternated(calls, device, warmup, repeats, lambda: zero_grads(one[0], two[0]))
     finally:
         for trainer, _ in (one, two):
             for name in list(trainer.runs):
                 trainer.mux.remove_task(name)
-    rows = []
-    for k, phase in enumerate(("fwd", "bwd")):
-        m = [statistics.median(t[k]) for t in times]
-        shared = 2 * (m[0] - m[1]) - (m[2] - m[3])
-        rows.append(_row("target", f"shared_{phase}", shared, n_rows * seq, seq, method, rank, target=target))
-    return rows
+    return [_row("target", f"shared_{phase}", shared_part(m, k), n_rows * seq, seq, method, rank, target=target)
+            for k, phase in enumerate(("fwd", "bwd"))]
+
+
+def shared_part(m: list[tuple[float, float]], k: int) -> float:
+    """From medians [one task, bare, two tasks, bare] (phase k): each overhead O = shared + per-task work,
+    linear in tasks, so the part a second task does not add again is 2*O1 - O2."""
+    return 2 * (m[0][k] - m[1][k]) - (m[2][k] - m[3][k])
 
 
 def _wrapped_ops_loss(trainer, batch, n_rows: int, seq: int, dtype, device: str, bare: bool = False):
@@ -847,22 +854,13 @@ def measure_shared(backbone, device: str, method: str, rank: int, n_rows: int, s
     loss = lambda tr, b: lambda: torch.stack(list(tr.task_losses(b, training=True).values())).sum()
     bare = lambda b: lambda: bare_model_loss(model, b.input_ids, b.attention_mask)
     calls = [loss(one, batch1), bare(batch1), loss(two, batch2), bare(batch2)]
-    times = [([], []) for _ in calls]
     try:
-        for i in range(warmup + repeats):
-            for (fs, bs), call in zip(times, calls):
-                f, b = fwd_bwd_seconds(call, device, 0, 1)
-                if i >= warmup:
-                    fs.append(f), bs.append(b)
+        m = alternated(calls, device, warmup, repeats)
     finally:
         for name in ("solo0", "pair0", "pair1"):
             one.mux.remove_task(name)
-    rows = []
-    for k, phase in enumerate(("fwd_shared", "bwd_shared")):
-        m = [statistics.median(t[k]) for t in times]
-        shared = 2 * (m[0] - m[1]) - (m[2] - m[3])
-        rows.append(_row("task", phase, shared, n_rows * seq, seq, method, rank))
-    return rows
+    return [_row("task", phase, shared_part(m, k), n_rows * seq, seq, method, rank)
+            for k, phase in enumerate(("fwd_shared", "bwd_shared"))]
 
 
 def measure_optimizer(device: str, counts: list[int], tensors: int, warmup: int, repeats: int, bar) -> list[dict]:

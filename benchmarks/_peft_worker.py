@@ -18,7 +18,7 @@ Protocol: after setup the worker sends {"ready": ...}. Then, one command dict at
 may carry "threads": n, applied with torch.set_num_threads first):
   {"op": "prepare", "rows": R, "seq": S}  new synthetic data of that shape (per task), then one
                                            untimed warm-up step (unless "warmup": False); answers
-                                           {"ok": True}
+                                           {"ok": True, "warmup_seconds": its duration or None}
   {"op": "train", "steps": K}              K timed steps; answers tokens, seconds (perf_counter),
                                            start/end (time.time(), for concurrent runs), peak RSS
   {"op": "exit"}                           exits
@@ -189,9 +189,12 @@ def serve(job, conn) -> None:
             torch.set_num_threads(cmd["threads"])
         if cmd["op"] == "prepare":
             job.prepare(cmd["rows"], cmd["seq"])
+            seconds = None
             if cmd.get("warmup", True):
-                job.step()  # warm-up, not timed
-            conn.send({"ok": True})
+                start = time.perf_counter()
+                job.step()  # warm-up, not timed (its duration sizes the number of timed rounds)
+                seconds = time.perf_counter() - start
+            conn.send({"ok": True, "warmup_seconds": seconds})
         elif cmd["op"] == "train":
             conn.send(train(job, cmd["steps"]))
         elif cmd["op"] == "exit":

@@ -19,14 +19,16 @@ sequences. At every sweep point each task's micro-batch holds exactly `tokens_pe
   single_adapter_limit  MultiplexedTrainer with ONE task (rank 8) and N times the rows: the same
                         tokens per step as `muxtune`, the best a fused step could do
 
-Each configuration is its own process (benchmarks/_peft_worker.py), started once and kept for the
-whole sweep (ascending), so `peak RSS` at a sweep point is that process's own ru_maxrss so far. Memory
-of the separate configurations is the sum over the N processes. Every process uses `--threads` (2)
-torch threads, except in separate_concurrent (above).
-Each measurement is 1 untimed warm-up step then `--steps` timed steps (setup never counts). The
-timed steps of one sweep point are interleaved: one step of every process of every configuration in
-turn (separate[0..N-1], switch, muxtune, limit), `--steps` rounds, so a noisy machine hits them alike;
-separate_concurrent runs after those rounds.
+Each configuration is its own process (benchmarks/_peft_worker.py), started afresh for every sweep
+point and stopped after it: nothing a process did at an earlier point (its allocator's free lists,
+a fragmented heap) carries over, and `peak RSS` is that point's own ru_maxrss. Memory of the separate
+configurations is the sum over the N processes. Every process uses `--threads` (2) torch threads,
+except in separate_concurrent (above).
+Each measurement is 1 untimed warm-up step then timed steps (setup never counts). The timed steps of
+one sweep point are interleaved: one step of every process of every configuration in turn
+(separate[0..N-1], switch, muxtune, limit), in rounds, so a noisy machine hits them alike; the number
+of rounds is `--steps` or more, enough for muxtune's timed steps to last `--min-seconds` (cheap small
+points get more rounds: more pairs for the paired median). separate_concurrent runs after the rounds.
 
 Output: per sweep point a table (tokens_per_task, config, tokens_per_s, peak_rss_mb), progress lines
 on stderr, and as the LAST stdout line one JSON object: per-point figures, plus
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import statistics
@@ -63,8 +66,8 @@ import pandas as pd
 from benchmarks import _peft_worker
 
 CONFIGS = ["separate_seq", "separate_concurrent", "switch", "muxtune", "single_adapter_limit"]
-FULL = {"model": "builtin:llama-100m", "tasks": 8, "sweep": "32,64,128,256,512", "steps": 4}
-QUICK = {"model": "builtin:tiny-llama", "tasks": 3, "sweep": "32,64", "steps": 2}
+FULL = {"model": "builtin:llama-100m", "tasks": 8, "sweep": "32,64,128,256,512", "steps": 4, "min_seconds": 20.0}
+QUICK = {"model": "builtin:tiny-llama", "tasks": 3, "sweep": "32,64", "steps": 2, "min_seconds": 0.0}
 TARGETS = {"throughput_ratio": 1.5, "limit_ratio": 0.95, "memory_ratio": 5.3}
 MEMORY_SHARE = 0.7  # run the separate processes concurrently only below this share of RAM
 START_TIME = time.perf_counter()
@@ -153,11 +156,10 @@ def start_forkserver(threads: int) -> None:
     multiprocessing.set_forkserver_preload(["benchmarks._peft_worker", *_peft_worker.PRELOAD])
 
 
-def prepare_all(workers: list[Worker], rows: int, seq: int, threads: int, warmup: bool = True) -> None:
+def prepare_all(workers: list[Worker], rows: int, seq: int, threads: int, warmup: bool = True) -> list[dict]:
     for w in workers:
         w.send(op="prepare", rows=rows, seq=seq, threads=threads, warmup=warmup)
-    for w in workers:
-        w.receive()
+    return [w.receive() for w in workers]
 
 
 def train_all(workers: list[Worker], steps: int) -> list[dict]:
@@ -215,16 +217,19 @@ def measure_point(workers: dict, shape: Shape, args, ram_mb: float) -> dict:
     jobs = {"separate_seq": workers["separate"], "switch": [workers["switch"]],
             "muxtune": [workers["muxtune"]], "single_adapter_limit": [workers["limit"]]}
     rows = {name: n * shape.rows if name == "single_adapter_limit" else shape.rows for name in jobs}
+    warmup = {}
     for name, procs in jobs.items():
         for w in procs:  # one at a time: a warm-up step never overlaps another process's work
-            prepare_all([w], rows[name], shape.seq, args.threads)
-    log(f"t={shape.tokens}: all {n + 3} processes warm")
-    out = {name: sequential_figures(recs) for name, recs in interleaved(jobs, args.steps).items()}
+            warmup[name] = prepare_all([w], rows[name], shape.seq, args.threads)[0]["warmup_seconds"]
+    rounds = max(args.steps, math.ceil(args.min_seconds / warmup["muxtune"]))
+    log(f"t={shape.tokens}: all {n + 3} processes warm; {rounds} timed rounds")
+    out = {name: sequential_figures(recs) for name, recs in interleaved(jobs, rounds).items()}
+    out["rounds"] = rounds
     for name in jobs:
         log(f"t={shape.tokens} {name}: {out[name]['tokens_per_s']:.1f} tok/s, {out[name]['mem_mb']:.0f} MB")
     out["separate_concurrent"] = None
     if not args.no_concurrent and n * out["separate_seq"]["max_process_mb"] < MEMORY_SHARE * ram_mb:
-        out["separate_concurrent"] = measure_separate_concurrent(workers["separate"], shape, args.steps,
+        out["separate_concurrent"] = measure_separate_concurrent(workers["separate"], shape, rounds,
                                                                   args.concurrent_threads)
         log(f"t={shape.tokens} separate_concurrent: {out['separate_concurrent']['tokens_per_s']:.1f} tok/s")
     return out
@@ -273,7 +278,7 @@ def best_separate(point: dict) -> float:
 def summarize(args, shapes: list[Shape], points: list[dict]) -> dict:
     sweep = []
     for shape, point in zip(shapes, points):
-        entry = {"tokens_per_task": shape.tokens, "rows": shape.rows, "seq_len": shape.seq}
+        entry = {"tokens_per_task": shape.tokens, "rows": shape.rows, "seq_len": shape.seq, "rounds": point["rounds"]}
         for config in CONFIGS:
             r = point[config]
             entry[config] = None if r is None else {k: rounded(v) for k, v in r.items() if k != "max_process_mb"}
@@ -308,7 +313,8 @@ def summarize(args, shapes: list[Shape], points: list[dict]) -> dict:
     applies = {"throughput_ratio": shapes[0].tokens <= 64, "limit_ratio": True, "memory_ratio": args.tasks == 8}
     # None: the target is not stated for this setup (it is for <= 64 tokens/task and N = 8)
     met = {k: (figures[k] >= TARGETS[k] if applies[k] else None) for k in TARGETS}
-    return {"model": args.model, "tasks": args.tasks, "steps": args.steps, "ranks": ranks_for(args.tasks),
+    return {"model": args.model, "tasks": args.tasks, "steps": args.steps, "min_seconds": args.min_seconds,
+            "ranks": ranks_for(args.tasks),
             "threads": args.threads, "concurrent_threads": args.concurrent_threads, "sweep": sweep,
             **figures, "targets": TARGETS, "targets_met": met, **robust,
             "elapsed_s": round(time.perf_counter() - START_TIME, 1)}
@@ -335,7 +341,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help=f"backbone (default {FULL['model']})")
     parser.add_argument("--tasks", type=int, help=f"number of tasks N (default {FULL['tasks']})")
     parser.add_argument("--sweep", help=f"per-task micro-batch tokens, comma-separated (default {FULL['sweep']})")
-    parser.add_argument("--steps", type=int, help=f"timed steps per measurement (default {FULL['steps']})")
+    parser.add_argument("--steps", type=int, help=f"timed rounds per sweep point, at least (default {FULL['steps']})")
+    parser.add_argument("--min-seconds", type=float,
+                        help="more rounds where muxtune's timed steps would last less than this "
+                             f"(default {FULL['min_seconds']}; --quick {QUICK['min_seconds']})")
     parser.add_argument("--max-seq", type=int, default=256,
                         help="longest sequence; a task's tokens split into tokens // max_seq rows (default 256)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every process (default 2)")
@@ -357,16 +366,16 @@ def main(argv: list[str] | None = None) -> None:
     shapes = [shape_for(t, args.max_seq) for t in args.sweep]
     ram_mb = total_ram_mb()
     start_forkserver(args.threads)
-    log(f"{args.model}, {args.tasks} tasks, sweep {args.sweep} tokens/task, {args.steps} timed steps, "
+    log(f"{args.model}, {args.tasks} tasks, sweep {args.sweep} tokens/task, at least {args.steps} timed rounds, "
         f"RAM {ram_mb:.0f} MB")
-    workers = start_workers(args, ram_mb)
     points = []
-    try:
-        for shape in shapes:
+    for shape in shapes:
+        workers = start_workers(args, ram_mb)  # fresh processes for every point (module docstring)
+        try:
             points.append(measure_point(workers, shape, args, ram_mb))
-            print(table(shape, points[-1]).to_string(index=False), "\n", flush=True)
-    finally:
-        close_all(workers)
+        finally:
+            close_all(workers)
+        print(table(shape, points[-1]).to_string(index=False), "\n", flush=True)
     result = summarize(args, shapes, points)
     columns = ("tokens_per_task", "mux_vs_separate", "mux_vs_limit", "memory_ratio", "mux_vs_separate_median",
                "mux_vs_limit_median")

@@ -26,7 +26,8 @@ configurations is the sum over the N processes. Every process uses `--threads` (
 except in separate_concurrent (above).
 Each measurement is 1 untimed warm-up step then timed steps (setup never counts). The timed steps of
 one sweep point are interleaved: one step of every process of every configuration in turn
-(separate[0..N-1], switch, muxtune, limit), in rounds, so a noisy machine hits them alike; the number
+(separate[0..N-1], switch, muxtune, limit; every other round in reverse), in rounds, so a noisy
+machine hits them alike; the number
 of rounds is `--steps` or more, enough for muxtune's timed steps to last `--min-seconds` (cheap small
 points get more rounds: more pairs for the paired median). separate_concurrent runs after the rounds.
 
@@ -170,12 +171,13 @@ def train_all(workers: list[Worker], steps: int) -> list[dict]:
 
 def interleaved(jobs: dict[str, list[Worker]], steps: int) -> dict[str, list[dict]]:
     """Timed steps round-robin: one step of every job's every process in turn, `steps` times over,
-    so that load from elsewhere on the machine hits all configurations alike."""
+    so that load from elsewhere on the machine hits all configurations alike. Every other round runs
+    in reverse order (A B C, C B A, ...): no configuration always steps right after the same one."""
     records = {name: [] for name in jobs}
+    order = [(name, w) for name, procs in jobs.items() for w in procs]
     for k in range(steps):
-        for name, procs in jobs.items():
-            for w in procs:
-                records[name].extend(train_all([w], 1))
+        for name, w in (order if k % 2 == 0 else order[::-1]):
+            records[name].extend(train_all([w], 1))
         log(f"  timed round {k + 1}/{steps} done")
     return records
 

@@ -180,6 +180,20 @@ def train(job, steps: int) -> dict:
             "pid": os.getpid()}
 
 
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc keeps freed activations of < 32 MB tensors
+    mapped). At 512 tokens/task 11 idle workers otherwise sit on ~20 of 24 GB between their steps and
+    the machine runs short of page cache; the peak RSS a point reports is unchanged (ru_maxrss)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def serve(job, conn) -> None:
     import torch
 
@@ -194,9 +208,12 @@ def serve(job, conn) -> None:
                 start = time.perf_counter()
                 job.step()  # warm-up, not timed (its duration sizes the number of timed rounds)
                 seconds = time.perf_counter() - start
+            release_free_memory()
             conn.send({"ok": True, "warmup_seconds": seconds})
         elif cmd["op"] == "train":
-            conn.send(train(job, cmd["steps"]))
+            result = train(job, cmd["steps"])
+            release_free_memory()  # before answering: the parent starts the next process's step after it
+            conn.send(result)
         elif cmd["op"] == "exit":
             return
         else:

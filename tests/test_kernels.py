@@ -96,16 +96,20 @@ def test_segmented_lora_reference_equals_a_per_task_loop():
 
 
 @pytest.mark.parametrize("view_output", [False, True])
-def test_looped_lora_is_bit_identical_to_the_per_task_layers(view_output):
+@pytest.mark.parametrize("all_rows", [False, True])
+def test_looped_lora_is_bit_identical_to_the_per_task_layers(view_output, all_rows):
     """The CPU path (one autograd node, a matmul pair per segment) against each task's own LoraLayer
     applied to its rows through autograd, as HF PEFT computes it: outputs and every gradient (x, A, B)
-    equal bit for bit; with dropout masks, empty segments and rows left to the base op alone."""
+    equal bit for bit; with dropout masks, empty segments, and either rows left to the base op alone
+    (per-segment scale and add) or every row in a segment (one per-row scale and add for all)."""
     from muxtune.executor.peft.lora import Config, LoraLayer
-    from muxtune.kernels.lora import looped_lora
+    from muxtune.kernels.lora import _row_scale, looped_lora
 
     gen = torch.Generator().manual_seed(7)
     tokens, k, n = 50, 24, 20
-    spans = [(0, 0), (0, 12), (12, 30), (34, 50)]  # an empty segment, and rows 30..34 without adapter
+    # an empty segment; rows 30..34 without adapter unless all_rows
+    spans = [(0, 0), (0, 12), (12, 30), (30 if all_rows else 34, 50)]
+    assert (_row_scale(tuple(spans), (1.0,) * 4, tokens, torch.device("cpu")) is not None) == all_rows
     layers = [LoraLayer(Config(r=r, alpha=a, dropout=0.1), k, n, gen) for r, a in ((2, 4), (1, 3), (8, 16), (4, 4))]
     for layer in layers:
         torch.nn.init.normal_(layer.lora_B.weight, generator=gen)

@@ -27,9 +27,9 @@ except in separate_concurrent (above).
 Each measurement is 1 untimed warm-up step then timed steps (setup never counts). The timed steps of
 one sweep point are interleaved: one step of every process of every configuration in turn
 (separate[0..N-1], switch, muxtune, limit; every other round in reverse), in rounds, so a noisy
-machine hits them alike; the number
-of rounds is `--steps` or more, enough for muxtune's timed steps to last `--min-seconds` (cheap small
-points get more rounds: more pairs for the paired median). separate_concurrent runs after the rounds.
+machine hits them alike; the number of rounds is `--steps` or more, enough for muxtune's timed steps
+to last `--min-seconds` (cheap small points get more rounds: more pairs for the paired median).
+separate_concurrent runs after the rounds.
 
 Output: per sweep point a table (tokens_per_task, config, tokens_per_s, peak_rss_mb), progress lines
 on stderr, and as the LAST stdout line one JSON object: per-point figures, plus
@@ -219,11 +219,12 @@ def measure_point(workers: dict, shape: Shape, args, ram_mb: float) -> dict:
     jobs = {"separate_seq": workers["separate"], "switch": [workers["switch"]],
             "muxtune": [workers["muxtune"]], "single_adapter_limit": [workers["limit"]]}
     rows = {name: n * shape.rows if name == "single_adapter_limit" else shape.rows for name in jobs}
-    warmup = {}
     for name, procs in jobs.items():
         for w in procs:  # one at a time: a warm-up step never overlaps another process's work
-            warmup[name] = prepare_all([w], rows[name], shape.seq, args.threads)[0]["warmup_seconds"]
-    rounds = max(args.steps, math.ceil(args.min_seconds / warmup["muxtune"]))
+            answer = prepare_all([w], rows[name], shape.seq, args.threads)[0]
+            if name == "muxtune":
+                mux_step = answer["warmup_seconds"]
+    rounds = max(args.steps, math.ceil(args.min_seconds / mux_step))
     log(f"t={shape.tokens}: all {n + 3} processes warm; {rounds} timed rounds")
     out = {name: sequential_figures(recs) for name, recs in interleaved(jobs, rounds).items()}
     out["rounds"] = rounds

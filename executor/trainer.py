@@ -102,13 +102,11 @@ def grad_norms(runs: list[TaskRun]) -> list[torch.Tensor | None]:
     """Every task's total gradient norm (None without gradients; one pass serves both the finiteness
     check and the clipping), bit for bit as `torch.nn.utils.get_total_norm` computes it
     (the 2-norm of the stacked per-tensor 2-norms), but the per-tensor norms of ALL tasks in one
-    foreach call: with many small adapters the per-call work of doing it task by task is most of it."""
+    foreach call: with many small adapters the per-call work of doing it task by task is most of it.
+    Every adapter tensor is fp32 on the trainer's device (TaskAdapter), so the library's grouping by
+    device and dtype is one group in parameter order, as here."""
     grads = [[p.grad for p in run.parameters() if p.grad is not None] for run in runs]
     flat = [g for task in grads for g in task]
-    # one device and dtype (fp32 adapters), dense: else the library's path, whose grouping by device and
-    # dtype would stack the per-tensor norms in another order
-    if len({(g.device, g.dtype) for g in flat}) > 1 or any(g.is_sparse for g in flat):
-        return [torch.nn.utils.get_total_norm(task) if task else None for task in grads]
     per_tensor = list(torch._foreach_norm(flat, 2.0)) if flat else []
     out, start = [], 0
     for task in grads:

@@ -271,8 +271,8 @@ def observe_step(trainer, device: str) -> dict:
     for opt in optimizers:
         opt.step, opt.zero_grad = timed("optimizer", opt.step), timed("optimizer", opt.zero_grad)
     patches = [(torch.Tensor, "backward", timed("backward", torch.Tensor.backward)),
-                   (trainer_module, "grad_norms", timed("optimizer", trainer_module.grad_norms)),
-                   (trainer_module, "clip_with_norm", timed("optimizer", trainer_module.clip_with_norm))]
+               (trainer_module, "grad_norms", timed("optimizer", trainer_module.grad_norms)),
+               (trainer_module, "clip_with_norm", timed("optimizer", trainer_module.clip_with_norm))]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     try:
         for owner, name, wrapper in patches:

@@ -1,18 +1,21 @@
 # Two entry points on a fresh machine: `make demo` and `make test`.
-# Both create .venv with pip when it is missing and install torch (pinned CPU-friendly
-# wheel) plus this project in editable mode with its dev extras.
+# Both create .venv with pip when it is missing and install every dependency from requirements.lock
+# (pip-compile --generate-hashes: each transitive version pinned and hash-checked; torch is the pinned CPU
+# wheel), then this project in editable mode without resolving anything again (--no-deps).
+# `make lock` refreshes the lock from pyproject.toml's ranges; `make check-latest` tries the newest
+# versions those ranges allow in a scratch venv.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test install clean bench data browser
+.PHONY: demo test install clean bench data browser lock check-latest
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,8 +32,20 @@ browser:
 	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) || \
 	  echo "make browser: could not install chromium; the report render test will be skipped"
 
+# -P: the checkout root is never on sys.path (our top-level kernels/ would shadow the `kernels` package
+# that transformers imports; tests/test_install.py checks every entry point).
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -P -m pytest -q tests
+
+# Refresh the lock after changing pyproject.toml's dependencies (see README, "Dependencies").
+lock:
+	test -x .lock-venv/bin/pip-compile || ($(PY) -m venv .lock-venv && .lock-venv/bin/pip install --quiet pip-tools)
+	.lock-venv/bin/pip-compile --quiet --generate-hashes --allow-unsafe --no-emit-index-url --no-emit-find-links \
+	  --extra dev --strip-extras --output-file requirements.lock pyproject.toml
+
+# The newest versions pyproject.toml's ranges allow, in a scratch venv, on a fast subset of the tests.
+check-latest:
+	$(PY) tools/check_latest.py
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.mux_vs_separate
@@ -39,4 +54,4 @@ data:
 	$(PY) examples/make_data.py --out examples/data
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) .lock-venv runs build *.egg-info

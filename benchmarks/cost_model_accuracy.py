@@ -29,7 +29,7 @@ from muxtune.profiler.profile import clock, load_or_profile, peak_bytes, peft_co
 
 from muxtune.spec import Alignment, TaskSpec
 
-from benchmarks.simulator import observe_phases
+from .simulator import observe_phases
 
 # (name, seq_len, [(method, rank, rows[, peft overrides]), ...]): none of these (tokens, rank, mix, target
 # list) is a profile point

@@ -81,7 +81,7 @@ def run_with_kills(config: Path, out: Path, kills: int, rng: random.Random, tota
     records, resume = [], False
     targets = sorted(rng.sample(range(1, total_steps - 1), kills))  # kill points spread over the run
     for attempt in range(kills + 1):
-        command = [sys.executable, "-m", "benchmarks._faults_worker", str(config), str(out)] + \
+        command = [sys.executable, "-m", "muxtune.benchmarks._faults_worker", str(config), str(out)] + \
             (["--plan", str(plan)] if plan else []) + (["--resume"] if resume else [])
         # its own session: the SIGKILL reaches the launcher and every worker process at once
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

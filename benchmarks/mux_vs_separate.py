@@ -64,7 +64,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks import _peft_worker
+from muxtune.benchmarks import _peft_worker  # by its installed name: forkserver children import it without the checkout root
 
 CONFIGS = ["separate_seq", "separate_concurrent", "switch", "muxtune", "single_adapter_limit"]
 FULL = {"model": "builtin:llama-100m", "tasks": 8, "sweep": "32,64,128,256,512", "steps": 4, "min_seconds": 20.0}
@@ -154,7 +154,7 @@ def start_forkserver(threads: int) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    multiprocessing.set_forkserver_preload(["benchmarks._peft_worker", *_peft_worker.PRELOAD])
+    multiprocessing.set_forkserver_preload(["muxtune.benchmarks._peft_worker", *_peft_worker.PRELOAD])
 
 
 def prepare_all(workers: list[Worker], rows: int, seq: int, threads: int, warmup: bool = True) -> list[dict]:

@@ -86,7 +86,7 @@ def measure(config, plan, warmup: int) -> dict:
 def sim_error(config, plan, measured: dict, warmup: int) -> dict:
     """Per measured step after `warmup`: the simulated step time for that step's shapes; raises
     ImportError without the profiler."""
-    from benchmarks.simulator import load_cost_model
+    from .simulator import load_cost_model
     from muxtune.simulator.iteration import simulate_step
     from muxtune.simulator.workload import task_work
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         if tp is not None:
             predicted = sim_error(config, tp_plan, tp, warmup)
             tp["sim_error"], tp["predicted_step_s"] = predicted["error"], predicted["predicted_step_s"]
-            from benchmarks.simulator import load_cost_model
+            from .simulator import load_cost_model
 
             rows = load_cost_model(config.model, "cpu" if devices[0] == "cpu" else devices[0]).profile.rows("tp_layer")
             tp["profile_measured"] = bool(not rows.empty and (rows["world"] == len(devices)).any())

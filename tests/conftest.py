@@ -10,6 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tokenized-data cache (executor/data.py): one fresh folder per test session, never the repo's
 os.environ.setdefault("MUXTUNE_CACHE", tempfile.mkdtemp(prefix="muxtune-cache-"))
 
+import muxtune  # noqa: F401  first: keeps the checkout root off sys.path (see muxtune/__init__.py)
 import pytest
 import torch
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks import cost_model_accuracy, mixed_methods
+from muxtune.benchmarks import cost_model_accuracy, mixed_methods
 
 
 def test_mixed_methods_benchmark_runs_on_a_tiny_model(capsys):
@@ -19,7 +19,7 @@ def test_mixed_methods_benchmark_runs_on_a_tiny_model(capsys):
 
 def test_simulator_benchmark_runs_and_predicts_with_a_plugged_in_cost_model(capsys, monkeypatch):
     from fake_cost_model import FakeCostModel, FakeShape
-    from benchmarks import simulator
+    from muxtune.benchmarks import simulator
 
     # the real CostModel arrives with the profiler; here the prediction path runs on the tests' fake
     monkeypatch.setattr(simulator, "load_cost_model", lambda model, device, profile=None: FakeCostModel(shape=FakeShape(n_layers=2)))
@@ -33,7 +33,7 @@ def test_simulator_benchmark_runs_and_predicts_with_a_plugged_in_cost_model(caps
 def test_simulator_benchmark_times_the_step_phases_beside_the_shipped_profiles_terms(repo, capsys):
     """--phases on the real CostModel (a shipped profile, given explicitly): every term of the step's
     price sits beside one measured phase, so the phase rows add up to the whole step's price."""
-    from benchmarks import simulator
+    from muxtune.benchmarks import simulator
 
     profile = next((repo / "profiles").glob("cpu-*-tiny-llama.csv"))
     result = simulator.main(["--quick", "--phases", "--max-seq-len", "48", "--profile", str(profile)])
@@ -46,7 +46,7 @@ def test_simulator_benchmark_times_the_step_phases_beside_the_shipped_profiles_t
 
 
 def test_alignment_benchmark_runs_in_quick_mode(capsys):
-    from benchmarks import alignment
+    from muxtune.benchmarks import alignment
 
     result = alignment.main(["--quick", "--threads", "1"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -59,7 +59,7 @@ def test_alignment_benchmark_runs_in_quick_mode(capsys):
 
 
 def test_faults_benchmark_kills_resumes_and_contains_the_poisoned_task(capsys):
-    from benchmarks import faults
+    from muxtune.benchmarks import faults
 
     result = faults.main(["--kills", "1", "--steps", "12", "--every", "3", "--tasks", "2"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -73,7 +73,7 @@ def test_faults_benchmark_kills_resumes_and_contains_the_poisoned_task(capsys):
 
 def test_faults_benchmark_on_a_two_process_pipeline(capsys):
     """--plan pp2: every run is a 2-stage pipeline; the kill takes down the launcher and both stages."""
-    from benchmarks import faults
+    from muxtune.benchmarks import faults
 
     result = faults.main(["--plan", "pp2", "--kills", "1", "--steps", "8", "--every", "3", "--tasks", "2"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -86,7 +86,7 @@ def test_faults_benchmark_on_a_two_process_pipeline(capsys):
 
 def test_pipeline_benchmark_runs_in_quick_mode(capsys):
     """Three plans on a 2-process gloo pipeline; keys and sanity only (timings are not asserted here)."""
-    from benchmarks import pipeline
+    from muxtune.benchmarks import pipeline
 
     result = pipeline.main(["--quick"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -118,7 +118,7 @@ def test_cost_model_accuracy_benchmark_runs_every_configuration_on_a_shipped_pro
 
 
 def test_planner_benchmark_runs_in_quick_mode(capsys):
-    from benchmarks import planner
+    from muxtune.benchmarks import planner
 
     result = planner.main(["--quick"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

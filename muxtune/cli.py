@@ -152,10 +152,22 @@ def cmd_profile(args) -> int:
     device = "cuda:0" if args.devices == "cuda" else args.devices
     if args.threads:
         torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    if args.budget is not None and args.budget < 0:
+        raise MuxTuneError(f"--budget: expected seconds >= 0 (0: no budget), got {args.budget}")
+    budget = -1.0 if args.budget is None else (args.budget or None)
     profile, path, reused = load_or_profile(args.model, device, args.mode, DTYPES[args.dtype],
-                                            out=args.out, refresh=args.refresh, progress=not args.no_progress)
+                                            out=args.out, refresh=args.refresh, progress=not args.no_progress,
+                                            budget=budget, methods=methods, targets=targets)
     fp = profile.meta["fingerprint"]
-    how = "reused cached profile" if reused else f"measured {len(profile.table)} points ({args.mode})"
+    if reused:
+        how = "reused stored profile"
+    else:
+        meta = profile.meta
+        how = (f"measured {len(profile.table)} rows ({args.mode}) in {meta['seconds']:.0f} s"
+               + (f" (budget {meta['budget_s']:.0f} s)" if meta.get("budget_s") else "")
+               + (f"; cut to fit: {'; '.join(meta['cuts'])}" if meta.get("cuts") else ""))
     print(f"{how} for {fp['model']} on {fp['device_name']} (threads {fp['threads']}, torch {fp['torch']})")
     print(f"wrote {path}" if not reused else f"profile: {path}")
     return 0
@@ -258,8 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="builtin:tiny-llama", help="builtin:<preset> or a local HF model dir "
                    "(default builtin:tiny-llama)")
     p.add_argument("--devices", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
-    p.add_argument("--mode", choices=["quick", "full"], default="full", help="quick: few points (tests); "
-                   "full (default): the grid the planner prices with")
+    p.add_argument("--mode", choices=["quick", "full"], default="quick", help="quick (default): the grid "
+                   "plans are priced with; full: more points, ranks and sizes to start from")
+    p.add_argument("--budget", type=float, help="seconds the profile may take (default: 180 quick, 600 full; "
+                   "0: no budget): repeats stop once each median is known within 2%%, and a grid that does "
+                   "not fit is thinned (docs/profiler.md)")
+    p.add_argument("--methods", help="comma-separated PEFT methods to measure (default: all seven)")
+    p.add_argument("--targets", help="comma-separated op names whose LoRA/DoRA rows are measured (default: "
+                   "every op of a layer)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="backbone dtype, as the config's dtype (default float32)")
     p.add_argument("--threads", type=int, help="CPU threads to measure with (part of the fingerprint)")

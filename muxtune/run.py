@@ -224,17 +224,29 @@ class Prediction:
     info: dict  # cost model, hardware, gpus, predicted step time and tokens/s
 
 
+def profile_needs(config: RunConfig) -> tuple[list[str], list[str]]:
+    """The PEFT methods the config's tasks use and the op names their LoRA/DoRA tasks target: all a
+    profile measured for this config needs (any other method or op is skipped)."""
+    methods = sorted({task.peft.method for task in config.tasks})
+    targets = set()
+    for task in config.tasks:
+        if task.peft.method in ("lora", "dora"):
+            targets |= set(task.peft.target_modules)
+    return methods, sorted(targets)
+
+
 def profile_phase(config: RunConfig, profile: str | None = None, hardware: str | None = None,
-                  progress: bool = True):
-    """The CostModel: `hardware` (a catalog GPU, analytic), else the profile CSV `profile`, else a cached
-    profile of this device; if none matches, a quick one is measured now (minutes on a CPU, once) by
+                  progress: bool = True, budget: float | None = None):
+    """The CostModel: `hardware` (a catalog GPU, analytic), else the profile CSV `profile`, else a stored
+    profile that passes the calibration check on this device (profiler/calibration.py); if none does, a
+    quick one of what the config's tasks need is measured now within `budget` seconds (default 180) by
     `muxtune profile` in a fresh process: its all-reduce workers fork, which is only safe from a process
     that has not started thread pools yet (this one has loaded data by now)."""
     import subprocess
     import sys
 
     from muxtune.profiler.cost_model import CostModel, ModelShape
-    from muxtune.profiler.profile import find_cached, fingerprint
+    from muxtune.profiler.profile import trusted_profile
 
     dtype = DTYPES[config.dtype]
     if hardware:
@@ -244,18 +256,23 @@ def profile_phase(config: RunConfig, profile: str | None = None, hardware: str |
         return CostModel.from_profile(profile), f"profile {profile}"
     device = check_devices(config)[0]
     threads = torch.get_num_threads()  # part of the fingerprint: the child measures with ours
-    fp = fingerprint(device, config.model, model_config(config.model), dtype)
-    cached, measured = find_cached(fp, "quick"), ""
-    if cached is None:
-        command = [sys.executable, "-m", "muxtune.cli", "profile", "--model", config.model, "--devices", device,
-                   "--mode", "quick", "--dtype", config.dtype, "--threads", str(threads)]
-        done = subprocess.run(command + ([] if progress else ["--no-progress"]), text=True,
-                              stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE)
-        cached, measured = find_cached(fp, "quick"), " (measured now)"
-        if done.returncode != 0 or cached is None:
-            raise MuxTuneError(f"profile: measuring {config.model} on {device} failed (exit {done.returncode}): "
-                               f"{(done.stderr or done.stdout or '').strip()[-500:]}")
-    return CostModel.from_profile(cached), f"profile {cached}{measured}"
+    methods, targets = profile_needs(config)
+    say = (lambda line: print(line, file=sys.stderr)) if progress else (lambda line: None)
+    found = trusted_profile(config.model, device, "quick", dtype, methods, targets, say=say)
+    if found is not None:
+        stored, path, check = found
+        return CostModel.from_profile(stored), f"profile {path} (calibration: {check.verdict})"
+    command = [sys.executable, "-m", "muxtune.cli", "profile", "--model", config.model, "--devices", device,
+               "--mode", "quick", "--dtype", config.dtype, "--threads", str(threads), "--refresh",
+               "--methods", ",".join(methods)] + (["--targets", ",".join(targets)] if targets else []) \
+        + (["--budget", str(budget)] if budget is not None else [])
+    done = subprocess.run(command + ([] if progress else ["--no-progress"]), text=True,
+                          stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE)
+    path = next((line.split(" ", 1)[1] for line in (done.stdout or "").splitlines() if line.startswith("wrote ")), None)
+    if done.returncode != 0 or path is None:
+        raise MuxTuneError(f"profile: measuring {config.model} on {device} failed (exit {done.returncode}): "
+                           f"{(done.stderr or done.stdout or '').strip()[-500:]}")
+    return CostModel.from_profile(path), f"profile {path} (measured now)"
 
 
 def model_config(model: str):

@@ -37,8 +37,11 @@ before the op (CUDA: max_memory_allocated; CPU: a dispatch-mode tally of live te
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -55,9 +58,12 @@ import torch
 from torch import nn
 
 from muxtune.errors import MuxTuneError
+from muxtune.profiler.budget import Pilot, Progress, fit
+from muxtune.profiler.sampling import (Sampling, Timed, alternated, clock, fwd_bwd_seconds,  # noqa: F401
+                                       median_seconds, sync)
 
 COLUMNS = ["op", "phase", "tokens", "seq_len", "method", "rank", "params", "nbytes", "world",
-           "seconds", "saved_bytes", "batch_bytes", "peak_bytes", "target"]
+           "seconds", "saved_bytes", "batch_bytes", "peak_bytes", "target", "rel_error"]
 HEADER = "# muxtune-profile "  # first line of a profile CSV: this marker + the JSON metadata
 REPO_PROFILES = Path(__file__).resolve().parent.parent / "profiles"  # shipped profiles (in the repo)
 
@@ -182,6 +188,8 @@ class Profile:
         table = pd.read_csv(path, skiprows=1)
         if "target" not in table.columns:  # profiles from before per-target rows: none of them
             table["target"] = ""
+        if "rel_error" not in table.columns:  # profiles from before adaptive repeats: not reported
+            table["rel_error"] = float("nan")
         missing = [c for c in COLUMNS if c not in table.columns]
         if missing:
             raise MuxTuneError(f"{path}:2: profile table lacks columns {missing}")
@@ -207,31 +215,6 @@ def find_cached(fp: dict, mode: str = "quick", paths: list[Path] | None = None) 
 
 
 # --- timing and memory helpers -----------------------------------------------------------------------
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(torch.device(device))
-
-
-def clock() -> float:
-    """The profiler's timer: wall time (what a step takes), or with MUXTUNE_PROFILE_CLOCK=cpu this
-    process's CPU time, which on a CPU shared with other jobs counts this work and not the time the
-    others held the cores (a diagnostic for loaded machines: wrong for CUDA, whose work is async)."""
-    return time.process_time() if os.environ.get("MUXTUNE_PROFILE_CLOCK") == "cpu" else time.perf_counter()
-
-
-def median_seconds(fn, device: str, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = clock()
-        fn()
-        sync(device)
-        times.append(clock() - start)
-    return statistics.median(times)
 
 
 def observe_step(trainer, device: str) -> dict:
@@ -454,56 +437,19 @@ def bare_model_loss(model: nn.Module, ids, mask) -> torch.Tensor:
     return head_loss(model, hidden[:, :-1].reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def fwd_bwd_seconds(forward, device: str, warmup: int, repeats: int) -> tuple[float, float]:
-    """Median forward and median backward time of `forward()` -> scalar loss (or (out, grad))."""
-    fwd, bwd = [], []
-    for i in range(warmup + repeats):
-        sync(device)
-        t0 = clock()
-        out = forward()
-        sync(device)
-        t1 = clock()
-        if isinstance(out, tuple):
-            out[0].backward(out[1])
-        else:
-            out.backward()
-        sync(device)
-        t2 = clock()
-        if i >= warmup:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-        del out
-    return statistics.median(fwd), statistics.median(bwd)
-
-
-# --- the measurements --------------------------------------------------------------------------------
-
-
-def alternated(calls: list, device: str, warmup: int, repeats: int, between=None) -> list[tuple[float, float]]:
-    """(median forward, median backward) seconds of each of `calls`, timed in alternation (one of each
-    per round) so load on the machine hits them alike; `between()` runs after every round."""
-    times = [([], []) for _ in calls]
-    for i in range(warmup + repeats):
-        for (fs, bs), call in zip(times, calls):
-            f, b = fwd_bwd_seconds(call, device, 0, 1)
-            if i >= warmup:
-                fs.append(f), bs.append(b)
-        if between is not None:
-            between()
-    return [(statistics.median(fs), statistics.median(bs)) for fs, bs in times]
-
-
 def zero_grads(*trainers) -> None:
     for trainer in trainers:
         for run in trainer.runs.values():
             run.optimizer.zero_grad(set_to_none=True)
 
 
-def _row(op, phase, seconds, tokens=0, seq_len=0, method="", rank=0, params=0, nbytes=0, world=0,
+def _row(op, phase, timed: Timed | float, tokens=0, seq_len=0, method="", rank=0, params=0, nbytes=0, world=0,
          saved=0, batch=0, peak=0, target="") -> dict:
+    if not isinstance(timed, Timed):  # a value not measured here (tests' synthetic profiles)
+        timed = Timed(float(timed), math.nan)
     return {"op": op, "phase": phase, "tokens": tokens, "seq_len": seq_len, "method": method, "rank": rank,
-            "params": params, "nbytes": nbytes, "world": world, "seconds": seconds, "saved_bytes": saved,
-            "batch_bytes": batch, "peak_bytes": peak, "target": target}
+            "params": params, "nbytes": nbytes, "world": world, "seconds": timed.seconds, "saved_bytes": saved,
+            "batch_bytes": batch, "peak_bytes": peak, "target": target, "rel_error": round(timed.rel_error, 4)}
 
 
 TP_DEGREES = (2,)  # tensor-parallel degrees whose layer shards are measured (tp_layer rows)
@@ -536,7 +482,7 @@ def tp_shard_layers(model: nn.Module, layer: nn.Module) -> dict[int, nn.Module]:
     return out
 
 
-def measure_backbone(model, device: str, grid: dict, warmup: int, repeats: int, bar) -> list[dict]:
+def measure_backbone(model, device: str, grid: dict, s: Sampling, progress) -> list[dict]:
     rows = []
     parent, attr, layers = decoder_layers(model)
     layer = layers[0]
@@ -545,6 +491,7 @@ def measure_backbone(model, device: str, grid: dict, warmup: int, repeats: int, 
     head_weight = model.get_output_embeddings().weight
     for seq, token_counts in grid.items():
         for tokens in token_counts:
+            progress.begin(("layer", seq, tokens))
             ids, mask = synthetic_batch(tokens // seq, seq, device)
             args, kwargs = layer_inputs(model, layer, ids, mask)
             hidden, grad = args[0].detach(), torch.randn_like(args[0])
@@ -553,7 +500,7 @@ def measure_backbone(model, device: str, grid: dict, warmup: int, repeats: int, 
                 out = layer(hidden.requires_grad_(), *args[1:], **kwargs)
                 return (out[0] if isinstance(out, tuple) else out), grad
 
-            f, b = fwd_bwd_seconds(layer_fwd, device, warmup, repeats)
+            f, b = fwd_bwd_seconds(layer_fwd, device, s)
             # the mask and rotary tables are built once per forward and shared by every layer: count
             # them once (on the stem row), not once per layer
             shared = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args[1:], kwargs))
@@ -569,7 +516,7 @@ def measure_backbone(model, device: str, grid: dict, warmup: int, repeats: int, 
                     out = shard(hidden.requires_grad_(), *args[1:], **kwargs)
                     return (out[0] if isinstance(out, tuple) else out), grad
 
-                f, b = fwd_bwd_seconds(shard_fwd, device, warmup, repeats)
+                f, b = fwd_bwd_seconds(shard_fwd, device, s)
                 shard_weights = {p.untyped_storage().data_ptr() for p in shard.parameters()}
                 rows += [_row("tp_layer", "fwd", f, tokens, seq, world=tp, saved=saved_bytes(shard_fwd, shard_weights | shared)),
                          _row("tp_layer", "bwd", b, tokens, seq, world=tp)]
@@ -578,28 +525,29 @@ def measure_backbone(model, device: str, grid: dict, warmup: int, repeats: int, 
             setattr(parent, attr, nn.ModuleList())
             try:
                 with torch.no_grad():
-                    s = median_seconds(lambda: model.base_model(input_ids=ids, attention_mask=mask,
-                                                                use_cache=False), device, warmup, repeats)
+                    stem = median_seconds(lambda: model.base_model(input_ids=ids, attention_mask=mask,
+                                                                   use_cache=False), device, s)
             finally:
                 setattr(parent, attr, layers)
-            rows.append(_row("stem", "fwd", s, tokens, seq, saved=saved_shared))
+            rows.append(_row("stem", "fwd", stem, tokens, seq, saved=saved_shared))
 
-            f, b = fwd_bwd_seconds(lambda: bare_model_loss(model, ids, mask), device, warmup, repeats)
+            f, b = fwd_bwd_seconds(lambda: bare_model_loss(model, ids, mask), device, s)
             rows += [_row("model", "fwd", f, tokens, seq), _row("model", "bwd", b, tokens, seq)]
-            bar.update(1)
+            progress.end()
 
     for tokens in sorted({t for ts in grid.values() for t in ts}):
+        progress.begin(("head", tokens))
         hidden = torch.randn(tokens, model.config.hidden_size, device=device, dtype=head_weight.dtype)
         targets = torch.randint(0, 256, (tokens,), device=device)
-        f, b = fwd_bwd_seconds(lambda: head_loss(model, hidden.requires_grad_(), targets), device,
-                               warmup, repeats)
+        f, b = fwd_bwd_seconds(lambda: head_loss(model, hidden.requires_grad_(), targets), device, s)
         peak = peak_bytes(lambda: head_loss(model, hidden.requires_grad_(), targets).backward(), device)
         rows += [_row("head", "fwd", f, tokens, peak=peak), _row("head", "bwd", b, tokens)]
         hidden.grad = None
+        progress.end()
     return rows
 
 
-def measure_tasks(backbone, device: str, spec: dict, warmup: int, repeats: int, bar) -> list[dict]:
+def measure_tasks(backbone, device: str, spec: dict, s: Sampling, progress) -> list[dict]:
     """Each (method, rank, rows): the fused step with that one task attached vs the bare model on the
     same batch, in alternation so load on the machine hits both alike. Rows per point:
       fwd   forward with the task minus the bare forward
@@ -616,9 +564,12 @@ def measure_tasks(backbone, device: str, spec: dict, warmup: int, repeats: int, 
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     for method, ranks in spec["ranks"].items():
         # a difference of four timings: three times the repeats to keep its noise near the others'
-        out += measure_shared(backbone, device, method, ranks[0], spec["task_rows"][0], seq, warmup, 3 * repeats)
+        progress.begin(("shared", method))
+        out += measure_shared(backbone, device, method, ranks[0], spec["task_rows"][0], seq, s.times(3))
+        progress.end()
         for rank in ranks:
             for n_rows in spec["task_rows"]:
+                progress.begin(("task", method, rank, n_rows))
                 trainer, batch = probe_trainer(backbone, device, method, rank, n_rows, seq, count=1)
                 run = trainer.runs["probe0"]
                 try:
@@ -638,17 +589,19 @@ def measure_tasks(backbone, device: str, spec: dict, warmup: int, repeats: int, 
                         return bare_model_loss(model, batch.input_ids, batch.attention_mask)
 
                     times = {k: [] for k in ("f1", "b1", "f2", "b2", "f0", "b0", "step")}
-                    for i in range(warmup + repeats):
-                        f1, b1 = fwd_bwd_seconds(with_task, device, 0, 1)
-                        f2, b2 = fwd_bwd_seconds(with_task_full_depth, device, 0, 1)
-                        f0, b0 = fwd_bwd_seconds(bare, device, 0, 1)
+                    once = Sampling(warmup=0, least=1, most=1)
+                    for i in s.repeat(*times.values()):
+                        f1, b1 = fwd_bwd_seconds(with_task, device, once)
+                        f2, b2 = fwd_bwd_seconds(with_task_full_depth, device, once)
+                        f0, b0 = fwd_bwd_seconds(bare, device, once)
                         run.optimizer.zero_grad(set_to_none=True)
                         seen = observe_step(trainer, device)  # the real training step
                         step = seen["host"] + seen["optimizer"]
-                        if i >= warmup:
-                            for k, v in zip(times, (f1, b1, f2, b2, f0, b0, step)):
+                        if i >= 0:
+                            for k, v in zip(times, (f1.seconds, b1.seconds, f2.seconds, b2.seconds, f0.seconds,
+                                                    b0.seconds, step)):
                                 times[k].append(v)
-                    m = {k: statistics.median(v) for k, v in times.items()}
+                    m = {k: Timed.of(v) for k, v in times.items()}
                     mine = weights | {p.untyped_storage().data_ptr() for p in run.adapter.parameters()}
                     saved, batch_saved = adapter_saved_bytes(run.adapter, lambda: with_task().backward(), mine)
                     saved_skip = (saved_bytes(lambda: with_task_full_depth().backward(), mine)
@@ -662,7 +615,7 @@ def measure_tasks(backbone, device: str, spec: dict, warmup: int, repeats: int, 
                         _row("task", "bwd", m["b2"] - m["b0"], tokens, seq, method, rank, params),
                         _row("task", "skip", m["b2"] - m["b1"], tokens, seq, method, rank, params, saved=saved_skip),
                         _row("task", "step", m["step"], tokens, seq, method, rank, params)]
-                bar.update(1)
+                progress.end()
     return out
 
 
@@ -685,7 +638,7 @@ def layer_op_names(model: nn.Module) -> list[str]:
     return names
 
 
-def measure_targets(backbone, device: str, spec: dict, warmup: int, repeats: int, bar) -> list[dict]:
+def measure_targets(backbone, device: str, spec: dict, s: Sampling, progress) -> list[dict]:
     """Each (LoRA/DoRA, target op name, rank, tokens): one task targeting only that name; every op it
     wraps (all layers) is called as the model calls it, through its MultiplexedOp with the task's rows
     routed, forward and backward (dX, adapter gradients) minus the bare op on the same input, in
@@ -696,7 +649,8 @@ def measure_targets(backbone, device: str, spec: dict, warmup: int, repeats: int
     model_type, dtype = model.config.model_type, next(model.parameters()).dtype
     for method in [m for m in TARGET_METHODS if m in spec["ranks"]]:
         ranks = spec["ranks"][method]
-        for target in layer_op_names(model):
+        for target in target_names(model, spec):
+            progress.begin(("target", method, target))
             for rank in ranks:
                 for tokens in spec["target_tokens"]:
                     n_rows = tokens // seq
@@ -709,7 +663,7 @@ def measure_targets(backbone, device: str, spec: dict, warmup: int, repeats: int
                         calls = {key: _wrapped_ops_loss(trainer, batch, n_rows, seq, dtype, device)
                                  for key, (trainer, batch) in variants.items()}
                         calls["bare"] = _wrapped_ops_loss(*variants["plain"], n_rows, seq, dtype, device, bare=True)
-                        medians = alternated(list(calls.values()), device, warmup, repeats,
+                        medians = alternated(list(calls.values()), device, s,
                                              lambda: zero_grads(*(trainer for trainer, _ in variants.values())))
                     finally:
                         for trainer, _ in variants.values():
@@ -724,13 +678,13 @@ def measure_targets(backbone, device: str, spec: dict, warmup: int, repeats: int
                                             seq, method, rank, target=target))
             for tokens in spec["target_tokens"][:2]:
                 out += measure_target_shared(backbone, device, method, ranks[0], target, tokens // seq, seq,
-                                             warmup, 3 * repeats)
-            bar.update(1)
+                                             s.times(3))
+            progress.end()
     return out
 
 
 def measure_target_shared(backbone, device: str, method: str, rank: int, target: str, n_rows: int, seq: int,
-                          warmup: int, repeats: int) -> list[dict]:
+                          s: Sampling) -> list[dict]:
     """What tasks of `method` on the same op NAME share: all LoRA tasks of an op run as one autograd node
     (`LoopedLoRA`, or one Triton launch), so a second task adds its matmuls but not the node. At the op,
     as `measure_targets`: O1 = one task of n_rows rows minus the bare op, O2 = two such tasks (2 n_rows
@@ -750,7 +704,7 @@ def measure_target_shared(backbone, device: str, method: str, rank: int, target:
                  _wrapped_ops_loss(*one, n_rows, seq, dtype, device, bare=True),
                  _wrapped_ops_loss(*two, 2 * n_rows, seq, dtype, device),
                  _wrapped_ops_loss(*two, 2 * n_rows, seq, dtype, device, bare=True)]
-        m = alternated(calls, device, warmup, repeats, lambda: zero_grads(one[0], two[0]))
+        m = alternated(calls, device, s, lambda: zero_grads(one[0], two[0]))
     finally:
         for trainer, _ in (one, two):
             for name in list(trainer.runs):
@@ -759,10 +713,14 @@ def measure_target_shared(backbone, device: str, method: str, rank: int, target:
             for k, phase in enumerate(("fwd", "bwd"))]
 
 
-def shared_part(m: list[tuple[float, float]], k: int) -> float:
+def shared_part(m: list[tuple[Timed, Timed]], k: int) -> Timed:
     """From medians [one task, bare, two tasks, bare] (phase k): each overhead O = shared + per-task work,
     linear in tasks, so the part a second task does not add again is 2*O1 - O2."""
-    return 2 * (m[0][k] - m[1][k]) - (m[2][k] - m[3][k])
+    a, b, c, d = (m[i][k] for i in range(4))
+    value = 2 * (a.seconds - b.seconds) - (c.seconds - d.seconds)
+    spread = math.hypot(2 * a.seconds * a.rel_error, 2 * b.seconds * b.rel_error, c.seconds * c.rel_error,
+                        d.seconds * d.rel_error)
+    return Timed(value, spread / abs(value) if value else math.inf)
 
 
 def _wrapped_ops_loss(trainer, batch, n_rows: int, seq: int, dtype, device: str, bare: bool = False):
@@ -810,7 +768,7 @@ def probe_trainer(backbone, device: str, method: str, rank: int, n_rows: int, se
     return trainer, batch
 
 
-def measure_step_fixed(backbone, device: str, spec: dict, warmup: int, repeats: int, bar) -> list[dict]:
+def measure_step_fixed(backbone, device: str, spec: dict, s: Sampling, progress) -> list[dict]:
     """The host work of a trainer step that is there once per step, whatever the number of tasks (fusing
     the batch, routing, the loss bookkeeping, the step's own loop): a step's host time (the real
     `trainer.step()` minus its forward and backward, timed inside it) with 1 to 4 LoRA tasks of the same rows each,
@@ -820,27 +778,31 @@ def measure_step_fixed(backbone, device: str, spec: dict, warmup: int, repeats: 
     seq, counts, out = spec["task_seq"], (1, 2, 3, 4), []
     rank = spec["ranks"]["lora"][0]
     for n_rows in spec["task_rows"]:
-        host = {}
+        progress.begin(("step", n_rows))
+        host, errors = {}, []
         for n in counts:
             trainer, batch = probe_trainer(backbone, device, "lora", rank, n_rows, seq, count=n, name=f"fixed{n}_")
             try:
-                times = []
-                for i in range(warmup + 3 * repeats):  # a fit through small differences: more repeats
+                times: list[float] = []
+                for i in s.times(3).repeat(times):  # a fit through small differences: more repeats
                     seen = observe_step(trainer, device)
-                    if i >= warmup:
+                    if i >= 0:
                         times.append(seen["host"] + seen["optimizer"])
                 host[n] = statistics.median(times)
+                errors.append(Timed.of(times).rel_error * host[n])
             finally:
                 for name in list(trainer.runs):
                     trainer.mux.remove_task(name)
         per_task, fixed = (float(v) for v in np.polyfit(counts, [host[n] for n in counts], 1))
-        out.append(_row("step", "host_fixed", fixed, n_rows * seq, seq, "lora", rank))
-        bar.update(1)
+        # the intercept's standard error is about that of one point's median
+        out.append(_row("step", "host_fixed", Timed(fixed, max(errors) / abs(fixed) if fixed else math.inf),
+                        n_rows * seq, seq, "lora", rank))
+        progress.end()
     return out
 
 
-def measure_shared(backbone, device: str, method: str, rank: int, n_rows: int, seq: int, warmup: int,
-                   repeats: int) -> list[dict]:
+def measure_shared(backbone, device: str, method: str, rank: int, n_rows: int, seq: int,
+                   s: Sampling) -> list[dict]:
     """The part of a method's overhead that tasks of that method share when fused together (one split
     and one concatenation per wrapped op, whatever the number of tasks): with O1 the overhead of one
     task and O2 that of two such tasks, each O = shared + per-task, so shared = 2*O1 - O2."""
@@ -855,7 +817,7 @@ def measure_shared(backbone, device: str, method: str, rank: int, n_rows: int, s
     bare = lambda b: lambda: bare_model_loss(model, b.input_ids, b.attention_mask)
     calls = [loss(one, batch1), bare(batch1), loss(two, batch2), bare(batch2)]
     try:
-        m = alternated(calls, device, warmup, repeats)
+        m = alternated(calls, device, s)
     finally:
         for name in ("solo0", "pair0", "pair1"):
             one.mux.remove_task(name)
@@ -863,11 +825,12 @@ def measure_shared(backbone, device: str, method: str, rank: int, n_rows: int, s
             for k, phase in enumerate(("fwd_shared", "bwd_shared"))]
 
 
-def measure_optimizer(device: str, counts: list[int], tensors: int, warmup: int, repeats: int, bar) -> list[dict]:
+def measure_optimizer(device: str, counts: list[int], tensors: int, s: Sampling, progress) -> list[dict]:
     """AdamW step + clip_grad_norm_ + zero_grad over `params` fp32 values split into `tensors` tensors
     (as a task's adapter layers are), with gradients present as after a backward."""
     rows = []
     for params in counts:
+        progress.begin(("optimizer", params))
         sizes = [params // tensors + (1 if i < params % tensors else 0) for i in range(tensors)]
         ps = [nn.Parameter(torch.zeros(max(s, 1), device=device)) for s in sizes]
         opt = torch.optim.AdamW(ps, lr=1e-4, fused=True)  # as executor.trainer.make_optimizer builds it
@@ -886,14 +849,14 @@ def measure_optimizer(device: str, counts: list[int], tensors: int, warmup: int,
             for p in ps:
                 p.grad = None
 
-        s = median_seconds(step, device, warmup, repeats) - median_seconds(fill, device, warmup, repeats)
-        rows.append(_row("optimizer", "step", max(s, 0.0), params=params))
-        bar.update(1)
+        t = median_seconds(step, device, s) - median_seconds(fill, device, s)
+        rows.append(_row("optimizer", "step", Timed(max(t.seconds, 0.0), t.rel_error), params=params))
+        progress.end()
     return rows
 
 
-def _comm_worker(rank: int, world: int, init_file: str, backend: str, sizes: list[int], warmup: int,
-                 repeats: int, result_file: str) -> None:
+def _comm_worker(rank: int, world: int, init_file: str, backend: str, sizes: list[int], s: Sampling,
+                 result_file: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -913,16 +876,17 @@ def _comm_worker(rank: int, world: int, init_file: str, backend: str, sizes: lis
                 dist.send(buf[:1], 0)
 
         dist.barrier()
-        rows.append(_row("p2p", "comm", median_seconds(p2p, device, warmup, repeats), nbytes=n, world=world))
+        # both ranks must run the same number of rounds: a fixed count, not one decided by each rank's samples
+        rows.append(_row("p2p", "comm", median_seconds(p2p, device, s), nbytes=n, world=world))
         dist.barrier()
-        rows.append(_row("allreduce", "comm", median_seconds(lambda: dist.all_reduce(buf), device, warmup, repeats),
+        rows.append(_row("allreduce", "comm", median_seconds(lambda: dist.all_reduce(buf), device, s),
                          nbytes=n, world=world))
     if rank == 0:
         Path(result_file).write_text(json.dumps(rows))
     dist.destroy_process_group()
 
 
-def measure_comm(device: str, sizes: list[int], warmup: int, repeats: int) -> list[dict]:
+def measure_comm(device: str, sizes: list[int], s: Sampling) -> list[dict]:
     """p2p and all-reduce between 2 processes. CUDA needs 2 visible GPUs for NCCL; with one, nothing is
     measured and the cost model takes link bandwidths from the hardware catalog."""
     import torch.multiprocessing as mp
@@ -935,8 +899,8 @@ def measure_comm(device: str, sizes: list[int], warmup: int, repeats: int) -> li
         backend = "gloo"
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "comm.json"
-        mp.start_processes(_comm_worker, args=(2, str(Path(tmp) / "init"), backend, sizes, warmup, repeats,
-                                               str(result)), nprocs=2, join=True,
+        fixed = Sampling(warmup=s.warmup, least=s.most, most=s.most)  # see _comm_worker
+        mp.start_processes(_comm_worker, args=(2, str(Path(tmp) / "init"), backend, sizes, fixed, str(result)), nprocs=2, join=True,
                            # spawn, never fork: CUDA cannot be forked, and on CPU children forked after this
                            # process ran a backward pass (autograd's threads) hang in their first collective
                            start_method="spawn")
@@ -954,12 +918,38 @@ def layer_param_bytes(model) -> dict:
             "last": head.numel() * head.element_size() if not any(p is head for p in rest) else 0}
 
 
+DEFAULT_BUDGET = {"quick": 180.0, "full": 600.0}  # seconds: what a profile may take unless told otherwise
+
+
+def pilot(model, device: str) -> Pilot:
+    """The bare model's forward + backward at two token counts: the line every point's price comes from."""
+    seq = 64
+    once = Sampling(warmup=1, least=3, most=3)
+    timed = {}
+    for tokens in (256, 1024):
+        ids, mask = synthetic_batch(tokens // seq, seq, device)
+        f, b = fwd_bwd_seconds(lambda: bare_model_loss(model, ids, mask), device, once)
+        timed[tokens] = f.seconds + b.seconds
+    per_token = max((timed[1024] - timed[256]) / 768, 0.0)
+    return Pilot(max(timed[256] - per_token * 256, 0.0), per_token, model.config.num_hidden_layers)
+
+
+def target_names(model: nn.Module, grid: dict) -> list[str]:
+    """The op names whose LoRA/DoRA `target` rows are measured: those the tasks at hand target (grid's
+    "targets"), else every op of a layer a task can target."""
+    names = layer_op_names(model)
+    wanted = [n for n in names if n in (grid.get("targets") or [])]
+    return wanted or names  # none of this model's names asked (or nothing asked): every op
+
+
 def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype: torch.dtype = torch.float32,
-                comm: bool = True, progress: bool = True) -> Profile:
-    """Measure every op of the table on `device` for `model_name` (a builtin preset or a HF model dir)."""
+                comm: bool = True, progress: bool = True, budget: float | None = -1.0,
+                methods: list[str] | None = None, targets: list[str] | None = None) -> Profile:
+    """Measure the op table on `device` for `model_name` (a builtin preset or a HF model dir) within
+    `budget` seconds (-1: the mode's default, None: no budget; profiler/budget.py says what is cut first).
+    `methods` / `targets`: only what those PEFT methods and LoRA/DoRA target op names need (default: all)."""
     from muxtune.executor.backbone import load_backbone
-    from muxtune.profiler.cost_model import ModelShape
-    from tqdm.auto import tqdm
+    from muxtune.profiler.cost_model import METHODS, ModelShape
 
     if mode not in GRIDS:
         raise MuxTuneError(f"profile mode: expected one of {sorted(GRIDS)}, got {mode!r}")
@@ -968,62 +958,157 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
     if device.startswith("cuda") and os.environ.get("MUXTUNE_PROFILE_CLOCK") == "cpu":
         raise MuxTuneError("MUXTUNE_PROFILE_CLOCK=cpu times host CPU work only; CUDA kernels run "
                            "asynchronously: unset it to profile a GPU")
-    spec = GRIDS[mode]
+    unknown = sorted(set(methods or []) - set(METHODS))
+    if unknown:
+        raise MuxTuneError(f"profile methods: unknown {unknown}; expected some of {list(METHODS)}")
+    if budget == -1.0:
+        budget = DEFAULT_BUDGET.get(mode)
+    if budget is not None and budget <= 0:
+        raise MuxTuneError(f"profile budget: expected seconds > 0, got {budget}")
+    started = time.perf_counter()
+    grid = copy.deepcopy(GRIDS[mode])
+    if methods:
+        grid["ranks"] = {m: r for m, r in grid["ranks"].items() if m in methods}
+    if targets:
+        grid["targets"] = sorted(targets)
     backbone = load_backbone(model_name, device=device, dtype=dtype)
     model = backbone.model
     fp = fingerprint(device, model_name, model.config, dtype)
-    w, r = spec["warmup"], spec["repeats"]
-    n_tasks = sum(len(v) for v in spec["ranks"].values()) * len(spec["task_rows"])
-    n_targets = len(layer_op_names(model)) * len([m for m in TARGET_METHODS if m in spec["ranks"]])
-    total = (len([t for ts in spec["layer"].values() for t in ts]) + n_tasks + n_targets + len(spec["task_rows"])
-             + len(spec["params"]) + comm)
+    _, _, layers = decoder_layers(model)
+    n_target_ops = len(target_names(model, grid))
+    grid, costs, cuts = fit(grid, budget, pilot(model, device), n_target_ops, bool(tp_shard_layers(model, layers[0])))
+    if not comm:
+        costs.pop(("comm",))
+    sampling_for = Sampling(warmup=grid["warmup"], least=min(3, grid["repeats"]), most=grid["repeats"])
+    bar = Progress(costs, budget and budget - (time.perf_counter() - started),
+                   f"profiling {model_name} on {device}", progress)
+    if progress and cuts:
+        bar.bar.write(f"profile: to fit the {budget:.0f} s budget: {'; '.join(cuts)}")
+    s = dataclasses.replace(sampling_for, budget=bar.budget)
     rows = []
-    with tqdm(total=total, desc=f"profiling {model_name} on {device}", unit="point", disable=not progress) as bar:
-        rows += measure_backbone(model, device, spec["layer"], w, r, bar)
-        rows += measure_tasks(backbone, device, spec, w, r, bar)
-        rows += measure_targets(backbone, device, spec, w, r, bar)
-        rows += measure_step_fixed(backbone, device, spec, w, r, bar)
+    try:
+        rows += measure_backbone(model, device, grid["layer"], s, bar)
+        rows += measure_tasks(backbone, device, grid, s, bar)
+        rows += measure_targets(backbone, device, grid, s, bar)
+        rows += measure_step_fixed(backbone, device, grid, s, bar)
         tensors = 4 * model.config.num_hidden_layers  # LoRA on two ops per layer: A and B each
-        rows += measure_optimizer(device, spec["params"], tensors, w, r, bar)
+        rows += measure_optimizer(device, grid["params"], tensors, s, bar)
         if comm:
-            rows += measure_comm(device, spec["nbytes"], w, r)
-            bar.update(1)
+            bar.begin(("comm",))
+            rows += measure_comm(device, grid["nbytes"], s)
+            bar.end()
+    finally:
+        bar.close()
     table = pd.DataFrame(rows, columns=COLUMNS)
     meta = {"fingerprint": fp, "mode": mode, "shape": ModelShape.from_config(model.config, dtype).as_dict(),
             "weight_bytes": layer_param_bytes(model),
             # what the method-level task rows were measured on (a task with no target list is priced so)
             "task_targets": ATTENTION_TARGETS.get(model.config.model_type, ["q_proj", "v_proj"]),
+            "methods": sorted(grid["ranks"]), "targets": target_names(model, grid),
+            "budget_s": budget, "estimated_s": round(sum(costs.values()), 1), "cuts": cuts,
+            "seconds": round(time.perf_counter() - started, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "device_string": device, "clock": "cpu" if os.environ.get("MUXTUNE_PROFILE_CLOCK") == "cpu" else "wall"}
     return Profile(table, meta)
 
 
-def load_or_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype: torch.dtype = torch.float32,
-                    out: Path | None = None, refresh: bool = False, progress: bool = True) -> tuple[Profile, Path, bool]:
-    """A cached profile with this device's fingerprint, else a fresh measurement saved to `out` (default:
-    the user cache). Returns (profile, path, reused)."""
+COMPARABLE = ("device", "model", "model_hash", "dtype")  # what a stored profile must share to be checked
+
+
+def covers(meta: dict, mode: str, methods=None, targets=None) -> bool:
+    """Whether a stored profile has what is asked: a full one serves a quick request (not the other way
+    round); one measured for some methods / target ops only serves tasks that use no others."""
+    if mode == "full" and meta.get("mode") != "full":
+        return False
+    if methods and meta.get("methods") is not None and not set(methods) <= set(meta["methods"]):
+        return False
+    return not (targets and meta.get("targets") is not None and not set(targets) <= set(meta["targets"]))
+
+
+def stored_candidates(fp: dict, mode: str, methods=None, targets=None, paths: list[Path] | None = None) -> list[Path]:
+    """Stored profiles (`paths`, the shipped ones, the user cache) of the same model, dtype and kind of
+    device as `fp`, that cover what is asked: the exact fingerprint first, then the same device name."""
+    slug = fp["model"].removeprefix("builtin:").replace("/", "_").strip("._") or "model"
+    files = list(paths or [])
+    for folder in (REPO_PROFILES, user_cache_dir()):
+        files += sorted(folder.glob(f"{fp['device']}-*-{slug}.csv"))
+    found = []
+    for path in dict.fromkeys(Path(f) for f in files):
+        if not path.is_file():
+            continue
+        try:
+            meta = Profile.load(path).meta
+        except MuxTuneError:
+            continue
+        theirs = meta.get("fingerprint", {})
+        if all(theirs.get(k) == fp[k] for k in COMPARABLE) and covers(meta, mode, methods, targets):
+            found.append((theirs != fp, theirs.get("device_name") != fp["device_name"], path))
+    return [path for *_, path in sorted(found, key=lambda x: x[:2])]
+
+
+def trusted_profile(model_name: str, device: str, mode: str = "quick", dtype: torch.dtype = torch.float32,
+                    methods=None, targets=None, paths: list[Path] | None = None, say=print):
+    """(profile, path, calibration) of the first stored profile that passes the calibration check on this
+    machine (profiler/calibration.py), rescaled if the machine is uniformly faster or slower (saved in the
+    user cache under this machine's fingerprint); None when none does (measure anew)."""
+    from muxtune.executor.backbone import load_backbone
+    from muxtune.profiler import calibration
+
+    config = model_config_of(model_name)
+    fp = fingerprint(device, model_name, config, dtype)
+    candidates = stored_candidates(fp, mode, methods, targets, paths)
+    if not candidates:
+        return None
+    model = load_backbone(model_name, device=device, dtype=dtype).model
+    for path in candidates:
+        profile = Profile.load(path)
+        try:
+            check = calibration.check(profile, model, device)
+        except LookupError:  # a grid without the reference points: cannot be checked
+            continue
+        say(f"profile {path}: {check.describe()}")
+        profile.meta["calibration"] = {"source": str(path), "verdict": check.verdict, "scale": round(check.scale, 4),
+                                       "ratios": {k: round(v, 4) for k, v in check.ratios.items()},
+                                       "checked": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if check.verdict == "trusted":
+            return profile, path, check
+        if check.verdict == "rescaled":
+            profile = calibration.rescaled(profile, check)
+            profile.meta["fingerprint"] = fp
+            return profile, profile.save(user_cache_dir() / profile_filename(fp)), check
+    return None
+
+
+def model_config_of(model_name: str):
     from muxtune.executor.backbone import preset_config
 
     if model_name.startswith("builtin:"):
-        config = preset_config(model_name)
-    else:
-        from transformers import AutoConfig
+        return preset_config(model_name)
+    from transformers import AutoConfig
 
-        try:
-            config = AutoConfig.from_pretrained(model_name)
-        except Exception as exc:  # transformers raises OSError/ValueError/... for a bad id or dir
-            raise MuxTuneError(f"model: cannot load {model_name!r}: {exc}") from None
+    try:
+        return AutoConfig.from_pretrained(model_name)
+    except Exception as exc:  # transformers raises OSError/ValueError/... for a bad id or dir
+        raise MuxTuneError(f"model: cannot load {model_name!r}: {exc}") from None
+
+
+def load_or_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype: torch.dtype = torch.float32,
+                    out: Path | None = None, refresh: bool = False, progress: bool = True,
+                    budget: float | None = -1.0, methods=None, targets=None,
+                    say=print) -> tuple[Profile, Path, bool]:
+    """A stored profile that passes the calibration check here (`trusted_profile`), else a fresh
+    measurement within `budget` saved to `out` (default: the user cache). Returns (profile, path, reused)."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MuxTuneError(f"devices: {device!r} requested but no CUDA device is available here")
-    fp = fingerprint(device, model_name, config, dtype)
     if not refresh:
-        paths = ([Path(out)] if out else []) + [d / profile_filename(fp) for d in (REPO_PROFILES, user_cache_dir())]
-        cached = find_cached(fp, mode, paths)
-        if cached is not None:
-            profile = Profile.load(cached)
-            if out and Path(out) != cached:
-                profile.save(out)
-            return profile, Path(out) if out else cached, True
-    profile = run_profile(model_name, device, mode, dtype, progress=progress)
+        found = trusted_profile(model_name, device, mode, dtype, methods, targets,
+                                [Path(out)] if out and Path(out).is_file() else None, say)
+        if found is not None:
+            profile, path, _ = found
+            if out and Path(out) != path:
+                path = profile.save(out)
+            return profile, path, True
+    profile = run_profile(model_name, device, mode, dtype, progress=progress, budget=budget, methods=methods,
+                          targets=targets)
     path = Path(out) if out else user_cache_dir() / profile_filename(profile.meta["fingerprint"])
     return profile, profile.save(path), False

@@ -384,37 +384,106 @@ def test_profile_round_trips_and_bad_files_name_the_line(tmp_path):
         prof.Profile.load(tmp_path / "missing.csv")
 
 
-def test_cached_profile_is_reused_only_when_the_fingerprint_matches(tmp_path, monkeypatch):
+def test_stored_profiles_are_used_only_after_the_calibration_check(tmp_path, monkeypatch):
+    """A stored profile of the same model, dtype and kind of device is a candidate whatever its device
+    name or thread count; the calibration check decides: trusted as it is, rescaled (saved under this
+    machine's fingerprint), or measured anew. A quick profile cannot serve a full request, nor one
+    measured for some methods a config that uses others."""
+    from muxtune.profiler import calibration
+
     monkeypatch.setenv("MUXTUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(prof, "REPO_PROFILES", tmp_path / "shipped")
-    calls = []
+    (tmp_path / "shipped").mkdir()
+    config = __import__("muxtune.executor.backbone", fromlist=["x"]).preset_config("builtin:tiny-llama")
+    here = prof.fingerprint("cpu", "builtin:tiny-llama", config, torch.float32)
+    elsewhere = {**here, "device_name": "Another CPU", "threads": here["threads"] + 3}
+    stored = synthetic_profile()
+    stored.meta.update(fingerprint=elsewhere, mode="quick", methods=["ia3", "lora"])
+    stored.save(tmp_path / "shipped" / prof.profile_filename(elsewhere))
+    gpt2 = synthetic_profile()
+    gpt2.meta.update(fingerprint={**elsewhere, "model": "builtin:tiny-gpt2"}, mode="full")
+    gpt2.save(tmp_path / "shipped" / prof.profile_filename(gpt2.meta["fingerprint"]))
 
-    def fake_run(model_name, device, mode, dtype, progress=True):
-        calls.append(mode)
-        p = synthetic_profile()
-        p.meta["fingerprint"] = prof.fingerprint(device, model_name, _config(model_name), dtype)
-        p.meta["mode"] = mode
-        return p
+    measured, verdicts = [], []
+    monkeypatch.setattr(prof, "run_profile", lambda *a, **k: measured.append(k.get("methods")) or synthetic_profile())
+    monkeypatch.setattr(calibration, "check", lambda profile, model, device: calibration.judge(verdicts.pop(0)))
 
-    _config = lambda name: __import__("muxtune.executor.backbone", fromlist=["x"]).preset_config(name)
-    monkeypatch.setattr(prof, "run_profile", fake_run)
-    threads = torch.get_num_threads()
-    try:
-        _, path, reused = prof.load_or_profile("builtin:tiny-llama", "cpu", "quick")
-        assert not reused and path.parent == tmp_path / "cache" / "profiles"
-        _, again, reused = prof.load_or_profile("builtin:tiny-llama", "cpu", "quick")
-        assert reused and again == path and calls == ["quick"]
-        _, _, reused = prof.load_or_profile("builtin:tiny-llama", "cpu", "full")  # quick cannot serve full
-        assert not reused and calls == ["quick", "full"]
-        _, _, reused = prof.load_or_profile("builtin:tiny-llama", "cpu", "quick")  # full serves quick
-        assert reused
-        _, _, reused = prof.load_or_profile("builtin:tiny-gpt2", "cpu", "quick")  # another model
-        assert not reused
-        torch.set_num_threads(threads + 1)  # another thread count is another device
-        _, _, reused = prof.load_or_profile("builtin:tiny-llama", "cpu", "quick")
-        assert not reused and len(calls) == 4
-    finally:
-        torch.set_num_threads(threads)
+    verdicts.append({"layer": 1.02, "head": 0.98})
+    profile, path, reused = prof.load_or_profile("builtin:tiny-llama", "cpu", "quick")
+    assert reused and path == tmp_path / "shipped" / prof.profile_filename(elsewhere) and not measured
+    assert profile.meta["calibration"]["verdict"] == "trusted"
+
+    verdicts.append({"layer": 2.1, "head": 2.0, "optimizer": 2.05})  # a uniformly slower machine
+    profile, path, reused = prof.load_or_profile("builtin:tiny-llama", "cpu", "quick")
+    assert reused and path == tmp_path / "cache" / "profiles" / prof.profile_filename(here)
+    scale = profile.meta["calibration"]["scale"]
+    assert scale == pytest.approx((2.1 * 2.0 * 2.05) ** (1 / 3), rel=1e-3)
+    before, after = stored.table.set_index(["op", "phase", "tokens", "seq_len", "method", "rank", "params", "nbytes"]), \
+        profile.table.set_index(["op", "phase", "tokens", "seq_len", "method", "rank", "params", "nbytes"])
+    times = ~before.index.get_level_values("op").isin(["p2p", "allreduce"])
+    assert ((after["seconds"][times] / before["seconds"][times]) / scale - 1).abs().max() < 1e-3
+    assert (after["seconds"][~times] == before["seconds"][~times]).all()  # links between processes: as measured
+    assert (after["saved_bytes"] == before["saved_bytes"]).all()  # memory is not time
+    assert prof.Profile.load(path).meta["fingerprint"] == here
+
+    # now two candidates: this machine's rescaled copy first; this time neither agrees
+    verdicts += [{"layer": 0.5, "head": 1.0}, {"layer": 0.4, "head": 1.3}]
+    _, _, reused = prof.load_or_profile("builtin:tiny-llama", "cpu", "quick", methods=["lora"])
+    assert not reused and measured == [["lora"]] and not verdicts
+
+    _, _, reused = prof.load_or_profile("builtin:tiny-llama", "cpu", "full")  # no full profile stored
+    _, _, reused2 = prof.load_or_profile("builtin:tiny-llama", "cpu", "quick", methods=["prefix"])  # not covered
+    assert not reused and not reused2 and len(measured) == 3 and not verdicts
+
+
+def test_calibration_verdicts():
+    from muxtune.profiler.calibration import judge
+
+    assert judge({"a": 1.04, "b": 0.96, "c": 1.0}).verdict == "trusted"
+    uniform = judge({"a": 0.42, "b": 0.44, "c": 0.45})
+    assert uniform.verdict == "rescaled" and uniform.scale == pytest.approx((0.42 * 0.44 * 0.45) ** (1 / 3))
+    # compute-bound ops twice as fast, the host-bound optimizer not: another thread count, not a speed
+    assert judge({"layer": 0.5, "head": 0.52, "optimizer": 1.0}).verdict == "remeasure"
+
+
+def test_calibration_check_measures_the_reference_ops_on_the_real_backbone(mini_profile, monkeypatch):
+    """On the profile's own points: each ratio is (now / stored); a profile whose times are all 3x what
+    this machine measures is judged uniform and rescaled by about 1/3."""
+    from muxtune.executor.backbone import load_backbone
+    from muxtune.profiler import calibration
+    from muxtune.profiler.sampling import Timed
+
+    p, _ = mini_profile
+    model = load_backbone("builtin:tiny-llama").model
+    # the timers return what the stored profile says, times 1/3: the logic, not this machine's noise
+    lookup = {}
+
+    def fake_fwd_bwd(forward, device, s):
+        out = forward()
+        tokens = out[0].numel() // model.config.hidden_size if isinstance(out, tuple) else None
+        key = ("layer", tokens) if tokens else ("head",)
+        return lookup[key]
+
+    points = calibration.reference_points(p)
+    assert 1 <= len(points) <= 2 and all(t in set(p.rows("layer", "fwd")["tokens"]) for _, t in points)
+    for seq, tokens in points:
+        f = calibration.stored(p, "layer", "fwd", tokens=tokens, seq_len=seq)
+        b = calibration.stored(p, "layer", "bwd", tokens=tokens, seq_len=seq)
+        lookup[("layer", tokens)] = (Timed(f / 3, 0.01), Timed(b / 3, 0.01))
+    head = calibration.stored(p, "head", "fwd", tokens=points[-1][1])
+    lookup[("head",)] = (Timed(head / 3, 0.01), Timed(head / 3, 0.01))
+    monkeypatch.setattr(calibration, "fwd_bwd_seconds", fake_fwd_bwd)
+    opt = p.rows("optimizer", "step").sort_values("params")
+    params = int(opt["params"].iloc[len(opt) // 2])
+    monkeypatch.setattr(calibration, "measure_optimizer_row",
+                        lambda device, params_, tensors: calibration.stored(p, "optimizer", "step", params=params_) / 3)
+    check = calibration.check(p, model, "cpu")
+    assert check.verdict == "rescaled" and check.scale == pytest.approx(1 / 3, rel=1e-6)
+    assert f"optimizer {params}" in check.ratios and len(check.ratios) == 2 * len(points) + 2
+    # and unpatched, on this machine: every reference measured, each ratio a positive finite number
+    monkeypatch.undo()
+    real = calibration.check(p, model, "cpu")
+    assert set(real.ratios) == set(check.ratios) and all(0 < r < 1e3 for r in real.ratios.values())
 
 
 def test_live_bytes_tracks_the_peak_of_live_tensors():
@@ -507,14 +576,83 @@ def test_cli_profile_errors_exit_2_without_traceback(capsys, tmp_path):
 def test_cli_profile_writes_then_reuses(mini_profile, capsys, tmp_path, monkeypatch):
     from muxtune.cli import main
 
+    from muxtune.profiler import calibration
+
     p, path = mini_profile
     monkeypatch.setattr(torch, "get_num_threads", lambda: p.meta["fingerprint"]["threads"])
+    # the check's own logic is tested above; here it agrees, as on a quiet machine right after measuring
+    monkeypatch.setattr(calibration, "check", lambda profile, model, device: calibration.judge({"layer": 1.0}))
     out = tmp_path / "copy.csv"
     assert main(["profile", "--model", "builtin:tiny-llama", "--mode", "quick", "--out", str(path)]) == 0
-    assert "reused cached profile" in capsys.readouterr().out
+    assert "reused stored profile" in capsys.readouterr().out
     # a quick profile of the same fingerprint on disk elsewhere is copied to --out
     monkeypatch.setattr(prof, "REPO_PROFILES", path.parent)
     path.rename(path.parent / prof.profile_filename(p.meta["fingerprint"]))
     assert main(["profile", "--model", "builtin:tiny-llama", "--mode", "quick", "--out", str(out)]) == 0
-    assert prof.Profile.load(out).meta == p.meta
+    assert {k: v for k, v in prof.Profile.load(out).meta.items() if k != "calibration"} == p.meta
     (path.parent / prof.profile_filename(p.meta["fingerprint"])).rename(path)
+
+
+# --- adaptive repeats and the time budget ------------------------------------------------------------
+
+
+def test_repeats_stop_once_the_median_is_known_or_at_the_bounds():
+    from muxtune.profiler.sampling import Budget, Sampling, median_rel_error
+
+    s = Sampling(warmup=1, least=3, most=9, rel_error=0.02)
+    steady = [1.0, 1.0, 1.0]
+    assert s.enough(steady) and not s.enough(steady[:2])
+    noisy = [1.0, 1.5, 0.7, 1.3]
+    assert median_rel_error(noisy) > 0.02 and not s.enough(noisy) and s.enough(noisy * 3)  # at `most`
+    series: list[float] = []
+    rounds = []
+    for i in s.repeat(series):  # one warm-up round, then counted rounds until the series is enough
+        rounds.append(i)
+        if i >= 0:
+            series.append(1.0)
+    assert rounds == [-1, 0, 1, 2] and series == [1.0] * 3
+    spent = Budget(seconds=1.0, estimate=10.0)
+    spent.begin(0.0)  # a point whose share of the budget is already used
+    late = Sampling(least=3, most=9, budget=spent)
+    assert late.enough(noisy[:3]) and not s.enough(noisy[:3])
+    # the median's relative standard error: 1.2533 * 1.4826 * MAD / sqrt(n) / median
+    assert median_rel_error([9.0, 10.0, 11.0, 10.0]) == pytest.approx(1.2533 * 1.4826 * 0.5 / 2 / 10, rel=1e-6)
+
+
+def test_a_grid_that_does_not_fit_the_budget_is_thinned_in_order():
+    from muxtune.profiler.budget import Pilot, fit, point_costs
+
+    pilot = Pilot(fixed=0.01, per_token=2e-5, layers=4)
+    grid = prof.GRIDS["quick"]
+    full_cost = sum(point_costs(grid, pilot, 7, True).values())
+    same, _, cuts = fit(grid, 2 * full_cost, pilot, 7, True)
+    assert same == grid and cuts == []
+    thinner, costs, cuts = fit(grid, 0.8 * full_cost, pilot, 7, True)
+    assert cuts and cuts[0] == "fewer repeats" and sum(costs.values()) <= 0.85 * 0.8 * full_cost
+    assert all(len(ts) <= len(grid["layer"][seq]) for seq, ts in thinner["layer"].items())
+    # every method is still measured (the CostModel needs each), and each curve keeps both its ends
+    assert set(thinner["ranks"]) == set(grid["ranks"])
+    for seq, ts in thinner["layer"].items():
+        assert ts[0] == grid["layer"][seq][0] and ts[-1] == grid["layer"][seq][-1]
+    thinnest, _, all_cuts = fit(grid, 1.0, pilot, 7, True)
+    assert len(all_cuts) >= len(cuts) and thinnest["repeats"] == 3
+
+
+def test_a_budgeted_profile_for_some_methods_measures_only_those(tmp_path):
+    """A profile for a config's methods: only their task rows (LoRA's targets too), the thinning it did
+    recorded, every timed row with its relative standard error."""
+    p = prof.run_profile("builtin:tiny-llama", "cpu", "quick", comm=False, progress=False, budget=15.0,
+                         methods=["lora", "ia3"], targets=["q_proj", "v_proj"])
+    assert p.meta["methods"] == ["ia3", "lora"] and p.meta["targets"] == ["q_proj", "v_proj"]
+    assert set(p.rows("task")["method"]) == {"lora", "ia3"}
+    assert set(p.rows("target")["target"]) == {"q_proj", "v_proj"}
+    assert p.meta["budget_s"] == 15.0 and p.meta["cuts"] and p.meta["estimated_s"] <= 0.85 * 15.0 + 1e-9
+    layer = p.rows("layer")
+    assert layer["rel_error"].notna().all() and (layer["rel_error"] >= 0).all()
+    saved = prof.Profile.load(p.save(tmp_path / "p.csv"))
+    assert saved.table["rel_error"].equals(p.table["rel_error"])
+    cm = CostModel.from_profile(saved)
+    mb = MicroBatch((TaskLoad("lora", 8, 64, 2048, ("q_proj", "v_proj")), TaskLoad("ia3", 0, 32, 384)), 16)
+    assert cm.step_seconds([mb]) > 0
+    with pytest.raises(MuxTuneError, match="prefix"):
+        cm.step_seconds([MicroBatch((TaskLoad("prefix", 8, 64, 2048),), 16)])

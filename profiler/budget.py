@@ -1,0 +1,155 @@
+"""Fitting a profile into a time budget: what each point will cost, which grid fits, and the progress bar.
+
+Before measuring, a pilot times the bare model's forward + backward at two token counts (a line in
+tokens: what every point's work is made of). Each point of a grid is priced from it by what the point
+runs per repeat (a decoder layer, a whole model pass, an op of every layer, a trainer step...), times its
+expected repeats. If the grid does not fit the budget, it is thinned in a fixed order that keeps what the
+CostModel's curves need longest: fewer repeats first, then the inner points of each curve (a quantity
+linear in tokens needs its two ends; interpolation and linear extrapolation fill the rest), then the
+inner sequence lengths, ranks and row counts. The points left are spent in proportion to their price
+(`sampling.Budget`): a point running behind its share stops at its least repeats.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from muxtune.profiler.sampling import Budget
+
+COMM_SECONDS = 6.0  # two spawned processes and their rounds: about constant
+
+
+@dataclass(frozen=True)
+class Pilot:
+    """The bare model's forward + backward, seconds = fixed + per_token * tokens."""
+
+    fixed: float
+    per_token: float
+    layers: int
+
+    def model(self, tokens: int) -> float:
+        return self.fixed + self.per_token * tokens
+
+    def layer(self, tokens: int) -> float:
+        return self.model(tokens) / (self.layers + 1)  # the head and embedding weigh about one layer
+
+
+def repeats_expected(grid: dict) -> float:
+    least = min(3, grid["repeats"])
+    return grid["warmup"] + (least + grid["repeats"]) / 2
+
+
+def point_costs(grid: dict, pilot: Pilot, n_target_ops: int, tp: bool) -> dict:
+    """{point key: estimated seconds} for every point `run_profile` will measure with `grid`, keyed as
+    the measurement functions announce them (`Progress.begin`)."""
+    reps = repeats_expected(grid)
+    costs = {}
+    for seq, token_counts in grid["layer"].items():
+        for tokens in token_counts:
+            # layer fwd+bwd (+ a tp shard's), stem, the whole model; then the saved/peak passes once
+            per_repeat = pilot.layer(tokens) * (1.6 if tp else 1.0) + pilot.model(tokens) * 1.15
+            costs[("layer", seq, tokens)] = reps * per_repeat + 3 * pilot.layer(tokens)
+    for tokens in sorted({t for ts in grid["layer"].values() for t in ts}):
+        costs[("head", tokens)] = reps * pilot.layer(tokens)
+    task_tokens = [rows * grid["task_seq"] for rows in grid["task_rows"]]
+    for method, ranks in grid["ranks"].items():
+        # with a task, at full depth, bare (three model passes) and one real trainer step
+        costs[("shared", method)] = 3 * reps * 4 * pilot.model(task_tokens[0])
+        for rank in ranks:
+            for rows, tokens in zip(grid["task_rows"], task_tokens):
+                costs[("task", method, rank, rows)] = reps * 4.3 * pilot.model(tokens)
+    targeted = [m for m in ("lora", "dora") if m in grid["ranks"]]
+    for method in targeted:
+        for target in range(n_target_ops):
+            # one op of every layer, a few variants: ~ a fifth of a model pass each; plus the shared rows
+            per_target = sum(reps * 3 * 0.2 * pilot.model(t) for t in grid["target_tokens"]) * len(grid["ranks"][method])
+            per_target += sum(3 * reps * 4 * 0.2 * pilot.model(t) for t in grid["target_tokens"][:2])
+            costs[("target", method, target)] = per_target
+    for rows, tokens in zip(grid["task_rows"], task_tokens):
+        costs[("step", rows)] = 3 * reps * sum(1.3 * pilot.model(n * tokens) for n in (1, 2, 3, 4))
+    for params in grid["params"]:
+        costs[("optimizer", params)] = 2 * reps * 1e-3
+    costs[("comm",)] = COMM_SECONDS
+    return costs
+
+
+def _ends(values: list) -> list:
+    return [values[0], values[-1]] if len(values) > 2 else list(values)
+
+
+def thinned(grid: dict) -> list[tuple[str, dict]]:
+    """Ever thinner versions of `grid`, each with what was dropped: the order in which a budget cuts."""
+    steps = []
+    g = copy.deepcopy(grid)
+
+    def step(why: str, change) -> None:
+        nonlocal g
+        new = copy.deepcopy(g)
+        change(new)
+        if new != g:
+            g = new
+            steps.append((why, copy.deepcopy(g)))
+
+    step("fewer repeats", lambda x: x.update(repeats=max(3, (x["repeats"] + 3) // 2)))
+    step("curve ends only (tokens)", lambda x: x.update(
+        layer={seq: _ends(ts) for seq, ts in x["layer"].items()}, target_tokens=_ends(x["target_tokens"])))
+    step("two ranks per method", lambda x: x.update(ranks={m: _ends(r) for m, r in x["ranks"].items()}))
+    step("two row counts", lambda x: x.update(task_rows=_ends(x["task_rows"])))
+    step("sequence-length ends only", lambda x: x.update(
+        layer={seq: x["layer"][seq] for seq in _ends(sorted(x["layer"]))}))
+    step("least repeats", lambda x: x.update(repeats=3, warmup=1))
+    step("one rank per method", lambda x: x.update(ranks={m: r[:1] for m, r in x["ranks"].items()}))
+    return steps
+
+
+def fit(grid: dict, budget: float | None, pilot: Pilot, n_target_ops: int, tp: bool) -> tuple[dict, dict, list[str]]:
+    """(grid, point costs, what was cut): the richest of `thinned(grid)` whose estimate fits 85% of the
+    budget (the estimate's margin), else the thinnest."""
+    costs = point_costs(grid, pilot, n_target_ops, tp)
+    if budget is None or sum(costs.values()) <= 0.85 * budget:
+        return grid, costs, []
+    cuts = []
+    for why, candidate in thinned(grid):
+        grid, costs = candidate, point_costs(candidate, pilot, n_target_ops, tp)
+        cuts.append(why)
+        if sum(costs.values()) <= 0.85 * budget:
+            break
+    return grid, costs, cuts
+
+
+class Progress:
+    """The progress bar, in estimated seconds (its ETA is the profile's), and the budget's bookkeeping:
+    each measurement announces its point (`begin(key)`) and its end (`end()`)."""
+
+    def __init__(self, costs: dict, budget: float | None, desc: str, enabled: bool):
+        self.costs = costs
+        total = sum(costs.values())
+        self.budget = Budget(budget, total) if budget else None
+        self.bar = tqdm(total=round(total, 1), desc=desc, unit="s", disable=not enabled,
+                        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} est. s [{elapsed}<{remaining}]")
+        self.current = 0.0
+
+    def begin(self, key) -> None:
+        self.current = self.costs.get(key, 0.0)
+        if self.budget is not None:
+            self.budget.begin(self.current)
+
+    def end(self) -> None:
+        self.bar.update(round(self.current, 3))
+        self.current = 0.0
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class NoProgress:
+    """For a measurement outside a profile run (a calibration check): no bar, no budget."""
+
+    def begin(self, key) -> None:
+        pass
+
+    def end(self) -> None:
+        pass

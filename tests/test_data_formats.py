@@ -270,3 +270,61 @@ def test_inspect_file_reports_format_examples_trainable_tokens_drops_and_lengths
     text = report.text()
     assert "parquet file, prompt_completion format" in text and "dropped 2: longer than max_seq_len" in text
     assert "> 32 |" in text and "first bad record:" in text
+
+
+def local_hf_tokenizer(tmp_path, template):
+    """A real (local, byte-level BPE) HF tokenizer with the given chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from muxtune.executor.backbone import HFTokenizer
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(["weather in Oslo, cold and wet"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = tmp_path / f"tok{abs(hash(template))}"
+    PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                            chat_template=template).save_pretrained(folder)
+    return HFTokenizer(str(folder))
+
+
+TOOL_RECORD = {"messages": [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "3 C"},
+    {"role": "assistant", "content": "Cold.", "weight": 0},
+    {"role": "user", "content": "Thanks"},
+    {"role": "assistant", "content": "Bye."}],
+    "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]}
+
+
+@pytest.mark.parametrize("supports_tools", [True, False])
+def test_a_real_chat_template_renders_tools_and_trains_only_weight_1_assistant_turns(tmp_path, supports_tools):
+    turns = ("{% for m in messages %}[{{ m['role'] }}] {% for c in m.get('tool_calls') or [] %}<call>"
+             "{{ c['function']['name'] }} {{ c['function']['arguments'] | tojson }}</call>{% endfor %}"
+             "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
+    tools = "{% if tools %}[tools] {% for t in tools %}{{ t['function']['name'] }};{% endfor %}{{ '\\n' }}{% endif %}"
+    tok = local_hf_tokenizer(tmp_path, (tools if supports_tools else "") + turns)
+    examples, stats = load_examples(write_jsonl(tmp_path / "c.jsonl", [TOOL_RECORD]), tok, 4096)
+    ex = examples[0]
+    listing = ("[tools] weather;\n" if supports_tools else
+               '[system] tools: [{"function": {"name": "weather", "parameters": {"type": "object"}}, '
+               '"type": "function"}]\n')
+    assert tok.decode(ex.input_ids[1:-1]) == (
+        listing + '[user] Weather in Oslo?\n[assistant] <call>weather {"city": "Oslo"}</call>\n'
+        "[tool] 3 C\n[assistant] Cold.\n[user] Thanks\n[assistant] Bye.\n")
+    trained = tok.decode([t for t, label in zip(ex.input_ids, ex.labels) if label != IGNORE and t != tok.eos_token_id])
+    # a token that straddles a turn's start belongs to the turn; the tool output and weight-0 turn never train
+    assert '<call>weather {"city": "Oslo"}</call>' in trained and "Bye." in trained
+    assert "3 C" not in trained and "Cold" not in trained and "Thanks" not in trained and "weather;" not in trained
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_a_clear_error(tmp_path):
+    tok = local_hf_tokenizer(tmp_path, "{% for m in messages %}{% if m['role'] == 'tool' %}"
+                                       "{{ raise_exception('no tool role here') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(MuxTuneError, match=r"c.jsonl:1: the model's chat template cannot render this conversation: "
+                                           "no tool role here"):
+        load_examples(write_jsonl(tmp_path / "c.jsonl", [TOOL_RECORD]), tok, 4096)

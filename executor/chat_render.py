@@ -1,4 +1,5 @@
-"""A Conversation (executor/formats.py) -> token pieces, each marked whether it carries loss.
+"""A conversation (read by executor/formats.py from OpenAI messages or ShareGPT) -> token pieces, each
+marked whether it carries loss.
 
 A real model with a chat template renders it with its template (tools passed as the template's
 `tools`); the builtins, whose byte tokenizer has no template, use a plain, deterministic rendering:
@@ -17,9 +18,34 @@ where its weight is 1; never on a role prefix, a tool output or the tool list.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
 from muxtune.errors import MuxTuneError
-from muxtune.executor.formats import Conversation, Pieces, ToolCall, Turn
+
+Pieces = list[tuple[list[int], bool]]  # (token ids, carries loss with loss_on: completion), in order
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: object  # parsed: the OpenAI format sends a JSON string, templates want the object
+    id: str | None = None
+
+
+@dataclass
+class Turn:
+    role: str  # system | user | assistant | tool
+    content: str
+    trains: bool = False  # an assistant turn with weight 1
+    name: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_call_id: str | None = None
+
+
+@dataclass
+class Conversation:
+    turns: list[Turn]
+    tools: list[dict] = field(default_factory=list)  # OpenAI form: {"type": "function", "function": {...}}
 
 
 def render_pieces(conversation: Conversation, tokenizer, where: str) -> Pieces:

@@ -19,41 +19,14 @@ Every error names where the record is (`file:line` or `file: row N`) and the fie
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-
 from muxtune.errors import MuxTuneError
+from muxtune.executor.chat_render import Conversation, ToolCall, Turn, render_pieces
 
 FORMATS = ("chat", "sharegpt", "prompt_completion", "alpaca", "text")
 FORMAT_KEYS = {"chat": {"messages"}, "sharegpt": {"conversations"}, "prompt_completion": {"prompt", "completion"},
                "alpaca": {"instruction", "output"}, "text": {"text"}}
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-
-Pieces = list[tuple[list[int], bool]]  # (token ids, carries loss with loss_on: completion), in order
-
-
-@dataclass
-class ToolCall:
-    name: str
-    arguments: object  # the parsed JSON arguments (a string only where they were not valid JSON)
-    id: str | None = None
-
-
-@dataclass
-class Turn:
-    role: str  # system | user | assistant | tool
-    content: str
-    trains: bool = False  # an assistant turn with weight 1
-    name: str | None = None
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    tool_call_id: str | None = None
-
-
-@dataclass
-class Conversation:
-    turns: list[Turn]
-    tools: list[dict] = field(default_factory=list)  # OpenAI form: {"type": "function", "function": {...}}
-
 
 def detect(record: dict, where: str) -> str:
     for fmt, keys in FORMAT_KEYS.items():
@@ -64,7 +37,7 @@ def detect(record: dict, where: str) -> str:
                        "'instruction'/'input'/'output' (alpaca) or 'text' (or set data_format)")
 
 
-def pieces(record: dict, fmt: str, tokenizer, where: str) -> Pieces:
+def pieces(record: dict, fmt: str, tokenizer, where: str) -> list[tuple[list[int], bool]]:
     """The record as (token ids, carries loss with loss_on: completion) pieces in order."""
     if not FORMAT_KEYS[fmt] & set(record):
         raise MuxTuneError(f"{where}: expected a {fmt} record (keys {sorted(FORMAT_KEYS[fmt])}), got keys "
@@ -85,8 +58,6 @@ def pieces(record: dict, fmt: str, tokenizer, where: str) -> Pieces:
         if any(turn.role == "assistant" for turn in conversation.turns):
             raise MuxTuneError(f"{where}: {key} has no 'assistant' turn to train on (every one has weight 0)")
         raise MuxTuneError(f"{where}: {key} has no 'assistant' turn to train on")
-    from muxtune.executor.chat_render import render_pieces
-
     return render_pieces(conversation, tokenizer, where)
 
 

@@ -261,8 +261,9 @@ class FileReport:
         for k, count in enumerate(stats.length_histogram):
             if k == HISTOGRAM_BINS:
                 bins.append((max_seq_len + 1, None, count))
-            else:  # the lengths l with (l - 1) * BINS // max_seq_len == k
-                bins.append((-(-k * max_seq_len // HISTOGRAM_BINS) + 1, -(-(k + 1) * max_seq_len // HISTOGRAM_BINS), count))
+            else:  # the lengths l with (l - 1) * BINS // max_seq_len == k (see _length_bin)
+                shortest = -(-k * max_seq_len // HISTOGRAM_BINS) + 1  # ceil(k * max_seq_len / BINS) + 1
+                bins.append((shortest, -(-(k + 1) * max_seq_len // HISTOGRAM_BINS), count))
         return cls(str(path), stats.source, stats.format, stats.lines, stats.examples, stats.tokens,
                    stats.trainable_tokens, stats.truncated, {k: v for k, v in dropped.items() if v},
                    stats.first_bad_line, max_seq_len, bins)
@@ -279,6 +280,8 @@ class FileReport:
         lines.append(f"  lengths in tokens (before truncation) vs max_seq_len={self.max_seq_len}:")
         most = max([count for _, _, count in self.length_histogram] + [1])
         for lo, hi, count in self.length_histogram:
+            if hi is not None and hi < lo:
+                continue  # max_seq_len < bins: some bins hold no length
             label = f"{lo}-{hi}" if hi is not None else f"> {self.max_seq_len}"
             bar = "#" * (count * width // most if count else 0) or ("." if count else "")
             lines.append(f"    {label:>13} | {bar:<{width}} {count}")

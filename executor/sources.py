@@ -49,7 +49,8 @@ def source_kind(path: Path) -> str:
 
 
 def read_records(path: Path, kind: str) -> Iterator[Record]:
-    return {"jsonl": _jsonl, "json": _json_array, "csv": _csv, "parquet": _parquet, "dataset": _dataset}[kind](Path(path))
+    readers = {"jsonl": _jsonl, "json": _json_array, "csv": _csv, "parquet": _parquet, "dataset": _dataset}
+    return readers[kind](Path(path))
 
 
 def _jsonl(path: Path) -> Iterator[Record]:

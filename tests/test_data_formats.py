@@ -328,3 +328,15 @@ def test_a_chat_template_that_refuses_a_conversation_is_a_clear_error(tmp_path):
     with pytest.raises(MuxTuneError, match=r"c.jsonl:1: the model's chat template cannot render this conversation: "
                                            "no tool role here"):
         load_examples(write_jsonl(tmp_path / "c.jsonl", [TOOL_RECORD]), tok, 4096)
+
+
+def test_the_histogram_bins_cover_each_length_exactly_once():
+    from muxtune.executor.data import HISTOGRAM_BINS, DataStats, FileReport, _length_bin
+
+    for max_seq_len in (4, 5, 7, 8, 31, 100, 257, 4096):
+        bins = FileReport.of("f", DataStats(), max_seq_len).length_histogram
+        assert len(bins) == HISTOGRAM_BINS + 1 and bins[-1][:2] == (max_seq_len + 1, None)
+        for length in range(1, max_seq_len + 2):
+            lo, hi, _ = bins[_length_bin(length, max_seq_len)]
+            assert lo <= length and (hi is None or length <= hi), (max_seq_len, length)
+        assert bins[0][0] == 1 and all(bins[k][1] + 1 == bins[k + 1][0] for k in range(HISTOGRAM_BINS - 1))

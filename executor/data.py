@@ -1,22 +1,26 @@
-"""Task data: JSONL in, tokenized examples (cached on disk, memory-mapped) out, a seeded per-task order,
-and the padded fused micro-batch (the chunk-aligned one is in alignment.py).
+"""Task data: a user's training file in, tokenized examples (cached on disk, memory-mapped) out, a seeded
+per-task order, and the padded fused micro-batch (the chunk-aligned one is in alignment.py).
 
-Formats, one JSON object per line, detected from a file's first record or set with `data_format`:
-  chat               {"messages": [{"role": "system|user|assistant", "content": ...}, ...]}
+File kinds (executor/sources.py): JSONL, a JSON array, CSV, Parquet, a folder saved with `datasets`'
+save_to_disk; told by extension or content. Record formats (executor/formats.py), detected from a
+file's first record or set with `data_format`:
+  chat               OpenAI chat fine-tuning format: {"messages": [...], "tools": [...]}, with weight,
+                     name, tool calls and tool outputs (and the legacy function role / function_call)
+  sharegpt           {"conversations": [{"from": "human|gpt|system|tool|...", "value": ...}, ...]}
   prompt_completion  {"prompt": ..., "completion": ...}
   alpaca             {"instruction": ..., "input": ... (optional), "output": ...}
   text               {"text": ...}
-With `loss_on: completion` only the completion / output / assistant tokens (and the closing eos) carry
-loss; `text` always trains on every token; `loss_on: all` trains on every token of every format.
-Chat: a real model with a chat template renders it with its template; builtins (byte tokenizer) use a
-plain "role: content" rendering.
+With `loss_on: completion` only the completion / output / assistant tokens of weight-1 turns (and the
+closing eos) carry loss; `text` always trains on every token; `loss_on: all` trains on every token of
+every format.
 
 A sequence is [bos] + tokens + [eos]. One longer than max_seq_len is either truncated (it loses the
 oldest tokens before its first target token, then the end) or dropped (`truncation: drop`); both counted.
 
 Tokenized data is written once per (file content, tokenizer, settings) to an Arrow file under the
 cache folder (`MUXTUNE_CACHE`, default `.cache/muxtune/` in the working directory) with HF `datasets`'
-writer, and read back memory-mapped: a large file is never held as a Python list.
+writer, and read back memory-mapped: a large file is never held as a Python list. `inspect_file`
+reports on one file (what `muxtune validate` prints, and what a service checks an upload with).
 """
 
 from __future__ import annotations
@@ -30,14 +34,16 @@ from pathlib import Path
 import torch
 
 from muxtune.errors import MuxTuneError
+from muxtune.executor.formats import FORMATS, detect, pieces
 from muxtune.executor.mux import DATA_STREAM, Segment, stream_seed
+from muxtune.executor.sources import content_digest, read_records, source_kind
 from muxtune.spec import staged_directory
 
 IGNORE = -100  # label of a token that carries no loss (HF convention)
-FORMATS = ("chat", "prompt_completion", "alpaca", "text")
-CACHE_VERSION = 1  # bump when tokenization changes, so old cache entries are not reused
-ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
-ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+CACHE_VERSION = 2  # bump when tokenization changes, so old cache entries are not reused
+HISTOGRAM_BINS = 8  # equal bins of lengths up to max_seq_len, then one for longer sequences
+
+__all__ = ["FORMATS", "IGNORE", "DataOptions", "DataStats", "Example", "FileReport", "inspect_file", "load_examples"]
 
 
 @dataclass
@@ -48,15 +54,19 @@ class Example:
 
 @dataclass
 class DataStats:
-    lines: int = 0  # records read (bad ones included)
+    lines: int = 0  # records read (bad ones included): lines of JSONL, rows of the other kinds
     examples: int = 0  # usable sequences
-    format: str = ""
+    format: str = ""  # record format (chat, sharegpt, ...)
+    source: str = ""  # file kind (jsonl, json, csv, parquet, dataset)
     skipped_bad_lines: int = 0
-    first_bad_line: str = ""  # the first skipped line's error, so a skip is never silent
+    first_bad_line: str = ""  # the first skipped record's error, so a skip is never silent
     truncated: int = 0
     dropped_too_long: int = 0
     dropped_no_target: int = 0
     tokens: int = 0
+    trainable_tokens: int = 0  # tokens that carry loss (predicted positions)
+    # every readable record's length before truncation: HISTOGRAM_BINS bins up to max_seq_len, then longer
+    length_histogram: list[int] = field(default_factory=lambda: [0] * (HISTOGRAM_BINS + 1))
 
 
 @dataclass(frozen=True)
@@ -95,40 +105,39 @@ class TokenizedData:
 
 def load_examples(path: Path, tokenizer, max_seq_len: int, key: str = "data",
                   options: DataOptions | None = None, cache_dir: Path | None = None) -> tuple[TokenizedData, DataStats]:
-    """Tokenize a JSONL file (or reuse its cached tokenization). A malformed line is an error naming
-    the file and line, or is skipped and counted with `on_bad_line: skip`."""
+    """Tokenize a data file (or reuse its cached tokenization). A malformed record is an error naming
+    the file and line or row, or is skipped and counted with `on_bad_line: skip`."""
+    entry, stats = tokenize_file(path, tokenizer, max_seq_len, key, options, cache_dir)
+    if not stats.examples:
+        raise MuxTuneError(f"{path}: no usable examples ({stats.lines} records, {stats.skipped_bad_lines} bad, "
+                           f"{stats.dropped_too_long} longer than max_seq_len={max_seq_len}, "
+                           f"{stats.dropped_no_target} with no target tokens left within max_seq_len)")
+    from datasets import Dataset
+
+    return TokenizedData(Dataset.from_file(str(entry / "data.arrow"))), stats
+
+
+def tokenize_file(path: Path, tokenizer, max_seq_len: int, key: str = "data", options: DataOptions | None = None,
+                  cache_dir: Path | None = None) -> tuple[Path, DataStats]:
+    """The file's cache entry (tokenized now unless already there) and its counts."""
     path = Path(path)
     options = options or DataOptions()
+    sha = hashlib.sha256()
     try:
-        digest = _file_digest(path)
+        content_digest(path, sha)
     except OSError as exc:
         raise MuxTuneError(f"{path}: cannot open data file ({key}): {exc.strerror}") from None
     settings = dict(version=CACHE_VERSION, tokenizer=_tokenizer_id(tokenizer), max_seq_len=max_seq_len,
                     **asdict(options))
-    entry_key = hashlib.sha256(f"{digest}|{json.dumps(settings, sort_keys=True)}".encode()).hexdigest()[:32]
+    entry_key = hashlib.sha256(f"{sha.hexdigest()}|{json.dumps(settings, sort_keys=True)}".encode()).hexdigest()[:32]
     entry = Path(cache_dir or default_cache_dir()) / "data" / entry_key
     if not (entry / "stats.json").is_file():
         _tokenize_to_cache(path, tokenizer, max_seq_len, options, entry)
-    from datasets import Dataset
-
-    stats = DataStats(**json.loads((entry / "stats.json").read_text()))
-    if not stats.examples:
-        raise MuxTuneError(f"{path}: no usable examples ({stats.lines} lines, {stats.skipped_bad_lines} bad, "
-                           f"{stats.dropped_too_long} longer than max_seq_len={max_seq_len}, "
-                           f"{stats.dropped_no_target} with no target tokens left within max_seq_len)")
-    return TokenizedData(Dataset.from_file(str(entry / "data.arrow"))), stats
+    return entry, DataStats(**json.loads((entry / "stats.json").read_text()))
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MUXTUNE_CACHE") or Path.cwd() / ".cache" / "muxtune")
-
-
-def _file_digest(path: Path) -> str:
-    sha = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def _tokenizer_id(tokenizer) -> str:
@@ -139,8 +148,8 @@ def _tokenizer_id(tokenizer) -> str:
 
 
 def _tokenize_to_cache(path: Path, tokenizer, max_seq_len: int, options: DataOptions, entry: Path) -> None:
-    """Stream the file line by line into an Arrow file (written in batches by `datasets`' writer), then
-    rename the finished entry into place: a crash never leaves a half-written cache entry."""
+    """Stream the records into an Arrow file (written in batches by `datasets`' writer), then rename
+    the finished entry into place: a crash or a bad record never leaves a half-written cache entry."""
     from datasets import Features, Sequence, Value
     from datasets.arrow_writer import ArrowWriter
 
@@ -161,40 +170,51 @@ def _read_examples(path: Path, tokenizer, max_seq_len: int, options: DataOptions
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     fmt = None if options.data_format == "auto" else options.data_format
-    with path.open("rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            if not raw.strip():
+    try:
+        stats.source = source_kind(path)
+    except OSError as exc:
+        raise MuxTuneError(f"{path}: cannot open data file: {exc.strerror}") from None
+    for where, record in read_records(path, stats.source):
+        stats.lines += 1
+        try:
+            if isinstance(record, MuxTuneError):
+                raise record
+            fmt = fmt or detect(record, where)
+            parts = pieces(record, fmt, tokenizer, where)
+        except MuxTuneError as exc:
+            if options.on_bad_line == "error":
+                raise MuxTuneError(str(exc)) from None
+            stats.skipped_bad_lines += 1
+            stats.first_bad_line = stats.first_bad_line or str(exc)
+            continue
+        stats.format = fmt
+        ids, labels = list(bos), [IGNORE] * len(bos)
+        for tokens, trains in parts:
+            ids += tokens
+            labels += tokens if (trains or options.loss_on == "all" or fmt == "text") else [IGNORE] * len(tokens)
+        ids, labels = ids + eos, labels + eos
+        stats.length_histogram[_length_bin(len(ids), max_seq_len)] += 1
+        if len(ids) > max_seq_len:
+            if options.truncation == "drop":
+                stats.dropped_too_long += 1
                 continue
-            stats.lines += 1
-            try:
-                record = _parse(raw, path, lineno)
-                fmt = fmt or _detect(record, path, lineno)
-                pieces = _pieces(record, fmt, tokenizer, path, lineno)
-            except MuxTuneError as exc:
-                if options.on_bad_line == "error":
-                    raise
-                stats.skipped_bad_lines += 1
-                stats.first_bad_line = stats.first_bad_line or str(exc)
-                continue
-            stats.format = fmt
-            ids, labels = list(bos), [IGNORE] * len(bos)
-            for tokens, trains in pieces:
-                ids += tokens
-                labels += tokens if (trains or options.loss_on == "all" or fmt == "text") else [IGNORE] * len(tokens)
-            ids, labels = ids + eos, labels + eos
-            if len(ids) > max_seq_len:
-                if options.truncation == "drop":
-                    stats.dropped_too_long += 1
-                    continue
-                stats.truncated += 1
-                ids, labels = _truncate(ids, labels, len(bos), max_seq_len)
-            # labels[0] is never predicted (nothing precedes it), so it cannot carry loss
-            if all(label == IGNORE for label in labels[1:]):
-                stats.dropped_no_target += 1
-                continue
-            stats.examples += 1
-            stats.tokens += len(ids)
-            yield Example(ids, labels)
+            stats.truncated += 1
+            ids, labels = _truncate(ids, labels, len(bos), max_seq_len)
+        # labels[0] is never predicted (nothing precedes it), so it cannot carry loss
+        trainable = sum(label != IGNORE for label in labels[1:])
+        if not trainable:
+            stats.dropped_no_target += 1
+            continue
+        stats.examples += 1
+        stats.tokens += len(ids)
+        stats.trainable_tokens += trainable
+        yield Example(ids, labels)
+
+
+def _length_bin(length: int, max_seq_len: int) -> int:
+    if length > max_seq_len:
+        return HISTOGRAM_BINS
+    return min((length - 1) * HISTOGRAM_BINS // max_seq_len, HISTOGRAM_BINS - 1)
 
 
 def _truncate(ids: list[int], labels: list[int], keep_head: int, max_seq_len: int):
@@ -207,114 +227,74 @@ def _truncate(ids: list[int], labels: list[int], keep_head: int, max_seq_len: in
     return ids[:max_seq_len], labels[:max_seq_len]
 
 
-def _parse(raw: bytes, path: Path, lineno: int) -> dict:
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise MuxTuneError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise MuxTuneError(f"{path}:{lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
-    if not isinstance(record, dict):
-        raise MuxTuneError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-    return record
+# --- a report on one file (`muxtune validate`, a service's upload check) ------------------------------
+
+FORMAT_NAMES = {"chat": "chat (OpenAI messages)", "sharegpt": "sharegpt (conversations)",
+                "prompt_completion": "prompt_completion", "alpaca": "alpaca", "text": "text"}
 
 
-FORMAT_KEYS = {"chat": {"messages"}, "prompt_completion": {"prompt", "completion"},
-               "alpaca": {"instruction", "output"}, "text": {"text"}}
+@dataclass
+class FileReport:
+    """What a task's file gives: its kind and format, examples, trainable tokens, what was dropped and
+    why, and how long its sequences are against max_seq_len. Plain data (a service returns it as JSON)."""
+
+    path: str
+    source: str  # file kind: jsonl, json, csv, parquet, dataset
+    format: str  # record format
+    records: int
+    examples: int
+    tokens: int
+    trainable_tokens: int
+    truncated: int
+    dropped: dict[str, int]  # why -> how many records gave no example
+    first_bad_record: str
+    max_seq_len: int
+    length_histogram: list[tuple[int, int | None, int]]  # (shortest, longest or None: unbounded, count)
+
+    @classmethod
+    def of(cls, path: Path, stats: DataStats, max_seq_len: int, options: DataOptions | None = None) -> "FileReport":
+        options = options or DataOptions()
+        dropped = {"bad record (on_bad_line: skip)": stats.skipped_bad_lines,
+                   f"longer than max_seq_len (truncation: {options.truncation})": stats.dropped_too_long,
+                   "no target tokens within max_seq_len": stats.dropped_no_target}
+        bins = []
+        for k, count in enumerate(stats.length_histogram):
+            if k == HISTOGRAM_BINS:
+                bins.append((max_seq_len + 1, None, count))
+            else:  # the lengths l with (l - 1) * BINS // max_seq_len == k (see _length_bin)
+                shortest = -(-k * max_seq_len // HISTOGRAM_BINS) + 1  # ceil(k * max_seq_len / BINS) + 1
+                bins.append((shortest, -(-(k + 1) * max_seq_len // HISTOGRAM_BINS), count))
+        return cls(str(path), stats.source, stats.format, stats.lines, stats.examples, stats.tokens,
+                   stats.trainable_tokens, stats.truncated, {k: v for k, v in dropped.items() if v},
+                   stats.first_bad_line, max_seq_len, bins)
+
+    def text(self, width: int = 40) -> str:
+        fmt = FORMAT_NAMES.get(self.format, self.format or "unknown (no record read)")
+        lines = [f"{self.path}: {self.source} file, {fmt} format",
+                 f"  {self.records} records -> {self.examples} examples, {self.tokens} tokens "
+                 f"({self.trainable_tokens} trainable), {self.truncated} truncated to max_seq_len={self.max_seq_len}"]
+        for why, count in self.dropped.items():
+            lines.append(f"  dropped {count}: {why}")
+        if self.first_bad_record:
+            lines.append(f"  first bad record: {self.first_bad_record}")
+        lines.append(f"  lengths in tokens (before truncation) vs max_seq_len={self.max_seq_len}:")
+        most = max([count for _, _, count in self.length_histogram] + [1])
+        for lo, hi, count in self.length_histogram:
+            if hi is not None and hi < lo:
+                continue  # max_seq_len < bins: some bins hold no length
+            label = f"{lo}-{hi}" if hi is not None else f"> {self.max_seq_len}"
+            bar = "#" * (count * width // most if count else 0) or ("." if count else "")
+            lines.append(f"    {label:>13} | {bar:<{width}} {count}")
+        return "\n".join(lines)
 
 
-def _detect(record: dict, path: Path, lineno: int) -> str:
-    for fmt, keys in FORMAT_KEYS.items():
-        if keys & set(record):
-            return fmt
-    raise MuxTuneError(f"{path}:{lineno}: cannot tell the data format from keys {sorted(record)}; expected "
-                       "'messages' (chat), 'prompt'/'completion', 'instruction'/'input'/'output' (alpaca) or "
-                       "'text' (or set data_format)")
-
-
-def _pieces(record: dict, fmt: str, tokenizer, path: Path, lineno: int) -> list[tuple[list[int], bool]]:
-    """The record as (token ids, carries loss with loss_on=completion) pieces in order."""
-    if not FORMAT_KEYS[fmt] & set(record):
-        raise MuxTuneError(f"{path}:{lineno}: expected a {fmt} record (keys {sorted(FORMAT_KEYS[fmt])}), got keys "
-                           f"{sorted(record)}; a file holds one format")
-    if fmt == "text":
-        return [(tokenizer.encode(_str_field(record, "text", path, lineno)), True)]
-    if fmt == "prompt_completion":
-        return [(tokenizer.encode(_str_field(record, "prompt", path, lineno)), False),
-                (tokenizer.encode(_str_field(record, "completion", path, lineno)), True)]
-    if fmt == "alpaca":
-        instruction = _str_field(record, "instruction", path, lineno)
-        extra = _str_field(record, "input", path, lineno) if "input" in record else ""
-        prompt = (ALPACA_PROMPT_INPUT if extra else ALPACA_PROMPT).format(instruction=instruction, input=extra)
-        return [(tokenizer.encode(prompt), False), (tokenizer.encode(_str_field(record, "output", path, lineno)), True)]
-    return _chat_pieces(_messages(record, path, lineno), tokenizer, path, lineno)
-
-
-def _messages(record: dict, path: Path, lineno: int) -> list[dict]:
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise MuxTuneError(f"{path}:{lineno}: 'messages' must be a non-empty list")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str) \
-                or message.get("role") not in ("system", "user", "assistant"):
-            raise MuxTuneError(f"{path}:{lineno}: messages[{i}] must be {{'role': 'system'|'user'|'assistant', "
-                               "'content': str}")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise MuxTuneError(f"{path}:{lineno}: messages has no 'assistant' turn to train on")
-    return messages
-
-
-def _chat_pieces(messages: list[dict], tokenizer, path: Path, lineno: int) -> list[tuple[list[int], bool]]:
-    inner = getattr(tokenizer, "tok", None)
-    if inner is not None and getattr(inner, "chat_template", None):
-        # The model's own template renders the text; an assistant turn is the text the template adds
-        # after the conversation so far (rendered prefix by prefix, which works for any template).
-        # Tokenizing the whole text once and marking tokens by character offsets keeps the
-        # tokenizer's merges across turn boundaries exactly as the model sees them.
-        full = _render(inner, messages, generation_prompt=False)
-        spans = []
-        for i, message in enumerate(messages):
-            if message["role"] == "assistant":
-                before = _render(inner, messages[:i], generation_prompt=True)
-                after = _render(inner, messages[: i + 1], generation_prompt=False)
-                if not (after.startswith(before) and full.startswith(after)):
-                    raise MuxTuneError(f"{path}:{lineno}: the model's chat template does not render this "
-                                       "conversation prefix by prefix; use loss_on: all")
-                spans.append((len(before), len(after)))
-        encoded = inner(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-        if ids and ids[0] == tokenizer.bos_token_id:  # the template wrote bos itself; we add it anyway
-            ids, offsets = ids[1:], offsets[1:]
-        pieces = []
-        for token, (lo, hi) in zip(ids, offsets):
-            trains = any(lo < b and a < max(hi, lo + 1) for a, b in spans)  # overlaps an assistant turn
-            if pieces and pieces[-1][1] == trains:
-                pieces[-1][0].append(token)
-            else:
-                pieces.append(([token], trains))
-        return pieces
-    # builtins: a plain rendering, "role: content" per line; loss on each assistant turn's content
-    pieces = []
-    for message in messages:
-        pieces.append((tokenizer.encode(f"{message['role']}: "), False))
-        pieces.append((tokenizer.encode(message["content"] + "\n"), message["role"] == "assistant"))
-    return pieces
-
-
-def _render(tok, messages: list[dict], generation_prompt: bool) -> str:
-    if not messages:
-        return ""
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def _str_field(record: dict, key: str, path: Path, lineno: int) -> str:
-    if key not in record:
-        raise MuxTuneError(f"{path}:{lineno}: missing '{key}'")
-    if not isinstance(record[key], str):
-        raise MuxTuneError(f"{path}:{lineno}: '{key}' must be a string")
-    return record[key]
+def inspect_file(path: Path, tokenizer, max_seq_len: int, options: DataOptions | None = None,
+                 cache_dir: Path | None = None) -> FileReport:
+    """Read and tokenize one file (into the cache training reuses) and report on it. Raises
+    MuxTuneError on a bad record with `on_bad_line: error`; a file with no usable example is a report
+    with examples == 0, not an error."""
+    _, stats = tokenize_file(path, tokenizer, max_seq_len, options=options, cache_dir=cache_dir)
+    return FileReport.of(path, stats, max_seq_len, options)
 
 
 @dataclass

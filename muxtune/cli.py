@@ -122,6 +122,7 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from muxtune.executor.data import DataOptions, FileReport
     from muxtune.run import prepare
     from muxtune.spec import load_config
 
@@ -133,8 +134,7 @@ def cmd_validate(args) -> int:
         print(f"{task.name}: {task.peft.method}, {len(examples[task.name])} {s.format} examples "
               f"({s.truncated} truncated, {s.dropped_too_long + s.dropped_no_target} dropped, "
               f"{s.skipped_bad_lines} bad lines skipped) from {task.data}")
-        if s.first_bad_line:
-            print(f"  first skipped line: {s.first_bad_line}")
+        print(FileReport.of(task.data, s, task.max_seq_len, DataOptions.of(task)).text())
     print(f"ok: {len(config.tasks)} tasks; plan: {plan.explanation}")
     return 0
 
@@ -254,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     p = command("run", cmd_run, "train a config's tasks multiplexed on one backbone, on the trivial plan or "
                 "--plan (no planning; plan-and-run runs the whole chain)", "muxtune run CONFIG --plan plan.json")
     _add_run_args(p, optional_config=False, plans=False)
-    p = command("validate", cmd_validate, "check a config and its data files without training: examples "
-                "read, truncated, dropped and skipped per task", "muxtune validate examples/quickstart.yaml")
+    p = command("validate", cmd_validate, "check a config and its data files without training: per task "
+                "file, its kind and format, examples, trainable tokens, what was dropped and why, lengths vs "
+                "max_seq_len", "muxtune validate examples/quickstart.yaml")
     p.add_argument("config", help="run config YAML")
     p = command("submit", cmd_submit, "add a task to a running job: it joins at the next step boundary, "
                 "without reloading the backbone", "muxtune submit runs/quickstart new_task.yaml")

@@ -40,7 +40,8 @@ class TaskSpec(BaseModel):
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     # how the data file is read (executor/data.py)
-    data_format: Literal["auto", "chat", "prompt_completion", "alpaca", "text"] = "auto"
+    data_format: Literal["auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text"] = Field(
+        "auto", description="record format (the file kind, JSONL/JSON/CSV/Parquet/saved dataset, is detected)")
     loss_on: Literal["completion", "all"] = Field("completion", description="completion: loss only on "
                                                   "completion / output / assistant tokens")
     on_bad_line: Literal["error", "skip"] = "error"
@@ -271,7 +272,7 @@ def _resolve_data(config_path: Path, data: Path, key: str, root, loc) -> Path:
     else:
         candidates = [config_path.parent / data, Path.cwd() / data]
     for candidate in candidates:
-        if candidate.is_file():
+        if candidate.is_file() or candidate.is_dir():  # a folder: a dataset saved with save_to_disk
             return candidate.resolve()
     line = _line_of(root, loc)
     where = f"{config_path}:{line}" if line else str(config_path)

@@ -207,3 +207,78 @@ def test_skipped_bad_lines_and_truncation_are_counted_in_the_metrics(tmp_path, c
     data = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())["tasks"]["a"]["data"]
     assert data["skipped_bad_lines"] == 2 and data["first_bad_line"].startswith(str(tmp_path / "a.jsonl") + ":21:")
     assert data["truncated"] == 1 and data["lines"] == 23
+
+
+def format_files(tmp_path) -> dict:
+    """A file of each kind and record format, made to the format's public description (tests/format_samples.py)."""
+    from format_samples import WRITERS, openai_records, to_sharegpt
+
+    chat = openai_records(6)
+    chat[1]["messages"][1]["weight"] = 0  # a turn not to train on
+    sharegpt = [to_sharegpt(r) for r in openai_records(6)]
+    prompts = [{"prompt": f"{i} + {i} =", "completion": f" {2 * i}"} for i in range(8)]
+    return {
+        "openai": WRITERS["jsonl"](tmp_path / "openai.jsonl", chat),
+        "sharegpt": WRITERS["jsonl"](tmp_path / "sharegpt.jsonl", sharegpt),
+        "parquet": WRITERS["parquet"](tmp_path / "chat.parquet", chat),
+        "csv": WRITERS["csv"](tmp_path / "sums.csv", prompts),
+        "json": WRITERS["json"](tmp_path / "alpaca.json", [{"instruction": "Double.", "input": str(i),
+                                                             "output": str(2 * i)} for i in range(8)]),
+        "dataset": WRITERS["dataset"](tmp_path / "saved", sharegpt),
+    }
+
+
+def format_config(tmp_path, files: dict) -> Path:
+    tasks = [{"name": name, "data": str(path), "peft": {"method": "lora", "r": 4, "target_modules": ["c_attn"]},
+              "batch_size": 2, "max_seq_len": 128, "steps": 2, "seed": i}
+             for i, (name, path) in enumerate(files.items())]
+    path = tmp_path / "formats.yaml"
+    path.write_text(yaml.safe_dump({"name": "formats", "model": "builtin:tiny-gpt2", "devices": "cpu",
+                                    "checkpoint_every": 0, "tasks": tasks}, sort_keys=False))
+    return path
+
+
+def test_a_file_in_each_format_trains_and_validate_reports_each_file(tmp_path, capsys, monkeypatch):
+    config = format_config(tmp_path, format_files(tmp_path))
+    result = call(capsys, monkeypatch, tmp_path, "muxtune", "validate", str(config))
+    assert result.returncode == 0, result.stderr
+    for line in ("openai.jsonl: jsonl file, chat (OpenAI messages) format", "sharegpt.jsonl: jsonl file, sharegpt",
+                 "chat.parquet: parquet file, chat (OpenAI messages) format", "sums.csv: csv file, prompt_completion",
+                 "alpaca.json: json file, alpaca format", "saved: dataset file, sharegpt (conversations) format",
+                 "6 records -> 6 examples", "lengths in tokens (before truncation) vs max_seq_len=128", "> 128 |"):
+        assert line in result.stdout, line
+    result = call(capsys, monkeypatch, tmp_path, "muxtune", "run", str(config), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    tasks = json.loads((tmp_path / "runs" / "formats" / "metrics.json").read_text())["tasks"]
+    sources = {"openai": ("chat", "jsonl"), "sharegpt": ("sharegpt", "jsonl"), "parquet": ("chat", "parquet"),
+               "csv": ("prompt_completion", "csv"), "json": ("alpaca", "json"), "dataset": ("sharegpt", "dataset")}
+    for name, (fmt, source) in sources.items():
+        task = tasks[name]
+        assert task["status"] == "finished" and task["steps"] == 2 and len(task["loss"]) == 2, name
+        assert all(0 < loss < 20 for loss in task["loss"]), name
+        assert (task["data"]["format"], task["data"]["source"]) == (fmt, source), name
+        assert task["data"]["trainable_tokens"] > 0
+    # the weight-0 turn (in openai.jsonl and chat.parquet) is not trained on; the ShareGPT copy has no weights
+    assert tasks["openai"]["data"]["trainable_tokens"] < tasks["sharegpt"]["data"]["trainable_tokens"]
+    assert tasks["openai"]["data"]["trainable_tokens"] == tasks["parquet"]["data"]["trainable_tokens"]
+
+
+@pytest.mark.parametrize("kind,where", [("parquet", "chat.parquet: row 2: messages[1]"),
+                                        ("dataset", "saved: row 2: messages[1]")])
+def test_a_bad_row_is_refused_by_validate_and_run_with_file_row_and_field(tmp_path, capsys, monkeypatch, kind, where):
+    from format_samples import WRITERS, openai_records
+
+    records = openai_records(4)
+    records[1]["messages"][1]["weight"] = 0.5
+    path = WRITERS[kind](tmp_path / ("chat.parquet" if kind == "parquet" else "saved"), records)
+    config = format_config(tmp_path, {"chat": path})
+    monkeypatch.setenv("MUXTUNE_CACHE", str(tmp_path / "cache"))
+    for command in ("validate", "run"):
+        extra = ["--no-progress"] if command == "run" else []
+        result = call(capsys, monkeypatch, tmp_path, "muxtune", command, str(config), *extra)
+        assert result.returncode == 2, result.stderr
+        assert where in result.stderr and "'weight' must be 0 or 1, got 0.5" in result.stderr
+        assert "Traceback" not in result.stderr
+    # nothing half-written: no run folder, no cache entry, no staging folder
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.rglob(".*partial"))
+    assert not (tmp_path / "cache" / "data").exists() or not list((tmp_path / "cache" / "data").iterdir())

@@ -25,11 +25,15 @@ DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "qa.jsonl"
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
                     st.text(max_size=20), st.sampled_from(["lora", "ia3", "prompt", "prefix", "dora", "adapter",
                                                            "bitfit", "cpu", "cuda:0", "builtin:tiny-llama",
-                                                           str(DATA), "q_proj", "auto", "chat", "skip"]))
+                                                           str(DATA), "q_proj", "auto", "chat", "skip",
+                                                           "user", "assistant", "tool", "function", "human", "gpt",
+                                                           "function_call", "observation", "{}", "[]"]))
 keys = st.sampled_from(["name", "model", "devices", "dtype", "tasks", "data", "peft", "method", "r", "alpha",
                         "target_modules", "batch_size", "max_seq_len", "lr", "steps", "seed", "checkpoint_every",
                         "memory_limit_gib", "num_virtual_tokens", "data_format", "on_bad_line", "messages",
-                        "role", "content", "prompt", "completion", "text", "groups", "layout", "devices"])
+                        "role", "content", "prompt", "completion", "text", "groups", "layout", "devices",
+                        "conversations", "from", "value", "weight", "name", "tools", "tool_calls", "tool_call_id",
+                        "function_call", "function", "arguments", "id", "type", "system", "functions"])
 values = st.recursive(scalars, lambda children: st.one_of(st.lists(children, max_size=4),
                                                           st.dictionaries(keys, children, max_size=6)), max_leaves=25)
 documents = st.one_of(
@@ -74,7 +78,7 @@ records = st.one_of(values.map(json.dumps),
 
 @FUZZ
 @given(st.lists(records, min_size=0, max_size=6), st.sampled_from(["error", "skip"]),
-       st.sampled_from(["auto", "chat", "prompt_completion", "alpaca", "text"]), st.integers(4, 64))
+       st.sampled_from(["auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text"]), st.integers(4, 64))
 def test_jsonl_loader_raises_only_muxtune_error(lines, on_bad_line, data_format, max_seq_len):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "data.jsonl"

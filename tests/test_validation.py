@@ -14,7 +14,7 @@ from muxtune.executor.data import IGNORE, fuse, load_examples
 from muxtune.executor.export import export_adapter
 from muxtune.executor.trainer import MultiplexedTrainer
 from muxtune.executor.validation import load_task_data
-from muxtune.spec import Alignment, TaskSpec
+from muxtune.spec import Alignment, EarlyStopping, TaskSpec
 
 MODEL = "builtin:tiny-llama"
 
@@ -193,3 +193,207 @@ def test_valid_loss_equals_hf_peft_on_the_exported_adapter(tmp_path):
     targets = batch.labels[:, 1:]
     right = (logits.argmax(-1) == targets)[targets != IGNORE]
     assert run.evaluations[-1]["valid_mean_token_accuracy"] == pytest.approx(right.float().mean().item(), abs=1e-12)
+
+
+# --- early stopping, outputs, resume ----------------------------------------------------------------
+
+
+def overfit_config(tmp_path, patience=2, steps=12, every=0, extra="") -> "Path":
+    """'over' learns to answer every prompt with a run of 'a'; its validation set asks for a run of 'z'
+    after the same prompts: each step that fits the training data makes the validation loss worse."""
+    words = ["river", "stone", "cloud", "seven", "blue", "quiet", "gamma", "delta"]
+    with open(tmp_path / "over.jsonl", "w") as f, open(tmp_path / "over-valid.jsonl", "w") as v:
+        for i, word in enumerate(words):
+            f.write(json.dumps({"prompt": f"{word} {i} ->", "completion": "aaaaaaaaaaaa"}) + "\n")
+            v.write(json.dumps({"prompt": f"{word} {i} ->", "completion": "zzzzzzzzzzzz"}) + "\n")
+    write_jsonl(tmp_path / "steady.jsonl", 20, seed=4, min_len=4, max_len=10)
+    path = tmp_path / "over.yaml"
+    path.write_text(f"""
+name: over
+model: {MODEL}
+checkpoint_every: {every}
+tasks:
+  - name: over
+    data: over.jsonl
+    validation_data: over-valid.jsonl
+    eval_every: 1
+    early_stopping: {{patience: {patience}, min_delta: 0.0}}
+    peft: {{method: lora, r: 4, alpha: 16}}
+    batch_size: 4
+    max_seq_len: 64
+    lr: 5.0e-2
+    steps: {steps}
+    seed: 3
+  - name: steady
+    data: steady.jsonl
+    peft: {{method: ia3}}
+    batch_size: 3
+    max_seq_len: 64
+    lr: 1.0e-2
+    steps: {steps}
+    seed: 4
+{extra}""")
+    return path
+
+
+def expected_stop(losses: list[float], patience: int, min_delta: float = 0.0) -> tuple[int, int]:
+    """(index of the evaluation that stops the task, index of the best one), by the rule itself."""
+    best, bad = 0, 0
+    for i in range(1, len(losses)):
+        if losses[i] < losses[best] - min_delta:
+            best, bad = i, 0
+        else:
+            bad += 1
+            if bad == patience:
+                return i, best
+    raise AssertionError(f"never stops: {losses}")
+
+
+def test_early_stopping_stops_exports_the_best_adapter_and_frees_its_rows(tmp_path):
+    from safetensors.torch import load_file
+
+    from muxtune.run import execute
+    from muxtune.spec import load_config
+
+    config = load_config(overfit_config(tmp_path))
+    metrics = execute(config, tmp_path / "run", progress=False)
+    over = metrics["tasks"]["over"]
+    losses = [e["valid_loss"] for e in over["evaluations"]]
+    assert all(b > a for a, b in zip(losses, losses[1:]))  # the case really overfits from the first step
+    stop, best = expected_stop(losses, patience=2)
+    assert over["status"] == "stopped_early" and over["steps"] == over["stopped_early_at_step"] == stop + 1 == 3
+    assert over["best_step"] == best + 1 == 1 and over["best_valid_loss"] == losses[best]
+    assert metrics["tasks"]["steady"]["status"] == "finished" and metrics["tasks"]["steady"]["steps"] == 12
+
+    # the exported adapter is the one of the best step: bit-equal to training 'over' for best_step steps
+    trained = MultiplexedTrainer(load_backbone(MODEL), [config.task("over").model_copy(update={
+        "steps": over["best_step"], "validation_data": None, "eval_every": None, "early_stopping": None})],
+        {"over": load_examples(config.task("over").data, load_backbone(MODEL).tokenizer, 64)[0]})
+    trained.train(progress=False)
+    exported = load_file(str(tmp_path / "run/adapters/over/adapter_model.safetensors"))
+    assert exported.keys() == adapter_state(trained, "over").keys()
+    for key, value in adapter_state(trained, "over").items():
+        assert torch.equal(exported[key], value), key
+
+    # its rows left the fused batch at once: from step 4 on, only 'steady' tokens (vs a run without stopping)
+    (tmp_path / "ref").mkdir()
+    without = load_config(overfit_config(tmp_path / "ref", patience=100))
+    ref = execute(without, tmp_path / "ref/run", progress=False)
+    steady_tokens = ref["tasks"]["steady"]["tokens"]
+    assert metrics["step_time_s"] and len(metrics["step_time_s"]) == len(ref["step_time_s"]) == 12
+    assert metrics["tasks"]["steady"]["loss"] == ref["tasks"]["steady"]["loss"]  # the neighbour is unaffected
+    assert metrics["tokens"] < ref["tokens"] and metrics["tasks"]["steady"]["tokens"] == steady_tokens
+    assert metrics["tokens"] == ref["tokens"] - (ref["tasks"]["over"]["tokens"] - over["tokens"])
+
+    # outputs: the results CSV with the fine-tuning APIs' columns, the report's validation figure
+    rows = (tmp_path / "run/results/over.csv").read_text().splitlines()
+    assert rows[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy" and len(rows) == 4
+    assert [float(r.split(",")[3]) for r in rows[1:]] == losses
+    report = (tmp_path / "run/report.html").read_text()
+    assert "<h2>Validation</h2>" in report and (tmp_path / "run/validation_0.png").exists()
+    assert "stopped_early" in report
+
+
+def test_fused_batch_shrinks_the_step_after_an_early_stop(tmp_path):
+    from muxtune.spec import load_config
+
+    config = load_config(overfit_config(tmp_path))
+    stopping, going_on = make(config.tasks), make([config.task("over").model_copy(update={
+        "early_stopping": EarlyStopping(patience=100)}), config.task("steady")])
+    stopping.train(progress=False)
+    going_on.train(progress=False)
+    assert stopping.runs["over"].status == "stopped_early" and stopping.runs["over"].step == 3
+    assert going_on.runs["over"].status == "finished"
+    assert stopping.step_tokens[:3] == going_on.step_tokens[:3]
+    # from step 4 on every fused batch holds fewer tokens and computes fewer chunk rows
+    assert all(a < b for a, b in zip(stopping.step_tokens[3:], going_on.step_tokens[3:]))
+    assert len(stopping.step_tokens) == 12
+    rows = [r for r, _ in stopping.step_shapes[3:]], [r for r, _ in going_on.step_shapes[3:]]
+    assert all(a < b for a, b in zip(*rows))
+
+
+@pytest.mark.parametrize("interrupt_at", [3, 5])  # before the stop (its best adapter is checkpointed), after it
+def test_resume_around_evaluations_and_an_early_stop_is_bit_equal(tmp_path, interrupt_at):
+    from safetensors.torch import load_file
+
+    from muxtune.cli import main
+    from muxtune.run import execute
+    from muxtune.spec import load_config
+
+    config = overfit_config(tmp_path, patience=3, every=2)
+    reference = execute(load_config(config), tmp_path / "ref", progress=False)
+    assert reference["tasks"]["over"]["stopped_early_at_step"] == 4 and reference["tasks"]["over"]["best_step"] == 1
+
+    def interrupt(trainer):
+        if len(trainer.step_times) == interrupt_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        execute(load_config(config), tmp_path / "run", progress=False, after_step=interrupt)
+    assert main(["run", str(config), "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 0
+    resumed = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert resumed["resumed_from_step"] == interrupt_at - 1
+    for name, task in reference["tasks"].items():
+        for key in ("status", "steps", "loss", "train_mean_token_accuracy", "evaluations", "best_step",
+                    "best_valid_loss", "stopped_early_at_step"):
+            assert resumed["tasks"][name][key] == task[key], f"{name} {key}"
+        ours, ref = (load_file(str(d / f"adapters/{name}/adapter_model.safetensors")) for d in (tmp_path / "run",
+                                                                                                 tmp_path / "ref"))
+        assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref), name
+    assert (tmp_path / "run/results/over.csv").read_text() == (tmp_path / "ref/results/over.csv").read_text()
+
+
+# --- bad input: our usual clear error, exit 2, no traceback, nothing written -------------------------
+
+
+def bad_run(tmp_path, capsys, monkeypatch, **task):
+    from test_cli import call, small_config
+
+    write_jsonl(tmp_path / "v.jsonl", 4, seed=9, min_len=2, max_len=6)
+    config = small_config(tmp_path)
+    raw = __import__("yaml").safe_load(config.read_text())
+    raw["tasks"][0].update(task)
+    config.write_text(__import__("yaml").safe_dump(raw, sort_keys=False))
+    result = call(capsys, monkeypatch, tmp_path, "main", "run", str(config), "--out", str(tmp_path / "out"),
+                  "--no-progress")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.rglob(".*partial"))
+    return result.stderr
+
+
+@pytest.mark.parametrize("task, message", [
+    ({"epochs": 2}, r"config.yaml:\d+: tasks\[0\]: .*set exactly one of steps and epochs.*both"),
+    ({"steps": None}, r"config.yaml:\d+: tasks\[0\]: .*got neither"),
+    ({"validation_split": 0.7}, r"config.yaml:\d+: tasks\[0\].validation_split: Input should be less than or equal"),
+    ({"early_stopping": {"patience": 2}}, r"tasks\[0\]: .*early_stopping needs validation data"),
+    ({"validation_data": "nowhere.jsonl"}, r"config.yaml:\d+: tasks\[0\].validation_data: data file not found"),
+])
+def test_bad_validation_config_is_refused_cleanly(tmp_path, capsys, monkeypatch, task, message):
+    import re
+
+    assert re.search(message, bad_run(tmp_path, capsys, monkeypatch, **task))
+
+
+def test_bad_or_empty_validation_file_is_refused_with_file_and_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion":\n')
+    err = bad_run(tmp_path, capsys, monkeypatch, validation_data="bad.jsonl")
+    assert f"{tmp_path / 'bad.jsonl'}:2: not valid JSON" in err
+    (tmp_path / "empty.jsonl").write_text("\n")
+    err = bad_run(tmp_path, capsys, monkeypatch, validation_data="empty.jsonl")
+    assert f"{tmp_path / 'empty.jsonl'}: no usable examples" in err
+    # a split of a file too small to keep a training example
+    (tmp_path / "one.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    err = bad_run(tmp_path, capsys, monkeypatch, data="one.jsonl", validation_split=0.5)
+    assert "validation_split: 0.5 of 1 example(s) leaves none to train on" in err
+
+
+def test_multi_process_plan_with_validation_is_refused(tmp_path):
+    from muxtune.errors import MuxTuneError
+    from muxtune.run import execute
+    from muxtune.spec import FusionGroup, Layout, Plan, load_config
+
+    config = load_config(overfit_config(tmp_path))
+    plan = Plan(groups=[FusionGroup(tasks=["over", "steady"], devices=["cpu", "cpu"], layout=Layout(pp=2))])
+    with pytest.raises(MuxTuneError, match="tasks.over.validation_data: validation and epochs run in the single-process"):
+        execute(config, tmp_path / "run", plan=plan, progress=False)
+    assert not (tmp_path / "run").exists()

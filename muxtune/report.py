@@ -166,6 +166,7 @@ def measured_step_seconds(metrics: dict) -> float | None:
 
 def predicted_vs_measured(metrics: dict, prediction: dict) -> pd.DataFrame:
     measured_step = measured_step_seconds(metrics)
+    busy = metrics["train_time_s"] + metrics.get("eval_time_s", 0.0)  # training steps and evaluations
     # tokens the predicted step carries / measured step time: the same work priced two ways (a run folder
     # written before the job figures existed has no steady_tokens_per_s or makespan_s: those rows stay blank)
     step_tokens = sum(prediction.get("step_tokens", {}).values())
@@ -174,9 +175,12 @@ def predicted_vs_measured(metrics: dict, prediction: dict) -> pd.DataFrame:
             {"figure": "tokens/s, every task present", "predicted": prediction.get("steady_tokens_per_s"),
              "measured": step_tokens / measured_step if measured_step else None},
             {"figure": "time to train every task (s)", "predicted": prediction.get("makespan_s"),
-             "measured": metrics["train_time_s"]},
+             "measured": busy},
             {"figure": "tokens/s over the whole run", "predicted": prediction["tokens_per_s"],
-             "measured": metrics["tokens_per_s"]}]
+             "measured": metrics["tokens"] / busy if busy else 0.0}]
+    if metrics.get("eval_time_s"):  # the tasks validated: their forward-only passes, priced and measured
+        rows.insert(3, {"figure": "of which validation forwards (s)", "predicted": prediction.get("evaluation_s"),
+                        "measured": metrics["eval_time_s"]})
     table = pd.DataFrame(rows)
     error = (table["predicted"] - table["measured"]) / table["measured"]
     table["error"] = [f"{100 * e:+.0f}%" if pd.notna(e) else "" for e in error]  # predicted vs measured

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -340,7 +340,23 @@ def task_works(config: RunConfig, cost_model, backbone=None, stats: dict | None 
         if stats and stats.get(t.name) and stats[t.name].examples:
             mean = stats[t.name].tokens / stats[t.name].examples
         works[t.name] = task_work(t, params, mean_seq_len=mean)
+        if t.validates:  # its evaluations are priced too (a forward over its validation set)
+            works[t.name] = replace(works[t.name], eval_sequences=validation_sequences(t, stats),
+                                    eval_every=t.eval_interval(t.steps))
     return works
+
+
+def validation_sequences(task, stats: dict | None) -> int:
+    """A validating task's validation examples: its held-out share, or the validation file's records."""
+    if task.validation_split is not None:
+        n = stats[task.name].examples if stats and stats.get(task.name) else _records(task.data)
+        return task.held_out(n)
+    return _records(task.validation_data)
+
+
+def _records(path) -> int:
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
 
 
 def plan_phase(config: RunConfig, cost_model, devices: list[str], works: dict) -> dict[str, Plan]:
@@ -416,6 +432,7 @@ def predict(config: RunConfig, cost_model, cost_model_name: str, devices: list[s
     comparison, timeline, memory, job = simulate_phase(plans, works, steps, cost_model, progress)
     info = {"name": config.name, "model": config.model, "cost_model": cost_model_name, "devices": devices,
             "gpus": len(devices), "tokens_per_s": job.throughput, "makespan_s": job.makespan,
+            "evaluation_s": job.evaluation,  # validation forwards, within makespan_s
             "steady_tokens_per_s": job.steady, "step_s": timeline.step_seconds,
             "task_tokens_per_s": timeline.tokens_per_second, "bubble_fraction": timeline.bubble_fraction,
             "step_tokens": {n: w.tokens for n, w in works.items()},
@@ -430,11 +447,7 @@ def with_step_counts(config: RunConfig, stats: dict | None) -> RunConfig:
     tasks = []
     for t in config.tasks:
         if t.steps is None:
-            if stats and stats.get(t.name):
-                n = stats[t.name].examples
-            else:
-                with open(t.data, "rb") as handle:
-                    n = sum(1 for line in handle if line.strip())
+            n = stats[t.name].examples if stats and stats.get(t.name) else _records(t.data)
             t = t.model_copy(update={"steps": t.step_count(max(1, n - t.held_out(n)))})
         tasks.append(t)
     return config.model_copy(update={"tasks": tasks})

@@ -2,6 +2,7 @@
 the fused evaluation (never changes training, independent of neighbours, equal to HF PEFT's loss)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from muxtune.executor.data import IGNORE, fuse, load_examples
 from muxtune.executor.export import export_adapter
 from muxtune.executor.trainer import MultiplexedTrainer
 from muxtune.executor.validation import load_task_data
-from muxtune.spec import Alignment, EarlyStopping, TaskSpec
+from muxtune.spec import Alignment, EarlyStopping, Plan, TaskSpec
 
 MODEL = "builtin:tiny-llama"
 
@@ -397,3 +398,39 @@ def test_multi_process_plan_with_validation_is_refused(tmp_path):
     with pytest.raises(MuxTuneError, match="tasks.over.validation_data: validation and epochs run in the single-process"):
         execute(config, tmp_path / "run", plan=plan, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+# --- the plan prices the evaluations ----------------------------------------------------------------
+
+
+def test_predicted_job_time_includes_the_evaluation_forwards(tmp_path):
+    from fake_cost_model import FakeCostModel
+
+    from muxtune.planner.plan import simulate_job
+    from muxtune.simulator.workload import evaluation_counts, evaluation_micro_batches
+    from muxtune.spec import FusionGroup
+
+    specs = tenants(tmp_path, eval_every=2)  # 4, 5 and 6 steps
+    trainer = make(specs)
+    trainer.train(progress=False)
+    from muxtune.run import RunConfig, task_works, with_step_counts
+
+    config = with_step_counts(RunConfig(name="v", tasks=specs), None)
+    cm = FakeCostModel(per_token=1e-3)
+    works = task_works(config, cm)
+    steps = {t.name: t.steps for t in config.tasks}
+    counts = evaluation_counts(works, steps)
+    # the executor's schedule: after steps 2, 4 (all three), 5 (ia3), 6 (prompt)
+    assert counts == {("lora", "ia3", "prompt"): 2, ("ia3",): 1, ("prompt",): 1}
+    assert sum(counts.values()) == len(trainer.eval_times) and [s for s, _, _ in trainer.eval_times] == [2, 4, 5, 6]
+    assert all(works[n].eval_sequences == 9 for n in steps)
+
+    plan = Plan(groups=[FusionGroup(tasks=list(steps), devices=["cpu"])])
+    with_eval = simulate_job(plan, works, steps, cm, packed=True)
+    plain = {n: replace(w, eval_sequences=0, eval_every=0) for n, w in works.items()}
+    without = simulate_job(plan, plain, steps, cm, packed=True)
+    priced = sum(count * cm.evaluation_seconds(evaluation_micro_batches([works[n] for n in due], 16384))
+                 for due, count in counts.items())
+    assert priced > 0 and with_eval.evaluation == pytest.approx(priced)
+    assert with_eval.makespan == pytest.approx(without.makespan + priced) and without.evaluation == 0
+    assert with_eval.throughput < without.throughput

@@ -212,6 +212,7 @@ class PipelineTrainer:
         self.step_times: list[float] = []
         self.step_tokens: list[int] = []
         self.step_shapes: list[tuple[int, int]] = []
+        self.eval_times: list[tuple[int, float, int]] = []  # none: multi-process plans refuse validation
         self.task_step_tokens: list[dict[str, int]] = []  # per step: each task's computed tokens, this replica
         self.records: list[StepRecord] = []
 

@@ -196,9 +196,11 @@ def results_csv(run) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(RESULTS_COLUMNS)
-    for step, (loss, accuracy) in enumerate(zip(run.losses, run.accuracies), start=1):
+    for step, loss in enumerate(run.losses, start=1):
         e = evaluations.get(step, {})
-        writer.writerow([step, repr(loss), repr(accuracy), repr(e["valid_loss"]) if e else "",
+        # (a multi-process run counts no accuracy: its column stays empty)
+        accuracy = repr(run.accuracies[step - 1]) if step <= len(run.accuracies) else ""
+        writer.writerow([step, repr(loss), accuracy, repr(e["valid_loss"]) if e else "",
                          repr(e["valid_mean_token_accuracy"]) if e else ""])
     return out.getvalue()
 

@@ -7,9 +7,11 @@ Layout under the run folder:
                                               count and per-step records; written last, atomically
     checkpoints/<task>/step-000040/
         tensors.safetensors                   adapter weights, AdamW moments, RNG states (dropout and
-                                              data order generators), the data order of the epoch
+                                              data order generators), the data order of the epoch,
+                                              the adapter at the best evaluation (early stopping)
         state.json                            step, status, data cursor/epoch, LR schedule, optimizer
-                                              hyper-parameters, losses and token counts so far, the spec
+                                              hyper-parameters, losses, accuracies, evaluations, the
+                                              best one and the patience used up, token counts, the spec
 
 Why a manifest: every task must resume from the SAME global step, or the fused batches after a resume
 differ from the uninterrupted run's. Each task folder is staged under a temporary name and renamed into
@@ -50,6 +52,7 @@ def save(trainer, run_dir: Path, model: str, previous: dict | None = None) -> di
         "step_times": trainer.step_times,
         "step_tokens": trainer.step_tokens,
         "step_shapes": [list(shape) for shape in trainer.step_shapes],
+        "eval_times": [list(e) for e in trainer.eval_times],
     }
     return _commit(root, manifest, payloads, previous)
 
@@ -96,6 +99,9 @@ def _task_payload(run, adapter_keys: set[str] | None = None,
     tensors["data.order"] = torch.tensor(run.sampler.order, dtype=torch.int64)
     if run.adapter.dropout_gen is not None:
         tensors["rng.dropout"] = run.adapter.dropout_gen.get_state()
+    for key, value in (run.best_state or {}).items():
+        if adapter_keys is None or key in adapter_keys:
+            tensors[f"best.{key}"] = value.detach().cpu().contiguous()
     state = {
         "version": FORMAT_VERSION,
         "task": run.spec.name,
@@ -107,6 +113,9 @@ def _task_payload(run, adapter_keys: set[str] | None = None,
         "bad_examples": run.bad_examples,
         "data": {"epoch": run.sampler.epoch, "cursor": run.sampler.cursor, "examples": len(run.sampler.examples)},
         "losses": run.losses,
+        "accuracies": run.accuracies,
+        "evaluations": run.evaluations,
+        "best": {"loss": run.best_loss, "step": run.best_step, "bad_evaluations": run.bad_evaluations},
         "tokens": run.tokens,
         "computed_tokens": run.computed_tokens,
         "seconds": run.seconds,
@@ -182,6 +191,7 @@ def restore(trainer, run_dir: Path, manifest: dict) -> None:
     trainer.step_times = list(manifest["step_times"])
     trainer.step_tokens = list(manifest["step_tokens"])
     trainer.step_shapes = [tuple(shape) for shape in manifest["step_shapes"]]
+    trainer.eval_times = [tuple(e) for e in manifest.get("eval_times", [])]
 
 
 def _restore_task(run, folder: Path) -> None:
@@ -248,6 +258,13 @@ def _apply_task(run, state: dict, tensors: dict[str, torch.Tensor], folder: Path
     run.step, run.status, run.reason = state["step"], state["status"], state["reason"]
     run.stopped_at, run.bad_examples = state["stopped_at"], state["bad_examples"]
     run.losses, run.tokens = own["losses"], own["tokens"]
+    # validation (absent from checkpoints written before it existed)
+    run.accuracies, run.evaluations = state.get("accuracies", []), state.get("evaluations", [])
+    best = state.get("best", {})
+    run.best_loss, run.best_step = best.get("loss"), best.get("step")
+    run.bad_evaluations = best.get("bad_evaluations", 0)
+    device = next(iter(run.adapter.state_dict().values())).device
+    run.best_state = {k.removeprefix("best."): v.to(device) for k, v in tensors.items() if k.startswith("best.")} or None
     run.computed_tokens, run.seconds = own["computed_tokens"], own["seconds"]
 
 

@@ -18,9 +18,9 @@ from muxtune.errors import MuxTuneError
 from muxtune.executor.backbone import target_ops
 from muxtune.executor.peft import method_of
 
-# Distinct streams from one task seed: the adapter init, the data order and the dropout masks each
-# depend on the task's seed alone, never on which other tasks share the backbone.
-INIT_STREAM, DATA_STREAM, DROPOUT_STREAM = 0, 1, 2
+# Distinct streams from one task seed: the adapter init, the data order, the dropout masks and the
+# validation split each depend on the task's seed alone, never on which other tasks share the backbone.
+INIT_STREAM, DATA_STREAM, DROPOUT_STREAM, SPLIT_STREAM = 0, 1, 2, 3
 
 
 def stream_seed(seed: int, stream: int) -> int:

@@ -212,6 +212,7 @@ class PipelineTrainer:
         self.step_times: list[float] = []
         self.step_tokens: list[int] = []
         self.step_shapes: list[tuple[int, int]] = []
+        self.eval_times: list[tuple[int, float, int]] = []  # none: multi-process plans refuse validation
         self.task_step_tokens: list[dict[str, int]] = []  # per step: each task's computed tokens, this replica
         self.records: list[StepRecord] = []
 
@@ -547,7 +548,7 @@ class PipelineTrainer:
         (checkpoints: a collective, so every process must call it at the same steps)."""
         from tqdm.auto import tqdm
 
-        total = max((run.spec.steps - run.step for run in self.active), default=0)
+        total = max((run.total_steps - run.step for run in self.active), default=0)
         show = progress and self.topo.rank == self.topo.world - 1  # the last stage knows the losses
         with tqdm(total=total, desc="training", unit="step", disable=not show) as bar:
             while self.active:

@@ -12,6 +12,11 @@ non-finite, or whose next batch holds a corrupt example, is stopped (`status="fa
 the reason kept); its loss is left out of the backward and its gradients never reach its optimizer,
 and the other tasks' rows never saw its values. Tasks can join (`add_task`) and leave (`cancel`)
 between steps; the backbone stays loaded.
+
+Validation (executor/validation.py): after a step, every task due for evaluation (every
+`eval_interval` of its steps, and at its end) is evaluated in the same fused, chunk-aligned layout,
+forward only: no autograd graph, dropout off, no generator drawn from and no task state touched but its
+evaluation record, so a task's training is bit for bit the same with evaluation on or off.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from muxtune.executor.alignment import ChunkedBatch, pack_chunks, packed_attenti
 from muxtune.executor.backbone import Backbone
 from muxtune.executor.data import IGNORE, Example, FusedBatch, TaskSampler, fuse
 from muxtune.executor.mux import Multiplexer, TaskAdapter
+from muxtune.executor.validation import record_evaluation
 from muxtune.errors import MuxTuneError
 from muxtune.spec import Alignment, TaskSpec
 
@@ -43,19 +49,42 @@ class TaskRun:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     sampler: TaskSampler
+    total_steps: int  # `steps`, or what `epochs` makes of the training examples
+    examples_to_train: int | None = None  # an epochs task draws exactly this many examples in all
+    validation: list[Example] | None = None
+    eval_interval: int | None = None  # steps between evaluations (None: no validation)
     step: int = 0
     losses: list[float] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)  # argmax next-token accuracy of each step
+    evaluations: list[dict] = field(default_factory=list)  # {step, valid_loss, valid_mean_token_accuracy}
+    best_loss: float | None = None  # the lowest valid_loss so far, and the step it was reached at
+    best_step: int | None = None
+    bad_evaluations: int = 0  # evaluations in a row not better than the best (early stopping's patience)
+    best_state: dict[str, torch.Tensor] | None = None  # the adapter at best_step (early stopping only)
     tokens: int = 0  # real tokens (data and virtual tokens) this task put through the backbone
     computed_tokens: int = 0  # the backbone positions its rows took, padding included
     seconds: float = 0.0  # wall time of the steps this task took part in
-    status: str = "running"  # running | finished | failed | cancelled
+    status: str = "running"  # running | finished | stopped_early | failed | cancelled
     reason: str = ""  # why a task failed or was cancelled
     stopped_at: int | None = None  # the step (1-based) a failed task did not complete
     bad_examples: int = 0  # corrupt examples met mid-run and skipped (on_bad_line: skip)
 
     @property
     def done(self) -> bool:
-        return self.step >= self.spec.steps
+        return self.step >= self.total_steps
+
+    @property
+    def batch_size_now(self) -> int:
+        """Examples this step draws: batch_size, but an epochs task's last batch takes only what is left."""
+        if self.examples_to_train is None:
+            return self.spec.batch_size
+        return min(self.spec.batch_size, self.examples_to_train - self.step * self.spec.batch_size)
+
+    @property
+    def evaluation_due(self) -> bool:
+        return self.eval_interval is not None and self.step > 0 and \
+            (self.step % self.eval_interval == 0 or self.done) and \
+            not (self.evaluations and self.evaluations[-1]["step"] == self.step)
 
     def __post_init__(self) -> None:
         # an adapter's trainable tensors are fixed once it is built (tensor parallelism shards their
@@ -66,14 +95,19 @@ class TaskRun:
         return self._params
 
 
-def build_task_run(mux: Multiplexer, spec: TaskSpec, examples: list[Example]) -> TaskRun:
+def build_task_run(mux: Multiplexer, spec: TaskSpec, examples: list[Example],
+                   validation: list[Example] | None = None) -> TaskRun:
     adapter = mux.add_task(spec.name, spec.peft, spec.seed, spec.max_seq_len)
     params = [p for p in adapter.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, spec)
+    total_steps = spec.step_count(len(examples))
     scheduler = get_scheduler(spec.lr_schedule, optimizer, num_warmup_steps=spec.warmup_steps,
-                              num_training_steps=spec.steps)
+                              num_training_steps=total_steps)
     sampler = TaskSampler(examples, spec.batch_size, spec.seed)
-    return TaskRun(spec, adapter, optimizer, scheduler, sampler)
+    if spec.validates and not validation:
+        raise MuxTuneError(f"task {spec.name!r}: validation is configured but no validation examples were given")
+    return TaskRun(spec, adapter, optimizer, scheduler, sampler, total_steps, spec.examples_to_train(len(examples)),
+                   validation if spec.validates else None, spec.eval_interval(total_steps))
 
 
 def make_optimizer(params: list[torch.nn.Parameter], spec: TaskSpec) -> torch.optim.Optimizer:
@@ -127,28 +161,35 @@ def clip_with_norm(run: TaskRun, max_norm: float, norm: torch.Tensor) -> None:
 class MultiplexedTrainer:
     """Trains tasks on one shared backbone. `groups` (from the Plan) lists the fusion groups: the
     tasks of a group share one fused micro-batch; groups run one after another within a step
-    (default: one group of all tasks). `alignment` (from the Plan) sets the micro-batch layout."""
+    (default: one group of all tasks). `alignment` (from the Plan) sets the micro-batch layout.
+    `validation`: the validation examples of the tasks that validate (executor/validation.py)."""
 
     def __init__(self, backbone: Backbone, specs: list[TaskSpec], examples: dict[str, list[Example]],
-                 groups: list[list[str]] | None = None, alignment: Alignment | None = None):
+                 groups: list[list[str]] | None = None, alignment: Alignment | None = None,
+                 validation: dict[str, list[Example]] | None = None):
         self.backbone = backbone
         self.model = backbone.model
         self.device = next(self.model.parameters()).device
         self.mux = Multiplexer.attach(self.model)
-        self.runs: dict[str, TaskRun] = {s.name: build_task_run(self.mux, s, examples[s.name]) for s in specs}
+        validation = validation or {}
+        self.runs: dict[str, TaskRun] = {s.name: build_task_run(self.mux, s, examples[s.name], validation.get(s.name))
+                                         for s in specs}
         self.groups = groups or [list(self.runs)]
         self.alignment = alignment or Alignment()
         self.step_times: list[float] = []
         self.step_tokens: list[int] = []  # real (non-padding) tokens of each step's fused batches
         self.step_shapes: list[tuple[int, int]] = []  # (rows, seq) of every fused micro-batch computed
+        # evaluations: (global step, seconds, tokens put through the backbone) of each fused evaluation
+        self.eval_times: list[tuple[int, float, int]] = []
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
 
-    def add_task(self, spec: TaskSpec, examples: list[Example], group: int = 0) -> TaskRun:
+    def add_task(self, spec: TaskSpec, examples: list[Example], group: int = 0,
+                 validation: list[Example] | None = None) -> TaskRun:
         """A tenant joins between steps: its adapter is attached to the loaded backbone and it takes
         part from the next step on, with its own step count (so it trains as it would alone)."""
         if spec.name in self.runs:
             raise MuxTuneError(f"task {spec.name!r} is already in this run")
-        run = self.runs[spec.name] = build_task_run(self.mux, spec, examples)
+        run = self.runs[spec.name] = build_task_run(self.mux, spec, examples, validation)
         self.groups[group].append(spec.name)
         return run
 
@@ -171,7 +212,7 @@ class MultiplexedTrainer:
         error) or is skipped and counted (skip). Any error reading the data fails only this task."""
         batch = []
         try:
-            while len(batch) < run.spec.batch_size:
+            while len(batch) < run.batch_size_now:
                 index = run.sampler.next_index()
                 example = run.sampler.examples[index]
                 problem = example_problem(example, self.vocab_size, run.spec.max_seq_len)
@@ -195,7 +236,7 @@ class MultiplexedTrainer:
         """One optimizer step for every active task: per fusion group one fused forward and backward."""
         runs = self.active
         start = time.perf_counter()
-        sums, counts, tokens, computed = {}, {}, {}, {}
+        sums, counts, tokens, computed, hits = {}, {}, {}, {}, {}
         for group in self.groups:
             members = [run for run in runs if run.spec.name in group]
             batches = {run.spec.name: self.draw_batch(run) for run in members}
@@ -208,7 +249,7 @@ class MultiplexedTrainer:
                 for name, n in batch.target_counts.items():
                     counts[name] = counts.get(name, 0) + n
             for batch in micro_batches:
-                batch_sums = self.loss_sums(batch, training=True)
+                batch_sums = self.loss_sums(batch, training=True, hits=hits)
                 # a non-finite loss stays out of the backward: only its own task is stopped
                 finite = {name: total for name, total in batch_sums.items() if torch.isfinite(total)}
                 if finite:
@@ -246,6 +287,7 @@ class MultiplexedTrainer:
         for run in runs:
             run.step += 1
             run.losses.append(losses[run.spec.name])
+            run.accuracies.append(float(hits[run.spec.name]) / counts[run.spec.name])
             run.tokens += tokens[run.spec.name]
             run.computed_tokens += computed[run.spec.name]
             run.seconds += elapsed
@@ -253,15 +295,44 @@ class MultiplexedTrainer:
                 run.status = "finished"
         self.step_times.append(elapsed)
         self.step_tokens.append(sum(tokens.values()))
+        self.evaluate([run for run in runs if run.evaluation_due])
         return {run.spec.name: losses[run.spec.name] for run in runs}
 
-    def micro_batches(self, batches: dict[str, list[Example]]) -> list[FusedBatch | ChunkedBatch]:
-        """The fused micro-batch(es) of one group's step, in the Plan's layout."""
+    @torch.no_grad()
+    def evaluate(self, runs: list[TaskRun]) -> None:
+        """Evaluate `runs` together: their validation sets go through the backbone in fused micro-batches
+        of the Plan's layout and token budget, forward only, dropout off. Records valid_loss (mean over
+        the loss-bearing tokens, as training) and valid_mean_token_accuracy per task; early stopping
+        may stop a task here (validation.record_evaluation)."""
+        if not runs:
+            return
+        start = time.perf_counter()
+        sums, hits, counts, tokens = {}, {}, {}, 0
+        for group in self.groups:  # the Plan's fusion groups, as in a training step
+            batches = {run.spec.name: run.validation for run in runs if run.spec.name in group}
+            if not batches:
+                continue
+            for batch in self.micro_batches(batches, split_padded=True):
+                for name, n in batch.target_counts.items():
+                    counts[name] = counts.get(name, 0) + n
+                for name, total in self.loss_sums(batch, training=False, hits=hits).items():
+                    sums[name] = sums.get(name, 0.0) + float(total)
+                tokens += sum(batch.tokens_per_task.values())
+        for run in runs:
+            name = run.spec.name
+            record_evaluation(run, sums[name] / counts[name], float(hits[name]) / counts[name])
+        self.eval_times.append((len(self.step_times), time.perf_counter() - start, tokens))
+
+    def micro_batches(self, batches: dict[str, list[Example]], split_padded: bool = False
+                      ) -> list[FusedBatch | ChunkedBatch]:
+        """The fused micro-batch(es) of one group's step, in the Plan's layout. `split_padded`: padded
+        micro-batches too hold at most the token budget of sequences (whole validation sets)."""
         pad_id = self.backbone.tokenizer.pad_token_id
         adapters = {name: self.mux.adapters[name] for name in batches}
         lead = {name: a.lead_tokens for name, a in adapters.items()}
         if self.alignment.layout == "padded":
-            return [fuse(batches, pad_id, self.device, lead=lead)]
+            parts = split_by_budget(batches, 1, self.alignment.token_budget, lead) if split_padded else [batches]
+            return [fuse(part, pad_id, self.device, lead=lead) for part in parts]
         offset = {name: a.prefix_tokens for name, a in adapters.items()}
         return [pack_chunks(part, self.alignment.chunk_len, pad_id, self.device, lead=lead, position_offset=offset)
                 for part in split_by_budget(batches, self.alignment.chunk_len, self.alignment.token_budget, lead)]
@@ -271,20 +342,22 @@ class MultiplexedTrainer:
         counts = batch.target_counts
         return {name: total / counts[name] for name, total in self.loss_sums(batch, training).items()}
 
-    def loss_sums(self, batch: FusedBatch | ChunkedBatch, training: bool) -> dict[str, torch.Tensor]:
-        """Summed next-token loss of each task over its own target tokens in this micro-batch."""
+    def loss_sums(self, batch: FusedBatch | ChunkedBatch, training: bool,
+                  hits: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Summed next-token loss of each task over its own target tokens in this micro-batch; `hits`
+        adds up each task's correctly predicted (argmax) target tokens."""
         with self.mux.route(batch.segments, batch.input_ids.shape[1], training=training,
                             own_rows=isinstance(batch, ChunkedBatch)):
             if isinstance(batch, ChunkedBatch):
                 hidden, targets = self.chunked_hidden_states(batch).view(*batch.targets.shape, -1), batch.targets
             else:
                 hidden, targets = self.hidden_states(batch)[:, :-1], batch.labels[:, 1:]
-        return self.head_loss_sums(batch, hidden, targets)
+        return self.head_loss_sums(batch, hidden, targets, hits)
 
     def head_loss_sums(self, batch: FusedBatch | ChunkedBatch, hidden: torch.Tensor,
-                       targets: torch.Tensor) -> dict[str, torch.Tensor]:
+                       targets: torch.Tensor, hits: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Each task's summed loss from the last hidden states [rows, seq, d] and next-token targets
-        [rows, seq] (the last pipeline stage runs only this part)."""
+        [rows, seq] (the last pipeline stage runs only this part); `hits` as in loss_sums."""
         valid = targets != IGNORE
         # the LM head runs only on positions that carry loss: padding and prompts cost no vocab GEMM
         logits = self.model.get_output_embeddings()(hidden[valid])
@@ -294,6 +367,11 @@ class MultiplexedTrainer:
             row_task[seg.start : seg.end] = i
         token_task = row_task[:, None].expand_as(valid)[valid]
         sums = torch.zeros(len(batch.segments), device=self.device).index_add(0, token_task, per_token)
+        if hits is not None:  # read off the logits: nothing of it reaches the loss or its gradient
+            right = (logits.detach().argmax(-1) == targets[valid]).to(torch.long)
+            counts = torch.zeros(len(batch.segments), dtype=torch.long, device=self.device).index_add(0, token_task, right)
+            for i, seg in enumerate(batch.segments):
+                hits[seg.task] = hits.get(seg.task, 0) + counts[i]
         return {seg.task: sums[i] for i, seg in enumerate(batch.segments)}
 
     def chunked_hidden_states(self, batch: ChunkedBatch) -> torch.Tensor:
@@ -374,15 +452,27 @@ class MultiplexedTrainer:
         spool of submitted and cancelled tasks)."""
         from tqdm.auto import tqdm
 
-        total = max((run.spec.steps - run.step for run in self.active), default=0)
+        total = max((run.total_steps - run.step for run in self.active), default=0)
         with tqdm(total=total, desc="training", unit="step", disable=not progress) as bar:
             while self.active:
                 losses = self.step()
                 bar.update(1)
-                bar.set_postfix({k[:12]: f"{v:.3f}" for k, v in list(losses.items())[:4]})
+                bar.set_postfix(progress_figures(self.runs, losses))
                 if after_step is not None:
                     after_step(self)
-                    bar.total = max(bar.total, bar.n + max((r.spec.steps - r.step for r in self.active), default=0))
+                    bar.total = max(bar.total, bar.n + max((r.total_steps - r.step for r in self.active), default=0))
+
+
+def progress_figures(runs: dict[str, TaskRun], losses: dict[str, float], most: int = 4) -> dict[str, str]:
+    """The progress bar's figures: each (of the first `most`) task's train loss, and its latest
+    valid_loss with the best one where it validates."""
+    figures = {}
+    for name, loss in list(losses.items())[:most]:
+        run, text = runs[name], f"{loss:.3f}"
+        if run.evaluations:
+            text += f" val {run.evaluations[-1]['valid_loss']:.3f} (best {run.best_loss:.3f})"
+        figures[name[:12]] = text
+    return figures
 
 
 def _cache_kwarg(model) -> str:

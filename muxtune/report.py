@@ -48,6 +48,38 @@ def plot_loss_curves(metrics: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_validation_curves(name: str, task: dict, path: Path) -> Path:
+    """One task's training loss per step against its valid_loss at each evaluation, the best
+    evaluation marked (where an early-stopped task's exported adapter comes from)."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(range(1, len(task["loss"]) + 1), task["loss"], color="tab:blue", alpha=0.7, label="train_loss")
+    steps = [e["step"] for e in task["evaluations"]]
+    ax.plot(steps, [e["valid_loss"] for e in task["evaluations"]], color="tab:orange", marker="o", label="valid_loss")
+    if task.get("best_step") is not None:
+        ax.axvline(task["best_step"], color="tab:green", linestyle="--", alpha=0.7)
+        ax.plot([task["best_step"]], [task["best_valid_loss"]], marker="*", markersize=14, color="tab:green",
+                linestyle="none", label=f"best: step {task['best_step']}, {task['best_valid_loss']:.4g}")
+    status = f", stopped early at step {task['stopped_early_at_step']}" if task.get("stopped_early_at_step") else ""
+    ax.set(xlabel="optimizer step", ylabel="loss (mean over loss-bearing tokens)",
+           title=f"{name} ({task['method']}): train vs validation{status}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def validation_table(metrics: dict) -> pd.DataFrame:
+    rows = []
+    for name, t in metrics["tasks"].items():
+        if t.get("evaluations"):
+            last = t["evaluations"][-1]
+            rows.append({"task": name, "status": t["status"], "steps": t["steps"], "evaluations": len(t["evaluations"]),
+                         "best step": t["best_step"], "best valid_loss": t["best_valid_loss"],
+                         "last valid_loss": last["valid_loss"],
+                         "last valid_mean_token_accuracy": last["valid_mean_token_accuracy"],
+                         "results": t.get("results_path", "")})
+    return pd.DataFrame(rows)
+
+
 def plot_throughput(metrics: dict, path: Path) -> Path:
     names = list(metrics["tasks"])
     values = [metrics["tasks"][n]["tokens_per_s"] for n in names]
@@ -134,6 +166,7 @@ def measured_step_seconds(metrics: dict) -> float | None:
 
 def predicted_vs_measured(metrics: dict, prediction: dict) -> pd.DataFrame:
     measured_step = measured_step_seconds(metrics)
+    busy = metrics["train_time_s"] + metrics.get("eval_time_s", 0.0)  # training steps and evaluations
     # tokens the predicted step carries / measured step time: the same work priced two ways (a run folder
     # written before the job figures existed has no steady_tokens_per_s or makespan_s: those rows stay blank)
     step_tokens = sum(prediction.get("step_tokens", {}).values())
@@ -142,9 +175,12 @@ def predicted_vs_measured(metrics: dict, prediction: dict) -> pd.DataFrame:
             {"figure": "tokens/s, every task present", "predicted": prediction.get("steady_tokens_per_s"),
              "measured": step_tokens / measured_step if measured_step else None},
             {"figure": "time to train every task (s)", "predicted": prediction.get("makespan_s"),
-             "measured": metrics["train_time_s"]},
+             "measured": busy},
             {"figure": "tokens/s over the whole run", "predicted": prediction["tokens_per_s"],
-             "measured": metrics["tokens_per_s"]}]
+             "measured": metrics["tokens"] / busy if busy else 0.0}]
+    if metrics.get("eval_time_s"):  # the tasks validated: their forward-only passes, priced and measured
+        rows.insert(3, {"figure": "of which validation forwards (s)", "predicted": prediction.get("evaluation_s"),
+                        "measured": metrics["eval_time_s"]})
     table = pd.DataFrame(rows)
     error = (table["predicted"] - table["measured"]) / table["measured"]
     table["error"] = [f"{100 * e:+.0f}%" if pd.notna(e) else "" for e in error]  # predicted vs measured
@@ -238,6 +274,16 @@ def write_report(run_dir: Path) -> Path:
                                   plot_ineffective(metrics, run_dir / "ineffective_tokens.png"))
         parts.append(f"<h2>Tasks</h2>{_table(summary_table(metrics))}{{fig:loss}}{{fig:throughput}}"
                      "<h2>Ineffective tokens</h2>{fig:ineffective}")
+        validated = validation_table(metrics)
+        if not validated.empty:
+            keys = []
+            for i, task in enumerate(validated["task"]):
+                keys.append(f"valid{i}")
+                figures[keys[-1]] = (f"{task}: train vs validation loss",
+                                     plot_validation_curves(task, metrics["tasks"][task], run_dir / f"validation_{i}.png"))
+            parts.append(f"<h2>Validation</h2><p>Evaluated multiplexed, forward only; the star marks each task's "
+                         f"lowest valid_loss (an early-stopped task exports that adapter).</p>{_table(validated)}"
+                         + "".join("{fig:" + key + "}" for key in keys))
         stopped = {n: t for n, t in metrics["tasks"].items() if t["status"] in ("failed", "cancelled")}
         items = "".join(f"<li><b>{html.escape(n)}</b>: {t['status']} at step {t.get('stopped_at_step')}: "
                         f"{html.escape(str(t['reason']))}</li>" for n, t in stopped.items())

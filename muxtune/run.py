@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,13 @@ def check_devices(config: RunConfig) -> list[str]:
     return devices
 
 
-def prepare(config: RunConfig, plan: Plan | None = None, distributed: bool = False):
+def prepare(config: RunConfig, plan: Plan | None = None, distributed: bool = False, validation: dict | None = None):
     """Load the backbone and every task's data; raise MuxTuneError on any bad input. `distributed`:
-    the caller is one process of a multi-process plan (executor/distributed.py checks its layout)."""
+    the caller is one process of a multi-process plan (executor/distributed.py checks its layout).
+    Returns (backbone, plan, training examples, data stats); `validation`, when given, receives the
+    validating tasks' validation examples (a split's examples are never among the training ones)."""
     from muxtune.executor.backbone import load_backbone
-    from muxtune.executor.data import DataOptions, load_examples
+    from muxtune.executor.validation import load_task_data
 
     devices = check_devices(config)
     plan = plan or Plan.trivial(config)
@@ -48,11 +50,22 @@ def prepare(config: RunConfig, plan: Plan | None = None, distributed: bool = Fal
         raise MuxTuneError("plan: the single-process executor runs fusion groups one after another on one "
                            "device; parallel layouts run in the distributed executor (muxtune.run.execute)")
     backbone = load_backbone(config.model, device=devices[0], dtype=DTYPES[config.dtype])
-    examples, stats = {}, {}
+    examples, stats, validation = {}, {}, validation if validation is not None else {}
     for i, task in enumerate(config.tasks):
-        examples[task.name], stats[task.name] = load_examples(task.data, backbone.tokenizer, task.max_seq_len,
-                                                              key=f"tasks[{i}].data", options=DataOptions.of(task))
+        examples[task.name], valid, stats[task.name] = load_task_data(task, backbone.tokenizer, f"tasks[{i}]")
+        if valid is not None:
+            validation[task.name] = valid
     return backbone, plan, examples, stats
+
+
+def refuse_multi_process_validation(tasks) -> None:
+    """The multi-process executor (executor/pipeline.py) has no evaluation pass and no epoch budget yet."""
+    for task in tasks:
+        for key in ("validation_data", "validation_split", "epochs"):
+            if getattr(task, key) is not None:
+                raise MuxTuneError(f"tasks.{task.name}.{key}: validation and epochs run in the single-process "
+                                   "executor only; a multi-process plan (dp/pp/tp > 1) needs steps and no "
+                                   "validation")
 
 
 def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress: bool = True,
@@ -66,8 +79,8 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
     plan it runs on rank 0 and must be picklable (a module-level function or a partial of one)."""
     from muxtune import admission, spool
     from muxtune.executor import checkpoint
-    from muxtune.executor.data import DataOptions, load_examples
     from muxtune.executor.trainer import MultiplexedTrainer
+    from muxtune.executor.validation import load_task_data
     from muxtune.spec import TaskSpec
 
     out_dir = Path(out_dir)
@@ -76,6 +89,7 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
 
         if needs_processes(plan):  # one process per device of the layout, same outputs (rank 0 writes them)
             plan.check_against(config)
+            refuse_multi_process_validation(config.tasks)
             check_devices(config)
             if resume:  # checked here too, so a wrong plan or model is refused before any process starts
                 manifest = checkpoint.load_manifest(out_dir)
@@ -84,15 +98,15 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
                 checkpoint.check_layout(manifest, out_dir, plan, joined={s.name for s in joined})
             # `after_step` runs on rank 0 (a module-level function: it is sent to the spawned processes)
             return launch(config, plan, out_dir, progress, resume=resume, after_step=after_step)
-    backbone, plan, examples, stats = prepare(config, plan)
+    validation: dict = {}
+    backbone, plan, examples, stats = prepare(config, plan, validation=validation)
     specs, groups = list(config.tasks), [list(g.tasks) for g in plan.groups]
     manifest, resumed_from = None, None
 
     def load_data(spec: TaskSpec):
-        data, data_stats = load_examples(spec.data, backbone.tokenizer, spec.max_seq_len, key=f"{spec.name}.data",
-                                         options=DataOptions.of(spec))
+        data, valid, data_stats = load_task_data(spec, backbone.tokenizer, spec.name)
         stats[spec.name] = data_stats
-        return data, data_stats
+        return data, data_stats, valid
 
     if resume:
         manifest = checkpoint.load_manifest(out_dir)
@@ -100,7 +114,9 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
         checkpoint.check_layout(manifest, out_dir, plan, groups=False)
         resumed_from = manifest["steps"]
         for spec in checkpoint.joined_tasks(manifest, set(examples), out_dir):  # submitted while the run went on
-            examples[spec.name], _ = load_data(spec)
+            examples[spec.name], _, valid = load_data(spec)
+            if valid is not None:
+                validation[spec.name] = valid
             specs.append(spec)
         groups = [list(g) for g in manifest["groups"]]
         for spec in config.tasks:  # a task added to the config since: joins the first group
@@ -111,7 +127,8 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
     if not resume:
         shutil.rmtree(checkpoint.checkpoint_dir(out_dir), ignore_errors=True)
         shutil.rmtree(spool.spool_dir(out_dir), ignore_errors=True)
-    trainer = MultiplexedTrainer(backbone, specs, examples, groups=groups, alignment=plan.alignment)
+    trainer = MultiplexedTrainer(backbone, specs, examples, groups=groups, alignment=plan.alignment,
+                                 validation=validation)
     if manifest is not None:
         checkpoint.restore(trainer, out_dir, manifest)
         for name, run in trainer.runs.items():
@@ -159,9 +176,33 @@ def write_run(config: RunConfig, plan: Plan, trainer, backbone, stats: dict, met
             shutil.copytree(checkpoints, checkpoint_dir(staging))
         plan.save(staging / "plan.json")
         for name, run in trainer.runs.items():
+            # a task stopped early holds its best weights again (executor/validation.py): those are exported
             export_adapter(run.adapter, backbone.model, backbone.name, staging / "adapters" / name)
+            write_text_atomic(staging / "results" / f"{name}.csv", results_csv(run))
         write_text_atomic(staging / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         write_report(staging)
+
+
+RESULTS_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
+
+
+def results_csv(run) -> str:
+    """A task's results as fine-tuning APIs give them: one row per step, the validation columns filled
+    at the steps it was evaluated."""
+    import csv
+    import io
+
+    evaluations = {e["step"]: e for e in run.evaluations}
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(RESULTS_COLUMNS)
+    for step, loss in enumerate(run.losses, start=1):
+        e = evaluations.get(step, {})
+        # (a multi-process run counts no accuracy: its column stays empty)
+        accuracy = repr(run.accuracies[step - 1]) if step <= len(run.accuracies) else ""
+        writer.writerow([step, repr(loss), accuracy, repr(e["valid_loss"]) if e else "",
+                         repr(e["valid_mean_token_accuracy"]) if e else ""])
+    return out.getvalue()
 
 
 def collect_metrics(config: RunConfig, trainer, stats: dict, wall: float) -> dict:
@@ -178,6 +219,16 @@ def collect_metrics(config: RunConfig, trainer, stats: dict, wall: float) -> dic
             "bad_examples_skipped": run.bad_examples,
             "loss": run.losses,
             "final_loss": run.losses[-1] if run.losses else None,
+            "total_steps": run.total_steps,
+            "train_mean_token_accuracy": run.accuracies,
+            "train_examples": len(run.sampler.examples),
+            "validation_examples": len(run.validation) if run.validation is not None else 0,
+            "eval_every": run.eval_interval,
+            "evaluations": run.evaluations,  # [{step, valid_loss, valid_mean_token_accuracy}]
+            "best_step": run.best_step,
+            "best_valid_loss": run.best_loss,
+            "stopped_early_at_step": run.step if run.status == "stopped_early" else None,
+            "results_path": f"results/{name}.csv",
             "tokens": run.tokens,
             "computed_tokens": run.computed_tokens,
             # backbone positions spent on padding: the ineffective tokens of this task's rows
@@ -203,6 +254,10 @@ def collect_metrics(config: RunConfig, trainer, stats: dict, wall: float) -> dic
         "truncated": sum(s.truncated for s in stats.values()),
         "dropped_too_long": sum(s.dropped_too_long for s in stats.values()),
         "step_time_s": trainer.step_times,
+        # fused evaluations: after which global step, how long, how many tokens (not in train_time_s)
+        "evaluations": [{"after_step": step, "seconds": seconds, "tokens": tokens}
+                        for step, seconds, tokens in trainer.eval_times],
+        "eval_time_s": sum(seconds for _, seconds, _ in trainer.eval_times),
         "tasks": tasks,
     }
 
@@ -304,7 +359,23 @@ def task_works(config: RunConfig, cost_model, backbone=None, stats: dict | None 
         if stats and stats.get(t.name) and stats[t.name].examples:
             mean = stats[t.name].tokens / stats[t.name].examples
         works[t.name] = task_work(t, params, mean_seq_len=mean)
+        if t.validates:  # its evaluations are priced too (a forward over its validation set)
+            works[t.name] = replace(works[t.name], eval_sequences=validation_sequences(t, stats),
+                                    eval_every=t.eval_interval(t.steps))
     return works
+
+
+def validation_sequences(task, stats: dict | None) -> int:
+    """A validating task's validation examples: its held-out share, or the validation file's records."""
+    if task.validation_split is not None:
+        n = stats[task.name].examples if stats and stats.get(task.name) else _records(task.data)
+        return task.held_out(n)
+    return _records(task.validation_data)
+
+
+def _records(path) -> int:
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
 
 
 def plan_phase(config: RunConfig, cost_model, devices: list[str], works: dict) -> dict[str, Plan]:
@@ -370,6 +441,7 @@ def simulate_phase(plans: dict[str, Plan], works: dict, steps: dict[str, int], c
 def predict(config: RunConfig, cost_model, cost_model_name: str, devices: list[str], plan: Plan | None = None,
             backbone=None, stats: dict | None = None, progress: bool = True) -> Prediction:
     """plan + simulate: a `plan` given by the user replaces the planner's choice, baselines stay."""
+    config = with_step_counts(config, stats)
     works = task_works(config, cost_model, backbone, stats)
     steps = {t.name: t.steps for t in config.tasks}
     plans = plan_phase(config, cost_model, devices, works)
@@ -379,12 +451,25 @@ def predict(config: RunConfig, cost_model, cost_model_name: str, devices: list[s
     comparison, timeline, memory, job = simulate_phase(plans, works, steps, cost_model, progress)
     info = {"name": config.name, "model": config.model, "cost_model": cost_model_name, "devices": devices,
             "gpus": len(devices), "tokens_per_s": job.throughput, "makespan_s": job.makespan,
+            "evaluation_s": job.evaluation,  # validation forwards, within makespan_s
             "steady_tokens_per_s": job.steady, "step_s": timeline.step_seconds,
             "task_tokens_per_s": timeline.tokens_per_second, "bubble_fraction": timeline.bubble_fraction,
             "step_tokens": {n: w.tokens for n, w in works.items()},
             "job_tokens": sum(w.tokens * steps[n] for n, w in works.items()),
             "why": why(comparison)}
     return Prediction(plans, comparison, timeline, memory, info)
+
+
+def with_step_counts(config: RunConfig, stats: dict | None) -> RunConfig:
+    """The config as the planner and simulator count it: every epochs task's step count filled in, from
+    its loaded data's training examples, or (a dry run, nothing loaded) its data file's non-empty lines."""
+    tasks = []
+    for t in config.tasks:
+        if t.steps is None:
+            n = stats[t.name].examples if stats and stats.get(t.name) else _records(t.data)
+            t = t.model_copy(update={"steps": t.step_count(max(1, n - t.held_out(n)))})
+        tasks.append(t)
+    return config.model_copy(update={"tasks": tasks})
 
 
 def why(comparison) -> str:
@@ -460,8 +545,9 @@ def plan_and_run(config: RunConfig, out_dir: Path, plan: Plan | None = None, pro
         else:
             phase("execute")
             # a bar per task beside the trainer's: tasks of different lengths finish at different steps
+            counted = with_step_counts(config, stats)
             task_bars = {t.name: tqdm(total=t.steps, desc=f"{t.name} ({t.peft.method})", unit="step",
-                                      disable=not progress, leave=False) for t in config.tasks}
+                                      disable=not progress, leave=False) for t in counted.tasks}
 
             def advance_task_bars(trainer):
                 for name, run in trainer.runs.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -23,8 +24,21 @@ from muxtune.executor.peft import PeftConfig
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # names become folder names under runs/<name>/
 
 
+class EarlyStopping(BaseModel):
+    """Stop a task once its valid_loss has not improved by more than `min_delta` for `patience`
+    evaluations in a row; its exported adapter is then its best one (lowest valid_loss)."""
+
+    model_config = ConfigDict(extra="forbid")
+    patience: int = Field(3, ge=1, description="evaluations without improvement before the task stops")
+    min_delta: float = Field(0.0, ge=0, description="how much lower than the best valid_loss counts as better")
+
+
+EVALUATIONS_BY_DEFAULT = 10  # without eval_every a task is evaluated about this often (and at its end)
+
+
 class TaskSpec(BaseModel):
-    """One tenant's fine-tuning job."""
+    """One tenant's fine-tuning job. Its length is `steps`, or `epochs` passes over its training
+    examples (exactly one of the two)."""
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=NAME_PATTERN, max_length=100)
@@ -33,7 +47,9 @@ class TaskSpec(BaseModel):
     batch_size: int = Field(8, ge=1, description="sequences per optimizer step")
     max_seq_len: int = Field(256, ge=4, le=1_000_000)
     lr: float = Field(2e-4, gt=0)
-    steps: int = Field(50, ge=1)
+    steps: int | None = Field(None, ge=1, description="optimizer steps (or set epochs)")
+    epochs: float | None = Field(None, gt=0, description="passes over the training examples (or set steps); "
+                                 "steps = ceil(epochs * examples / batch_size), the last batch may be smaller")
     seed: int = 0
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="per-task gradient clipping; null disables")
@@ -47,6 +63,51 @@ class TaskSpec(BaseModel):
     on_bad_line: Literal["error", "skip"] = "error"
     truncation: Literal["truncate", "drop"] = Field("truncate", description="what happens to a sequence "
                                                     "longer than max_seq_len")
+    # validation (executor/validation.py): a file of its own, or a seeded share of `data` kept out of training
+    validation_data: Path | None = Field(None, description="a JSONL file in any of the data formats")
+    validation_split: float | None = Field(None, gt=0, le=0.5, description="fraction of `data` held out "
+                                           "for validation, chosen by the task's seed")
+    eval_every: int | None = Field(None, ge=1, description="steps between evaluations (default: about "
+                                   f"{EVALUATIONS_BY_DEFAULT} per task); a task is also evaluated at its end")
+    early_stopping: EarlyStopping | None = None
+
+    @model_validator(mode="after")
+    def _consistent_length_and_validation(self) -> "TaskSpec":
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of steps and epochs (a task's length), got "
+                             + ("both" if self.steps is not None else "neither"))
+        if self.validation_data is not None and self.validation_split is not None:
+            raise ValueError("set validation_data or validation_split, not both")
+        if not self.validates and (self.eval_every is not None or self.early_stopping is not None):
+            key = "early_stopping" if self.early_stopping is not None else "eval_every"
+            raise ValueError(f"{key} needs validation data: set validation_data or validation_split")
+        return self
+
+    @property
+    def validates(self) -> bool:
+        return self.validation_data is not None or self.validation_split is not None
+
+    def examples_to_train(self, n_examples: int) -> int | None:
+        """How many examples an epochs task draws in all (every one exactly `epochs` times when it is
+        whole); None for a steps task (it draws batch_size per step, however many there are)."""
+        # float noise (0.1 * 30 = 3.0000000000000004) must not add an example
+        return None if self.epochs is None else max(1, math.ceil(self.epochs * n_examples - 1e-9))
+
+    def held_out(self, n_file_examples: int) -> int:
+        """How many of the data file's examples `validation_split` keeps for validation (at least one)."""
+        return 0 if self.validation_split is None else max(1, round(self.validation_split * n_file_examples))
+
+    def step_count(self, n_examples: int) -> int:
+        """The task's optimizer steps on `n_examples` training examples."""
+        if self.steps is not None:
+            return self.steps
+        return math.ceil(self.examples_to_train(n_examples) / self.batch_size)
+
+    def eval_interval(self, total_steps: int) -> int | None:
+        """Steps between evaluations (None: no validation)."""
+        if not self.validates:
+            return None
+        return self.eval_every or max(1, math.ceil(total_steps / EVALUATIONS_BY_DEFAULT))
 
 
 class Cluster(BaseModel):
@@ -233,6 +294,9 @@ def load_config(path: str | Path) -> RunConfig:
         raise MuxTuneError(_format_validation(path, exc, root)) from None
     for i, task in enumerate(config.tasks):
         task.data = _resolve_data(path, task.data, f"tasks[{i}].data", root, ("tasks", i, "data"))
+        if task.validation_data is not None:
+            task.validation_data = _resolve_data(path, task.validation_data, f"tasks[{i}].validation_data", root,
+                                                 ("tasks", i, "validation_data"))
     return config
 
 
@@ -247,6 +311,8 @@ def load_task(path: str | Path) -> TaskSpec:
     except ValidationError as exc:
         raise MuxTuneError(_format_validation(path, exc, root)) from None
     task.data = _resolve_data(path, task.data, "data", root, ("data",))
+    if task.validation_data is not None:
+        task.validation_data = _resolve_data(path, task.validation_data, "validation_data", root, ("validation_data",))
     return task
 
 

@@ -83,10 +83,12 @@ def decide(run_dir: Path, names: set[str], load_data) -> list[dict]:
                     raise MuxTuneError(f"{path}: not a task: {exc}") from None
                 if spec.name in names:
                     raise MuxTuneError(f"submit: a task named {spec.name!r} is already in this run")
-                examples, stats = load_data(spec)
+                # (examples, stats), or (examples, stats, validation examples) where the caller validates
+                examples, stats, *validation = load_data(spec)
                 names.add(spec.name)
                 events.append({"event": "submitted", "task": name, "spec": spec, "examples": examples,
-                               "stats": stats, "file": str(path)})
+                               "stats": stats, "validation": validation[0] if validation else None,
+                               "file": str(path)})
         except MuxTuneError as exc:
             events.append({"event": "rejected", "task": name, "reason": str(exc), "file": str(path)})
     return events
@@ -107,7 +109,10 @@ def apply(trainer, events: list[dict], admit) -> None:
             group = join_group(trainer_groups(trainer), active)
             try:
                 admit(trainer, spec, group)
-                trainer.add_task(spec, event["examples"], group=group)
+                if event.get("validation") is None:
+                    trainer.add_task(spec, event["examples"], group=group)
+                else:
+                    trainer.add_task(spec, event["examples"], group=group, validation=event["validation"])
                 event["group"] = group
             except MuxTuneError as exc:
                 event.update(event="rejected", reason=str(exc))

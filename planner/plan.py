@@ -26,7 +26,8 @@ from muxtune.errors import MuxTuneError
 from muxtune.planner import baselines, cpsat
 from muxtune.planner.layouts import CachedCostModel, instance_configs, tp_degrees
 from muxtune.simulator.iteration import simulate_step
-from muxtune.simulator.workload import TaskWork, estimate_params, method_rank, split_micro_batches, task_work
+from muxtune.simulator.workload import (TaskWork, estimate_params, evaluation_counts, evaluation_micro_batches,
+                                       method_rank, split_micro_batches, task_work)
 from muxtune.spec import Alignment, Cluster, FusionGroup, Layout, Plan
 
 GIB = 2**30
@@ -112,6 +113,7 @@ class JobFigures:
     steady: float  # useful tokens/s with every task present: sum over instances of a step's tokens / its step
     makespan: float  # s until the last task has done its steps
     peak_memory: dict[str, int]  # per device, bytes, the most over the job's phases
+    evaluation: float = 0.0  # s of validation forwards within the makespan (the slowest instance's)
 
 
 def simulate_job(plan: Plan, works: dict[str, TaskWork], steps: dict[str, int], cm, packed: bool) -> JobFigures:
@@ -122,7 +124,7 @@ def simulate_job(plan: Plan, works: dict[str, TaskWork], steps: dict[str, int], 
     instances: dict[tuple[str, ...], list] = {}
     for g in plan.groups:
         instances.setdefault(tuple(g.devices), []).append(g)
-    steady, makespan, peak = 0.0, 0.0, {}
+    steady, makespan, peak, evaluation = 0.0, 0.0, {}, 0.0
     for groups in instances.values():
         names = [t for g in groups for t in g.tasks]
         elapsed, done = 0.0, 0
@@ -136,9 +138,14 @@ def simulate_job(plan: Plan, works: dict[str, TaskWork], steps: dict[str, int], 
                 peak[device] = max(peak.get(device, 0), used)
             elapsed += (boundary - done) * timeline.step_seconds
             done = boundary
-        makespan = max(makespan, elapsed)
+        # the tasks' evaluations: forward-only passes between steps, all due tasks fused in one
+        evaluating = sum(count * cm.evaluation_seconds(evaluation_micro_batches([works[t] for t in due],
+                                                                                plan.alignment.token_budget))
+                         for due, count in evaluation_counts({t: works[t] for t in names}, steps).items())
+        if elapsed + evaluating > makespan:
+            makespan, evaluation = elapsed + evaluating, evaluating
     tokens = sum(works[t].tokens * steps[t] for g in plan.groups for t in g.tasks)
-    return JobFigures(tokens / makespan if makespan > 0 else 0.0, steady, makespan, peak)
+    return JobFigures(tokens / makespan if makespan > 0 else 0.0, steady, makespan, peak, evaluation)
 
 
 def simulate(candidate: cpsat.Candidate, works: list[TaskWork], steps: dict[str, int], cm, labels: list[str],

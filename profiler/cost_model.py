@@ -511,6 +511,13 @@ class CostModel:
         task's optimizer step, and the step's host work."""
         return sum(sum(self.step_breakdown(mb).values()) for mb in groups)
 
+    def evaluation_seconds(self, groups: list[MicroBatch]) -> float:
+        """One fused evaluation on one device: each micro-batch's forward and its host work; no backward,
+        no optimizer step. Priced at the training forward (the profile measures forwards with autograd
+        on; under no_grad the graph's bookkeeping is saved, so this leans a little high)."""
+        L = self.shape.n_layers
+        return sum(self.forward_seconds(mb, L, True, True) + self.batch_host_seconds(mb) for mb in groups)
+
     def step_breakdown(self, mb: MicroBatch) -> dict[str, float]:
         """One micro-batch's share of a single-device step, term by term (seconds; they add up to
         step_seconds([mb])): what each phase of a trainer step is priced at, to set beside its measurement."""

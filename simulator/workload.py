@@ -10,7 +10,7 @@ so a task contributes rows x the group's longest length; `packed=True` counts on
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from muxtune.errors import MuxTuneError
 
@@ -29,6 +29,8 @@ class TaskWork:
     seq_len: float  # mean tokens per sequence
     targets: tuple[str, ...] = ()  # LoRA/DoRA target op names (() = the method's defaults)
     dropout: float = 0.0  # LoRA/DoRA dropout probability
+    eval_sequences: int = 0  # validation sequences of one evaluation (0: the task does not validate)
+    eval_every: int = 0  # steps between its evaluations (it is evaluated at its last step too)
 
     @property
     def tokens(self) -> float:
@@ -81,6 +83,26 @@ def split_micro_batches(works: list[TaskWork], parts: int, packed: bool = False)
         if loads:
             out.append(MicroBatch(tuple(loads), seq_len=int(math.ceil(longest))))
     return out
+
+
+def evaluation_counts(works: dict[str, TaskWork], steps: dict[str, int]) -> dict[tuple[str, ...], int]:
+    """How often each set of tasks is evaluated together, as the executor schedules it: after a global
+    step, every task at a multiple of its eval_every and at its last step, all due tasks in one pass."""
+    validating = {n: w for n, w in works.items() if w.eval_sequences}
+    counts: dict[tuple[str, ...], int] = {}
+    for step in range(1, max((steps[n] for n in validating), default=0) + 1):
+        due = tuple(n for n, w in validating.items() if step == steps[n] or (step < steps[n] and step % w.eval_every == 0))
+        if due:
+            counts[due] = counts.get(due, 0) + 1
+    return counts
+
+
+def evaluation_micro_batches(works: list[TaskWork], token_budget: int) -> list[MicroBatch]:
+    """One fused evaluation of `works`: their validation sequences, chunk-aligned (real tokens only), in
+    as many micro-batches as the Plan's token budget takes."""
+    loads = [replace(w, sequences=w.eval_sequences) for w in works if w.eval_sequences]
+    tokens = sum(w.tokens for w in loads)
+    return split_micro_batches(loads, max(1, math.ceil(tokens / token_budget)), packed=True) if loads else []
 
 
 def estimate_params(method: str, rank: int, shape) -> int:

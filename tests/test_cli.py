@@ -110,17 +110,17 @@ def test_mixed_methods_run_exports_every_method(tmp_path, capsys, monkeypatch):
 
 BAD_CONFIGS = [
     # (change to the config, text the error must contain)
-    ({"tasks": [{"name": "a", "data": "a.jsonl", "peft": {"method": "lora", "rr": 4}}]}, "tasks[0].peft.rr: unknown key"),
-    ({"tasks": [{"name": "a", "data": "a.jsonl", "peft": {"method": "lora", "r": 0}}]}, "tasks[0].peft.r"),
-    ({"tasks": [{"name": "a", "data": "a.jsonl", "peft": {"method": "nope"}}]}, "tasks[0].peft"),
-    ({"tasks": [{"name": "a", "data": "missing.jsonl", "peft": {"method": "lora"}}]}, "tasks[0].data: data file not found"),
-    ({"tasks": [{"name": "a", "data": "a.jsonl", "peft": {"method": "lora"}, "lr": -1}]}, "tasks[0].lr"),
+    ({"tasks": [{"name": "a", "data": "a.jsonl", "steps": 2, "peft": {"method": "lora", "rr": 4}}]}, "tasks[0].peft.rr: unknown key"),
+    ({"tasks": [{"name": "a", "data": "a.jsonl", "steps": 2, "peft": {"method": "lora", "r": 0}}]}, "tasks[0].peft.r"),
+    ({"tasks": [{"name": "a", "data": "a.jsonl", "steps": 2, "peft": {"method": "nope"}}]}, "tasks[0].peft"),
+    ({"tasks": [{"name": "a", "data": "missing.jsonl", "steps": 2, "peft": {"method": "lora"}}]}, "tasks[0].data: data file not found"),
+    ({"tasks": [{"name": "a", "data": "a.jsonl", "steps": 2, "peft": {"method": "lora"}, "lr": -1}]}, "tasks[0].lr"),
     ({"tasks": []}, "tasks"),
     ({"devices": "gpu"}, "devices"),
     ({"model": "builtin:nope"}, "unknown builtin preset"),
     ({"colour": "blue"}, "colour: unknown key"),
     ({"devices": "cuda:0"}, "no CUDA device"),
-    ({"tasks": [{"name": "a", "data": "a.jsonl", "peft": {"method": "lora", "target_modules": ["q_proj"]}}]},
+    ({"tasks": [{"name": "a", "data": "a.jsonl", "steps": 2, "peft": {"method": "lora", "target_modules": ["q_proj"]}}]},
      "match no Linear/Conv1D op"),
 ]
 

@@ -175,7 +175,7 @@ def test_prefix_tuning_across_stages_is_refused(tmp_path):
 
     specs = three_tasks(tmp_path, TARGETS[MODEL], steps=2)[:1]
     specs = [specs[0].model_copy(update={"peft": TaskSpec.model_validate(
-        {"name": "p", "data": specs[0].data, "peft": {"method": "prefix", "num_virtual_tokens": 2}}).peft})]
+        {"name": "p", "data": specs[0].data, "steps": 1, "peft": {"method": "prefix", "num_virtual_tokens": 2}}).peft})]
     backbone = load_backbone(MODEL)
     examples = {s.name: load_examples(s.data, backbone.tokenizer, s.max_seq_len)[0] for s in specs}
     plan = plan_of(Layout(pp=2), 1, "1f1b", groups=[[specs[0].name]])

@@ -70,7 +70,8 @@ def test_prompt_rows_see_virtual_tokens_and_others_do_not(tmp_path):
 
 def test_prefix_longer_than_the_model_allows_is_refused(tmp_path):
     spec = mixed_tasks(tmp_path, "builtin:tiny-llama")[1].model_copy(
-        update={"peft": TaskSpec.model_validate({"name": "x", "data": "x", "peft": {"method": "prefix", "num_virtual_tokens": 4000}}).peft,
+        update={"peft": TaskSpec.model_validate({"name": "x", "data": "x", "steps": 1,
+                                                      "peft": {"method": "prefix", "num_virtual_tokens": 4000}}).peft,
                 "max_seq_len": 200})
     with pytest.raises(MuxTuneError, match=r"task 'prefix': peft.num_virtual_tokens \+ max_seq_len = 4200 exceeds"):
         make_trainer("builtin:tiny-llama", [spec])

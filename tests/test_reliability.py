@@ -295,9 +295,9 @@ def test_submission_with_bad_data_or_too_big_is_rejected_and_the_run_goes_on(tmp
     bad_data = tmp_path / "bad.jsonl"
     bad_data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 3}\n')
     bad = tmp_path / "bad.yaml"
-    bad.write_text(f"name: bad\ndata: {bad_data}\npeft: {{method: lora}}\n")
+    bad.write_text(f"name: bad\ndata: {bad_data}\npeft: {{method: lora}}\nsteps: 50\n")
     huge = tmp_path / "huge.yaml"
-    huge.write_text(f"name: huge\ndata: {DATA / 'qa.jsonl'}\npeft: {{method: lora}}\nbatch_size: 100000\n"
+    huge.write_text(f"name: huge\ndata: {DATA / 'qa.jsonl'}\npeft: {{method: lora}}\nsteps: 50\nbatch_size: 100000\n"
                     "max_seq_len: 100000\n")
     out = tmp_path / "run"
 

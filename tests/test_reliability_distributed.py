@@ -200,7 +200,7 @@ def late_task_files(folder):
     late.write_text(f"name: late\ndata: {folder / 'a.jsonl'}\npeft: {{method: dora, r: 4, alpha: 8}}\n"
                     f"batch_size: 3\nmax_seq_len: 64\nsteps: {LATE_STEPS}\nseed: 21\nlr: 3.0e-3\n")
     huge = folder / "huge.yaml"  # ~1.2 GiB predicted on the CPU, over the job's 0.25: rejected, the run goes on
-    huge.write_text(f"name: huge\ndata: {folder / 'a.jsonl'}\npeft: {{method: lora}}\nbatch_size: 64\n"
+    huge.write_text(f"name: huge\ndata: {folder / 'a.jsonl'}\npeft: {{method: lora}}\nsteps: 50\nbatch_size: 64\n"
                     "max_seq_len: 100000\n")
     return late, huge
 

@@ -86,8 +86,13 @@ def main(argv=None) -> dict:
         args.model, args.steps, args.repeats = "builtin:tiny-llama", 1, 1
     torch.set_num_threads(args.threads)
     device = "cuda:0" if args.devices == "cuda" else args.devices
-    backbone = load_backbone(args.model, device=device)
     specs = task_specs(args.steps + 1, args.scale)
+    from . import announce
+
+    announce("benchmarks.alignment", f"{args.repeats} repeats of 3 micro-batch layouts ({', '.join(ARMS)}), "
+             f"{args.steps} timed steps each, of the 4 quickstart tenants on {args.model}", args.model, device,
+             [(3 * args.repeats * (args.steps + 1) * 1.5, sum(s.batch_size * s.max_seq_len for s in specs))])
+    backbone = load_backbone(args.model, device=device)
     examples = {s.name: load_examples(s.data, backbone.tokenizer, s.max_seq_len, options=DataOptions.of(s))[0]
                 for s in specs}
     alignment = Alignment(chunk_len=args.chunk_len, token_budget=args.token_budget)

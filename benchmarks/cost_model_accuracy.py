@@ -25,10 +25,11 @@ from muxtune.executor.backbone import load_backbone
 from muxtune.executor.data import Example
 from muxtune.executor.trainer import MultiplexedTrainer
 from muxtune.profiler.cost_model import CostModel, MicroBatch, TaskLoad
-from muxtune.profiler.profile import clock, load_or_profile, peak_bytes, peft_config_for, sync
+from muxtune.profiler.profile import DEFAULT_BUDGET, clock, load_or_profile, peak_bytes, peft_config_for, sync
 
 from muxtune.spec import Alignment, TaskSpec
 
+from . import announce
 from .simulator import observe_phases
 
 # (name, seq_len, [(method, rank, rows[, peft overrides]), ...]): none of these (tokens, rank, mix, target
@@ -101,15 +102,23 @@ def main(argv=None) -> dict:
     device = "cuda:0" if args.devices == "cuda" else args.devices
     if device == "cpu":
         torch.set_num_threads(args.threads)
+    steps = args.steps or (3 if args.quick else 15)
+    mode = "quick" if args.quick else "full"
+    announce("benchmarks.cost_model_accuracy", f"{args.configs} fused configurations of {args.model}, {steps} timed "
+             f"steps each, measured vs the CostModel of this device's {mode} profile", args.model, device,
+             [(steps + 3 + steps * args.phases, sum(rows * args.rows_scale * seq for _, _, rows, *_ in tasks) * 1.3)
+              for _, seq, tasks in CONFIGS[: args.configs]],
+             None if args.profile else DEFAULT_BUDGET[mode])
     if args.profile:
         cm = CostModel.from_profile(args.profile)
         source = args.profile
     else:
-        profile, path, reused = load_or_profile(args.model, device, "quick" if args.quick else "full")
-        cm, source = CostModel.from_profile(profile), f"{path} ({'cached' if reused else 'measured now'})"
+        profile, path, reused = load_or_profile(args.model, device, mode)
+        how = f"stored, calibration: {profile.meta['calibration']['verdict']}" if reused else \
+            f"measured now in {profile.meta['seconds']:.0f} s"
+        cm, source = CostModel.from_profile(profile), f"{path} ({how})"
     print(f"profile: {source}")
     backbone = load_backbone(args.model, device=device)
-    steps = args.steps or (3 if args.quick else 15)
     results = []
     for name, seq, tasks in CONFIGS[: args.configs]:
         tasks = [(method, rank, rows * args.rows_scale, *rest) for method, rank, rows, *rest in tasks]

@@ -130,6 +130,15 @@ def main(argv: list[str] | None = None) -> dict:
     config = config.model_copy(update={"model": args.model, "tasks": tasks,
                                        "devices": "cpu" if args.devices == "cpu" else "cuda"})
     warmup = 1 if args.steps > 1 else 0
+    from muxtune.profiler.profile import DEFAULT_BUDGET
+
+    from . import announce
+
+    step_tokens = sum(t.batch_size * t.max_seq_len for t in tasks)
+    announce("benchmarks.pipeline", f"{args.steps} steps of {args.model} on a 2-process pipeline in 3 plans "
+             "(dedicated, fused 1F1B, interleaved) and tensor parallel, each step predicted by the simulator",
+             args.model, "cpu" if args.devices == "cpu" else devices[0], [(4 * args.steps * 1.3, step_tokens)],
+             DEFAULT_BUDGET["quick"], fixed_seconds=4 * 20)
     results = {name: measure(config, plan, warmup) for name, plan in plans(config, devices, args.micro_batches).items()}
     tp_plan, tp_skipped = tensor_parallel_plan(config, devices, args.micro_batches), None
     if len(devices) < 2:

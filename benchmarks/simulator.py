@@ -129,13 +129,16 @@ def observe_phases(trainer, micro_batch, cost_model, device: str, steps: int, wa
     import statistics
 
     from muxtune.profiler.profile import bare_model_loss, fwd_bwd_seconds, observe_step
+    from muxtune.profiler.sampling import Sampling
 
+    once = Sampling(warmup=0, least=1, most=1)
     measured: list[dict] = []
     for step in range(steps):
         spent = observe_step(trainer, device)
         batch = spent.pop("last_batch")
-        spent["bare_forward"], spent["bare_backward"] = fwd_bwd_seconds(
-            lambda: bare_model_loss(trainer.model, batch.input_ids, batch.attention_mask), device, 0, 1)
+        forward, backward = fwd_bwd_seconds(
+            lambda: bare_model_loss(trainer.model, batch.input_ids, batch.attention_mask), device, once)
+        spent["bare_forward"], spent["bare_backward"] = forward.seconds, backward.seconds
         if step >= warmup:
             measured.append(dict(spent, shape=tuple(batch.input_ids.shape)))
     median = lambda key: statistics.median(m[key] for m in measured)  # noqa: E731
@@ -184,6 +187,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.model, args.steps, args.jobs, args.gpus, args.rate = "builtin:tiny-llama", 3, 100, 8, 50.0
     import muxtune.spec  # noqa: F401  (import time is not simulation time)
+    from muxtune.profiler.profile import DEFAULT_BUDGET
+
+    from . import announce
+
+    step_tokens = sum(t.batch_size * t.max_seq_len for t in quickstart(args.model, args.device, 1, args.max_seq_len).tasks)
+    announce("benchmarks.simulator", f"{args.steps} quickstart steps of {args.model} in 1 and in 4 fusion groups, "
+             f"each predicted by the simulator; then {args.jobs} jobs on {args.gpus} simulated GPUs",
+             args.model, args.device, [((2 + 2 * args.phases) * args.steps * 1.3, step_tokens)],
+             None if args.profile else DEFAULT_BUDGET["quick"], fixed_seconds=15)
 
     result: dict = {"model": args.model, "device": args.device}
     errors = prediction_errors(args.model, args.device, args.steps, warmup=1, max_seq_len=args.max_seq_len,

@@ -28,11 +28,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 
 from muxtune.errors import MuxTuneError
+from muxtune.executor.mux import TaskAdapter
+from muxtune.profiler.cost_model import CostModel, MicroBatch, ModelShape, TaskLoad
+from muxtune.profiler.profile import decoder_layers, layer_param_bytes
 from muxtune.schedule import blocks, one_f_one_b, part_index, part_size, replica_of, stage_of, stage_range, stage_split
-from muxtune.spec import Alignment, Layout, Plan, TaskSpec
+from muxtune.spec import Alignment, Layout, Plan, TaskSpec, method_rank
 
 GIB = 1024**3
 
@@ -61,9 +65,6 @@ def _size(n: int) -> str:
 
 def cost_model_of(model):
     """The CostModel of a loaded model: its shape, and its weight bytes as loaded."""
-    from muxtune.profiler.cost_model import CostModel, ModelShape
-    from muxtune.profiler.profile import layer_param_bytes
-
     dtype = next(model.parameters()).dtype
     return CostModel(ModelShape.from_config(model.config, dtype), "admission", weight_bytes=layer_param_bytes(model))
 
@@ -71,9 +72,6 @@ def cost_model_of(model):
 def adapter_params(model, spec: TaskSpec) -> dict[int | str | None, int]:
     """The task's trainable parameters by decoder layer index; "sequence": prompt/prefix tuning's
     tensors (the first stage's); None: adapters of ops outside the decoder layers (every stage's)."""
-    from muxtune.executor.mux import TaskAdapter
-    from muxtune.profiler.profile import decoder_layers
-
     adapter = TaskAdapter(spec.name, spec.peft, model, spec.seed, spec.max_seq_len, "cpu")
     layer_of = {id(m): i for i, layer in enumerate(decoder_layers(model)[2]) for m in layer.modules()}
     counts: dict[int | str | None, int] = {}
@@ -98,9 +96,6 @@ def _micro_batches(members: list[TaskSpec], params: dict[str, int], parts: int, 
                    alignment: Alignment) -> list:
     """The micro-batch(es) the executor builds from part `index` of `parts` of the group's step (as
     PipelineTrainer.replica_micro_batches), priced as CostModel MicroBatches."""
-    from muxtune.profiler.cost_model import MicroBatch, TaskLoad
-    from muxtune.simulator.workload import method_rank
-
     longest = max(s.max_seq_len + _virtual_tokens(s) for s in members)
     loads = []
     for s in members:
@@ -193,8 +188,6 @@ def available_bytes(device: torch.device, model, limit_gib: float | None) -> int
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
     return psutil.virtual_memory().available
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from muxtune.errors import MuxTuneError
 from muxtune.profiler.cost_model import MicroBatch, TaskLoad
 from muxtune.schedule import part_size
+from muxtune.spec import method_rank  # noqa: F401  (its callers import it from here too)
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,6 @@ class TaskWork:
     @property
     def tokens(self) -> float:
         return self.sequences * self.seq_len
-
-
-def method_rank(peft) -> int:
-    """The size knob of a PEFT config that the CostModel's TaskLoad.rank means."""
-    for key in ("r", "size", "num_virtual_tokens"):
-        if hasattr(peft, key):
-            return int(getattr(peft, key))
-    return 0
 
 
 def task_work(spec, params: int, mean_seq_len: float | None = None) -> TaskWork:

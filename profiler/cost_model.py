@@ -466,8 +466,11 @@ class CostModel:
 
     def _shared_seconds(self, method: str, phase: str) -> float:
         """The part of one task's overhead that more tasks of its method share (profile rows
-        `fwd_shared` / `bwd_shared`; 0 when the profile has none)."""
-        rows = self.profile.rows("task", f"{phase}_shared")
+        `shared_fwd` / `shared_bwd`, as `target` rows name them; 0 when the profile has none). Profiles
+        written before the names were made one call them `fwd_shared` / `bwd_shared`: still read."""
+        rows = self.profile.rows("task", f"shared_{phase}")
+        if rows.empty:
+            rows = self.profile.rows("task", f"{phase}_shared")
         rows = rows[rows["method"] == method]
         return float(rows["seconds"].median()) if not rows.empty else 0.0
 

@@ -817,7 +817,7 @@ def measure_shared(backbone, device: str, method: str, rank: int, n_rows: int, s
         for name in ("solo0", "pair0", "pair1"):
             one.mux.remove_task(name)
     return [_row("task", phase, shared_part(m, k), n_rows * seq, seq, method, rank)
-            for k, phase in enumerate(("fwd_shared", "bwd_shared"))]
+            for k, phase in enumerate(("shared_fwd", "shared_bwd"))]
 
 
 def measure_optimizer(device: str, counts: list[int], tensors: int, s: Sampling, progress) -> list[dict]:

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         tp_skipped = "tensor parallelism needs 2 devices"
     else:
         from muxtune.executor.tensor_parallel import FAMILIES
-        from muxtune.planner.setup import model_shape
+        from muxtune.planning import model_shape
 
         if not model_shape(config).gated_mlp:
             tp_skipped = f"tensor parallelism is implemented for {list(FAMILIES)} models only"

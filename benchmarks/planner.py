@@ -93,7 +93,7 @@ def optimality_gaps(instances: int, time_limit: float, cost_model) -> list[dict]
 
 def versus_baselines(time_limit: float, gpus: int) -> list[dict]:
     from muxtune.planner.plan import plan
-    from muxtune.planner.setup import exact_params
+    from muxtune.planning import exact_params
     from muxtune.profiler.cost_model import CostModel, llama_7b_shape
     from muxtune.spec import Cluster, load_config
 

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from muxtune.errors import MuxTuneError
 from muxtune.executor.pipeline import PipelineTrainer, Topology
 from muxtune.executor.tensor_parallel import assemble_state
+from muxtune.schedule import process_rank
 from muxtune.spec import Plan, RunConfig
 
 
@@ -70,7 +71,10 @@ def init_topology(plan: Plan, rank: int, world: int) -> Topology:
     if world != dp * pp * tp:
         raise MuxTuneError(f"plan: layout needs dp*pp*tp = {dp * pp * tp} processes, got {world}")
     topo = Topology(rank=rank, dp=dp, pp=pp, tp=tp)
-    rank_of = lambda r, s, t: (r * pp + s) * tp + t  # noqa: E731  (the order of FusionGroup.devices)
+
+    def rank_of(r, s, t):  # the order of FusionGroup.devices
+        return process_rank(r, s, t, pp, tp)
+
     for r in range(dp):
         group = dist.new_group([rank_of(r, s, t) for s in range(pp) for t in range(tp)])
         if r == topo.replica:

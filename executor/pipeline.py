@@ -9,7 +9,7 @@ and each task's loss. Every process builds the same fused micro-batches from the
 samplers, so only hidden states (forward) and their gradients (backward) cross stages, with async
 `isend`/`irecv`: a send overlaps the next op's compute, which is often another group's micro-batch.
 
-Schedules (Plan.schedule; the orders are the simulator's, `simulator.iteration.one_f_one_b`):
+Schedules (Plan.schedule; the orders are muxtune/schedule.py's, which the simulator replays too):
   1f1b         each fusion group its own 1F1B with a flush before the next group;
   interleaved  the groups' micro-batches alternate in ONE 1F1B (no data dependency between groups), so
                one group's forwards fill the other's warm-up and drain bubbles.
@@ -44,25 +44,9 @@ from muxtune.executor.data import Example
 from muxtune.executor.mux import _key
 from muxtune.executor.tensor_parallel import TensorParallel
 from muxtune.executor.trainer import MultiplexedTrainer, TaskRun, build_task_run
-from muxtune.simulator.iteration import one_f_one_b, stage_split
+from muxtune.schedule import (FAMILIES, StageParts, blocks, one_f_one_b, part_bounds, part_index, replica_of, stage_of,
+                              stage_range, stage_split, tensor_rank_of)
 from muxtune.spec import Plan, TaskSpec
-
-
-@dataclass(frozen=True)
-class StageParts:
-    """Where a model family keeps what a pipeline stage cuts: the decoder layer list, the learned
-    position embedding added to the input (none for rotary models) and the final norm."""
-
-    layers: str
-    positions: str | None
-    final_norm: str
-
-
-FAMILIES = {
-    "llama": StageParts("model.layers", None, "model.norm"),
-    "gpt2": StageParts("transformer.h", "transformer.wpe", "transformer.ln_f"),
-    "opt": StageParts("model.decoder.layers", "model.decoder.embed_positions", "model.decoder.final_layer_norm"),
-}
 
 
 @dataclass
@@ -83,15 +67,15 @@ class Topology:
 
     @property
     def replica(self) -> int:
-        return self.rank // (self.pp * self.tp)
+        return replica_of(self.rank, self.pp, self.tp)
 
     @property
     def stage(self) -> int:
-        return self.rank // self.tp % self.pp
+        return stage_of(self.rank, self.pp, self.tp)
 
     @property
     def tensor_rank(self) -> int:
-        return self.rank % self.tp
+        return tensor_rank_of(self.rank, self.tp)
 
     @property
     def first(self) -> bool:
@@ -110,10 +94,12 @@ class _ZeroPositions(nn.Module):
 
 
 def stage_parts(model: nn.Module) -> StageParts:
-    parts = FAMILIES.get(model.config.model_type)
+    family = FAMILIES.get(model.config.model_type)
+    parts = family.stage_parts if family else None
     if parts is None:
+        supported = sorted(name for name, f in FAMILIES.items() if f.stage_parts)
         raise MuxTuneError(f"plan: pipeline stages are not supported for model type {model.config.model_type!r} "
-                           f"(supported: {sorted(FAMILIES)})")
+                           f"(supported: {supported})")
     if getattr(model.base_model, "project_in", None) is not None:
         raise MuxTuneError("plan: pipeline stages are not supported for OPT models with an input projection")
     return parts
@@ -195,8 +181,7 @@ class PipelineTrainer:
         self.alignment, self.device = self.inner.alignment, self.inner.device
         self.plan = plan
         split = stage_split(self.model.config.num_hidden_layers, self.topo.pp, layout.stage_layers)
-        start = sum(split[: self.topo.stage])
-        self.layers = range(start, start + split[self.topo.stage])
+        self.layers = stage_range(split, self.topo.stage)
         self.parts = stage_parts(self.model) if self.topo.pp > 1 else None
         if self.parts is not None:
             if self.alignment.layout != "chunked":
@@ -281,16 +266,14 @@ class PipelineTrainer:
     def replica_micro_batches(self, batches: dict[str, list[Example]], micro_batches: int) -> list:
         """This replica's micro-batches of one group's step: each task's sequences are cut into
         dp * micro_batches contiguous parts (sizes as even as possible); micro-batch k of replica r
-        holds part k * dp + r of every task (the simulator's split_micro_batches)."""
+        holds part k * dp + r of every task (muxtune/schedule.py)."""
         parts = self.topo.dp * micro_batches
         out = []
         for k in range(micro_batches):
-            index = k * self.topo.dp + self.topo.replica
+            index = part_index(k, self.topo.replica, self.topo.dp)
             share = {}
             for name, examples in batches.items():
-                n = len(examples)
-                lo = index * (n // parts) + min(index, n % parts)
-                hi = lo + n // parts + (1 if index < n % parts else 0)
+                lo, hi = part_bounds(len(examples), parts, index)
                 if hi > lo:
                     share[name] = examples[lo:hi]
             if share:
@@ -424,11 +407,7 @@ class PipelineTrainer:
 
     def blocks(self, units: list[list[tuple[int, int]]]) -> list[list[tuple[int, int]]]:
         """Each block is one 1F1B: a group each ("1f1b"), or all groups' micro-batches alternating."""
-        if self.plan.schedule == "1f1b":
-            return [u for u in units if u]
-        longest = max((len(u) for u in units), default=0)
-        merged = [u[k] for k in range(longest) for u in units if k < len(u)]
-        return [merged] if merged else []
+        return blocks(units, self.plan.schedule)
 
     def _timed(self, kind: str, unit: tuple[int, int]):
         started = time.perf_counter()

@@ -41,12 +41,10 @@ from torch import nn
 
 from muxtune.errors import MuxTuneError
 from muxtune.executor.mux import MultiplexedOp
+from muxtune.schedule import TENSOR_PARALLEL_FAMILIES, TP_COLUMN_OPS, TP_LAYERS, TP_ROW_OPS
 
 # the model families whose decoder layers (at LAYERS) use these projection names (the HF LLaMA layout)
-FAMILIES = ("llama", "mistral", "qwen2")
-LAYERS = "model.layers"
-COLUMN_OPS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW_OPS = ("o_proj", "down_proj")
+FAMILIES, LAYERS, COLUMN_OPS, ROW_OPS = TENSOR_PARALLEL_FAMILIES, TP_LAYERS, TP_COLUMN_OPS, TP_ROW_OPS
 
 
 class _CopyToGroup(torch.autograd.Function):

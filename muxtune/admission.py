@@ -28,10 +28,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 
 from muxtune.errors import MuxTuneError
-from muxtune.spec import Alignment, Layout, Plan, TaskSpec
+from muxtune.executor.mux import TaskAdapter
+from muxtune.profiler.cost_model import CostModel, MicroBatch, ModelShape, TaskLoad
+from muxtune.profiler.profile import decoder_layers, layer_param_bytes
+from muxtune.schedule import blocks, one_f_one_b, part_index, part_size, replica_of, stage_of, stage_range, stage_split
+from muxtune.spec import Alignment, Layout, Plan, TaskSpec, method_rank
 
 GIB = 1024**3
 
@@ -60,9 +65,6 @@ def _size(n: int) -> str:
 
 def cost_model_of(model):
     """The CostModel of a loaded model: its shape, and its weight bytes as loaded."""
-    from muxtune.profiler.cost_model import CostModel, ModelShape
-    from muxtune.profiler.profile import layer_param_bytes
-
     dtype = next(model.parameters()).dtype
     return CostModel(ModelShape.from_config(model.config, dtype), "admission", weight_bytes=layer_param_bytes(model))
 
@@ -70,9 +72,6 @@ def cost_model_of(model):
 def adapter_params(model, spec: TaskSpec) -> dict[int | str | None, int]:
     """The task's trainable parameters by decoder layer index; "sequence": prompt/prefix tuning's
     tensors (the first stage's); None: adapters of ops outside the decoder layers (every stage's)."""
-    from muxtune.executor.mux import TaskAdapter
-    from muxtune.profiler.profile import decoder_layers
-
     adapter = TaskAdapter(spec.name, spec.peft, model, spec.seed, spec.max_seq_len, "cpu")
     layer_of = {id(m): i for i, layer in enumerate(decoder_layers(model)[2]) for m in layer.modules()}
     counts: dict[int | str | None, int] = {}
@@ -97,13 +96,10 @@ def _micro_batches(members: list[TaskSpec], params: dict[str, int], parts: int, 
                    alignment: Alignment) -> list:
     """The micro-batch(es) the executor builds from part `index` of `parts` of the group's step (as
     PipelineTrainer.replica_micro_batches), priced as CostModel MicroBatches."""
-    from muxtune.profiler.cost_model import MicroBatch, TaskLoad
-    from muxtune.simulator.workload import method_rank
-
     longest = max(s.max_seq_len + _virtual_tokens(s) for s in members)
     loads = []
     for s in members:
-        rows = s.batch_size // parts + (1 if index < s.batch_size % parts else 0)
+        rows = part_size(s.batch_size, parts, index)
         per_row = s.max_seq_len + _virtual_tokens(s) if alignment.layout == "chunked" else longest
         if rows:
             loads.append(TaskLoad(s.peft.method, method_rank(s.peft), rows * per_row, params[s.name]))
@@ -125,8 +121,6 @@ def estimate(model, specs: list[TaskSpec], groups: list[list[str]], alignment: A
     order) of a plan with these groups and `layout` (default: one device). `params` caches
     adapter_params per task (filled here). Tensor-parallel ranks are priced as holding their whole stage
     (an upper bound: how tp shards weights and activations is not modelled here)."""
-    from muxtune.simulator.iteration import one_f_one_b, stage_split
-
     layout = layout or Layout()
     cm = cost_model or cost_model_of(model)
     params = params if params is not None else {}
@@ -135,9 +129,9 @@ def estimate(model, specs: list[TaskSpec], groups: list[list[str]], alignment: A
             params[spec.name] = adapter_params(model, spec)
     n_layers = cm.shape.n_layers
     split = stage_split(n_layers, layout.pp, layout.stage_layers)
-    replica, stage = rank // (layout.pp * layout.tp), (rank // layout.tp) % layout.pp
+    replica, stage = replica_of(rank, layout.pp, layout.tp), stage_of(rank, layout.pp, layout.tp)
     first, last = stage == 0, stage == layout.pp - 1
-    mine = range(sum(split[:stage]), sum(split[: stage + 1]))
+    mine = stage_range(split, stage)
 
     def stage_params(name: str) -> int:
         return sum(n for layer, n in params[name].items()
@@ -154,15 +148,10 @@ def estimate(model, specs: list[TaskSpec], groups: list[list[str]], alignment: A
             continue
         parts = layout.dp * (micro_batches[g] if micro_batches else 1)
         count = micro_batches[g] if micro_batches else 1
-        units.append([mb for k in range(count)
-                      for mb in _micro_batches(members, total_params, parts, k * layout.dp + replica, alignment)])
-    if schedule == "interleaved":
-        longest = max((len(u) for u in units), default=0)
-        blocks = [[u[k] for k in range(longest) for u in units if k < len(u)]]
-    else:
-        blocks = units
+        units.append([mb for k in range(count) for mb in _micro_batches(
+            members, total_params, parts, part_index(k, replica, layout.dp), alignment)])
     peak = 0
-    for block in blocks:
+    for block in blocks(units, schedule):
         held = 0
         ids = list(range(len(block)))
         for kind, i in one_f_one_b(ids, stage, layout.pp):
@@ -199,8 +188,6 @@ def available_bytes(device: torch.device, model, limit_gib: float | None) -> int
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
     return psutil.virtual_memory().available
 
 

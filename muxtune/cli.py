@@ -175,7 +175,7 @@ def cmd_profile(args) -> int:
 
 def cmd_plan(args) -> int:
     from muxtune.planner.plan import plan
-    from muxtune.planner.setup import planning_inputs
+    from muxtune.planning import planning_inputs
     from muxtune.spec import load_config
 
     config = load_config(args.config)

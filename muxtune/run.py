@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from muxtune.errors import MuxTuneError
-from muxtune.spec import Plan, RunConfig, staged_directory, write_text_atomic
+from muxtune.spec import DTYPE_BYTES, Plan, RunConfig, staged_directory, write_text_atomic
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_BYTES}  # spec.DTYPE_BYTES's names as torch dtypes
 
 
 def check_devices(config: RunConfig) -> list[str]:
@@ -385,7 +385,7 @@ def plan_phase(config: RunConfig, cost_model, devices: list[str], works: dict) -
     `works` says (exact adapter sizes and the data's mean lengths once they are loaded)."""
     from muxtune.planner.baselines import DESCRIPTIONS
     from muxtune.planner.plan import plan as search
-    from muxtune.planner.setup import free_memory_gib
+    from muxtune.planning import free_memory_gib
     from muxtune.spec import Cluster
 
     if cost_model.profile is None and cost_model.hw is not None:  # a catalog GPU, priced analytically

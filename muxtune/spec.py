@@ -19,9 +19,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from muxtune.errors import MuxTuneError
-from muxtune.executor.peft import PeftConfig
+from muxtune.executor.peft import METHODS, PeftConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # names become folder names under runs/<name>/
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # RunConfig.dtype: the backbone's weight type
 
 
 class EarlyStopping(BaseModel):
@@ -110,6 +111,15 @@ class TaskSpec(BaseModel):
         return self.eval_every or max(1, math.ceil(total_steps / EVALUATIONS_BY_DEFAULT))
 
 
+def method_rank(peft) -> int:
+    """The size knob of a PEFT config (LoRA/DoRA r, adapter size, virtual tokens; 0 if none): what the
+    CostModel's TaskLoad.rank means. Not a process rank."""
+    for key in ("r", "size", "num_virtual_tokens"):
+        if hasattr(peft, key):
+            return int(getattr(peft, key))
+    return 0
+
+
 class Cluster(BaseModel):
     """The devices a plan may use (planner/): how many, how much memory each, which hardware.
     `hardware` names the CostModel: "this" = this machine's measured profile, else a row of the
@@ -128,7 +138,7 @@ class RunConfig(BaseModel):
     name: str = Field(pattern=NAME_PATTERN, max_length=100)
     model: str = "builtin:tiny-llama"
     devices: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal[tuple(DTYPE_BYTES)] = "float32"
     tasks: list[TaskSpec] = Field(min_length=1)
     checkpoint_every: int = Field(10, ge=0, description="steps between per-task checkpoints "
                                   "(runs/<name>/checkpoints/); 0: only at the end")
@@ -362,8 +372,6 @@ def _format_validation(path: Path, exc: ValidationError, root) -> str:
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic inserts the discriminator value (e.g. 'lora') into the loc of a tagged union
-    from muxtune.executor.peft import METHODS
-
     return isinstance(part, str) and part in METHODS
 
 

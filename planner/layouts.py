@@ -26,10 +26,10 @@ import functools
 from collections import Counter
 from dataclasses import dataclass
 
-from muxtune.simulator.iteration import stage_split
-from muxtune.simulator.workload import TaskWork, split_micro_batches
+from muxtune.profiler.cost_model import GRAD_BYTES_PER_PARAM
+from muxtune.schedule import replica_parts, stage_split
+from muxtune.simulator.workload import TaskWork, device_params, split_micro_batches
 
-GRAD_BYTES_PER_PARAM = 4  # adapters train in fp32 (as simulator/iteration.py)
 TP_MAX = 8  # tensor ranks of one stage: the GPUs of one node (NVLink); TP's per-layer all-reduces stay inside it
 
 
@@ -116,25 +116,12 @@ class CachedCostModel:
         return getattr(self.inner, name)
 
 
-def stage_params(work: TaskWork, stage: int, layers: int, n_layers: int) -> int:
-    """A task's adapter parameters on one stage (prompt tuning's sit with the embedding)."""
-    if work.method == "prompt":
-        return work.params if stage == 0 else 0
-    return round(work.params * layers / n_layers)
-
-
-def device_params(work: TaskWork, stage: int, layers: int, n_layers: int, tp: int, cm) -> tuple[int, int]:
-    """(a task's parameters on one device of the stage, of which replicated over its tensor ranks)."""
-    params = stage_params(work, stage, layers, n_layers)
-    return cm.tp_params(params, work.targets, tp) if tp > 1 else (params, 0)
-
-
 def group_cost(works: tuple[TaskWork, ...], layout: LayoutChoice, cm, packed: bool) -> GroupCost:
     """What one fusion group costs on `layout` (see the module docstring)."""
     n_layers, pp, tp = cm.shape.n_layers, layout.pp, layout.tp
     tp_kw = {"tp": tp} if tp > 1 else {}
     parts = split_micro_batches(list(works), layout.dp * layout.micro_batches, packed)
-    mine = parts[0::layout.dp]  # replica 0 gets the most sequences (split_micro_batches fills in order)
+    mine = replica_parts(parts, 0, layout.dp)  # replica 0 gets the most sequences (earlier parts take the rest)
     distinct = Counter(mine)  # the even split makes most micro-batches alike: price each kind once
     stage_work, stage_act = [], []
     for s, layers in enumerate(layout.stage_layers):

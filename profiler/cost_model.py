@@ -43,9 +43,11 @@ import numpy as np
 import pandas as pd
 
 from muxtune.errors import MuxTuneError
+from muxtune.schedule import TENSOR_PARALLEL_FAMILIES
 
 CATALOG = Path(__file__).with_name("hardware.csv")
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight + grad + exp_avg + exp_avg_sq
+GRAD_BYTES_PER_PARAM = 4  # adapters train in fp32 (executor/mux.py), so their gradients are fp32
 # how each method meets the backbone (executor/peft/*.py SHAPE): methods of one shape on their default
 # targets keep the same backbone tensors alive
 METHOD_SHAPES = {"lora": "parallel", "dora": "parallel", "ia3": "scaling", "adapter": "serial",
@@ -105,7 +107,7 @@ class ModelShape:
         return cls(n_layers=get("num_hidden_layers", "n_layer"), hidden=hidden,
                    intermediate=get("intermediate_size", "ffn_dim", "n_inner", default=4 * hidden),
                    heads=heads, kv_heads=get("num_key_value_heads", default=heads), vocab=config.vocab_size,
-                   dtype_bytes=(dtype or torch.float32).itemsize, gated_mlp=config.model_type in {"llama", "mistral", "qwen2"},
+                   dtype_bytes=(dtype or torch.float32).itemsize, gated_mlp=config.model_type in TENSOR_PARALLEL_FAMILIES,
                    tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
 
     def as_dict(self) -> dict:
@@ -293,9 +295,7 @@ class CostModel:
     # After the backward, the partial gradients of replicated adapter tensors (a column op's LoRA A, a
     # row op's LoRA B: rank x hidden each) are all-reduced, one flat fp32 buffer per task.
 
-    TP_FAMILY_NOTE = "LLaMA-family (gated-MLP: llama, mistral, qwen2) models"
-    TP_COLUMN_OPS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-    TP_ROW_OPS = ("o_proj", "down_proj")
+    TP_FAMILY_NOTE = f"LLaMA-family (gated-MLP: {', '.join(TENSOR_PARALLEL_FAMILIES)}) models"
     ATTENTION_OPS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     def tp_refusal(self, tp: int, methods=()) -> str | None:
@@ -466,8 +466,11 @@ class CostModel:
 
     def _shared_seconds(self, method: str, phase: str) -> float:
         """The part of one task's overhead that more tasks of its method share (profile rows
-        `fwd_shared` / `bwd_shared`; 0 when the profile has none)."""
-        rows = self.profile.rows("task", f"{phase}_shared")
+        `shared_fwd` / `shared_bwd`, as `target` rows name them; 0 when the profile has none). Profiles
+        written before the names were made one call them `fwd_shared` / `bwd_shared`: still read."""
+        rows = self.profile.rows("task", f"shared_{phase}")
+        if rows.empty:
+            rows = self.profile.rows("task", f"{phase}_shared")
         rows = rows[rows["method"] == method]
         return float(rows["seconds"].median()) if not rows.empty else 0.0
 
@@ -640,7 +643,7 @@ class CostModel:
         largest group's activations + head (less what its backward never needs: the batch's `skip`),
         plus every task's gradients (kept until the optimizer). activation_bytes itself stays the
         conservative per-stage figure."""
-        grads = sum(4 * t.params for mb in groups for t in mb.tasks)
+        grads = sum(GRAD_BYTES_PER_PARAM * t.params for mb in groups for t in mb.tasks)
         skip = (lambda mb: self._batch_skip(mb, "saved_bytes")) if self.profile is not None else (lambda mb: 0)
         live = max(self.activation_bytes(mb, self.shape.n_layers) + self.head_bytes(mb.tokens) - skip(mb)
                    for mb in groups)
@@ -650,7 +653,7 @@ class CostModel:
         """Device memory of a single-device step: backbone + task states + the step's transient peak.
         Gradients live only from backward to the optimizer: the transient peak holds them, so the
         resident states here are weights and AdamW moments (task_state_bytes less 4 bytes a parameter)."""
-        states = sum(self.task_state_bytes(t.params) - 4 * t.params for mb in groups for t in mb.tasks)
+        states = sum(self.task_state_bytes(t.params) - GRAD_BYTES_PER_PARAM * t.params for mb in groups for t in mb.tasks)
         return self.backbone_bytes(self.shape.n_layers, True, True) + states + self.step_memory_bytes(groups)
 
     # profile look-ups

@@ -61,6 +61,7 @@ from muxtune.errors import MuxTuneError
 from muxtune.profiler.budget import Pilot, Progress, fit
 from muxtune.profiler.sampling import (Sampling, Timed, alternated, clock, fwd_bwd_seconds,  # noqa: F401
                                        median_seconds, sync)
+from muxtune.schedule import TENSOR_PARALLEL_FAMILIES, attention_targets
 
 COLUMNS = ["op", "phase", "tokens", "seq_len", "method", "rank", "params", "nbytes", "world",
            "seconds", "saved_bytes", "batch_bytes", "peak_bytes", "target", "rel_error"]
@@ -92,13 +93,9 @@ GRIDS = {
              "warmup": 3, "repeats": 15},
 }
 
-# LoRA/DoRA targets the task rows are measured with, per model family (HF PEFT's usual defaults).
-ATTENTION_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"]}
-
-
 def peft_config_for(method: str, rank: int, model_type: str) -> dict:
     """The task config a `task` row was measured with (its method's defaults, at `rank`)."""
-    targets = ATTENTION_TARGETS.get(model_type, ["q_proj", "v_proj"])
+    targets = attention_targets(model_type)  # per model family, HF PEFT's usual defaults
     return {"lora": {"method": "lora", "r": rank, "target_modules": targets},
             "dora": {"method": "dora", "r": rank, "target_modules": targets},
             "adapter": {"method": "adapter", "size": rank},
@@ -462,10 +459,8 @@ def tp_shard_layers(model: nn.Module, layer: nn.Module) -> dict[int, nn.Module]:
     size): the same ops on the shard's shapes, what each process computes; its weights are random."""
     import copy
 
-    from muxtune.executor.tensor_parallel import FAMILIES
-
     config = model.config
-    if config.model_type not in FAMILIES:
+    if config.model_type not in TENSOR_PARALLEL_FAMILIES:
         return {}
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -822,7 +817,7 @@ def measure_shared(backbone, device: str, method: str, rank: int, n_rows: int, s
         for name in ("solo0", "pair0", "pair1"):
             one.mux.remove_task(name)
     return [_row("task", phase, shared_part(m, k), n_rows * seq, seq, method, rank)
-            for k, phase in enumerate(("fwd_shared", "bwd_shared"))]
+            for k, phase in enumerate(("shared_fwd", "shared_bwd"))]
 
 
 def measure_optimizer(device: str, counts: list[int], tensors: int, s: Sampling, progress) -> list[dict]:
@@ -1003,7 +998,7 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
     meta = {"fingerprint": fp, "mode": mode, "shape": ModelShape.from_config(model.config, dtype).as_dict(),
             "weight_bytes": layer_param_bytes(model),
             # what the method-level task rows were measured on (a task with no target list is priced so)
-            "task_targets": ATTENTION_TARGETS.get(model.config.model_type, ["q_proj", "v_proj"]),
+            "task_targets": attention_targets(model.config.model_type),
             "methods": sorted(grid["ranks"]), "targets": target_names(model, grid),
             "budget_s": budget, "estimated_s": round(sum(costs.values()), 1), "cuts": cuts,
             "seconds": round(time.perf_counter() - started, 1),

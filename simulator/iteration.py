@@ -38,10 +38,10 @@ import pandas as pd
 import simpy
 
 from muxtune.errors import MuxTuneError
-from muxtune.profiler.cost_model import TaskLoad
-from muxtune.simulator.workload import MicroBatch, TaskWork, split_micro_batches
+from muxtune.profiler.cost_model import GRAD_BYTES_PER_PARAM, TaskLoad
+from muxtune.schedule import blocks, one_f_one_b, process_rank, replica_parts, stage_of, stage_split
+from muxtune.simulator.workload import MicroBatch, TaskWork, device_params, split_micro_batches
 
-GRAD_BYTES_PER_PARAM = 4  # adapters train in fp32 (executor/mux.py), so their gradients are fp32
 EVENT_COLUMNS = ["device", "stream", "group", "micro_batch", "kind", "start", "end", "task", "replica", "stage"]
 
 
@@ -82,27 +82,6 @@ class _Pipeline:
     micro_batches: dict[int, list[list[MicroBatch]]] = field(default_factory=dict)  # group -> [replica][k]
 
 
-def stage_split(n_layers: int, pp: int, stage_layers: list[int] | None, where: str = "plan") -> list[int]:
-    """Transformer layers of each stage: the plan's split, or an even one (earlier stages take the rest)."""
-    if stage_layers is None:
-        if pp > n_layers:
-            raise MuxTuneError(f"{where}: pp={pp} stages but the model has only {n_layers} layers")
-        return [n_layers // pp + (1 if s < n_layers % pp else 0) for s in range(pp)]
-    if sum(stage_layers) != n_layers:
-        raise MuxTuneError(f"{where}: layout.stage_layers {stage_layers} sums to {sum(stage_layers)}, "
-                           f"the model has {n_layers} layers")
-    return list(stage_layers)
-
-
-def one_f_one_b(units: list, stage: int, stages: int) -> list[tuple[str, object]]:
-    """The 1F1B order of one stage: warm-up forwards, then one forward / one backward, then the drain."""
-    warm = min(stages - stage - 1, len(units))
-    ops = [("fwd", u) for u in units[:warm]]
-    for i in range(len(units) - warm):
-        ops += [("fwd", units[warm + i]), ("bwd", units[i])]
-    return ops + [("bwd", u) for u in units[len(units) - warm:]]
-
-
 def _pipelines(plan, works: dict[str, TaskWork], cost_model, packed: bool) -> list[_Pipeline]:
     n_layers = cost_model.shape.n_layers
     by_devices: dict[tuple[str, ...], _Pipeline] = {}
@@ -132,31 +111,13 @@ def _pipelines(plan, works: dict[str, TaskWork], cost_model, packed: bool) -> li
             raise MuxTuneError(f"{where}: groups on the same devices need the same layout (dp, pp, tp, stage_layers)")
         pipe.groups.append(gi)
         parts = split_micro_batches([works[t] for t in group.tasks], layout.dp * group.micro_batches, packed)
-        pipe.micro_batches[gi] = [parts[r::layout.dp] for r in range(layout.dp)]
+        pipe.micro_batches[gi] = [replica_parts(parts, r, layout.dp) for r in range(layout.dp)]
     return list(by_devices.values())
 
 
 def _units(pipe: _Pipeline, replica: int, schedule: str) -> list[list[tuple[int, int]]]:
     """Blocks of (group, micro-batch) units; each block is one 1F1B (a flush between blocks)."""
-    per_group = [[(g, k) for k in range(len(pipe.micro_batches[g][replica]))] for g in pipe.groups]
-    if schedule == "1f1b":
-        return [u for u in per_group if u]
-    longest = max(len(u) for u in per_group)
-    return [[u[k] for k in range(longest) for u in per_group if k < len(u)]]
-
-
-def _stage_params(work: TaskWork, stage: int, layers: int, n_layers: int) -> int:
-    """A task's adapter parameters held by one stage: spread evenly over the layers (prompt tuning's
-    virtual token embeddings sit with the embedding on the first stage)."""
-    if work.method == "prompt":
-        return work.params if stage == 0 else 0
-    return round(work.params * layers / n_layers)
-
-
-def _device_params(work: TaskWork, stage: int, layers: int, n_layers: int, tp: int, cost_model) -> tuple[int, int]:
-    """(parameters one device of the stage holds, of which replicated over its tensor ranks)."""
-    params = _stage_params(work, stage, layers, n_layers)
-    return cost_model.tp_params(params, work.targets, tp) if tp > 1 else (params, 0)
+    return blocks([[(g, k) for k in range(len(pipe.micro_batches[g][replica]))] for g in pipe.groups], schedule)
 
 
 def _host_load(plan, g: int, name: str, works: dict[str, TaskWork], dp: int, packed: bool) -> TaskLoad:
@@ -197,7 +158,8 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
 
         def devices_of(r, s, _pipe=pipe):
             """The tensor ranks of replica r's stage s: they run the same ops in lock step."""
-            return _pipe.devices[(r * _pipe.pp + s) * _pipe.tp:(r * _pipe.pp + s + 1) * _pipe.tp]
+            first_device = process_rank(r, s, 0, _pipe.pp, _pipe.tp)
+            return _pipe.devices[first_device:first_device + _pipe.tp]
 
         def log_all(r, s, stream, g, k, kind, start, task=None):
             for device in devices_of(r, s):
@@ -281,7 +243,7 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
                     yield env.all_of([reduced[(s, g)] for g in _pipe.groups])
                 for g in _pipe.groups:
                     for name in plan.groups[g].tasks:
-                        _, replicated = _device_params(works[name], s, layers, n_layers, _pipe.tp, cost_model)
+                        _, replicated = device_params(works[name], s, layers, n_layers, _pipe.tp, cost_model)
                         if replicated:
                             start = env.now
                             yield compute(cost_model.allreduce_seconds(replicated * GRAD_BYTES_PER_PARAM, _pipe.tp))
@@ -290,7 +252,7 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
                 if _pipe.dp > 1:
                     yield reduced[(s, g)]
                 for name in plan.groups[g].tasks:
-                    params, _ = _device_params(works[name], s, layers, n_layers, _pipe.tp, cost_model)
+                    params, _ = device_params(works[name], s, layers, n_layers, _pipe.tp, cost_model)
                     if params:
                         start = env.now
                         yield compute(cost_model.optimizer_seconds(params))
@@ -300,14 +262,14 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
             layers = pipe.stage_layers[s]
             first, last = first_last[s]
             tasks = [t for g in pipe.groups for t in plan.groups[g].tasks]
-            state = sum(cost_model.task_state_bytes(_device_params(works[t], s, layers, n_layers, tp, cost_model)[0])
+            state = sum(cost_model.task_state_bytes(device_params(works[t], s, layers, n_layers, tp, cost_model)[0])
                         for t in tasks)
             for r in range(pipe.dp):
                 for device in devices_of(r, s):
                     static_memory[device] = cost_model.backbone_bytes(layers, first, last, **tp_kw) + state
             if pipe.dp > 1:
                 for g in pipe.groups:
-                    grads = sum(_device_params(works[t], s, layers, n_layers, tp, cost_model)[0]
+                    grads = sum(device_params(works[t], s, layers, n_layers, tp, cost_model)[0]
                                 for t in plan.groups[g].tasks)
                     env.process(allreduce(s, g, grads * GRAD_BYTES_PER_PARAM))
         for r in range(pipe.dp):
@@ -368,12 +330,12 @@ def memory_breakdown(plan, works: dict[str, TaskWork], cost_model, timeline: Tim
         layout = group.layout
         split = stage_split(n_layers, layout.pp, layout.stage_layers)
         for i, device in enumerate(group.devices):
-            stage = (i // layout.tp) % layout.pp
+            stage = stage_of(i, layout.pp, layout.tp)
             layers = split[stage]
             tp_kw = {"tp": layout.tp} if layout.tp > 1 else {}
             row = rows.setdefault(device, {"device": device, "backbone": cost_model.backbone_bytes(
                 layers, stage == 0, stage == layout.pp - 1, **tp_kw), "adapters": 0, "optimizer": 0})
-            params = sum(_device_params(works[t], stage, layers, n_layers, layout.tp, cost_model)[0]
+            params = sum(device_params(works[t], stage, layers, n_layers, layout.tp, cost_model)[0]
                          for t in group.tasks)
             state = cost_model.task_state_bytes(params)
             row["adapters"] += 2 * GRAD_BYTES_PER_PARAM * params  # fp32 weights + gradients

@@ -13,8 +13,9 @@ import math
 from dataclasses import dataclass, replace
 
 from muxtune.errors import MuxTuneError
-
 from muxtune.profiler.cost_model import MicroBatch, TaskLoad
+from muxtune.schedule import part_size
+from muxtune.spec import method_rank  # noqa: F401  (its callers import it from here too)
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,6 @@ class TaskWork:
     @property
     def tokens(self) -> float:
         return self.sequences * self.seq_len
-
-
-def method_rank(peft) -> int:
-    """The size knob of a PEFT config that the CostModel's TaskLoad.rank means."""
-    for key in ("r", "size", "num_virtual_tokens"):
-        if hasattr(peft, key):
-            return int(getattr(peft, key))
-    return 0
 
 
 def task_work(spec, params: int, mean_seq_len: float | None = None) -> TaskWork:
@@ -66,9 +59,9 @@ def count_trainable_params(spec, model) -> int:
 
 
 def split_micro_batches(works: list[TaskWork], parts: int, packed: bool = False) -> list[MicroBatch]:
-    """Split a fused group's step into `parts` micro-batches (dp replicas x micro-batches, in that order
-    of use), each task's sequences spread as evenly as possible. Micro-batches that get no sequence
-    are dropped (a task with fewer sequences than parts)."""
+    """Split a fused group's step into `parts` micro-batches (dp replicas x micro-batches, in part order,
+    muxtune/schedule.py), each task's sequences spread as evenly as possible. Micro-batches that get no
+    sequence are dropped (a task with fewer sequences than parts): they are the last ones."""
     if parts < 1:
         raise MuxTuneError(f"micro-batches: need at least 1 part, got {parts}")
     longest = max(w.seq_len for w in works)
@@ -76,13 +69,27 @@ def split_micro_batches(works: list[TaskWork], parts: int, packed: bool = False)
     for i in range(parts):
         loads = []
         for w in works:
-            rows = w.sequences // parts + (1 if i < w.sequences % parts else 0)
+            rows = part_size(w.sequences, parts, i)
             if rows:
                 per_row = w.seq_len if packed else longest
                 loads.append(TaskLoad(w.method, w.rank, int(round(rows * per_row)), w.params, w.targets, w.dropout))
         if loads:
             out.append(MicroBatch(tuple(loads), seq_len=int(math.ceil(longest))))
     return out
+
+
+def stage_params(work: TaskWork, stage: int, layers: int, n_layers: int) -> int:
+    """A task's adapter parameters held by one stage: spread evenly over the layers (prompt tuning's
+    virtual token embeddings sit with the embedding on the first stage)."""
+    if work.method == "prompt":
+        return work.params if stage == 0 else 0
+    return round(work.params * layers / n_layers)
+
+
+def device_params(work: TaskWork, stage: int, layers: int, n_layers: int, tp: int, cost_model) -> tuple[int, int]:
+    """(parameters one device of the stage holds, of which replicated over its tensor ranks)."""
+    params = stage_params(work, stage, layers, n_layers)
+    return cost_model.tp_params(params, work.targets, tp) if tp > 1 else (params, 0)
 
 
 def evaluation_counts(works: dict[str, TaskWork], steps: dict[str, int]) -> dict[tuple[str, ...], int]:

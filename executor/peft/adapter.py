@@ -17,21 +17,13 @@ from torch import nn
 
 from muxtune.errors import MuxTuneError
 from muxtune.executor.backbone import op_features
+from muxtune.schedule import FAMILIES
 
 METHOD = "adapter"
 SHAPE = "serial"
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
-# Where `placement` puts the adapter in each model family: the op that ends the attention block and the
-# op that ends the feed-forward block (matched as HF PEFT matches target modules: by name suffix).
-PLACEMENT_OPS = {
-    "llama": {"attention": "o_proj", "ffn": "down_proj"},
-    "mistral": {"attention": "o_proj", "ffn": "down_proj"},
-    "qwen2": {"attention": "o_proj", "ffn": "down_proj"},
-    "gpt2": {"attention": "attn.c_proj", "ffn": "mlp.c_proj"},  # both are named c_proj: keep the parent
-    "opt": {"attention": "out_proj", "ffn": "fc2"},
-}
 
 
 class Config(BaseModel):
@@ -88,11 +80,12 @@ def resolve(config: Config, model: nn.Module) -> Config:
     if config.target_modules is not None:
         return config
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in PLACEMENT_OPS:
+    # where `placement` puts the adapter in each model family (muxtune/schedule.py's family table)
+    if model_type not in FAMILIES:
         raise MuxTuneError(
             f"peft.placement: no known attention/ffn output ops for model type {model_type!r} "
-            f"(known: {', '.join(sorted(PLACEMENT_OPS))}); set peft.target_modules to the op names instead")
-    ops = PLACEMENT_OPS[model_type]
+            f"(known: {', '.join(sorted(FAMILIES))}); set peft.target_modules to the op names instead")
+    ops = FAMILIES[model_type].placement
     targets = list(dict.fromkeys(ops[place] for place in config.placement))  # unique, in placement order
     return config.model_copy(update={"target_modules": targets})
 

@@ -1,4 +1,4 @@
-"""What `muxtune plan` plans with: the cluster, the CostModel and the tasks' parameter counts, from a
+"""The inputs of planning (a front door, beside run.py): what `muxtune plan` plans with: the cluster, the CostModel and the tasks' parameter counts, from a
 config and the command line (command line first, then the config's `cluster:` section, then this machine).
 
 - `--hardware h100 --gpus 16`, or a cluster whose hardware is a catalog name: the analytic CostModel of
@@ -11,27 +11,30 @@ config and the command line (command line first, then the config's `cluster:` se
 
 from __future__ import annotations
 
+import dataclasses
+
+import psutil
+import torch
+from transformers import AutoConfig
+
 from muxtune.errors import MuxTuneError
-from muxtune.spec import Cluster, RunConfig
+from muxtune.executor.backbone import load_backbone, preset_config
+from muxtune.profiler.cost_model import CostModel, ModelShape, cost_model_for, hardware as catalog_row
+from muxtune.simulator.workload import count_trainable_params
+from muxtune.spec import DTYPE_BYTES, Cluster, RunConfig
 
 GIB = 2**30
 
 
 def model_shape(config: RunConfig):
-    from muxtune.executor.backbone import preset_config
-    from muxtune.profiler.cost_model import ModelShape
-    from muxtune.run import DTYPES
-
     if config.model.startswith("builtin:"):
         hf_config = preset_config(config.model)
     else:
-        from transformers import AutoConfig
-
         try:
             hf_config = AutoConfig.from_pretrained(config.model)
         except Exception as exc:  # transformers raises OSError/ValueError/... for a bad id or dir
             raise MuxTuneError(f"model: cannot load {config.model!r}: {exc}") from None
-    return ModelShape.from_config(hf_config, DTYPES[config.dtype])
+    return dataclasses.replace(ModelShape.from_config(hf_config), dtype_bytes=DTYPE_BYTES[config.dtype])
 
 
 def exact_params(config: RunConfig) -> dict[str, int] | None:
@@ -39,28 +42,19 @@ def exact_params(config: RunConfig) -> dict[str, int] | None:
     build); None for other models (the planner then estimates them from method and rank)."""
     if not config.model.startswith("builtin:"):
         return None
-    from muxtune.executor.backbone import load_backbone
-    from muxtune.simulator.workload import count_trainable_params
-
     model = load_backbone(config.model).model
     return {t.name: count_trainable_params(t, model) for t in config.tasks}
 
 
 def free_memory_gib(device: str) -> float:
     if device.startswith("cuda"):
-        import torch
-
         return torch.cuda.mem_get_info(torch.device(device))[0] / GIB
-    import psutil
-
     return psutil.virtual_memory().available / GIB
 
 
 def planning_inputs(config: RunConfig, hardware: str | None = None, gpus: int | None = None,
                     memory_gib: float | None = None, profile: str | None = None):
     """(Cluster, CostModel, exact parameter counts or None) for planning `config`."""
-    from muxtune.profiler.cost_model import CostModel, cost_model_for, hardware as catalog_row
-
     given = config.cluster
     if gpus is not None and gpus < 1:
         raise MuxTuneError(f"--gpus: needs at least 1 device, got {gpus}")

@@ -196,3 +196,70 @@ def test_bad_input_answers_openai_errors(service, tmp_path):
         with pytest.raises(openai.BadRequestError) as purpose:
             api.fine_tuning.jobs.create(model=MODEL, training_file=done[0].result_files[0])
         assert purpose.value.body["code"] == "invalid_file_purpose"
+
+
+def test_pause_then_resume_continues_where_it_stopped(service, tmp_path):
+    server, keys = service
+    api = client(server, keys["acme"])
+    train, _ = data_files(tmp_path / "data", seed=41, n=40)
+    job = api.fine_tuning.jobs.create(model=MODEL, training_file=upload(api, train).id, seed=41,
+                                      hyperparameters={"n_epochs": 2, "batch_size": 2}, extra_body={"max_seq_len": 64})
+    while not metrics_steps(api, job.id):
+        time.sleep(0.05)
+    paused = api.fine_tuning.jobs.pause(job.id)
+    assert paused.status == "paused"
+    at = metrics_steps(api, job.id)[-1]
+    time.sleep(1.0)
+    assert metrics_steps(api, job.id)[-1] == at < 40  # it does not train while paused
+    assert api.fine_tuning.jobs.resume(job.id).status == "queued"
+    job = wait_done(api, job.id)
+    assert job.status == "succeeded" and metrics_steps(api, job.id) == list(range(1, 41))
+    got = adapter_tensors(download_adapter(server, keys["acme"], job.id, tmp_path / "adapter"))
+    reference = alone(job, train, None, tmp_path / "alone")
+    assert all(torch.equal(got[k], v) for k, v in reference.items())
+
+
+def test_kill_9_of_server_and_worker_loses_nothing_and_resumes_bit_equal(tmp_path):
+    server = Server(tmp_path / "state", "threads: 1\n")
+    server.state.mkdir()
+    key = make_key(server.state, "acme")
+    server.start()
+    try:
+        api = client(server, key)
+        train, valid = data_files(tmp_path / "data", seed=51, n=48)
+        training, validation = upload(api, train), upload(api, valid)
+        job = api.fine_tuning.jobs.create(model=MODEL, training_file=training.id, validation_file=validation.id,
+                                          seed=51, hyperparameters={"n_epochs": 2, "batch_size": 4},
+                                          extra_body={"max_seq_len": 64, "eval_every": 5})
+        # 1. the worker alone dies mid-training: the server starts another, which resumes
+        while len(metrics_steps(api, job.id)) < 3:
+            time.sleep(0.02)
+        first = server.worker_pid()
+        os.kill(first, signal.SIGKILL)
+        deadline = time.time() + 120
+        while (server.worker_pid() in (None, first) or len(metrics_steps(api, job.id)) < 10) and time.time() < deadline:
+            time.sleep(0.02)
+        assert api.fine_tuning.jobs.retrieve(job.id).status == "running", server.logs()
+        # 2. server and worker both die; a new `muxtune serve` on the same folder finishes the job
+        server.kill9()
+    finally:
+        server.stop()
+    restarted = Server(tmp_path / "state", "threads: 1\n").start()
+    try:
+        api = client(restarted, key)
+        assert api.files.retrieve(training.id).bytes == train.stat().st_size
+        assert api.files.content(validation.id).content == valid.read_bytes()
+        job = wait_done(api, job.id)
+        assert job.status == "succeeded", (job.error, restarted.logs())
+        assert metrics_steps(api, job.id) == list(range(1, 25))  # every step once: no event duplicated
+        events = api.fine_tuning.jobs.list_events(job.id, limit=1000).data
+        messages = [e.message for e in events]
+        assert len(messages) == len(set(messages)), messages
+        assert sum("resuming from the checkpoint" in m for m in messages) >= 2  # both crashes were resumed
+        assert len(api.fine_tuning.jobs.list().data) == 1
+        got = adapter_tensors(download_adapter(restarted, key, job.id, tmp_path / "adapter"))
+        reference = alone(job, train, valid, tmp_path / "alone")
+        for name, value in reference.items():
+            assert torch.equal(got[name], value), name  # as if never interrupted, bit for bit
+    finally:
+        restarted.stop()

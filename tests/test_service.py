@@ -220,7 +220,7 @@ def test_pause_then_resume_continues_where_it_stopped(service, tmp_path):
 
 
 def test_kill_9_of_server_and_worker_loses_nothing_and_resumes_bit_equal(tmp_path):
-    server = Server(tmp_path / "state", "threads: 1\n")
+    server = Server(tmp_path / "state", "threads: 1\nlimits: {jobs_per_minute: 1}\n")
     server.state.mkdir()
     key = make_key(server.state, "acme")
     server.start()
@@ -231,6 +231,8 @@ def test_kill_9_of_server_and_worker_loses_nothing_and_resumes_bit_equal(tmp_pat
         job = api.fine_tuning.jobs.create(model=MODEL, training_file=training.id, validation_file=validation.id,
                                           seed=51, hyperparameters={"n_epochs": 2, "batch_size": 4},
                                           extra_body={"max_seq_len": 64, "eval_every": 5})
+        with pytest.raises(openai.RateLimitError):  # one job creation a minute here
+            api.fine_tuning.jobs.create(model=MODEL, training_file=training.id)
         # 1. the worker alone dies mid-training: the server starts another, which resumes
         while len(metrics_steps(api, job.id)) < 3:
             time.sleep(0.02)
@@ -263,3 +265,25 @@ def test_kill_9_of_server_and_worker_loses_nothing_and_resumes_bit_equal(tmp_pat
             assert torch.equal(got[name], value), name  # as if never interrupted, bit for bit
     finally:
         restarted.stop()
+
+
+def test_keys_are_shown_once_stored_hashed_and_revocable(tmp_path, capsys):
+    from muxtune.cli import main
+    from muxtune.service.store import Store
+
+    state = tmp_path / "state"
+    assert main(["keys", "create", "--state", str(state), "--org", "acme"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("sk-mux-")
+    assert main(["keys", "list", "--state", str(state)]) == 0
+    listed = capsys.readouterr().out
+    assert "org=acme" in listed and key not in listed
+    for path in state.rglob("*"):  # only its hash is kept (database, its WAL, anything else)
+        assert not path.is_file() or key.encode() not in path.read_bytes(), path
+    store = Store(state)
+    assert store.org_of_key(key) == "acme"
+    key_id = listed.split()[0]
+    assert main(["keys", "revoke", key_id, "--state", str(state), "--org", "globex"]) == 2  # not theirs
+    assert main(["keys", "revoke", key_id, "--state", str(state), "--org", "acme"]) == 0
+    assert store.org_of_key(key) is None
+    assert main(["keys", "create", "--state", str(state), "--org", "../etc"]) == 2

@@ -287,3 +287,23 @@ def test_keys_are_shown_once_stored_hashed_and_revocable(tmp_path, capsys):
     assert main(["keys", "revoke", key_id, "--state", str(state), "--org", "acme"]) == 0
     assert store.org_of_key(key) is None
     assert main(["keys", "create", "--state", str(state), "--org", "../etc"]) == 2
+
+
+def test_cancel_a_running_job_stops_it_at_a_step_boundary(service, tmp_path):
+    server, keys = service
+    api = client(server, keys["globex"])
+    train, _ = data_files(tmp_path / "data", seed=61, n=40)
+    job = api.fine_tuning.jobs.create(model=MODEL, training_file=upload(api, train).id,
+                                      hyperparameters={"n_epochs": 3, "batch_size": 2}, extra_body={"max_seq_len": 64})
+    while not metrics_steps(api, job.id):
+        time.sleep(0.05)
+    cancelled = api.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+    steps = metrics_steps(api, job.id)
+    time.sleep(0.5)
+    assert metrics_steps(api, job.id) == steps and steps[-1] < 60
+    with pytest.raises(openai.BadRequestError):  # nothing to cancel twice, no adapter
+        api.fine_tuning.jobs.cancel(job.id)
+    answer = httpx.get(f"{server.url}/v1/fine_tuning/jobs/{job.id}/adapter",
+                       headers={"Authorization": f"Bearer {keys['globex']}"})
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_job_state"

@@ -307,3 +307,15 @@ def test_cancel_a_running_job_stops_it_at_a_step_boundary(service, tmp_path):
     answer = httpx.get(f"{server.url}/v1/fine_tuning/jobs/{job.id}/adapter",
                        headers={"Authorization": f"Bearer {keys['globex']}"})
     assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_job_state"
+
+
+def test_service_config_is_validated_naming_file_line_and_key(tmp_path):
+    from muxtune.errors import MuxTuneError
+    from muxtune.service.config import load_service_config
+
+    path = tmp_path / "service.yaml"
+    path.write_text("models: [builtin:tiny-llama]\nlimits:\n  upload_bytes: 0\nmax_tennants: 3\n")
+    with pytest.raises(MuxTuneError) as bad:
+        load_service_config(path)
+    assert f"{path}:3: limits.upload_bytes" in str(bad.value) and f"{path}:4: max_tennants: unknown key" in str(bad.value)
+    assert load_service_config(None).models == [MODEL]

@@ -239,6 +239,49 @@ def plan_and_run_main(argv: list[str] | None = None) -> int:
     return _guard(cmd_plan_and_run, parser.parse_args(argv))
 
 
+def cmd_serve(args) -> int:
+    import json
+
+    import uvicorn
+
+    from muxtune.service.api import create_app
+    from muxtune.service.config import load_service_config
+    from muxtune.service.store import Store
+    from muxtune.spec import write_text_atomic
+
+    config = load_service_config(args.config)
+    store = Store(args.state).init()
+    # the workers read the same settings from the state folder
+    write_text_atomic(store.root / "service.json", json.dumps(config.model_dump(mode="json")) + "\n")
+    print(f"serving {', '.join(config.models)} on http://{args.host}:{args.port}/v1 (state: {store.root})",
+          file=sys.stderr, flush=True)
+    uvicorn.run(create_app(store, config), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from muxtune.service.store import Store
+
+    store = Store(args.state).init()
+    if args.action == "list":
+        for key in store.list_keys(args.org):
+            print(f"{key['id']}  org={key['org']}  created_at={key['created_at']}"
+                  + (f"  revoked_at={key['revoked_at']}" if key["revoked_at"] else ""))
+        return 0
+    if not args.org:
+        raise MuxTuneError(f"keys {args.action}: --org is required")
+    if args.action == "create":
+        key_id, key = store.create_key(args.org)
+        print(key)
+        print(f"{key_id}: a key for organisation {args.org!r}; it is shown only now", file=sys.stderr)
+        return 0
+    if not args.key_id:
+        raise MuxTuneError("keys revoke: name the key id (see `muxtune keys list`)")
+    store.revoke_key(args.key_id, args.org)
+    print(f"revoked {args.key_id}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="muxtune", description="MuxTune: many PEFT jobs, one backbone. "
                                      "`muxtune COMMAND --help` describes each command; `plan-and-run` runs "
@@ -309,6 +352,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default: runs/<name>/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_predict_args(p, dry_run_only=True)
+    p = command("serve", cmd_serve, "run the fine-tuning service: the OpenAI fine-tuning API under /v1, jobs "
+                "trained multiplexed on one backbone per base model (docs/service.md)",
+                "muxtune serve --state /var/lib/muxtune --port 8000")
+    p.add_argument("--state", required=True, help="the folder everything is kept in (database, files, adapters)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--config", help="SERVICE.yaml: models, device, memory limit, per-organisation limits")
+    p = command("keys", cmd_keys, "API keys of the service: create (printed once, only its hash is kept), "
+                "list, revoke", "muxtune keys create --state /var/lib/muxtune --org acme")
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("key_id", nargs="?", help="revoke: the key's id (as `keys list` shows it)")
+    p.add_argument("--state", required=True, help="the service's state folder")
+    p.add_argument("--org", help="the organisation (required for create and revoke)")
     p = command("report", cmd_report, "re-render RUN_DIR/report.html and its PNGs from the run folder's files",
                 "muxtune report runs/quickstart")
     p.add_argument("run_dir", help="a run folder (runs/<name>/) with plan.json")

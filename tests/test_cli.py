@@ -188,7 +188,7 @@ def test_wheel_maps_every_folder_into_the_muxtune_package(repo, tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("muxtune/spec.py", "muxtune/cli.py", "muxtune/executor/mux.py", "muxtune/executor/peft/lora.py",
                    "muxtune/planner/__init__.py", "muxtune/simulator/__init__.py", "muxtune/profiler/__init__.py",
-                   "muxtune/kernels/__init__.py"):
+                   "muxtune/kernels/__init__.py", "muxtune/service/api.py", "muxtune/service/worker.py"):
         assert module in names, module
     # no bare top-level packages that would shadow PyPI's `executor`, `kernels`, `profiler`, ...
     assert not [n for n in names if n.split("/")[0] in {"executor", "kernels", "profiler", "planner", "simulator"}]

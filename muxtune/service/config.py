@@ -1,0 +1,70 @@
+"""SERVICE.yaml: what a service serves and how much each organisation may use. Validated by pydantic
+like the task config; every error names the file, key and line (muxtune.spec._format_validation).
+
+    models: [builtin:tiny-llama]     base models jobs may name (builtin presets, local HF model dirs)
+    device: cpu                      where the workers train (cpu, cuda, cuda:N)
+    dtype: float32
+    memory_limit_gib: null           admission limit per backbone (default: the device's free memory)
+    max_tenants: 16                  most jobs training at once on one backbone (more wait as queued)
+    checkpoint_every: 1              steps between a backbone's checkpoints (a kill -9 loses at most these)
+    threads: null                    torch CPU threads per worker (default: torch's)
+    limits:                          per organisation
+      running_jobs: 8                jobs validating, queued or running at once
+      jobs_per_minute: 30            job creations in any 60 s (more answer 429)
+      upload_bytes: 104857600        largest file upload (more answers 413)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from muxtune.errors import MuxTuneError
+
+
+class OrgLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    running_jobs: int = Field(8, ge=1, description="jobs not yet finished at once, per organisation")
+    jobs_per_minute: int = Field(30, ge=1, description="job creations in any 60 seconds, per organisation")
+    upload_bytes: int = Field(100 * 2**20, ge=1, description="largest file upload")
+
+
+class ServiceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: list[str] = Field(default_factory=lambda: ["builtin:tiny-llama"], min_length=1)
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    memory_limit_gib: float | None = Field(None, gt=0)
+    max_tenants: int = Field(16, ge=1, description="most jobs training at once on one backbone")
+    checkpoint_every: int = Field(1, ge=1, description="steps between a backbone's checkpoints")
+    threads: int | None = Field(None, ge=1)
+    limits: OrgLimits = Field(default_factory=OrgLimits)
+
+    @field_validator("device")
+    @classmethod
+    def _one_device(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", value.strip()):
+            raise ValueError("expected 'cpu', 'cuda' or 'cuda:N' (one device per backbone)")
+        return value.strip()
+
+
+def load_service_config(path: str | Path | None) -> ServiceConfig:
+    if path is None:
+        return ServiceConfig()
+    from muxtune.spec import _format_validation, _read_yaml
+
+    path = Path(path)
+    _, raw, root = _read_yaml(path, "service config")
+    try:
+        return ServiceConfig.model_validate(raw or {})
+    except ValidationError as exc:
+        raise MuxTuneError(_format_validation(path, exc, root)) from None
+
+
+def dump(config: ServiceConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

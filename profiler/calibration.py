@@ -79,20 +79,12 @@ def stored(profile, op: str, phase: str, **match) -> float:
 
 def check(profile, model, device: str) -> Calibration:
     """Measure the reference ops on `model` (the profile's backbone, loaded here) and judge."""
-    from muxtune.profiler.profile import decoder_layers, head_loss, layer_inputs, synthetic_batch
+    from muxtune.profiler.profile import decoder_layers, head_loss, layer_call, synthetic_batch
 
     _, _, layers = decoder_layers(model)
-    layer = layers[0]
     ratios = {}
     for seq, tokens in reference_points(profile):
-        ids, mask = synthetic_batch(tokens // seq, seq, device)
-        args, kwargs = layer_inputs(model, layer, ids, mask)
-        hidden, grad = args[0].detach(), torch.randn_like(args[0])
-
-        def layer_fwd():
-            out = layer(hidden.requires_grad_(), *args[1:], **kwargs)
-            return (out[0] if isinstance(out, tuple) else out), grad
-
+        layer_fwd, *_ = layer_call(model, layers[0], *synthetic_batch(tokens // seq, seq, device))
         f, b = fwd_bwd_seconds(layer_fwd, device, SAMPLING)
         ratios[f"layer fwd {tokens}x{seq}"] = f.seconds / stored(profile, "layer", "fwd", tokens=tokens, seq_len=seq)
         ratios[f"layer bwd {tokens}x{seq}"] = b.seconds / stored(profile, "layer", "bwd", tokens=tokens, seq_len=seq)

@@ -83,15 +83,19 @@ GRIDS = {
                         "prompt": [8, 24], "ia3": [0], "bitfit": [0]},
               "params": [1_000, 100_000, 1_000_000], "nbytes": [4_096, 262_144, 4_194_304],
               "warmup": 2, "repeats": 7},
-    "full": {"layer": {32: [256, 1024, 4096], 128: [256, 1024, 4096, 8192], 512: [1024, 4096, 8192],
-                       2048: [2048, 8192]},
-             "task_seq": 128, "task_rows": [2, 4, 16], "target_tokens": [512, 2048, 8192, 32768],
-             "ranks": {"lora": [4, 16, 64], "dora": [4, 16, 64], "adapter": [16, 64, 256],
-                       "prefix": [8, 32, 128], "prompt": [8, 32, 96], "ia3": [0], "bitfit": [0]},
-             "params": [1_000, 30_000, 300_000, 3_000_000, 30_000_000],
-             "nbytes": [1_024, 32_768, 1_048_576, 8_388_608, 67_108_864],
-             "warmup": 3, "repeats": 15},
+    # full: the quick grid's points and more (longer sequences, more tokens, ranks and rows), never fewer:
+    # a full profile must price small steps at least as well as a quick one (a full grid that started at
+    # 256 tokens per layer and 128-token task rows left every small configuration extrapolated)
+    "full": {"layer": {16: [64, 256, 1024], 64: [64, 256, 1024, 4096], 256: [256, 1024, 4096, 8192],
+                       1024: [2048, 8192]},
+             "task_seq": 32, "task_rows": [2, 8, 32], "target_tokens": [256, 1024, 4096, 16384],
+             "ranks": {"lora": [4, 16, 64], "dora": [4, 16, 64], "adapter": [8, 64, 256],
+                       "prefix": [8, 32, 128], "prompt": [8, 24, 96], "ia3": [0], "bitfit": [0]},
+             "params": [1_000, 100_000, 1_000_000, 30_000_000],
+             "nbytes": [4_096, 262_144, 4_194_304, 67_108_864],
+             "warmup": 2, "repeats": 15},
 }
+
 
 def peft_config_for(method: str, rank: int, model_type: str) -> dict:
     """The task config a `task` row was measured with (its method's defaults, at `rank`)."""
@@ -477,6 +481,18 @@ def tp_shard_layers(model: nn.Module, layer: nn.Module) -> dict[int, nn.Module]:
     return out
 
 
+def layer_call(model, layer, ids, mask):
+    """(forward, hidden, grad, args, kwargs): one decoder layer called as the model calls it on this batch;
+    `forward()` -> (output, a fixed random output gradient) for `fwd_bwd_seconds`."""
+    args, kwargs = layer_inputs(model, layer, ids, mask)
+    hidden, grad = args[0].detach(), torch.randn_like(args[0])
+
+    def forward():
+        out = layer(hidden.requires_grad_(), *args[1:], **kwargs)
+        return (out[0] if isinstance(out, tuple) else out), grad
+    return forward, hidden, grad, args, kwargs
+
+
 def measure_backbone(model, device: str, grid: dict, s: Sampling, progress) -> list[dict]:
     rows = []
     parent, attr, layers = decoder_layers(model)
@@ -488,13 +504,7 @@ def measure_backbone(model, device: str, grid: dict, s: Sampling, progress) -> l
         for tokens in token_counts:
             progress.begin(("layer", seq, tokens))
             ids, mask = synthetic_batch(tokens // seq, seq, device)
-            args, kwargs = layer_inputs(model, layer, ids, mask)
-            hidden, grad = args[0].detach(), torch.randn_like(args[0])
-
-            def layer_fwd():
-                out = layer(hidden.requires_grad_(), *args[1:], **kwargs)
-                return (out[0] if isinstance(out, tuple) else out), grad
-
+            layer_fwd, hidden, grad, args, kwargs = layer_call(model, layer, ids, mask)
             f, b = fwd_bwd_seconds(layer_fwd, device, s)
             # the mask and rotary tables are built once per forward and shared by every layer: count
             # them once (on the stem row), not once per layer

@@ -19,7 +19,7 @@ def every_method(tmp_path, model_name):
     pefts = [dict(method="lora", r=4, target_modules=targets), dict(method="dora", r=4, target_modules=targets),
              dict(method="ia3"), dict(method="adapter", size=8), dict(method="bitfit"),
              dict(method="prefix", num_virtual_tokens=3), dict(method="prompt", num_virtual_tokens=4)]
-    return [TaskSpec(name=p["method"], data=f, peft=p, batch_size=2 + i % 2, max_seq_len=128, seed=30 + i)
+    return [TaskSpec(name=p["method"], data=f, peft=p, batch_size=2 + i % 2, max_seq_len=128, seed=30 + i, steps=50)
             for i, (p, f) in enumerate(zip(pefts, files))]
 
 

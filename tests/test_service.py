@@ -15,7 +15,12 @@ import torch
 from service_harness import (MODEL, Server, adapter_tensors, alone, client, data_files, download_adapter,
                              make_key, metrics_steps, wait_done)
 
-CONFIG = "threads: 1\nlimits: {upload_bytes: 20000, jobs_per_minute: 30, running_jobs: 8}\n"
+from muxtune.profiler.profile import REPO_PROFILES
+
+# the planner prices with the repo's stored profile as it is (the calibrated lookup may rightly refuse
+# it on a busy test machine, and then nothing would be planned: tests/test_service_planning.py has that)
+PROFILE = next(REPO_PROFILES.glob("cpu-*-tiny-llama.csv"))
+CONFIG = f"threads: 1\nprofile: {PROFILE}\nlimits: {{upload_bytes: 20000, jobs_per_minute: 30, running_jobs: 8}}\n"
 JOB = dict(hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 5},
            extra_body={"max_seq_len": 64, "eval_every": 2})
 
@@ -60,6 +65,7 @@ def test_openai_client_runs_a_whole_job(service, tmp_path):
                                "valid_mean_token_accuracy"}
     assert metrics[2]["valid_loss"] is not None and metrics[3]["valid_loss"] is None
     assert any(e.type == "message" and "successfully completed" in e.message for e in events)
+    assert any(e.message.startswith("Estimated finish in ") for e in events)  # the simulator's, at its start
     page = api.fine_tuning.jobs.list_events(job.id, limit=3)
     assert len(page.data) == 3 and page.has_more and page.data[0].created_at >= page.data[-1].created_at
     checkpoints = api.fine_tuning.jobs.checkpoints.list(job.id).data
@@ -112,6 +118,11 @@ def test_two_organisations_six_concurrent_jobs_each_equal_to_its_alone_run(servi
     joined = [e.message for (org, _), j in zip(specs, done) for e in apis[org].fine_tuning.jobs.list_events(j.id, limit=1000).data
               if "joined" in e.message]
     assert any("with 0 other" not in m for m in joined), joined
+    # the planner grouped them as they came and went, and the simulator estimated each one's finish
+    for (org, _), j in zip(specs, done):
+        estimates = [e.message for e in apis[org].fine_tuning.jobs.list_events(j.id, limit=1000).data
+                     if e.message.startswith("Estimated finish in ")]
+        assert estimates and all(m.endswith("(planner)") for m in estimates), estimates
 
     for (org, seed), job in zip(specs, done):
         other = apis["globex" if org == "acme" else "acme"]

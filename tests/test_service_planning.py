@@ -9,7 +9,10 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from service_harness import MODEL, data_files
+import torch
+from service_harness import MODEL, adapter_tensors, data_files
+
+from muxtune.run import execute
 
 from muxtune.planner import plan as planner
 from muxtune.profiler.cost_model import CostModel
@@ -19,7 +22,7 @@ from muxtune.service.config import ServiceConfig
 from muxtune.service.store import Store, now
 from muxtune.service.supervisor import Supervisor
 from muxtune.service.worker import Worker
-from muxtune.spec import TaskSpec
+from muxtune.spec import RunConfig, TaskSpec
 
 
 def job(n: int) -> str:
@@ -106,8 +109,7 @@ def test_the_worker_fuses_by_the_planners_groups_for_the_current_jobs(worker, tm
     real = planner.plan
     monkeypatch.setattr(planner, "plan", spy)
     train, _ = data_files(tmp_path / "data", seed=1)
-    for n, steps in enumerate((2, 4, 4)):
-        add_job(worker.store, worker.db, job(n), train, steps=steps, seed=n)
+    specs = [add_job(worker.store, worker.db, job(n), train, steps=steps, seed=n) for n, steps in enumerate((2, 4, 4))]
     worker.boundary()
     assert asked[-1][0] == {job(0), job(1), job(2)}
     assert worker.trainer.groups == asked[-1][1]
@@ -118,11 +120,23 @@ def test_the_worker_fuses_by_the_planners_groups_for_the_current_jobs(worker, tm
 
     # a split the planner chooses is carried out as it says, from the next step on
     monkeypatch.setattr(planning, "decide", lambda runs, *a: planning.Decision(groups=[[n] for n in sorted(runs)]))
-    add_job(worker.store, worker.db, job(3), train, steps=2, seed=3)
+    specs.append(add_job(worker.store, worker.db, job(3), train, steps=2, seed=3))
     worker.boundary()
     assert worker.trainer.groups == [[job(1)], [job(2)], [job(3)]]
     step(worker)
     assert [worker.trainer.runs[n].step for n in (job(1), job(2), job(3))] == [3, 3, 1]
+    step(worker)
+    assert not worker.trainer.runs  # all done: 1 and 2 were regrouped mid-run, 3 trained in its own group
+
+    # regrouping changes no job's result: each adapter is its task's trained alone (the join test's tolerance)
+    for n in (1, 2, 3):
+        got = adapter_tensors(worker.store.path_of("ftjob", job(n)))
+        spec = specs[n]
+        execute(RunConfig(name="alone", model=MODEL, tasks=[spec]), tmp_path / "alone" / spec.name, progress=False)
+        reference = adapter_tensors(tmp_path / "alone" / spec.name / "adapters" / spec.name)
+        assert set(got) == set(reference)
+        for key, value in reference.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_a_worker_crashing_in_a_row_is_backed_off_then_its_jobs_fail(tmp_path):

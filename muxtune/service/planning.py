@@ -11,6 +11,8 @@ The CostModel is the stored profile of this model on this kind of device that pa
 check here (profiler.profile.trusted_profile, as `muxtune.run.profile_phase` finds it), never one made
 up: a worker that has none does not measure one in the middle of training (minutes, and it would slow
 every tenant); its jobs keep their groups and carry estimated_finish = null with the reason as an event.
+A provider can name a profile CSV in SERVICE.yaml (`profile:`), taken as it is, as `plan-and-run
+--profile` takes one.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ class Pricing:
     """The CostModel of one backbone, looked up once per set of (PEFT methods, LoRA targets) the jobs
     need: a stored profile covers only what it measured. None (with `why`) when no stored one is trusted."""
 
-    def __init__(self, model: str, device: str, dtype):
-        self.model, self.device, self.dtype = model, device, dtype
+    def __init__(self, model: str, device: str, dtype, path: str | None = None):
+        self.model, self.device, self.dtype, self.path = model, device, dtype, path
         self.found: dict[tuple, tuple] = {}  # (methods, targets) -> (CostModel or None, why)
 
     def cost_model(self, specs) -> tuple[object | None, str]:
@@ -46,6 +48,8 @@ class Pricing:
         from muxtune.profiler.cost_model import CostModel
         from muxtune.profiler.profile import trusted_profile
 
+        if self.path is not None:  # the provider's choice (SERVICE.yaml `profile:`)
+            return CostModel.from_profile(self.path), ""
         found = trusted_profile(self.model, self.device, "quick", self.dtype, methods, targets or None,
                                 say=lambda line: None)
         if found is None:

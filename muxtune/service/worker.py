@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -65,7 +66,7 @@ class Worker:
         self.db = store.connect()
         self.trainer = MultiplexedTrainer(self.backbone, [], {}, groups=[[]], alignment=self.alignment)
         self.manifest = None
-        self.pricing = planning.Pricing(model, device, DTYPES[config.dtype])
+        self.pricing = planning.Pricing(model, device, DTYPES[config.dtype], config.profile)
         self.memory_gib = config.memory_limit_gib or free_memory_gib(device)
         self.resume()
         self.stale = bool(self.trainer.runs)  # resumed jobs are planned again at the first boundary
@@ -167,12 +168,19 @@ class Worker:
             decision = planning.Decision(why=f"the planner failed ({type(exc).__name__}: {exc})")
         if decision.groups is not None:
             self.trainer.groups = decision.groups
-        at = time.time()
+        at, groups = time.time(), self.trainer.groups
+        jobs = hashlib.sha256(" ".join(sorted(runs)).encode()).hexdigest()[:8]  # one event per job set and step
         with self.store.transaction(self.db):
-            for name in runs:
+            for name, run in runs.items():
                 finish = decision.finish.get(name)
                 self.db.execute("UPDATE jobs SET estimated_finish = ? WHERE id = ?",
                                 (None if finish is None else int(at + finish), name))
+                if finish is not None:
+                    group = next(g for g in groups if name in g)
+                    self.store.add_event(self.db, name, f"Estimated finish in {finish:.0f} s: {run.total_steps - run.step} "
+                                         f"steps left, fused with {len(group) - 1} of the backbone's {len(runs) - 1} "
+                                         f"other job(s) in group {groups.index(group) + 1} of {len(groups)} (planner)",
+                                         f"estimate-{run.step}-{jobs}")
                 if decision.why:
                     self.store.add_event(self.db, name, f"No estimated finish: {decision.why}", "no-estimate",
                                          level="warn")

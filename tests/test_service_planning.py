@@ -187,3 +187,30 @@ def test_a_worker_that_completes_steps_between_crashes_keeps_being_restarted(tmp
     finally:
         supervisor.stop()
     assert len(spawned) >= 5 and db.execute("SELECT status FROM jobs").fetchone()[0] == "running"
+
+
+def test_simulate_job_finish_is_each_tasks_last_step_and_its_evaluations():
+    from dataclasses import replace
+
+    from fake_cost_model import FakeCostModel
+
+    from muxtune.simulator.iteration import simulate_step
+    from muxtune.simulator.workload import task_work
+    from muxtune.spec import FusionGroup, Plan
+
+    cm = FakeCostModel(per_token=1e-3)
+    specs = [TaskSpec(name=n, data="x.jsonl", peft={"method": "lora"}, steps=s, batch_size=4, max_seq_len=64)
+             for n, s in (("short", 2), ("long", 5))]
+    plain = {s.name: task_work(s, 1000) for s in specs}
+    steps = {s.name: s.steps for s in specs}
+    plan = Plan(groups=[FusionGroup(tasks=list(steps), devices=["cpu"])])
+    job = planner.simulate_job(plan, plain, steps, cm, packed=True)
+    both = simulate_step(plan, plain, cm, packed=True).step_seconds
+    alone = simulate_step(Plan(groups=[FusionGroup(tasks=["long"], devices=["cpu"])]), plain, cm, packed=True).step_seconds
+    assert job.finish["short"] == pytest.approx(2 * both)
+    assert job.finish["long"] == pytest.approx(2 * both + 3 * alone) == pytest.approx(job.makespan)
+    # with evaluations: the last one done is the job's end, evaluations included; the earlier one gains its own
+    evaluating = {n: replace(w, eval_sequences=4, eval_every=2) for n, w in plain.items()}
+    job = planner.simulate_job(plan, evaluating, steps, cm, packed=True)
+    assert job.finish["long"] == pytest.approx(job.makespan) and job.evaluation > 0
+    assert 2 * both < job.finish["short"] < job.finish["long"]

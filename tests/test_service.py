@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 import torch
-from service_harness import (MODEL, Server, adapter_tensors, alone, client, data_files, download_adapter,
+from service_harness import (ENV, MODEL, Server, adapter_tensors, alone, client, data_files, download_adapter,
                              make_key, metrics_steps, wait_done)
 
 from muxtune.profiler.profile import REPO_PROFILES
@@ -330,3 +330,52 @@ def test_service_config_is_validated_naming_file_line_and_key(tmp_path):
         load_service_config(path)
     assert f"{path}:3: limits.upload_bytes" in str(bad.value) and f"{path}:4: max_tennants: unknown key" in str(bad.value)
     assert load_service_config(None).models == [MODEL]
+
+
+# Loaded by every Python process started with it on PYTHONPATH: the trainer's step raises, so the real
+# worker loads, admits the job, and dies on its first step, every time it is restarted.
+CRASHING_STEP = '''
+import importlib.abc, importlib.util, sys
+
+class CrashOnStep(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "muxtune.executor.trainer":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            def step(trainer):
+                raise RuntimeError("injected crash in a training step")
+            module.MultiplexedTrainer.step = step
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, CrashOnStep())
+'''
+
+
+def test_a_worker_crashing_on_every_step_is_backed_off_then_its_jobs_fail(tmp_path):
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(CRASHING_STEP)
+    env = {**ENV, "PYTHONPATH": str(inject)}
+    server = Server(tmp_path / "state", "threads: 1\nworker_crashes: 3\nrestart_backoff_s: 0.2\n", env=env)
+    server.state.mkdir()
+    key = make_key(server.state, "acme")
+    server.start()
+    try:
+        api = client(server, key)
+        train, _ = data_files(tmp_path / "data", seed=61, n=4)
+        job = api.fine_tuning.jobs.create(model=MODEL, training_file=upload(api, train).id, seed=61,
+                                          hyperparameters={"n_epochs": 2, "batch_size": 4})
+        job = wait_done(api, job.id, timeout=180)
+        assert job.status == "failed" and job.error.code == "worker_crashed", job.error
+        assert "crashed 3 times in a row" in job.error.message and "injected crash" in job.error.message
+        assert metrics_steps(api, job.id) == []  # no step was ever completed
+        logs = server.logs()
+        assert "restarting in 0.2 s" in logs and "restarting in 0.4 s" in logs, logs
+    finally:
+        server.stop()

@@ -114,17 +114,19 @@ class JobFigures:
     makespan: float  # s until the last task has done its steps
     peak_memory: dict[str, int]  # per device, bytes, the most over the job's phases
     evaluation: float = 0.0  # s of validation forwards within the makespan (the slowest instance's)
+    finish: dict[str, float] = field(default_factory=dict)  # per task: s until its last step (and evaluations) are done
 
 
 def simulate_job(plan: Plan, works: dict[str, TaskWork], steps: dict[str, int], cm, packed: bool) -> JobFigures:
     """Simulate every backbone instance of `plan` (its groups on one set of devices) through the job's
     phases: a task leaves the fused batch when its steps are done (the executor drops finished tasks),
     so an instance runs all its tasks for the fewest steps, then the rest, and so on; each phase is one
-    simulated step (simulator/iteration.py) times its number of steps. Instances run independently."""
+    simulated step (simulator/iteration.py) times its number of steps. Instances run independently.
+    `finish`: when each task is done (the service's estimated_finish, muxtune/service/planning.py)."""
     instances: dict[tuple[str, ...], list] = {}
     for g in plan.groups:
         instances.setdefault(tuple(g.devices), []).append(g)
-    steady, makespan, peak, evaluation = 0.0, 0.0, {}, 0.0
+    steady, makespan, peak, evaluation, finish = 0.0, 0.0, {}, 0.0, {}
     for groups in instances.values():
         names = [t for g in groups for t in g.tasks]
         elapsed, done = 0.0, 0
@@ -138,6 +140,14 @@ def simulate_job(plan: Plan, works: dict[str, TaskWork], steps: dict[str, int], 
                 peak[device] = max(peak.get(device, 0), used)
             elapsed += (boundary - done) * timeline.step_seconds
             done = boundary
+            # the tasks that end here are done once this phase's steps and every evaluation until then are
+            # (a task still training counts an evaluation at the boundary too: within one of the executor's)
+            leaving = [t for t in names if steps[t] == boundary]
+            until = {t: min(steps[t], boundary) for t in names}
+            before = sum(count * cm.evaluation_seconds(evaluation_micro_batches([works[t] for t in due],
+                                                                                plan.alignment.token_budget))
+                         for due, count in evaluation_counts({t: works[t] for t in names}, until).items())
+            finish.update({t: elapsed + before for t in leaving})
         # the tasks' evaluations: forward-only passes between steps, all due tasks fused in one
         evaluating = sum(count * cm.evaluation_seconds(evaluation_micro_batches([works[t] for t in due],
                                                                                 plan.alignment.token_budget))
@@ -145,7 +155,7 @@ def simulate_job(plan: Plan, works: dict[str, TaskWork], steps: dict[str, int], 
         if elapsed + evaluating > makespan:
             makespan, evaluation = elapsed + evaluating, evaluating
     tokens = sum(works[t].tokens * steps[t] for g in plan.groups for t in g.tasks)
-    return JobFigures(tokens / makespan if makespan > 0 else 0.0, steady, makespan, peak, evaluation)
+    return JobFigures(tokens / makespan if makespan > 0 else 0.0, steady, makespan, peak, evaluation, finish)
 
 
 def simulate(candidate: cpsat.Candidate, works: list[TaskWork], steps: dict[str, int], cm, labels: list[str],

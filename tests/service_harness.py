@@ -40,8 +40,8 @@ def make_key(state: Path, org: str) -> str:
 
 
 class Server:
-    def __init__(self, state: Path, config_text: str = "threads: 1\n"):
-        self.state = Path(state)
+    def __init__(self, state: Path, config_text: str = "threads: 1\n", env: dict | None = None):
+        self.state, self.env = Path(state), env or ENV
         self.config = self.state.parent / f"{self.state.name}.yaml"
         self.config.write_text(config_text)
         self.port = free_port()
@@ -52,7 +52,7 @@ class Server:
         command = [sys.executable, "-m", "muxtune.cli", "serve", "--state", str(self.state), "--port", str(self.port),
                    "--config", str(self.config)]
         self.log = open(self.state.parent / f"{self.state.name}.server.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(command, env=ENV, stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen(command, env=self.env, stdout=self.log, stderr=self.log)
         deadline = time.time() + 120
         while time.time() < deadline:
             assert self.proc.poll() is None, self.logs()

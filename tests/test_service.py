@@ -12,10 +12,15 @@ import httpx
 import openai
 import pytest
 import torch
-from service_harness import (MODEL, Server, adapter_tensors, alone, client, data_files, download_adapter,
+from service_harness import (ENV, MODEL, Server, adapter_tensors, alone, client, data_files, download_adapter,
                              make_key, metrics_steps, wait_done)
 
-CONFIG = "threads: 1\nlimits: {upload_bytes: 20000, jobs_per_minute: 30, running_jobs: 8}\n"
+from muxtune.profiler.profile import REPO_PROFILES
+
+# the planner prices with the repo's stored profile as it is (the calibrated lookup may rightly refuse
+# it on a busy test machine, and then nothing would be planned: tests/test_service_planning.py has that)
+PROFILE = next(REPO_PROFILES.glob("cpu-*-tiny-llama.csv"))
+CONFIG = f"threads: 1\nprofile: {PROFILE}\nlimits: {{upload_bytes: 20000, jobs_per_minute: 30, running_jobs: 8}}\n"
 JOB = dict(hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 5},
            extra_body={"max_seq_len": 64, "eval_every": 2})
 
@@ -60,6 +65,7 @@ def test_openai_client_runs_a_whole_job(service, tmp_path):
                                "valid_mean_token_accuracy"}
     assert metrics[2]["valid_loss"] is not None and metrics[3]["valid_loss"] is None
     assert any(e.type == "message" and "successfully completed" in e.message for e in events)
+    assert any(e.message.startswith("Estimated finish in ") for e in events)  # the simulator's, at its start
     page = api.fine_tuning.jobs.list_events(job.id, limit=3)
     assert len(page.data) == 3 and page.has_more and page.data[0].created_at >= page.data[-1].created_at
     checkpoints = api.fine_tuning.jobs.checkpoints.list(job.id).data
@@ -112,6 +118,11 @@ def test_two_organisations_six_concurrent_jobs_each_equal_to_its_alone_run(servi
     joined = [e.message for (org, _), j in zip(specs, done) for e in apis[org].fine_tuning.jobs.list_events(j.id, limit=1000).data
               if "joined" in e.message]
     assert any("with 0 other" not in m for m in joined), joined
+    # the planner grouped them as they came and went, and the simulator estimated each one's finish
+    for (org, _), j in zip(specs, done):
+        estimates = [e.message for e in apis[org].fine_tuning.jobs.list_events(j.id, limit=1000).data
+                     if e.message.startswith("Estimated finish in ")]
+        assert estimates and all(m.endswith("(planner)") for m in estimates), estimates
 
     for (org, seed), job in zip(specs, done):
         other = apis["globex" if org == "acme" else "acme"]
@@ -319,3 +330,52 @@ def test_service_config_is_validated_naming_file_line_and_key(tmp_path):
         load_service_config(path)
     assert f"{path}:3: limits.upload_bytes" in str(bad.value) and f"{path}:4: max_tennants: unknown key" in str(bad.value)
     assert load_service_config(None).models == [MODEL]
+
+
+# Loaded by every Python process started with it on PYTHONPATH: the trainer's step raises, so the real
+# worker loads, admits the job, and dies on its first step, every time it is restarted.
+CRASHING_STEP = '''
+import importlib.abc, importlib.util, sys
+
+class CrashOnStep(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "muxtune.executor.trainer":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            def step(trainer):
+                raise RuntimeError("injected crash in a training step")
+            module.MultiplexedTrainer.step = step
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, CrashOnStep())
+'''
+
+
+def test_a_worker_crashing_on_every_step_is_backed_off_then_its_jobs_fail(tmp_path):
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(CRASHING_STEP)
+    env = {**ENV, "PYTHONPATH": str(inject)}
+    server = Server(tmp_path / "state", "threads: 1\nworker_crashes: 3\nrestart_backoff_s: 0.2\n", env=env)
+    server.state.mkdir()
+    key = make_key(server.state, "acme")
+    server.start()
+    try:
+        api = client(server, key)
+        train, _ = data_files(tmp_path / "data", seed=61, n=4)
+        job = api.fine_tuning.jobs.create(model=MODEL, training_file=upload(api, train).id, seed=61,
+                                          hyperparameters={"n_epochs": 2, "batch_size": 4})
+        job = wait_done(api, job.id, timeout=180)
+        assert job.status == "failed" and job.error.code == "worker_crashed", job.error
+        assert "crashed 3 times in a row" in job.error.message and "injected crash" in job.error.message
+        assert metrics_steps(api, job.id) == []  # no step was ever completed
+        logs = server.logs()
+        assert "restarting in 0.2 s" in logs and "restarting in 0.4 s" in logs, logs
+    finally:
+        server.stop()

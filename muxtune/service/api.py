@@ -55,7 +55,9 @@ def create_app(store: Store, config: ServiceConfig, supervise: bool = True) -> F
     async def lifespan(app):
         from muxtune.service.supervisor import Supervisor
 
-        supervisor = Supervisor(store).start() if supervise else None
+        supervisor = None
+        if supervise:
+            supervisor = Supervisor(store, crashes=config.worker_crashes, backoff=config.restart_backoff_s).start()
         app.state.supervisor = supervisor
         yield
         if supervisor is not None:

@@ -8,6 +8,11 @@ like the task config; every error names the file, key and line (muxtune.spec._fo
     max_tenants: 16                  most jobs training at once on one backbone (more wait as queued)
     checkpoint_every: 1              steps between a backbone's checkpoints (a kill -9 loses at most these)
     threads: null                    torch CPU threads per worker (default: torch's)
+    profile: null                    a profile CSV (`muxtune profile`'s) the planner prices with as it is; default:
+                                     the stored profile of the model that passes the calibration check here
+    worker_crashes: 5                a backbone's worker crashing this often in a row (no step done in
+                                     between) fails its unfinished jobs (code worker_crashed)
+    restart_backoff_s: 1.0           wait before restarting a crashed worker; doubles each crash in a row
     limits:                          per organisation
       running_jobs: 8                jobs validating, queued or running at once
       jobs_per_minute: 30            job creations in any 60 s (more answer 429)
@@ -41,6 +46,9 @@ class ServiceConfig(BaseModel):
     max_tenants: int = Field(16, ge=1, description="most jobs training at once on one backbone")
     checkpoint_every: int = Field(1, ge=1, description="steps between a backbone's checkpoints")
     threads: int | None = Field(None, ge=1)
+    profile: str | None = Field(None, description="a profile CSV to price with, instead of the calibrated lookup")
+    worker_crashes: int = Field(5, ge=1, description="crashes in a row before a backbone's jobs fail")
+    restart_backoff_s: float = Field(1.0, ge=0, description="first wait before restarting a crashed worker")
     limits: OrgLimits = Field(default_factory=OrgLimits)
 
     @field_validator("device")

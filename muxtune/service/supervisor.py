@@ -4,24 +4,37 @@ and starts a new one when a worker dies: it resumes that backbone's jobs from th
 A worker is `python -m muxtune.service.worker --state DIR --model MODEL`; it takes the backbone's lock
 file before touching anything, so a worker left over from a killed server and the new server's worker
 never train the same backbone at once (the old one notices its parent is gone and exits).
+
+A worker that dies before completing a step (one that crashes on every step, or while loading) is not
+restarted forever: each crash in a row waits twice as long as the one before (restart_backoff_s, 2x,
+... capped at a minute), and after `worker_crashes` crashes in a row the backbone's unfinished jobs fail
+with error {code: "worker_crashed", message: why, with the worker log's last line}. A worker that
+completed a step since it started (it writes backbones/<model>/progress) starts the count again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
 import time
 
-from muxtune.service.store import ACTIVE, Store
+from muxtune.service.store import ACTIVE, Store, now
+
+MAX_BACKOFF_S = 60.0
 
 
 class Supervisor:
-    def __init__(self, store: Store, interval: float = 0.5):
+    def __init__(self, store: Store, interval: float = 0.5, crashes: int = 5, backoff: float = 1.0):
         self.store, self.interval = store, interval
+        self.max_crashes, self.backoff = crashes, backoff
         self.workers: dict[str, subprocess.Popen] = {}
         self.restarts: dict[str, int] = {}
+        self.crashes: dict[str, int] = {}  # per model: crashes in a row without a completed step
+        self.started: dict[str, float] = {}  # per model: when its current worker was started
+        self.not_before: dict[str, float] = {}  # per model: no restart before this (back-off)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="muxtune-supervisor", daemon=True)
 
@@ -61,20 +74,63 @@ class Supervisor:
             proc = self.workers.get(model)
             if proc is not None and proc.poll() is None:
                 continue
-            if proc is not None:  # it died (killed, out of memory, a bug): its jobs resume in the next one
+            if proc is not None and model not in self.not_before:
+                # it died (killed, out of memory, a bug): its jobs resume in the next one, after a back-off
                 self.restarts[model] = self.restarts.get(model, 0) + 1
-                print(f"supervisor: worker for {model} exited with {proc.returncode}; restarting "
-                      f"(restart {self.restarts[model]})", file=sys.stderr)
+                self.crashes[model] = 1 if self.progressed(model) else self.crashes.get(model, 0) + 1
+                if self.crashes[model] >= self.max_crashes:
+                    self.give_up(model, proc.returncode)
+                    del self.workers[model]  # a job created later for this model starts a fresh count
+                    self.crashes[model] = 0
+                    continue
+                delay = min(MAX_BACKOFF_S, self.backoff * 2 ** (self.crashes[model] - 1))
+                self.not_before[model] = time.monotonic() + delay
+                print(f"supervisor: worker for {model} exited with {proc.returncode}; restarting in {delay:.1f} s "
+                      f"(restart {self.restarts[model]}, crash {self.crashes[model]} of {self.max_crashes} in a row)",
+                      file=sys.stderr)
+            if time.monotonic() < self.not_before.get(model, 0.0):
+                continue
+            self.not_before.pop(model, None)
+            self.started[model] = time.time()
             self.workers[model] = self._spawn(model)
+
+    def progressed(self, model: str) -> bool:
+        """Did the worker that just died complete a step (worker.py writes `progress` after each)?"""
+        progress = self.store.backbone_dir(model) / "progress"
+        return progress.exists() and progress.stat().st_mtime >= self.started.get(model, float("inf"))
+
+    def give_up(self, model: str, returncode: int | None) -> None:
+        """Fail the backbone's unfinished jobs: its worker crashed `max_crashes` times in a row."""
+        log = self.store.backbone_dir(model) / "worker.log"
+        lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+        last = lines[-1].strip()[:300] if lines else "no output"
+        message = (f"The training worker for {model} crashed {self.crashes[model]} times in a row without "
+                   f"completing a step (last exit status {returncode}: {last}); the job cannot continue")
+        error = json.dumps({"code": "worker_crashed", "message": message, "param": None})
+        print(f"supervisor: {message}", file=sys.stderr)
+        db = self.store.connect()
+        try:
+            with self.store.transaction(db):
+                placeholders = ",".join("?" * len(ACTIVE))
+                ids = [r["id"] for r in db.execute(f"SELECT id FROM jobs WHERE model = ? AND status IN ({placeholders})",
+                                                   (model, *ACTIVE))]
+                for job_id in ids:
+                    db.execute("UPDATE jobs SET status = 'failed', error = ?, finished_at = ?, estimated_finish = NULL, "
+                               "requested = NULL WHERE id = ?", (error, now(), job_id))
+                    self.store.add_event(db, job_id, f"Fine-tuning job failed: {message}", "failed", level="error")
+        finally:
+            db.close()
+
+    def command(self, model: str) -> list[str]:
+        return [sys.executable, "-m", "muxtune.service.worker", "--state", str(self.store.root),
+                "--model", model, "--parent", str(os.getpid())]
 
     def _spawn(self, model: str) -> subprocess.Popen:
         folder = self.store.backbone_dir(model)
         folder.mkdir(parents=True, exist_ok=True)
         log = open(folder / "worker.log", "ab")  # noqa: SIM115 - the child owns it from here
         env = {**os.environ, "MUXTUNE_CACHE": str(self.store.root / "cache")}
-        command = [sys.executable, "-m", "muxtune.service.worker", "--state", str(self.store.root),
-                   "--model", model, "--parent", str(os.getpid())]
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(self.command(model), env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
         time.sleep(0)  # let it start; its pid is in backbones/<model>/worker.pid once it holds the lock
         return proc

@@ -8,6 +8,10 @@ state folder's database (`boundary`):
     queued       jobs join the running backbone at this step boundary, through the join machinery
                  `muxtune submit` uses (spool.apply: admitted by the memory model, joining the least
                  busy fusion group); one that does not fit, or finds max_tenants busy, stays queued
+    replan       after any join or leave the planner chooses the fusion groups of the backbone's jobs
+                 now (planning.decide: planner/plan.py on this one device, priced by the calibrated
+                 stored profile) and the trainer takes them from the next step on; the simulation of
+                 the jobs' remaining steps, each leaving as it ends, gives every job's estimated_finish
 
 After a step (`after_step`) it writes each job's metrics event (once: events are keyed by step), a
 job checkpoint at each evaluation, finishes the jobs that ended (adapter, results CSV as a
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +37,7 @@ import traceback
 
 import muxtune  # noqa: F401  first: keeps the checkout root's bare names off sys.path
 from muxtune.errors import MuxTuneError
+from muxtune.service import planning
 from muxtune.service.config import ServiceConfig
 from muxtune.service.jobs import fine_tuned_model_name
 from muxtune.service.store import Store, new_id, now
@@ -46,6 +52,7 @@ class Worker:
 
         from muxtune.executor.backbone import load_backbone
         from muxtune.executor.trainer import MultiplexedTrainer
+        from muxtune.planning import free_memory_gib
         from muxtune.run import DTYPES
 
         self.store, self.config, self.model, self.parent = store, config, model, parent
@@ -59,7 +66,10 @@ class Worker:
         self.db = store.connect()
         self.trainer = MultiplexedTrainer(self.backbone, [], {}, groups=[[]], alignment=self.alignment)
         self.manifest = None
+        self.pricing = planning.Pricing(model, device, DTYPES[config.dtype], config.profile)
+        self.memory_gib = config.memory_limit_gib or free_memory_gib(device)
         self.resume()
+        self.stale = bool(self.trainer.runs)  # resumed jobs are planned again at the first boundary
 
     # --- start: the checkpoint of the jobs still running ---------------------------------------------
 
@@ -120,12 +130,13 @@ class Worker:
         changed = self.apply_requests()
         self.validate_new_jobs()
         changed |= self.admit_queued()
-        if changed:
+        if changed or self.stale:
+            self.replan()
             self.save_checkpoint()
 
     def after_step(self, before: dict[str, int]) -> None:
         stepped = [run for name, run in self.trainer.runs.items() if run.step > before.get(name, 0)]
-        mean_step = sum(self.trainer.step_times[-20:]) / max(1, len(self.trainer.step_times[-20:]))
+        self.progressed()
         with self.store.transaction(self.db):
             for run in stepped:
                 metrics = step_metrics(run)
@@ -135,13 +146,48 @@ class Worker:
                     message += f", validation loss={metrics['valid_loss']:.4f}"
                     self.store.add_checkpoint(self.db, run.spec.name, run.step, metrics, self.model_name(run.spec.name))
                 self.store.add_event(self.db, run.spec.name, message, f"step-{run.step}", type="metrics", data=metrics)
-                self.db.execute("UPDATE jobs SET estimated_finish = ? WHERE id = ?",
-                                (int(time.time() + mean_step * (total - run.step)), run.spec.name))
         ended = [name for name, run in self.trainer.runs.items() if run.status != "running" or run.done]
         for name in ended:
             self.finish(name)
+        if ended:
+            self.replan()
         if ended or len(self.trainer.step_times) % self.config.checkpoint_every == 0:
             self.save_checkpoint()
+
+    def replan(self) -> None:
+        """Ask the planner for the fusion groups of the jobs on the backbone now, and the simulator for
+        when each ends; the trainer fuses by the new groups from the next step on (a job's result does
+        not depend on its group, DESIGN.md). No answer: the groups stay, estimated_finish is null."""
+        self.stale = False
+        runs = {run.spec.name: run for run in self.trainer.active}
+        params = {name: sum(counts.values()) for name, counts in self.adapter_params.items()}
+        try:
+            decision = planning.decide(runs, self.pricing, self.memory_gib, params)
+        except Exception as exc:  # noqa: BLE001 - an estimate must never stop training (nor crash-loop the worker)
+            traceback.print_exc()
+            decision = planning.Decision(why=f"the planner failed ({type(exc).__name__}: {exc})")
+        if decision.groups is not None:
+            self.trainer.groups = decision.groups
+        at, groups = time.time(), self.trainer.groups
+        jobs = hashlib.sha256(" ".join(sorted(runs)).encode()).hexdigest()[:8]  # one event per job set and step
+        with self.store.transaction(self.db):
+            for name, run in runs.items():
+                finish = decision.finish.get(name)
+                self.db.execute("UPDATE jobs SET estimated_finish = ? WHERE id = ?",
+                                (None if finish is None else int(at + finish), name))
+                if finish is not None:
+                    group = next(g for g in groups if name in g)
+                    self.store.add_event(self.db, name, f"Estimated finish in {finish:.0f} s: {run.total_steps - run.step} "
+                                         f"steps left, fused with {len(group) - 1} of the backbone's {len(runs) - 1} "
+                                         f"other job(s) in group {groups.index(group) + 1} of {len(groups)} (planner)",
+                                         f"estimate-{run.step}-{jobs}")
+                if decision.why:
+                    self.store.add_event(self.db, name, f"No estimated finish: {decision.why}", "no-estimate",
+                                         level="warn")
+
+    def progressed(self) -> None:
+        """A step completed: the supervisor's crash count of this backbone starts again (supervisor.py)."""
+        (self.run_dir / "progress").write_text(f"{len(self.trainer.step_times)}\n")
 
     def save_checkpoint(self) -> None:
         from muxtune.executor import checkpoint

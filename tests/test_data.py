@@ -120,13 +120,13 @@ def test_tokenized_data_is_cached_by_content_and_settings(tmp_path, monkeypatch)
 def test_task_spec_keys_reach_the_loader_and_old_configs_stay_valid(tmp_path):
     from muxtune.spec import TaskSpec
 
-    old = TaskSpec(name="t", data="d.jsonl", peft={"method": "lora"})
+    old = TaskSpec(name="t", data="d.jsonl", peft={"method": "lora"}, steps=50)  # no data keys: the defaults
     assert DataOptions.of(old) == DataOptions()
-    new = TaskSpec(name="t", data="d.jsonl", peft={"method": "lora"}, data_format="chat", on_bad_line="skip",
+    new = TaskSpec(name="t", data="d.jsonl", peft={"method": "lora"}, steps=50, data_format="chat", on_bad_line="skip",
                    truncation="drop", loss_on="all")
     assert DataOptions.of(new) == DataOptions("chat", "skip", "drop", "all")
     with pytest.raises(Exception, match="on_bad_line"):
-        TaskSpec(name="t", data="d.jsonl", peft={"method": "lora"}, on_bad_line="ignore")
+        TaskSpec(name="t", data="d.jsonl", peft={"method": "lora"}, steps=50, on_bad_line="ignore")
 
 
 def test_shipped_data_sets_have_different_length_profiles(repo):

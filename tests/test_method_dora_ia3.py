@@ -314,7 +314,7 @@ def _target_paths(model, config):
 
 def test_bad_configs_are_refused(tmp_path):
     def spec(**peft):
-        return TaskSpec(name="t", data=tmp_path / "d.jsonl", peft=peft)
+        return TaskSpec(name="t", data=tmp_path / "d.jsonl", peft=peft, steps=50)
 
     assert spec(method="ia3").peft.target_modules is None  # defaults are filled per model, later
     assert spec(method="dora", r=4).peft.scaling == 16 / 4

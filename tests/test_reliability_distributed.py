@@ -220,7 +220,7 @@ def test_a_task_joining_a_pipeline_stage_gets_the_init_it_would_get_alone(peft, 
     for stage, layers in enumerate([range(0, 1), range(1, 2)]):  # tiny-llama: 2 layers, one per stage
         model = load_backbone(MODEL).model
         free_other_stages(model, stage_parts(model), layers, first=stage == 0, last=stage == 1)
-        spec = TaskSpec(name="late", data=str(tmp_path / "x.jsonl"), peft=peft, seed=21)
+        spec = TaskSpec(name="late", data=str(tmp_path / "x.jsonl"), peft=peft, seed=21, steps=50)
         alone = TaskAdapter("late", spec.peft, full, spec.seed, spec.max_seq_len, "cpu").state_dict()
         joined = TaskAdapter("late", spec.peft, model, spec.seed, spec.max_seq_len, "cpu").state_dict()
         assert set(joined) == set(alone) and all(not v.is_meta for v in joined.values())

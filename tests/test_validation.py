@@ -196,6 +196,47 @@ def test_valid_loss_equals_hf_peft_on_the_exported_adapter(tmp_path):
     assert run.evaluations[-1]["valid_mean_token_accuracy"] == pytest.approx(right.float().mean().item(), abs=1e-12)
 
 
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_a_corrupt_validation_row_stops_only_its_task_naming_file_and_line(tmp_path, policy):
+    """A damaged cache row in one task's validation set (a token id outside the vocabulary; the row keeps
+    its place in the file) fails that task at once with file:line (error), or is left out (skip); the
+    others train and evaluate exactly as without it, and the fused evaluation never sees the row."""
+    specs = tenants(tmp_path)
+    path = specs[1].validation_data
+    path.write_text("\n\n" + path.read_text())  # two blank lines: the 5th example is on line 7
+    specs[1] = specs[1].model_copy(update={"on_bad_line": policy})
+    backbone = load_backbone(MODEL)
+    data, validation = {}, {}
+    for s in specs:
+        data[s.name], validation[s.name], _ = load_task_data(s, backbone.tokenizer, s.name)
+    good = list(validation["ia3"])
+    validation["ia3"][4] = replace(good[4], input_ids=good[4].input_ids[:1] + [70000] + good[4].input_ids[2:])
+    trainer = MultiplexedTrainer(backbone, specs, data, alignment=Alignment(chunk_len=16), validation=validation)
+    evaluated = []
+    loss_sums = trainer.loss_sums
+    trainer.loss_sums = lambda batch, training, hits=None: (
+        evaluated.append(batch.input_ids.max().item()) if not training else None) or loss_sums(batch, training, hits)
+    trainer.train(progress=False)
+    # the reference: without ia3 (error) or with ia3 validating on its good rows only (skip)
+    kept = [s for s in specs if policy == "skip" or s.name != "ia3"]
+    valid = {**validation, "ia3": good[:4] + good[5:]}
+    reference = MultiplexedTrainer(load_backbone(MODEL), kept, data, alignment=Alignment(chunk_len=16),
+                                   validation={s.name: valid[s.name] for s in kept})
+    reference.train(progress=False)
+    assert evaluated and max(evaluated) < trainer.vocab_size  # the bad row never reached the backbone
+    run = trainer.runs["ia3"]
+    if policy == "error":
+        assert run.status == "failed" and run.step == 0 and not run.evaluations and run.stopped_at == 1
+        assert run.reason == (f"corrupt validation data: {path}:7: token id 70000 outside the vocabulary "
+                              f"(0..{trainer.vocab_size - 1})")
+    else:
+        assert run.status == "finished" and run.bad_examples == 1 and len(run.validation) == 8
+    for name, ref in reference.runs.items():  # the other tenants (and a skipping ia3) as without the bad row
+        assert trainer.runs[name].status == "finished" and trainer.runs[name].losses == ref.losses
+        torch.testing.assert_close(torch.tensor([e["valid_loss"] for e in trainer.runs[name].evaluations]),
+                                   torch.tensor([e["valid_loss"] for e in ref.evaluations]), rtol=1e-5, atol=0)
+
+
 # --- early stopping, outputs, resume ----------------------------------------------------------------
 
 

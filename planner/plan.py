@@ -26,7 +26,7 @@ from muxtune.errors import MuxTuneError
 from muxtune.planner import baselines, cpsat
 from muxtune.planner.layouts import CachedCostModel, instance_configs, tp_degrees
 from muxtune.simulator.iteration import simulate_step
-from muxtune.simulator.workload import (TaskWork, estimate_params, evaluation_counts, evaluation_micro_batches,
+from muxtune.simulator.workload import (TaskWork, estimate_params, evaluation_counts, evaluation_passes,
                                        method_rank, split_micro_batches, task_work)
 from muxtune.spec import Alignment, Cluster, FusionGroup, Layout, Plan
 
@@ -138,9 +138,10 @@ def simulate_job(plan: Plan, works: dict[str, TaskWork], steps: dict[str, int], 
                 peak[device] = max(peak.get(device, 0), used)
             elapsed += (boundary - done) * timeline.step_seconds
             done = boundary
-        # the tasks' evaluations: forward-only passes between steps, all due tasks fused in one
-        evaluating = sum(count * cm.evaluation_seconds(evaluation_micro_batches([works[t] for t in due],
-                                                                                plan.alignment.token_budget))
+        # the tasks' evaluations: forward-only passes between steps, the due tasks of a group fused
+        tasks = [list(g.tasks) for g in groups]
+        evaluating = sum(count * cm.evaluation_seconds([mb for _, mbs in evaluation_passes(
+                             tasks, works, due, plan.alignment.token_budget) for mb in mbs])
                          for due, count in evaluation_counts({t: works[t] for t in names}, steps).items())
         if elapsed + evaluating > makespan:
             makespan, evaluation = elapsed + evaluating, evaluating

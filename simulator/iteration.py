@@ -79,7 +79,8 @@ class Timeline:
     def gantt(self, path: Path, title: str = "") -> Path:
         from muxtune.simulator.plots import gantt
 
-        return gantt(self.events, Path(path), title or f"one step ({self.schedule}): {self.step_seconds:.4g} s")
+        evaluated = f" with evaluations of {', '.join(self.evaluating)}" if self.evaluating else ""
+        return gantt(self.events, Path(path), title or f"one step ({self.schedule}){evaluated}: {self.step_seconds:.4g} s")
 
 
 @dataclass

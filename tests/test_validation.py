@@ -385,6 +385,51 @@ def test_resume_around_evaluations_and_an_early_stop_is_bit_equal(tmp_path, inte
     assert (tmp_path / "run/results/over.csv").read_text() == (tmp_path / "ref/results/over.csv").read_text()
 
 
+def test_a_task_submitted_mid_run_with_validation_is_evaluated(tmp_path):
+    """`muxtune submit` of a task with validation data while the job runs: it joins at the next step
+    boundary and is evaluated every eval_every of its own steps and at its end, as it would be alone;
+    its figures reach metrics.json and its results CSV."""
+    from muxtune.cli import main
+    from muxtune.run import execute
+    from muxtune.spec import load_config, load_task
+
+    config = overfit_config(tmp_path, patience=100, steps=8)
+    write_jsonl(tmp_path / "late.jsonl", 20, seed=6, min_len=3, max_len=9)
+    write_jsonl(tmp_path / "late-valid.jsonl", 6, seed=7, min_len=3, max_len=9)
+    task = tmp_path / "late.yaml"
+    task.write_text("name: late\ndata: late.jsonl\nvalidation_data: late-valid.jsonl\neval_every: 2\n"
+                    "peft: {method: lora, r: 4}\nbatch_size: 2\nmax_seq_len: 64\nsteps: 5\nseed: 8\nlr: 1.0e-2\n")
+    out = tmp_path / "run"
+
+    def submit(trainer):
+        if len(trainer.step_times) == 2:
+            assert main(["submit", str(out), str(task)]) == 0
+
+    metrics = execute(load_config(config), out, progress=False, after_step=submit)
+    late = metrics["tasks"]["late"]
+    assert [e["event"] for e in metrics["events"]] == ["submitted"]
+    assert late["status"] == "finished" and late["steps"] == 5
+    assert [e["step"] for e in late["evaluations"]] == [2, 4, 5]  # its own steps: every 2, and its last
+    assert late["validation_examples"] == 6 and late["best_step"] in (2, 4, 5)
+    # it joined after global step 2, so it was evaluated after global steps 4, 6 and 7, in the same fused
+    # pass as 'over' (evaluated after every step): those passes carry its validation tokens too
+    tokens = {e["after_step"]: e["tokens"] for e in metrics["evaluations"]}
+    assert sorted(tokens) == list(range(1, 9))
+    assert tokens[4] == tokens[6] == tokens[7] > tokens[1] == tokens[3] == tokens[5] == tokens[8]
+
+    # as the same task trained and evaluated alone, in the run's layout
+    spec = load_task(task)
+    backbone = load_backbone(MODEL)
+    examples, valid, _ = load_task_data(spec, backbone.tokenizer, "late")
+    alone = MultiplexedTrainer(backbone, [spec], {"late": examples}, alignment=Plan.load(out / "plan.json").alignment,
+                               validation={"late": valid})
+    alone.train(progress=False)
+    torch.testing.assert_close(torch.tensor([e["valid_loss"] for e in late["evaluations"]]),
+                               torch.tensor([e["valid_loss"] for e in alone.runs["late"].evaluations]), rtol=1e-5, atol=0)
+    rows = (out / "results" / "late.csv").read_text().splitlines()
+    assert len(rows) == 6 and [r.split(",")[3] != "" for r in rows[1:]] == [False, True, False, True, True]
+
+
 # --- bad input: our usual clear error, exit 2, no traceback, nothing written -------------------------
 
 

@@ -513,10 +513,10 @@ def why(comparison) -> str:
 
 def write_prediction(prediction: Prediction, run_dir: Path) -> None:
     """plans.csv, simulation.csv, memory.csv, prediction.json, plans/<name>.json into `run_dir`."""
-    run_dir = Path(run_dir)
-    write_text_atomic(run_dir / "plans.csv", prediction.comparison.to_csv(index=False))
     import pandas as pd
 
+    run_dir = Path(run_dir)
+    write_text_atomic(run_dir / "plans.csv", prediction.comparison.to_csv(index=False))
     # one table for both simulated steps, told apart by `timeline`: the plain step, then (tasks validating)
     # the first step with evaluations, its `eval` events after the step
     events = [prediction.timeline.events.assign(timeline="step")]

@@ -80,7 +80,8 @@ class Timeline:
         from muxtune.simulator.plots import gantt
 
         evaluated = f" with evaluations of {', '.join(self.evaluating)}" if self.evaluating else ""
-        return gantt(self.events, Path(path), title or f"one step ({self.schedule}){evaluated}: {self.step_seconds:.4g} s")
+        title = title or f"one step ({self.schedule}){evaluated}: {self.step_seconds:.4g} s"
+        return gantt(self.events, Path(path), title)
 
 
 @dataclass

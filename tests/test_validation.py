@@ -424,8 +424,9 @@ def test_a_task_submitted_mid_run_with_validation_is_evaluated(tmp_path):
     alone = MultiplexedTrainer(backbone, [spec], {"late": examples}, alignment=Plan.load(out / "plan.json").alignment,
                                validation={"late": valid})
     alone.train(progress=False)
-    torch.testing.assert_close(torch.tensor([e["valid_loss"] for e in late["evaluations"]]),
-                               torch.tensor([e["valid_loss"] for e in alone.runs["late"].evaluations]), rtol=1e-5, atol=0)
+    ours, theirs = late["evaluations"], alone.runs["late"].evaluations
+    torch.testing.assert_close(torch.tensor([e["valid_loss"] for e in ours]),
+                               torch.tensor([e["valid_loss"] for e in theirs]), rtol=1e-5, atol=0)
     rows = (out / "results" / "late.csv").read_text().splitlines()
     assert len(rows) == 6 and [r.split(",")[3] != "" for r in rows[1:]] == [False, True, False, True, True]
 

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from muxtune.errors import MuxTuneError
-from muxtune.profiler.budget import Pilot, Progress, fit
+from muxtune.profiler.budget import EVAL_WARMUP, Pilot, Progress, fit
 from muxtune.profiler.sampling import (Sampling, Timed, alternated, clock, fwd_bwd_seconds,  # noqa: F401
                                        median_seconds, sync)
 from muxtune.schedule import TENSOR_PARALLEL_FAMILIES, attention_targets
@@ -529,10 +529,13 @@ def measure_backbone(model, device: str, grid: dict, s: Sampling, progress) -> l
 
             f, b = fwd_bwd_seconds(lambda: bare_model_loss(model, ids, mask), device, s)
             rows += [_row("model", "fwd", f, tokens, seq), _row("model", "bwd", b, tokens, seq)]
-            # the same forward as evaluation runs it: under no_grad, no graph built
+            # the same forward as evaluation runs it: under no_grad, no graph built. Its own warm-up first:
+            # the first no_grad passes at a shape ran several times their steady time (tiny-llama on CPU;
+            # steady, this row is 10-25% below the `fwd` one there)
             with torch.no_grad():
-                rows.append(_row("model", "eval", median_seconds(lambda: bare_model_loss(model, ids, mask), device, s),
-                                 tokens, seq))
+                warm = dataclasses.replace(s, warmup=s.warmup + EVAL_WARMUP)
+                e = median_seconds(lambda: bare_model_loss(model, ids, mask), device, warm)
+            rows.append(_row("model", "eval", e, tokens, seq))
             progress.end()
 
     for tokens in sorted({t for ts in grid.values() for t in ts}):

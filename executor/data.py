@@ -50,6 +50,9 @@ __all__ = ["FORMATS", "IGNORE", "DataOptions", "DataStats", "Example", "FileRepo
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss; else equal to input_ids (the model shifts)
+    # its position among its file's usable examples (TokenizedData sets it), so an error about it can
+    # name the file's line (example_origin); not part of what the example is
+    index: int | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -97,7 +100,7 @@ class TokenizedData:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         row = self.dataset[int(index)]
-        return Example(row["input_ids"], row["labels"])
+        return Example(row["input_ids"], row["labels"], int(index))
 
 
 # --- reading one file ------------------------------------------------------------------------------
@@ -160,7 +163,7 @@ def _tokenize_to_cache(path: Path, tokenizer, max_seq_len: int, options: DataOpt
     with staged_directory(entry, keep_existing=True) as staging:
         stats = DataStats()
         with ArrowWriter(path=str(staging / "data.arrow"), features=features) as writer:
-            for ex in _read_examples(path, tokenizer, max_seq_len, options, stats):
+            for _, ex in _read_examples(path, tokenizer, max_seq_len, options, stats):
                 writer.write({"input_ids": ex.input_ids, "labels": ex.labels, "length": len(ex.input_ids)})
             writer.finalize()
         (staging / "stats.json").write_text(json.dumps(asdict(stats)))
@@ -208,7 +211,20 @@ def _read_examples(path: Path, tokenizer, max_seq_len: int, options: DataOptions
         stats.examples += 1
         stats.tokens += len(ids)
         stats.trainable_tokens += trainable
-        yield Example(ids, labels)
+        yield where, Example(ids, labels)
+
+
+def example_origin(path: Path, tokenizer, max_seq_len: int, options: DataOptions, index: int) -> str:
+    """Where the file's `index`-th usable example came from (`file:LINE`, or its row for other file
+    kinds), by reading the file again as it was tokenized. Only asked for to name a corrupt example
+    (a damaged cache row) in an error, so the cache keeps no line numbers."""
+    try:
+        for n, (where, _) in enumerate(_read_examples(Path(path), tokenizer, max_seq_len, options, DataStats())):
+            if n == index:
+                return where
+    except MuxTuneError:  # the file itself changed or went bad since: say which example it was
+        pass
+    return f"{path}: example {index}"
 
 
 def _length_bin(length: int, max_seq_len: int) -> int:

@@ -33,7 +33,7 @@ from transformers import get_scheduler
 
 from muxtune.executor.alignment import ChunkedBatch, pack_chunks, packed_attention, split_by_budget
 from muxtune.executor.backbone import Backbone
-from muxtune.executor.data import IGNORE, Example, FusedBatch, TaskSampler, fuse
+from muxtune.executor.data import IGNORE, DataOptions, Example, FusedBatch, TaskSampler, example_origin, fuse
 from muxtune.executor.mux import Multiplexer, TaskAdapter
 from muxtune.executor.validation import record_evaluation
 from muxtune.errors import MuxTuneError
@@ -182,6 +182,40 @@ class MultiplexedTrainer:
         # evaluations: (global step, seconds, tokens put through the backbone) of each fused evaluation
         self.eval_times: list[tuple[int, float, int]] = []
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
+        for run in self.runs.values():
+            self.check_validation(run)
+
+    def check_validation(self, run: TaskRun) -> None:
+        """Check a task's validation examples once, as it joins: they are held in memory and evaluated
+        whole at every evaluation, so this sees every row evaluation will. A corrupt one (a damaged cache
+        row) would break the fused forward of every task due with it; instead it fails this task only,
+        naming the file and line it came from (on_bad_line: error), or is left out and counted (skip),
+        as a corrupt training example is when drawn."""
+        if not run.validation:
+            return
+        kept = []
+        for example in run.validation:
+            problem = example_problem(example, self.vocab_size, run.spec.max_seq_len)
+            if problem is None:
+                kept.append(example)
+            elif run.spec.on_bad_line == "error":
+                self.fail(run, f"corrupt validation data: {self.origin(run, example)}: {problem}")
+                return
+            else:
+                run.bad_examples += 1
+        if not any(label != IGNORE for ex in kept for label in ex.labels[1:]):
+            self.fail(run, f"corrupt validation data: no usable example left in "
+                           f"{run.spec.validation_data or run.spec.data} ({run.bad_examples} corrupt)")
+            return
+        run.validation = kept
+
+    def origin(self, run: TaskRun, example: Example) -> str:
+        """`file:LINE` of a validation example (its file read again: executor/data.example_origin)."""
+        source = run.spec.validation_data or run.spec.data  # a split's examples come from the training file
+        if example.index is None:  # built in memory, not read from a file
+            return f"{source}: an example"
+        return example_origin(source, self.backbone.tokenizer, run.spec.max_seq_len, DataOptions.of(run.spec),
+                              example.index)
 
     def add_task(self, spec: TaskSpec, examples: list[Example], group: int = 0,
                  validation: list[Example] | None = None) -> TaskRun:
@@ -191,6 +225,7 @@ class MultiplexedTrainer:
             raise MuxTuneError(f"task {spec.name!r} is already in this run")
         run = self.runs[spec.name] = build_task_run(self.mux, spec, examples, validation)
         self.groups[group].append(spec.name)
+        self.check_validation(run)
         return run
 
     def cancel(self, name: str, reason: str = "cancelled") -> TaskRun:

@@ -227,8 +227,9 @@ def plan_and_run_main(argv: list[str] | None = None) -> int:
         description="The whole chain for CONFIG: profile (reuse a cached one) -> plan (OR-Tools planner, and "
                     "the dedicated / spatial / temporal baselines) -> simulate -> train every task multiplexed "
                     "on one shared backbone -> report. Writes runs/<name>/: plan.json, plans.csv (plan vs "
-                    "baselines, predicted), simulation.csv (timeline of a step), memory.csv, metrics.json, "
-                    "report.html + PNGs, adapters/ (HF PEFT format).",
+                    "baselines, predicted), simulation.csv (timeline of a step, and of a step with evaluations "
+                    "where tasks validate), memory.csv, metrics.json, report.html + PNGs, adapters/ (HF PEFT "
+                    "format).",
         epilog="examples: plan-and-run (the quickstart); plan-and-run CONFIG --out DIR; "
                "plan-and-run CONFIG --dry-run --hardware h100 --gpus 16 (plan + simulate for 16 H100s, no "
                "training). " + EXIT_CODES,

@@ -258,10 +258,26 @@ def write_report(run_dir: Path) -> Path:
     if events is not None:
         from muxtune.simulator.plots import gantt
 
-        title = f"simulated step ({plan.schedule}): {events['end'].max():.4g} s"
-        figures["gantt"] = ("Simulated timeline of one step", gantt(events, run_dir / "gantt.png", title))
+        # simulation.csv holds the plain step and, where tasks validate, a step with evaluations
+        # (column `timeline`; files written before it hold the plain step only)
+        step = events[events["timeline"] == "step"] if "timeline" in events else events
+        title = f"simulated step ({plan.schedule}): {step['end'].max():.4g} s"
+        figures["gantt"] = ("Simulated timeline of one step", gantt(step, run_dir / "gantt.png", title))
         parts.append("<h2>Simulated timeline of one step</h2><p>Per device: compute and communication, "
                      "coloured by fusion group; gaps are bubbles.</p>{fig:gantt}")
+        evaluated = events[events["timeline"] == "evaluation step"] if "timeline" in events else events.iloc[:0]
+        if not evaluated.empty:
+            at = (prediction or {}).get("evaluation_step", {})
+            forwards = evaluated[evaluated["kind"] == "eval"]
+            seconds = float((forwards["end"] - forwards["start"]).sum())
+            title = (f"simulated step {at.get('after_step', '')} with evaluations: {evaluated['end'].max():.4g} s, "
+                     f"of which {seconds:.4g} s evaluation")
+            figures["gantt_eval"] = ("Simulated timeline of a step with evaluations",
+                                     gantt(evaluated, run_dir / "gantt_eval.png", title))
+            parts.append("<h2>Simulated timeline of a step with evaluations</h2><p>The first step after which "
+                         f"tasks are evaluated ({html.escape(', '.join(at.get('tasks', [])))}): the step, then "
+                         "their forward-only validation passes (<code>eval</code>, one per fusion group and "
+                         "micro-batch, priced by the cost model).</p>{fig:gantt_eval}")
     if memory is not None:
         figures["memory"] = ("Memory per device", plot_memory(memory, run_dir / "memory.png"))
         shown = memory.assign(**{p: memory[p] / 2**20 for p in MEMORY_PARTS}).rename(

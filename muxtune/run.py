@@ -270,13 +270,15 @@ def collect_metrics(config: RunConfig, trainer, stats: dict, wall: float) -> dic
 @dataclass
 class Prediction:
     """What the simulate phase predicts for the chosen plan and every baseline, as saved in the run folder:
-    plans.csv (comparison), simulation.csv (the chosen plan's step timeline), memory.csv, prediction.json."""
+    plans.csv (comparison), simulation.csv (the chosen plan's step timeline, and the timeline of its first
+    step with evaluations when tasks validate), memory.csv, prediction.json."""
 
     plans: dict  # name -> Plan; "muxtune" is the chosen one
     comparison: Any  # pandas DataFrame, one row per plan
     timeline: Any  # simulator Timeline of the chosen plan
     memory: Any  # pandas DataFrame: device, backbone, adapters, optimizer, activations (bytes)
     info: dict  # cost model, hardware, gpus, predicted step time and tokens/s
+    evaluation_timeline: Any = None  # Timeline of the chosen plan's first step with evaluations, or None
 
 
 def profile_needs(config: RunConfig) -> tuple[list[str], list[str]]:
@@ -438,6 +440,22 @@ def simulate_phase(plans: dict[str, Plan], works: dict, steps: dict[str, int], c
     return comparison, chosen[0], chosen[1], chosen[2]
 
 
+def evaluation_step(plan: Plan, works: dict, steps: dict[str, int], cost_model):
+    """(global step, Timeline) of the plan's first step after which tasks are evaluated, simulated with
+    the tasks still training then and the evaluation forwards after it; None when no task validates.
+    Beside the plain step's timeline, it shows what an evaluation adds to a step."""
+    from muxtune.simulator.iteration import simulate_step
+    from muxtune.simulator.workload import evaluation_schedule
+
+    schedule = evaluation_schedule(works, steps)
+    if not schedule:
+        return None
+    step, due = schedule[0]
+    active = [g.model_copy(update={"tasks": [t for t in g.tasks if steps[t] >= step]}) for g in plan.groups]
+    phase = plan.model_copy(update={"groups": [g for g in active if g.tasks]})
+    return step, simulate_step(phase, works, cost_model, packed=plan.alignment.layout == "chunked", evaluating=due)
+
+
 def predict(config: RunConfig, cost_model, cost_model_name: str, devices: list[str], plan: Plan | None = None,
             backbone=None, stats: dict | None = None, progress: bool = True) -> Prediction:
     """plan + simulate: a `plan` given by the user replaces the planner's choice, baselines stay."""
@@ -457,7 +475,12 @@ def predict(config: RunConfig, cost_model, cost_model_name: str, devices: list[s
             "step_tokens": {n: w.tokens for n, w in works.items()},
             "job_tokens": sum(w.tokens * steps[n] for n, w in works.items()),
             "why": why(comparison)}
-    return Prediction(plans, comparison, timeline, memory, info)
+    evaluated = evaluation_step(plans["muxtune"], works, steps, cost_model)
+    if evaluated is not None:
+        step, evaluation = evaluated
+        info["evaluation_step"] = {"after_step": step, "tasks": list(evaluation.evaluating),
+                                   "step_s": evaluation.step_seconds, "evaluation_s": evaluation.evaluation_seconds}
+    return Prediction(plans, comparison, timeline, memory, info, evaluated[1] if evaluated else None)
 
 
 def with_step_counts(config: RunConfig, stats: dict | None) -> RunConfig:
@@ -490,9 +513,16 @@ def why(comparison) -> str:
 
 def write_prediction(prediction: Prediction, run_dir: Path) -> None:
     """plans.csv, simulation.csv, memory.csv, prediction.json, plans/<name>.json into `run_dir`."""
+    import pandas as pd
+
     run_dir = Path(run_dir)
     write_text_atomic(run_dir / "plans.csv", prediction.comparison.to_csv(index=False))
-    write_text_atomic(run_dir / "simulation.csv", prediction.timeline.events.to_csv(index=False))
+    # one table for both simulated steps, told apart by `timeline`: the plain step, then (tasks validating)
+    # the first step with evaluations, its `eval` events after the step
+    events = [prediction.timeline.events.assign(timeline="step")]
+    if prediction.evaluation_timeline is not None:
+        events.append(prediction.evaluation_timeline.events.assign(timeline="evaluation step"))
+    write_text_atomic(run_dir / "simulation.csv", pd.concat(events).to_csv(index=False))
     write_text_atomic(run_dir / "memory.csv", prediction.memory.to_csv(index=False))
     write_text_atomic(run_dir / "prediction.json", json.dumps(prediction.info, indent=2) + "\n")
     for name, plan in prediction.plans.items():

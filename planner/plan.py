@@ -26,7 +26,7 @@ from muxtune.errors import MuxTuneError
 from muxtune.planner import baselines, cpsat
 from muxtune.planner.layouts import CachedCostModel, instance_configs, tp_degrees
 from muxtune.simulator.iteration import simulate_step
-from muxtune.simulator.workload import (TaskWork, estimate_params, evaluation_counts, evaluation_micro_batches,
+from muxtune.simulator.workload import (TaskWork, estimate_params, evaluation_counts, evaluation_passes,
                                        method_rank, split_micro_batches, task_work)
 from muxtune.spec import Alignment, Cluster, FusionGroup, Layout, Plan
 
@@ -127,6 +127,13 @@ def simulate_job(plan: Plan, works: dict[str, TaskWork], steps: dict[str, int], 
     for g in plan.groups:
         instances.setdefault(tuple(g.devices), []).append(g)
     steady, makespan, peak, evaluation, finish = 0.0, 0.0, {}, 0.0, {}
+
+    def evaluation_seconds(groups, due) -> float:
+        """One evaluation of the `due` tasks: forward-only passes between steps, the due tasks of a group fused."""
+        tasks = [list(g.tasks) for g in groups]
+        return cm.evaluation_seconds([mb for _, mbs in evaluation_passes(tasks, works, due, plan.alignment.token_budget)
+                                      for mb in mbs])
+
     for groups in instances.values():
         names = [t for g in groups for t in g.tasks]
         elapsed, done = 0.0, 0
@@ -144,13 +151,10 @@ def simulate_job(plan: Plan, works: dict[str, TaskWork], steps: dict[str, int], 
             # (a task still training counts an evaluation at the boundary too: within one of the executor's)
             leaving = [t for t in names if steps[t] == boundary]
             until = {t: min(steps[t], boundary) for t in names}
-            before = sum(count * cm.evaluation_seconds(evaluation_micro_batches([works[t] for t in due],
-                                                                                plan.alignment.token_budget))
+            before = sum(count * evaluation_seconds(groups, due)
                          for due, count in evaluation_counts({t: works[t] for t in names}, until).items())
             finish.update({t: elapsed + before for t in leaving})
-        # the tasks' evaluations: forward-only passes between steps, all due tasks fused in one
-        evaluating = sum(count * cm.evaluation_seconds(evaluation_micro_batches([works[t] for t in due],
-                                                                                plan.alignment.token_budget))
+        evaluating = sum(count * evaluation_seconds(groups, due)
                          for due, count in evaluation_counts({t: works[t] for t in names}, steps).items())
         if elapsed + evaluating > makespan:
             makespan, evaluation = elapsed + evaluating, evaluating

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from muxtune.profiler.sampling import Budget
 
 COMM_SECONDS = 6.0  # two spawned processes and their rounds: about constant
+EVAL_WARMUP = 3  # extra warm-up rounds of the no_grad forward (the `model`/`eval` row, profile.measure_backbone)
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,11 @@ def point_costs(grid: dict, pilot: Pilot, n_target_ops: int, tp: bool) -> dict:
     costs = {}
     for seq, token_counts in grid["layer"].items():
         for tokens in token_counts:
-            # layer fwd+bwd (+ a tp shard's), stem, the whole model; then the saved/peak passes once
-            per_repeat = pilot.layer(tokens) * (1.6 if tp else 1.0) + pilot.model(tokens) * 1.15
-            costs[("layer", seq, tokens)] = reps * per_repeat + 3 * pilot.layer(tokens)
+            # layer fwd+bwd (+ a tp shard's), stem, the whole model and its forward again under no_grad
+            # (the `eval` row: about a third of a pass); then the saved/peak passes once
+            per_repeat = pilot.layer(tokens) * (1.6 if tp else 1.0) + pilot.model(tokens) * 1.5
+            costs[("layer", seq, tokens)] = (reps * per_repeat + 3 * pilot.layer(tokens)
+                                             + EVAL_WARMUP * pilot.model(tokens) / 3)
     for tokens in sorted({t for ts in grid["layer"].values() for t in ts}):
         costs[("head", tokens)] = reps * pilot.layer(tokens)
     task_tokens = [rows * grid["task_seq"] for rows in grid["task_rows"]]

@@ -515,11 +515,24 @@ class CostModel:
         return sum(sum(self.step_breakdown(mb).values()) for mb in groups)
 
     def evaluation_seconds(self, groups: list[MicroBatch]) -> float:
-        """One fused evaluation on one device: each micro-batch's forward and its host work; no backward,
-        no optimizer step. Priced at the training forward (the profile measures forwards with autograd
-        on; under no_grad the graph's bookkeeping is saved, so this leans a little high)."""
+        """One fused evaluation on one device: each micro-batch's forward-only pass and its host work; no
+        backward, no optimizer step. A forward under no_grad builds no autograd graph (no saved tensors,
+        no graph nodes), so the backbone and head are priced at the profile's `model`/`eval` rows (the
+        same bare model as `model`/`fwd`, measured under no_grad) in place of the training forward's
+        `model`/`fwd`; the adapters' own forward keeps its training price (not measured forward-only:
+        a small part, leaning a little high). A profile without `eval` rows (measured before they
+        existed) prices the whole training forward, an upper bound of the same FLOPs; the analytic model
+        has no autograd term, so its forward is already forward-only."""
         L = self.shape.n_layers
-        return sum(self.forward_seconds(mb, L, True, True) + self.batch_host_seconds(mb) for mb in groups)
+        return sum(self.forward_seconds(mb, L, True, True) - self._autograd_forward_seconds(mb)
+                   + self.batch_host_seconds(mb) for mb in groups)
+
+    def _autograd_forward_seconds(self, mb: MicroBatch) -> float:
+        """What building the autograd graph adds to the whole bare model's forward of `mb`: `model` fwd
+        minus `model` eval at (T, span); 0 without eval rows (or analytic), never negative (noise)."""
+        if self.profile is None or self.profile.rows("model", "eval").empty:
+            return 0.0
+        return max(self._grid("model", "fwd", mb.tokens, mb.span) - self._grid("model", "eval", mb.tokens, mb.span), 0.0)
 
     def step_breakdown(self, mb: MicroBatch) -> dict[str, float]:
         """One micro-batch's share of a single-device step, term by term (seconds; they add up to

@@ -13,7 +13,8 @@ them. Rows of the table (column `op`):
           tables, final norm), fwd, over (tokens, seq_len); its saved_bytes: the mask and rotary
           tables the layers save (shared by all layers, so not in a layer's saved_bytes)
   head    LM head + float cross-entropy + per-task loss sums, fwd / bwd, over tokens
-  model   the whole bare backbone + head, fwd / bwd, over (tokens, seq_len): ties the parts together
+  model   the whole bare backbone + head, fwd / bwd, over (tokens, seq_len): ties the parts together;
+          phase eval: the same forward under no_grad, as a validation pass runs it (no autograd graph)
   task    what ONE task of `method` at `rank` adds to the whole model (all layers) when its `tokens`
           ride in the fused batch: measured with the task attached minus the bare model, paired
           (phases fwd, bwd, skip, step: see measure_tasks)
@@ -58,7 +59,7 @@ import torch
 from torch import nn
 
 from muxtune.errors import MuxTuneError
-from muxtune.profiler.budget import Pilot, Progress, fit
+from muxtune.profiler.budget import EVAL_WARMUP, Pilot, Progress, fit
 from muxtune.profiler.sampling import (Sampling, Timed, alternated, clock, fwd_bwd_seconds,  # noqa: F401
                                        median_seconds, sync)
 from muxtune.schedule import TENSOR_PARALLEL_FAMILIES, attention_targets
@@ -538,6 +539,13 @@ def measure_backbone(model, device: str, grid: dict, s: Sampling, progress) -> l
 
             f, b = fwd_bwd_seconds(lambda: bare_model_loss(model, ids, mask), device, s)
             rows += [_row("model", "fwd", f, tokens, seq), _row("model", "bwd", b, tokens, seq)]
+            # the same forward as evaluation runs it: under no_grad, no graph built. Its own warm-up first:
+            # the first no_grad passes at a shape ran several times their steady time (tiny-llama on CPU;
+            # steady, this row is 10-25% below the `fwd` one there)
+            with torch.no_grad():
+                warm = dataclasses.replace(s, warmup=s.warmup + EVAL_WARMUP)
+                e = median_seconds(lambda: bare_model_loss(model, ids, mask), device, warm)
+            rows.append(_row("model", "eval", e, tokens, seq))
             progress.end()
 
     for tokens in sorted({t for ts in grid.values() for t in ts}):

@@ -11,6 +11,13 @@ loss bookkeeping; host_seconds per task for sampling its rows, its schedule, its
 the end each task's optimizer runs on every stage that holds its adapter, after its gradients are
 all-reduced across replicas.
 
+A step at which tasks are evaluated (`simulate_step(..., evaluating=tasks)`): after the step, the due
+tasks' validation sets go through the backbone forward only, as MultiplexedTrainer.evaluate runs them:
+fusion group after fusion group, each group's due tasks fused into micro-batches of the Plan's token
+budget (workload.evaluation_passes), one event of kind `eval` per micro-batch on the group's first
+device, priced by CostModel.evaluation_seconds. (Only single-process plans evaluate; the whole model's
+forward runs where the executor's one process runs it.)
+
 Schedules (Plan.schedule), per pipeline of p stages over units (group, micro-batch):
   1f1b         groups one after another, each its own 1F1B with a flush: bubble (p-1)/(m+p-1) per group
   interleaved  the groups' micro-batches alternate (g0 mb0, g1 mb0, g0 mb1, ...) in ONE 1F1B, so the
@@ -40,7 +47,8 @@ import simpy
 from muxtune.errors import MuxTuneError
 from muxtune.profiler.cost_model import GRAD_BYTES_PER_PARAM, TaskLoad
 from muxtune.schedule import blocks, one_f_one_b, process_rank, replica_parts, stage_of, stage_split
-from muxtune.simulator.workload import MicroBatch, TaskWork, device_params, split_micro_batches
+from muxtune.simulator.workload import (MicroBatch, TaskWork, device_params, evaluation_passes,
+                                        split_micro_batches)
 
 EVENT_COLUMNS = ["device", "stream", "group", "micro_batch", "kind", "start", "end", "task", "replica", "stage"]
 
@@ -48,7 +56,7 @@ EVENT_COLUMNS = ["device", "stream", "group", "micro_batch", "kind", "start", "e
 @dataclass
 class Timeline:
     """One simulated step. `events` has a row per op: device, stream (compute|comm), group (index in the
-    plan), micro_batch (-1 for per-step ops), kind (host|fwd|bwd|send|recv|allreduce|tp_allreduce|optim),
+    plan), micro_batch (-1 for per-step ops), kind (host|fwd|bwd|send|recv|allreduce|tp_allreduce|optim|eval),
     start, end (s); with tp > 1 a fwd/bwd is several compute segments between its tp_allreduce events,
     task (host, optim and the replicated gradients' tp_allreduce), replica, stage. bubble_fraction counts
     waiting for a tp all-reduce as idle (the executor's measured bubble times it inside its fwd/bwd)."""
@@ -59,16 +67,21 @@ class Timeline:
     bubble_fraction: dict[str, float]  # per device: share of the step its compute stream is idle
     peak_memory: dict[str, int]  # per device, bytes: backbone part + task states + activations in flight
     schedule: str = "1f1b"
+    evaluating: tuple[str, ...] = ()  # the tasks evaluated after this step (its `eval` events)
+    evaluation_seconds: float = 0.0  # of step_seconds, the evaluation forwards'
 
     def summary(self) -> dict:
         return {"step_seconds": self.step_seconds, "tokens_per_second": self.tokens_per_second,
                 "bubble_fraction": self.bubble_fraction, "peak_memory": self.peak_memory,
-                "schedule": self.schedule}
+                "schedule": self.schedule, "evaluating": list(self.evaluating),
+                "evaluation_seconds": self.evaluation_seconds}
 
     def gantt(self, path: Path, title: str = "") -> Path:
         from muxtune.simulator.plots import gantt
 
-        return gantt(self.events, Path(path), title or f"one step ({self.schedule}): {self.step_seconds:.4g} s")
+        evaluated = f" with evaluations of {', '.join(self.evaluating)}" if self.evaluating else ""
+        title = title or f"one step ({self.schedule}){evaluated}: {self.step_seconds:.4g} s"
+        return gantt(self.events, Path(path), title)
 
 
 @dataclass
@@ -128,10 +141,13 @@ def _host_load(plan, g: int, name: str, works: dict[str, TaskWork], dp: int, pac
     return TaskLoad(w.method, w.rank, int(round(w.sequences / dp * per_row)), w.params, w.targets, w.dropout)
 
 
-def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = False) -> Timeline:
+def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = False,
+                  evaluating=()) -> Timeline:
     """Simulate one optimizer step of every task in `plan` (a muxtune.spec.Plan). `works` gives each
     task's per-step work (see workload.task_work); packed=True counts real tokens only (chunk-aligned
-    batches), else rows are padded to the group's longest sequence as the executor's `fuse` does."""
+    batches), else rows are padded to the group's longest sequence as the executor's `fuse` does.
+    `evaluating`: tasks evaluated after this step (their eval_sequences): their forward-only passes
+    follow the step (module docstring)."""
     n_layers = cost_model.shape.n_layers
     pipes = _pipelines(plan, works, cost_model, packed)
     env = simpy.Environment()
@@ -285,6 +301,17 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
     for pipe in pipes:
         add_pipeline(pipe)
     env.run()
+    evaluation = 0.0
+    if evaluating:  # after the whole step (env.now: its last event), as the executor evaluates
+        first_device = {g: pipe.devices[0] for pipe in pipes for g in pipe.groups}
+        start = env.now
+        for g, mbs in evaluation_passes([list(group.tasks) for group in plan.groups], works, set(evaluating),
+                                        plan.alignment.token_budget):
+            for k, mb in enumerate(mbs):
+                began = env.now
+                env.run(until=env.timeout(max(0.0, float(cost_model.evaluation_seconds([mb])))))
+                log(first_device[g], "compute", g, k, "eval", began)
+        evaluation = env.now - start
 
     events = pd.DataFrame(rows, columns=EVENT_COLUMNS)
     step = float(events["end"].max()) if len(events) else 0.0
@@ -292,7 +319,8 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
     bubble = {d: (1.0 - float(busy.get(d, 0.0)) / step if step > 0 else 0.0) for d in static_memory}
     scheduled = {t for g in plan.groups for t in g.tasks}
     tokens = {t: (works[t].tokens / step if step > 0 else 0.0) for t in scheduled}
-    return Timeline(events, step, tokens, bubble, _peak_memory(rows, static_memory, activation_of), plan.schedule)
+    return Timeline(events, step, tokens, bubble, _peak_memory(rows, static_memory, activation_of), plan.schedule,
+                    tuple(evaluating), evaluation)
 
 
 def _peak_memory(rows: list[tuple], static: dict[str, int], activation_of: dict[tuple, int]) -> dict[str, int]:

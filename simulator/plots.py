@@ -12,7 +12,8 @@ import pandas as pd  # noqa: E402
 
 KIND_STYLE = {"fwd": dict(alpha=0.95), "bwd": dict(alpha=0.55, hatch="//"), "optim": dict(alpha=0.9, hatch=".."),
               "send": dict(alpha=0.7), "recv": dict(alpha=0.35), "allreduce": dict(alpha=0.8, hatch="xx"),
-              "tp_allreduce": dict(alpha=0.8, hatch="++")}
+              "tp_allreduce": dict(alpha=0.8, hatch="++"),
+              "eval": dict(alpha=0.75, hatch="oo")}  # a validation forward (no backward follows it)
 
 
 def gantt(events: pd.DataFrame, path: Path, title: str) -> Path:
@@ -32,7 +33,8 @@ def gantt(events: pd.DataFrame, path: Path, title: str) -> Path:
     ax.set_yticks(range(len(lanes)), [f"{d} {s}" for d, s in lanes])
     ax.invert_yaxis()
     ax.set_xlabel("seconds")
-    ax.set_title(title + "   (colour: group; solid fwd, hatched bwd, dotted optim)")
+    legend = "solid fwd, hatched bwd, dotted optim" + (", circled eval" if (events["kind"] == "eval").any() else "")
+    ax.set_title(f"{title}   (colour: group; {legend})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -92,15 +92,24 @@ def device_params(work: TaskWork, stage: int, layers: int, n_layers: int, tp: in
     return cost_model.tp_params(params, work.targets, tp) if tp > 1 else (params, 0)
 
 
-def evaluation_counts(works: dict[str, TaskWork], steps: dict[str, int]) -> dict[tuple[str, ...], int]:
-    """How often each set of tasks is evaluated together, as the executor schedules it: after a global
-    step, every task at a multiple of its eval_every and at its last step, all due tasks in one pass."""
+def evaluation_schedule(works: dict[str, TaskWork], steps: dict[str, int]) -> list[tuple[int, tuple[str, ...]]]:
+    """(global step, the tasks evaluated after it) for every step at which some task is evaluated, as the
+    executor schedules it: after a global step, every task at a multiple of its eval_every and at its
+    last step, all due tasks in one pass."""
     validating = {n: w for n, w in works.items() if w.eval_sequences}
-    counts: dict[tuple[str, ...], int] = {}
+    schedule = []
     for step in range(1, max((steps[n] for n in validating), default=0) + 1):
         due = tuple(n for n, w in validating.items() if step == steps[n] or (step < steps[n] and step % w.eval_every == 0))
         if due:
-            counts[due] = counts.get(due, 0) + 1
+            schedule.append((step, due))
+    return schedule
+
+
+def evaluation_counts(works: dict[str, TaskWork], steps: dict[str, int]) -> dict[tuple[str, ...], int]:
+    """How often each set of tasks is evaluated together (evaluation_schedule, counted)."""
+    counts: dict[tuple[str, ...], int] = {}
+    for _, due in evaluation_schedule(works, steps):
+        counts[due] = counts.get(due, 0) + 1
     return counts
 
 
@@ -110,6 +119,19 @@ def evaluation_micro_batches(works: list[TaskWork], token_budget: int) -> list[M
     loads = [replace(w, sequences=w.eval_sequences) for w in works if w.eval_sequences]
     tokens = sum(w.tokens for w in loads)
     return split_micro_batches(loads, max(1, math.ceil(tokens / token_budget)), packed=True) if loads else []
+
+
+def evaluation_passes(groups: list[list[str]], works: dict[str, TaskWork], due, token_budget: int
+                      ) -> list[tuple[int, list[MicroBatch]]]:
+    """One evaluation of the tasks `due` as the executor runs it (MultiplexedTrainer.evaluate): fusion
+    group after fusion group, each group's due tasks fused into its own micro-batches. (group index,
+    its micro-batches) for every group with a due task."""
+    passes = []
+    for g, tasks in enumerate(groups):
+        mbs = evaluation_micro_batches([works[t] for t in tasks if t in due], token_budget)
+        if mbs:
+            passes.append((g, mbs))
+    return passes
 
 
 def estimate_params(method: str, rank: int, shape) -> int:

@@ -85,6 +85,29 @@ def synthetic_profile(device="cpu", device_name="Test CPU") -> prof.Profile:
     return prof.Profile(pd.DataFrame(rows, columns=prof.COLUMNS), meta)
 
 
+def test_an_evaluation_is_priced_as_a_forward_without_autograd():
+    """CostModel.evaluation_seconds: the bare model's forward at its `model`/`eval` rows (measured under
+    no_grad) in place of the training forward's `model`/`fwd`, the adapters' forward as in training,
+    the batch's host work; a profile without eval rows prices the training forward (an upper bound)."""
+    older = synthetic_profile()
+    a, b = TaskLoad("lora", 8, 300, 5000), TaskLoad("ia3", 0, 200, 700)
+    mb, t, s = MicroBatch((a, b), 50), 500, 50
+    cm = CostModel.from_profile(older)
+    training = cm.forward_seconds(mb, SHAPE.n_layers, True, True)
+    assert cm.evaluation_seconds([mb]) == pytest.approx(training + cm.batch_host_seconds(mb), rel=1e-9)
+
+    whole = lambda t, s: SHAPE.n_layers * LAYER(t, s, "fwd") + 1e-5 * t / 64 + 4e-7 * t + MODEL_EXTRA
+    no_grad = 0.7  # the bare forward without building the graph: 70% of the training forward here
+    rows = older.table.to_dict("records")
+    rows += [prof._row("model", "eval", no_grad * whole(r["tokens"], r["seq_len"]), r["tokens"], r["seq_len"])
+             for r in older.rows("model", "fwd").to_dict("records")]
+    cm = CostModel.from_profile(prof.Profile(pd.DataFrame(rows, columns=prof.COLUMNS), older.meta))
+    forward_only = no_grad * whole(t, s) + TASK["lora"](300, 8, "fwd") + TASK["ia3"](200, 0, "fwd")
+    assert cm.evaluation_seconds([mb]) == pytest.approx(forward_only + cm.batch_host_seconds(mb), rel=1e-9)
+    assert cm.evaluation_seconds([mb, mb]) == pytest.approx(2 * cm.evaluation_seconds([mb]), rel=1e-12)
+    assert cm.forward_seconds(mb, SHAPE.n_layers, True, True) == pytest.approx(training, rel=1e-12)  # training as before
+
+
 def test_from_profile_composes_a_fused_step_from_parts_at_unmeasured_shapes():
     cm = CostModel.from_profile(synthetic_profile())
     a, b = TaskLoad("lora", 8, 300, 5000), TaskLoad("ia3", 0, 200, 700)
@@ -539,6 +562,9 @@ def test_quick_profile_measures_every_op_on_the_real_backbone(mini_profile):
     assert p.meta["task_targets"] == ["q_proj", "v_proj"]
     assert len(p.rows("layer", "fwd")) == 4 and len(p.rows("task")) == 4 * 5 * 2 + 2 * 4
     assert (p.rows("layer")["seconds"] > 0).all() and (p.rows("model")["seconds"] > 0).all()
+    # the bare model's forward under no_grad (what an evaluation runs) on the same grid as its training forward
+    grid = lambda phase: sorted(zip(p.rows("model", phase)["tokens"], p.rows("model", phase)["seq_len"]))
+    assert grid("eval") == grid("fwd") and len(grid("eval")) == 4
     layer = p.rows("layer", "fwd").set_index(["tokens", "seq_len"])
     # saved activations grow with tokens and with the attention span
     assert layer.loc[(64, 16), "saved_bytes"] > layer.loc[(32, 16), "saved_bytes"] > 0

@@ -200,3 +200,45 @@ def test_simulate_refuses_bad_hardware_cleanly(tmp_path, capsys, monkeypatch, ar
     result = call(capsys, monkeypatch, tmp_path, "muxtune", "simulate", str(config), *args, "--no-progress")
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_validating_run_shows_a_step_with_evaluations_beside_the_plain_step(tmp_path, capsys, monkeypatch):
+    """simulation.csv holds the plain step and the first step after which tasks are evaluated (column
+    `timeline`); the latter's `eval` events are the evaluation forwards, priced by the cost model; the
+    report draws both timelines."""
+    config = small_config(tmp_path)
+    raw = __import__("yaml").safe_load(config.read_text())
+    raw["tasks"][0].update(validation_split=0.2, eval_every=2)  # a: evaluated after steps 2 and 3
+    config.write_text(__import__("yaml").safe_dump(raw, sort_keys=False))
+    result = call(capsys, monkeypatch, tmp_path, "muxtune", "simulate", str(config), "--hardware", "h100",
+                  "--gpus", "1", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "tiny"
+    events = pd.read_csv(run / "simulation.csv")
+    prediction = json.loads((run / "prediction.json").read_text())
+    step, evaluated = (events[events["timeline"] == t] for t in ("step", "evaluation step"))
+    assert "eval" not in set(step["kind"]) and step["end"].max() == pytest.approx(prediction["step_s"])
+    forwards = evaluated[evaluated["kind"] == "eval"]
+    at = prediction["evaluation_step"]
+    assert at["after_step"] == 2 and at["tasks"] == ["a"] and len(forwards) >= 1
+    assert (forwards["start"] >= evaluated[evaluated["kind"] != "eval"]["end"].max() - 1e-12).all()
+    assert float((forwards["end"] - forwards["start"]).sum()) == pytest.approx(at["evaluation_s"])
+    assert at["evaluation_s"] > 0 and evaluated["end"].max() == pytest.approx(at["step_s"])
+
+    # the price is the cost model's: a's 4 held-out sequences, forward only, in the plan's token budget
+    from muxtune.profiler.cost_model import CostModel, ModelShape
+    from muxtune.run import model_config, task_works, with_step_counts
+    from muxtune.simulator.workload import evaluation_micro_batches
+    from muxtune.spec import Plan, load_config
+
+    loaded = with_step_counts(load_config(config), None)
+    cm = CostModel.analytic("h100", ModelShape.from_config(model_config(loaded.model)))
+    works = task_works(loaded, cm)
+    assert works["a"].eval_sequences == 4
+    plan = Plan.load(run / "plan.json")
+    mbs = evaluation_micro_batches([works["a"]], plan.alignment.token_budget)
+    assert at["evaluation_s"] == pytest.approx(cm.evaluation_seconds(mbs), rel=1e-9)
+
+    page = (run / "report.html").read_text()
+    assert 'id="fig-gantt"' in page and 'id="fig-gantt_eval"' in page and (run / "gantt_eval.png").is_file()
+    assert "Simulated timeline of a step with evaluations" in page

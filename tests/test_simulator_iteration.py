@@ -302,3 +302,44 @@ def test_pp2_x_tp2_and_dp2_x_tp2_by_hand():
     assert len(replicated) == 4 and (replicated["start"] >= dp_reduce["end"].max() - 1e-12).all()
     optim = ev[ev["kind"] == "optim"]
     assert (optim["start"] >= replicated["end"].max() - 1e-12).all()
+
+
+def test_a_step_with_evaluations_shows_each_groups_forward_only_passes_at_the_cost_models_price(tmp_path):
+    """The step after which tasks are evaluated: the same step, then per fusion group its due tasks'
+    validation sets in fused micro-batches of the token budget, one `eval` event each (compute, no
+    backward), priced by CostModel.evaluation_seconds. A step without evaluation has none."""
+    from dataclasses import replace
+
+    from muxtune.simulator.workload import evaluation_micro_batches
+    from muxtune.spec import Alignment
+
+    cm = FakeCostModel(per_token=0.002, embed=0.1, head=0.3, optimizer=0.05)
+    works = {"a": replace(work("a", seq_len=10.0), eval_sequences=6, eval_every=2),
+             "b": replace(work("b", seq_len=20.0), eval_sequences=40, eval_every=3),  # 800 tokens: 2 micro-batches
+             "c": work("c", sequences=3)}  # does not validate
+    plan = Plan(groups=[FusionGroup(tasks=["a", "c"], devices=["cpu"]), FusionGroup(tasks=["b"], devices=["cpu"])],
+                alignment=Alignment(token_budget=512))
+    plain = simulate_step(plan, works, cm)
+    assert "eval" not in set(plain.events["kind"]) and plain.evaluation_seconds == 0 and plain.evaluating == ()
+
+    step = simulate_step(plan, works, cm, evaluating=("a", "b"))
+    training = step.events[step.events["kind"] != "eval"].reset_index(drop=True)
+    assert training.equals(plain.events)  # evaluating changes nothing of the step itself
+    ev = step.events[step.events["kind"] == "eval"]
+    expected = [(0, mb) for mb in evaluation_micro_batches([works["a"]], 512)] + \
+               [(1, mb) for mb in evaluation_micro_batches([works["b"]], 512)]
+    assert len(expected) == 3 and list(zip(ev["group"], ev["micro_batch"])) == [(0, 0), (1, 0), (1, 1)]
+    assert (ev["stream"] == "compute").all() and (ev["device"] == "cpu").all() and ev["task"].isna().all()
+    for op, (_, mb) in zip(ev.itertuples(), expected):
+        assert op.end - op.start == pytest.approx(cm.evaluation_seconds([mb])) and op.end > op.start
+    # one after another, from the end of the step
+    assert ev["start"].iloc[0] == pytest.approx(plain.step_seconds)
+    assert list(ev["start"].iloc[1:]) == pytest.approx(list(ev["end"].iloc[:-1]))
+    priced = cm.evaluation_seconds([mb for _, mb in expected])
+    assert step.evaluation_seconds == pytest.approx(priced) and step.evaluating == ("a", "b")
+    assert step.step_seconds == pytest.approx(plain.step_seconds + priced)
+    assert step.summary()["evaluation_seconds"] == pytest.approx(priced)
+    # only the due tasks are evaluated: b alone gives group 1's two passes
+    only_b = simulate_step(plan, works, cm, evaluating=("b",)).events
+    assert list(only_b[only_b["kind"] == "eval"]["group"]) == [1, 1]
+    assert step.gantt(tmp_path / "gantt.png").is_file()

@@ -196,6 +196,47 @@ def test_valid_loss_equals_hf_peft_on_the_exported_adapter(tmp_path):
     assert run.evaluations[-1]["valid_mean_token_accuracy"] == pytest.approx(right.float().mean().item(), abs=1e-12)
 
 
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_a_corrupt_validation_row_stops_only_its_task_naming_file_and_line(tmp_path, policy):
+    """A damaged cache row in one task's validation set (a token id outside the vocabulary; the row keeps
+    its place in the file) fails that task at once with file:line (error), or is left out (skip); the
+    others train and evaluate exactly as without it, and the fused evaluation never sees the row."""
+    specs = tenants(tmp_path)
+    path = specs[1].validation_data
+    path.write_text("\n\n" + path.read_text())  # two blank lines: the 5th example is on line 7
+    specs[1] = specs[1].model_copy(update={"on_bad_line": policy})
+    backbone = load_backbone(MODEL)
+    data, validation = {}, {}
+    for s in specs:
+        data[s.name], validation[s.name], _ = load_task_data(s, backbone.tokenizer, s.name)
+    good = list(validation["ia3"])
+    validation["ia3"][4] = replace(good[4], input_ids=good[4].input_ids[:1] + [70000] + good[4].input_ids[2:])
+    trainer = MultiplexedTrainer(backbone, specs, data, alignment=Alignment(chunk_len=16), validation=validation)
+    evaluated = []
+    loss_sums = trainer.loss_sums
+    trainer.loss_sums = lambda batch, training, hits=None: (
+        evaluated.append(batch.input_ids.max().item()) if not training else None) or loss_sums(batch, training, hits)
+    trainer.train(progress=False)
+    # the reference: without ia3 (error) or with ia3 validating on its good rows only (skip)
+    kept = [s for s in specs if policy == "skip" or s.name != "ia3"]
+    valid = {**validation, "ia3": good[:4] + good[5:]}
+    reference = MultiplexedTrainer(load_backbone(MODEL), kept, data, alignment=Alignment(chunk_len=16),
+                                   validation={s.name: valid[s.name] for s in kept})
+    reference.train(progress=False)
+    assert evaluated and max(evaluated) < trainer.vocab_size  # the bad row never reached the backbone
+    run = trainer.runs["ia3"]
+    if policy == "error":
+        assert run.status == "failed" and run.step == 0 and not run.evaluations and run.stopped_at == 1
+        assert run.reason == (f"corrupt validation data: {path}:7: token id 70000 outside the vocabulary "
+                              f"(0..{trainer.vocab_size - 1})")
+    else:
+        assert run.status == "finished" and run.bad_examples == 1 and len(run.validation) == 8
+    for name, ref in reference.runs.items():  # the other tenants (and a skipping ia3) as without the bad row
+        assert trainer.runs[name].status == "finished" and trainer.runs[name].losses == ref.losses
+        torch.testing.assert_close(torch.tensor([e["valid_loss"] for e in trainer.runs[name].evaluations]),
+                                   torch.tensor([e["valid_loss"] for e in ref.evaluations]), rtol=1e-5, atol=0)
+
+
 # --- early stopping, outputs, resume ----------------------------------------------------------------
 
 
@@ -342,6 +383,52 @@ def test_resume_around_evaluations_and_an_early_stop_is_bit_equal(tmp_path, inte
                                                                                                  tmp_path / "ref"))
         assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref), name
     assert (tmp_path / "run/results/over.csv").read_text() == (tmp_path / "ref/results/over.csv").read_text()
+
+
+def test_a_task_submitted_mid_run_with_validation_is_evaluated(tmp_path):
+    """`muxtune submit` of a task with validation data while the job runs: it joins at the next step
+    boundary and is evaluated every eval_every of its own steps and at its end, as it would be alone;
+    its figures reach metrics.json and its results CSV."""
+    from muxtune.cli import main
+    from muxtune.run import execute
+    from muxtune.spec import load_config, load_task
+
+    config = overfit_config(tmp_path, patience=100, steps=8)
+    write_jsonl(tmp_path / "late.jsonl", 20, seed=6, min_len=3, max_len=9)
+    write_jsonl(tmp_path / "late-valid.jsonl", 6, seed=7, min_len=3, max_len=9)
+    task = tmp_path / "late.yaml"
+    task.write_text("name: late\ndata: late.jsonl\nvalidation_data: late-valid.jsonl\neval_every: 2\n"
+                    "peft: {method: lora, r: 4}\nbatch_size: 2\nmax_seq_len: 64\nsteps: 5\nseed: 8\nlr: 1.0e-2\n")
+    out = tmp_path / "run"
+
+    def submit(trainer):
+        if len(trainer.step_times) == 2:
+            assert main(["submit", str(out), str(task)]) == 0
+
+    metrics = execute(load_config(config), out, progress=False, after_step=submit)
+    late = metrics["tasks"]["late"]
+    assert [e["event"] for e in metrics["events"]] == ["submitted"]
+    assert late["status"] == "finished" and late["steps"] == 5
+    assert [e["step"] for e in late["evaluations"]] == [2, 4, 5]  # its own steps: every 2, and its last
+    assert late["validation_examples"] == 6 and late["best_step"] in (2, 4, 5)
+    # it joined after global step 2, so it was evaluated after global steps 4, 6 and 7, in the same fused
+    # pass as 'over' (evaluated after every step): those passes carry its validation tokens too
+    tokens = {e["after_step"]: e["tokens"] for e in metrics["evaluations"]}
+    assert sorted(tokens) == list(range(1, 9))
+    assert tokens[4] == tokens[6] == tokens[7] > tokens[1] == tokens[3] == tokens[5] == tokens[8]
+
+    # as the same task trained and evaluated alone, in the run's layout
+    spec = load_task(task)
+    backbone = load_backbone(MODEL)
+    examples, valid, _ = load_task_data(spec, backbone.tokenizer, "late")
+    alone = MultiplexedTrainer(backbone, [spec], {"late": examples}, alignment=Plan.load(out / "plan.json").alignment,
+                               validation={"late": valid})
+    alone.train(progress=False)
+    ours, theirs = late["evaluations"], alone.runs["late"].evaluations
+    torch.testing.assert_close(torch.tensor([e["valid_loss"] for e in ours]),
+                               torch.tensor([e["valid_loss"] for e in theirs]), rtol=1e-5, atol=0)
+    rows = (out / "results" / "late.csv").read_text().splitlines()
+    assert len(rows) == 6 and [r.split(",")[3] != "" for r in rows[1:]] == [False, True, False, True, True]
 
 
 # --- bad input: our usual clear error, exit 2, no traceback, nothing written -------------------------

@@ -104,8 +104,9 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     steps = args.steps or (3 if args.quick else 15)
     mode = "quick" if args.quick else "full"
+    priced_by = args.profile or f"this device's {mode} profile"
     announce("benchmarks.cost_model_accuracy", f"{args.configs} fused configurations of {args.model}, {steps} timed "
-             f"steps each, measured vs the CostModel of this device's {mode} profile", args.model, device,
+             f"steps each, measured vs the CostModel of {priced_by}", args.model, device,
              [(steps + 3 + steps * args.phases, sum(rows * args.rows_scale * seq for _, _, rows, *_ in tasks) * 1.3)
               for _, seq, tasks in CONFIGS[: args.configs]],
              None if args.profile else DEFAULT_BUDGET[mode])

@@ -35,19 +35,24 @@ def load_cost_model(model: str, device: str, profile: str | None = None):
     return CostModel.from_profile(profile) if profile else cost_model_for(model, device)
 
 
-def quickstart(model: str, device: str, steps: int, max_seq_len: int | None):
+VALIDATION = {"validation_split": 0.2, "eval_every": 2}  # --validation: every task evaluated every 2nd step
+
+
+def quickstart(model: str, device: str, steps: int, max_seq_len: int | None, validation: bool = False):
     from muxtune.spec import load_config
 
     config = load_config(QUICKSTART)
     # --max-seq-len keeps the shapes inside what a (quick) profile measured: interpolation, not extrapolation
     cap = lambda t: {"max_seq_len": min(t.max_seq_len, max_seq_len)} if max_seq_len else {}  # noqa: E731
-    return config.model_copy(update={"model": model, "devices": device,
-                                     "tasks": [t.model_copy(update={"steps": steps, **cap(t)}) for t in config.tasks]})
+    extra = VALIDATION if validation else {}
+    return config.model_copy(update={"model": model, "devices": device, "tasks": [
+        t.model_copy(update={"steps": steps, **cap(t), **extra}) for t in config.tasks]})
 
 
 def padded_trainer(config, groups: list[list[str]]):
-    """(trainer, plan, trainable params per task) of `config` with these fusion groups, padded layout:
-    rows x padded length is exactly what `task_work` describes to the simulator."""
+    """(trainer, plan, trainable params per task, validation examples per task) of `config` with these
+    fusion groups, padded layout: rows x padded length is exactly what `task_work` describes to the
+    simulator."""
     from muxtune.executor.trainer import MultiplexedTrainer
     from muxtune.run import prepare
     from muxtune.simulator.workload import count_trainable_params
@@ -55,26 +60,32 @@ def padded_trainer(config, groups: list[list[str]]):
 
     plan = Plan(groups=[FusionGroup(tasks=g, devices=config.device_list()[:1]) for g in groups],
                 alignment=Alignment(layout="padded"))
-    backbone, plan, examples, _ = prepare(config, plan)
+    validation: dict = {}
+    backbone, plan, examples, _ = prepare(config, plan, validation=validation)
     params = {t.name: count_trainable_params(t, backbone.model) for t in config.tasks}
     trainer = MultiplexedTrainer(backbone, config.tasks, examples, groups=[g.tasks for g in plan.groups],
-                                 alignment=plan.alignment)
-    return trainer, plan, params
+                                 alignment=plan.alignment, validation=validation)
+    return trainer, plan, params, validation
 
 
 def prediction_errors(model: str, device: str, steps: int, warmup: int, max_seq_len: int | None = None,
-                      profile: str | None = None) -> list[float]:
-    """Relative error of the simulated step time against every measured executor step after warm-up."""
+                      profile: str | None = None, validation: bool = False) -> list[tuple[float, bool]]:
+    """(relative error, evaluated) of the simulated step time against every measured executor step after
+    warm-up. With `validation`, every task holds out 20% of its file and is evaluated every 2nd step: a
+    step's measured time includes the fused evaluation after it (`trainer.step` runs it), and the
+    simulator prices the same step with those tasks `evaluating`."""
+    from dataclasses import replace
+
     from muxtune.profiler.profile import clock
     from muxtune.simulator.iteration import simulate_step
-    from muxtune.simulator.workload import task_work
+    from muxtune.simulator.workload import evaluation_schedule, task_work
 
-    config = quickstart(model, device, steps, max_seq_len)
+    config = quickstart(model, device, steps, max_seq_len, validation)
     cost_model = load_cost_model(model, device, profile)
     names = [t.name for t in config.tasks]
     errors = []
     for groups in ([names], [[n] for n in names]):
-        trainer, plan, params = padded_trainer(config, groups)
+        trainer, plan, params, held_out = padded_trainer(config, groups)
         for step in range(steps):
             start = clock()
             trainer.step()
@@ -86,10 +97,16 @@ def prediction_errors(model: str, device: str, steps: int, warmup: int, max_seq_
             for group, (_, padded) in zip(groups, shapes):
                 for name in group:
                     works[name] = task_work(config.task(name), params[name], mean_seq_len=padded)
-            predicted = simulate_step(plan, works, cost_model).step_seconds
-            errors.append(abs(predicted - measured) / measured)
-            print(f"groups={len(groups)} step={step} shapes={shapes} predicted={predicted * 1e3:.1f} ms "
-                  f"measured={measured * 1e3:.1f} ms error={errors[-1]:.1%}", file=sys.stderr)
+                    if name in held_out:
+                        task = config.task(name)
+                        works[name] = replace(works[name], eval_sequences=len(held_out[name]),
+                                              eval_every=task.eval_interval(task.steps))
+            due = dict(evaluation_schedule(works, {n: steps for n in names})).get(step + 1, ())
+            predicted = simulate_step(plan, works, cost_model, evaluating=due).step_seconds
+            errors.append((abs(predicted - measured) / measured, bool(due)))
+            print(f"groups={len(groups)} step={step} shapes={shapes}{' +eval' if due else ''} "
+                  f"predicted={predicted * 1e3:.1f} ms measured={measured * 1e3:.1f} ms error={errors[-1][0]:.1%}",
+                  file=sys.stderr)
     return errors
 
 
@@ -114,7 +131,7 @@ def step_phases(model: str, device: str, steps: int, warmup: int, max_seq_len: i
     config = quickstart(model, device, steps, max_seq_len)
     cost_model = load_cost_model(model, device, profile)
     names = [t.name for t in config.tasks]
-    trainer, _, params = padded_trainer(config, [names])
+    trainer, _, params, _ = padded_trainer(config, [names])
 
     def micro_batch(seq):
         return split_micro_batches([task_work(config.task(n), params[n], mean_seq_len=seq) for n in names], 1)[0]
@@ -183,6 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--phases", action="store_true",
                         help="also time the phases of the fused steps beside the CostModel terms that price them")
     parser.add_argument("--rate", type=float, default=400.0, help="job arrivals per hour")
+    parser.add_argument("--validation", action="store_true",
+                        help="every task validates (20%% held out, evaluated every 2nd step): steps with the "
+                             "fused evaluation are predicted too")
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.steps, args.jobs, args.gpus, args.rate = "builtin:tiny-llama", 3, 100, 8, 50.0
@@ -198,9 +218,14 @@ def main(argv: list[str] | None = None) -> dict:
              None if args.profile else DEFAULT_BUDGET["quick"], fixed_seconds=15)
 
     result: dict = {"model": args.model, "device": args.device}
-    errors = prediction_errors(args.model, args.device, args.steps, warmup=1, max_seq_len=args.max_seq_len,
-                               profile=args.profile)
+    seen = prediction_errors(args.model, args.device, args.steps, warmup=1, max_seq_len=args.max_seq_len,
+                             profile=args.profile, validation=args.validation)
+    errors = [error for error, _ in seen]
     result.update(median_error=statistics.median(errors), max_error=max(errors), predicted_steps=len(errors))
+    if args.validation:
+        evaluated = [error for error, due in seen if due]
+        result.update(validation=True, evaluated_steps=len(evaluated),
+                      evaluated_median_error=statistics.median(evaluated) if evaluated else None)
     if args.phases:
         result["phases"] = step_phases(args.model, args.device, args.steps, warmup=1, max_seq_len=args.max_seq_len,
                                        profile=args.profile)

@@ -578,7 +578,8 @@ def measure_tasks(backbone, device: str, spec: dict, s: Sampling, progress) -> l
     for method, ranks in spec["ranks"].items():
         # a difference of four timings: three times the repeats to keep its noise near the others'
         progress.begin(("shared", method))
-        out += measure_shared(backbone, device, method, ranks[0], spec["task_rows"][0], seq, s.times(3))
+        out += measure_shared(backbone, device, method, ranks[0], spec["task_rows"][0], seq,
+                              s.times(spec.get("difference_repeats", 3)))
         progress.end()
         for rank in ranks:
             for n_rows in spec["task_rows"]:
@@ -691,7 +692,7 @@ def measure_targets(backbone, device: str, spec: dict, s: Sampling, progress) ->
                                             seq, method, rank, target=target))
             for tokens in spec["target_tokens"][:2]:
                 out += measure_target_shared(backbone, device, method, ranks[0], target, tokens // seq, seq,
-                                             s.times(3))
+                                             s.times(spec.get("difference_repeats", 3)))
             progress.end()
     return out
 
@@ -797,7 +798,8 @@ def measure_step_fixed(backbone, device: str, spec: dict, s: Sampling, progress)
             trainer, batch = probe_trainer(backbone, device, "lora", rank, n_rows, seq, count=n, name=f"fixed{n}_")
             try:
                 times: list[float] = []
-                for i in s.times(3).repeat(times):  # a fit through small differences: more repeats
+                # a fit through small differences: more repeats
+                for i in s.times(spec.get("difference_repeats", 3)).repeat(times):
                     seen = observe_step(trainer, device)
                     if i >= 0:
                         times.append(seen["host"] + seen["optimizer"])

@@ -45,6 +45,18 @@ def test_simulator_benchmark_times_the_step_phases_beside_the_shipped_profiles_t
     assert result["median_error"] >= 0 and result["predicted_steps"] == 2 * 2
 
 
+def test_simulator_benchmark_predicts_the_steps_with_a_fused_evaluation(repo, capsys):
+    """--validation: every task holds out 20% and is evaluated every 2nd step; of the 2 measured steps
+    per plan (3 steps, 1 warm-up) both are followed by an evaluation (step 2, and the last step), and
+    each is predicted with its evaluation on the timeline."""
+    from muxtune.benchmarks import simulator
+
+    profile = next((repo / "profiles").glob("cpu-*-tiny-llama.csv"))
+    result = simulator.main(["--quick", "--validation", "--max-seq-len", "48", "--profile", str(profile)])
+    assert result["validation"] and result["predicted_steps"] == 2 * 2 and result["evaluated_steps"] == 2 * 2
+    assert 0 <= result["evaluated_median_error"] < 10
+
+
 def test_alignment_benchmark_runs_in_quick_mode(capsys):
     from muxtune.benchmarks import alignment
 

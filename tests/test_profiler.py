@@ -662,6 +662,9 @@ def test_a_grid_that_does_not_fit_the_budget_is_thinned_in_order():
         assert ts[0] == grid["layer"][seq][0] and ts[-1] == grid["layer"][seq][-1]
     thinnest, _, all_cuts = fit(grid, 1.0, pilot, 7, True)
     assert len(all_cuts) >= len(cuts) and thinnest["repeats"] == 3
+    assert thinnest["target_tokens"] == grid["target_tokens"][:1] and thinnest["difference_repeats"] == 1
+    assert all(len(ts) >= 1 and ts[-1] >= ts[0] for ts in thinnest["layer"].values())
+    assert all_cuts[-1].startswith("still estimated at")  # said, not hidden
 
 
 def test_a_budgeted_profile_for_some_methods_measures_only_those(tmp_path):

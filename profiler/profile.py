@@ -283,7 +283,9 @@ def observe_step(trainer, device: str) -> dict:
 
 class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
     """Tally of tensor storages created while active and still alive; `peak` is its maximum. The CPU
-    stand-in for torch.cuda.max_memory_allocated (it sees every aten op, forward and backward)."""
+    stand-in for torch.cuda.max_memory_allocated (it sees every aten op, forward and backward).
+    Outputs that alias an input (views such as a weight's `t()`, in-place results) allocate nothing:
+    counting their storage counted every weight a step touched (~330 MB for llama-100m's steps)."""
 
     def __init__(self):
         super().__init__()
@@ -292,7 +294,9 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
+        outs = out if isinstance(out, (tuple, list)) and len(func._schema.returns) > 1 else (out,)
+        new = [o for o, r in zip(outs, func._schema.returns) if r.alias_info is None]
+        for t in torch.utils._pytree.tree_leaves(new):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
                 key, n = storage.data_ptr(), storage.nbytes()

@@ -509,6 +509,18 @@ def test_calibration_check_measures_the_reference_ops_on_the_real_backbone(mini_
     assert set(real.ratios) == set(check.ratios) and all(0 < r < 1e3 for r in real.ratios.values())
 
 
+def test_live_bytes_counts_no_view_of_a_tensor_that_existed_before():
+    """A view (a weight's transpose, a slice) or an in-place result allocates nothing: only the matmul's
+    output is new. Counting the weight's storage made llama-100m's step peaks ~330 MB too high."""
+    weight = torch.randn(500, 500)  # 1 MB, there before
+    x = torch.randn(4, 500)
+    with prof.LiveBytes() as tally:
+        y = x @ weight.t()  # t() is a view of the weight's storage; the product is new
+        y.add_(1.0)  # in place
+        head = weight[:10]  # a slice
+    assert tally.peak == y.numel() * 4 and head.numel() == 5000
+
+
 def test_live_bytes_tracks_the_peak_of_live_tensors():
     with prof.LiveBytes() as tally:
         a = torch.empty(250_000)  # 1 MB

@@ -103,6 +103,16 @@ def preset_config(name: str, attn_implementation: str = "sdpa"):
     return config
 
 
+def model_config(name: str):
+    """The model's transformers config (a builtin preset's, or a local dir's / hub id's), without weights."""
+    if name.startswith("builtin:"):
+        return preset_config(name)
+    try:
+        return AutoConfig.from_pretrained(name)
+    except Exception as exc:  # transformers raises OSError/ValueError/... for a bad id or dir
+        raise MuxTuneError(f"model: cannot load {name!r}: {exc}") from None
+
+
 def load_backbone(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
                   attn_implementation: str = "sdpa") -> Backbone:
     """Build a preset with seeded weights, or load a real model with `from_pretrained`."""

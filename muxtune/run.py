@@ -293,10 +293,10 @@ def profile_needs(config: RunConfig) -> tuple[list[str], list[str]]:
 
 
 def profile_phase(config: RunConfig, profile: str | None = None, hardware: str | None = None,
-                  progress: bool = True, budget: float | None = None):
+                  progress: bool = True):
     """The CostModel: `hardware` (a catalog GPU, analytic), else the profile CSV `profile`, else a stored
     profile that passes the calibration check on this device (profiler/calibration.py); if none does, a
-    quick one of what the config's tasks need is measured now within `budget` seconds (default 180) by
+    quick one of what the config's tasks need is measured now (within the profiler's default budget) by
     `muxtune profile` in a fresh process: its all-reduce workers fork, which is only safe from a process
     that has not started thread pools yet (this one has loaded data by now)."""
     import subprocess
@@ -321,8 +321,7 @@ def profile_phase(config: RunConfig, profile: str | None = None, hardware: str |
         return CostModel.from_profile(stored), f"profile {path} (calibration: {check.verdict})"
     command = [sys.executable, "-m", "muxtune.cli", "profile", "--model", config.model, "--devices", device,
                "--mode", "quick", "--dtype", config.dtype, "--threads", str(threads), "--refresh",
-               "--methods", ",".join(methods)] + (["--targets", ",".join(targets)] if targets else []) \
-        + (["--budget", str(budget)] if budget is not None else [])
+               "--methods", ",".join(methods)] + (["--targets", ",".join(targets)] if targets else [])
     done = subprocess.run(command + ([] if progress else ["--no-progress"]), text=True,
                           stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE)
     path = next((line.split(" ", 1)[1] for line in (done.stdout or "").splitlines() if line.startswith("wrote ")), None)
@@ -333,17 +332,10 @@ def profile_phase(config: RunConfig, profile: str | None = None, hardware: str |
 
 
 def model_config(model: str):
-    """The model's transformers config (a builtin preset's, or a local dir's / hub id's)."""
-    if model.startswith("builtin:"):
-        from muxtune.executor.backbone import preset_config
+    """The model's transformers config (executor/backbone.py: a builtin preset's, or a local dir's / hub id's)."""
+    from muxtune.executor.backbone import model_config as config_of
 
-        return preset_config(model)
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(model)
-    except Exception as exc:  # transformers raises OSError/ValueError/... for a bad id or dir
-        raise MuxTuneError(f"model: cannot load {model!r}: {exc}") from None
+    return config_of(model)
 
 
 def task_works(config: RunConfig, cost_model, backbone=None, stats: dict | None = None) -> dict:
@@ -376,8 +368,9 @@ def validation_sequences(task, stats: dict | None) -> int:
 
 
 def _records(path) -> int:
-    with open(path, "rb") as handle:
-        return sum(1 for line in handle if line.strip())
+    from muxtune.executor.sources import read_records, source_kind
+
+    return sum(1 for _ in read_records(Path(path), source_kind(Path(path))))
 
 
 def plan_phase(config: RunConfig, cost_model, devices: list[str], works: dict) -> dict[str, Plan]:

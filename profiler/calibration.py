@@ -83,12 +83,13 @@ def check(profile, model, device: str) -> Calibration:
 
     _, _, layers = decoder_layers(model)
     ratios = {}
-    for seq, tokens in reference_points(profile):
+    points = reference_points(profile)
+    for seq, tokens in points:
         layer_fwd, *_ = layer_call(model, layers[0], *synthetic_batch(tokens // seq, seq, device))
         f, b = fwd_bwd_seconds(layer_fwd, device, SAMPLING)
         ratios[f"layer fwd {tokens}x{seq}"] = f.seconds / stored(profile, "layer", "fwd", tokens=tokens, seq_len=seq)
         ratios[f"layer bwd {tokens}x{seq}"] = b.seconds / stored(profile, "layer", "bwd", tokens=tokens, seq_len=seq)
-    head_tokens = reference_points(profile)[-1][1]
+    head_tokens = points[-1][1]
     hidden = torch.randn(head_tokens, model.config.hidden_size, device=device,
                          dtype=model.get_output_embeddings().weight.dtype)
     targets = torch.randint(0, 256, (head_tokens,), device=device)

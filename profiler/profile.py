@@ -1070,10 +1070,10 @@ def trusted_profile(model_name: str, device: str, mode: str = "quick", dtype: to
     """(profile, path, calibration) of the first stored profile that passes the calibration check on this
     machine (profiler/calibration.py), rescaled if the machine is uniformly faster or slower (saved in the
     user cache under this machine's fingerprint); None when none does (measure anew)."""
-    from muxtune.executor.backbone import load_backbone
+    from muxtune.executor.backbone import load_backbone, model_config
     from muxtune.profiler import calibration
 
-    config = model_config_of(model_name)
+    config = model_config(model_name)
     fp = fingerprint(device, model_name, config, dtype)
     candidates = stored_candidates(fp, mode, methods, targets, paths)
     if not candidates:
@@ -1096,19 +1096,6 @@ def trusted_profile(model_name: str, device: str, mode: str = "quick", dtype: to
             profile.meta["fingerprint"] = fp
             return profile, profile.save(user_cache_dir() / profile_filename(fp)), check
     return None
-
-
-def model_config_of(model_name: str):
-    from muxtune.executor.backbone import preset_config
-
-    if model_name.startswith("builtin:"):
-        return preset_config(model_name)
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(model_name)
-    except Exception as exc:  # transformers raises OSError/ValueError/... for a bad id or dir
-        raise MuxTuneError(f"model: cannot load {model_name!r}: {exc}") from None
 
 
 def load_or_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype: torch.dtype = torch.float32,

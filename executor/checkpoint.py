@@ -27,9 +27,11 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
 from muxtune.errors import MuxTuneError
+from muxtune.executor.distributed import from_rank0
 from muxtune.spec import TaskSpec, write_text_atomic
 
 FORMAT_VERSION = 1
@@ -39,22 +41,23 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save(trainer, run_dir: Path, model: str, previous: dict | None = None) -> dict:
+def save(trainer, run_dir: Path | None, model: str, previous: dict | None = None) -> dict | None:
     """Checkpoint every task whose state changed since `previous` (the manifest returned by the last
-    call); returns the new manifest."""
-    root = checkpoint_dir(run_dir)
+    call); returns the new manifest. With several processes every one calls it at the same step (a
+    collective): they send their parts to rank 0, which writes the checkpoint and returns the manifest
+    (None elsewhere; see "multi-process plans" below)."""
+    if trainer.topo.world > 1:
+        return _save_parts(trainer, run_dir, model, previous)
     payloads = {name: _task_payload(run) for name, run in trainer.runs.items()}
-    manifest = {
-        "version": FORMAT_VERSION,
-        "model": model,
-        "steps": len(trainer.step_times),
-        "groups": trainer.groups,
-        "step_times": trainer.step_times,
-        "step_tokens": trainer.step_tokens,
-        "step_shapes": [list(shape) for shape in trainer.step_shapes],
-        "eval_times": [list(e) for e in trainer.eval_times],
-    }
-    return _commit(root, manifest, payloads, previous)
+    return _commit(checkpoint_dir(run_dir), {**_manifest_head(trainer, model), "groups": trainer.groups,
+                                             "step_times": trainer.step_times, "step_tokens": trainer.step_tokens,
+                                             "step_shapes": [list(shape) for shape in trainer.step_shapes]},
+                   payloads, previous)
+
+
+def _manifest_head(trainer, model: str) -> dict:
+    return {"version": FORMAT_VERSION, "model": model, "steps": len(trainer.step_times),
+            "plan": plan_layout(trainer), "eval_times": [list(e) for e in trainer.eval_times]}
 
 
 def _commit(root: Path, manifest: dict, payloads: dict[str, tuple[dict, dict]], previous: dict | None) -> dict:
@@ -184,14 +187,19 @@ def joined_tasks(manifest: dict, configured: set[str], run_dir: Path) -> list[Ta
 
 
 def restore(trainer, run_dir: Path, manifest: dict) -> None:
-    """Load each task's checkpoint named by the manifest into the trainer's runs (same names)."""
+    """Load each task's checkpoint named by the manifest (checked already: check_manifest,
+    check_layout) into the trainer's runs (same names). With several processes every one calls it:
+    rank 0 reads the files and sends them to every process, which loads its share."""
     root = checkpoint_dir(run_dir)
-    for name, entry in manifest["tasks"].items():
-        _restore_task(trainer.runs[name], root / name / entry["folder"])
-    trainer.step_times = list(manifest["step_times"])
-    trainer.step_tokens = list(manifest["step_tokens"])
-    trainer.step_shapes = [tuple(shape) for shape in manifest["step_shapes"]]
     trainer.eval_times = [tuple(e) for e in manifest.get("eval_times", [])]
+    if trainer.topo.world > 1:
+        own = _restore_parts(trainer, root, manifest)
+    else:
+        for name, entry in manifest["tasks"].items():
+            _restore_task(trainer.runs[name], root / name / entry["folder"])
+        own = manifest
+    trainer.step_times, trainer.step_tokens = list(own["step_times"]), list(own["step_tokens"])
+    trainer.step_shapes = [tuple(shape) for shape in own["step_shapes"]]
 
 
 def _restore_task(run, folder: Path) -> None:
@@ -259,7 +267,7 @@ def _apply_task(run, state: dict, tensors: dict[str, torch.Tensor], folder: Path
     run.stopped_at, run.bad_examples = state["stopped_at"], state["bad_examples"]
     run.losses, run.tokens = own["losses"], own["tokens"]
     # validation (absent from checkpoints written before it existed)
-    run.accuracies, run.evaluations = state.get("accuracies", []), state.get("evaluations", [])
+    run.accuracies, run.evaluations = own.get("accuracies", []), state.get("evaluations", [])
     best = state.get("best", {})
     run.best_loss, run.best_step = best.get("loss"), best.get("step")
     run.bad_evaluations = best.get("bad_evaluations", 0)
@@ -270,30 +278,32 @@ def _apply_task(run, state: dict, tensors: dict[str, torch.Tensor], folder: Path
 
 # --- multi-process plans (executor/pipeline.py, distributed.py) ---------------------------------------
 #
-# Every process holds the whole job's task states except the adapter layers (and their AdamW moments)
-# of other pipeline stages, its own counters (a replica counts its share of the tokens; only the last
-# stage knows the losses) and its own dropout stream. At a checkpoint every process sends its part to
-# rank 0 (adapters are small), which merges them into the single-process format (full adapter, full
-# optimizer state, one copy of the data order and cursor, identical on every process) plus each rank's
-# counters and dropout generator, and writes it with the same staging, manifest and clean-up order.
-# Rank 0 alone writes and reads the files: other nodes need not share its file system.
+# Every process holds the whole job's task states except the adapter layers (and their AdamW moments
+# and best weights) of other pipeline stages, its own counters (a replica counts its share of the
+# tokens; only the last stage knows the losses) and its own dropout stream. At a checkpoint every
+# process sends its part to rank 0 (adapters are small), which merges them into the single-process
+# format (full adapter, full optimizer state, one copy of the data order and cursor, identical on every
+# process) plus each rank's counters and dropout generator, and writes it with the same staging,
+# manifest and clean-up order. Rank 0 alone writes and reads the files: other nodes need not share its
+# file system.
 
 
-def plan_layout(plan) -> dict:
-    """What a multi-process checkpoint is only valid for: the same stages, replicas, schedule and groups."""
-    return {"layout": plan.groups[0].layout.model_dump(mode="json"), "schedule": plan.schedule,
-            "micro_batches": [g.micro_batches for g in plan.groups]}
+def plan_layout(trainer) -> dict:
+    """What a checkpoint is only valid for: the same stages, replicas, schedule and micro-batches."""
+    return {"layout": trainer.layout.model_dump(mode="json"), "schedule": trainer.schedule,
+            "micro_batches": [trainer.micro_batch_count(g) for g in range(len(trainer.groups))]}
 
 
 def check_layout(manifest: dict, run_dir: Path, plan, groups: bool = True, joined: set[str] = frozenset()) -> None:
-    """Refuse to resume checkpoints written under another parallel layout (or none) with this plan;
-    `groups`: the plan's fusion groups must be the checkpoint's too (multi-process plans), apart from
-    the `joined` tasks (submitted mid-run: in the manifest, not in the config or plan)."""
+    """Refuse to resume checkpoints written under another parallel layout with this plan; `groups`: the
+    plan's fusion groups must be the checkpoint's too (multi-process plans), apart from the `joined`
+    tasks (submitted mid-run: in the manifest, not in the config or plan)."""
     path = checkpoint_dir(run_dir) / "manifest.json"
     saved = manifest.get("plan", {"layout": {"dp": 1, "pp": 1, "tp": 1, "stage_layers": None}})
     if not isinstance(saved, dict) or not isinstance(saved.get("layout"), dict):
         raise MuxTuneError(f"{path}: plan: expected the plan's layout, got {saved!r}")
-    now = plan_layout(plan)
+    now = {"layout": plan.groups[0].layout.model_dump(mode="json"), "schedule": plan.schedule,
+           "micro_batches": [g.micro_batches for g in plan.groups]}
     for key in ("dp", "pp", "tp", "stage_layers"):
         if saved["layout"].get(key) != now["layout"][key]:
             raise MuxTuneError(f"{path}: plan.layout.{key}: the checkpoints were written with {key}="
@@ -318,20 +328,11 @@ def check_layout(manifest: dict, run_dir: Path, plan, groups: bool = True, joine
 
 def _owned(trainer, run) -> tuple[set[str], set[int]]:
     """The adapter state-dict keys and optimizer parameter indices this process's stage trains."""
-    from muxtune.executor.mux import _key
-
-    prefixes = tuple(f"layers.{_key(path)}." for path in trainer.owned_paths(run))
-    if trainer.topo.first:
-        prefixes += ("sequence.",)
-    keys = {k for k in run.adapter.state_dict() if k.startswith(prefixes)}
     mine = {id(p) for p in trainer.owned[run.spec.name]}
-    indices = {i for i, p in enumerate(run.parameters()) if id(p) in mine}
-    return keys, indices
+    return trainer.stage.owned_keys(run), {i for i, p in enumerate(run.parameters()) if id(p) in mine}
 
 
-def save_distributed(trainer, run_dir: Path | None, model: str, previous: dict | None = None) -> dict | None:
-    """Called by every process of a multi-process plan at the same step; rank 0 writes the checkpoint
-    and returns the manifest (None elsewhere)."""
+def _save_parts(trainer, run_dir: Path | None, model: str, previous: dict | None) -> dict | None:
     import torch.distributed as dist
 
     topo = trainer.topo
@@ -355,7 +356,7 @@ def save_distributed(trainer, run_dir: Path | None, model: str, previous: dict |
         scalars = {}
         for p in replica0:  # each stage's adapter layers and AdamW entries; replicas hold equal copies
             own_tensors, own_state = p["tasks"][name]
-            tensors.update({k: v for k, v in own_tensors.items() if k.startswith(("adapter.", "optimizer."))})
+            tensors.update({k: v for k, v in own_tensors.items() if k.startswith(("adapter.", "optimizer.", "best."))})
             scalars.update(own_state["optimizer_scalars"])
         state["optimizer_scalars"] = scalars
         state["ranks"] = {}
@@ -363,19 +364,17 @@ def save_distributed(trainer, run_dir: Path | None, model: str, previous: dict |
             own_tensors, own_state = p["tasks"][name]
             if "rng.dropout" in own_tensors:
                 tensors[f"rank{p['rank']}.rng.dropout"] = own_tensors["rng.dropout"]
-            state["ranks"][str(p["rank"])] = {k: own_state[k] for k in ("losses", "tokens", "computed_tokens",
-                                                                         "seconds")}
+            state["ranks"][str(p["rank"])] = {k: own_state[k] for k in ("losses", "accuracies", "tokens",
+                                                                         "computed_tokens", "seconds")}
         # the job's figures, as a one-process checkpoint has them (for reading; resume uses `ranks`)
         state["losses"] = last["tasks"][name][1]["losses"]
+        state["accuracies"] = last["tasks"][name][1]["accuracies"]
         state["tokens"] = sum(p["tasks"][name][1]["tokens"] for p in heads)
         state["computed_tokens"] = sum(p["tasks"][name][1]["computed_tokens"] for p in heads)
         payloads[name] = (tensors, state)
     manifest = {
-        "version": FORMAT_VERSION,
-        "model": model,
-        "steps": len(trainer.step_times),
-        "groups": [list(g.tasks) for g in trainer.plan.groups],
-        "plan": plan_layout(trainer.plan),
+        **_manifest_head(trainer, model),
+        "groups": trainer.groups,
         "step_times": [max(t) for t in zip(*(p["step_times"] for p in ranks))],
         "step_tokens": [sum(t) for t in zip(*(p["step_tokens"] for p in heads))],
         "step_shapes": [s for p in heads for s in p["step_shapes"]],
@@ -384,39 +383,23 @@ def save_distributed(trainer, run_dir: Path | None, model: str, previous: dict |
     return _commit(checkpoint_dir(run_dir), manifest, payloads, previous)
 
 
-def restore_distributed(trainer, run_dir: Path, model: str, specs: dict[str, TaskSpec]) -> dict:
-    """Called by every process: rank 0 reads and checks the checkpoint and sends it to every process,
-    which loads its share. An error on rank 0 is raised on every process. Returns the manifest."""
-    import torch.distributed as dist
-    from safetensors.torch import load as load_bytes
-
+def _restore_parts(trainer, root: Path, manifest: dict) -> dict:
+    """Every process: its share of each task's checkpoint (rank 0 reads the files and sends them);
+    returns this rank's own step records."""
     topo = trainer.topo
-    message = [None]
-    if topo.rank == 0:
-        try:
-            manifest = load_manifest(run_dir)
-            check_manifest(manifest, run_dir, model, specs)
-            check_layout(manifest, run_dir, trainer.plan)
-            if not isinstance(manifest.get("ranks"), dict) or str(topo.world - 1) not in manifest["ranks"]:
-                raise MuxTuneError(f"{checkpoint_dir(run_dir) / 'manifest.json'}: ranks: not written by a "
-                                   f"{topo.world}-process run")
-            files = {}
-            for name, entry in manifest["tasks"].items():
-                folder = checkpoint_dir(run_dir) / name / entry["folder"]
-                state, _ = _read_task(folder)  # parse once here, so a damaged file names itself
-                files[name] = (str(folder), state, (folder / "tensors.safetensors").read_bytes())
-            message = [("ok", manifest, files)]
-        except MuxTuneError as exc:
-            message = [("error", str(exc))]
-    dist.broadcast_object_list(message, src=0)
-    if message[0][0] == "error":
-        raise MuxTuneError(message[0][1])
-    _, manifest, files = message[0]
-    for name, (folder, state, blob) in files.items():
+    if not isinstance(manifest.get("ranks"), dict) or str(topo.world - 1) not in manifest["ranks"]:
+        raise MuxTuneError(f"{root / 'manifest.json'}: ranks: not written by a {topo.world}-process run")
+
+    def read():
+        files = {}
+        for name, entry in manifest["tasks"].items():
+            folder = root / name / entry["folder"]
+            state, _ = _read_task(folder)  # parse once here, so a damaged file names itself
+            files[name] = (str(folder), state, (folder / "tensors.safetensors").read_bytes())
+        return files
+
+    for name, (folder, state, blob) in from_rank0(topo, read).items():
         run = trainer.runs[name]
         keys, indices = _owned(trainer, run)
         _apply_task(run, state, load_bytes(blob), Path(folder), keys, indices, rank=topo.rank)
-    own = manifest["ranks"][str(topo.rank)]
-    trainer.step_times, trainer.step_tokens = list(own["step_times"]), list(own["step_tokens"])
-    trainer.step_shapes = [tuple(s) for s in own["step_shapes"]]
-    return manifest
+    return manifest["ranks"][str(topo.rank)]

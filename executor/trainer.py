@@ -3,41 +3,50 @@ micro-batch (or a few, when the Plan's token budget splits it); each task keeps 
 schedule, clipping and step count. The micro-batch is chunk-aligned by default (alignment.py) or
 padded per row (`Alignment(layout="padded")`, data.fuse).
 
+ONE step loop for one process and for many: a multi-process Plan (dp replicas x pp stages x tp tensor
+ranks) runs this same loop on every process, each on its share (executor/pipeline.py: its stage of
+the backbone, the transfers between stages, the replicas' gradient all-reduce; executor/distributed.py
+starts the processes). A single process is the world of one: one stage, one replica, no collective.
+
 Why a task trains exactly as it would alone: its loss is the mean over its own tokens, rows never
 interact inside the backbone, and the total loss is the plain sum of the tasks' losses, so the
 gradient reaching a task's adapter is the gradient of that task's loss alone.
 
 Why one task's failure never hurts another: for the same reason. A task whose loss or gradients turn
 non-finite, or whose next batch holds a corrupt example, is stopped (`status="failed"`, the step and
-the reason kept); its loss is left out of the backward and its gradients never reach its optimizer,
-and the other tasks' rows never saw its values. Tasks can join (`add_task`) and leave (`cancel`)
-between steps; the backbone stays loaded.
+the reason kept, on every process alike); its loss is left out of the backward and its gradients never
+reach its optimizer, and the other tasks' rows never saw its values. Tasks can join (`add_task`) and
+leave (`cancel`) between steps; the backbone stays loaded.
 
 Validation (executor/validation.py): after a step, every task due for evaluation (every
 `eval_interval` of its steps, and at its end) is evaluated in the same fused, chunk-aligned layout,
-forward only: no autograd graph, dropout off, no generator drawn from and no task state touched but its
-evaluation record, so a task's training is bit for bit the same with evaluation on or off.
+forward only (through the stages in order; each replica its share of the validation set): no autograd
+graph, dropout off, no generator drawn from and no task state touched but its evaluation record, so a
+task's training is bit for bit the same with evaluation on or off.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from transformers import get_scheduler
 
+from muxtune.errors import MuxTuneError
 from muxtune.executor.alignment import ChunkedBatch, pack_chunks, packed_attention, split_by_budget
 from muxtune.executor.backbone import Backbone
 from muxtune.executor.data import IGNORE, DataOptions, Example, FusedBatch, TaskSampler, example_origin, fuse
+from muxtune.executor.forward import FusedForward
 from muxtune.executor.mux import Multiplexer, TaskAdapter
+from muxtune.executor.pipeline import Stage, StepRecord, Topology, Transfers, finish_all_reduce, start_all_reduce
+from muxtune.executor.tensor_parallel import TensorParallel
 from muxtune.executor.validation import record_evaluation
-from muxtune.errors import MuxTuneError
-from muxtune.spec import Alignment, TaskSpec
+from muxtune.schedule import blocks, one_f_one_b, part_bounds, part_index
+from muxtune.spec import Alignment, Layout, Plan, TaskSpec
 
 
 @dataclass
@@ -132,14 +141,14 @@ def example_problem(example: Example, vocab_size: int, max_seq_len: int) -> str 
 
 
 @torch.no_grad()
-def grad_norms(runs: list[TaskRun]) -> list[torch.Tensor | None]:
-    """Every task's total gradient norm (None without gradients; one pass serves both the finiteness
-    check and the clipping), bit for bit as `torch.nn.utils.get_total_norm` computes it
-    (the 2-norm of the stacked per-tensor 2-norms), but the per-tensor norms of ALL tasks in one
-    foreach call: with many small adapters the per-call work of doing it task by task is most of it.
+def grad_norms(params: list[list[torch.nn.Parameter]]) -> list[torch.Tensor | None]:
+    """The total gradient norm of each task's tensors `params` (None without gradients; one pass serves
+    both the finiteness check and the clipping), bit for bit as `torch.nn.utils.get_total_norm`
+    computes it (the 2-norm of the stacked per-tensor 2-norms), but the per-tensor norms of ALL tasks in
+    one foreach call: with many small adapters the per-call work of doing it task by task is most of it.
     Every adapter tensor is fp32 on the trainer's device (TaskAdapter), so the library's grouping by
     device and dtype is one group in parameter order, as here."""
-    grads = [[p.grad for p in run.parameters() if p.grad is not None] for run in runs]
+    grads = [[p.grad for p in task if p.grad is not None] for task in params]
     flat = [g for task in grads for g in task]
     per_tensor = list(torch._foreach_norm(flat, 2.0)) if flat else []
     out, start = [], 0
@@ -158,30 +167,63 @@ def clip_with_norm(run: TaskRun, max_norm: float, norm: torch.Tensor) -> None:
         torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
 
 
-class MultiplexedTrainer:
-    """Trains tasks on one shared backbone. `groups` (from the Plan) lists the fusion groups: the
-    tasks of a group share one fused micro-batch; groups run one after another within a step
-    (default: one group of all tasks). `alignment` (from the Plan) sets the micro-batch layout.
-    `validation`: the validation examples of the tasks that validate (executor/validation.py)."""
+class MultiplexedTrainer(FusedForward):
+    """Trains tasks on one shared backbone: the ONE step loop, for one process or for this process's
+    (replica, stage, tensor rank) of a multi-process Plan (executor/pipeline.py has the parallel parts;
+    at world size 1 they do nothing and no process group exists).
+
+    `groups` (from the Plan) lists the fusion groups: the tasks of a group share one fused micro-batch;
+    groups run one after another within a step (default: one group of all tasks). `alignment` (from the
+    Plan) sets the micro-batch layout. `validation`: the validation examples of the tasks that validate
+    (executor/validation.py). `plan`: the whole Plan instead (its groups, alignment, layout, micro-batches
+    and schedule); `topology`: this process's place in its layout (default: the only process)."""
 
     def __init__(self, backbone: Backbone, specs: list[TaskSpec], examples: dict[str, list[Example]],
                  groups: list[list[str]] | None = None, alignment: Alignment | None = None,
-                 validation: dict[str, list[Example]] | None = None):
+                 validation: dict[str, list[Example]] | None = None, plan: Plan | None = None,
+                 topology: Topology | None = None):
+        self.topo = topology or Topology()
+        if plan is not None:
+            layout = plan.groups[0].layout
+            if (layout.dp, layout.pp, layout.tp) != (self.topo.dp, self.topo.pp, self.topo.tp):
+                raise MuxTuneError(f"plan: layout dp={layout.dp} pp={layout.pp} tp={layout.tp} but the world is "
+                                   f"dp={self.topo.dp} pp={self.topo.pp} tp={self.topo.tp}")
+            # our own copy: tasks that join mid-run (add_task) extend its groups, not the caller's plan
+            plan = plan.model_copy(deep=True)
+            groups, alignment = [g.tasks for g in plan.groups], plan.alignment
+        self.plan = plan
+        self.layout = plan.groups[0].layout if plan else Layout()
+        self.schedule = plan.schedule if plan else "1f1b"
+        self.group_micro_batches = [g.micro_batches for g in plan.groups] if plan else []
         self.backbone = backbone
         self.model = backbone.model
         self.device = next(self.model.parameters()).device
         self.mux = Multiplexer.attach(self.model)
+        self.alignment = alignment or Alignment()
+        self.stage = Stage(self.model, self.topo, self.layout, self.alignment.layout)
         validation = validation or {}
+        # every adapter is built on the full model, in the config's task order: the same init on every stage
         self.runs: dict[str, TaskRun] = {s.name: build_task_run(self.mux, s, examples[s.name], validation.get(s.name))
                                          for s in specs}
+        for run in self.runs.values():
+            self.stage.check(run)
         self.groups = groups or [list(self.runs)]
-        self.alignment = alignment or Alignment()
+        self.stage.free_others(self.model)
+        self.tensor_parallel = None  # this process's slice of the stage's layers (executor/tensor_parallel.py)
+        if self.topo.tp > 1:
+            self.tensor_parallel = TensorParallel(self.model, self.mux, self.runs, self.stage.layers, self.topo.tp,
+                                                  self.topo.tensor_rank, self.topo.tensor_group)
+        self.owned = {name: self.stage.owned_parameters(run) for name, run in self.runs.items()}
         self.step_times: list[float] = []
-        self.step_tokens: list[int] = []  # real (non-padding) tokens of each step's fused batches
+        self.step_tokens: list[int] = []  # real (non-padding) tokens of each step's fused batches (this replica)
         self.step_shapes: list[tuple[int, int]] = []  # (rows, seq) of every fused micro-batch computed
+        self.task_step_tokens: list[dict[str, int]] = []  # per step: each task's computed tokens, this replica
+        self.records: list[StepRecord] = []  # per step: this process's compute spans
         # evaluations: (global step, seconds, tokens put through the backbone) of each fused evaluation
         self.eval_times: list[tuple[int, float, int]] = []
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
+        dtype = next(p for p in self.model.parameters() if p.device.type != "meta").dtype
+        self.transfers = Transfers(self.device, dtype)
         for run in self.runs.values():
             self.check_validation(run)
 
@@ -217,14 +259,28 @@ class MultiplexedTrainer:
         return example_origin(source, self.backbone.tokenizer, run.spec.max_seq_len, DataOptions.of(run.spec),
                               example.index)
 
+    # --- tenants come and go (in a multi-process run on every process at the same step boundary) ---------
+
     def add_task(self, spec: TaskSpec, examples: list[Example], group: int = 0,
                  validation: list[Example] | None = None) -> TaskRun:
         """A tenant joins between steps: its adapter is attached to the loaded backbone and it takes
-        part from the next step on, with its own step count (so it trains as it would alone)."""
+        part from the next step on, with its own step count (so it trains as it would alone). On a
+        pipeline stage the other stages' layers are on the meta device: the task's init stream is drawn
+        over every op as on the full model (shapes only), so this stage's layers start from exactly the
+        weights the task would get alone; the others are placeholders never trained here."""
+        if self.tensor_parallel is not None:
+            raise MuxTuneError(f"submit {spec.name}: tensor-parallel plans (tp > 1) do not take tasks mid-run yet")
         if spec.name in self.runs:
             raise MuxTuneError(f"task {spec.name!r} is already in this run")
-        run = self.runs[spec.name] = build_task_run(self.mux, spec, examples, validation)
-        self.groups[group].append(spec.name)
+        run = build_task_run(self.mux, spec, examples, validation)
+        try:
+            self.stage.check(run)
+        except MuxTuneError:
+            self.mux.remove_task(spec.name)
+            raise
+        self.runs[spec.name] = run
+        self.groups[group].append(spec.name)  # a plan's groups are these lists
+        self.owned[spec.name] = self.stage.owned_parameters(run)
         self.check_validation(run)
         return run
 
@@ -244,7 +300,8 @@ class MultiplexedTrainer:
 
     def draw_batch(self, run: TaskRun) -> list[Example] | None:
         """The task's next batch, every example checked; a corrupt one fails the task (on_bad_line:
-        error) or is skipped and counted (skip). Any error reading the data fails only this task."""
+        error) or is skipped and counted (skip). Any error reading the data fails only this task.
+        Every process draws the same batches, so a failure here is the same on every process."""
         batch = []
         try:
             while len(batch) < run.batch_size_now:
@@ -267,44 +324,62 @@ class MultiplexedTrainer:
     def active(self) -> list[TaskRun]:
         return [run for run in self.runs.values() if not run.done and run.status == "running"]
 
+    def micro_batch_count(self, group: int) -> int:
+        """The Plan's micro-batches per step of a group (1 for a group that joined mid-run)."""
+        return self.group_micro_batches[group] if group < len(self.group_micro_batches) else 1
+
+    def replica_micro_batches(self, batches: dict[str, list[Example]], micro_batches: int,
+                              split_padded: bool = False) -> list[FusedBatch | ChunkedBatch]:
+        """This replica's micro-batches of one group's step: each task's sequences are cut into
+        dp * micro_batches contiguous parts (sizes as even as possible); micro-batch k of replica r
+        holds part k * dp + r of every task (muxtune/schedule.py). One part: the whole batch."""
+        parts = self.topo.dp * micro_batches
+        out = []
+        for k in range(micro_batches):
+            index = part_index(k, self.topo.replica, self.topo.dp)
+            share = {}
+            for name, examples in batches.items():
+                lo, hi = part_bounds(len(examples), parts, index)
+                if hi > lo:
+                    share[name] = examples[lo:hi]
+            if share:
+                out.extend(self.micro_batches(share, split_padded=split_padded))
+        return out
+
     def step(self) -> dict[str, float]:
-        """One optimizer step for every active task: per fusion group one fused forward and backward."""
-        runs = self.active
+        """One optimizer step of every active task, on this process's share of the work: per fusion
+        group its fused micro-batch(es), forward and backward in the Plan's schedule."""
+        topo, runs = self.topo, self.active
         start = time.perf_counter()
-        sums, counts, tokens, computed, hits = {}, {}, {}, {}, {}
-        for group in self.groups:
+        self._record, self._start, self._saved = StepRecord(0.0), start, {}
+        units: list[list[tuple[int, int]]] = []  # per group, its micro-batches
+        self._batches: dict[tuple[int, int], FusedBatch | ChunkedBatch] = {}
+        counts, tokens, computed, self._hits = {}, {}, {}, {}
+        for g, group in enumerate(self.groups):
             members = [run for run in runs if run.spec.name in group]
-            batches = {run.spec.name: self.draw_batch(run) for run in members}
-            batches = {name: batch for name, batch in batches.items() if batch is not None}
-            if not batches:
-                continue
-            micro_batches = self.micro_batches(batches)
-            # a task's loss is the mean over ALL its target tokens of the step, however they were split
-            for batch in micro_batches:
-                for name, n in batch.target_counts.items():
-                    counts[name] = counts.get(name, 0) + n
-            for batch in micro_batches:
-                batch_sums = self.loss_sums(batch, training=True, hits=hits)
-                # a non-finite loss stays out of the backward: only its own task is stopped
-                finite = {name: total for name, total in batch_sums.items() if torch.isfinite(total)}
-                if finite:
-                    torch.stack([total / counts[name] for name, total in finite.items()]).sum().backward()
-                for name, total in batch_sums.items():
-                    sums[name] = sums.get(name, 0.0) + float(total.detach())
-                for name, n in batch.tokens_per_task.items():
-                    tokens[name] = tokens.get(name, 0) + n
-                for name, n in batch.computed_per_task.items():
-                    computed[name] = computed.get(name, 0) + n
+            batches = {run.spec.name: batch for run in members if (batch := self.draw_batch(run)) is not None}
+            mine = self.replica_micro_batches(batches, self.micro_batch_count(g)) if batches else []
+            units.append([(g, k) for k in range(len(mine))])
+            for k, batch in enumerate(mine):
+                self._batches[(g, k)] = batch
+                for totals, per_task in ((counts, batch.target_counts), (tokens, batch.tokens_per_task),
+                                         (computed, batch.computed_per_task)):
+                    for name, n in per_task.items():
+                        totals[name] = totals.get(name, 0) + n
                 self.step_shapes.append(tuple(batch.input_ids.shape))
-        losses = {name: sums[name] / counts[name] for name in sums}
-        live = [run for run in runs if run.status == "running"]
-        norms = {run.spec.name: norm for run, norm in zip(live, grad_norms(live))}
-        for run in live:
-            loss, norm = losses[run.spec.name], norms[run.spec.name]
-            if not math.isfinite(loss):
-                self.fail(run, f"non-finite loss ({loss}) at step {run.step + 1}")
-            elif norm is not None and not torch.isfinite(norm):
-                self.fail(run, f"non-finite gradient at step {run.step + 1}")
+        runs = [run for run in runs if run.status == "running"]
+        names = [run.spec.name for run in runs]
+        # a task's loss is the mean over ALL its target tokens of the step, however (and on however
+        # many replicas) they were split
+        self._counts = self._replica_sum(counts, names) if topo.dp > 1 else counts
+        self._sums = {}
+        self.run_schedule(units, runs)
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.reduce_replicated_grads(runs)
+        losses, accuracies = self._step_figures(names)
+        norms = self._grad_norms(runs)
+        self._stop_non_finite(runs, losses, norms)
+        failed = {}
         for run in runs:
             if run.status != "running":
                 continue
@@ -315,44 +390,209 @@ class MultiplexedTrainer:
                 run.optimizer.step()
                 run.scheduler.step()
             except (RuntimeError, ValueError, OverflowError) as exc:  # e.g. an lr that overflows fp32
-                self.fail(run, f"optimizer step failed at step {run.step + 1}: {exc}")
+                failed[run.spec.name] = f"optimizer step failed at step {run.step + 1}: {exc}"
             run.optimizer.zero_grad(set_to_none=True)
+        self._fail_everywhere(runs, failed, "optimizer step failed at step {step} on another stage")
         runs = [run for run in runs if run.status == "running"]
         elapsed = time.perf_counter() - start
         for run in runs:
+            name = run.spec.name
             run.step += 1
-            run.losses.append(losses[run.spec.name])
-            run.accuracies.append(float(hits[run.spec.name]) / counts[run.spec.name])
-            run.tokens += tokens[run.spec.name]
-            run.computed_tokens += computed[run.spec.name]
+            run.losses.append(losses[name])
+            run.accuracies.append(accuracies[name])
+            run.tokens += tokens.get(name, 0)
+            run.computed_tokens += computed.get(name, 0)
             run.seconds += elapsed
             if run.done:
                 run.status = "finished"
+        self._record.seconds = elapsed
+        self.records.append(self._record)
         self.step_times.append(elapsed)
         self.step_tokens.append(sum(tokens.values()))
+        self.task_step_tokens.append(computed)
         self.evaluate([run for run in runs if run.evaluation_due])
         return {run.spec.name: losses[run.spec.name] for run in runs}
+
+    def run_schedule(self, units: list[list[tuple[int, int]]], runs: list[TaskRun]) -> None:
+        """Every micro-batch's forward and backward in the schedule's 1F1B order (one process: each
+        forward then its backward). With replicas, a group's adapter gradients are all-reduced in group
+        order (the same collective order on every replica), each as soon as its last backward here is
+        done and all earlier groups' have started."""
+        topo = self.topo
+        remaining, reductions, next_group = [len(u) for u in units], [], 0
+
+        def start_reductions():
+            nonlocal next_group
+            while next_group < len(units) and remaining[next_group] == 0:
+                if topo.dp > 1:
+                    reductions.extend(start_all_reduce(self.owned[run.spec.name], topo.replica_group)
+                                      for run in runs if run.spec.name in self.groups[next_group]
+                                      and self.owned[run.spec.name])
+                next_group += 1
+
+        start_reductions()
+        for block in blocks(units, self.schedule):
+            for kind, unit in one_f_one_b(block, topo.stage, topo.pp):
+                if kind == "fwd":
+                    self.forward(unit)
+                else:
+                    self.backward(unit)
+                    remaining[unit[0]] -= 1
+                    start_reductions()
+        self.transfers.wait()
+        finish_all_reduce(reductions)
+
+    def blocks(self, units: list[list[tuple[int, int]]]) -> list[list[tuple[int, int]]]:
+        """Each block is one 1F1B: a group each ("1f1b"), or all groups' micro-batches alternating."""
+        return blocks(units, self.schedule)
+
+    def _timed(self, kind: str, unit: tuple[int, int]):
+        started = time.perf_counter()
+
+        def done():
+            self._record.spans.append((kind, unit[0], unit[1], started - self._start,
+                                       time.perf_counter() - self._start))
+        return done
+
+    def forward(self, unit: tuple[int, int]) -> None:
+        topo, batch = self.topo, self._batches[unit]
+        inputs = None
+        if not topo.first:
+            inputs = self.transfers.recv(self._hidden_shape(batch), topo.rank - topo.tp).requires_grad_()
+        done = self._timed("fwd", unit)
+        sums, hidden = self.stage_loss_sums(batch, inputs, training=True, hits=self._hits)
+        if topo.last:
+            # a non-finite loss stays out of the backward: only its own task is stopped (after the step)
+            finite = [total / self._counts[name] for name, total in sums.items() if torch.isfinite(total)]
+            for name, total in sums.items():
+                self._sums[name] = self._sums.get(name, 0.0) + float(total.detach())
+            self._saved[unit] = (inputs, torch.stack(finite).sum() if finite else None)
+        else:
+            self._saved[unit] = (inputs, hidden)
+        done()
+        if not topo.last:
+            self.transfers.send(hidden.detach(), topo.rank + topo.tp)
+
+    def backward(self, unit: tuple[int, int]) -> None:
+        topo = self.topo
+        inputs, out = self._saved.pop(unit)
+        grad = None if topo.last else self.transfers.recv(out.shape, topo.rank + topo.tp)
+        done = self._timed("bwd", unit)
+        if out is not None and out.requires_grad:
+            out.backward(grad)
+        done()
+        if not topo.first:
+            self.transfers.send(inputs.grad if inputs.grad is not None else torch.zeros_like(inputs),
+                                topo.rank - topo.tp)
+
+    def stage_loss_sums(self, batch: FusedBatch | ChunkedBatch, inputs: torch.Tensor | None, training: bool,
+                        hits: dict[str, torch.Tensor] | None = None):
+        """(each task's summed loss, None) on the last stage, (None, hidden states to send) before it.
+        The whole model (one stage) is `loss_sums`; a pipeline stage runs its layers of the chunk stream,
+        the first from the embeddings, the others from the previous stage's hidden states `inputs`."""
+        if self.stage.parts is None:
+            return self.loss_sums(batch, training=training, hits=hits), None
+        with self.mux.route(batch.segments, batch.chunk_len, training=training, own_rows=True):
+            embeds = self.chunked_embeds(batch) if self.stage.first else inputs
+            with packed_attention(self.model, batch, {}), self.stage.run_layers(self.model):
+                hidden = self.model.base_model(inputs_embeds=embeds, position_ids=batch.position_ids.reshape(1, -1)
+                                               ).last_hidden_state
+        if not self.stage.last:
+            return None, hidden
+        return self.head_loss_sums(batch, hidden.view(*batch.targets.shape, -1), batch.targets, hits), None
+
+    def _hidden_shape(self, batch: ChunkedBatch) -> tuple[int, int, int]:
+        return (1, batch.input_ids.numel(), self.model.config.hidden_size)
+
+    def _replica_sum(self, values: dict, names: list[str]) -> dict[str, float]:
+        """Per-task figures summed over the replicas (an all-reduce over this stage's replica group)."""
+        totals = torch.tensor([float(values.get(n, 0)) for n in names], dtype=torch.float64)
+        dist.all_reduce(totals, group=self.topo.replica_group)
+        return dict(zip(names, totals.tolist()))
+
+    def _step_figures(self, names: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+        """Each task's mean loss and token accuracy over its whole batch (known on the last stage; NaN
+        on the others)."""
+        if not self.topo.last:
+            return ({n: float("nan") for n in names},) * 2
+        sums, hits = self._sums, {n: float(self._hits.get(n, 0)) for n in names}
+        if self.topo.dp > 1:
+            sums, hits = self._replica_sum(sums, names), self._replica_sum(hits, names)
+        counts = self._counts
+        return {n: sums[n] / counts[n] for n in names}, {n: hits[n] / counts[n] for n in names}
+
+    def _grad_norms(self, runs: list[TaskRun]) -> dict[str, torch.Tensor | None]:
+        """Each task's total gradient norm over all its stages and tensor ranks (a split tensor's
+        slices on each, a replicated tensor once); one process: `grad_norms` alone."""
+        split = self.topo.pp > 1 or self.topo.tp > 1
+        shares = [[p for p in self.owned[run.spec.name]
+                   if self.tensor_parallel is None or self.tensor_parallel.norm_share(p)] for run in runs]
+        norms = grad_norms(shares)
+        if split and runs:
+            squares = torch.stack([n.double() ** 2 if n is not None else torch.zeros((), dtype=torch.float64,
+                                                                                       device=self.device)
+                                   for n in norms]).cpu()
+            dist.all_reduce(squares, group=self.topo.pipeline_group)
+            norms = list(squares.sqrt().to(self.device, torch.float32))
+        return {run.spec.name: norm for run, norm in zip(runs, norms)}
+
+    def _stop_non_finite(self, runs: list[TaskRun], losses: dict[str, float],
+                         norms: dict[str, torch.Tensor | None]) -> None:
+        """Fail a task whose loss (known on the last stage) or gradients are non-finite, on every
+        process alike. Its gradients never reach its optimizer; the other tasks never saw its values
+        (own rows only, and a non-finite loss was left out of the backward)."""
+        failed = {}
+        for run in runs:
+            name, norm = run.spec.name, norms[run.spec.name]
+            if self.topo.last and not math.isfinite(losses[name]):
+                failed[name] = f"non-finite loss ({losses[name]}) at step {run.step + 1}"
+            elif norm is not None and not torch.isfinite(norm):
+                failed[name] = f"non-finite gradient at step {run.step + 1}"
+        self._fail_everywhere(runs, failed, "non-finite loss at step {step}")
+
+    def _fail_everywhere(self, runs: list[TaskRun], failed: dict[str, str], elsewhere: str) -> None:
+        """Fail the `failed` tasks (name -> reason); with several processes, a task failed on one of
+        them fails on all (`elsewhere`: the reason where it did not fail locally)."""
+        if self.topo.world > 1:
+            flags = torch.tensor([float(run.spec.name in failed) for run in runs])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            for run, bad in zip(runs, flags.tolist()):
+                if bad and run.spec.name not in failed:
+                    failed[run.spec.name] = elsewhere.format(step=run.step + 1)
+        for run in runs:
+            if run.spec.name in failed and run.status == "running":
+                self.fail(run, failed[run.spec.name])
 
     @torch.no_grad()
     def evaluate(self, runs: list[TaskRun]) -> None:
         """Evaluate `runs` together: their validation sets go through the backbone in fused micro-batches
-        of the Plan's layout and token budget, forward only, dropout off. Records valid_loss (mean over
-        the loss-bearing tokens, as training) and valid_mean_token_accuracy per task; early stopping
-        may stop a task here (validation.record_evaluation)."""
+        of the Plan's layout and token budget, forward only, dropout off (through the stages in order;
+        each replica its share). Records valid_loss (mean over the loss-bearing tokens, as training) and
+        valid_mean_token_accuracy per task on every process; early stopping may stop a task here
+        (validation.record_evaluation)."""
         if not runs:
             return
-        start = time.perf_counter()
+        topo, start = self.topo, time.perf_counter()
         sums, hits, counts, tokens = {}, {}, {}, 0
         for group in self.groups:  # the Plan's fusion groups, as in a training step
             batches = {run.spec.name: run.validation for run in runs if run.spec.name in group}
-            if not batches:
-                continue
-            for batch in self.micro_batches(batches, split_padded=True):
+            for batch in self.replica_micro_batches(batches, 1, split_padded=True) if batches else []:
                 for name, n in batch.target_counts.items():
                     counts[name] = counts.get(name, 0) + n
-                for name, total in self.loss_sums(batch, training=False, hits=hits).items():
+                inputs = None if topo.first else self.transfers.recv(self._hidden_shape(batch), topo.rank - topo.tp)
+                batch_sums, hidden = self.stage_loss_sums(batch, inputs, training=False, hits=hits)
+                if not topo.last:
+                    self.transfers.send(hidden, topo.rank + topo.tp)
+                for name, total in (batch_sums or {}).items():
                     sums[name] = sums.get(name, 0.0) + float(total)
                 tokens += sum(batch.tokens_per_task.values())
+        self.transfers.wait()
+        names = [run.spec.name for run in runs]
+        if topo.world > 1:  # the replicas' last stages hold the shares; every process learns the totals
+            figures = torch.tensor([[sums.get(n, 0.0), float(hits.get(n, 0)), float(counts.get(n, 0))]
+                                    if topo.reports else [0.0, 0.0, 0.0] for n in names], dtype=torch.float64)
+            dist.all_reduce(figures)
+            sums, hits, counts = ({n: row[i] for n, row in zip(names, figures.tolist())} for i in range(3))
         for run in runs:
             name = run.spec.name
             record_evaluation(run, sums[name] / counts[name], float(hits[name]) / counts[name])
@@ -372,123 +612,15 @@ class MultiplexedTrainer:
         return [pack_chunks(part, self.alignment.chunk_len, pad_id, self.device, lead=lead, position_offset=offset)
                 for part in split_by_budget(batches, self.alignment.chunk_len, self.alignment.token_budget, lead)]
 
-    def task_losses(self, batch: FusedBatch | ChunkedBatch, training: bool) -> dict[str, torch.Tensor]:
-        """Mean next-token loss of each task over its own target tokens (as HF's causal-LM loss)."""
-        counts = batch.target_counts
-        return {name: total / counts[name] for name, total in self.loss_sums(batch, training).items()}
-
-    def loss_sums(self, batch: FusedBatch | ChunkedBatch, training: bool,
-                  hits: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Summed next-token loss of each task over its own target tokens in this micro-batch; `hits`
-        adds up each task's correctly predicted (argmax) target tokens."""
-        with self.mux.route(batch.segments, batch.input_ids.shape[1], training=training,
-                            own_rows=isinstance(batch, ChunkedBatch)):
-            if isinstance(batch, ChunkedBatch):
-                hidden, targets = self.chunked_hidden_states(batch).view(*batch.targets.shape, -1), batch.targets
-            else:
-                hidden, targets = self.hidden_states(batch)[:, :-1], batch.labels[:, 1:]
-        return self.head_loss_sums(batch, hidden, targets, hits)
-
-    def head_loss_sums(self, batch: FusedBatch | ChunkedBatch, hidden: torch.Tensor,
-                       targets: torch.Tensor, hits: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Each task's summed loss from the last hidden states [rows, seq, d] and next-token targets
-        [rows, seq] (the last pipeline stage runs only this part); `hits` as in loss_sums."""
-        valid = targets != IGNORE
-        # the LM head runs only on positions that carry loss: padding and prompts cost no vocab GEMM
-        logits = self.model.get_output_embeddings()(hidden[valid])
-        per_token = F.cross_entropy(logits.float(), targets[valid], reduction="none")
-        row_task = torch.empty(batch.input_ids.shape[0], dtype=torch.long, device=self.device)
-        for i, seg in enumerate(batch.segments):
-            row_task[seg.start : seg.end] = i
-        token_task = row_task[:, None].expand_as(valid)[valid]
-        sums = torch.zeros(len(batch.segments), device=self.device).index_add(0, token_task, per_token)
-        if hits is not None:  # read off the logits: nothing of it reaches the loss or its gradient
-            right = (logits.detach().argmax(-1) == targets[valid]).to(torch.long)
-            counts = torch.zeros(len(batch.segments), dtype=torch.long, device=self.device).index_add(0, token_task, right)
-            for i, seg in enumerate(batch.segments):
-                hits[seg.task] = hits.get(seg.task, 0) + counts[i]
-        return {seg.task: sums[i] for i, seg in enumerate(batch.segments)}
-
-    def chunked_hidden_states(self, batch: ChunkedBatch) -> torch.Tensor:
-        """Last hidden states [1, rows * chunk_len, d] of the flattened chunk stream. Attention stays
-        inside each sequence; prompt tasks' virtual slots get their virtual tokens, prefix tasks'
-        sequences see their K/V prefix (alignment.packed_attention)."""
-        adapters = [self.mux.adapters[seg.task] for seg in batch.segments]
-        embeds = self.chunked_embeds(batch)
-        prefixes = {i: a.sequence.key_values(1, embeds.dtype) for i, a in enumerate(adapters) if a.prefix_tokens}
-        with packed_attention(self.model, batch, prefixes):
-            return self.model.base_model(inputs_embeds=embeds, position_ids=batch.position_ids.reshape(1, -1)
-                                         ).last_hidden_state
-
-    def chunked_embeds(self, batch: ChunkedBatch) -> torch.Tensor:
-        """Input embeddings [1, rows * chunk_len, d] of the chunk stream, prompt tasks' virtual tokens in
-        their slots (the first pipeline stage runs only this part before its layers)."""
-        adapters = [self.mux.adapters[seg.task] for seg in batch.segments]
-        ids = batch.input_ids.reshape(1, -1)
-        embeds = self.model.get_input_embeddings()(ids)
-        if batch.virtual_slots:
-            flat = embeds[0]
-            for index, slots in batch.virtual_slots.items():
-                placeholders = flat.new_zeros(slots.shape[0], slots.shape[1], flat.shape[-1])
-                virtual = adapters[index].sequence.prepend(placeholders)  # [sequences, n, d]
-                flat = flat.index_put((slots.reshape(-1),), virtual.reshape(-1, flat.shape[-1]))
-            embeds = flat.unsqueeze(0)
-        return embeds
-
-    def hidden_states(self, batch: FusedBatch) -> torch.Tensor:
-        """The backbone's last hidden states for the fused batch, with every task's sequence-level
-        method applied to its own rows: prompt tuning's virtual tokens, prefix tuning's KV prefix."""
-        adapters = [self.mux.adapters[seg.task] for seg in batch.segments]
-        base = self.model.base_model
-        if all(a.sequence is None for a in adapters):
-            return base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        rows, seq = batch.input_ids.shape
-        embeds = self.model.get_input_embeddings()(batch.input_ids)
-        parts = []
-        for seg, adapter in zip(batch.segments, adapters):
-            part = embeds[seg.start : seg.end]
-            parts.append(adapter.sequence.prepend(part) if adapter.lead_tokens else part)
-        embeds = torch.cat(parts, dim=0)
-        # A prefix task's tokens sit at positions n.. after its n prefix slots (as with HF PEFT's cache).
-        offset = torch.cat([torch.full((seg.end - seg.start,), a.prefix_tokens, device=self.device)
-                            for seg, a in zip(batch.segments, adapters)])
-        position_ids = torch.arange(seq, device=self.device)[None, :] + offset[:, None]
-        mask, cache = batch.attention_mask, None
-        longest = max(a.prefix_tokens for a in adapters)
-        if longest:
-            cache, prefix_mask = self._prefix_cache(batch, adapters, longest, embeds.dtype)
-            mask = torch.cat([prefix_mask, mask], dim=1)
-        return base(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                    **{_cache_kwarg(base): cache}).last_hidden_state
-
-    def _prefix_cache(self, batch: FusedBatch, adapters, longest: int, dtype):
-        """One KV region of `longest` slots for the whole batch: each prefix task's rows hold their
-        prefix right-aligned in it; every other slot is masked out."""
-        from transformers import DynamicCache
-
-        from muxtune.executor.peft.prefix import kv_geometry
-
-        layers, kv_heads, head_dim = kv_geometry(self.model)
-        per_layer = [([], []) for _ in range(layers)]
-        mask = torch.zeros(batch.input_ids.shape[0], longest, dtype=batch.attention_mask.dtype, device=self.device)
-        for seg, adapter in zip(batch.segments, adapters):
-            rows, n = seg.end - seg.start, adapter.prefix_tokens
-            kv = adapter.sequence.key_values(rows, dtype) if n else None
-            mask[seg.start : seg.end, longest - n :] = 1
-            for layer, (keys, values) in enumerate(per_layer):
-                for store, i in ((keys, 0), (values, 1)):
-                    blank = torch.zeros(rows, kv_heads, longest - n, head_dim, dtype=dtype, device=self.device)
-                    store.append(torch.cat([blank, kv[layer][i]], dim=2) if n else blank)
-        cache = DynamicCache([(torch.cat(k, dim=0), torch.cat(v, dim=0)) for k, v in per_layer])
-        return cache, mask
-
     def train(self, progress: bool = True, after_step: Callable[["MultiplexedTrainer"], None] | None = None) -> None:
-        """Step until no task is active. `after_step` runs at every step boundary (checkpoints, the
-        spool of submitted and cancelled tasks)."""
+        """Step until no task is active. `after_step(self)` runs at every step boundary (checkpoints, the
+        spool of submitted and cancelled tasks); with several processes, on every process alike (it may
+        hold collectives). The progress bar is the last process's (its last stage knows the losses)."""
         from tqdm.auto import tqdm
 
         total = max((run.total_steps - run.step for run in self.active), default=0)
-        with tqdm(total=total, desc="training", unit="step", disable=not progress) as bar:
+        show = progress and self.topo.rank == self.topo.world - 1
+        with tqdm(total=total, desc="training", unit="step", disable=not show) as bar:
             while self.active:
                 losses = self.step()
                 bar.update(1)
@@ -508,9 +640,3 @@ def progress_figures(runs: dict[str, TaskRun], losses: dict[str, float], most: i
             text += f" val {run.evaluations[-1]['valid_loss']:.3f} (best {run.best_loss:.3f})"
         figures[name[:12]] = text
     return figures
-
-
-def _cache_kwarg(model) -> str:
-    """transformers renamed `past_key_values` to `cache` during 5.x; older 5.x releases silently drop
-    an unknown `cache=` into **kwargs (the prefix would vanish), so ask the model which name it takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -95,7 +95,7 @@ def _virtual_tokens(spec: TaskSpec) -> int:
 def _micro_batches(members: list[TaskSpec], params: dict[str, int], parts: int, index: int,
                    alignment: Alignment) -> list:
     """The micro-batch(es) the executor builds from part `index` of `parts` of the group's step (as
-    PipelineTrainer.replica_micro_batches), priced as CostModel MicroBatches."""
+    MultiplexedTrainer.replica_micro_batches), priced as CostModel MicroBatches."""
     longest = max(s.max_seq_len + _virtual_tokens(s) for s in members)
     loads = []
     for s in members:
@@ -167,8 +167,7 @@ def estimate(model, specs: list[TaskSpec], groups: list[list[str]], alignment: A
 
 def plan_estimates(model, specs: list[TaskSpec], plan: Plan, cost_model=None,
                    params: dict[str, dict] | None = None) -> list[MemoryEstimate]:
-    """One estimate per process of a (multi-process) plan, in rank order; `available` is filled in by
-    `admit_processes`. `params` caches adapter_params per task (filled here)."""
+    """One estimate per process of a plan, in rank order; `available` is filled in by `admit`. `params` caches adapter_params per task (filled here)."""
     layout = plan.groups[0].layout
     params = params if params is not None else {}
     cm = cost_model or cost_model_of(model)
@@ -177,52 +176,36 @@ def plan_estimates(model, specs: list[TaskSpec], plan: Plan, cost_model=None,
             for rank in range(layout.dp * layout.pp * layout.tp)]
 
 
-def available_bytes(device: torch.device, model, limit_gib: float | None) -> int:
-    loaded = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
-    available = _free_bytes(device) + loaded
-    if limit_gib is not None:
-        available = min(available, int(limit_gib * GIB))
-    return available
-
-
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return psutil.virtual_memory().available
 
 
-def admit(model, specs: list[TaskSpec], groups: list[list[str]], alignment: Alignment, limit_gib: float | None,
-          what: str = "plan", params: dict[str, dict] | None = None) -> MemoryEstimate:
-    """Raise MuxTuneError (with needed vs available) when the tasks are predicted not to fit on the
-    one device of a single-process run."""
-    device = next(model.parameters()).device
-    result = estimate(model, specs, groups, alignment, available_bytes(device, model, limit_gib), params)
-    result.device = str(device)
-    if result.needed > result.available:
-        worst = max(result.adapters, key=result.adapters.get) if result.adapters else None
-        raise MuxTuneError(f"{what}: refused, predicted not to fit in {device} memory: {result.describe()}"
-                           + (f"; largest task state: {worst!r}" if worst else "") + _ADVICE)
-    return result
+def admit(model, specs: list[TaskSpec], plan: Plan, limit_gib: float | None, what: str = "plan",
+          params: dict[str, dict] | None = None, rank: int = 0, world: int = 1, cost_model=None
+          ) -> dict[str, MemoryEstimate]:
+    """Raise MuxTuneError (with needed vs available) when the tasks are predicted not to fit. Called by
+    every process of the plan (with several, a collective): each reports its device's free memory;
+    processes on the same device (host and name) are summed against it, and every process raises the
+    same error, naming each device that does not fit with its numbers. `params` caches adapter_params
+    per task (filled here)."""
+    import socket
+
+    estimates = plan_estimates(model, specs, plan, cost_model, params)
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    mine = {"rank": rank, "device": f"{socket.gethostname()}:{device}", "free": _free_bytes(device),
+            "loaded": sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")}
+    everyone = [mine]
+    if world > 1:
+        import torch.distributed as dist
+
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+    return per_device(estimates, everyone, limit_gib, what)
 
 
 _ADVICE = "; lower batch_size / max_seq_len, the plan's token_budget, or split the tasks"
-
-
-def admit_processes(estimates: list[MemoryEstimate], rank: int, device: str, model, limit_gib: float | None,
-                    what: str = "plan") -> dict[str, MemoryEstimate]:
-    """Called by every process of a multi-process plan (a collective): each reports its device's free
-    memory; processes on the same device (host and name) are summed against it. Every process raises
-    the same MuxTuneError, naming each device that does not fit with its numbers."""
-    import socket
-
-    import torch.distributed as dist
-
-    torch_device = torch.device(device)
-    mine = {"rank": rank, "device": f"{socket.gethostname()}:{device}", "free": _free_bytes(torch_device),
-            "loaded": sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")}
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return per_device(estimates, everyone, limit_gib, what)
 
 
 def per_device(estimates: list[MemoryEstimate], reports: list[dict], limit_gib: float | None,

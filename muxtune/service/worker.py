@@ -41,7 +41,7 @@ from muxtune.service import planning
 from muxtune.service.config import ServiceConfig
 from muxtune.service.jobs import fine_tuned_model_name
 from muxtune.service.store import Store, new_id, now
-from muxtune.spec import Alignment, TaskSpec
+from muxtune.spec import Alignment, FusionGroup, Plan, TaskSpec
 
 IDLE_POLL_S = 0.2
 
@@ -285,8 +285,10 @@ class Worker:
 
             def admit(trainer, spec, group):
                 active = [r.spec for r in trainer.active] + [spec]
-                admission.admit(self.backbone.model, active, [[s.name for s in active]], self.alignment,
-                                self.config.memory_limit_gib, what=f"job {spec.name}", params=self.adapter_params)
+                fused = Plan(groups=[FusionGroup(tasks=[s.name for s in active], devices=["this"])],
+                             alignment=self.alignment)
+                admission.admit(self.backbone.model, active, fused, self.config.memory_limit_gib,
+                                what=f"job {spec.name}", params=self.adapter_params)
 
             with self.store.transaction(self.db):  # cancelled meanwhile? then it stays out
                 if not self.db.execute("UPDATE jobs SET status = 'running' WHERE id = ? AND status = 'queued'",

@@ -1,0 +1,135 @@
+"""What one fused micro-batch computes through the multiplexed backbone: each task's summed next-token
+loss over its own rows (and, for accuracy, its argmax hits), for chunk-aligned or padded batches, with
+every task's sequence-level method (prompt tuning's virtual tokens, prefix tuning's K/V prefix) applied
+to its own rows only. The trainer (executor/trainer.py) runs these inside its step loop; a pipeline
+stage runs `chunked_embeds` (first stage) and `head_loss_sums` (last stage) around its own layers."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from muxtune.executor.alignment import ChunkedBatch, packed_attention
+from muxtune.executor.data import IGNORE, FusedBatch
+
+
+class FusedForward:
+    """Mixed into the trainer, which provides `model`, `mux` (the Multiplexer) and `device`."""
+
+    def task_losses(self, batch: FusedBatch | ChunkedBatch, training: bool) -> dict[str, torch.Tensor]:
+        """Mean next-token loss of each task over its own target tokens (as HF's causal-LM loss)."""
+        counts = batch.target_counts
+        return {name: total / counts[name] for name, total in self.loss_sums(batch, training).items()}
+
+    def loss_sums(self, batch: FusedBatch | ChunkedBatch, training: bool,
+                  hits: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Summed next-token loss of each task over its own target tokens in this micro-batch; `hits`
+        adds up each task's correctly predicted (argmax) target tokens."""
+        with self.mux.route(batch.segments, batch.input_ids.shape[1], training=training,
+                            own_rows=isinstance(batch, ChunkedBatch)):
+            if isinstance(batch, ChunkedBatch):
+                hidden, targets = self.chunked_hidden_states(batch).view(*batch.targets.shape, -1), batch.targets
+            else:
+                hidden, targets = self.hidden_states(batch)[:, :-1], batch.labels[:, 1:]
+        return self.head_loss_sums(batch, hidden, targets, hits)
+
+    def head_loss_sums(self, batch: FusedBatch | ChunkedBatch, hidden: torch.Tensor,
+                       targets: torch.Tensor, hits: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Each task's summed loss from the last hidden states [rows, seq, d] and next-token targets
+        [rows, seq] (the last pipeline stage runs only this part); `hits` as in loss_sums."""
+        valid = targets != IGNORE
+        # the LM head runs only on positions that carry loss: padding and prompts cost no vocab GEMM
+        logits = self.model.get_output_embeddings()(hidden[valid])
+        per_token = F.cross_entropy(logits.float(), targets[valid], reduction="none")
+        row_task = torch.empty(batch.input_ids.shape[0], dtype=torch.long, device=self.device)
+        for i, seg in enumerate(batch.segments):
+            row_task[seg.start : seg.end] = i
+        token_task = row_task[:, None].expand_as(valid)[valid]
+        sums = torch.zeros(len(batch.segments), device=self.device).index_add(0, token_task, per_token)
+        if hits is not None:  # read off the logits: nothing of it reaches the loss or its gradient
+            right = (logits.detach().argmax(-1) == targets[valid]).to(torch.long)
+            counts = torch.zeros(len(batch.segments), dtype=torch.long, device=self.device).index_add(0, token_task, right)
+            for i, seg in enumerate(batch.segments):
+                hits[seg.task] = hits.get(seg.task, 0) + counts[i]
+        return {seg.task: sums[i] for i, seg in enumerate(batch.segments)}
+
+    def chunked_hidden_states(self, batch: ChunkedBatch) -> torch.Tensor:
+        """Last hidden states [1, rows * chunk_len, d] of the flattened chunk stream. Attention stays
+        inside each sequence; prompt tasks' virtual slots get their virtual tokens, prefix tasks'
+        sequences see their K/V prefix (alignment.packed_attention)."""
+        adapters = [self.mux.adapters[seg.task] for seg in batch.segments]
+        embeds = self.chunked_embeds(batch)
+        prefixes = {i: a.sequence.key_values(1, embeds.dtype) for i, a in enumerate(adapters) if a.prefix_tokens}
+        with packed_attention(self.model, batch, prefixes):
+            return self.model.base_model(inputs_embeds=embeds, position_ids=batch.position_ids.reshape(1, -1)
+                                         ).last_hidden_state
+
+    def chunked_embeds(self, batch: ChunkedBatch) -> torch.Tensor:
+        """Input embeddings [1, rows * chunk_len, d] of the chunk stream, prompt tasks' virtual tokens in
+        their slots (the first pipeline stage runs only this part before its layers)."""
+        adapters = [self.mux.adapters[seg.task] for seg in batch.segments]
+        ids = batch.input_ids.reshape(1, -1)
+        embeds = self.model.get_input_embeddings()(ids)
+        if batch.virtual_slots:
+            flat = embeds[0]
+            for index, slots in batch.virtual_slots.items():
+                placeholders = flat.new_zeros(slots.shape[0], slots.shape[1], flat.shape[-1])
+                virtual = adapters[index].sequence.prepend(placeholders)  # [sequences, n, d]
+                flat = flat.index_put((slots.reshape(-1),), virtual.reshape(-1, flat.shape[-1]))
+            embeds = flat.unsqueeze(0)
+        return embeds
+
+    def hidden_states(self, batch: FusedBatch) -> torch.Tensor:
+        """The backbone's last hidden states for the fused batch, with every task's sequence-level
+        method applied to its own rows: prompt tuning's virtual tokens, prefix tuning's KV prefix."""
+        adapters = [self.mux.adapters[seg.task] for seg in batch.segments]
+        base = self.model.base_model
+        if all(a.sequence is None for a in adapters):
+            return base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        rows, seq = batch.input_ids.shape
+        embeds = self.model.get_input_embeddings()(batch.input_ids)
+        parts = []
+        for seg, adapter in zip(batch.segments, adapters):
+            part = embeds[seg.start : seg.end]
+            parts.append(adapter.sequence.prepend(part) if adapter.lead_tokens else part)
+        embeds = torch.cat(parts, dim=0)
+        # A prefix task's tokens sit at positions n.. after its n prefix slots (as with HF PEFT's cache).
+        offset = torch.cat([torch.full((seg.end - seg.start,), a.prefix_tokens, device=self.device)
+                            for seg, a in zip(batch.segments, adapters)])
+        position_ids = torch.arange(seq, device=self.device)[None, :] + offset[:, None]
+        mask, cache = batch.attention_mask, None
+        longest = max(a.prefix_tokens for a in adapters)
+        if longest:
+            cache, prefix_mask = self._prefix_cache(batch, adapters, longest, embeds.dtype)
+            mask = torch.cat([prefix_mask, mask], dim=1)
+        return base(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                    **{_cache_kwarg(base): cache}).last_hidden_state
+
+    def _prefix_cache(self, batch: FusedBatch, adapters, longest: int, dtype):
+        """One KV region of `longest` slots for the whole batch: each prefix task's rows hold their
+        prefix right-aligned in it; every other slot is masked out."""
+        from transformers import DynamicCache
+
+        from muxtune.executor.peft.prefix import kv_geometry
+
+        layers, kv_heads, head_dim = kv_geometry(self.model)
+        per_layer = [([], []) for _ in range(layers)]
+        mask = torch.zeros(batch.input_ids.shape[0], longest, dtype=batch.attention_mask.dtype, device=self.device)
+        for seg, adapter in zip(batch.segments, adapters):
+            rows, n = seg.end - seg.start, adapter.prefix_tokens
+            kv = adapter.sequence.key_values(rows, dtype) if n else None
+            mask[seg.start : seg.end, longest - n :] = 1
+            for layer, (keys, values) in enumerate(per_layer):
+                for store, i in ((keys, 0), (values, 1)):
+                    blank = torch.zeros(rows, kv_heads, longest - n, head_dim, dtype=dtype, device=self.device)
+                    store.append(torch.cat([blank, kv[layer][i]], dim=2) if n else blank)
+        cache = DynamicCache([(torch.cat(k, dim=0), torch.cat(v, dim=0)) for k, v in per_layer])
+        return cache, mask
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` during 5.x; older 5.x releases silently drop
+    an unknown `cache=` into **kwargs (the prefix would vanish), so ask the model which name it takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -73,9 +73,9 @@ def tensor_parallel_plan(config, devices: list[str], micro_batches: int):
 
 
 def measure(config, plan, warmup: int) -> dict:
-    from muxtune.executor.distributed import launch
+    from muxtune.run import execute
 
-    metrics = launch(config, plan, None, progress=False)
+    metrics = execute(config, None, plan=plan, progress=False)
     dist = metrics["distributed"]
     times = metrics["step_time_s"][warmup:]
     tokens = dist["step_tokens"][warmup:]

@@ -1,4 +1,4 @@
-"""The distributed executor (executor/pipeline.py, distributed.py): a 2-stage pipeline and 2 data-parallel
+"""The distributed executor (the step loop of executor/trainer.py on several processes: pipeline.py, distributed.py): a 2-stage pipeline and 2 data-parallel
 replicas, each 2 processes on gloo, train every task to the losses and adapter weights of the single-process
 executor. Plus the pieces that need no processes: micro-batch shares, schedules, plan checks."""
 
@@ -13,9 +13,10 @@ from test_equivalence import TARGETS, three_tasks
 from muxtune.errors import MuxTuneError
 from muxtune.executor.backbone import load_backbone
 from muxtune.executor.data import load_examples
-from muxtune.executor.distributed import check_plan, launch
-from muxtune.executor.pipeline import PipelineTrainer
+from muxtune.executor.distributed import check_plan
+from muxtune.executor.pipeline import Topology
 from muxtune.executor.trainer import MultiplexedTrainer
+from muxtune.run import execute
 from muxtune.simulator.iteration import simulate_step
 from muxtune.spec import Alignment, FusionGroup, Layout, Plan, RunConfig
 
@@ -89,7 +90,7 @@ def test_pipeline_interleaving_groups_with_micro_batches_equals_one_process(tmp_
     specs = three_tasks(tmp_path, TARGETS[MODEL])
     config = RunConfig(name="pipe", model=MODEL, tasks=specs)
     plan = plan_of(Layout(pp=2), micro_batches=2, schedule="interleaved")
-    metrics = launch(config, plan, tmp_path / "out", progress=False)
+    metrics = execute(config, tmp_path / "out", plan=plan, progress=False)
     reference, init = single_process(specs)
     assert_same(metrics, tmp_path / "out", reference, init, loss_rtol=1e-6, weight_atol=2e-6)
 
@@ -113,7 +114,7 @@ def test_two_data_parallel_replicas_equal_one_process(tmp_path):
     specs = three_tasks(tmp_path, TARGETS[MODEL])
     config = RunConfig(name="dp", model=MODEL, tasks=specs)
     plan = plan_of(Layout(dp=2), micro_batches=1, schedule="1f1b")
-    metrics = launch(config, plan, tmp_path / "out", progress=False)
+    metrics = execute(config, tmp_path / "out", plan=plan, progress=False)
     reference, init = single_process(specs)
     assert_same(metrics, tmp_path / "out", reference, init, loss_rtol=1e-6, weight_atol=2e-6)
     assert sum(metrics["tasks"][n]["tokens"] for n in reference.runs) == sum(r.tokens for r in reference.runs.values())
@@ -126,7 +127,7 @@ def test_one_process_pipeline_trainer_is_the_single_process_executor(tmp_path):
     specs = three_tasks(tmp_path, TARGETS[MODEL], steps=3)
     backbone = load_backbone(MODEL)
     examples = {s.name: load_examples(s.data, backbone.tokenizer, s.max_seq_len)[0] for s in specs}
-    trainer = PipelineTrainer(backbone, specs, examples, plan_of(Layout(), 1, "1f1b"))
+    trainer = MultiplexedTrainer(backbone, specs, examples, plan=plan_of(Layout(), 1, "1f1b"))
     trainer.train(progress=False)
     reference, _ = single_process(specs)
     for name, run in reference.runs.items():
@@ -136,16 +137,14 @@ def test_one_process_pipeline_trainer_is_the_single_process_executor(tmp_path):
 
 
 def test_replica_shares_cover_every_sequence_once(tmp_path):
-    from muxtune.executor.pipeline import Topology
-
     specs = three_tasks(tmp_path, TARGETS[MODEL], steps=2)
     backbone = load_backbone(MODEL)
     examples = {s.name: load_examples(s.data, backbone.tokenizer, s.max_seq_len)[0] for s in specs}
     batches = {s.name: examples[s.name][: s.batch_size] for s in specs}  # 4, 3, 2 sequences
     seen = {name: 0 for name in batches}
     for replica in range(2):
-        trainer = PipelineTrainer(load_backbone(MODEL), specs, examples, plan_of(Layout(dp=2), 2, "1f1b"),
-                                  Topology(rank=replica, dp=2))
+        trainer = MultiplexedTrainer(load_backbone(MODEL), specs, examples, plan=plan_of(Layout(dp=2), 2, "1f1b"),
+                                     topology=Topology(rank=replica, dp=2))
         for batch in trainer.replica_micro_batches(batches, micro_batches=2):
             for name, n in batch.target_counts.items():
                 seen[name] += n
@@ -154,11 +153,11 @@ def test_replica_shares_cover_every_sequence_once(tmp_path):
 
 
 def test_interleaved_schedule_alternates_groups_and_1f1b_flushes_each():
-    trainer = PipelineTrainer.__new__(PipelineTrainer)
+    trainer = MultiplexedTrainer.__new__(MultiplexedTrainer)
     units = [[(0, 0), (0, 1)], [(1, 0), (1, 1), (1, 2)]]
-    trainer.plan = plan_of(Layout(pp=2), 2, "interleaved")
+    trainer.schedule = plan_of(Layout(pp=2), 2, "interleaved").schedule
     assert trainer.blocks(units) == [[(0, 0), (1, 0), (0, 1), (1, 1), (1, 2)]]
-    trainer.plan = plan_of(Layout(pp=2), 2, "1f1b")
+    trainer.schedule = plan_of(Layout(pp=2), 2, "1f1b").schedule
     assert trainer.blocks(units) == units
 
 
@@ -170,7 +169,6 @@ def test_plans_the_distributed_executor_does_not_run_are_rejected_clearly():
 
 
 def test_prefix_tuning_across_stages_is_refused(tmp_path):
-    from muxtune.executor.pipeline import Topology
     from muxtune.spec import TaskSpec
 
     specs = three_tasks(tmp_path, TARGETS[MODEL], steps=2)[:1]
@@ -180,4 +178,4 @@ def test_prefix_tuning_across_stages_is_refused(tmp_path):
     examples = {s.name: load_examples(s.data, backbone.tokenizer, s.max_seq_len)[0] for s in specs}
     plan = plan_of(Layout(pp=2), 1, "1f1b", groups=[[specs[0].name]])
     with pytest.raises(MuxTuneError, match="prefix tuning is not supported across pipeline stages"):
-        PipelineTrainer(backbone, specs, examples, plan, Topology(rank=0, pp=2))
+        MultiplexedTrainer(backbone, specs, examples, plan=plan, topology=Topology(rank=0, pp=2))

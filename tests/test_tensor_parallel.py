@@ -14,7 +14,8 @@ from muxtune.errors import MuxTuneError
 from muxtune.executor.backbone import load_backbone
 from muxtune.executor.data import load_examples
 from muxtune.executor.distributed import check_plan
-from muxtune.executor.pipeline import PipelineTrainer, Topology
+from muxtune.executor.pipeline import Topology
+from muxtune.executor.trainer import MultiplexedTrainer
 from muxtune.executor.tensor_parallel import assemble_state, op_kind
 from muxtune.spec import Layout, RunConfig, TaskSpec
 
@@ -76,7 +77,7 @@ def trainer_with(tmp_path, model, peft, tp=2):
     backbone = load_backbone(model)
     examples = {spec.name: load_examples(spec.data, backbone.tokenizer, spec.max_seq_len)[0]}
     plan = plan_of(Layout(tp=tp), 1, "1f1b", groups=[[spec.name]])
-    return PipelineTrainer(backbone, [spec], examples, plan, Topology(rank=0, tp=tp))
+    return MultiplexedTrainer(backbone, [spec], examples, plan=plan, topology=Topology(rank=0, tp=tp))
 
 
 @pytest.mark.parametrize("peft", [{"method": "ia3"}, {"method": "dora", "target_modules": ["q_proj"]},

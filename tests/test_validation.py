@@ -475,16 +475,42 @@ def test_bad_or_empty_validation_file_is_refused_with_file_and_line(tmp_path, ca
     assert "validation_split: 0.5 of 1 example(s) leaves none to train on" in err
 
 
-def test_multi_process_plan_with_validation_is_refused(tmp_path):
-    from muxtune.errors import MuxTuneError
+@pytest.mark.parametrize("layout", ["dp", "pp"])
+def test_multi_process_plans_validate_and_count_epochs_as_one_process(tmp_path, layout):
+    """dp=2 (each replica evaluates its half of the validation set, the sums reduced) and pp=2 (the
+    evaluation forward runs through both stages, the loss on the last) report the valid_loss of the
+    one-process run, stop early at the same evaluation, and train an epochs task for the same steps."""
+    from safetensors.torch import load_file
+
     from muxtune.run import execute
     from muxtune.spec import FusionGroup, Layout, Plan, load_config
 
-    config = load_config(overfit_config(tmp_path))
-    plan = Plan(groups=[FusionGroup(tasks=["over", "steady"], devices=["cpu", "cpu"], layout=Layout(pp=2))])
-    with pytest.raises(MuxTuneError, match="tasks.over.validation_data: validation and epochs run in the single-process"):
-        execute(config, tmp_path / "run", plan=plan, progress=False)
-    assert not (tmp_path / "run").exists()
+    config = load_config(overfit_config(tmp_path, steps=8))
+    steady = config.task("steady").model_copy(update={"steps": None, "epochs": 1})  # 20 examples: 7 steps
+    config = config.model_copy(update={"tasks": [config.task("over"), steady]})
+    one = execute(config, tmp_path / "one", progress=False)
+    plan = Plan(groups=[FusionGroup(tasks=["over", "steady"], devices=["cpu", "cpu"],
+                                    layout=Layout(**{layout: 2}))])
+    many = execute(config, tmp_path / "many", plan=plan, progress=False)
+    assert one["tasks"]["over"]["status"] == many["tasks"]["over"]["status"] == "stopped_early"
+    for name in ("over", "steady"):
+        mine, ref = many["tasks"][name], one["tasks"][name]
+        assert (mine["steps"], mine["total_steps"], mine["best_step"]) == (ref["steps"], ref["total_steps"],
+                                                                           ref["best_step"])
+        assert [e["step"] for e in mine["evaluations"]] == [e["step"] for e in ref["evaluations"]]
+        torch.testing.assert_close(torch.tensor([e["valid_loss"] for e in mine["evaluations"]], dtype=torch.float64),
+                                   torch.tensor([e["valid_loss"] for e in ref["evaluations"]], dtype=torch.float64),
+                                   rtol=1e-5, atol=0)
+        assert [e["valid_mean_token_accuracy"] for e in mine["evaluations"]] == \
+            [e["valid_mean_token_accuracy"] for e in ref["evaluations"]]
+        torch.testing.assert_close(torch.tensor(mine["train_mean_token_accuracy"]),
+                                   torch.tensor(ref["train_mean_token_accuracy"]), rtol=0, atol=1e-6)
+    assert one["tasks"]["steady"]["steps"] == 7
+    assert len(one["tasks"]["over"]["evaluations"]) > 0
+    best = load_file(str(tmp_path / "many" / "adapters" / "over" / "adapter_model.safetensors"))
+    reference = load_file(str(tmp_path / "one" / "adapters" / "over" / "adapter_model.safetensors"))
+    for key, value in reference.items():  # the best adapter, put together from both stages / replicas
+        torch.testing.assert_close(best[key], value, rtol=0, atol=2e-6, msg=key)
 
 
 # --- the plan prices the evaluations ----------------------------------------------------------------

@@ -14,8 +14,8 @@ from test_equivalence import TARGETS, three_tasks  # noqa: E402
 
 from muxtune.executor.backbone import load_backbone  # noqa: E402
 from muxtune.executor.data import load_examples  # noqa: E402
-from muxtune.executor.distributed import launch  # noqa: E402
 from muxtune.executor.trainer import MultiplexedTrainer  # noqa: E402
+from muxtune.run import execute  # noqa: E402
 from muxtune.spec import Alignment, FusionGroup, Layout, Plan, RunConfig  # noqa: E402
 
 MODEL, GROUPS, ALIGN = "builtin:tiny-llama", [["short", "long"], ["medium"]], Alignment(chunk_len=16)
@@ -38,7 +38,7 @@ def main() -> int:
             plan = Plan(groups=[FusionGroup(tasks=g, devices=devices, layout=layout, micro_batches=2) for g in GROUPS],
                         schedule="interleaved", alignment=ALIGN)
             out = tmp / f"dp{layout.dp}pp{layout.pp}"
-            metrics = launch(config, plan, out, progress=False)
+            metrics = execute(config, out, plan=plan, progress=False)
             for name, run in reference.runs.items():
                 loss = max(abs(a - b) / abs(b) for a, b in zip(metrics["tasks"][name]["loss"], run.losses))
                 state = load_file(str(out / "adapters" / name / "adapter_model.safetensors"))

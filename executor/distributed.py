@@ -2,16 +2,12 @@
 
 One process per device of the Plan's layout (rank = (replica * pp + stage) * tp + tensor rank; gloo on
 CPU, NCCL on CUDA); every process runs the same step loop (executor/trainer.py) and the same run
-(`muxtune.run.run_process`). A plan of one device is the world of one: no process is started and no
+(`muxtune.process.run_process`). A plan of one device is the world of one: no process is started and no
 process group exists (`init_topology` and `from_rank0` then do nothing but return).
-`launch` starts the processes on this machine with torch.multiprocessing; on several machines start
-them with torchrun (every node runs the same line; rank 0's node writes `runs/<name>/`):
-
-    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        -m muxtune.run CONFIG --plan PLAN.json [--out DIR]
-
-At the end every stage sends the adapter tensors it trained, and every replica's stage 0 its token
-counts, to rank 0, which assembles the full adapters and writes the same outputs as a one-process run.
+`launch` starts the processes on this machine with torch.multiprocessing; on several machines torchrun
+starts them (muxtune/process.py). At the end every stage sends the adapter tensors it trained, and
+every replica's stage 0 its token counts, to rank 0, which assembles the full adapters and writes the
+same outputs as a one-process run.
 """
 
 from __future__ import annotations

@@ -16,7 +16,27 @@ from muxtune.executor.data import IGNORE, FusedBatch
 
 
 class FusedForward:
-    """Mixed into the trainer, which provides `model`, `mux` (the Multiplexer) and `device`."""
+    """Mixed into the trainer, which provides `model`, `mux` (the Multiplexer), `device` and `stage`
+    (executor/pipeline.Stage: this process's slice of the backbone)."""
+
+    def stage_loss_sums(self, batch: FusedBatch | ChunkedBatch, inputs: torch.Tensor | None, training: bool,
+                        hits: dict[str, torch.Tensor] | None = None):
+        """(each task's summed loss, None) on the last stage, (None, hidden states to send) before it.
+        The whole model (one stage) is `loss_sums`; a pipeline stage runs its layers of the chunk stream,
+        the first from the embeddings, the others from the previous stage's hidden states `inputs`."""
+        if self.stage.parts is None:
+            return self.loss_sums(batch, training=training, hits=hits), None
+        with self.mux.route(batch.segments, batch.chunk_len, training=training, own_rows=True):
+            embeds = self.chunked_embeds(batch) if self.stage.first else inputs
+            with packed_attention(self.model, batch, {}), self.stage.run_layers(self.model):
+                hidden = self.model.base_model(inputs_embeds=embeds, position_ids=batch.position_ids.reshape(1, -1)
+                                               ).last_hidden_state
+        if not self.stage.last:
+            return None, hidden
+        return self.head_loss_sums(batch, hidden.view(*batch.targets.shape, -1), batch.targets, hits), None
+
+    def _hidden_shape(self, batch: ChunkedBatch) -> tuple[int, int, int]:
+        return (1, batch.input_ids.numel(), self.model.config.hidden_size)
 
     def task_losses(self, batch: FusedBatch | ChunkedBatch, training: bool) -> dict[str, torch.Tensor]:
         """Mean next-token loss of each task over its own target tokens (as HF's causal-LM loss)."""

@@ -37,14 +37,14 @@ import torch.distributed as dist
 from transformers import get_scheduler
 
 from muxtune.errors import MuxTuneError
-from muxtune.executor.alignment import ChunkedBatch, pack_chunks, packed_attention, split_by_budget
+from muxtune.executor.alignment import ChunkedBatch, pack_chunks, split_by_budget
 from muxtune.executor.backbone import Backbone
-from muxtune.executor.data import IGNORE, DataOptions, Example, FusedBatch, TaskSampler, example_origin, fuse
+from muxtune.executor.data import Example, FusedBatch, TaskSampler, fuse
 from muxtune.executor.forward import FusedForward
 from muxtune.executor.mux import Multiplexer, TaskAdapter
 from muxtune.executor.pipeline import Stage, StepRecord, Topology, Transfers, finish_all_reduce, start_all_reduce
 from muxtune.executor.tensor_parallel import TensorParallel
-from muxtune.executor.validation import record_evaluation
+from muxtune.executor.validation import check_validation, example_problem, record_evaluation
 from muxtune.schedule import blocks, one_f_one_b, part_bounds, part_index
 from muxtune.spec import Alignment, Layout, Plan, TaskSpec
 
@@ -124,20 +124,6 @@ def make_optimizer(params: list[torch.nn.Parameter], spec: TaskSpec) -> torch.op
     (CPU and CUDA) instead of ~10 small ops each: a task's step costs a third as much on the host.
     The references in the tests build theirs here too, so "the same optimizer" holds bit for bit."""
     return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=True)
-
-
-def example_problem(example: Example, vocab_size: int, max_seq_len: int) -> str | None:
-    """Why an example cannot be trained on (a corrupt cache row, a bad source), or None."""
-    ids, labels = example.input_ids, example.labels
-    if not ids or len(ids) != len(labels):
-        return f"{len(ids)} token ids but {len(labels)} labels"
-    if len(ids) > max_seq_len:
-        return f"{len(ids)} tokens, longer than max_seq_len={max_seq_len}"
-    if min(ids) < 0 or max(ids) >= vocab_size:
-        return f"token id {min(ids) if min(ids) < 0 else max(ids)} outside the vocabulary (0..{vocab_size - 1})"
-    if any(label != IGNORE and label != token for label, token in zip(labels, ids)):
-        return "a label that is neither -100 nor its token id"
-    return None
 
 
 @torch.no_grad()
@@ -225,39 +211,7 @@ class MultiplexedTrainer(FusedForward):
         dtype = next(p for p in self.model.parameters() if p.device.type != "meta").dtype
         self.transfers = Transfers(self.device, dtype)
         for run in self.runs.values():
-            self.check_validation(run)
-
-    def check_validation(self, run: TaskRun) -> None:
-        """Check a task's validation examples once, as it joins: they are held in memory and evaluated
-        whole at every evaluation, so this sees every row evaluation will. A corrupt one (a damaged cache
-        row) would break the fused forward of every task due with it; instead it fails this task only,
-        naming the file and line it came from (on_bad_line: error), or is left out and counted (skip),
-        as a corrupt training example is when drawn."""
-        if not run.validation:
-            return
-        kept = []
-        for example in run.validation:
-            problem = example_problem(example, self.vocab_size, run.spec.max_seq_len)
-            if problem is None:
-                kept.append(example)
-            elif run.spec.on_bad_line == "error":
-                self.fail(run, f"corrupt validation data: {self.origin(run, example)}: {problem}")
-                return
-            else:
-                run.bad_examples += 1
-        if not any(label != IGNORE for ex in kept for label in ex.labels[1:]):
-            self.fail(run, f"corrupt validation data: no usable example left in "
-                           f"{run.spec.validation_data or run.spec.data} ({run.bad_examples} corrupt)")
-            return
-        run.validation = kept
-
-    def origin(self, run: TaskRun, example: Example) -> str:
-        """`file:LINE` of a validation example (its file read again: executor/data.example_origin)."""
-        source = run.spec.validation_data or run.spec.data  # a split's examples come from the training file
-        if example.index is None:  # built in memory, not read from a file
-            return f"{source}: an example"
-        return example_origin(source, self.backbone.tokenizer, run.spec.max_seq_len, DataOptions.of(run.spec),
-                              example.index)
+            check_validation(self, run)
 
     # --- tenants come and go (in a multi-process run on every process at the same step boundary) ---------
 
@@ -281,7 +235,7 @@ class MultiplexedTrainer(FusedForward):
         self.runs[spec.name] = run
         self.groups[group].append(spec.name)  # a plan's groups are these lists
         self.owned[spec.name] = self.stage.owned_parameters(run)
-        self.check_validation(run)
+        check_validation(self, run)
         return run
 
     def cancel(self, name: str, reason: str = "cancelled") -> TaskRun:
@@ -484,25 +438,6 @@ class MultiplexedTrainer(FusedForward):
         if not topo.first:
             self.transfers.send(inputs.grad if inputs.grad is not None else torch.zeros_like(inputs),
                                 topo.rank - topo.tp)
-
-    def stage_loss_sums(self, batch: FusedBatch | ChunkedBatch, inputs: torch.Tensor | None, training: bool,
-                        hits: dict[str, torch.Tensor] | None = None):
-        """(each task's summed loss, None) on the last stage, (None, hidden states to send) before it.
-        The whole model (one stage) is `loss_sums`; a pipeline stage runs its layers of the chunk stream,
-        the first from the embeddings, the others from the previous stage's hidden states `inputs`."""
-        if self.stage.parts is None:
-            return self.loss_sums(batch, training=training, hits=hits), None
-        with self.mux.route(batch.segments, batch.chunk_len, training=training, own_rows=True):
-            embeds = self.chunked_embeds(batch) if self.stage.first else inputs
-            with packed_attention(self.model, batch, {}), self.stage.run_layers(self.model):
-                hidden = self.model.base_model(inputs_embeds=embeds, position_ids=batch.position_ids.reshape(1, -1)
-                                               ).last_hidden_state
-        if not self.stage.last:
-            return None, hidden
-        return self.head_loss_sums(batch, hidden.view(*batch.targets.shape, -1), batch.targets, hits), None
-
-    def _hidden_shape(self, batch: ChunkedBatch) -> tuple[int, int, int]:
-        return (1, batch.input_ids.numel(), self.model.config.hidden_size)
 
     def _replica_sum(self, values: dict, names: list[str]) -> dict[str, float]:
         """Per-task figures summed over the replicas (an all-reduce over this stage's replica group)."""

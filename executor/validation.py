@@ -1,5 +1,6 @@
 """A task's validation set and what its evaluations decide (the fused forward-only evaluation itself is
-`MultiplexedTrainer.evaluate`, beside the training step it must never disturb).
+`MultiplexedTrainer.evaluate`, beside the training step it must never disturb; in a multi-process plan
+it runs through the pipeline stages, each replica on its share, the figures summed on every process).
 
 Where the validation examples come from: `validation_data`, a file read exactly as the training file
 (same formats, masking, truncation and bad-line handling: data.load_examples), or `validation_split`,
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from muxtune.errors import MuxTuneError
-from muxtune.executor.data import IGNORE, DataOptions, DataStats, Example, load_examples
+from muxtune.executor.data import IGNORE, DataOptions, DataStats, Example, example_origin, load_examples
 from muxtune.executor.mux import SPLIT_STREAM, stream_seed
 
 
@@ -83,3 +84,44 @@ def record_evaluation(run, valid_loss: float, accuracy: float) -> None:
     if stopping is not None and run.bad_evaluations >= stopping.patience and run.status in ("running", "finished"):
         run.status = "stopped_early"
         run.adapter.load_state_dict(run.best_state)
+
+
+def example_problem(example: Example, vocab_size: int, max_seq_len: int) -> str | None:
+    """Why an example cannot be trained on (a corrupt cache row, a bad source), or None."""
+    ids, labels = example.input_ids, example.labels
+    if not ids or len(ids) != len(labels):
+        return f"{len(ids)} token ids but {len(labels)} labels"
+    if len(ids) > max_seq_len:
+        return f"{len(ids)} tokens, longer than max_seq_len={max_seq_len}"
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        return f"token id {min(ids) if min(ids) < 0 else max(ids)} outside the vocabulary (0..{vocab_size - 1})"
+    if any(label != IGNORE and label != token for label, token in zip(labels, ids)):
+        return "a label that is neither -100 nor its token id"
+    return None
+
+
+def check_validation(trainer, run) -> None:
+    """Check a task's validation examples once, as it joins: they are held in memory and evaluated
+    whole at every evaluation, so this sees every row evaluation will. A corrupt one (a damaged cache
+    row) would break the fused forward of every task due with it; instead it fails this task only,
+    naming the file and line it came from (on_bad_line: error), or is left out and counted (skip),
+    as a corrupt training example is when drawn."""
+    if not run.validation:
+        return
+    kept = []
+    source = run.spec.validation_data or run.spec.data  # a split's examples come from the training file
+    for example in run.validation:
+        problem = example_problem(example, trainer.vocab_size, run.spec.max_seq_len)
+        if problem is None:
+            kept.append(example)
+        elif run.spec.on_bad_line == "error":
+            where = f"{source}: an example" if example.index is None else example_origin(  # None: built in memory
+                source, trainer.backbone.tokenizer, run.spec.max_seq_len, DataOptions.of(run.spec), example.index)
+            trainer.fail(run, f"corrupt validation data: {where}: {problem}")
+            return
+        else:
+            run.bad_examples += 1
+    if not any(label != IGNORE for ex in kept for label in ex.labels[1:]):
+        trainer.fail(run, f"corrupt validation data: no usable example left in {source} ({run.bad_examples} corrupt)")
+        return
+    run.validation = kept

@@ -26,7 +26,7 @@ With no profile at hand the CostModel prices activations from the model's shape;
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import psutil
 import torch

@@ -100,7 +100,7 @@ def test_python_m_from_the_root_imports_our_code_and_the_real_kernels(scratch):
     ["{python}", "-m", "muxtune.cli", "--help"],
     ["{bin}/muxtune", "validate", "examples/quickstart.yaml"],
     ["{bin}/plan-and-run", "--help"],
-    ["{bin}/torchrun", "--nproc-per-node", "1", "-m", "muxtune.run", "--help"],
+    ["{bin}/torchrun", "--nproc-per-node", "1", "-m", "muxtune.process", "--help"],
 ], ids=lambda e: " ".join(Path(a.format(python="python", bin="")).name for a in e[:3]))
 def test_entry_points_start_from_the_root(scratch, entry):
     bin_dir = Path(sys.executable).parent

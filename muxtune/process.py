@@ -58,8 +58,10 @@ def run_process(rank: int, world: int, result_file: str | None, config: RunConfi
                 if valid is not None:
                     validation[spec.name] = valid
         memory = {"cost_model": admission.cost_model_of(backbone.model), "params": {}}
+        # priced on the whole model (tensor parallelism replaces its ops), checked once each stage has
+        # dropped the other stages' weights: the adapter sizes are counted now, into the cache
+        admission.plan_estimates(backbone.model, specs, run_plan, memory["cost_model"], memory["params"])
         trainer = MultiplexedTrainer(backbone, specs, examples, validation=validation, plan=run_plan, topology=topo)
-        # priced on the whole model, checked once each stage has dropped the other stages' weights
         admission.admit(backbone.model, specs, run_plan, config.memory_limit_gib, params=memory["params"],
                         rank=rank, world=world, cost_model=memory["cost_model"])
         if manifest is not None:

@@ -36,7 +36,7 @@ from muxtune.executor.mux import TaskAdapter
 from muxtune.profiler.cost_model import CostModel, MicroBatch, ModelShape, TaskLoad
 from muxtune.profiler.profile import decoder_layers, layer_param_bytes
 from muxtune.schedule import blocks, one_f_one_b, part_index, part_size, replica_of, stage_of, stage_range, stage_split
-from muxtune.spec import Alignment, Layout, Plan, TaskSpec, method_rank
+from muxtune.spec import Alignment, Layout, Plan, TaskSpec, method_card, method_rank
 
 GIB = 1024**3
 
@@ -89,7 +89,7 @@ def adapter_bytes(model, spec: TaskSpec) -> int:
 
 
 def _virtual_tokens(spec: TaskSpec) -> int:
-    return getattr(spec.peft, "num_virtual_tokens", 0) if spec.peft.method in ("prompt", "prefix") else 0
+    return method_card(spec.peft.method).virtual_tokens(method_rank(spec.peft))
 
 
 def _micro_batches(members: list[TaskSpec], params: dict[str, int], parts: int, index: int,

@@ -44,22 +44,18 @@ import pandas as pd
 
 from muxtune.errors import MuxTuneError
 from muxtune.schedule import TENSOR_PARALLEL_FAMILIES
+from muxtune.spec import METHODS, method_card
 
 CATALOG = Path(__file__).with_name("hardware.csv")
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight + grad + exp_avg + exp_avg_sq
 GRAD_BYTES_PER_PARAM = 4  # adapters train in fp32 (executor/mux.py), so their gradients are fp32
-# how each method meets the backbone (executor/peft/*.py SHAPE): methods of one shape on their default
-# targets keep the same backbone tensors alive
-METHOD_SHAPES = {"lora": "parallel", "dora": "parallel", "ia3": "scaling", "adapter": "serial",
-                 "bitfit": "bias", "prefix": "attention prefix", "prompt": "input"}
-METHODS = tuple(METHOD_SHAPES)
 
 
 @dataclass(frozen=True)
 class TaskLoad:
     """One task's share of a fused micro-batch."""
 
-    method: str  # lora | dora | ia3 | adapter | prefix | prompt | bitfit
+    method: str  # a PEFT method's name (its card: muxtune.spec.method_card)
     rank: int  # LoRA/DoRA rank, adapter bottleneck size, prefix/prompt virtual tokens; 0 if none
     tokens: int  # token slots this task occupies in the micro-batch (its rows x seq_len, padding included)
     params: int  # the task's trainable parameter count (optimizer step, memory)
@@ -81,7 +77,7 @@ class MicroBatch:
     @property
     def span(self) -> int:
         """Keys each query attends over: the sequence plus the longest KV prefix in the batch."""
-        return self.seq_len + max((t.rank for t in self.tasks if t.method == "prefix"), default=0)
+        return self.seq_len + max((t.rank for t in self.tasks if method_card(t.method).kv_prefix), default=0)
 
 
 @dataclass(frozen=True)
@@ -310,9 +306,11 @@ class CostModel:
         for what, n in (("heads", s.heads), ("kv_heads", s.kv_heads), ("intermediate", s.intermediate)):
             if n % tp:
                 return f"tp={tp} does not divide the model's {what}={n}"
-        other = sorted(set(methods) - {"lora"})
+        other = sorted(m for m in set(methods) if not method_card(m).tensor_parallel)
         if other:
-            return f"method(s) {other} are not supported under tensor parallelism; only LoRA is"
+            split = [method_card(m).title for m in METHODS if method_card(m).tensor_parallel]
+            return (f"method(s) {other} are not supported under tensor parallelism; only {', '.join(split)} "
+                    f"{'is' if len(split) == 1 else 'are'}")
         return None
 
     def tp_fast_link(self) -> bool:
@@ -603,7 +601,7 @@ class CostModel:
                     rank = max(t.rank for t in mb.tasks if t.method == method)
                     saved = interp_grid(mine, "tokens", "rank", "saved_bytes", mb.tokens, rank)
                     batch = interp_grid(mine, "tokens", "rank", "batch_bytes", mb.tokens, rank)
-                    shape = METHOD_SHAPES.get(method, method)
+                    shape = method_card(method).shape
                     per_layer += (saved - batch) / self.shape.n_layers
                     kept[shape] = max(kept.get(shape, 0.0), batch)
             per_layer += sum(kept.values()) / self.shape.n_layers
@@ -706,7 +704,7 @@ class CostModel:
             raise MuxTuneError(f"micro-batch: needs at least one task with tokens > 0 and seq_len > 0, got {mb}")
         for t in mb.tasks:
             if t.method not in METHODS:
-                raise MuxTuneError(f"micro-batch: unknown method {t.method!r}; expected one of {METHODS}")
+                raise MuxTuneError(f"micro-batch: unknown method {t.method!r}; expected one of {sorted(METHODS)}")
 
     # roofline pieces (analytic): max(compute, memory) at the catalog's peaks + kernel launches
 
@@ -738,14 +736,9 @@ class CostModel:
 
     def _analytic_task(self, task: TaskLoad, phase: str) -> float:
         """A task's per-layer overhead: its adapter GEMMs / element-wise passes over its own tokens."""
-        s, t, r = self.shape, task.tokens, max(task.rank, 1)
-        h, b = s.hidden, 4  # adapters compute in fp32
-        per_op = {  # (ops per layer, FLOPs per token per op, bytes per token per op, kernels per op)
-            "lora": (2, 4 * h * r, b * 4 * h, 6), "dora": (2, 4 * h * r + 4 * h, b * 6 * h, 12),
-            "ia3": (3, h, b * 3 * h, 3), "adapter": (2, 4 * h * r, b * 4 * h, 7),
-            "bitfit": (7, h, b * 3 * h, 3), "prefix": (1, 4 * r * h, b * 2 * h, 4), "prompt": (0, 0, 0, 0),
-        }[task.method]
-        ops, flops, nbytes, kernels = per_op
+        t = task.tokens
+        # (ops per layer, FLOPs per token per op, bytes per token per op, kernels per op): the method's card
+        ops, flops, nbytes, kernels = method_card(task.method).analytic(self.shape.hidden, max(task.rank, 1))
         factor = 2.0 if phase == "bwd" else 1.0
         return self.scale["task"] * factor * self._roofline(ops * t * flops, ops * t * nbytes, ops * kernels)
 

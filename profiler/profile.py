@@ -38,6 +38,7 @@ before the op (CUDA: max_memory_allocated; CPU: a dispatch-mode tally of live te
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -59,10 +60,12 @@ import torch
 from torch import nn
 
 from muxtune.errors import MuxTuneError
+from muxtune.executor.hooks import StepObserver
 from muxtune.profiler.budget import EVAL_WARMUP, Pilot, Progress, fit
 from muxtune.profiler.sampling import (Sampling, Timed, alternated, clock, fwd_bwd_seconds,  # noqa: F401
                                        median_seconds, sync)
 from muxtune.schedule import TENSOR_PARALLEL_FAMILIES, attention_targets
+from muxtune.spec import METHODS, method_card
 
 COLUMNS = ["op", "phase", "tokens", "seq_len", "method", "rank", "params", "nbytes", "world",
            "seconds", "saved_bytes", "batch_bytes", "peak_bytes", "target", "rel_error"]
@@ -99,14 +102,9 @@ GRIDS = {
 
 
 def peft_config_for(method: str, rank: int, model_type: str) -> dict:
-    """The task config a `task` row was measured with (its method's defaults, at `rank`)."""
-    targets = attention_targets(model_type)  # per model family, HF PEFT's usual defaults
-    return {"lora": {"method": "lora", "r": rank, "target_modules": targets},
-            "dora": {"method": "dora", "r": rank, "target_modules": targets},
-            "adapter": {"method": "adapter", "size": rank},
-            "prefix": {"method": "prefix", "num_virtual_tokens": rank},
-            "prompt": {"method": "prompt", "num_virtual_tokens": rank},
-            "ia3": {"method": "ia3"}, "bitfit": {"method": "bitfit"}}[method]
+    """The task config a `task` row was measured with (its method card's probe at `rank`, on the model
+    family's usual attention targets where it has targets)."""
+    return method_card(method).probe(rank, attention_targets(model_type))
 
 
 # --- device fingerprint and the profile file ---------------------------------------------------------
@@ -219,65 +217,49 @@ def find_cached(fp: dict, mode: str = "quick", paths: list[Path] | None = None) 
 # --- timing and memory helpers -----------------------------------------------------------------------
 
 
+class PhaseTimer(StepObserver):
+    """Adds up the seconds a step spends in each phase (executor/hooks.py); `first_batch` is the step's
+    first fused micro-batch."""
+
+    def __init__(self):
+        self.spent: dict[str, float] = {}
+        self.first_batch = None
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = clock()
+        try:
+            yield
+        finally:
+            self.spent[name] = self.spent.get(name, 0.0) + clock() - start
+
+    def fused(self, batches: list) -> None:
+        if self.first_batch is None:
+            self.first_batch = batches[0]
+
+
 def observe_step(trainer, device: str) -> dict:
-    """Run one real `trainer.step()` with its phases timed inside it (seconds): forward (the fused
-    forward, LM head included), head, backward, optimizer (grad norm, clipping, AdamW, zero_grad),
-    draw, fuse, and the whole `step`; `last_batch` is the step's first fused batch. The trainer is
-    only observed: its methods are wrapped for the call and restored after. Host work is what the step
-    spends outside forward, backward and optimizer, timed in the same call (a difference against a
-    separately timed forward/backward carries the two calls' different cache states into it)."""
-    import functools
-
-    from muxtune.executor import trainer as trainer_module
-
-    spent: dict = {}
-
-    def timed(name, fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            start = clock()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[name] = spent.get(name, 0.0) + clock() - start
-        return wrapper
-
-    def fuse(batches):
-        out = micro_batches(batches)
-        spent.setdefault("last_batch", out[0])
-        return out
-
-    micro_batches = trainer.micro_batches
-    trainer.draw_batch = timed("draw", trainer.draw_batch)
-    trainer.micro_batches = timed("fuse", fuse)
-    trainer.loss_sums = timed("forward", trainer.loss_sums)
-    trainer.head_loss_sums = timed("head", trainer.head_loss_sums)
-    optimizers = [run.optimizer for run in trainer.runs.values()]
-    for opt in optimizers:
-        opt.step, opt.zero_grad = timed("optimizer", opt.step), timed("optimizer", opt.zero_grad)
-    patches = [(torch.Tensor, "backward", timed("backward", torch.Tensor.backward)),
-               (trainer_module, "grad_norms", timed("optimizer", trainer_module.grad_norms)),
-               (trainer_module, "clip_with_norm", timed("optimizer", trainer_module.clip_with_norm))]
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    """Run one real `trainer.step()` with its phases timed inside it (seconds) through the trainer's
+    phase hooks: forward (the fused forward, LM head included), head, backward, optimizer (grad norm,
+    clipping, AdamW, zero_grad), draw, fuse, and the whole `step`; `last_batch` is the step's first fused
+    batch. Host work is what the step spends outside forward, backward and optimizer, timed in the same
+    call (a difference against a separately timed forward/backward carries the two calls' different cache
+    states into it)."""
+    timer, observer = PhaseTimer(), trainer.observer
+    trainer.observer = timer
     try:
-        for owner, name, wrapper in patches:
-            setattr(owner, name, wrapper)
         sync(device)
         start = clock()
         trainer.step()
         sync(device)
-        spent["step"] = clock() - start
+        seconds = clock() - start
     finally:
-        for owner, name, original in originals:
-            setattr(owner, name, original)
-        # the wrappers are instance attributes over the classes' methods: dropping them restores those
-        for name in ("draw_batch", "micro_batches", "loss_sums", "head_loss_sums"):
-            vars(trainer).pop(name, None)
-        for opt in optimizers:
-            vars(opt).pop("step", None), vars(opt).pop("zero_grad", None)
-    for key in ("forward", "head", "backward", "optimizer", "draw", "fuse"):
-        spent.setdefault(key, 0.0)
+        trainer.observer = observer
+    spent = {key: timer.spent.get(key, 0.0) for key in ("forward", "head", "backward", "optimizer", "draw", "fuse")}
+    spent["step"] = seconds
     spent["host"] = spent["step"] - spent["forward"] - spent["backward"] - spent["optimizer"]
+    if timer.first_batch is not None:
+        spent["last_batch"] = timer.first_batch
     return spent
 
 
@@ -637,7 +619,6 @@ def measure_tasks(backbone, device: str, spec: dict, s: Sampling, progress) -> l
     return out
 
 
-TARGET_METHODS = ("lora", "dora")  # the methods whose cost follows their target_modules list
 DROPOUT_P = 0.1  # the dropout the dropout_* rows are measured at (its cost does not depend on p)
 
 
@@ -665,7 +646,7 @@ def measure_targets(backbone, device: str, spec: dict, s: Sampling, progress) ->
     At the first rank also the same task with dropout: what the dropout (mask, masked input) adds."""
     model, seq, out = backbone.model, spec["task_seq"], []
     model_type, dtype = model.config.model_type, next(model.parameters()).dtype
-    for method in [m for m in TARGET_METHODS if m in spec["ranks"]]:
+    for method in [m for m in spec["ranks"] if method_card(m).targeted]:
         ranks = spec["ranks"][method]
         for target in target_names(model, spec):
             progress.begin(("target", method, target))
@@ -747,7 +728,7 @@ def _wrapped_ops_loss(trainer, batch, n_rows: int, seq: int, dtype, device: str,
     from muxtune.executor.backbone import op_features
 
     run = next(iter(trainer.runs.values()))
-    ops = [trainer.mux._ops[path] for path in run.adapter.paths]
+    ops = [trainer.mux.op(path) for path in run.adapter.paths]
     gen = torch.Generator().manual_seed(0)
     shapes = [op_features(op.base_op) for op in ops]
     xs = [torch.randn(n_rows, seq, i, generator=gen).to(device, dtype) for i, _ in shapes]
@@ -770,7 +751,7 @@ def probe_trainer(backbone, device: str, method: str, rank: int, n_rows: int, se
     from muxtune.spec import Alignment, TaskSpec
 
     peft = peft or peft_config_for(method, rank, backbone.model.config.model_type)
-    lead = rank if method == "prompt" else 0
+    lead = rank if method_card(method).lead_slots else 0
     length = seq - lead
     specs, examples = [], {}
     for i in range(count):
@@ -968,7 +949,7 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
     `budget` seconds (-1: the mode's default, None: no budget; profiler/budget.py says what is cut first).
     `methods` / `targets`: only what those PEFT methods and LoRA/DoRA target op names need (default: all)."""
     from muxtune.executor.backbone import load_backbone
-    from muxtune.profiler.cost_model import METHODS, ModelShape
+    from muxtune.profiler.cost_model import ModelShape
 
     if mode not in GRIDS:
         raise MuxTuneError(f"profile mode: expected one of {sorted(GRIDS)}, got {mode!r}")
@@ -979,13 +960,16 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
                            "asynchronously: unset it to profile a GPU")
     unknown = sorted(set(methods or []) - set(METHODS))
     if unknown:
-        raise MuxTuneError(f"profile methods: unknown {unknown}; expected some of {list(METHODS)}")
+        raise MuxTuneError(f"profile methods: unknown {unknown}; expected some of {sorted(METHODS)}")
     if budget == -1.0:
         budget = DEFAULT_BUDGET.get(mode)
     if budget is not None and budget <= 0:
         raise MuxTuneError(f"profile budget: expected seconds > 0, got {budget}")
     started = time.perf_counter()
     grid = copy.deepcopy(GRIDS[mode])
+    for method in METHODS:  # a method of another package, at the ranks its card names
+        if method_card(method).probe_ranks and method not in grid["ranks"]:
+            grid["ranks"][method] = list(method_card(method).probe_ranks)
     if methods:
         grid["ranks"] = {m: r for m, r in grid["ranks"].items() if m in methods}
     if targets:

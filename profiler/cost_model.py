@@ -507,6 +507,16 @@ class CostModel:
             return (world - 1) * t2(2 * nbytes / world)
         return (world - 1) * self._analytic_link(2 * nbytes / world)
 
+    def fill_seconds(self, stage_seconds: list[float], micro_batches: list[MicroBatch]) -> float:
+        """What a 1F1B pipeline adds to its slowest stage's work for `micro_batches` (stage_seconds: each
+        stage's work for all of them): the fill and drain, (p - 1) micro-batch times of the slowest stage,
+        and the boundary transfers on the way in and out, 2 (p - 1) of the largest. 0 for one stage."""
+        pp = len(stage_seconds)
+        if pp <= 1:
+            return 0.0
+        transfer = max(self.p2p_seconds(self.boundary_bytes(mb)) for mb in micro_batches)
+        return (pp - 1) * max(stage_seconds) / len(micro_batches) + 2 * (pp - 1) * transfer
+
     def step_seconds(self, groups: list[MicroBatch]) -> float:
         """One optimizer step on one device: the groups' forward+backward one after another, then every
         task's optimizer step, and the step's host work."""
@@ -649,23 +659,46 @@ class CostModel:
         """Adapter weights + gradients + AdamW's two moments, all fp32."""
         return ADAM_BYTES_PER_PARAM * params
 
-    def step_memory_bytes(self, groups: list[MicroBatch]) -> int:
-        """Transient peak of one single-device step above the resident backbone and task states: the
-        largest group's activations + head (less what its backward never needs: the batch's `skip`),
-        plus every task's gradients (kept until the optimizer). activation_bytes itself stays the
-        conservative per-stage figure."""
-        grads = sum(GRAD_BYTES_PER_PARAM * t.params for mb in groups for t in mb.tasks)
-        skip = (lambda mb: self._batch_skip(mb, "saved_bytes")) if self.profile is not None else (lambda mb: 0)
-        live = max(self.activation_bytes(mb, self.shape.n_layers) + self.head_bytes(mb.tokens) - skip(mb)
-                   for mb in groups)
-        return int(live + grads)
+    def held_bytes(self, mb: MicroBatch, layers: int, first: bool = True, tp: int = 1) -> int:
+        """Activations one micro-batch keeps on a device of a stage of `layers` layers from the start of its
+        forward to the end of its backward: activation_bytes, less on the first stage what its backward never
+        needs (the batch's `skip`: saved tensors below the lowest op its methods need a gradient at)."""
+        skip = self._batch_skip(mb, "saved_bytes") if first and self.profile is not None else 0.0
+        return int(max(self.activation_bytes(mb, layers, tp) - skip, 0.0))
 
-    def peak_bytes(self, groups: list[MicroBatch]) -> int:
-        """Device memory of a single-device step: backbone + task states + the step's transient peak.
-        Gradients live only from backward to the optimizer: the transient peak holds them, so the
-        resident states here are weights and AdamW moments (task_state_bytes less 4 bytes a parameter)."""
-        states = sum(self.task_state_bytes(t.params) - GRAD_BYTES_PER_PARAM * t.params for mb in groups for t in mb.tasks)
-        return self.backbone_bytes(self.shape.n_layers, True, True) + states + self.step_memory_bytes(groups)
+    def in_flight_bytes(self, order: list[tuple[str, MicroBatch]], layers: int, first: bool = True,
+                        last: bool = True, tp: int = 1) -> int:
+        """The most activation bytes a device holds at once while it runs `order`: ("fwd", micro-batch) where a
+        forward starts, ("bwd", micro-batch) where its backward ends, in time order (the executor's 1F1B order:
+        schedule.one_f_one_b). On the last stage the micro-batch in its forward also holds the LM head's
+        transient (logits, softmax and their gradient)."""
+        held = peak = 0
+        for kind, mb in order:
+            if kind == "fwd":
+                held += self.held_bytes(mb, layers, first, tp)
+                peak = max(peak, held + (self.head_bytes(mb.tokens) if last else 0))
+            else:
+                held -= self.held_bytes(mb, layers, first, tp)
+        return peak
+
+    def peak_bytes(self, order: list[tuple[str, MicroBatch]], params: list[int], layers: int | None = None,
+                   first: bool = True, last: bool = True, tp: int = 1) -> int:
+        """THE memory prediction (admission, the simulator and the planner's single device call it): peak
+        device memory of one device of a pipeline stage of `layers` layers (default: the single device
+        holding the whole model) = its backbone part (its tensor-parallel shard when tp > 1) + every task's
+        state (`params`: each task's adapter parameters on this device; fp32 weight, gradient, two AdamW
+        moments) + the most activations in flight while it runs `order` (in_flight_bytes)."""
+        layers = self.shape.n_layers if layers is None else layers
+        return (self.backbone_bytes(layers, first, last, tp) + sum(self.task_state_bytes(p) for p in params)
+                + self.in_flight_bytes(order, layers, first, last, tp))
+
+    def step_memory_bytes(self, groups: list[MicroBatch]) -> int:
+        """Transient peak of one single-device step (groups one after another) above the resident backbone,
+        adapter weights and AdamW moments: the most activations in flight + every task's gradients (alive
+        from backward to the optimizer). peak_bytes less the resident part."""
+        order = [(kind, mb) for mb in groups for kind in ("fwd", "bwd")]
+        grads = sum(GRAD_BYTES_PER_PARAM * t.params for mb in groups for t in mb.tasks)
+        return self.in_flight_bytes(order, self.shape.n_layers) + grads
 
     # profile look-ups
 

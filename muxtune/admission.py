@@ -35,7 +35,7 @@ import torch
 from muxtune.errors import MuxTuneError
 from muxtune.executor.mux import TaskAdapter
 from muxtune.profiler.cost_model import CostModel, MicroBatch, ModelShape, TaskLoad
-from muxtune.profiler.profile import decoder_layers, layer_param_bytes
+from muxtune.profiler.backbone_parts import decoder_layers, layer_param_bytes
 from muxtune.schedule import blocks, one_f_one_b, part_index, part_size, replica_of, stage_of, stage_range, stage_split
 from muxtune.spec import Alignment, Layout, Plan, TaskSpec, method_card, method_rank
 

@@ -189,7 +189,7 @@ class CostModel:
 
     @classmethod
     def from_profile(cls, profile) -> CostModel:
-        from muxtune.profiler.profile import Profile
+        from muxtune.profiler.profile_file import Profile
 
         if not isinstance(profile, Profile):
             profile = Profile.load(profile)

@@ -40,6 +40,7 @@ class MethodCard:
     # its parameters all sit with the embedding, on a pipeline's first stage (else spread over the layers)
     on_first_stage: bool = False
     tensor_parallel: bool = False  # the executor splits it under tensor parallelism
+    pipeline_stages: bool = True  # the executor splits it over pipeline stages (prefix tuning: pp = 1 only)
 
     def virtual_tokens(self, rank: int) -> int:
         """Slots its sequences add to the attention span (lead slots or a KV prefix)."""

@@ -24,7 +24,7 @@ CARD = MethodCard(
     params=lambda s, r: s.n_layers * 2 * r * kv_width(s),  # a key and a value per virtual token
     analytic=lambda h, r: (1, 4 * r * h, FP32 * 2 * h, 4),
     probe=lambda r, targets: {"method": METHOD, "num_virtual_tokens": r},
-    kv_prefix=True)
+    kv_prefix=True, pipeline_stages=False)  # its K/V prefix spans every layer (executor/pipeline.py)
 
 
 class Config(BaseModel):

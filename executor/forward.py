@@ -16,8 +16,8 @@ from muxtune.executor.data import IGNORE, FusedBatch
 
 
 class FusedForward:
-    """Mixed into the trainer, which provides `model`, `mux` (the Multiplexer), `device` and `stage`
-    (executor/pipeline.Stage: this process's slice of the backbone)."""
+    """Mixed into the trainer, which provides `model`, `mux` (the Multiplexer), `device`, `stage`
+    (executor/pipeline.Stage: this process's slice of the backbone) and `observer` (executor/hooks.py)."""
 
     def stage_loss_sums(self, batch: FusedBatch | ChunkedBatch, inputs: torch.Tensor | None, training: bool,
                         hits: dict[str, torch.Tensor] | None = None):
@@ -33,7 +33,8 @@ class FusedForward:
                                                ).last_hidden_state
         if not self.stage.last:
             return None, hidden
-        return self.head_loss_sums(batch, hidden.view(*batch.targets.shape, -1), batch.targets, hits), None
+        with self.observer.phase("head"):
+            return self.head_loss_sums(batch, hidden.view(*batch.targets.shape, -1), batch.targets, hits), None
 
     def _hidden_shape(self, batch: ChunkedBatch) -> tuple[int, int, int]:
         return (1, batch.input_ids.numel(), self.model.config.hidden_size)
@@ -53,7 +54,8 @@ class FusedForward:
                 hidden, targets = self.chunked_hidden_states(batch).view(*batch.targets.shape, -1), batch.targets
             else:
                 hidden, targets = self.hidden_states(batch)[:, :-1], batch.labels[:, 1:]
-        return self.head_loss_sums(batch, hidden, targets, hits)
+        with self.observer.phase("head"):
+            return self.head_loss_sums(batch, hidden, targets, hits)
 
     def head_loss_sums(self, batch: FusedBatch | ChunkedBatch, hidden: torch.Tensor,
                        targets: torch.Tensor, hits: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -41,6 +41,7 @@ from muxtune.executor.alignment import ChunkedBatch, pack_chunks, split_by_budge
 from muxtune.executor.backbone import Backbone
 from muxtune.executor.data import Example, FusedBatch, TaskSampler, fuse
 from muxtune.executor.forward import FusedForward
+from muxtune.executor.hooks import StepObserver
 from muxtune.executor.mux import Multiplexer, TaskAdapter
 from muxtune.executor.pipeline import Stage, StepRecord, Topology, Transfers, finish_all_reduce, start_all_reduce
 from muxtune.executor.tensor_parallel import TensorParallel
@@ -210,6 +211,7 @@ class MultiplexedTrainer(FusedForward):
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         dtype = next(p for p in self.model.parameters() if p.device.type != "meta").dtype
         self.transfers = Transfers(self.device, dtype)
+        self.observer = StepObserver()  # phase hooks (executor/hooks.py): the profiler times the step here
         for run in self.runs.values():
             check_validation(self, run)
 
@@ -296,8 +298,8 @@ class MultiplexedTrainer(FusedForward):
                 lo, hi = part_bounds(len(examples), parts, index)
                 if hi > lo:
                     share[name] = examples[lo:hi]
-            if share:  # (training calls it with the batches alone, as the profiler's timing wrapper takes it)
-                out.extend(self.micro_batches(share, split_padded=True) if split_padded else self.micro_batches(share))
+            if share:
+                out.extend(self.micro_batches(share, split_padded=split_padded))
         return out
 
     def step(self) -> dict[str, float]:
@@ -311,8 +313,15 @@ class MultiplexedTrainer(FusedForward):
         counts, tokens, computed, self._hits = {}, {}, {}, {}
         for g, group in enumerate(self.groups):
             members = [run for run in runs if run.spec.name in group]
-            batches = {run.spec.name: batch for run in members if (batch := self.draw_batch(run)) is not None}
-            mine = self.replica_micro_batches(batches, self.micro_batch_count(g)) if batches else []
+            with self.observer.phase("draw"):
+                batches = {run.spec.name: batch for run in members if (batch := self.draw_batch(run)) is not None}
+            if not batches:
+                units.append([])
+                continue
+            with self.observer.phase("fuse"):
+                mine = self.replica_micro_batches(batches, self.micro_batch_count(g))
+            if mine:
+                self.observer.fused(mine)
             units.append([(g, k) for k in range(len(mine))])
             for k, batch in enumerate(mine):
                 self._batches[(g, k)] = batch
@@ -331,7 +340,8 @@ class MultiplexedTrainer(FusedForward):
         if self.tensor_parallel is not None:
             self.tensor_parallel.reduce_replicated_grads(runs)
         losses, accuracies = self._step_figures(names)
-        norms = self._grad_norms(runs)
+        with self.observer.phase("optimizer"):
+            norms = self._grad_norms(runs)
         self._stop_non_finite(runs, losses, norms)
         failed = {}
         for run in runs:
@@ -339,13 +349,15 @@ class MultiplexedTrainer(FusedForward):
                 continue
             try:
                 norm = norms[run.spec.name]
-                if run.spec.max_grad_norm is not None and norm is not None:
-                    clip_with_norm(run, run.spec.max_grad_norm, norm)
-                run.optimizer.step()
+                with self.observer.phase("optimizer"):
+                    if run.spec.max_grad_norm is not None and norm is not None:
+                        clip_with_norm(run, run.spec.max_grad_norm, norm)
+                    run.optimizer.step()
                 run.scheduler.step()
             except (RuntimeError, ValueError, OverflowError) as exc:  # e.g. an lr that overflows fp32
                 failed[run.spec.name] = f"optimizer step failed at step {run.step + 1}: {exc}"
-            run.optimizer.zero_grad(set_to_none=True)
+            with self.observer.phase("optimizer"):
+                run.optimizer.zero_grad(set_to_none=True)
         self._fail_everywhere(runs, failed, "optimizer step failed at step {step} on another stage")
         runs = [run for run in runs if run.status == "running"]
         elapsed = time.perf_counter() - start
@@ -414,7 +426,8 @@ class MultiplexedTrainer(FusedForward):
         if not topo.first:
             inputs = self.transfers.recv(self._hidden_shape(batch), topo.rank - topo.tp).requires_grad_()
         done = self._timed("fwd", unit)
-        sums, hidden = self.stage_loss_sums(batch, inputs, training=True, hits=self._hits)
+        with self.observer.phase("forward"):
+            sums, hidden = self.stage_loss_sums(batch, inputs, training=True, hits=self._hits)
         if topo.last:
             # a non-finite loss stays out of the backward: only its own task is stopped (after the step)
             finite = [total / self._counts[name] for name, total in sums.items() if torch.isfinite(total)]
@@ -433,7 +446,8 @@ class MultiplexedTrainer(FusedForward):
         grad = None if topo.last else self.transfers.recv(out.shape, topo.rank + topo.tp)
         done = self._timed("bwd", unit)
         if out is not None and out.requires_grad:
-            out.backward(grad)
+            with self.observer.phase("backward"):
+                out.backward(grad)
         done()
         if not topo.first:
             self.transfers.send(inputs.grad if inputs.grad is not None else torch.zeros_like(inputs),

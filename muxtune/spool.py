@@ -119,8 +119,7 @@ def apply(trainer, events: list[dict], admit) -> None:
 
 
 def trainer_groups(trainer) -> list[list[str]]:
-    plan = getattr(trainer, "plan", None)  # a PipelineTrainer's groups are its plan's
-    return [list(g.tasks) for g in plan.groups] if plan is not None else [list(g) for g in trainer.groups]
+    return [list(g) for g in trainer.groups]  # a plan's groups are these lists (MultiplexedTrainer)
 
 
 def answer(run_dir: Path, events: list[dict], step: int) -> list[dict]:

@@ -31,10 +31,12 @@ import torch
 import torch.nn.functional as F
 from transformers import get_scheduler
 
+from muxtune.executor import accumulation
 from muxtune.executor.alignment import ChunkedBatch, pack_chunks, packed_attention, split_by_budget
 from muxtune.executor.backbone import Backbone
 from muxtune.executor.data import IGNORE, DataOptions, Example, FusedBatch, TaskSampler, example_origin, fuse
 from muxtune.executor.mux import Multiplexer, TaskAdapter
+from muxtune.executor.recompute import recomputing
 from muxtune.executor.validation import record_evaluation
 from muxtune.errors import MuxTuneError
 from muxtune.spec import Alignment, TaskSpec
@@ -162,11 +164,14 @@ class MultiplexedTrainer:
     """Trains tasks on one shared backbone. `groups` (from the Plan) lists the fusion groups: the
     tasks of a group share one fused micro-batch; groups run one after another within a step
     (default: one group of all tasks). `alignment` (from the Plan) sets the micro-batch layout.
-    `validation`: the validation examples of the tasks that validate (executor/validation.py)."""
+    `validation`: the validation examples of the tasks that validate (executor/validation.py).
+    Memory knobs (from the Plan): `recompute` per group (executor/recompute.py), `accumulation`
+    micro-steps per task (executor/accumulation.py)."""
 
     def __init__(self, backbone: Backbone, specs: list[TaskSpec], examples: dict[str, list[Example]],
                  groups: list[list[str]] | None = None, alignment: Alignment | None = None,
-                 validation: dict[str, list[Example]] | None = None):
+                 validation: dict[str, list[Example]] | None = None, recompute: list[bool] | None = None,
+                 accumulation: dict[str, int] | None = None):
         self.backbone = backbone
         self.model = backbone.model
         self.device = next(self.model.parameters()).device
@@ -176,6 +181,8 @@ class MultiplexedTrainer:
                                          for s in specs}
         self.groups = groups or [list(self.runs)]
         self.alignment = alignment or Alignment()
+        self.recompute = list(recompute or [False] * len(self.groups))
+        self.accumulation = dict(accumulation or {})
         self.step_times: list[float] = []
         self.step_tokens: list[int] = []  # real (non-padding) tokens of each step's fused batches
         self.step_shapes: list[tuple[int, int]] = []  # (rows, seq) of every fused micro-batch computed
@@ -272,23 +279,22 @@ class MultiplexedTrainer:
         runs = self.active
         start = time.perf_counter()
         sums, counts, tokens, computed, hits = {}, {}, {}, {}, {}
-        for group in self.groups:
+        for g, group in enumerate(self.groups):
             members = [run for run in runs if run.spec.name in group]
             batches = {run.spec.name: self.draw_batch(run) for run in members}
             batches = {name: batch for name, batch in batches.items() if batch is not None}
             if not batches:
                 continue
-            micro_batches = self.micro_batches(batches)
+            micro_batches = [mb for part in accumulation.micro_steps(batches, self.accumulation)
+                             for mb in self.micro_batches(part)]
             # a task's loss is the mean over ALL its target tokens of the step, however they were split
+            accumulation.step_token_counts(micro_batches, counts)
             for batch in micro_batches:
-                for name, n in batch.target_counts.items():
-                    counts[name] = counts.get(name, 0) + n
-            for batch in micro_batches:
-                batch_sums = self.loss_sums(batch, training=True, hits=hits)
-                # a non-finite loss stays out of the backward: only its own task is stopped
-                finite = {name: total for name, total in batch_sums.items() if torch.isfinite(total)}
-                if finite:
-                    torch.stack([total / counts[name] for name, total in finite.items()]).sum().backward()
+                with recomputing(self.model, g < len(self.recompute) and self.recompute[g]):
+                    batch_sums = self.loss_sums(batch, training=True, hits=hits)
+                    loss = accumulation.micro_step_loss(batch_sums, counts)
+                    if loss is not None:
+                        loss.backward()
                 for name, total in batch_sums.items():
                     sums[name] = sums.get(name, 0.0) + float(total.detach())
                 for name, n in batch.tokens_per_task.items():

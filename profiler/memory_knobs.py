@@ -1,0 +1,58 @@
+"""What the memory knobs cost: activation recomputation (executor/recompute.py) and gradient accumulation
+(executor/accumulation.py), priced from the CostModel's own terms, so they inherit its profile.
+
+Recomputation, per micro-batch and stage of `layers` decoder blocks:
+- memory: each block keeps only its input for the backward, the hidden states [T, hidden] (the
+  CostModel's boundary_bytes, exact: it is the tensor), and during the backward one block at a time holds
+  its whole activations again: activation_bytes(mb, 1), the profile's measured saved bytes of one block
+  (with the adapters' share and the shared mask / rotary tables);
+- time: the blocks' forward runs once more inside the backward: forward_seconds(mb, layers) without the
+  stem and the head (they are not recomputed), adapters included. The profile measures a block's forward;
+  nothing else needs measuring (tests/test_memory_knobs.py checks the recompute's forward count).
+Accumulation has no formula of its own: k micro-steps are k smaller micro-batches, each priced as one
+(their fixed per-micro-batch costs are what accumulation adds), holding a k-th of the activations.
+"""
+
+from __future__ import annotations
+
+from muxtune.profiler.cost_model import GRAD_BYTES_PER_PARAM, MicroBatch
+
+
+def activation_bytes(cm, mb: MicroBatch, layers: int, recompute: bool = False, tp: int = 1) -> int:
+    """Bytes `layers` blocks keep for the backward of `mb` (CostModel.activation_bytes), with recomputation:
+    the blocks' inputs plus one block's activations while it is recomputed and differentiated."""
+    tp_kw = {"tp": tp} if tp > 1 else {}
+    if not recompute or layers == 0:
+        return cm.activation_bytes(mb, layers, **tp_kw)
+    return int(layers * cm.boundary_bytes(mb) + cm.activation_bytes(mb, 1, **tp_kw))
+
+
+def recompute_seconds(cm, mb: MicroBatch, layers: int, tp: int = 1) -> float:
+    """The forward of `layers` blocks run again in the backward (no stem, no head)."""
+    tp_kw = {"tp": tp} if tp > 1 else {}
+    return cm.forward_seconds(mb, layers, False, False, **tp_kw) if layers else 0.0
+
+
+def saved_bytes(cm, mb: MicroBatch, layers: int, tp: int = 1) -> int:
+    """What recomputation saves on `mb`'s activations (negative where a block's input outweighs them)."""
+    return activation_bytes(cm, mb, layers, False, tp) - activation_bytes(cm, mb, layers, True, tp)
+
+
+def peak_bytes(cm, groups: list[MicroBatch], recompute: bool = False) -> int:
+    """CostModel.peak_bytes of a single-device step (`groups`: every micro-batch it runs, one at a time),
+    with recomputation: the largest micro-batch's recomputed activations in place of its full ones."""
+    whole = cm.peak_bytes(groups)
+    if not recompute:
+        return whole
+    L = cm.shape.n_layers
+    transient = cm.step_memory_bytes(groups)
+    live = max(activation_bytes(cm, mb, L, True) + cm.head_bytes(mb.tokens) for mb in groups)
+    grads = sum(GRAD_BYTES_PER_PARAM * t.params for mb in groups for t in mb.tasks)  # held until the optimizer
+    return int(whole - transient + live + grads)
+
+
+def step_seconds(cm, groups: list[MicroBatch], recompute: bool = False) -> float:
+    """CostModel.step_seconds of a single-device step, plus each micro-batch's recompute."""
+    extra = sum(recompute_seconds(cm, mb, cm.shape.n_layers) for mb in groups) if recompute else 0.0
+    return cm.step_seconds(groups) + extra
+

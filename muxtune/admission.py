@@ -33,6 +33,7 @@ import torch
 
 from muxtune.errors import MuxTuneError
 from muxtune.executor.mux import TaskAdapter
+from muxtune.profiler import memory_knobs
 from muxtune.profiler.cost_model import CostModel, MicroBatch, ModelShape, TaskLoad
 from muxtune.profiler.profile import decoder_layers, layer_param_bytes
 from muxtune.schedule import blocks, one_f_one_b, part_index, part_size, replica_of, stage_of, stage_range, stage_split
@@ -116,11 +117,14 @@ def _micro_batches(members: list[TaskSpec], params: dict[str, int], parts: int, 
 
 def estimate(model, specs: list[TaskSpec], groups: list[list[str]], alignment: Alignment, available: int,
              params: dict[str, dict] | None = None, layout: Layout | None = None, schedule: str = "1f1b",
-             micro_batches: list[int] | None = None, rank: int = 0, cost_model=None) -> MemoryEstimate:
+             micro_batches: list[int] | None = None, rank: int = 0, cost_model=None,
+             recompute: list[bool] | None = None, accumulation: dict[str, int] | None = None) -> MemoryEstimate:
     """Memory of process `rank` (rank = (replica * pp + stage) * tp + tensor rank, as the plan's device
     order) of a plan with these groups and `layout` (default: one device). `params` caches
     adapter_params per task (filled here). Tensor-parallel ranks are priced as holding their whole stage
-    (an upper bound: how tp shards weights and activations is not modelled here)."""
+    (an upper bound: how tp shards weights and activations is not modelled here). Memory knobs (the
+    Plan's): `recompute` per group, `accumulation` micro-steps per task; the first micro-step holds
+    every task's largest part, so it sets the peak."""
     layout = layout or Layout()
     cm = cost_model or cost_model_of(model)
     params = params if params is not None else {}
@@ -143,26 +147,32 @@ def estimate(model, specs: list[TaskSpec], groups: list[list[str]], alignment: A
     # every group's micro-batches on this replica, in the order the executor runs them
     units = []
     for g, group in enumerate(groups):
-        members = [by_name[name] for name in group if name in by_name]
+        members = [largest_micro_step(by_name[name], (accumulation or {}).get(name, 1))
+                   for name in group if name in by_name]
         if not members:
             continue
         parts = layout.dp * (micro_batches[g] if micro_batches else 1)
         count = micro_batches[g] if micro_batches else 1
-        units.append([mb for k in range(count) for mb in _micro_batches(
+        units.append([(mb, bool(recompute and recompute[g])) for k in range(count) for mb in _micro_batches(
             members, total_params, parts, part_index(k, replica, layout.dp), alignment)])
     peak = 0
     for block in blocks(units, schedule):
         held = 0
         ids = list(range(len(block)))
         for kind, i in one_f_one_b(ids, stage, layout.pp):
-            mb = block[i]
+            mb, recomputed = block[i]
             if kind == "fwd":
-                held += cm.activation_bytes(mb, len(mine))
+                held += memory_knobs.activation_bytes(cm, mb, len(mine), recomputed)
                 peak = max(peak, held + (cm.head_bytes(mb.tokens) if last else 0))
             else:
-                held -= cm.activation_bytes(mb, len(mine))
+                held -= memory_knobs.activation_bytes(cm, mb, len(mine), recomputed)
     backbone = cm.backbone_bytes(len(mine), first, last)
     return MemoryEstimate(backbone, adapters, peak, available)
+
+
+def largest_micro_step(spec: TaskSpec, steps: int) -> TaskSpec:
+    """The task as its largest accumulation micro-step feeds it (executor/accumulation.micro_steps)."""
+    return spec if steps <= 1 else spec.model_copy(update={"batch_size": part_size(spec.batch_size, steps, 0)})
 
 
 def plan_estimates(model, specs: list[TaskSpec], plan: Plan, cost_model=None,

@@ -77,7 +77,7 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
     the finished outputs replace it in one rename. `resume=True` continues from the checkpoints.
     `after_step(trainer)` runs at every step boundary, before the spool is read; for a multi-process
     plan it runs on rank 0 and must be picklable (a module-level function or a partial of one)."""
-    from muxtune import admission, spool
+    from muxtune import admission_knobs, spool
     from muxtune.executor import checkpoint
     from muxtune.executor.trainer import MultiplexedTrainer
     from muxtune.executor.validation import load_task_data
@@ -123,12 +123,16 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
             if not any(spec.name in g for g in groups):
                 groups[0].append(spec.name)
     adapter_params: dict = {}  # each task's trainable parameters by layer, counted once (admission)
-    admission.admit(backbone.model, specs, groups, plan.alignment, config.memory_limit_gib, params=adapter_params)
+    # admitted with recomputation / gradient accumulation where it fits only with them (admission_knobs)
+    admitted = admission_knobs.admit(backbone.model, specs, groups, plan.alignment, config.memory_limit_gib,
+                                     params=adapter_params, recompute=[g.recompute for g in plan.groups],
+                                     accumulation={t: k for g in plan.groups for t, k in g.accumulation.items()})
     if not resume:
         shutil.rmtree(checkpoint.checkpoint_dir(out_dir), ignore_errors=True)
         shutil.rmtree(spool.spool_dir(out_dir), ignore_errors=True)
     trainer = MultiplexedTrainer(backbone, specs, examples, groups=groups, alignment=plan.alignment,
-                                 validation=validation)
+                                 validation=validation, recompute=admitted.recompute,
+                                 accumulation=admitted.accumulation)
     if manifest is not None:
         checkpoint.restore(trainer, out_dir, manifest)
         for name, run in trainer.runs.items():
@@ -139,8 +143,11 @@ def execute(config: RunConfig, out_dir: Path, plan: Plan | None = None, progress
 
     def admit_submitted(trainer, spec, group):
         active = [r.spec for r in trainer.active] + [spec]
-        admission.admit(backbone.model, active, [[s.name for s in active]], plan.alignment,
-                        config.memory_limit_gib, what=f"submit {spec.name}", params=adapter_params)
+        joined = admission_knobs.admit(backbone.model, active, [[s.name for s in active]], plan.alignment,
+                                       config.memory_limit_gib, what=f"submit {spec.name}", params=adapter_params,
+                                       recompute=[any(trainer.recompute)], accumulation=trainer.accumulation)
+        trainer.accumulation.update(joined.accumulation)  # the knobs change how a step runs, not its result
+        trainer.recompute = [on or joined.recompute[0] for on in trainer.recompute]
 
     def at_step_boundary(trainer):
         nonlocal manifest

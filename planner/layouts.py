@@ -66,11 +66,6 @@ class GroupCost:
     accumulation: int = 1  # micro-steps every task of the group feeds its batch over
 
 
-# The memory knobs a group may be priced with, (recompute, accumulation micro-steps): `priced` takes the
-# fastest that fits the room left on its devices (a provider's "no OOM without hand-tuning").
-KNOBS = tuple((recompute, k) for recompute in (False, True) for k in (1, 2, 4, 8, 16))
-
-
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -165,13 +160,13 @@ def group_cost(works: tuple[TaskWork, ...], layout: LayoutChoice, cm, packed: bo
 
 def fitting_group_cost(works: tuple[TaskWork, ...], layout: LayoutChoice, cm, packed: bool,
                        room: int | None) -> GroupCost:
-    """The group's cost with the fastest memory knobs (KNOBS) whose states and activations fit in `room`
-    bytes (a device's memory less its backbone part); when none fits, the one that needs the least (the
-    caller's memory check then refuses it with that figure). room None: no knobs."""
+    """The group's cost with the fastest memory knobs (memory_knobs.KNOBS) whose states and activations
+    fit in `room` bytes (a device's memory less its backbone part); when none fits, the one that needs the
+    least (the caller's memory check then refuses it with that figure). room None: no knobs."""
     plain = group_cost(works, layout, cm, packed)
     if room is None or plain.state_bytes + plain.activation_bytes <= room:
         return plain
-    options = [plain] + [group_cost(works, layout, cm, packed, r, k) for r, k in KNOBS[1:]]
+    options = [plain] + [group_cost(works, layout, cm, packed, r, k) for r, k in memory_knobs.KNOBS[1:]]
     fitting = [c for c in options if c.state_bytes + c.activation_bytes <= room]
     if fitting:
         return min(fitting, key=lambda c: c.seconds)

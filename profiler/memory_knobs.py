@@ -17,6 +17,10 @@ from __future__ import annotations
 
 from muxtune.profiler.cost_model import GRAD_BYTES_PER_PARAM, MicroBatch
 
+# The knob settings (recompute, accumulation micro-steps) the planner prices for a group and admission
+# tries, from no knob up.
+KNOBS = tuple((recompute, k) for recompute in (False, True) for k in (1, 2, 4, 8, 16))
+
 
 def activation_bytes(cm, mb: MicroBatch, layers: int, recompute: bool = False, tp: int = 1) -> int:
     """Bytes `layers` blocks keep for the backward of `mb` (CostModel.activation_bytes), with recomputation:

@@ -57,8 +57,9 @@ EVENT_COLUMNS = ["device", "stream", "group", "micro_batch", "kind", "start", "e
 @dataclass
 class Timeline:
     """One simulated step. `events` has a row per op: device, stream (compute|comm), group (index in the
-    plan), micro_batch (-1 for per-step ops), kind (host|fwd|recompute|bwd|send|recv|allreduce|tp_allreduce|optim|eval;
-    `recompute`: a group with FusionGroup.recompute runs its blocks' forward again before each backward),
+    plan), micro_batch (-1 for per-step ops), kind (host|fwd|recompute|bwd|send|recv|allreduce|tp_allreduce|
+    optim|eval; `recompute`: a group with FusionGroup.recompute runs its blocks' forward again before each
+    backward),
     start, end (s); with tp > 1 a fwd/bwd is several compute segments between its tp_allreduce events,
     task (host, optim and the replicated gradients' tp_allreduce), replica, stage. bubble_fraction counts
     waiting for a tp all-reduce as idle (the executor's measured bubble times it inside its fwd/bwd)."""

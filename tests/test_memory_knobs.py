@@ -1,18 +1,26 @@
 """Memory knobs (issue 25): activation recomputation and gradient accumulation train a task exactly as
 without them; the CostModel prices them; the planner, the simulator and admission use them."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from reference import adapter_state, randomize_b, write_jsonl
 from test_equivalence import assert_same_training, initial_state
 
+from muxtune import admission, admission_knobs
 from muxtune.errors import MuxTuneError
 from muxtune.executor import accumulation
 from muxtune.executor.backbone import load_backbone
 from muxtune.executor.data import load_examples
 from muxtune.executor.trainer import MultiplexedTrainer
+from muxtune.planner.plan import plan
+from muxtune.profiler import memory_knobs
+from muxtune.profiler.cost_model import CostModel, MicroBatch, TaskLoad, llama_7b_shape
 from muxtune.profiler.profile import saved_bytes
-from muxtune.spec import Alignment, FusionGroup, TaskSpec
+from muxtune.simulator.iteration import simulate_step
+from muxtune.simulator.workload import TaskWork
+from muxtune.spec import Alignment, Cluster, FusionGroup, Plan, TaskSpec
 
 MODEL = "builtin:tiny-llama"
 CHUNKED, PADDED = Alignment(chunk_len=16), Alignment(layout="padded")
@@ -173,4 +181,68 @@ def test_plan_records_knobs_and_rejects_bad_ones():
     for bad in ({"c": 2}, {"a": 0}):
         with pytest.raises(ValueError, match="accumulation"):
             FusionGroup(tasks=["a", "b"], devices=["cpu"], accumulation=bad)
-    assert MuxTuneError  # (admission and planner tests below use it)
+
+
+# --- pricing, simulator, planner, admission ------------------------------------------------------------
+
+H100 = CostModel.analytic("h100", llama_7b_shape())
+BIG = MicroBatch((TaskLoad("lora", 8, 8192, 4_000_000), TaskLoad("ia3", 0, 4096, 600_000)), 1024)
+
+
+def test_cost_model_prices_recompute():
+    plain, kept = H100.activation_bytes(BIG, 32), memory_knobs.activation_bytes(H100, BIG, 32, recompute=True)
+    # kept: every block's input [T, hidden] plus one block's whole activations
+    assert kept == 32 * BIG.tokens * 4096 * 2 + H100.activation_bytes(BIG, 1)
+    assert kept < plain / 5 and memory_knobs.saved_bytes(H100, BIG, 32) == plain - kept
+    redo = memory_knobs.recompute_seconds(H100, BIG, 32)
+    assert 0 < redo < H100.forward_seconds(BIG, 32, True, True)  # the blocks again, not the stem or head
+    assert memory_knobs.step_seconds(H100, [BIG], True) == pytest.approx(H100.step_seconds([BIG]) + redo)
+    assert memory_knobs.peak_bytes(H100, [BIG], True) == H100.peak_bytes([BIG]) - plain + kept
+    assert memory_knobs.peak_bytes(H100, [BIG], False) == H100.peak_bytes([BIG])
+
+
+def test_simulator_shows_the_knobs():
+    works = {"a": TaskWork("a", "lora", 8, 4_000_000, 16, 1024.0), "b": TaskWork("b", "lora", 8, 4_000_000, 6, 512.0)}
+
+    def timeline(**knobs):
+        group = FusionGroup(tasks=["a", "b"], devices=["cuda:0"], **knobs)
+        return simulate_step(Plan(groups=[group]), works, H100, packed=True)
+
+    plain, recomputed = timeline(), timeline(recompute=True)
+    accumulated = timeline(accumulation={"a": 4, "b": 2})
+    assert (plain.events["kind"] == "recompute").sum() == 0
+    assert (recomputed.events["kind"] == "recompute").sum() == 1
+    assert recomputed.step_seconds > plain.step_seconds
+    assert recomputed.peak_memory["cuda:0"] < plain.peak_memory["cuda:0"]
+    assert (accumulated.events["kind"] == "fwd").sum() == 4  # micro-steps: a's 4 parts, b's 2 with its first two
+    assert accumulated.peak_memory["cuda:0"] < plain.peak_memory["cuda:0"]
+
+
+def test_planner_picks_knobs_only_when_memory_needs_them():
+    tasks = [TaskSpec(name=f"t{i}", data=Path("unused.jsonl"), peft=dict(method="lora", r=8), batch_size=32,
+                      max_seq_len=2048, steps=10) for i in range(2)]
+    roomy = plan(tasks, Cluster(devices=1, memory_gib=640, hardware="h100"), H100, time_limit=2)
+    assert not any(g.recompute or g.accumulation for g in roomy.plan.groups)
+    tight = plan(tasks, Cluster(devices=1, memory_gib=40, hardware="h100"), H100, time_limit=2)
+    assert tight.chosen.fits and tight.chosen.peak_memory <= 40 * 2**30
+    assert any(g.recompute or g.accumulation for g in tight.plan.groups)
+    # the baselines got the knobs too: every one of them fits where none would without
+    assert all(b.fits for b in tight.baselines)
+
+
+def test_admission_admits_with_knobs_and_refuses_with_numbers(tmp_path):
+    spec = mixed_tasks(tmp_path)[0].model_copy(update={"batch_size": 32, "max_seq_len": 2048})
+    model = load_backbone(MODEL).model
+    plain = admission.estimate(model, [spec], [["lora"]], CHUNKED, 0)
+    least = admission.estimate(model, [spec], [["lora"]], CHUNKED, 0, recompute=[True], accumulation={"lora": 16})
+    assert least.needed < plain.needed
+    limit = (plain.needed + least.needed) / 2
+    admitted = admission_knobs.admit(model, [spec], [["lora"]], CHUNKED, limit / 2**30)
+    assert admitted.estimate.needed <= limit < plain.needed
+    assert any(admitted.recompute) or admitted.accumulation
+    plan_with = admitted.apply(Plan(groups=[FusionGroup(tasks=["lora"], devices=["cpu"])]))
+    assert (plan_with.groups[0].recompute, plan_with.groups[0].accumulation) == (
+        admitted.recompute[0], admitted.accumulation)
+    with pytest.raises(MuxTuneError, match="even with recomputation") as refused:
+        admission_knobs.admit(model, [spec], [["lora"]], CHUNKED, 0.9 * least.needed / 2**30)
+    assert "GiB" in str(refused.value) or "MiB" in str(refused.value)

@@ -51,7 +51,7 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def worker(recompute: bool, tenants: int, seq: int, steps: int) -> dict:
+def worker(recompute: bool, tenants: int, seq: int, steps: int, model: str = MODEL) -> dict:
     """One configuration in this process (module docstring, part 1)."""
     import torch
 
@@ -62,7 +62,7 @@ def worker(recompute: bool, tenants: int, seq: int, steps: int) -> dict:
 
     torch.set_num_threads(1)
     before = status_bytes("VmRSS")  # the interpreter and its libraries: not the device memory the CostModel prices
-    backbone = load_backbone(MODEL)
+    backbone = load_backbone(model)
     gen = random.Random(0)
     specs, examples = [], {}
     for i in range(tenants):
@@ -84,15 +84,15 @@ def worker(recompute: bool, tenants: int, seq: int, steps: int) -> dict:
 
 
 def measure(recompute: bool, args) -> dict:
-    command = [sys.executable, "-m", "benchmarks.memory", "--worker", str(int(recompute)),
-               "--tenants", str(args.tenants), "--seq", str(args.seq), "--steps", str(args.steps)]
+    command = [sys.executable, "-m", "muxtune.benchmarks.memory", "--worker", str(int(recompute)),
+               "--tenants", str(args.tenants), "--seq", str(args.seq), "--steps", str(args.steps), "--model", args.model]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"benchmarks.memory: the worker (recompute={recompute}) failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def cost_model(profile: str | None):
+def cost_model(profile: str | None, model: str):
     """A profiled CostModel of this device (time and memory) when one is given or stored, else the
     shape's (memory only: the CPU is not in the hardware catalog, so no time)."""
     from muxtune.admission import cost_model_of
@@ -102,11 +102,11 @@ def cost_model(profile: str | None):
 
     if profile:
         return CostModel.from_profile(profile), profile
-    slug = MODEL.removeprefix("builtin:")
+    slug = model.removeprefix("builtin:")
     stored = [path for folder in (REPO_PROFILES, user_cache_dir()) for path in sorted(folder.glob(f"cpu-*-{slug}.csv"))]
     if stored:
         return CostModel.from_profile(stored[0]), f"{stored[0]} (stored)"
-    return cost_model_of(load_backbone(MODEL).model), "the model's shape (no profile of this CPU: time not predicted)"
+    return cost_model_of(load_backbone(model).model), "the model's shape (no profile of this CPU: time not predicted)"
 
 
 def on_this_cpu(args) -> dict:
@@ -114,7 +114,7 @@ def on_this_cpu(args) -> dict:
     from muxtune.profiler.cost_model import MicroBatch, TaskLoad
 
     runs = {on: measure(on, args) for on in (False, True)}
-    cm, source = cost_model(args.profile)
+    cm, source = cost_model(args.profile, args.model)
     loads = tuple(TaskLoad("lora", 8, args.seq, n, ("q_proj", "v_proj")) for n in runs[False]["params"].values())
     mb = MicroBatch(loads, args.seq)
     rows, errors = [], []
@@ -127,7 +127,7 @@ def on_this_cpu(args) -> dict:
         print(f"recompute={on!s:5}: peak RSS {run['peak_bytes'] / 2**20:8.0f} MiB (predicted {predicted / 2**20:8.0f}),"
               f" step {run['step_seconds']:6.2f} s" + (f" (predicted {seconds:6.2f} s)" if seconds else ""), flush=True)
     plain, redo = rows
-    return {"model": MODEL, "tenants": args.tenants, "seq": args.seq, "priced_by": source, "rows": rows,
+    return {"model": args.model, "tenants": args.tenants, "seq": args.seq, "priced_by": source, "rows": rows,
             "recompute_memory_ratio": plain["peak_mib"] / redo["peak_mib"],
             "predicted_recompute_memory_ratio": plain["predicted_peak_mib"] / redo["predicted_peak_mib"],
             "recompute_time_ratio": redo["step_s"] / plain["step_s"],
@@ -190,6 +190,7 @@ def on_a_cluster(time_limit: float) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=MODEL, help="part 1's backbone (a builtin preset)")
     parser.add_argument("--tenants", type=int, default=8)
     parser.add_argument("--seq", type=int, default=1024, help="tokens of each tenant's sequence")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration (after a warm-up)")
@@ -200,10 +201,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--worker", type=int, choices=(0, 1), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
-        result = worker(bool(args.worker), args.tenants, args.seq, args.steps)
+        result = worker(bool(args.worker), args.tenants, args.seq, args.steps, args.model)
         print(json.dumps(result))
         return result
-    print(f"benchmarks.memory: (1) {MODEL}, {args.tenants} tenants x {args.seq} tokens on this CPU, without and "
+    print(f"benchmarks.memory: (1) {args.model}, {args.tenants} tenants x {args.seq} tokens on this CPU, without and "
           f"with recomputation, {args.steps + 1} steps each in its own process; (2) the analytic Llama-3-8B x 64 "
           f"tenants x 16 H100 plan ({args.time_limit:.0f} s planner limit)", flush=True)
     out = {}

@@ -246,3 +246,13 @@ def test_admission_admits_with_knobs_and_refuses_with_numbers(tmp_path):
     with pytest.raises(MuxTuneError, match="even with recomputation") as refused:
         admission_knobs.admit(model, [spec], [["lora"]], CHUNKED, 0.9 * least.needed / 2**30)
     assert "GiB" in str(refused.value) or "MiB" in str(refused.value)
+
+
+def test_memory_benchmark_measures_both_configurations_on_a_tiny_model(capsys):
+    from muxtune.benchmarks import memory
+
+    out = memory.main(["--model", MODEL, "--tenants", "2", "--seq", "256", "--steps", "1", "--skip-cluster"])
+    assert [row["recompute"] for row in out["cpu"]["rows"]] == [False, True]
+    assert all(row["peak_mib"] > 0 and row["step_s"] > 0 for row in out["cpu"]["rows"])
+    assert out["memory_prediction_error"] >= 0 and "recompute_time_ratio" in out
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("{")

@@ -4,8 +4,8 @@
 Recomputation, per micro-batch and stage of `layers` decoder blocks:
 - memory: each block keeps only its input for the backward, the hidden states [T, hidden] (the
   CostModel's boundary_bytes, exact: it is the tensor), and during the backward one block at a time holds
-  its whole activations again: activation_bytes(mb, 1), the profile's measured saved bytes of one block
-  (with the adapters' share and the shared mask / rotary tables);
+  its whole activations again and its backward's working set: the profile's `layer` peak_bytes (a
+  block's forward + backward, measured) with the adapters' share (block_backward_bytes);
 - time: the blocks' forward runs once more inside the backward: forward_seconds(mb, layers) without the
   stem and the head (they are not recomputed), adapters included. The profile measures a block's forward;
   nothing else needs measuring (tests/test_memory_knobs.py checks the recompute's forward count).
@@ -28,7 +28,19 @@ def activation_bytes(cm, mb: MicroBatch, layers: int, recompute: bool = False, t
     tp_kw = {"tp": tp} if tp > 1 else {}
     if not recompute or layers == 0:
         return cm.activation_bytes(mb, layers, **tp_kw)
-    return int(layers * cm.boundary_bytes(mb) + cm.activation_bytes(mb, 1, **tp_kw))
+    return int(layers * cm.boundary_bytes(mb) + block_backward_bytes(cm, mb, tp))
+
+
+def block_backward_bytes(cm, mb: MicroBatch, tp: int = 1) -> int:
+    """What one block holds while it is recomputed and differentiated: the profile's `layer` peak_bytes
+    (a block's forward and backward measured together: its saved tensors and its backward's working
+    set), plus the adapters' share of activation_bytes; without a profile (or tp > 1) its saved tensors."""
+    one = cm.activation_bytes(mb, 1, **({"tp": tp} if tp > 1 else {}))
+    if cm.profile is None or tp > 1:
+        return one
+    saved = cm._grid("layer", "fwd", mb.tokens, mb.span, value="saved_bytes")
+    peak = cm._grid("layer", "fwd", mb.tokens, mb.span, value="peak_bytes")
+    return int(one + max(peak - saved, 0.0))
 
 
 def recompute_seconds(cm, mb: MicroBatch, layers: int, tp: int = 1) -> float:

@@ -192,7 +192,7 @@ BIG = MicroBatch((TaskLoad("lora", 8, 8192, 4_000_000), TaskLoad("ia3", 0, 4096,
 def test_cost_model_prices_recompute():
     plain, kept = H100.activation_bytes(BIG, 32), memory_knobs.activation_bytes(H100, BIG, 32, recompute=True)
     # kept: every block's input [T, hidden] plus one block's whole activations
-    assert kept == 32 * BIG.tokens * 4096 * 2 + H100.activation_bytes(BIG, 1)
+    assert kept == 32 * BIG.tokens * 4096 * 2 + H100.activation_bytes(BIG, 1)  # analytic: a block's saved tensors
     assert kept < plain / 5 and memory_knobs.saved_bytes(H100, BIG, 32) == plain - kept
     redo = memory_knobs.recompute_seconds(H100, BIG, 32)
     assert 0 < redo < H100.forward_seconds(BIG, 32, True, True)  # the blocks again, not the stem or head

@@ -33,7 +33,7 @@ from transformers.cache_utils import Cache
 
 from muxtune.executor import alignment
 from muxtune.executor.mux import Multiplexer
-from muxtune.profiler.profile import decoder_layers
+from muxtune.profiler.backbone_parts import decoder_layers
 
 
 class _Switch:

@@ -15,7 +15,9 @@ Accumulation has no formula of its own: k micro-steps are k smaller micro-batche
 
 from __future__ import annotations
 
-from muxtune.profiler.cost_model import GRAD_BYTES_PER_PARAM, MicroBatch
+from dataclasses import replace
+
+from muxtune.profiler.shapes import MicroBatch
 
 # The knob settings (recompute, accumulation micro-steps) the planner prices for a group and admission
 # tries, from no knob up.
@@ -55,16 +57,11 @@ def saved_bytes(cm, mb: MicroBatch, layers: int, tp: int = 1) -> int:
 
 
 def peak_bytes(cm, groups: list[MicroBatch], recompute: bool = False) -> int:
-    """CostModel.peak_bytes of a single-device step (`groups`: every micro-batch it runs, one at a time),
-    with recomputation: the largest micro-batch's recomputed activations in place of its full ones."""
-    whole = cm.peak_bytes(groups)
-    if not recompute:
-        return whole
-    L = cm.shape.n_layers
-    transient = cm.step_memory_bytes(groups)
-    live = max(activation_bytes(cm, mb, L, True) + cm.head_bytes(mb.tokens) for mb in groups)
-    grads = sum(GRAD_BYTES_PER_PARAM * t.params for mb in groups for t in mb.tasks)  # held until the optimizer
-    return int(whole - transient + live + grads)
+    """CostModel.peak_bytes of a single-device step (`groups`: every micro-batch it runs, one after
+    another), with or without recomputation (the micro-batches marked MicroBatch.recompute)."""
+    marked = [replace(mb, recompute=recompute) for mb in groups]
+    return cm.peak_bytes([(kind, mb) for mb in marked for kind in ("fwd", "bwd")],
+                         [t.params for mb in groups for t in mb.tasks])
 
 
 def step_seconds(cm, groups: list[MicroBatch], recompute: bool = False) -> float:

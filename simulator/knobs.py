@@ -13,11 +13,12 @@ from muxtune.simulator.workload import TaskWork, split_micro_batches
 
 
 def accumulated_parts(works: list[TaskWork], accumulation: dict[str, int], parts: int,
-                      packed: bool) -> list[MicroBatch]:
-    """The step's micro-batches in part order: micro-step after micro-step, `parts` each."""
+                      packed: bool, recompute: bool = False) -> list[MicroBatch]:
+    """The step's micro-batches in part order: micro-step after micro-step, `parts` each; `recompute`
+    marks them (MicroBatch.recompute: the CostModel's memory model then holds their blocks' inputs only)."""
     count = max((accumulation.get(w.name, 1) for w in works), default=1)
     if count == 1:
-        return split_micro_batches(works, parts, packed)
+        return [replace(mb, recompute=recompute) for mb in split_micro_batches(works, parts, packed)]
     out = []
     for j in range(count):
         step = []
@@ -26,5 +27,5 @@ def accumulated_parts(works: list[TaskWork], accumulation: dict[str, int], parts
             if j < k:
                 step.append(replace(w, sequences=part_size(w.sequences, k, j)))
         if step:
-            out.extend(split_micro_batches(step, parts, packed))
+            out.extend(replace(mb, recompute=recompute) for mb in split_micro_batches(step, parts, packed))
     return out

@@ -1,6 +1,7 @@
 """Memory knobs (issue 25): activation recomputation and gradient accumulation train a task exactly as
 without them; the CostModel prices them; the planner, the simulator and admission use them."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from muxtune.executor.trainer import MultiplexedTrainer
 from muxtune.planner.plan import plan
 from muxtune.profiler import memory_knobs
 from muxtune.profiler.cost_model import CostModel, MicroBatch, TaskLoad, llama_7b_shape
-from muxtune.profiler.profile import saved_bytes
+from muxtune.profiler.probes import saved_bytes
 from muxtune.simulator.iteration import simulate_step
 from muxtune.simulator.workload import TaskWork
 from muxtune.spec import Alignment, Cluster, FusionGroup, Plan, TaskSpec
@@ -197,8 +198,11 @@ def test_cost_model_prices_recompute():
     redo = memory_knobs.recompute_seconds(H100, BIG, 32)
     assert 0 < redo < H100.forward_seconds(BIG, 32, True, True)  # the blocks again, not the stem or head
     assert memory_knobs.step_seconds(H100, [BIG], True) == pytest.approx(H100.step_seconds([BIG]) + redo)
-    assert memory_knobs.peak_bytes(H100, [BIG], True) == H100.peak_bytes([BIG]) - plain + kept
-    assert memory_knobs.peak_bytes(H100, [BIG], False) == H100.peak_bytes([BIG])
+    order, params = [("fwd", BIG), ("bwd", BIG)], [t.params for t in BIG.tasks]
+    assert memory_knobs.peak_bytes(H100, [BIG], False) == H100.peak_bytes(order, params)
+    # the one memory model holds a recomputed micro-batch's kept bytes in place of its activations
+    assert memory_knobs.peak_bytes(H100, [BIG], True) == H100.peak_bytes(order, params) - plain + kept
+    assert H100.held_bytes(replace(BIG, recompute=True), 32) == kept
 
 
 def test_simulator_shows_the_knobs():

@@ -280,3 +280,21 @@ def packed_attention(model, batch: ChunkedBatch, prefixes: dict[int, list]):
         yield
     finally:
         _ACTIVE, model.config._attn_implementation = previous[0], previous[1]
+
+
+def attention_state(model) -> tuple:
+    """The packed stream in flight and the model's attention choice, for a block that runs its forward
+    again later (executor/recompute.py)."""
+    return _ACTIVE, model.config._attn_implementation
+
+
+@contextlib.contextmanager
+def restored_attention(model, state: tuple):
+    """Within this block the attention sees the stream of `state` (attention_state) again."""
+    global _ACTIVE
+    previous = attention_state(model)
+    _ACTIVE, model.config._attn_implementation = state
+    try:
+        yield
+    finally:
+        _ACTIVE, model.config._attn_implementation = previous

@@ -288,9 +288,19 @@ class Multiplexer:
             if seg.start != expected or seg.end <= seg.start:
                 raise ValueError(f"segments must tile the rows in order, got {segments}")
             expected = seg.end
-        previous = (self.segments, self.shape, self.training, self.own_rows, self._tables)
-        self.segments, self.shape, self.training, self.own_rows, self._tables = (
-            segments, (expected, seq), training, own_rows, {})
+        with self.restored_routing((segments, (expected, seq), training, own_rows, {})):
+            yield
+
+    def routing_state(self) -> tuple:
+        """The routing of the batch in flight, for a block that runs its forward again later
+        (executor/recompute.py)."""
+        return self.segments, self.shape, self.training, self.own_rows, self._tables
+
+    @contextlib.contextmanager
+    def restored_routing(self, state: tuple):
+        """Within this block the batch routed as `state` (routing_state) is in flight again."""
+        previous = self.routing_state()
+        self.segments, self.shape, self.training, self.own_rows, self._tables = state
         try:
             yield
         finally:

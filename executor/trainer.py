@@ -37,12 +37,14 @@ import torch.distributed as dist
 from transformers import get_scheduler
 
 from muxtune.errors import MuxTuneError
+from muxtune.executor import accumulation
 from muxtune.executor.alignment import ChunkedBatch, pack_chunks, split_by_budget
 from muxtune.executor.backbone import Backbone
 from muxtune.executor.data import Example, FusedBatch, TaskSampler, fuse
 from muxtune.executor.forward import FusedForward
 from muxtune.executor.hooks import StepObserver
 from muxtune.executor.mux import Multiplexer, TaskAdapter
+from muxtune.executor.recompute import recomputing
 from muxtune.executor.pipeline import Stage, StepRecord, Topology, Transfers, finish_all_reduce, start_all_reduce
 from muxtune.executor.tensor_parallel import TensorParallel
 from muxtune.executor.validation import check_validation, example_problem, record_evaluation
@@ -163,12 +165,15 @@ class MultiplexedTrainer(FusedForward):
     groups run one after another within a step (default: one group of all tasks). `alignment` (from the
     Plan) sets the micro-batch layout. `validation`: the validation examples of the tasks that validate
     (executor/validation.py). `plan`: the whole Plan instead (its groups, alignment, layout, micro-batches
-    and schedule); `topology`: this process's place in its layout (default: the only process)."""
+    and schedule); `topology`: this process's place in its layout (default: the only process).
+    Memory knobs (the Plan's, or given): `recompute` per group (executor/recompute.py), `accumulation`
+    micro-steps per task (executor/accumulation.py)."""
 
     def __init__(self, backbone: Backbone, specs: list[TaskSpec], examples: dict[str, list[Example]],
                  groups: list[list[str]] | None = None, alignment: Alignment | None = None,
                  validation: dict[str, list[Example]] | None = None, plan: Plan | None = None,
-                 topology: Topology | None = None):
+                 topology: Topology | None = None, recompute: list[bool] | None = None,
+                 accumulation: dict[str, int] | None = None):
         self.topo = topology or Topology()
         if plan is not None:
             layout = plan.groups[0].layout
@@ -178,6 +183,10 @@ class MultiplexedTrainer(FusedForward):
             # our own copy: tasks that join mid-run (add_task) extend its groups, not the caller's plan
             plan = plan.model_copy(deep=True)
             groups, alignment = [g.tasks for g in plan.groups], plan.alignment
+            if recompute is None:
+                recompute = [g.recompute for g in plan.groups]
+            if accumulation is None:
+                accumulation = {t: k for g in plan.groups for t, k in g.accumulation.items()}
         self.plan = plan
         self.layout = plan.groups[0].layout if plan else Layout()
         self.schedule = plan.schedule if plan else "1f1b"
@@ -195,6 +204,8 @@ class MultiplexedTrainer(FusedForward):
         for run in self.runs.values():
             self.stage.check(run)
         self.groups = groups or [list(self.runs)]
+        self.recompute = list(recompute or [False] * len(self.groups))
+        self.accumulation = dict(accumulation or {})
         self.stage.free_others(self.model)
         self.tensor_parallel = None  # this process's slice of the stage's layers (executor/tensor_parallel.py)
         if self.topo.tp > 1:
@@ -319,7 +330,9 @@ class MultiplexedTrainer(FusedForward):
                 units.append([])
                 continue
             with self.observer.phase("fuse"):
-                mine = self.replica_micro_batches(batches, self.micro_batch_count(g))
+                # accumulation micro-steps one after another, each in the Plan's micro-batches
+                mine = [mb for part in accumulation.micro_steps(batches, self.accumulation)
+                        for mb in self.replica_micro_batches(part, self.micro_batch_count(g))]
             if mine:
                 self.observer.fused(mine)
             units.append([(g, k) for k in range(len(mine))])
@@ -426,14 +439,14 @@ class MultiplexedTrainer(FusedForward):
         if not topo.first:
             inputs = self.transfers.recv(self._hidden_shape(batch), topo.rank - topo.tp).requires_grad_()
         done = self._timed("fwd", unit)
-        with self.observer.phase("forward"):
+        with self.observer.phase("forward"), recomputing(self.model, self.recomputed(unit[0])):
             sums, hidden = self.stage_loss_sums(batch, inputs, training=True, hits=self._hits)
         if topo.last:
-            # a non-finite loss stays out of the backward: only its own task is stopped (after the step)
-            finite = [total / self._counts[name] for name, total in sums.items() if torch.isfinite(total)]
             for name, total in sums.items():
                 self._sums[name] = self._sums.get(name, 0.0) + float(total.detach())
-            self._saved[unit] = (inputs, torch.stack(finite).sum() if finite else None)
+            # over each task's step-wide token count; a non-finite loss stays out of the backward (only
+            # its own task is stopped, after the step)
+            self._saved[unit] = (inputs, accumulation.micro_step_loss(sums, self._counts))
         else:
             self._saved[unit] = (inputs, hidden)
         done()
@@ -446,12 +459,16 @@ class MultiplexedTrainer(FusedForward):
         grad = None if topo.last else self.transfers.recv(out.shape, topo.rank + topo.tp)
         done = self._timed("bwd", unit)
         if out is not None and out.requires_grad:
-            with self.observer.phase("backward"):
+            with self.observer.phase("backward"), recomputing(self.model, self.recomputed(unit[0])):
                 out.backward(grad)
         done()
         if not topo.first:
             self.transfers.send(inputs.grad if inputs.grad is not None else torch.zeros_like(inputs),
                                 topo.rank - topo.tp)
+
+    def recomputed(self, group: int) -> bool:
+        """Whether the Plan recomputes this group's activations (a group that joined mid-run: no)."""
+        return group < len(self.recompute) and self.recompute[group]
 
     def _replica_sum(self, values: dict, names: list[str]) -> dict[str, float]:
         """Per-task figures summed over the replicas (an all-reduce over this stage's replica group)."""

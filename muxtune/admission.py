@@ -27,7 +27,7 @@ With no profile at hand the CostModel prices activations from the model's shape;
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psutil
 import torch
@@ -117,12 +117,15 @@ def _micro_batches(members: list[TaskSpec], params: dict[str, int], parts: int, 
 
 def estimate(model, specs: list[TaskSpec], groups: list[list[str]], alignment: Alignment, available: int,
              params: dict[str, dict] | None = None, layout: Layout | None = None, schedule: str = "1f1b",
-             micro_batches: list[int] | None = None, rank: int = 0, cost_model=None) -> MemoryEstimate:
+             micro_batches: list[int] | None = None, rank: int = 0, cost_model=None,
+             recompute: list[bool] | None = None, accumulation: dict[str, int] | None = None) -> MemoryEstimate:
     """Memory of process `rank` (rank = (replica * pp + stage) * tp + tensor rank, as the plan's device
     order) of a plan with these groups and `layout` (default: one device): CostModel.peak_bytes of its
     stage's layers, its tasks' parameters on it and its micro-batches in the executor's 1F1B order. A
     tensor rank holds its shard of the stage (weights, activations, the split part of LoRA's tensors), as
-    the simulator prices it. `params` caches adapter_params per task (filled here)."""
+    the simulator prices it. `params` caches adapter_params per task (filled here). Memory knobs (the
+    Plan's): `recompute` per group (its micro-batches marked MicroBatch.recompute), `accumulation`
+    micro-steps per task; the first micro-step holds every task's largest part, so it sets the peak."""
     layout = layout or Layout()
     cm = cost_model or cost_model_of(model)
     params = params if params is not None else {}
@@ -149,18 +152,25 @@ def estimate(model, specs: list[TaskSpec], groups: list[list[str]], alignment: A
     # every group's micro-batches on this replica, in the order the executor runs them
     units = []
     for g, group in enumerate(groups):
-        members = [by_name[name] for name in group if name in by_name]
+        members = [largest_micro_step(by_name[name], (accumulation or {}).get(name, 1))
+                   for name in group if name in by_name]
         if not members:
             continue
         parts = layout.dp * (micro_batches[g] if micro_batches else 1)
         count = micro_batches[g] if micro_batches else 1
-        units.append([mb for k in range(count) for mb in _micro_batches(
+        recomputed = bool(recompute and g < len(recompute) and recompute[g])
+        units.append([replace(mb, recompute=recomputed) for k in range(count) for mb in _micro_batches(
             members, total_params, parts, part_index(k, replica, layout.dp), alignment)])
     order = [(kind, block[i]) for block in blocks(units, schedule)
              for kind, i in one_f_one_b(list(range(len(block))), stage, layout.pp)]
     backbone = cm.backbone_bytes(len(mine), first, last, layout.tp)
     peak = cm.peak_bytes(order, list(held.values()), len(mine), first, last, layout.tp)
     return MemoryEstimate(backbone, adapters, peak - backbone - sum(adapters.values()), available)
+
+
+def largest_micro_step(spec: TaskSpec, steps: int) -> TaskSpec:
+    """The task as its largest accumulation micro-step feeds it (executor/accumulation.micro_steps)."""
+    return spec if steps <= 1 else spec.model_copy(update={"batch_size": part_size(spec.batch_size, steps, 0)})
 
 
 def plan_estimates(model, specs: list[TaskSpec], plan: Plan, cost_model=None,
@@ -171,7 +181,8 @@ def plan_estimates(model, specs: list[TaskSpec], plan: Plan, cost_model=None,
     params = params if params is not None else {}
     cm = cost_model or cost_model_of(model)
     return [estimate(model, specs, [list(g.tasks) for g in plan.groups], plan.alignment, 0, params, layout,
-                     plan.schedule, [g.micro_batches for g in plan.groups], rank, cm)
+                     plan.schedule, [g.micro_batches for g in plan.groups], rank, cm,
+                     [g.recompute for g in plan.groups], {t: k for g in plan.groups for t, k in g.accumulation.items()})
             for rank in range(layout.dp * layout.pp * layout.tp)]
 
 
@@ -189,9 +200,14 @@ def admit(model, specs: list[TaskSpec], plan: Plan, limit_gib: float | None, wha
     processes on the same device (host and name) are summed against it, and every process raises the
     same error, naming each device that does not fit with its numbers. `params` caches adapter_params
     per task (filled here)."""
+    estimates = plan_estimates(model, specs, plan, cost_model, params)
+    return per_device(estimates, device_reports(model, rank, world), limit_gib, what)
+
+
+def device_reports(model, rank: int = 0, world: int = 1) -> list[dict]:
+    """Every process's device (host and name), free and loaded bytes (with several, a collective)."""
     import socket
 
-    estimates = plan_estimates(model, specs, plan, cost_model, params)
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     mine = {"rank": rank, "device": f"{socket.gethostname()}:{device}", "free": _free_bytes(device),
             "loaded": sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")}
@@ -201,7 +217,7 @@ def admit(model, specs: list[TaskSpec], plan: Plan, limit_gib: float | None, wha
 
         everyone = [None] * world
         dist.all_gather_object(everyone, mine)
-    return per_device(estimates, everyone, limit_gib, what)
+    return everyone
 
 
 _ADVICE = "; lower batch_size / max_seq_len, the plan's token_budget, or split the tasks"
@@ -211,6 +227,15 @@ def per_device(estimates: list[MemoryEstimate], reports: list[dict], limit_gib: 
                what: str = "plan") -> dict[str, MemoryEstimate]:
     """Sum the processes' estimates per device (`reports`: each rank's device, free and loaded bytes)
     and refuse, naming every device that does not fit with its ranks and numbers."""
+    combined, refused = device_totals(estimates, reports, limit_gib)
+    if refused:
+        raise MuxTuneError(f"{what}: refused, predicted not to fit in device memory: " + "; ".join(refused) + _ADVICE)
+    return combined
+
+
+def device_totals(estimates: list[MemoryEstimate], reports: list[dict], limit_gib: float | None
+                  ) -> tuple[dict[str, MemoryEstimate], list[str]]:
+    """Each device's summed estimate, and a line for each device that does not fit."""
     devices: dict[str, list[dict]] = {}
     for report in reports:
         devices.setdefault(report["device"], []).append(report)
@@ -231,6 +256,4 @@ def per_device(estimates: list[MemoryEstimate], reports: list[dict], limit_gib: 
         if total.needed > total.available:
             who = ", ".join(str(r) for r in ranks)
             refused.append(f"{name} (rank{'s' if len(ranks) > 1 else ''} {who}): {total.describe()}")
-    if refused:
-        raise MuxTuneError(f"{what}: refused, predicted not to fit in device memory: " + "; ".join(refused) + _ADVICE)
-    return combined
+    return combined, refused

@@ -31,7 +31,7 @@ def run_process(rank: int, world: int, result_file: str | None, config: RunConfi
     writes it, executor/checkpoint.py), and in reading the spool at every step boundary (tasks submitted
     and cancelled mid-run, `poll_spool`); `resume` continues from the last checkpoint. `after_step(trainer)`
     runs on rank 0 at each step boundary, before the spool is read."""
-    from muxtune import admission, spool
+    from muxtune import admission, admission_knobs, spool
     from muxtune.executor import checkpoint, distributed
     from muxtune.executor.trainer import MultiplexedTrainer
 
@@ -62,8 +62,11 @@ def run_process(rank: int, world: int, result_file: str | None, config: RunConfi
         # dropped the other stages' weights: the adapter sizes are counted now, into the cache
         admission.plan_estimates(backbone.model, specs, run_plan, memory["cost_model"], memory["params"])
         trainer = MultiplexedTrainer(backbone, specs, examples, validation=validation, plan=run_plan, topology=topo)
-        admission.admit(backbone.model, specs, run_plan, config.memory_limit_gib, params=memory["params"],
-                        rank=rank, world=world, cost_model=memory["cost_model"])
+        # admitted with recomputation / gradient accumulation where it fits only with them
+        admitted = admission_knobs.admit(backbone.model, specs, run_plan, config.memory_limit_gib,
+                                         params=memory["params"], rank=rank, world=world,
+                                         cost_model=memory["cost_model"])
+        trainer.recompute, trainer.accumulation = admitted.recompute, admitted.accumulation
         if manifest is not None:
             checkpoint.restore(trainer, Path(out_dir), manifest)
             resumed_from = manifest["steps"]
@@ -143,7 +146,7 @@ def poll_spool(trainer, run_dir: Path, config: RunConfig, memory: dict, after_st
     spool.join_group picks, cancellations detach. Rank 0 answers the files (`.rejected`, done/) and
     returns the events (empty elsewhere). `memory`: the CostModel and adapter-size cache of the run's
     admission."""
-    from muxtune import admission, spool
+    from muxtune import admission_knobs, spool
     from muxtune.executor.distributed import from_rank0
     from muxtune.executor.validation import load_task_data
 
@@ -163,12 +166,16 @@ def poll_spool(trainer, run_dir: Path, config: RunConfig, memory: dict, after_st
         groups = [list(g) for g in trainer.groups]
         groups[group].append(spec.name)
         base = trainer.plan.groups[0]
-        plan = trainer.plan.model_copy(update={"groups": [base.model_copy(update={"tasks": tasks, "micro_batches":
-                                                                                trainer.micro_batch_count(g)})
-                                                          for g, tasks in enumerate(groups)]})
+        plan = trainer.plan.model_copy(update={"groups": [base.model_copy(update={
+            "tasks": tasks, "micro_batches": trainer.micro_batch_count(g), "recompute": trainer.recomputed(g),
+            "accumulation": {t: k for t, k in trainer.accumulation.items() if t in tasks}})
+            for g, tasks in enumerate(groups)]})
         specs = [run.spec for run in trainer.active] + [spec]
-        admission.admit(trainer.model, specs, plan, config.memory_limit_gib, what=f"submit {spec.name}",
-                        params=memory["params"], rank=topo.rank, world=topo.world, cost_model=memory["cost_model"])
+        joined = admission_knobs.admit(trainer.model, specs, plan, config.memory_limit_gib, what=f"submit {spec.name}",
+                                       params=memory["params"], rank=topo.rank, world=topo.world,
+                                       cost_model=memory["cost_model"])
+        # the knobs change how a step runs, never what it computes
+        trainer.recompute, trainer.accumulation = joined.recompute, joined.accumulation
 
     spool.apply(trainer, events, admit)
     if topo.rank != 0:

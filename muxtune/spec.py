@@ -215,13 +215,27 @@ class FusionGroup(BaseModel):
     devices: list[str] = Field(min_length=1)
     layout: Layout = Field(default_factory=Layout)
     micro_batches: int = Field(1, ge=1)
+    # memory knobs (executor/recompute.py, executor/accumulation.py; priced by profiler/memory_knobs.py)
+    recompute: bool = Field(False, description="recompute every transformer block's activations in the "
+                            "backward: only a block's input is kept between forward and backward")
+    accumulation: dict[str, int] = Field(default_factory=dict, description="task -> micro-steps its "
+                                         "batch_size sequences are fed over per optimizer step (default 1)")
 
     @model_validator(mode="after")
     def _devices_match_layout(self) -> "FusionGroup":
         need = self.layout.dp * self.layout.pp * self.layout.tp
         if len(self.devices) != need:
             raise ValueError(f"layout dp*pp*tp = {need} needs {need} devices, got {len(self.devices)}")
+        for name, steps in self.accumulation.items():
+            if name not in self.tasks:
+                raise ValueError(f"accumulation: task {name!r} is not in this group")
+            if steps < 1:
+                raise ValueError(f"accumulation: task {name!r} needs at least 1 micro-step, got {steps}")
         return self
+
+    def accumulation_of(self, name: str) -> int:
+        """Micro-steps task `name` feeds its batch over (1: the whole batch at once)."""
+        return self.accumulation.get(name, 1)
 
 
 class Alignment(BaseModel):

@@ -11,7 +11,7 @@ simulator, each with the best layout for it by the same group-cost estimate:
 
 from __future__ import annotations
 
-from muxtune.planner.cpsat import Candidate, estimate, fits
+from muxtune.planner.cpsat import Candidate, estimate, fits, knobs_of
 from muxtune.planner.layouts import backbone_bytes, divisors, layouts, priced
 
 BASELINES = ("dedicated", "spatial", "temporal")
@@ -29,10 +29,10 @@ def _best(name, works, steps, cm, devices, instances, arrange, memory_bytes, obj
     for layout in layouts(devices // instances, cm.shape.n_layers):
         solution = arrange(instances)
         costs = {}
-        for g in (g for gs in solution for g in gs):
-            priced(g, works, steps, layout, cm, packed, costs)
         base = backbone_bytes(layout, cm)
         copies = max(len(gs) for gs in solution) if backbone_copies else 1
+        for g in (g for gs in solution for g in gs):  # the same memory knobs as the plan's groups get
+            priced(g, works, steps, layout, cm, packed, costs, memory_bytes - base * copies)
         fit = all(fits(gs, costs, base * copies, memory_bytes) for gs in solution)
         value = estimate(solution, costs, works, objective, steps)
         key = (fit, value)
@@ -41,7 +41,8 @@ def _best(name, works, steps, cm, devices, instances, arrange, memory_bytes, obj
             better = (key, Candidate(name, [[tuple(names[i] for i in g) for g in gs] for gs in solution if gs],
                                      layout, packed, value, "baseline" if fit else "baseline (does not fit memory)",
                                      notes={"instances": instances, "schedule": schedule,
-                                            "backbone_copies": backbone_copies}))
+                                            "backbone_copies": backbone_copies,
+                                            "knobs": knobs_of(solution, costs, works)}))
     return better[1]
 
 

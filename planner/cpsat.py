@@ -112,6 +112,12 @@ def instance_seconds(groups, costs: dict, objective: str) -> float:
             + max(fill(costs[g], objective) for g in groups))
 
 
+def knobs_of(solution, costs: dict, works: list[TaskWork]) -> dict[tuple[str, ...], tuple[bool, int]]:
+    """The memory knobs each group of a solution was priced with, by its task names (to_plan records them)."""
+    return {tuple(works[i].name for i in g): (costs[g].recompute, costs[g].accumulation)
+            for gs in solution for g in gs}
+
+
 def fits(groups: list[tuple[int, ...]], costs: dict, base: int, memory: int) -> bool:
     return not groups or base + sum(costs[g].state_bytes for g in groups) + max(costs[g].activation_bytes for g in groups) <= memory
 
@@ -129,9 +135,9 @@ def solve(works: list[TaskWork], instances: int, layout: LayoutChoice, cm, memor
     slots = min(instances, n)
     groups = candidate_groups(works, max_group)
     costs: dict = {}
-    for g in groups:
-        priced(g, works, steps, layout, cm, packed, costs)
     base = backbone_bytes(layout, cm)
+    for g in groups:
+        priced(g, works, steps, layout, cm, packed, costs, memory_bytes - base)
     # a group that cannot fit alone can never be chosen
     groups = [g for g in groups if base + costs[g].state_bytes + costs[g].activation_bytes <= memory_bytes]
     if not all(any(i in g for g in groups) for i in range(n)):
@@ -209,7 +215,8 @@ def solve(works: list[TaskWork], instances: int, layout: LayoutChoice, cm, memor
 
     def candidate(solution, value, how):
         return Candidate("muxtune", [[tuple(name[i] for i in g) for g in c] for c in solution if c], layout, packed,
-                         value, how, time.perf_counter() - started, {"instances": instances})
+                         value, how, time.perf_counter() - started,
+                         {"instances": instances, "knobs": knobs_of(solution, costs, works)})
 
     found = candidate(chosen, value, how)
     found.notes["alternatives"] = []
@@ -241,7 +248,7 @@ def greedy(works: list[TaskWork], slots: int, layout: LayoutChoice, cm, memory_b
     while size >= 1:
         runs = [tuple(sorted(order[i:i + size])) for i in range(0, len(order), size)]
         for g in runs:
-            priced(g, works, steps, layout, cm, packed, costs)
+            priced(g, works, steps, layout, cm, packed, costs, memory_bytes - base)
         busy, placed = [0.0] * slots, [[] for _ in range(slots)]
         for g in sorted(runs, key=lambda g: -load(costs[g], objective)):
             where = [s for s in sorted(range(slots), key=lambda s: busy[s]) if fits(placed[s] + [g], costs, base, memory_bytes)]

@@ -10,7 +10,7 @@ import heapq
 import itertools
 
 from muxtune.errors import MuxTuneError
-from muxtune.planner.cpsat import Candidate, estimate, fits
+from muxtune.planner.cpsat import Candidate, estimate, fits, knobs_of
 from muxtune.planner.layouts import backbone_bytes, instance_configs, priced
 
 MAX_TASKS = 7
@@ -51,13 +51,13 @@ def search(works, steps, cm, devices: int, memory_bytes: int, objective: str, pa
                 solution = [[tuple(sorted(g)) for g in groups] for groups in choice]
                 for groups in solution:
                     for g in groups:
-                        priced(g, works, steps, layout, cm, packed, costs)
+                        priced(g, works, steps, layout, cm, packed, costs, memory_bytes - base)
                 if not all(fits(groups, costs, base, memory_bytes) for groups in solution):
                     continue
                 value = estimate(solution, costs, works, objective, steps, priority)
                 item = (value, next(counter), Candidate(
                     "exhaustive", [[tuple(names[i] for i in g) for g in groups] for groups in solution],
-                    layout, packed, value, "EXHAUSTIVE", notes={"instances": instances}))
+                    layout, packed, value, "EXHAUSTIVE", notes={"instances": instances, "knobs": knobs_of(solution, costs, works)}))
                 if len(best) < keep:
                     heapq.heappush(best, item)
                 else:

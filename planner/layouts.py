@@ -28,8 +28,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 from muxtune.profiler.cost_model import GRAD_BYTES_PER_PARAM
+from muxtune.profiler import memory_knobs
 from muxtune.schedule import one_f_one_b, replica_parts, stage_split
-from muxtune.simulator.workload import TaskWork, device_params, split_micro_batches
+from muxtune.simulator.knobs import accumulated_parts
+from muxtune.simulator.workload import TaskWork, device_params
 
 TP_MAX = 8  # tensor ranks of one stage: the GPUs of one node (NVLink); TP's per-layer all-reduces stay inside it
 
@@ -61,6 +63,8 @@ class GroupCost:
     job_seconds: float = 0.0  # what it adds until all its tasks finished their steps (see priced)
     fill_seconds: float = 0.0  # the part of `seconds` that fills and drains the pipeline (0 when pp = 1)
     job_fill_seconds: float = 0.0  # the same over all its tasks' steps
+    recompute: bool = False  # memory knobs it was priced with (FusionGroup.recompute / .accumulation)
+    accumulation: int = 1  # micro-steps every task of the group feeds its batch over
 
 
 def divisors(n: int) -> list[int]:
@@ -121,11 +125,15 @@ class CachedCostModel:
         return getattr(self.inner, name)
 
 
-def group_cost(works: tuple[TaskWork, ...], layout: LayoutChoice, cm, packed: bool) -> GroupCost:
-    """What one fusion group costs on `layout` (see the module docstring)."""
+def group_cost(works: tuple[TaskWork, ...], layout: LayoutChoice, cm, packed: bool, recompute: bool = False,
+               accumulation: int = 1) -> GroupCost:
+    """What one fusion group costs on `layout` (see the module docstring), with its memory knobs:
+    recomputation adds the blocks' forward to every backward and keeps only their inputs
+    (profiler/memory_knobs.py); accumulation feeds each task's batch over that many micro-steps."""
     n_layers, pp, tp = cm.shape.n_layers, layout.pp, layout.tp
     tp_kw = {"tp": tp} if tp > 1 else {}
-    parts = split_micro_batches(list(works), layout.dp * layout.micro_batches, packed)
+    parts = accumulated_parts(list(works), {w.name: accumulation for w in works}, layout.dp * layout.micro_batches,
+                              packed, recompute)
     mine = replica_parts(parts, 0, layout.dp)  # replica 0 gets the most sequences (earlier parts take the rest)
     distinct = Counter(mine)  # the even split makes most micro-batches alike: price each kind once
     stage_work, stage_act = [], []
@@ -133,7 +141,8 @@ def group_cost(works: tuple[TaskWork, ...], layout: LayoutChoice, cm, packed: bo
         first, last = s == 0, s == pp - 1
         stage_work.append(sum(count * (cm.forward_seconds(mb, layers, first, last, **tp_kw)
                                        + cm.backward_seconds(mb, layers, first, last, **tp_kw)
-                                       + (cm.tp_comm_seconds(mb, layers, first, tp) if tp > 1 else 0.0))
+                                       + (cm.tp_comm_seconds(mb, layers, first, tp) if tp > 1 else 0.0)
+                                       + (memory_knobs.recompute_seconds(cm, mb, layers, tp) if recompute else 0.0))
                               for mb, count in distinct.items()))
         # 1F1B: stage s holds at most pp - s micro-batches (the CostModel's memory model, as admission's)
         order = [(kind, mine[i]) for kind, i in one_f_one_b(list(range(len(mine))), s, pp)]
@@ -150,7 +159,22 @@ def group_cost(works: tuple[TaskWork, ...], layout: LayoutChoice, cm, packed: bo
     state = max(sum(cm.task_state_bytes(device_params(w, s, layers, n_layers, tp, cm)[0]) for w in works)
                 for s, layers in enumerate(layout.stage_layers))
     return GroupCost(max(stage_work) + fill + allreduce + optim, int(max(stage_act)), int(state),
-                     fill_seconds=fill)
+                     fill_seconds=fill, recompute=recompute, accumulation=accumulation)
+
+
+def fitting_group_cost(works: tuple[TaskWork, ...], layout: LayoutChoice, cm, packed: bool,
+                       room: int | None) -> GroupCost:
+    """The group's cost with the fastest memory knobs (memory_knobs.KNOBS) whose states and activations
+    fit in `room` bytes (a device's memory less its backbone part); when none fits, the one that needs the
+    least (the caller's memory check then refuses it with that figure). room None: no knobs."""
+    plain = group_cost(works, layout, cm, packed)
+    if room is None or plain.state_bytes + plain.activation_bytes <= room:
+        return plain
+    options = [plain] + [group_cost(works, layout, cm, packed, r, k) for r, k in memory_knobs.KNOBS[1:]]
+    fitting = [c for c in options if c.state_bytes + c.activation_bytes <= room]
+    if fitting:
+        return min(fitting, key=lambda c: c.seconds)
+    return min(options, key=lambda c: (c.activation_bytes, c.seconds))
 
 
 def backbone_bytes(layout: LayoutChoice, cm) -> int:
@@ -160,19 +184,21 @@ def backbone_bytes(layout: LayoutChoice, cm) -> int:
 
 
 def priced(g: tuple[int, ...], works: list[TaskWork], steps: list[int], layout: LayoutChoice, cm, packed: bool,
-           costs: dict) -> GroupCost:
+           costs: dict, room: int | None = None) -> GroupCost:
     """group_cost of the tasks `g` (indices into works), memoized in `costs`, with job_seconds: the time
     the group adds to its pipeline over all its tasks' steps. A task leaves the fused batch when its
     steps are done (the executor drops finished tasks), so the group runs in phases: all its tasks for
-    the fewest steps, then the rest (priced as a group of their own) for their remaining steps."""
+    the fewest steps, then the rest (priced as a group of their own) for their remaining steps.
+    `room`: the bytes a device has for states and activations; the group gets the fastest memory knobs
+    that fit it (fitting_group_cost), the same for one `costs` dict."""
     if g in costs:
         return costs[g]
-    step = group_cost(tuple(works[i] for i in g), layout, cm, packed)
+    step = fitting_group_cost(tuple(works[i] for i in g), layout, cm, packed, room)
     first = min(steps[i] for i in g)
     rest = tuple(i for i in g if steps[i] > first)
     job, job_fill = step.seconds * first, step.fill_seconds * first
     if rest:
-        later = priced(rest, works, steps, layout, cm, packed, costs)
+        later = priced(rest, works, steps, layout, cm, packed, costs, room)
         job += later.job_seconds - later.seconds * first  # the rest's phases after step `first`
         job_fill += later.job_fill_seconds - later.fill_seconds * first
     costs[g] = dataclasses.replace(step, job_seconds=job, job_fill_seconds=job_fill)

@@ -26,8 +26,9 @@ from muxtune.errors import MuxTuneError
 from muxtune.planner import baselines, cpsat
 from muxtune.planner.layouts import CachedCostModel, instance_configs, tp_degrees
 from muxtune.simulator.iteration import simulate_step
+from muxtune.simulator.knobs import accumulated_parts
 from muxtune.simulator.workload import (TaskWork, estimate_params, evaluation_counts, evaluation_passes,
-                                       method_rank, split_micro_batches, task_work)
+                                       method_rank, task_work)
 from muxtune.spec import Alignment, Cluster, FusionGroup, Layout, Plan, method_card
 
 GIB = 2**30
@@ -84,13 +85,18 @@ def to_plan(candidate: cpsat.Candidate, labels: list[str], schedule: str, works:
     layout, d = candidate.layout, candidate.layout.devices
     by_name = {w.name: w for w in works}
     groups, budget = [], 1
+    knobs = candidate.notes.get("knobs", {})
     for s, instance in enumerate(candidate.instances):
         devices = labels[s * d:(s + 1) * d]
         for names in instance:
+            recompute, k = knobs.get(tuple(names), (False, 1))
+            accumulation = {n: k for n in names} if k > 1 else {}
             groups.append(FusionGroup(tasks=list(names), devices=devices, micro_batches=layout.micro_batches,
                                       layout=Layout(dp=layout.dp, pp=layout.pp, tp=layout.tp,
-                                                    stage_layers=list(layout.stage_layers))))
-            parts = split_micro_batches([by_name[n] for n in names], layout.dp * layout.micro_batches, candidate.packed)
+                                                    stage_layers=list(layout.stage_layers)),
+                                      recompute=recompute, accumulation=accumulation))
+            parts = accumulated_parts([by_name[n] for n in names], accumulation, layout.dp * layout.micro_batches,
+                                      candidate.packed)
             budget = max(budget, max(mb.tokens for mb in parts))
     if candidate.packed:
         alignment = Alignment(layout="chunked", chunk_len=_chunk_len(works), token_budget=budget)

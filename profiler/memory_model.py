@@ -91,7 +91,13 @@ class MemoryModel:
     def held_bytes(self, mb: MicroBatch, layers: int, first: bool = True, tp: int = 1) -> int:
         """Activations one micro-batch keeps on a device of a stage of `layers` layers from the start of its
         forward to the end of its backward: activation_bytes, less on the first stage what its backward never
-        needs (the batch's `skip`: saved tensors below the lowest op its methods need a gradient at)."""
+        needs (the batch's `skip`: saved tensors below the lowest op its methods need a gradient at).
+        A recomputed micro-batch (MicroBatch.recompute) holds its blocks' inputs and one block's working
+        set (profiler/memory_knobs.py), skip or not."""
+        if mb.recompute:
+            from muxtune.profiler import memory_knobs  # (it prices with this model's own terms)
+
+            return memory_knobs.activation_bytes(self, mb, layers, True, tp)
         skip = self._batch_skip(mb, "saved_bytes") if first and self.profile is not None else 0.0
         return int(max(self.activation_bytes(mb, layers, tp) - skip, 0.0))
 

@@ -27,6 +27,7 @@ class TaskLoad:
 class MicroBatch:
     tasks: tuple[TaskLoad, ...]
     seq_len: int  # attention span of one sequence (chunk length / padded length)
+    recompute: bool = False  # its blocks' activations are recomputed in the backward (profiler/memory_knobs.py)
 
     @property
     def tokens(self) -> int:

@@ -45,10 +45,11 @@ import pandas as pd
 import simpy
 
 from muxtune.errors import MuxTuneError
+from muxtune.profiler import memory_knobs
 from muxtune.profiler.cost_model import GRAD_BYTES_PER_PARAM, TaskLoad
 from muxtune.schedule import blocks, one_f_one_b, process_rank, replica_parts, stage_of, stage_split
-from muxtune.simulator.workload import (MicroBatch, TaskWork, device_params, evaluation_passes,
-                                        split_micro_batches)
+from muxtune.simulator.knobs import accumulated_parts
+from muxtune.simulator.workload import MicroBatch, TaskWork, device_params, evaluation_passes
 
 EVENT_COLUMNS = ["device", "stream", "group", "micro_batch", "kind", "start", "end", "task", "replica", "stage"]
 
@@ -56,7 +57,9 @@ EVENT_COLUMNS = ["device", "stream", "group", "micro_batch", "kind", "start", "e
 @dataclass
 class Timeline:
     """One simulated step. `events` has a row per op: device, stream (compute|comm), group (index in the
-    plan), micro_batch (-1 for per-step ops), kind (host|fwd|bwd|send|recv|allreduce|tp_allreduce|optim|eval),
+    plan), micro_batch (-1 for per-step ops), kind (host|fwd|recompute|bwd|send|recv|allreduce|tp_allreduce|
+    optim|eval; `recompute`: a group with FusionGroup.recompute runs its blocks' forward again before each
+    backward),
     start, end (s); with tp > 1 a fwd/bwd is several compute segments between its tp_allreduce events,
     task (host, optim and the replicated gradients' tp_allreduce), replica, stage. bubble_fraction counts
     waiting for a tp all-reduce as idle (the executor's measured bubble times it inside its fwd/bwd)."""
@@ -123,7 +126,8 @@ def _pipelines(plan, works: dict[str, TaskWork], cost_model, packed: bool) -> li
         if (pipe.dp, pipe.pp, pipe.tp, pipe.stage_layers) != (layout.dp, layout.pp, layout.tp, split):
             raise MuxTuneError(f"{where}: groups on the same devices need the same layout (dp, pp, tp, stage_layers)")
         pipe.groups.append(gi)
-        parts = split_micro_batches([works[t] for t in group.tasks], layout.dp * group.micro_batches, packed)
+        parts = accumulated_parts([works[t] for t in group.tasks], group.accumulation, layout.dp * group.micro_batches,
+                                  packed, group.recompute)
         pipe.micro_batches[gi] = [replica_parts(parts, r, layout.dp) for r in range(layout.dp)]
     return list(by_devices.values())
 
@@ -187,6 +191,10 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
             """One forward/backward; with tp > 1 its compute segments and the all-reduces between them."""
             seconds = (cost_model.forward_seconds if kind == "fwd" else cost_model.backward_seconds)(
                 mb, layers, first, last, **tp_kw)
+            if kind == "bwd" and plan.groups[g].recompute:  # the blocks' forward again, before their backward
+                start = env.now
+                yield compute(memory_knobs.recompute_seconds(cost_model, mb, layers, tp))
+                log_all(r, s, "compute", g, k, "recompute", start)
             if tp == 1:
                 start = env.now
                 yield compute(seconds)

@@ -13,6 +13,7 @@ import pandas as pd  # noqa: E402
 KIND_STYLE = {"fwd": dict(alpha=0.95), "bwd": dict(alpha=0.55, hatch="//"), "optim": dict(alpha=0.9, hatch=".."),
               "send": dict(alpha=0.7), "recv": dict(alpha=0.35), "allreduce": dict(alpha=0.8, hatch="xx"),
               "tp_allreduce": dict(alpha=0.8, hatch="++"),
+              "recompute": dict(alpha=0.75, hatch="--"),  # a block's forward run again in its backward
               "eval": dict(alpha=0.75, hatch="oo")}  # a validation forward (no backward follows it)
 
 
@@ -33,7 +34,8 @@ def gantt(events: pd.DataFrame, path: Path, title: str) -> Path:
     ax.set_yticks(range(len(lanes)), [f"{d} {s}" for d, s in lanes])
     ax.invert_yaxis()
     ax.set_xlabel("seconds")
-    legend = "solid fwd, hatched bwd, dotted optim" + (", circled eval" if (events["kind"] == "eval").any() else "")
+    legend = "solid fwd, hatched bwd, dotted optim" + (", circled eval" if (events["kind"] == "eval").any() else "") \
+        + (", dashed recompute" if (events["kind"] == "recompute").any() else "")
     ax.set_title(f"{title}   (colour: group; {legend})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

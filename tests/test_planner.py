@@ -96,8 +96,9 @@ def test_quickstart_plan_is_valid_fits_memory_and_beats_the_baselines(cpu_model,
 @pytest.mark.parametrize("seed,n,devices,memory_gib", [(0, 6, 2, 80), (1, 5, 4, 80), (2, 6, 1, 80), (3, 4, 4, 80),
                                                        (5, 5, 2, 16), (6, 4, 2, 16)])
 def test_plan_is_within_3_percent_of_the_exhaustive_optimum(h100, seed, n, devices, memory_gib):
-    """16 GiB per H100: the 7B backbone needs two pipeline stages, whose group estimate ranks close
-    solutions less surely than the simulator (the planner simulates next-best ones too)."""
+    """16 GiB per H100: the 7B backbone's activations do not fit beside it on one stage without help: two
+    pipeline stages (whose group estimate ranks close solutions less surely than the simulator: the
+    planner simulates next-best ones too) or the memory knobs (recompute, accumulation) make it fit."""
     tasks = random_tasks(seed, n)
     cluster = Cluster(devices=devices, memory_gib=memory_gib, hardware="h100")
     result = plan(tasks, cluster, h100, time_limit=5)
@@ -105,7 +106,9 @@ def test_plan_is_within_3_percent_of_the_exhaustive_optimum(h100, seed, n, devic
     assert result.chosen.fits
     assert result.chosen.throughput >= 0.97 * best.throughput
     if memory_gib == 16:
-        assert result.chosen.candidate.layout.pp > 1 and best.candidate.layout.pp > 1
+        for found in (result.chosen.candidate, best.candidate):
+            knobs = any(recompute or k > 1 for recompute, k in found.notes["knobs"].values())
+            assert found.layout.pp > 1 or knobs
 
 
 def test_memory_limit_splits_groups_and_is_never_exceeded(cpu_model):
@@ -123,7 +126,8 @@ def test_memory_limit_splits_groups_and_is_never_exceeded(cpu_model):
     # fusing everything in one micro-batch no longer fits: the spatial baseline now accumulates gradients
     squeezed = next(b for b in tight.baselines if b.candidate.planner == "spatial")
     assert spatial.peak_memory > cap and spatial.candidate.layout.micro_batches == 1
-    assert squeezed.candidate.layout.micro_batches > 1 and squeezed.peak_memory <= cap
+    accumulated = max(k for _, k in squeezed.candidate.notes["knobs"].values())  # the memory knob, or the layout's
+    assert max(squeezed.candidate.layout.micro_batches, accumulated) > 1 and squeezed.peak_memory <= cap
     with pytest.raises(MuxTuneError, match="no plan fits"):
         plan(config.tasks, Cluster(devices=1, memory_gib=0.001), cpu_model, time_limit=1)
 

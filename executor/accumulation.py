@@ -1,0 +1,54 @@
+"""Gradient accumulation: a task's `batch_size` sequences of one optimizer step fed over k micro-steps
+(the Plan's FusionGroup.accumulation), so a step holds the activations of a k-th of its batch at a time.
+
+The result must be the one big batch's: a task's loss is the mean over ALL its loss-bearing tokens of
+the optimizer step. Each micro-step's summed loss is divided by that step-wide count (known before the
+first forward: the targets are in the batches), never by the micro-step's own count: a mean of
+micro-step means weighs a token of a short micro-step more than one of a long one (the bug class of
+axolotl #1100 and transformers #37766). The gradients of the k backwards add up in the adapters'
+`.grad`, so the optimizer sees the big batch's gradient, within float rounding of the summation order.
+
+The step loop calls three functions: `micro_steps` (the split), `step_token_counts` (the denominators)
+and `micro_step_loss` (what one micro-batch backwards).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from muxtune.schedule import part_bounds
+
+
+def micro_steps(batches: dict[str, list], accumulation: dict[str, int]) -> list[dict[str, list]]:
+    """Split each task's batch into its k contiguous parts (sizes differ by at most one, the earlier ones
+    larger); micro-step j holds every task's j-th part. A task with k = 1 (the default) is wholly in the
+    first micro-step; a task with fewer sequences than k takes part in fewer micro-steps."""
+    count = max((accumulation.get(name, 1) for name in batches), default=1)
+    out = []
+    for j in range(count):
+        step = {}
+        for name, examples in batches.items():
+            k = min(accumulation.get(name, 1), len(examples)) or 1
+            if j < k:
+                lo, hi = part_bounds(len(examples), k, j)
+                step[name] = examples[lo:hi]
+        if step:
+            out.append(step)
+    return out
+
+
+def step_token_counts(micro_batches, counts: dict[str, int] | None = None) -> dict[str, int]:
+    """Each task's loss-bearing tokens over all the micro-batches of its optimizer step (added to `counts`)."""
+    counts = {} if counts is None else counts
+    for batch in micro_batches:
+        for name, n in batch.target_counts.items():
+            counts[name] = counts.get(name, 0) + n
+    return counts
+
+
+def micro_step_loss(batch_sums: dict[str, torch.Tensor], counts: dict[str, int]) -> torch.Tensor | None:
+    """The loss one micro-batch backwards: the sum over its tasks of their summed loss / the task's
+    step-wide token count. A non-finite task loss stays out (only its own task is stopped); None when
+    no task's is finite."""
+    finite = [total / counts[name] for name, total in batch_sums.items() if torch.isfinite(total)]
+    return torch.stack(finite).sum() if finite else None

@@ -35,6 +35,7 @@ from muxtune.executor.alignment import ChunkedBatch, pack_chunks, packed_attenti
 from muxtune.executor.backbone import Backbone
 from muxtune.executor.data import IGNORE, DataOptions, Example, FusedBatch, TaskSampler, example_origin, fuse
 from muxtune.executor.mux import Multiplexer, TaskAdapter
+from muxtune.executor.optim import step_tasks
 from muxtune.executor.validation import record_evaluation
 from muxtune.errors import MuxTuneError
 from muxtune.spec import Alignment, TaskSpec
@@ -111,10 +112,11 @@ def build_task_run(mux: Multiplexer, spec: TaskSpec, examples: list[Example],
 
 
 def make_optimizer(params: list[torch.nn.Parameter], spec: TaskSpec) -> torch.optim.Optimizer:
-    """A task's AdamW. `fused=True` runs the whole update of all its tensors in one kernel per tensor
-    (CPU and CUDA) instead of ~10 small ops each: a task's step costs a third as much on the host.
-    The references in the tests build theirs here too, so "the same optimizer" holds bit for bit."""
-    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=True)
+    """A task's AdamW, torch's multi-tensor (foreach) implementation. The trainer steps all tasks'
+    optimizers as ONE multi-tensor update (executor/optim.py, bit-identical to each one's own
+    `step()`), so a step's optimizer launches do not grow with the number of tasks. The references in
+    the tests build theirs here too, so "the same optimizer" holds bit for bit."""
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, foreach=True)
 
 
 def example_problem(example: Example, vocab_size: int, max_seq_len: int) -> str | None:
@@ -147,15 +149,6 @@ def grad_norms(runs: list[TaskRun]) -> list[torch.Tensor | None]:
         part, start = per_tensor[start : start + len(task)], start + len(task)
         out.append(torch.linalg.vector_norm(torch.stack(part), 2.0) if part else None)
     return out
-
-
-@torch.no_grad()
-def clip_with_norm(run: TaskRun, max_norm: float, norm: torch.Tensor) -> None:
-    """`torch.nn.utils.clip_grads_with_norm_` for one task's gradients, the same two ops (scale
-    clamped at 1, one foreach multiply) without its per-call grouping by device and dtype."""
-    grads = [p.grad for p in run.parameters() if p.grad is not None]
-    if grads:
-        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
 
 
 class MultiplexedTrainer:
@@ -305,18 +298,7 @@ class MultiplexedTrainer:
                 self.fail(run, f"non-finite loss ({loss}) at step {run.step + 1}")
             elif norm is not None and not torch.isfinite(norm):
                 self.fail(run, f"non-finite gradient at step {run.step + 1}")
-        for run in runs:
-            if run.status != "running":
-                continue
-            try:
-                norm = norms[run.spec.name]
-                if run.spec.max_grad_norm is not None and norm is not None:
-                    clip_with_norm(run, run.spec.max_grad_norm, norm)
-                run.optimizer.step()
-                run.scheduler.step()
-            except (RuntimeError, ValueError, OverflowError) as exc:  # e.g. an lr that overflows fp32
-                self.fail(run, f"optimizer step failed at step {run.step + 1}: {exc}")
-            run.optimizer.zero_grad(set_to_none=True)
+        step_tasks([run for run in runs if run.status == "running"], norms, self.fail)
         runs = [run for run in runs if run.status == "running"]
         elapsed = time.perf_counter() - start
         for run in runs:

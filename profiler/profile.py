@@ -252,12 +252,10 @@ def observe_step(trainer, device: str) -> dict:
     trainer.micro_batches = timed("fuse", fuse)
     trainer.loss_sums = timed("forward", trainer.loss_sums)
     trainer.head_loss_sums = timed("head", trainer.head_loss_sums)
-    optimizers = [run.optimizer for run in trainer.runs.values()]
-    for opt in optimizers:
-        opt.step, opt.zero_grad = timed("optimizer", opt.step), timed("optimizer", opt.zero_grad)
     patches = [(torch.Tensor, "backward", timed("backward", torch.Tensor.backward)),
                (trainer_module, "grad_norms", timed("optimizer", trainer_module.grad_norms)),
-               (trainer_module, "clip_with_norm", timed("optimizer", trainer_module.clip_with_norm))]
+               # clipping, all tasks' AdamW steps (one multi-tensor update), schedulers, zero_grad
+               (trainer_module, "step_tasks", timed("optimizer", trainer_module.step_tasks))]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     try:
         for owner, name, wrapper in patches:
@@ -273,8 +271,6 @@ def observe_step(trainer, device: str) -> dict:
         # the wrappers are instance attributes over the classes' methods: dropping them restores those
         for name in ("draw_batch", "micro_batches", "loss_sums", "head_loss_sums"):
             vars(trainer).pop(name, None)
-        for opt in optimizers:
-            vars(opt).pop("step", None), vars(opt).pop("zero_grad", None)
     for key in ("forward", "head", "backward", "optimizer", "draw", "fuse"):
         spent.setdefault(key, 0.0)
     spent["host"] = spent["step"] - spent["forward"] - spent["backward"] - spent["optimizer"]

@@ -1,0 +1,161 @@
+"""All tasks' AdamW steps as ONE multi-tensor update: each task keeps its own optimizer object (its lr
+set by its own scheduler, its weight decay, its moments and step count, its checkpointed state), but
+the arithmetic runs as one `torch._foreach_*` call per stage over every task's tensors at once, with
+each tensor's own scalars (lr, weight decay, bias corrections) passed as lists.
+
+Why not one call per task: with N tasks the host would launch ~10 small ops per task per step (or
+one fused kernel per task), so the step's launch count grew with N; on a GPU each is idle device time.
+
+Why it is bit-identical to each task's own `torch.optim.AdamW(foreach=True).step()`: the same foreach
+ops in the same order (torch.optim.adamw._multi_tensor_adamw, non-capturable), elementwise per tensor;
+a ScalarList passes each tensor the value the task's Scalar would have been. tests/test_optim.py
+checks it bit for bit, with different lrs, schedules, weight decays, step counts and missing grads.
+The step counters stay host tensors, as in torch's non-capturable path, so the bias corrections are
+host arithmetic: no device sync.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class OptimizerStepError(ValueError):
+    """A task's hyper-parameters cannot be applied this step (e.g. an lr that overflows fp32)."""
+
+
+def _checked(values: list[float], what: str) -> None:
+    limit = torch.finfo(torch.float32).max
+    for v in values:
+        if not math.isfinite(v) or abs(v) > limit:
+            raise OptimizerStepError(f"{what} {v} is not a finite fp32 value")
+
+
+def task_scalars(optimizer: torch.optim.Optimizer) -> list[tuple[torch.Tensor, dict]]:
+    """(parameter, its group) of every tensor with a gradient, in the optimizer's order; checks the
+    group's settings are the ones the multi-tensor step implements, and its values fit fp32."""
+    out = []
+    for group in optimizer.param_groups:
+        if group.get("amsgrad") or group.get("maximize") or group.get("capturable") or group.get("differentiable"):
+            raise OptimizerStepError("multi-tensor AdamW implements plain AdamW only "
+                                     "(no amsgrad, maximize, capturable or differentiable)")
+        lr = float(group["lr"])
+        _checked([lr, 1 - lr * group["weight_decay"], group["eps"]], "lr/weight decay/eps")
+        out += [(p, group) for p in group["params"] if p.grad is not None]
+    return out
+
+
+@torch.no_grad()
+def multi_tensor_adamw(optimizers: list[torch.optim.Optimizer]) -> None:
+    """`opt.step()` for every AdamW in `optimizers`, as one multi-tensor update. Raises
+    OptimizerStepError, before touching any tensor, if one task's values cannot be applied (the caller
+    then steps the tasks one by one to fail only that one)."""
+    entries = [(opt, p, group) for opt in optimizers for p, group in task_scalars(opt)]
+    if not entries:
+        return
+    params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+    decay, lerp_weight, beta2s, one_minus_beta2, step_sizes, bc2_sqrt, eps = [], [], [], [], [], [], []
+    for opt, p, group in entries:
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        state = opt.state.get(p, {})
+        # this step's count: the stored counter is a host tensor (torch's non-capturable path), so
+        # reading it is no device sync; the bias corrections are host arithmetic as in torch
+        n = (state["step"].item() if "step" in state else 0.0) + 1
+        bias_correction1 = 1 - beta1**n
+        bias_correction2 = 1 - beta2**n
+        decay.append(1 - lr * group["weight_decay"])
+        lerp_weight.append(1 - beta1)
+        beta2s.append(beta2)
+        one_minus_beta2.append(1 - beta2)
+        step_sizes.append((lr / bias_correction1) * -1)
+        bc2_sqrt.append(bias_correction2**0.5)
+        eps.append(group["eps"])
+    _checked(step_sizes, "step size")  # before any state or tensor changes
+    for opt, p, group in entries:
+        state = opt.state[p]
+        if len(state) == 0:  # lazily, as torch.optim.AdamW._init_group does
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        params.append(p)
+        grads.append(p.grad)
+        exp_avgs.append(state["exp_avg"])
+        exp_avg_sqs.append(state["exp_avg_sq"])
+        steps.append(state["step"])
+    torch._foreach_add_(steps, 1)
+    torch._foreach_mul_(params, decay)
+    _foreach_lerp_scalars(exp_avgs, grads, lerp_weight)
+    torch._foreach_mul_(exp_avg_sqs, beta2s)
+    _foreach_addcmul_scalars(exp_avg_sqs, grads, one_minus_beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+
+
+def _foreach_lerp_scalars(tensors, ends, weights: list[float]) -> None:
+    """lerp with each tensor's own weight: one call when all are equal (the usual case: betas are the
+    default), else one call per distinct weight, each as torch passes it (a Scalar)."""
+    for weight, idx in _by_value(weights).items():
+        torch._foreach_lerp_([tensors[i] for i in idx], [ends[i] for i in idx], weight)
+
+
+def _foreach_addcmul_scalars(tensors, grads, values: list[float]) -> None:
+    for value, idx in _by_value(values).items():
+        sub = [grads[i] for i in idx]
+        torch._foreach_addcmul_([tensors[i] for i in idx], sub, sub, value)
+
+
+def _by_value(values: list[float]) -> dict[float, list[int]]:
+    groups: dict[float, list[int]] = {}
+    for i, v in enumerate(values):
+        groups.setdefault(v, []).append(i)
+    return groups
+
+
+@torch.no_grad()
+def clip_coefficients(norms: list[torch.Tensor], max_norms: list[float]) -> torch.Tensor:
+    """Every task's clipping factor, as `clip_grads_with_norm_` computes it for each one alone
+    (clamp(max_norm / (norm + 1e-6), max=1); `float / tensor` is reciprocal-then-multiply in torch),
+    but as one stacked device computation."""
+    stacked = torch.stack(norms)
+    limits = torch.tensor(max_norms, dtype=stacked.dtype).to(stacked.device, non_blocking=True)
+    return torch.clamp((stacked + 1e-6).reciprocal() * limits, max=1.0)
+
+
+def step_tasks(runs: list, norms: dict, fail) -> None:
+    """Clip every task's gradients to its own max_grad_norm, take every task's AdamW step as one
+    multi-tensor update, then each task's own scheduler step and zero_grad. `norms`: task name ->
+    its gradient norm (a device tensor) or None; `fail(run, reason)` stops one task.
+
+    The one host-device sync: the clipping factors come to the host once, all tasks together, as
+    the values of one ScalarList multiply (each bit for bit the factor the task's own clip computes)."""
+    clipped = [run for run in runs if run.spec.max_grad_norm is not None and norms[run.spec.name] is not None]
+    if clipped:
+        factors = clip_coefficients([norms[run.spec.name] for run in clipped],
+                                    [run.spec.max_grad_norm for run in clipped]).tolist()
+        grads, scalars = [], []
+        for run, factor in zip(clipped, factors):
+            for p in run.parameters():
+                if p.grad is not None:
+                    grads.append(p.grad)
+                    scalars.append(factor)
+        if grads:
+            torch._foreach_mul_(grads, scalars)
+    try:
+        multi_tensor_adamw([run.optimizer for run in runs])
+        stepped = runs
+    except OptimizerStepError:  # one task's values cannot be applied: step them one by one, fail that one
+        stepped = []
+        for run in runs:
+            try:
+                multi_tensor_adamw([run.optimizer])
+                stepped.append(run)
+            except OptimizerStepError as exc:
+                fail(run, f"optimizer step failed at step {run.step + 1}: {exc}")
+    for run in stepped:
+        run.optimizer._opt_called = True  # what `optimizer.step()`'s scheduler hook records
+        run.scheduler.step()
+    for run in runs:
+        run.optimizer.zero_grad(set_to_none=True)

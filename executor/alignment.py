@@ -21,7 +21,7 @@ still runs padded batches as before.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
@@ -55,6 +55,10 @@ class ChunkedBatch:
     segments: list[Segment]  # each task's chunk rows
     sequences: list[SequenceSpan]  # every sequence in stream order
     virtual_slots: dict[int, torch.Tensor]  # segment index -> [sequences, n] stream positions of virtual tokens
+    # per task: real positions and target tokens, counted on the host as the batch is packed (reading
+    # them off the device tensors would cost a reduction and a sync per task)
+    real_counts: dict[str, int] = field(default_factory=dict)
+    target_count: dict[str, int] = field(default_factory=dict)
 
     @property
     def chunk_len(self) -> int:
@@ -62,7 +66,7 @@ class ChunkedBatch:
 
     @property
     def tokens_per_task(self) -> dict[str, int]:
-        return {s.task: int(self.real[s.start : s.end].sum()) for s in self.segments}
+        return dict(self.real_counts)
 
     @property
     def computed_per_task(self) -> dict[str, int]:
@@ -70,8 +74,7 @@ class ChunkedBatch:
 
     @property
     def target_counts(self) -> dict[str, int]:
-        valid = self.targets != IGNORE
-        return {s.task: int(valid[s.start : s.end].sum()) for s in self.segments}
+        return dict(self.target_count)
 
 
 def chunks_for(tokens: int, chunk_len: int) -> int:
@@ -86,8 +89,10 @@ def pack_chunks(batches: dict[str, list[Example]], chunk_len: int, pad_id: int, 
     lead, position_offset = lead or {}, position_offset or {}
     ids, targets, positions, real = [], [], [], []
     segments, sequences, virtual_slots, row = [], [], {}, 0
+    real_counts, target_count = {}, {}
     for index, (task, examples) in enumerate(batches.items()):
         n, offset, slots = lead.get(task, 0), position_offset.get(task, 0), []
+        first_token, first_target = len(real), len(targets)
         for ex in examples:
             start = len(ids)
             length = n + len(ex.input_ids)
@@ -104,6 +109,8 @@ def pack_chunks(batches: dict[str, list[Example]], chunk_len: int, pad_id: int, 
         positions += [0] * padding
         real += [False] * padding
         rows = len(ids) // chunk_len
+        real_counts[task] = sum(real[first_token:])
+        target_count[task] = sum(t != IGNORE for t in targets[first_target:])
         segments.append(Segment(task, row, rows))
         row = rows
         if n:
@@ -113,7 +120,7 @@ def pack_chunks(batches: dict[str, list[Example]], chunk_len: int, pad_id: int, 
         return torch.tensor(values, dtype=dtype).view(-1, chunk_len).to(device)
 
     return ChunkedBatch(grid(ids, torch.long), grid(targets, torch.long), grid(positions, torch.long),
-                        grid(real, torch.bool), segments, sequences, virtual_slots)
+                        grid(real, torch.bool), segments, sequences, virtual_slots, real_counts, target_count)
 
 
 def split_by_budget(batches: dict[str, list[Example]], chunk_len: int, token_budget: int,

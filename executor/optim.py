@@ -61,7 +61,7 @@ def multi_tensor_adamw(optimizers: list[torch.optim.Optimizer]) -> None:
         state = opt.state.get(p, {})
         # this step's count: the stored counter is a host tensor (torch's non-capturable path), so
         # reading it is no device sync; the bias corrections are host arithmetic as in torch
-        n = (state["step"].item() if "step" in state else 0.0) + 1
+        n = (state["step"].tolist() if "step" in state else 0.0) + 1  # tolist: no aten op either
         bias_correction1 = 1 - beta1**n
         bias_correction2 = 1 - beta2**n
         decay.append(1 - lr * group["weight_decay"])
@@ -159,3 +159,22 @@ def step_tasks(runs: list, norms: dict, fail) -> None:
         run.scheduler.step()
     for run in runs:
         run.optimizer.zero_grad(set_to_none=True)
+
+
+def backward_task_losses(batch_sums: dict[str, torch.Tensor], counts: dict[str, int], sums: dict[str, float]) -> None:
+    """Backward of the sum of the tasks' mean losses (each task's summed loss / its target count),
+    leaving a non-finite one out (only its own task will be stopped); adds each task's summed loss
+    to `sums`. All tasks at once: one read of the values (the loss log and the finiteness check
+    need them on the host anyway), one division and one sum, not ops per task."""
+    names = list(batch_sums)
+    values = torch.stack(list(batch_sums.values()))
+    host = values.detach().tolist()
+    for name, value in zip(names, host):
+        sums[name] = sums.get(name, 0.0) + value
+    finite = [i for i, value in enumerate(host) if math.isfinite(value)]
+    if not finite:
+        return
+    if len(finite) < len(names):
+        values = values.index_select(0, torch.tensor(finite, device=values.device))
+    divisors = torch.tensor([float(counts[names[i]]) for i in finite], dtype=values.dtype).to(values.device)
+    (values / divisors).sum().backward()

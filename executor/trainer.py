@@ -35,7 +35,7 @@ from muxtune.executor.alignment import ChunkedBatch, pack_chunks, packed_attenti
 from muxtune.executor.backbone import Backbone
 from muxtune.executor.data import IGNORE, DataOptions, Example, FusedBatch, TaskSampler, example_origin, fuse
 from muxtune.executor.mux import Multiplexer, TaskAdapter
-from muxtune.executor.optim import step_tasks
+from muxtune.executor.optim import backward_task_losses, step_tasks
 from muxtune.executor.validation import record_evaluation
 from muxtune.errors import MuxTuneError
 from muxtune.spec import Alignment, TaskSpec
@@ -278,12 +278,7 @@ class MultiplexedTrainer:
                     counts[name] = counts.get(name, 0) + n
             for batch in micro_batches:
                 batch_sums = self.loss_sums(batch, training=True, hits=hits)
-                # a non-finite loss stays out of the backward: only its own task is stopped
-                finite = {name: total for name, total in batch_sums.items() if torch.isfinite(total)}
-                if finite:
-                    torch.stack([total / counts[name] for name, total in finite.items()]).sum().backward()
-                for name, total in batch_sums.items():
-                    sums[name] = sums.get(name, 0.0) + float(total.detach())
+                backward_task_losses(batch_sums, counts, sums)
                 for name, n in batch.tokens_per_task.items():
                     tokens[name] = tokens.get(name, 0) + n
                 for name, n in batch.computed_per_task.items():
@@ -379,17 +374,17 @@ class MultiplexedTrainer:
         # the LM head runs only on positions that carry loss: padding and prompts cost no vocab GEMM
         logits = self.model.get_output_embeddings()(hidden[valid])
         per_token = F.cross_entropy(logits.float(), targets[valid], reduction="none")
-        row_task = torch.empty(batch.input_ids.shape[0], dtype=torch.long, device=self.device)
-        for i, seg in enumerate(batch.segments):
-            row_task[seg.start : seg.end] = i
+        row_task = torch.tensor([i for i, seg in enumerate(batch.segments) for _ in range(seg.end - seg.start)],
+                                dtype=torch.long, device=self.device)  # built on the host: no op per task
         token_task = row_task[:, None].expand_as(valid)[valid]
         sums = torch.zeros(len(batch.segments), device=self.device).index_add(0, token_task, per_token)
         if hits is not None:  # read off the logits: nothing of it reaches the loss or its gradient
             right = (logits.detach().argmax(-1) == targets[valid]).to(torch.long)
             counts = torch.zeros(len(batch.segments), dtype=torch.long, device=self.device).index_add(0, token_task, right)
-            for i, seg in enumerate(batch.segments):
-                hits[seg.task] = hits.get(seg.task, 0) + counts[i]
-        return {seg.task: sums[i] for i, seg in enumerate(batch.segments)}
+            for seg, n in zip(batch.segments, counts.tolist()):  # one read for all tasks (accuracy logging)
+                hits[seg.task] = hits.get(seg.task, 0) + n
+        # one unbind, not a select per task (forward and backward)
+        return dict(zip((seg.task for seg in batch.segments), sums.unbind(0)))
 
     def chunked_hidden_states(self, batch: ChunkedBatch) -> torch.Tensor:
         """Last hidden states [1, rows * chunk_len, d] of the flattened chunk stream. Attention stays

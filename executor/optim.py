@@ -115,34 +115,46 @@ def _by_value(values: list[float]) -> dict[float, list[int]]:
 
 
 @torch.no_grad()
-def clip_coefficients(norms: list[torch.Tensor], max_norms: list[float]) -> torch.Tensor:
-    """Every task's clipping factor, as `clip_grads_with_norm_` computes it for each one alone
-    (clamp(max_norm / (norm + 1e-6), max=1); `float / tensor` is reciprocal-then-multiply in torch),
-    but as one stacked device computation."""
-    stacked = torch.stack(norms)
-    limits = torch.tensor(max_norms, dtype=stacked.dtype).to(stacked.device, non_blocking=True)
-    return torch.clamp((stacked + 1e-6).reciprocal() * limits, max=1.0)
+def clip_coefficients(norms: torch.Tensor, max_norms: list[float]) -> torch.Tensor:
+    """Every task's clipping factor from its stacked norm, as `clip_grads_with_norm_` computes it for
+    each one alone (clamp(max_norm / (norm + 1e-6), max=1); `float / tensor` is reciprocal, then
+    multiply, in torch), but as one device computation for all tasks."""
+    limits = torch.tensor(max_norms, dtype=norms.dtype).to(norms.device, non_blocking=True)
+    return torch.clamp((norms + 1e-6).reciprocal() * limits, max=1.0)
 
 
-def step_tasks(runs: list, norms: dict, fail) -> None:
-    """Clip every task's gradients to its own max_grad_norm, take every task's AdamW step as one
-    multi-tensor update, then each task's own scheduler step and zero_grad. `norms`: task name ->
-    its gradient norm (a device tensor) or None; `fail(run, reason)` stops one task.
+def step_tasks(runs: list, norms: dict, losses: dict[str, float], fail) -> None:
+    """Stop every task whose loss or gradient is non-finite, clip the others' gradients to their own
+    max_grad_norm, take all their AdamW steps as one multi-tensor update, then each task's own
+    scheduler step and zero_grad. `norms`: task name -> its gradient norm (a device tensor) or None;
+    `fail(run, reason)` stops one task.
 
-    The one host-device sync: the clipping factors come to the host once, all tasks together, as
-    the values of one ScalarList multiply (each bit for bit the factor the task's own clip computes)."""
-    clipped = [run for run in runs if run.spec.max_grad_norm is not None and norms[run.spec.name] is not None]
-    if clipped:
-        factors = clip_coefficients([norms[run.spec.name] for run in clipped],
-                                    [run.spec.max_grad_norm for run in clipped]).tolist()
-        grads, scalars = [], []
-        for run, factor in zip(clipped, factors):
+    One host-device sync for all tasks: the norms (for the finiteness check) and the clipping
+    factors come to the host together; the factors are then the values of one ScalarList multiply,
+    each bit for bit the factor the task's own `clip_grads_with_norm_` computes."""
+    with_norm = [run for run in runs if norms[run.spec.name] is not None]
+    values, factors = {}, {}
+    if with_norm:
+        stacked = torch.stack([norms[run.spec.name] for run in with_norm])
+        factor = clip_coefficients(stacked, [run.spec.max_grad_norm or 0.0 for run in with_norm])
+        for run, value, f in zip(with_norm, *torch.stack([stacked, factor]).tolist()):
+            values[run.spec.name], factors[run.spec.name] = value, f
+    for run in runs:
+        loss, norm = losses[run.spec.name], values.get(run.spec.name)
+        if not math.isfinite(loss):
+            fail(run, f"non-finite loss ({loss}) at step {run.step + 1}")
+        elif norm is not None and not math.isfinite(norm):
+            fail(run, f"non-finite gradient at step {run.step + 1}")
+    runs = [run for run in runs if run.status == "running"]
+    grads, scalars = [], []
+    for run in runs:
+        if run.spec.max_grad_norm is not None and run.spec.name in factors:
             for p in run.parameters():
                 if p.grad is not None:
                     grads.append(p.grad)
-                    scalars.append(factor)
-        if grads:
-            torch._foreach_mul_(grads, scalars)
+                    scalars.append(factors[run.spec.name])
+    if grads:
+        torch._foreach_mul_(grads, scalars)
     try:
         multi_tensor_adamw([run.optimizer for run in runs])
         stepped = runs
@@ -158,7 +170,9 @@ def step_tasks(runs: list, norms: dict, fail) -> None:
         run.optimizer._opt_called = True  # what `optimizer.step()`'s scheduler hook records
         run.scheduler.step()
     for run in runs:
-        run.optimizer.zero_grad(set_to_none=True)
+        # optimizer.zero_grad(set_to_none=True) without its per-call profiler record: the same effect
+        for p in run.parameters():
+            p.grad = None
 
 
 def backward_task_losses(batch_sums: dict[str, torch.Tensor], counts: dict[str, int], sums: dict[str, float]) -> None:

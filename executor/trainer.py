@@ -22,7 +22,6 @@ evaluation record, so a task's training is bit for bit the same with evaluation 
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -287,13 +286,7 @@ class MultiplexedTrainer:
         losses = {name: sums[name] / counts[name] for name in sums}
         live = [run for run in runs if run.status == "running"]
         norms = {run.spec.name: norm for run, norm in zip(live, grad_norms(live))}
-        for run in live:
-            loss, norm = losses[run.spec.name], norms[run.spec.name]
-            if not math.isfinite(loss):
-                self.fail(run, f"non-finite loss ({loss}) at step {run.step + 1}")
-            elif norm is not None and not torch.isfinite(norm):
-                self.fail(run, f"non-finite gradient at step {run.step + 1}")
-        step_tasks([run for run in runs if run.status == "running"], norms, self.fail)
+        step_tasks(live, norms, losses, self.fail)  # fails a task with a non-finite loss or gradient
         runs = [run for run in runs if run.status == "running"]
         elapsed = time.perf_counter() - start
         for run in runs:

@@ -142,7 +142,7 @@ def build_trainer(args, tenants: int, sequences: int):
     dtype = getattr(torch, args.dtype)
     backbone = load_backbone(args.model, device=args.device, dtype=dtype)
     specs = [TaskSpec(name=f"t{i}", data=Path("synthetic"), seed=i, lr=2e-4, steps=10**6, batch_size=sequences,
-                      max_seq_len=seq, max_grad_norm=1.0, weight_decay=0.0,
+                      max_seq_len=max(seq, 8), max_grad_norm=1.0, weight_decay=0.0,
                       peft={"method": "lora", "r": (8, 12, 16)[i % 3], "alpha": 16, "dropout": 0.0,
                             "target_modules": ["q_proj", "v_proj"]})
              for i in range(tenants)]

@@ -175,11 +175,13 @@ def step_tasks(runs: list, norms: dict, losses: dict[str, float], fail) -> None:
             p.grad = None
 
 
-def backward_task_losses(batch_sums: dict[str, torch.Tensor], counts: dict[str, int], sums: dict[str, float]) -> None:
-    """Backward of the sum of the tasks' mean losses (each task's summed loss / its target count),
-    leaving a non-finite one out (only its own task will be stopped); adds each task's summed loss
-    to `sums`. All tasks at once: one read of the values (the loss log and the finiteness check
-    need them on the host anyway), one division and one sum, not ops per task."""
+def summed_task_loss(batch_sums: dict[str, torch.Tensor], counts: dict[str, int], sums: dict[str, float]
+                     ) -> torch.Tensor | None:
+    """The sum of the tasks' mean losses (each task's summed loss / its target count) to run the
+    backward of, leaving a non-finite one out (only its own task will be stopped), or None if none is
+    finite; adds each task's summed loss to `sums`. All tasks at once: one read of the values (the loss
+    log and the finiteness check need them on the host anyway), one division and one sum, not ops per
+    task."""
     names = list(batch_sums)
     values = torch.stack(list(batch_sums.values()))
     host = values.detach().tolist()
@@ -187,8 +189,8 @@ def backward_task_losses(batch_sums: dict[str, torch.Tensor], counts: dict[str, 
         sums[name] = sums.get(name, 0.0) + value
     finite = [i for i, value in enumerate(host) if math.isfinite(value)]
     if not finite:
-        return
+        return None
     if len(finite) < len(names):
         values = values.index_select(0, torch.tensor(finite, device=values.device))
     divisors = torch.tensor([float(counts[names[i]]) for i in finite], dtype=values.dtype).to(values.device)
-    (values / divisors).sum().backward()
+    return (values / divisors).sum()

@@ -38,6 +38,21 @@ PRELOAD = ["torch", "peft", "muxtune.executor.backbone", "muxtune.executor.train
 LR, MAX_GRAD_NORM, ALPHA, TARGETS = 2e-4, 1.0, 16, ["q_proj", "v_proj"]
 
 
+def device_and_dtype():
+    """Where every arm's backbone lives: $MUXTUNE_BENCH_DEVICE (cpu) and $MUXTUNE_BENCH_DTYPE
+    (float32), set by the parent before the forkserver starts (`mux_vs_separate --device/--dtype`)."""
+    import torch
+
+    return os.environ.get("MUXTUNE_BENCH_DEVICE", "cpu"), getattr(torch, os.environ.get("MUXTUNE_BENCH_DTYPE", "float32"))
+
+
+def load(model_name: str):
+    from muxtune.executor.backbone import load_backbone
+
+    device, dtype = device_and_dtype()
+    return load_backbone(model_name, device=device, dtype=dtype)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -76,9 +91,7 @@ class Separate:
         import torch
         from peft import get_peft_model
 
-        from muxtune.executor.backbone import load_backbone
-
-        self.backbone = load_backbone(model_name)
+        self.backbone = load(model_name)
         self.model = get_peft_model(self.backbone.model, hf_lora_config(ranks[task_index]))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=LR, weight_decay=0.0, fused=True)
@@ -92,7 +105,8 @@ class Separate:
     def step(self) -> int:
         from muxtune.executor.data import fuse
 
-        batch = fuse({"task": self.sampler.next_batch()}, self.backbone.tokenizer.pad_token_id)
+        batch = fuse({"task": self.sampler.next_batch()}, self.backbone.tokenizer.pad_token_id,
+                     device_and_dtype()[0])
         hf_step(self.model, batch, self.params, self.optimizer)
         return int(batch.attention_mask.sum())
 
@@ -104,9 +118,7 @@ class Switch:
         import torch
         from peft import get_peft_model
 
-        from muxtune.executor.backbone import load_backbone
-
-        self.backbone = load_backbone(model_name)
+        self.backbone = load(model_name)
         self.names = [f"t{i}" for i in range(len(ranks))]
         self.model = get_peft_model(self.backbone.model, hf_lora_config(ranks[0]), adapter_name=self.names[0])
         for name, rank in zip(self.names[1:], ranks[1:]):
@@ -128,7 +140,8 @@ class Switch:
         tokens = 0
         for name in self.names:
             self.model.set_adapter(name)  # makes only this adapter trainable
-            batch = fuse({name: self.samplers[name].next_batch()}, self.backbone.tokenizer.pad_token_id)
+            batch = fuse({name: self.samplers[name].next_batch()}, self.backbone.tokenizer.pad_token_id,
+                         device_and_dtype()[0])
             hf_step(self.model, batch, self.params[name], self.optimizers[name])
             tokens += int(batch.attention_mask.sum())
         return tokens
@@ -138,11 +151,10 @@ class Muxed:
     """MuxTune's MultiplexedTrainer, one task per rank (a single task for the `limit` config)."""
 
     def __init__(self, model_name: str, ranks: list[int], task_index: int = 0, max_seq: int = 4096):
-        from muxtune.executor.backbone import load_backbone
         from muxtune.executor.trainer import MultiplexedTrainer
         from muxtune.spec import TaskSpec
 
-        backbone = load_backbone(model_name)
+        backbone = load(model_name)
         specs = [TaskSpec(name=f"t{i}", data=Path("synthetic"), seed=i, lr=LR, steps=10**9, batch_size=1,
                           max_seq_len=max_seq, max_grad_norm=MAX_GRAD_NORM, weight_decay=0.0,
                           peft={"method": "lora", "r": r, "alpha": ALPHA, "dropout": 0.0,
@@ -175,6 +187,10 @@ def train(job, steps: int) -> dict:
     tokens, start, t0 = 0, time.time(), time.perf_counter()
     for _ in range(steps):
         tokens += job.step()
+    if device_and_dtype()[0].startswith("cuda"):  # the steps' queued GPU work is part of their time
+        import torch
+
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     return {"tokens": tokens, "seconds": seconds, "start": start, "end": time.time(), "peak_rss_mb": peak_rss_mb(),
             "pid": os.getpid()}

@@ -149,8 +149,9 @@ class Worker:
                 self.proc.join()
 
 
-def start_forkserver(threads: int) -> None:
+def start_forkserver(threads: int, device: str = "cpu", dtype: str = "float32") -> None:
     """Workers fork from one server that has imported the heavy libraries (and run no tensor op)."""
+    os.environ["MUXTUNE_BENCH_DEVICE"], os.environ["MUXTUNE_BENCH_DTYPE"] = device, dtype  # read by the workers
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -316,7 +317,7 @@ def summarize(args, shapes: list[Shape], points: list[dict]) -> dict:
     applies = {"throughput_ratio": shapes[0].tokens <= 64, "limit_ratio": True, "memory_ratio": args.tasks == 8}
     # None: the target is not stated for this setup (it is for <= 64 tokens/task and N = 8)
     met = {k: (figures[k] >= TARGETS[k] if applies[k] else None) for k in TARGETS}
-    return {"model": args.model, "tasks": args.tasks, "steps": args.steps, "min_seconds": args.min_seconds,
+    return {"model": args.model, "device": args.device, "dtype": args.dtype, "tasks": args.tasks, "steps": args.steps, "min_seconds": args.min_seconds,
             "ranks": ranks_for(args.tasks),
             "threads": args.threads, "concurrent_threads": args.concurrent_threads, "sweep": sweep,
             **figures, "targets": TARGETS, "targets_met": met, **robust,
@@ -355,6 +356,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="torch threads of each process in separate_concurrent (default 1: N processes "
                              "share the cores; 2 each oversubscribes them N-fold)")
     parser.add_argument("--no-concurrent", action="store_true", help="skip separate_concurrent")
+    parser.add_argument("--device", default="cpu", help="where every arm's backbone runs: cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="backbone dtype (adapters train in fp32 either way; default float32)")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -368,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally` that stops the workers
     shapes = [shape_for(t, args.max_seq) for t in args.sweep]
     ram_mb = total_ram_mb()
-    start_forkserver(args.threads)
+    start_forkserver(args.threads, args.device, args.dtype)
     log(f"{args.model}, {args.tasks} tasks, sweep {args.sweep} tokens/task, at least {args.steps} timed rounds, "
         f"RAM {ram_mb:.0f} MB")
     points = []

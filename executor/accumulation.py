@@ -8,13 +8,11 @@ micro-step means weighs a token of a short micro-step more than one of a long on
 axolotl #1100 and transformers #37766). The gradients of the k backwards add up in the adapters'
 `.grad`, so the optimizer sees the big batch's gradient, within float rounding of the summation order.
 
-The step loop calls three functions: `micro_steps` (the split), `step_token_counts` (the denominators)
-and `micro_step_loss` (what one micro-batch backwards).
+The step loop splits with `micro_steps`; the denominators are each task's target tokens over all its
+micro-batches (`step_token_counts`); what one micro-batch backwards is executor/optim.summed_task_loss.
 """
 
 from __future__ import annotations
-
-import torch
 
 from muxtune.schedule import part_bounds
 
@@ -44,11 +42,3 @@ def step_token_counts(micro_batches, counts: dict[str, int] | None = None) -> di
         for name, n in batch.target_counts.items():
             counts[name] = counts.get(name, 0) + n
     return counts
-
-
-def micro_step_loss(batch_sums: dict[str, torch.Tensor], counts: dict[str, int]) -> torch.Tensor | None:
-    """The loss one micro-batch backwards: the sum over its tasks of their summed loss / the task's
-    step-wide token count. A non-finite task loss stays out (only its own task is stopped); None when
-    no task's is finite."""
-    finite = [total / counts[name] for name, total in batch_sums.items() if torch.isfinite(total)]
-    return torch.stack(finite).sum() if finite else None

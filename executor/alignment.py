@@ -24,12 +24,12 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from muxtune.executor.data import IGNORE, Example
+from muxtune.executor.document_attention import DocumentLayout, build_layout, document_attention
 from muxtune.executor.mux import Segment
 
 ATTENTION = "muxtune"
@@ -55,6 +55,10 @@ class ChunkedBatch:
     segments: list[Segment]  # each task's chunk rows
     sequences: list[SequenceSpan]  # every sequence in stream order
     virtual_slots: dict[int, torch.Tensor]  # segment index -> [sequences, n] stream positions of virtual tokens
+    # per task: real positions and target tokens, counted on the host as the batch is packed (reading
+    # them off the device tensors would cost a reduction and a sync per task)
+    real_counts: dict[str, int] = field(default_factory=dict)
+    target_count: dict[str, int] = field(default_factory=dict)
 
     @property
     def chunk_len(self) -> int:
@@ -62,7 +66,7 @@ class ChunkedBatch:
 
     @property
     def tokens_per_task(self) -> dict[str, int]:
-        return {s.task: int(self.real[s.start : s.end].sum()) for s in self.segments}
+        return dict(self.real_counts)
 
     @property
     def computed_per_task(self) -> dict[str, int]:
@@ -70,8 +74,7 @@ class ChunkedBatch:
 
     @property
     def target_counts(self) -> dict[str, int]:
-        valid = self.targets != IGNORE
-        return {s.task: int(valid[s.start : s.end].sum()) for s in self.segments}
+        return dict(self.target_count)
 
 
 def chunks_for(tokens: int, chunk_len: int) -> int:
@@ -86,8 +89,10 @@ def pack_chunks(batches: dict[str, list[Example]], chunk_len: int, pad_id: int, 
     lead, position_offset = lead or {}, position_offset or {}
     ids, targets, positions, real = [], [], [], []
     segments, sequences, virtual_slots, row = [], [], {}, 0
+    real_counts, target_count = {}, {}
     for index, (task, examples) in enumerate(batches.items()):
         n, offset, slots = lead.get(task, 0), position_offset.get(task, 0), []
+        first_token, first_target = len(real), len(targets)
         for ex in examples:
             start = len(ids)
             length = n + len(ex.input_ids)
@@ -104,6 +109,8 @@ def pack_chunks(batches: dict[str, list[Example]], chunk_len: int, pad_id: int, 
         positions += [0] * padding
         real += [False] * padding
         rows = len(ids) // chunk_len
+        real_counts[task] = sum(real[first_token:])
+        target_count[task] = sum(t != IGNORE for t in targets[first_target:])
         segments.append(Segment(task, row, rows))
         row = rows
         if n:
@@ -113,7 +120,7 @@ def pack_chunks(batches: dict[str, list[Example]], chunk_len: int, pad_id: int, 
         return torch.tensor(values, dtype=dtype).view(-1, chunk_len).to(device)
 
     return ChunkedBatch(grid(ids, torch.long), grid(targets, torch.long), grid(positions, torch.long),
-                        grid(real, torch.bool), segments, sequences, virtual_slots)
+                        grid(real, torch.bool), segments, sequences, virtual_slots, real_counts, target_count)
 
 
 def split_by_budget(batches: dict[str, list[Example]], chunk_len: int, token_budget: int,
@@ -143,109 +150,23 @@ def split_by_budget(batches: dict[str, list[Example]], chunk_len: int, token_bud
 # --- attention that never crosses a sequence boundary ------------------------------------------------
 
 
-@dataclass
-class _Packed:
-    """What the attention function needs for the stream in flight."""
-
-    spans: list[tuple[int, int, object]]  # (start, end, per-layer prefix (k, v) | None | "pad")
-    buckets: list[tuple[torch.Tensor, torch.Tensor]]  # prefix-free sequences by length, see _length_buckets
-    # Every position the attention reads, prefix sequences then buckets, gathered with ONE index_select
-    # per tensor: its backward is one index_add, where a slice or gather per sequence/bucket would each
-    # zero-fill a full-size gradient in the backward and sum them.
-    device: torch.device | str = "cpu"
-    gather: torch.Tensor | None = None
-    sizes: list[int] = field(default_factory=list)
-
-    def __post_init__(self):
-        pieces = [torch.arange(start, end, device=self.device) for start, end, prefix in self.spans
-                  if end > start and prefix not in (None, "pad")]
-        pieces += [idx.reshape(-1) for idx, _ in self.buckets]
-        if pieces:
-            self.sizes = [p.numel() for p in pieces]
-            self.gather = torch.cat(pieces)
-
-
-_ACTIVE: _Packed | None = None
+_ACTIVE: tuple[DocumentLayout, dict] | None = None  # the stream in flight: its layout and prefixes
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query [1, heads, T, d], key/value [1, kv_heads, T, d] over the whole stream -> [1, T, heads, d].
     Each sequence attends causally to itself (and its task's K/V prefix) only; padding gets zeros.
-
-    Sequences without a prefix go in length buckets: each bucket is gathered into a right-padded
-    [sequences, heads, longest, d] batch and runs as ONE causal SDPA (a causal query never sees the
-    padding after it, so valid positions are exact); compute stays near the sum of length^2 and the
-    number of attention calls is the number of buckets, not of sequences (kernel launches on a GPU)."""
-    packed = _ACTIVE
-    if packed is None:
+    ONE attention call per layer over all sequences (executor/document_attention.py)."""
+    if _ACTIVE is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query attention: each K/V head serves `groups` query heads
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    total, heads, dim = query.shape[2], query.shape[1], query.shape[3]
-    rows, results = [], []
-    if packed.gather is None:
-        return query.new_zeros(1, total, heads, dim), None  # nothing but padding in the stream
-    gather = packed.gather
-    # [heads, positions, d] pieces: one per prefix sequence, then one per bucket
-    q_parts, k_parts, v_parts = (t[0].index_select(1, gather).split(packed.sizes, dim=1) for t in (query, key, value))
-    part = 0
-    for start, end, prefix in packed.spans:
-        if end <= start or prefix in (None, "pad"):
-            continue
-        q, k, v = (t[part].unsqueeze(0) for t in (q_parts, k_parts, v_parts))
-        part += 1
-        prefix_k, prefix_v = prefix[module.layer_idx]
-        if groups > 1:
-            prefix_k, prefix_v = prefix_k.repeat_interleave(groups, dim=1), prefix_v.repeat_interleave(groups, dim=1)
-        n, length = prefix_k.shape[2], end - start
-        k = torch.cat([prefix_k.to(k.dtype), k], dim=2)
-        v = torch.cat([prefix_v.to(v.dtype), v], dim=2)
-        # every position sees the whole prefix, then its own sequence causally
-        mask = torch.ones(length, n + length, dtype=torch.bool, device=q.device).tril(diagonal=n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
-        rows.append(torch.arange(start, end, device=query.device))
-        results.append(out[0].transpose(0, 1))
-    for bucket in packed.buckets:
-        idx, valid = bucket  # [n, longest] stream positions (clamped in padding), [n, longest] bool
-        n, longest = idx.shape
-        q, k, v = (t[part].view(heads, n, longest, dim).transpose(0, 1) for t in (q_parts, k_parts, v_parts))
-        part += 1
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                             scale=scaling)  # [n, heads, longest, d]
-        out = out.transpose(1, 2)[valid]  # [tokens, heads, d]
-        rows.append(idx[valid])
-        results.append(out)
-    result = query.new_zeros(total, heads, dim)  # padding positions stay zero
-    if rows:
-        result = result.index_copy(0, torch.cat(rows), torch.cat(results))
-    return result.unsqueeze(0), None
-
-
-def _length_buckets(spans, device, slack: float = 1.25) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Group the prefix-free sequences by length: a bucket's longest is at most `slack` times its
-    shortest, so padding inside a bucket costs at most ~(slack^2 - 1) of its attention FLOPs."""
-    plain = sorted(((end - start, start) for start, end, prefix in spans if end > start and prefix is None),
-                   reverse=True)
-    buckets, current = [], []
-    for length, start in plain:
-        if current and current[0][0] > slack * length:
-            buckets.append(current)
-            current = []
-        current.append((length, start))
-    if current:
-        buckets.append(current)
-    out = []
-    for bucket in buckets:
-        longest = bucket[0][0]
-        offsets = torch.arange(longest)
-        starts = torch.tensor([start for _, start in bucket])[:, None]
-        lengths = torch.tensor([length for length, _ in bucket])[:, None]
-        valid = offsets[None, :] < lengths
-        idx = torch.where(valid, starts + offsets[None, :], starts)  # padding reads the first token
-        out.append((idx.to(device), valid.to(device)))
-    return out
+    layout, prefixes = _ACTIVE
+    prefix_kv = None
+    if layout.prefix_segments:  # this layer's prefixes of all prefix tasks, as one key region
+        layer = module.layer_idx
+        prefix_kv = tuple(torch.cat([prefixes[seg][layer][i] for seg in layout.prefix_segments], dim=2)
+                          for i in (0, 1))
+    return document_attention(layout, query, key, value, prefix_kv, scaling, dropout), None
 
 
 def varlen_mask(*args, **kwargs):
@@ -263,18 +184,11 @@ def packed_attention(model, batch: ChunkedBatch, prefixes: dict[int, list]):
     """Within this block the model's attention is per sequence of `batch`'s stream. `prefixes`:
     segment index -> per-layer (key, value) of that task's prefix, shape [1, kv_heads, n, head_dim]."""
     global _ACTIVE
-    spans, cursor = [], 0
-    for seq in batch.sequences:
-        if seq.start > cursor:
-            spans.append((cursor, seq.start, "pad"))
-        spans.append((seq.start, seq.end, prefixes.get(seq.segment)))
-        cursor = seq.end
-    total = batch.input_ids.numel()
-    if cursor < total:
-        spans.append((cursor, total, "pad"))
+    spans = [(seq.start, seq.end, seq.segment) for seq in batch.sequences]
+    lengths = {seg: prefix[0][0].shape[2] for seg, prefix in prefixes.items()}
     previous = (_ACTIVE, model.config._attn_implementation)
-    device = batch.input_ids.device
-    _ACTIVE = _Packed(spans, _length_buckets(spans, device), device)
+    layout = build_layout(spans, batch.input_ids.numel(), lengths, batch.input_ids.device)
+    _ACTIVE = (layout, prefixes)
     model.config._attn_implementation = ATTENTION
     try:
         yield

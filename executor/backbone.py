@@ -77,6 +77,12 @@ PRESETS = {
         LlamaConfig, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
         num_key_value_heads=12, max_position_embeddings=4096, tie_word_embeddings=False,
     ),
+    # ~1B parameters in TinyLlama-1.1B's shape (grouped-query attention): the GPU headline benchmark's
+    # backbone (benchmarks/device/all.sh), in bf16 there; the byte vocabulary keeps it download-free
+    "llama-1b": lambda: _special(
+        LlamaConfig, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False,
+    ),
     "gpt2-100m": lambda: _special(
         GPT2Config, n_embd=768, n_layer=12, n_head=12, n_positions=4096,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,

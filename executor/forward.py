@@ -45,7 +45,7 @@ class FusedForward:
         return {name: total / counts[name] for name, total in self.loss_sums(batch, training).items()}
 
     def loss_sums(self, batch: FusedBatch | ChunkedBatch, training: bool,
-                  hits: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                  hits: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
         """Summed next-token loss of each task over its own target tokens in this micro-batch; `hits`
         adds up each task's correctly predicted (argmax) target tokens."""
         with self.mux.route(batch.segments, batch.input_ids.shape[1], training=training,
@@ -58,24 +58,24 @@ class FusedForward:
             return self.head_loss_sums(batch, hidden, targets, hits)
 
     def head_loss_sums(self, batch: FusedBatch | ChunkedBatch, hidden: torch.Tensor,
-                       targets: torch.Tensor, hits: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                       targets: torch.Tensor, hits: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
         """Each task's summed loss from the last hidden states [rows, seq, d] and next-token targets
         [rows, seq] (the last pipeline stage runs only this part); `hits` as in loss_sums."""
         valid = targets != IGNORE
         # the LM head runs only on positions that carry loss: padding and prompts cost no vocab GEMM
         logits = self.model.get_output_embeddings()(hidden[valid])
         per_token = F.cross_entropy(logits.float(), targets[valid], reduction="none")
-        row_task = torch.empty(batch.input_ids.shape[0], dtype=torch.long, device=self.device)
-        for i, seg in enumerate(batch.segments):
-            row_task[seg.start : seg.end] = i
+        row_task = torch.tensor([i for i, seg in enumerate(batch.segments) for _ in range(seg.end - seg.start)],
+                                dtype=torch.long, device=self.device)  # built on the host: no op per task
         token_task = row_task[:, None].expand_as(valid)[valid]
         sums = torch.zeros(len(batch.segments), device=self.device).index_add(0, token_task, per_token)
         if hits is not None:  # read off the logits: nothing of it reaches the loss or its gradient
             right = (logits.detach().argmax(-1) == targets[valid]).to(torch.long)
             counts = torch.zeros(len(batch.segments), dtype=torch.long, device=self.device).index_add(0, token_task, right)
-            for i, seg in enumerate(batch.segments):
-                hits[seg.task] = hits.get(seg.task, 0) + counts[i]
-        return {seg.task: sums[i] for i, seg in enumerate(batch.segments)}
+            for seg, n in zip(batch.segments, counts.tolist()):  # one read for all tasks (accuracy logging)
+                hits[seg.task] = hits.get(seg.task, 0) + n
+        # one unbind, not a select per task (forward and backward)
+        return dict(zip((seg.task for seg in batch.segments), sums.unbind(0)))
 
     def chunked_hidden_states(self, batch: ChunkedBatch) -> torch.Tensor:
         """Last hidden states [1, rows * chunk_len, d] of the flattened chunk stream. Attention stays

@@ -44,6 +44,7 @@ from muxtune.executor.data import Example, FusedBatch, TaskSampler, fuse
 from muxtune.executor.forward import FusedForward
 from muxtune.executor.hooks import StepObserver
 from muxtune.executor.mux import Multiplexer, TaskAdapter
+from muxtune.executor.optim import read_norms, step_optimizers, summed_task_loss
 from muxtune.executor.recompute import recomputing
 from muxtune.executor.pipeline import Stage, StepRecord, Topology, Transfers, finish_all_reduce, start_all_reduce
 from muxtune.executor.tensor_parallel import TensorParallel
@@ -123,10 +124,11 @@ def build_task_run(mux: Multiplexer, spec: TaskSpec, examples: list[Example],
 
 
 def make_optimizer(params: list[torch.nn.Parameter], spec: TaskSpec) -> torch.optim.Optimizer:
-    """A task's AdamW. `fused=True` runs the whole update of all its tensors in one kernel per tensor
-    (CPU and CUDA) instead of ~10 small ops each: a task's step costs a third as much on the host.
-    The references in the tests build theirs here too, so "the same optimizer" holds bit for bit."""
-    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=True)
+    """A task's AdamW, torch's multi-tensor (foreach) implementation. The trainer steps all tasks'
+    optimizers as ONE multi-tensor update (executor/optim.py, bit-identical to each one's own
+    `step()`), so a step's optimizer launches do not grow with the number of tasks. The references in
+    the tests build theirs here too, so "the same optimizer" holds bit for bit."""
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, foreach=True)
 
 
 @torch.no_grad()
@@ -145,15 +147,6 @@ def grad_norms(params: list[list[torch.nn.Parameter]]) -> list[torch.Tensor | No
         part, start = per_tensor[start : start + len(task)], start + len(task)
         out.append(torch.linalg.vector_norm(torch.stack(part), 2.0) if part else None)
     return out
-
-
-@torch.no_grad()
-def clip_with_norm(run: TaskRun, max_norm: float, norm: torch.Tensor) -> None:
-    """`torch.nn.utils.clip_grads_with_norm_` for one task's gradients, the same two ops (scale
-    clamped at 1, one foreach multiply) without its per-call grouping by device and dtype."""
-    grads = [p.grad for p in run.parameters() if p.grad is not None]
-    if grads:
-        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
 
 
 class MultiplexedTrainer(FusedForward):
@@ -354,23 +347,11 @@ class MultiplexedTrainer(FusedForward):
             self.tensor_parallel.reduce_replicated_grads(runs)
         losses, accuracies = self._step_figures(names)
         with self.observer.phase("optimizer"):
-            norms = self._grad_norms(runs)
+            norms, factors = read_norms(runs, self._grad_norms(runs))  # one host read for all tasks
         self._stop_non_finite(runs, losses, norms)
-        failed = {}
-        for run in runs:
-            if run.status != "running":
-                continue
-            try:
-                norm = norms[run.spec.name]
-                with self.observer.phase("optimizer"):
-                    if run.spec.max_grad_norm is not None and norm is not None:
-                        clip_with_norm(run, run.spec.max_grad_norm, norm)
-                    run.optimizer.step()
-                run.scheduler.step()
-            except (RuntimeError, ValueError, OverflowError) as exc:  # e.g. an lr that overflows fp32
-                failed[run.spec.name] = f"optimizer step failed at step {run.step + 1}: {exc}"
-            with self.observer.phase("optimizer"):
-                run.optimizer.zero_grad(set_to_none=True)
+        runs = [run for run in runs if run.status == "running"]
+        with self.observer.phase("optimizer"):
+            failed = step_optimizers(runs, factors)  # clipping and all tasks' AdamW as one update
         self._fail_everywhere(runs, failed, "optimizer step failed at step {step} on another stage")
         runs = [run for run in runs if run.status == "running"]
         elapsed = time.perf_counter() - start
@@ -442,11 +423,9 @@ class MultiplexedTrainer(FusedForward):
         with self.observer.phase("forward"), recomputing(self.model, self.recomputed(unit[0])):
             sums, hidden = self.stage_loss_sums(batch, inputs, training=True, hits=self._hits)
         if topo.last:
-            for name, total in sums.items():
-                self._sums[name] = self._sums.get(name, 0.0) + float(total.detach())
-            # over each task's step-wide token count; a non-finite loss stays out of the backward (only
-            # its own task is stopped, after the step)
-            self._saved[unit] = (inputs, accumulation.micro_step_loss(sums, self._counts))
+            # over each task's step-wide token count (one host read adds the sums to the loss log); a
+            # non-finite loss stays out of the backward (only its own task is stopped, after the step)
+            self._saved[unit] = (inputs, summed_task_loss(sums, self._counts, self._sums))
         else:
             self._saved[unit] = (inputs, hidden)
         done()
@@ -503,16 +482,16 @@ class MultiplexedTrainer(FusedForward):
         return {run.spec.name: norm for run, norm in zip(runs, norms)}
 
     def _stop_non_finite(self, runs: list[TaskRun], losses: dict[str, float],
-                         norms: dict[str, torch.Tensor | None]) -> None:
+                         norms: dict[str, float]) -> None:
         """Fail a task whose loss (known on the last stage) or gradients are non-finite, on every
         process alike. Its gradients never reach its optimizer; the other tasks never saw its values
         (own rows only, and a non-finite loss was left out of the backward)."""
         failed = {}
         for run in runs:
-            name, norm = run.spec.name, norms[run.spec.name]
+            name, norm = run.spec.name, norms.get(run.spec.name)
             if self.topo.last and not math.isfinite(losses[name]):
                 failed[name] = f"non-finite loss ({losses[name]}) at step {run.step + 1}"
-            elif norm is not None and not torch.isfinite(norm):
+            elif norm is not None and not math.isfinite(norm):
                 failed[name] = f"non-finite gradient at step {run.step + 1}"
         self._fail_everywhere(runs, failed, "non-finite loss at step {step}")
 

@@ -44,18 +44,21 @@ def build_segment_table(spans: list[tuple[int, int]], ranks: list[int], a_sizes:
     """spans: (first row, end row) of each segment, disjoint; a_sizes/b_sizes: elements of each segment's
     weights in the flat buffers (in segment order)."""
     n = len(spans)
-    ints = torch.zeros(5, n, dtype=torch.int64)
-    token_segment = torch.full((tokens,), -1, dtype=torch.int32)
-    a_off = b_off = 0
+    # built in host lists, then one tensor each: per-segment tensor writes would cost ops per task
+    columns, a_off, b_off = [], 0, 0
     for i, ((lo, hi), r, a, b) in enumerate(zip(spans, ranks, a_sizes, b_sizes)):
         if not 0 <= lo <= hi <= tokens:
             raise ValueError(f"segment {i} rows [{lo}, {hi}) outside the {tokens} rows of the batch")
-        ints[:, i] = torch.tensor([lo, hi - lo, r, a_off, b_off])
-        token_segment[lo:hi] = i
+        columns.append((lo, hi - lo, r, a_off, b_off))
         a_off += a
         b_off += b
+    owner = [-1] * tokens
+    for i, (lo, hi) in enumerate(spans):
+        owner[lo:hi] = [i] * (hi - lo)
+    ints = torch.tensor(list(zip(*columns)) if columns else [[]] * 5, dtype=torch.int64).reshape(5, n)
+    token_segment = torch.tensor(owner, dtype=torch.int32)
     covered = sum(hi - lo for lo, hi in spans)
-    if int((token_segment >= 0).sum()) != covered:
+    if sum(o >= 0 for o in owner) != covered:
         raise ValueError(f"segments overlap: {spans}")
     ints = ints.to(device=device, dtype=torch.int32)
     return SegmentTable(

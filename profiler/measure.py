@@ -378,7 +378,7 @@ def measure_optimizer(device: str, counts: list[int], tensors: int, s: Sampling,
         progress.begin(("optimizer", params))
         sizes = [params // tensors + (1 if i < params % tensors else 0) for i in range(tensors)]
         ps = [nn.Parameter(torch.zeros(max(s, 1), device=device)) for s in sizes]
-        opt = torch.optim.AdamW(ps, lr=1e-4, fused=True)  # as executor.trainer.make_optimizer builds it
+        opt = torch.optim.AdamW(ps, lr=1e-4, foreach=True)  # as executor.trainer.make_optimizer builds it
 
         def step():
             for p in ps:

@@ -1,0 +1,220 @@
+"""Document-masked attention over a chunk-aligned stream: ONE attention call per layer, however many
+sequences (and tasks) the fused batch holds.
+
+Each sequence of the stream attends causally to itself, and to its task's K/V prefix (prefix tuning),
+never to another sequence; padding attends to nothing and gets zeros. The layout (which position
+belongs to which sequence, which prefix it sees) is built once per micro-batch (`DocumentLayout`),
+on the host, and serves every layer; a layer then runs one of three equivalent kernels, chosen by
+device and by cost:
+
+  flex    (CUDA) PyTorch FlexAttention with a block mask over [all prefixes | stream]: blocks that
+          are entirely masked are skipped, so the work is the sum of the sequences' length^2
+  padded  (CPU) every sequence gathered into a right-padded [sequences, heads, longest, d] batch
+          (its prefix slots in front), ONE SDPA; causal queries never see the padding after them
+  masked  (CPU) ONE SDPA over the whole stream with a block-diagonal boolean mask; chosen over
+          `padded` where its (T + P)^2 score matrix is smaller than sequences x longest^2 (one long
+          sequence among many short ones)
+
+`MUXTUNE_ATTENTION=flex|padded|masked` forces one (the tests run all three against each other).
+Everything a layer needs beyond q/k/v is a device tensor built once here: no host sync per layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("flex", "padded", "masked")
+
+
+@dataclass
+class DocumentLayout:
+    """What every layer's attention needs for one stream; see `build_layout`."""
+
+    backend: str
+    total: int  # stream positions T
+    prefix_segments: list[int]  # segments whose prefixes sit in the [all prefixes] key region, in order
+    prefix_total: int  # P: length of that region
+    # padded: gather [n * longest] stream positions (clamped), output rows kept and where they go
+    gather: torch.Tensor | None = None
+    n: int = 0
+    longest: int = 0
+    prefix_gather: torch.Tensor | None = None  # [n * P_max] positions in the prefix region (clamped)
+    prefix_longest: int = 0
+    keep: torch.Tensor | None = None  # flat indices into [n * longest] of real positions
+    rows: torch.Tensor | None = None  # their stream positions
+    mask: torch.Tensor | None = None  # padded: [n, 1, longest, P_max + longest]; masked: [1, 1, T, P + T]
+    real: torch.Tensor | None = None  # masked: [T, 1, 1] 1.0 on sequence positions, 0.0 on padding
+    block_mask: object = None  # flex
+
+
+def choose_backend(device: torch.device, padded_cost: int, masked_cost: int) -> str:
+    forced = os.environ.get("MUXTUNE_ATTENTION")
+    if forced:
+        if forced not in BACKENDS:
+            from muxtune.errors import MuxTuneError
+
+            raise MuxTuneError(f"MUXTUNE_ATTENTION={forced!r}: expected one of {', '.join(BACKENDS)}")
+        return forced
+    if device.type == "cuda" and _flex() is not None:
+        return "flex"
+    return "padded" if padded_cost <= masked_cost else "masked"
+
+
+def build_layout(spans: list[tuple[int, int, int | None]], total: int, prefix_lengths: dict[int, int],
+                 device) -> DocumentLayout:
+    """spans: (start, end, segment index) of every sequence in stream order; prefix_lengths: segment
+    index -> its prefix length, for the segments that have one."""
+    device = torch.device(device)
+    prefix_segments = sorted(prefix_lengths)
+    region_start, cursor = {}, 0
+    for seg in prefix_segments:
+        region_start[seg] = cursor
+        cursor += prefix_lengths[seg]
+    prefix_total = cursor
+    seqs = [(s, e, seg) for s, e, seg in spans if e > s]
+    longest = max((e - s for s, e, _ in seqs), default=0)
+    prefix_longest = max((prefix_lengths.get(seg, 0) for _, _, seg in seqs), default=0)
+    padded_cost = len(seqs) * longest * (prefix_longest + longest)
+    masked_cost = total * (prefix_total + total)
+    backend = choose_backend(device, padded_cost, masked_cost)
+    layout = DocumentLayout(backend, total, prefix_segments, prefix_total)
+    if not seqs:
+        return layout
+    if backend == "padded":
+        _fill_padded(layout, seqs, longest, prefix_lengths, region_start, prefix_longest, device)
+    else:
+        _fill_masked(layout, seqs, total, prefix_lengths, region_start, device)
+    return layout
+
+
+def _fill_padded(layout, seqs, longest, prefix_lengths, region_start, prefix_longest, device) -> None:
+    n = len(seqs)
+    starts = torch.tensor([s for s, _, _ in seqs])[:, None]
+    lengths = torch.tensor([e - s for s, e, _ in seqs])[:, None]
+    offsets = torch.arange(longest)[None, :]
+    valid = offsets < lengths
+    layout.n, layout.longest = n, longest
+    layout.gather = torch.where(valid, starts + offsets, starts).reshape(-1).to(device)  # padding reads token 0
+    layout.keep = valid.reshape(-1).nonzero().squeeze(1).to(device)  # on the host: no device sync
+    layout.rows = (starts + offsets)[valid].to(device)
+    if prefix_longest == 0:
+        return
+    # each row's prefix slots: its own prefix right-aligned in P_max slots, the others masked
+    own = torch.tensor([prefix_lengths.get(seg, 0) for _, _, seg in seqs])[:, None]
+    base = torch.tensor([region_start.get(seg, 0) for _, _, seg in seqs])[:, None]
+    slot = torch.arange(prefix_longest)[None, :]
+    first = prefix_longest - own
+    prefix_valid = slot >= first
+    layout.prefix_longest = prefix_longest
+    layout.prefix_gather = torch.where(prefix_valid, base + slot - first, 0).reshape(-1).to(device)
+    causal = torch.ones(longest, longest, dtype=torch.bool).tril()
+    mask = torch.cat([prefix_valid[:, None, :].expand(n, longest, prefix_longest),
+                      causal[None].expand(n, longest, longest)], dim=2)
+    layout.mask = mask[:, None].to(device)
+
+
+def _document_ids(seqs, total, prefix_lengths, region_start):
+    """Per stream position its sequence (-1: padding) and segment; per prefix slot its segment."""
+    doc = torch.full((total,), -1, dtype=torch.int32)
+    segment = torch.full((total,), -1, dtype=torch.int32)
+    for i, (s, e, seg) in enumerate(seqs):
+        doc[s:e], segment[s:e] = i, seg
+    owner = torch.full((sum(prefix_lengths.values()),), -2, dtype=torch.int32)
+    for seg, start in region_start.items():
+        owner[start : start + prefix_lengths[seg]] = seg
+    return doc, segment, owner
+
+
+def _fill_masked(layout, seqs, total, prefix_lengths, region_start, device) -> None:
+    doc, segment, owner = _document_ids(seqs, total, prefix_lengths, region_start)
+    if layout.backend == "flex":
+        layout.block_mask = _flex_block_mask(doc.to(device), segment.to(device), owner.to(device), total,
+                                             len(owner), device)
+        return
+    position = torch.arange(total)
+    sequence_part = (doc[:, None] == doc[None, :]) & (position[None, :] <= position[:, None]) & (doc[:, None] >= 0)
+    prefix_part = segment[:, None] == owner[None, :]
+    mask = torch.cat([prefix_part, sequence_part], dim=1)
+    padding = doc < 0
+    mask[padding, len(owner) + position[padding]] = True  # padding sees itself (finite, then zeroed)
+    layout.mask = mask[None, None].to(device)
+    layout.real = (~padding).to(torch.float32)[:, None, None].to(device)
+
+
+@functools.lru_cache(maxsize=1)
+def _flex():
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    return create_block_mask, flex_attention
+
+
+@functools.lru_cache(maxsize=2)
+def _flex_kernel(device_type: str):
+    """FlexAttention compiled once per process on CUDA (eager flex materialises the full score
+    matrix); eager elsewhere (the CPU tests check the block mask, not the speed)."""
+    return torch.compile(_flex()[1], dynamic=False) if device_type == "cuda" else _flex()[1]
+
+
+def _flex_block_mask(doc, segment, owner, total, prefix_total, device):
+    create_block_mask, _ = _flex()
+
+    def mask_mod(b, h, q, kv):
+        in_prefix = kv < prefix_total
+        p = torch.clamp(kv, max=max(prefix_total - 1, 0))
+        s = torch.clamp(kv - prefix_total, min=0)
+        sees_prefix = in_prefix & (owner[p] == segment[q]) if prefix_total else in_prefix
+        sees_sequence = (~in_prefix) & (doc[s] == doc[q]) & (s <= q) & (doc[q] >= 0)
+        return sees_prefix | sees_sequence
+
+    return create_block_mask(mask_mod, None, None, total, prefix_total + total, device=device)
+
+
+def document_attention(layout: DocumentLayout, query, key, value, prefix_kv: tuple | None, scaling, dropout):
+    """query [1, heads, T, d], key/value [1, kv_heads, T, d]; prefix_kv: this layer's (keys, values)
+    of the [all prefixes] region, [1, kv_heads, P, d], or None -> [1, T, heads, d]."""
+    heads, total, dim = query.shape[1], query.shape[2], query.shape[3]
+    if layout.n == 0 and layout.mask is None and layout.block_mask is None:
+        return query.new_zeros(1, total, heads, dim)
+    groups = heads // key.shape[1]
+    if prefix_kv is not None:
+        key = torch.cat([prefix_kv[0].to(key.dtype), key], dim=2)
+        value = torch.cat([prefix_kv[1].to(value.dtype), value], dim=2)
+    if layout.backend == "flex":
+        if dropout:  # the backbone runs in eval mode: HF passes attention dropout 0 there
+            raise ValueError("FlexAttention has no attention dropout; the backbone must be in eval mode")
+        out = _flex_kernel(query.device.type)(query, key, value, block_mask=layout.block_mask, scale=scaling, enable_gqa=groups > 1)
+        return out.transpose(1, 2)
+    if groups > 1:  # grouped-query attention: each K/V head serves `groups` query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    if layout.backend == "padded":
+        return _padded(layout, query, key, value, scaling, dropout, prefix_kv is not None)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=layout.mask, dropout_p=dropout, scale=scaling)
+    return (out[0].transpose(0, 1) * layout.real).unsqueeze(0)
+
+
+def _padded(layout, query, key, value, scaling, dropout, with_prefix: bool):
+    n, longest, heads, dim = layout.n, layout.longest, query.shape[1], query.shape[3]
+    prefix_total = layout.prefix_total if with_prefix else 0
+    q = query[0].index_select(1, layout.gather).view(heads, n, longest, dim).transpose(0, 1)
+    k_stream, v_stream = key[0, :, prefix_total:], value[0, :, prefix_total:]
+    k = k_stream.index_select(1, layout.gather).view(heads, n, longest, dim).transpose(0, 1)
+    v = v_stream.index_select(1, layout.gather).view(heads, n, longest, dim).transpose(0, 1)
+    if layout.prefix_gather is None:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+    else:
+        p = layout.prefix_longest
+        k_pre = key[0, :, :prefix_total].index_select(1, layout.prefix_gather).view(heads, n, p, dim).transpose(0, 1)
+        v_pre = value[0, :, :prefix_total].index_select(1, layout.prefix_gather).view(heads, n, p, dim).transpose(0, 1)
+        out = F.scaled_dot_product_attention(q, torch.cat([k_pre, k], dim=2), torch.cat([v_pre, v], dim=2),
+                                             attn_mask=layout.mask, dropout_p=dropout, scale=scaling)
+    flat = out.transpose(1, 2).reshape(n * longest, heads, dim).index_select(0, layout.keep)
+    result = query.new_zeros(layout.total, heads, dim).index_copy(0, layout.rows, flat)  # padding stays zero
+    return result.unsqueeze(0)
+

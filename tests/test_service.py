@@ -20,7 +20,10 @@ from muxtune.profiler.profile import REPO_PROFILES
 # the planner prices with the repo's stored profile as it is (the calibrated lookup may rightly refuse
 # it on a busy test machine, and then nothing would be planned: tests/test_service_planning.py has that)
 PROFILE = next(REPO_PROFILES.glob("cpu-*-tiny-llama.csv"))
-CONFIG = f"threads: 1\nprofile: {PROFILE}\nlimits: {{upload_bytes: 20000, jobs_per_minute: 30, running_jobs: 8}}\n"
+# plan_in_background off: these jobs end in a few steps, and every one of them is checked for its estimate
+# (in the background the planner may answer after a short job has ended; tests/test_service_admin.py runs it on)
+CONFIG = (f"threads: 1\nprofile: {PROFILE}\nplan_in_background: false\n"
+          "limits: {upload_bytes: 20000, jobs_per_minute: 30, running_jobs: 8}\n")
 JOB = dict(hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 5},
            extra_body={"max_seq_len": 64, "eval_every": 2})
 

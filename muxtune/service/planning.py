@@ -98,3 +98,69 @@ def decide(runs: dict, pricing: Pricing, memory_gib: float, params: dict[str, in
     steps = {s.name: s.steps for s in specs}
     job = simulate_job(result.plan, works, steps, cm, result.plan.alignment.layout == "chunked")
     return Decision(groups=[list(g.tasks) for g in result.plan.groups], finish=job.finish)
+
+
+def decide_safely(runs: dict, pricing: Pricing, memory_gib: float, params: dict[str, int]) -> Decision:
+    """`decide`, with a failure turned into a Decision saying why: an estimate must never stop training."""
+    import traceback
+
+    try:
+        return decide(runs, pricing, memory_gib, params)
+    except Exception as exc:  # noqa: BLE001 - nor crash-loop the worker
+        traceback.print_exc()
+        return Decision(why=f"the planner failed ({type(exc).__name__}: {exc})")
+
+
+def snapshot(runs: dict) -> dict:
+    """What `decide` reads of each active TaskRun, copied: a background plan must not see a later step."""
+    from types import SimpleNamespace
+
+    return {name: SimpleNamespace(spec=run.spec, total_steps=run.total_steps, step=run.step,
+                                  sampler=SimpleNamespace(examples=run.sampler.examples), validation=run.validation,
+                                  eval_interval=run.eval_interval) for name, run in runs.items()}
+
+
+class Background:
+    """The planner in a thread, one decision at a time, so the backbone keeps training while it searches
+    (seconds for a dozen jobs: every tenant would wait that long at every join and leave). A request
+    made while one is being decided replaces any older waiting one: only the newest job set matters.
+    `take()` hands over a finished (runs, decision, when it was asked) once."""
+
+    def __init__(self, decide_fn):
+        import threading
+
+        self.decide_fn = decide_fn
+        self.lock = threading.Lock()
+        self.waiting: tuple | None = None
+        self.finished: tuple | None = None
+        self.thread = None
+
+    def request(self, runs: dict, *args) -> None:
+        import threading
+        import time
+
+        with self.lock:
+            self.waiting = (runs, args, time.time())
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._work, name="muxtune-planner", daemon=True)
+                self.thread.start()
+
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                if self.waiting is None:
+                    self.thread = None
+                    return
+                (runs, args, at), self.waiting = self.waiting, None
+            decision = self.decide_fn(runs, *args)
+            with self.lock:
+                self.finished = (runs, decision, at)
+
+    def take(self) -> tuple | None:
+        with self.lock:
+            finished, self.finished = self.finished, None
+        return finished
+
+    def busy(self) -> bool:
+        with self.lock:
+            return self.thread is not None

@@ -68,6 +68,7 @@ class Worker:
         self.trainer = MultiplexedTrainer(self.backbone, [], {}, groups=[[]], alignment=self.alignment)
         self.manifest = None
         self.pricing = planning.Pricing(model, device, DTYPES[config.dtype], config.profile)
+        self.planner = planning.Background(planning.decide_safely)
         self.memory_gib = config.memory_limit_gib or free_memory_gib(device)
         self.clock = PhaseClock(self.run_dir / "status.json", model, device, int(self.memory_gib * 2**30))
         self.resume()
@@ -135,6 +136,8 @@ class Worker:
     def boundary(self) -> None:
         # each part is timed as "boundary" (a step's fixed cost) unless it did something (status.json)
         with self.clock.phase("boundary") as phase:
+            phase.did(self.collect_plan(), "plan")
+        with self.clock.phase("boundary") as phase:
             changed = phase.did(self.apply_requests(), "requests")
         with self.clock.phase("boundary") as phase:
             phase.did(self.validate_new_jobs(), "validate")
@@ -172,18 +175,32 @@ class Worker:
     def replan(self) -> None:
         """Ask the planner for the fusion groups of the jobs on the backbone now, and the simulator for
         when each ends; the trainer fuses by the new groups from the next step on (a job's result does
-        not depend on its group, DESIGN.md). No answer: the groups stay, estimated_finish is null."""
+        not depend on its group, DESIGN.md). No answer: the groups stay, estimated_finish is null.
+        With plan_in_background (the default) the planner searches in a thread and the backbone trains
+        on meanwhile, a joining job in the least busy group; its answer is carried out at the first step
+        boundary after it arrives (`collect_plan`)."""
         self.stale = False
-        runs = {run.spec.name: run for run in self.trainer.active}
+        runs = planning.snapshot({run.spec.name: run for run in self.trainer.active})
         params = {name: sum(counts.values()) for name, counts in self.adapter_params.items()}
-        try:
-            decision = planning.decide(runs, self.pricing, self.memory_gib, params)
-        except Exception as exc:  # noqa: BLE001 - an estimate must never stop training (nor crash-loop the worker)
-            traceback.print_exc()
-            decision = planning.Decision(why=f"the planner failed ({type(exc).__name__}: {exc})")
+        if self.config.plan_in_background:
+            self.planner.request(runs, self.pricing, self.memory_gib, params)
+        else:
+            self.carry_out(runs, planning.decide_safely(runs, self.pricing, self.memory_gib, params), time.time())
+
+    def collect_plan(self) -> int:
+        """A background decision that arrived: carried out if the backbone still has the jobs it was
+        made for (else a newer one is on its way)."""
+        finished = self.planner.take()
+        if finished is None or set(finished[0]) != {run.spec.name for run in self.trainer.active}:
+            return 0
+        self.carry_out(*finished)
+        return 1
+
+    def carry_out(self, runs: dict, decision: planning.Decision, at: float) -> None:
+        """The planner's groups from the next step on; each job's estimated_finish and event."""
         if decision.groups is not None:
             self.trainer.groups = decision.groups
-        at, groups = time.time(), self.trainer.groups
+        groups = self.trainer.groups
         jobs = hashlib.sha256(" ".join(sorted(runs)).encode()).hexdigest()[:8]  # one event per job set and step
         with self.store.transaction(self.db):
             for name, run in runs.items():

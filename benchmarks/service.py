@@ -12,7 +12,9 @@ against the cluster simulator's prediction for the same trace.
    multiplexed on one backbone (max_tenants 16, the planner's fusion groups); (b) dedicated, one job at
    a time (max_tenants 1). Concurrent `openai` clients (one key per organisation) upload each job's file
    and create the job at its arrival time; one poller per organisation lists the jobs every 0.25 s.
-3. The simulator predicts both modes from the same CostModel (the service's `profile:`) + overheads.
+3. The simulator predicts both modes from the same CostModel + those overheads. The CostModel is the
+   stored profile that passes the calibration check on this machine now (rescaled when the machine is
+   uniformly slower), and the service is given it as its `profile:`, so both price with the same one.
 
 Per mode: makespan, mean / p95 job completion time (JCT, arrival -> succeeded), mean queueing
 (arrival -> running), backbone busy fraction (some job running), peak memory of the worker; measured
@@ -36,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .service_trace import (MAX_TENANTS, MEMORY_LIMIT_GIB, MODEL, ORGS, fit_overheads, make_trace, overheads_dict,
+from .service_trace import (KINDS, MAX_TENANTS, MEMORY_LIMIT_GIB, MODEL, ORGS, fit_overheads, make_trace, overheads_dict,
                             simulate, simulator_jobs, write_data)
 
 DOCS_IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
@@ -231,14 +233,21 @@ def pilot(folder: Path, profile: str, jobs: int, seed: int, scale: float) -> tup
         service.stop()
 
 
-def stored_profile() -> str:
-    """The shipped profile of the model on this kind of device: the CostModel the service plans with
-    (its `profile:`) and the simulator predicts with."""
-    found = sorted((Path(__file__).resolve().parent.parent / "profiles").glob("cpu-*-tiny-llama.csv"))
-    if not found:
-        raise SystemExit("benchmarks.service: no profiles/cpu-*-tiny-llama.csv (run `muxtune profile --model "
-                         "builtin:tiny-llama` and copy it to profiles/)")
-    return str(found[0])
+def calibrated_profile() -> tuple[str, str]:
+    """(profile CSV, what it is): the CostModel the service plans with (its `profile:`) and the simulator
+    predicts with. The stored profile of the model that passes the calibration check on this machine
+    now (rescaled when the machine is uniformly slower), else one measured now (`muxtune profile`'s
+    quick mode, a few minutes once; cached): on a machine busy with other work the shipped profile's
+    steps are about 2x too fast, and a plan priced with it cannot come true."""
+    import torch
+
+    from muxtune.profiler.profile import load_or_profile
+
+    torch.set_num_threads(1)  # as the service's workers train (threads: 1)
+    methods = sorted({kind["peft"]["method"] for kind in KINDS})
+    _, path, reused = load_or_profile(MODEL, "cpu", "quick", torch.float32, progress=False, methods=methods,
+                                      targets=["q_proj", "v_proj"], say=lambda line: print(line, file=sys.stderr))
+    return str(path), f"{Path(path).name} ({'stored, passes the calibration check' if reused else 'measured now'})"
 
 
 def plot_cdf(measured: dict, simulated: dict, path: Path) -> Path:
@@ -291,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from . import announce
 
-    profile = stored_profile()
+    profile, profile_note = calibrated_profile()
     trace = make_trace(args.jobs, args.rate, args.seed, args.scale)
     out = Path(args.out or tempfile.mkdtemp(prefix="muxtune-service-bench-"))
     data = out / "data"
@@ -333,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sim_makespan_error": error("makespan_s"), "sim_jct_error": error("jct_mean_s"),
         "measured": {m: {k: v for k, v in d.items() if k != "jct_s"} for m, d in measured.items()},
         "simulated": {m: {k: v for k, v in d.items() if k != "jct_s"} for m, d in simulated.items()},
-        "overheads": overheads_dict(overheads), "profile": Path(profile).name,
+        "overheads": overheads_dict(overheads), "profile": profile_note,
     }
     if args.record:
         DOCS_IMG.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 from service_harness import (ENV, MODEL, Server, adapter_tensors, alone, client, data_files, download_adapter,
-                             make_key, metrics_steps, wait_done)
+                             make_key, metrics_steps, serve, wait_done)
 
 from muxtune.profiler.profile import REPO_PROFILES
 
@@ -30,11 +30,7 @@ JOB = dict(hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate_multi
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    root = tmp_path_factory.mktemp("service")
-    server = Server(root / "state", CONFIG)
-    server.state.mkdir()
-    keys = {org: make_key(server.state, org) for org in ("acme", "globex")}
-    server.start()
+    server, keys = serve(tmp_path_factory.mktemp("service"), CONFIG)
     yield server, keys
     server.stop()
 

@@ -7,24 +7,17 @@ error or a failed load)."""
 import re
 import shutil
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
-from service_harness import ENV, MODEL, Server, client, data_files, make_key, wait_done
+from service_harness import MODEL, client, data_files, serve, wait_done
 
 from muxtune.profiler.profile import REPO_PROFILES
 
 PROFILE = next(REPO_PROFILES.glob("cpu-*-tiny-llama.csv"))
 CONFIG = f"threads: 1\nprofile: {PROFILE}\nmemory_limit_gib: 2\n"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def admin_key(state) -> str:
-    done = subprocess.run([sys.executable, "-m", "muxtune.cli", "keys", "create", "--admin", "--state", str(state)],
-                          capture_output=True, text=True, env=ENV, check=True)
-    return done.stdout.strip()
 
 
 def upload(api, path):
@@ -36,11 +29,7 @@ def upload(api, path):
 def service(tmp_path_factory):
     """A service with one finished job (acme, validated every 2 steps) and one still running (globex)."""
     root = tmp_path_factory.mktemp("admin")
-    server = Server(root / "state", CONFIG)
-    server.state.mkdir()
-    keys = {org: make_key(server.state, org) for org in ("acme", "globex")}
-    keys["admin"] = admin_key(server.state)
-    server.start()
+    server, keys = serve(root, CONFIG, admin=True)
     jobs = {}
     for org, epochs in (("acme", 2), ("globex", 400)):
         api = client(server, keys[org])

@@ -69,6 +69,7 @@ class Worker:
         self.manifest = None
         self.pricing = planning.Pricing(model, device, DTYPES[config.dtype], config.profile)
         self.planner = planning.Background(planning.decide_safely)
+        self.waited: set[tuple[str, str]] = set()  # (job, why) waiting events written by this worker
         self.memory_gib = config.memory_limit_gib or free_memory_gib(device)
         self.clock = PhaseClock(self.run_dir / "status.json", model, device, int(self.memory_gib * 2**30))
         self.resume()
@@ -343,6 +344,9 @@ class Worker:
         return joined
 
     def wait(self, job_id: str, why: str, message: str) -> None:
+        if (job_id, why) in self.waited:  # said once: a write transaction per step would cost every tenant
+            return
+        self.waited.add((job_id, why))
         with self.store.transaction(self.db):
             self.store.add_event(self.db, job_id, message, f"waiting-{why}")
 

@@ -1,7 +1,8 @@
 """Does the capacity plan come true? A seeded job trace through the real fine-tuning service, measured
 against the cluster simulator's prediction for the same trace.
 
-    python -m benchmarks.service [--quick] [--jobs 24] [--rate 1800] [--scale 1] [--seed 0] [--clients 4] [--record]
+    python -m benchmarks.service [--quick] [--jobs 24] [--rate 1800] [--scale 1] [--seed 0] [--clients 4]
+                                    [--profile CSV] [--record]
 
 1. A pilot: a few jobs through a fresh service; its worker's status.json (muxtune/service/timing.py)
    gives the service's own costs the CostModel does not price (worker start-up, file validation,
@@ -284,6 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clients", type=int, default=4, help="concurrent openai clients submitting jobs")
     parser.add_argument("--pilot-jobs", type=int, default=4)
     parser.add_argument("--scale", type=float, default=1.0, help="every job's data x this (shorter jobs)")
+    parser.add_argument("--profile", help="a profile CSV to plan and predict with as it is (default: the calibrated "
+                        "stored one, else one measured now)")
     parser.add_argument("--out", help="folder for the services' state and logs (default: a temporary one)")
     parser.add_argument("--record", action="store_true",
                         help="write docs/img/service_benchmark.json and docs/img/service_jct_cdf.png")
@@ -300,7 +303,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from . import announce
 
-    profile, profile_note = calibrated_profile()
+    if args.profile and not Path(args.profile).is_file():
+        parser.error(f"--profile: no such file: {args.profile}")
+    profile, profile_note = (args.profile, f"{Path(args.profile).name} (given)") if args.profile else calibrated_profile()
     trace = make_trace(args.jobs, args.rate, args.seed, args.scale)
     out = Path(args.out or tempfile.mkdtemp(prefix="muxtune-service-bench-"))
     data = out / "data"

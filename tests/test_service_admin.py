@@ -4,6 +4,7 @@ the page and its API), what its API reports about the running service, and the p
 the service's jobs in headless Chromium with no console output (the page logs nothing; any line is an
 error or a failed load)."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -131,3 +132,5 @@ def test_the_page_renders_the_running_services_jobs_in_headless_chromium(service
 
     pixels = Image.open(shot).convert("L")
     assert pixels.size == (1100, 900) and pixels.getextrema()[0] < 100  # text and lines drawn, not blank
+    if os.environ.get("MUXTUNE_ADMIN_SCREENSHOT"):  # docs/img/admin.png is made this way (palette PNG, small)
+        Image.open(shot).convert("RGB").quantize(64).save(os.environ["MUXTUNE_ADMIN_SCREENSHOT"], optimize=True)

@@ -64,6 +64,8 @@ def remaining(spec, run) -> object:
 
 
 def mean_length(run) -> float | None:
+    if hasattr(run, "mean_length"):  # a snapshot carries it
+        return run.mean_length
     examples = run.sampler.examples
     if not isinstance(examples, list) or not examples:
         return None
@@ -115,9 +117,48 @@ def snapshot(runs: dict) -> dict:
     """What `decide` reads of each active TaskRun, copied: a background plan must not see a later step."""
     from types import SimpleNamespace
 
+    # small enough to send to the planner's process: the examples' mean length, not the examples
     return {name: SimpleNamespace(spec=run.spec, total_steps=run.total_steps, step=run.step,
-                                  sampler=SimpleNamespace(examples=run.sampler.examples), validation=run.validation,
+                                  mean_length=mean_length(run), validation=[None] * len(run.validation or []),
                                   eval_interval=run.eval_interval) for name, run in runs.items()}
+
+
+class PlannerProcess:
+    """`decide` in a process of its own, with its own Pricing (its CostModel found there once): the
+    planner's Python would otherwise hold the GIL the training loop needs, and a fused step of many
+    small jobs took twice as long while it searched. One decision at a time (Background's thread waits
+    for it)."""
+
+    def __init__(self, model: str, device: str, dtype: str, path: str | None):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_start_pricing, initargs=(model, device, dtype, path))
+
+    def decide(self, runs: dict, pricing, memory_gib: float, params: dict[str, int]) -> Decision:
+        try:
+            return self.pool.submit(_decide_here, runs, memory_gib, params).result()
+        except Exception as exc:  # noqa: BLE001 - a broken pool: no estimate, training goes on
+            return Decision(why=f"the planner's process failed ({type(exc).__name__}: {exc})")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+_PRICING: Pricing | None = None  # in the planner's process
+
+
+def _start_pricing(model: str, device: str, dtype: str, path: str | None) -> None:
+    global _PRICING
+    import torch
+
+    torch.set_num_threads(1)
+    _PRICING = Pricing(model, device, getattr(torch, dtype), path)
+
+
+def _decide_here(runs: dict, memory_gib: float, params: dict[str, int]) -> Decision:
+    return decide_safely(runs, _PRICING, memory_gib, params)
 
 
 class Background:

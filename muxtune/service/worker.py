@@ -68,7 +68,10 @@ class Worker:
         self.trainer = MultiplexedTrainer(self.backbone, [], {}, groups=[[]], alignment=self.alignment)
         self.manifest = None
         self.pricing = planning.Pricing(model, device, DTYPES[config.dtype], config.profile)
-        self.planner = planning.Background(planning.decide_safely)
+        # the planner's own process when it plans in the background (planning.PlannerProcess)
+        remote = planning.PlannerProcess(model, device, config.dtype, config.profile) if config.plan_in_background \
+            else None
+        self.planner = planning.Background(remote.decide if remote else planning.decide_safely)
         self.waited: set[tuple[str, str]] = set()  # (job, why) waiting events written by this worker
         self.memory_gib = config.memory_limit_gib or free_memory_gib(device)
         self.clock = PhaseClock(self.run_dir / "status.json", model, device, int(self.memory_gib * 2**30))

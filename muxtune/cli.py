@@ -267,14 +267,18 @@ def cmd_keys(args) -> int:
     if args.action == "list":
         for key in store.list_keys(args.org):
             print(f"{key['id']}  org={key['org']}  created_at={key['created_at']}"
+                  + ("  admin" if key["admin"] else "")
                   + (f"  revoked_at={key['revoked_at']}" if key["revoked_at"] else ""))
         return 0
+    if args.admin and args.action == "create":
+        args.org = args.org or "operator"
     if not args.org:
         raise MuxTuneError(f"keys {args.action}: --org is required")
     if args.action == "create":
-        key_id, key = store.create_key(args.org)
+        key_id, key = store.create_key(args.org, admin=args.admin)
         print(key)
-        print(f"{key_id}: a key for organisation {args.org!r}; it is shown only now", file=sys.stderr)
+        what = "an operator key (GET /admin)" if args.admin else f"a key for organisation {args.org!r}"
+        print(f"{key_id}: {what}; it is shown only now", file=sys.stderr)
         return 0
     if not args.key_id:
         raise MuxTuneError("keys revoke: name the key id (see `muxtune keys list`)")
@@ -365,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=["create", "list", "revoke"])
     p.add_argument("key_id", nargs="?", help="revoke: the key's id (as `keys list` shows it)")
     p.add_argument("--state", required=True, help="the service's state folder")
-    p.add_argument("--org", help="the organisation (required for create and revoke)")
+    p.add_argument("--org", help="the organisation (required for create and revoke; an --admin key's "
+                   "defaults to 'operator')")
+    p.add_argument("--admin", action="store_true", help="create: an operator's key, for the /admin page (every "
+                   "organisation's jobs); the /v1 API refuses it")
     p = command("report", cmd_report, "re-render RUN_DIR/report.html and its PNGs from the run folder's files",
                 "muxtune report runs/quickstart")
     p.add_argument("run_dir", help="a run folder (runs/<name>/) with plan.json")

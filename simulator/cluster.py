@@ -14,7 +14,15 @@ Policies (same arrivals, strict FIFO admission, spread over free GPUs first, the
              similar sequence length into fused groups of at most `token_budget` tokens, packed without
              padding (chunk alignment); groups run one after another (interleaved in a pipeline), so
              only one group's activations are held at a time and more jobs fit in memory
+  planned    the fusion groups come from a planner outside the simulator (`Planned(group=...)`: the
+             service's benchmark passes the real planner's grouping), packed like muxtune
 A new policy implements `admit` and `arrange` (see Policy).
+
+A running service spends time the CostModel does not price: its worker starts and loads the backbone,
+validates each job's files, loads its data and joins it at a step boundary, re-plans and checkpoints at
+every join and leave, and writes events and a checkpoint after every step. `ServiceOverheads` carries
+those costs (benchmarks/service.py measures them from a pilot's backbones/<model>/status.json); while
+an instance's worker does any of them its jobs do not train.
 """
 
 from __future__ import annotations
@@ -183,6 +191,23 @@ class Costs:
         return timeline.step_seconds, max(timeline.peak_memory.values())
 
 
+@dataclass(frozen=True)
+class ServiceOverheads:
+    """Seconds a service's worker spends outside the training steps the CostModel prices (all zero: the
+    bare cluster). While it spends them its instance's jobs do not train."""
+
+    start_s: float = 0.0  # a worker starting (process, backbone load): once per GPU a model is first run on
+    validate_s: float = 0.0  # per arriving job: its files read as training will read them
+    join_s: float = 0.0  # per joining job: its data loaded, adapter and optimizer built
+    leave_s: float = 0.0  # per ending job: adapter exported, results written
+    change_s: float = 0.0  # per join/leave boundary: re-plan + checkpoint of the instance
+    step_s: float = 0.0  # per instance step: events and checkpoint, the fixed part
+    step_per_job_s: float = 0.0  # ... and the part per job on the instance
+
+    def step(self, jobs: int) -> float:
+        return self.step_s + self.step_per_job_s * jobs
+
+
 # --- policies ----------------------------------------------------------------------------------------
 
 
@@ -195,6 +220,7 @@ class Instance:
     groups: list[list[Job]] = field(default_factory=list)
     step_seconds: float = math.inf
     memory: int = 0
+    stalled_until: float = 0.0  # its worker is busy outside training (ServiceOverheads) until then
 
 
 class Policy(Protocol):
@@ -227,6 +253,8 @@ class SpatialOnly:
     def arrange(self, instance, costs):
         return [instance.jobs], *costs.price(instance.model, [instance.jobs], instance.gpus, self.packed)
 
+    max_tenants: int | None = None  # most jobs on one instance (the service's max_tenants)
+
     def admit(self, cluster):
         while cluster.queue:
             job = cluster.queue[0]
@@ -234,6 +262,7 @@ class SpatialOnly:
                 cluster.start(job)
                 continue
             fits = [inst for inst in cluster.instances.values() if inst.model == job.model
+                    and (self.max_tenants is None or len(inst.jobs) < self.max_tenants)
                     and self.arrange(Instance(inst.id, inst.model, inst.gpus, inst.jobs + [job]), cluster.costs)[2]
                     <= cluster.costs.gpu_memory]
             if not fits:
@@ -260,6 +289,21 @@ class MuxTuneGreedy(SpatialOnly):
                 group.append(job)
             else:
                 groups.append([job])
+        return groups, *costs.price(instance.model, groups, instance.gpus, self.packed)
+
+
+@dataclass
+class Planned(SpatialOnly):
+    """Fusion groups chosen outside the simulator: `group(jobs)` -> groups of those jobs (the service's
+    planner, planner/plan.py, which this layer may not import), packed without padding like muxtune."""
+
+    group: Callable[[list[Job]], list[list[Job]]] | None = None
+    name: str = "muxtune"
+    max_tenants: int | None = None
+    packed = True
+
+    def arrange(self, instance, costs):
+        groups = self.group(list(instance.jobs)) if self.group else [list(instance.jobs)]
         return groups, *costs.price(instance.model, groups, instance.gpus, self.packed)
 
 
@@ -312,8 +356,10 @@ class ClusterResult:
 
 
 def simulate_cluster(jobs: list[Job], gpus: int, policy: Policy, cost_model_for: Callable[[str], object],
-                     gpu_memory: int) -> ClusterResult:
-    """Run every job to completion under `policy` on `gpus` GPUs of `gpu_memory` bytes each."""
+                     gpu_memory: int, overheads: ServiceOverheads | None = None) -> ClusterResult:
+    """Run every job to completion under `policy` on `gpus` GPUs of `gpu_memory` bytes each; with
+    `overheads`, as a service whose workers also spend those (their jobs wait meanwhile)."""
+    over = overheads or ServiceOverheads()
     if gpus < 1:
         raise MuxTuneError(f"cluster: need at least 1 GPU, got {gpus}")
     costs = Costs(cost_model_for, gpu_memory)
@@ -328,39 +374,64 @@ def simulate_cluster(jobs: list[Job], gpus: int, policy: Policy, cost_model_for:
     busy_log: list[tuple[float, int]] = [(0.0, 0)]
     generation = {"n": 0}
 
+    peak = {"bytes": 0}  # the most memory one GPU's instance held
+    warm: dict[str, int] = {}  # per model: GPUs whose worker has started (workers stay resident)
+    in_use: dict[str, int] = {}
+
     def advance():
-        dt = env.now - last_update["t"]
-        if dt > 0:
-            for inst in state.instances.values():
+        for inst in state.instances.values():
+            dt = env.now - max(last_update["t"], inst.stalled_until)
+            if dt > 0:
                 for job in inst.jobs:
                     progress[job.id] += dt / inst.step_seconds
         last_update["t"] = env.now
+
+    def stall(inst: Instance, seconds: float) -> None:
+        if seconds > 0:
+            inst.stalled_until = max(inst.stalled_until, env.now) + seconds
 
     def settle():
         """Finish due jobs, let the policy admit queued ones, re-arrange changed instances, and
         schedule a wake-up at the next completion."""
         state.now = env.now
         advance()
+        left: dict[str, float] = {}  # per model: when its last instance ended (its worker still owes the leave)
         for inst in list(state.instances.values()):
             done = [j for j in inst.jobs if progress[j.id] >= j.steps * (1 - 1e-9)]
-            for job in done:
+            for job in done:  # a job ends when its adapter is written: the leave is its own cost
                 inst.jobs.remove(job)
-                finished[job.id] = env.now
+                finished[job.id] = max(env.now, inst.stalled_until) + over.leave_s
+                stall(inst, over.leave_s)
                 state.changed.add(inst.id)
             if not inst.jobs:
                 del state.instances[inst.id]
                 state.free_gpus += inst.gpus
+                in_use[inst.model] -= inst.gpus
+                left[inst.model] = max(left.get(inst.model, 0.0), inst.stalled_until + over.change_s)
+        before = {iid: len(inst.jobs) for iid, inst in state.instances.items()}
         state.policy.admit(state)
         for iid in state.changed:
             if iid in state.instances:
                 inst = state.instances[iid]
                 for job in inst.jobs:
                     progress.setdefault(job.id, 0.0)
+                if iid not in before:  # a new instance: its worker may have to start first
+                    in_use[inst.model] = in_use.get(inst.model, 0) + inst.gpus
+                    if in_use[inst.model] > warm.get(inst.model, 0):
+                        warm[inst.model] = in_use[inst.model]
+                        stall(inst, over.start_s)
+                    inst.stalled_until = max(inst.stalled_until, left.get(inst.model, 0.0))
+                joined = len(inst.jobs) - before.get(iid, 0)
+                stall(inst, over.join_s * max(joined, 0) + over.change_s)
+                for job in inst.jobs[len(inst.jobs) - max(joined, 0):]:  # queued until its worker takes it
+                    state.started[job.id] = max(env.now, inst.stalled_until - over.change_s)
                 inst.groups, inst.step_seconds, inst.memory = state.policy.arrange(inst, costs)
+                inst.step_seconds += over.step(len(inst.jobs))
+                peak["bytes"] = max(peak["bytes"], inst.memory)
         state.changed.clear()
         busy_log.append((env.now, gpus - state.free_gpus))
-        wake = min(((j.steps - progress[j.id]) * inst.step_seconds for inst in state.instances.values()
-                    for j in inst.jobs), default=None)
+        wake = min((max(inst.stalled_until - env.now, 0.0) + (j.steps - progress[j.id]) * inst.step_seconds
+                    for inst in state.instances.values() for j in inst.jobs), default=None)
         if wake is not None:
             generation["n"] += 1
             mine = generation["n"]
@@ -369,6 +440,12 @@ def simulate_cluster(jobs: list[Job], gpus: int, policy: Policy, cost_model_for:
     def arrivals():
         for job in sorted(jobs, key=lambda j: (j.arrival, j.id)):
             yield env.timeout(max(0.0, job.arrival - env.now))
+            running = [inst for inst in state.instances.values() if inst.model == job.model]
+            if over.validate_s and running:  # the model's worker reads the new job's files between two steps
+                advance()
+                stall(running[0], over.validate_s)
+            elif over.validate_s:  # an idle worker validates it before it can join
+                yield env.timeout(over.validate_s)
             state.queue.append(job)
             settle()
 
@@ -383,7 +460,8 @@ def simulate_cluster(jobs: list[Job], gpus: int, policy: Policy, cost_model_for:
     table["queueing"] = table["start"] - table["arrival"]
     table["jct"] = table["finish"] - table["arrival"]
     busy = pd.DataFrame(busy_log, columns=["time", "busy_gpus"]).drop_duplicates("time", keep="last")
-    return ClusterResult(policy.name, gpus, table, busy, _metrics(table, busy, gpus, policy.name))
+    metrics = {**_metrics(table, busy, gpus, policy.name), "peak_memory_bytes": peak["bytes"]}
+    return ClusterResult(policy.name, gpus, table, busy, metrics)
 
 
 def _metrics(table: pd.DataFrame, busy: pd.DataFrame, gpus: int, policy: str) -> dict:

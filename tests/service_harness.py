@@ -39,6 +39,23 @@ def make_key(state: Path, org: str) -> str:
     return done.stdout.strip()
 
 
+def make_admin_key(state: Path) -> str:
+    """An operator's key (`muxtune keys create --admin`): it opens /admin, the /v1 API refuses it."""
+    done = subprocess.run([sys.executable, "-m", "muxtune.cli", "keys", "create", "--admin", "--state", str(state)],
+                          capture_output=True, text=True, env=ENV, check=True)
+    return done.stdout.strip()
+
+
+def serve(root: Path, config_text: str, orgs=("acme", "globex"), admin: bool = False) -> tuple["Server", dict]:
+    """A started service on a fresh state folder under `root`, with a key per organisation (+ "admin")."""
+    server = Server(root / "state", config_text)
+    server.state.mkdir()
+    keys = {org: make_key(server.state, org) for org in orgs}
+    if admin:
+        keys["admin"] = make_admin_key(server.state)
+    return server.start(), keys
+
+
 class Server:
     def __init__(self, state: Path, config_text: str = "threads: 1\n", env: dict | None = None):
         self.state, self.env = Path(state), env or ENV

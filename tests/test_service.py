@@ -13,25 +13,24 @@ import openai
 import pytest
 import torch
 from service_harness import (ENV, MODEL, Server, adapter_tensors, alone, client, data_files, download_adapter,
-                             make_key, metrics_steps, wait_done)
+                             make_key, metrics_steps, serve, wait_done)
 
 from muxtune.profiler.profile import REPO_PROFILES
 
 # the planner prices with the repo's stored profile as it is (the calibrated lookup may rightly refuse
 # it on a busy test machine, and then nothing would be planned: tests/test_service_planning.py has that)
 PROFILE = next(REPO_PROFILES.glob("cpu-*-tiny-llama.csv"))
-CONFIG = f"threads: 1\nprofile: {PROFILE}\nlimits: {{upload_bytes: 20000, jobs_per_minute: 30, running_jobs: 8}}\n"
+# plan_in_background off: these jobs end in a few steps, and every one of them is checked for its estimate
+# (in the background the planner may answer after a short job has ended; tests/test_service_admin.py runs it on)
+CONFIG = (f"threads: 1\nprofile: {PROFILE}\nplan_in_background: false\n"
+          "limits: {upload_bytes: 20000, jobs_per_minute: 30, running_jobs: 8}\n")
 JOB = dict(hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 5},
            extra_body={"max_seq_len": 64, "eval_every": 2})
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    root = tmp_path_factory.mktemp("service")
-    server = Server(root / "state", CONFIG)
-    server.state.mkdir()
-    keys = {org: make_key(server.state, org) for org in ("acme", "globex")}
-    server.start()
+    server, keys = serve(tmp_path_factory.mktemp("service"), CONFIG)
     yield server, keys
     server.stop()
 

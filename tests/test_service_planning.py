@@ -51,7 +51,7 @@ def add_job(store: Store, db, job_id: str, train, steps: int, status: str = "que
 def worker(tmp_path, monkeypatch):
     monkeypatch.setattr(planning.Pricing, "cost_model", lambda self, specs: (shipped_cost_model(), ""))
     store = Store(tmp_path / "state").init()
-    return Worker(store, ServiceConfig(threads=1), MODEL)
+    return Worker(store, ServiceConfig(threads=1, plan_in_background=False), MODEL)
 
 
 def finish_of(worker: Worker) -> dict[str, int | None]:
@@ -88,7 +88,7 @@ def test_estimated_finish_is_the_simulated_finish_of_each_job_as_jobs_leave(work
 def test_no_trusted_profile_leaves_estimated_finish_null_and_says_why(tmp_path, monkeypatch):
     monkeypatch.setattr(planning.Pricing, "lookup", lambda self, methods, targets: (None, "no stored profile here"))
     store = Store(tmp_path / "state").init()
-    worker = Worker(store, ServiceConfig(threads=1), MODEL)
+    worker = Worker(store, ServiceConfig(threads=1, plan_in_background=False), MODEL)
     train, _ = data_files(tmp_path / "data", seed=1)
     add_job(store, worker.db, A, train, steps=2)
     worker.boundary()

@@ -6,6 +6,8 @@
     api.py      the HTTP server (FastAPI): auth, per-organisation isolation, errors, the /v1 routes
     worker.py   one process per base model: holds the backbone, trains the admitted jobs multiplexed
     supervisor.py  (in the server) keeps one live worker per model that has work, restarts a dead one
+    admin.py    GET /admin: the operator's page (login form, session cookie) and its state API
+    timing.py   a worker's status.json: its fusion groups, memory, and where its time goes
 
 The server never trains; a worker never talks HTTP. They share only the state folder: the server
 writes jobs and requests (cancel, pause, resume) into SQLite, the worker picks them up at its next

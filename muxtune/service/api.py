@@ -317,6 +317,9 @@ def create_app(store: Store, config: ServiceConfig, supervise: bool = True) -> F
         return Response(buffer.getvalue(), media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="{job_id}-adapter.zip"'})
 
+    from muxtune.service.admin import add_admin_routes
+
+    add_admin_routes(app, store, config.models, config.memory_limit_gib)
     return app
 
 

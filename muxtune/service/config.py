@@ -13,6 +13,9 @@ like the task config; every error names the file, key and line (muxtune.spec._fo
     worker_crashes: 5                a backbone's worker crashing this often in a row (no step done in
                                      between) fails its unfinished jobs (code worker_crashed)
     restart_backoff_s: 1.0           wait before restarting a crashed worker; doubles each crash in a row
+    plan_in_background: true         the planner searches at each join and leave while the backbone trains
+                                     on (its groups apply from the boundary after it answers); false: the
+                                     backbone waits for it (seconds with a dozen jobs)
     limits:                          per organisation
       running_jobs: 8                jobs validating, queued or running at once
       jobs_per_minute: 30            job creations in any 60 s (more answer 429)
@@ -49,6 +52,8 @@ class ServiceConfig(BaseModel):
     profile: str | None = Field(None, description="a profile CSV to price with, instead of the calibrated lookup")
     worker_crashes: int = Field(5, ge=1, description="crashes in a row before a backbone's jobs fail")
     restart_backoff_s: float = Field(1.0, ge=0, description="first wait before restarting a crashed worker")
+    plan_in_background: bool = Field(True, description="the planner searches while the backbone trains on; "
+                                     "false: every join and leave waits for its answer")
     limits: OrgLimits = Field(default_factory=OrgLimits)
 
     @field_validator("device")

@@ -64,6 +64,8 @@ def remaining(spec, run) -> object:
 
 
 def mean_length(run) -> float | None:
+    if hasattr(run, "mean_length"):  # a snapshot carries it
+        return run.mean_length
     examples = run.sampler.examples
     if not isinstance(examples, list) or not examples:
         return None
@@ -98,3 +100,113 @@ def decide(runs: dict, pricing: Pricing, memory_gib: float, params: dict[str, in
     steps = {s.name: s.steps for s in specs}
     job = simulate_job(result.plan, works, steps, cm, result.plan.alignment.layout == "chunked")
     return Decision(groups=[list(g.tasks) for g in result.plan.groups], finish=job.finish)
+
+
+def decide_safely(runs: dict, pricing: Pricing, memory_gib: float, params: dict[str, int]) -> Decision:
+    """`decide`, with a failure turned into a Decision saying why: an estimate must never stop training."""
+    import traceback
+
+    try:
+        return decide(runs, pricing, memory_gib, params)
+    except Exception as exc:  # noqa: BLE001 - nor crash-loop the worker
+        traceback.print_exc()
+        return Decision(why=f"the planner failed ({type(exc).__name__}: {exc})")
+
+
+def snapshot(runs: dict) -> dict:
+    """What `decide` reads of each active TaskRun, copied: a background plan must not see a later step."""
+    from types import SimpleNamespace
+
+    # small enough to send to the planner's process: the examples' mean length, not the examples
+    return {name: SimpleNamespace(spec=run.spec, total_steps=run.total_steps, step=run.step,
+                                  mean_length=mean_length(run), validation=[None] * len(run.validation or []),
+                                  eval_interval=run.eval_interval) for name, run in runs.items()}
+
+
+class PlannerProcess:
+    """`decide` in a process of its own, with its own Pricing (its CostModel found there once): the
+    planner's Python would otherwise hold the GIL the training loop needs, and a fused step of many
+    small jobs took twice as long while it searched. One decision at a time (Background's thread waits
+    for it)."""
+
+    def __init__(self, model: str, device: str, dtype: str, path: str | None):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_start_pricing, initargs=(model, device, dtype, path))
+
+    def decide(self, runs: dict, pricing, memory_gib: float, params: dict[str, int]) -> Decision:
+        try:
+            return self.pool.submit(_decide_here, runs, memory_gib, params).result()
+        except Exception as exc:  # noqa: BLE001 - a broken pool: no estimate, training goes on
+            return Decision(why=f"the planner's process failed ({type(exc).__name__}: {exc})")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+_PRICING: Pricing | None = None  # in the planner's process
+
+
+def _start_pricing(model: str, device: str, dtype: str, path: str | None) -> None:
+    global _PRICING
+    import os
+
+    import torch
+
+    # the lowest CPU priority: on a busy machine a search must wait for training, never slow it (a
+    # re-plan at every join and leave of a dozen jobs kept a core busy and fused steps took 2.5x as long)
+    os.nice(19)
+    torch.set_num_threads(1)
+    _PRICING = Pricing(model, device, getattr(torch, dtype), path)
+
+
+def _decide_here(runs: dict, memory_gib: float, params: dict[str, int]) -> Decision:
+    return decide_safely(runs, _PRICING, memory_gib, params)
+
+
+class Background:
+    """The planner in a thread, one decision at a time, so the backbone keeps training while it searches
+    (seconds for a dozen jobs: every tenant would wait that long at every join and leave). A request
+    made while one is being decided replaces any older waiting one: only the newest job set matters.
+    `take()` hands over a finished (runs, decision, when it was asked) once."""
+
+    def __init__(self, decide_fn):
+        import threading
+
+        self.decide_fn = decide_fn
+        self.lock = threading.Lock()
+        self.waiting: tuple | None = None
+        self.finished: tuple | None = None
+        self.thread = None
+
+    def request(self, runs: dict, *args) -> None:
+        import threading
+        import time
+
+        with self.lock:
+            self.waiting = (runs, args, time.time())
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._work, name="muxtune-planner", daemon=True)
+                self.thread.start()
+
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                if self.waiting is None:
+                    self.thread = None
+                    return
+                (runs, args, at), self.waiting = self.waiting, None
+            decision = self.decide_fn(runs, *args)
+            with self.lock:
+                self.finished = (runs, decision, at)
+
+    def take(self) -> tuple | None:
+        with self.lock:
+            finished, self.finished = self.finished, None
+        return finished
+
+    def busy(self) -> bool:
+        with self.lock:
+            return self.thread is not None

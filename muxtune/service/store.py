@@ -31,7 +31,7 @@ FINAL = ("succeeded", "failed", "cancelled")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (id TEXT PRIMARY KEY, org TEXT NOT NULL, hash TEXT UNIQUE NOT NULL,
-    created_at INTEGER NOT NULL, revoked_at INTEGER);
+    created_at INTEGER NOT NULL, revoked_at INTEGER, admin INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS files (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL,
     org TEXT NOT NULL, purpose TEXT NOT NULL, filename TEXT NOT NULL, bytes INTEGER NOT NULL,
     created_at INTEGER NOT NULL, deleted INTEGER NOT NULL DEFAULT 0);
@@ -80,6 +80,8 @@ class Store:
         with self.connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            if "admin" not in {row["name"] for row in db.execute("PRAGMA table_info(keys)")}:  # an older folder
+                db.execute("ALTER TABLE keys ADD COLUMN admin INTEGER NOT NULL DEFAULT 0")
         return self
 
     def connect(self) -> sqlite3.Connection:
@@ -108,18 +110,20 @@ class Store:
 
     # --- API keys -----------------------------------------------------------------------------------
 
-    def create_key(self, org: str) -> tuple[str, str]:
-        """(key id, the key): the key itself is returned once and only its hash is kept."""
+    def create_key(self, org: str, admin: bool = False) -> tuple[str, str]:
+        """(key id, the key): the key itself is returned once and only its hash is kept. An `admin` key is
+        an operator's: it opens GET /admin (every organisation's jobs) and is refused by the /v1 API."""
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", org):
             raise MuxTuneError(f"--org: {org!r}: use letters, digits, '_', '.', '-' (at most 64)")
         key, key_id = "sk-mux-" + secrets.token_urlsafe(32), new_id("key")
         with self.connect() as db:
-            db.execute("INSERT INTO keys VALUES (?, ?, ?, ?, NULL)", (key_id, org, _hash(key), now()))
+            db.execute("INSERT INTO keys (id, org, hash, created_at, revoked_at, admin) VALUES (?, ?, ?, ?, NULL, ?)",
+                       (key_id, org, _hash(key), now(), int(admin)))
         return key_id, key
 
     def list_keys(self, org: str | None = None) -> list[dict]:
         with self.connect() as db:
-            rows = db.execute("SELECT id, org, created_at, revoked_at FROM keys WHERE ? IS NULL OR org = ? "
+            rows = db.execute("SELECT id, org, created_at, revoked_at, admin FROM keys WHERE ? IS NULL OR org = ? "
                               "ORDER BY created_at, id", (org, org)).fetchall()
         return [dict(r) for r in rows]
 
@@ -132,8 +136,23 @@ class Store:
 
     def org_of_key(self, key: str) -> str | None:
         with self.connect() as db:
-            row = db.execute("SELECT org FROM keys WHERE hash = ? AND revoked_at IS NULL", (_hash(key),)).fetchone()
+            row = db.execute("SELECT org FROM keys WHERE hash = ? AND revoked_at IS NULL AND admin = 0",
+                             (_hash(key),)).fetchone()
         return row["org"] if row else None
+
+    def key_kind(self, key: str) -> str | None:
+        """"admin" (an operator's live key), "tenant" (an organisation's) or None (unknown or revoked)."""
+        return self.key_kind_by_hash(_hash(key))
+
+    def key_kind_by_hash(self, key_hash: str) -> str | None:
+        with self.connect() as db:
+            row = db.execute("SELECT admin FROM keys WHERE hash = ? AND revoked_at IS NULL", (key_hash,)).fetchone()
+        return None if row is None else ("admin" if row["admin"] else "tenant")
+
+    @staticmethod
+    def hash_of(key: str) -> str:
+        """What is kept of a key (a session remembers this, never the key)."""
+        return _hash(key)
 
     # --- events and checkpoints (written by the worker; each at most once) ---------------------------
 

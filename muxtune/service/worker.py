@@ -41,6 +41,7 @@ from muxtune.service import planning
 from muxtune.service.config import ServiceConfig
 from muxtune.service.jobs import fine_tuned_model_name
 from muxtune.service.store import Store, new_id, now
+from muxtune.service.timing import PhaseClock
 from muxtune.spec import Alignment, FusionGroup, Plan, TaskSpec
 
 IDLE_POLL_S = 0.2
@@ -67,7 +68,13 @@ class Worker:
         self.trainer = MultiplexedTrainer(self.backbone, [], {}, groups=[[]], alignment=self.alignment)
         self.manifest = None
         self.pricing = planning.Pricing(model, device, DTYPES[config.dtype], config.profile)
+        # the planner's own process when it plans in the background (planning.PlannerProcess)
+        remote = planning.PlannerProcess(model, device, config.dtype, config.profile) if config.plan_in_background \
+            else None
+        self.planner = planning.Background(remote.decide if remote else planning.decide_safely)
+        self.waited: set[tuple[str, str]] = set()  # (job, why) waiting events written by this worker
         self.memory_gib = config.memory_limit_gib or free_memory_gib(device)
+        self.clock = PhaseClock(self.run_dir / "status.json", model, device, int(self.memory_gib * 2**30))
         self.resume()
         self.stale = bool(self.trainer.runs)  # resumed jobs are planned again at the first boundary
 
@@ -121,23 +128,34 @@ class Worker:
             self.boundary()
             if self.trainer.active:
                 before = {name: run.step for name, run in self.trainer.runs.items()}
-                self.trainer.step()
+                jobs = len(self.trainer.active)
+                with self.clock.phase("step"):
+                    self.trainer.step()
                 self.after_step(before)
+                self.clock.stepped(jobs, self.trainer.groups)
             else:
+                self.clock.idle(self.trainer.groups)
                 time.sleep(IDLE_POLL_S)
 
     def boundary(self) -> None:
-        changed = self.apply_requests()
-        self.validate_new_jobs()
-        changed |= self.admit_queued()
+        # each part is timed as "boundary" (a step's fixed cost) unless it did something (status.json)
+        with self.clock.phase("boundary") as phase:
+            phase.did(self.collect_plan(), "plan")
+        with self.clock.phase("boundary") as phase:
+            changed = phase.did(self.apply_requests(), "requests")
+        with self.clock.phase("boundary") as phase:
+            phase.did(self.validate_new_jobs(), "validate")
+        with self.clock.phase("boundary") as phase:
+            changed |= phase.did(self.admit_queued(), "join")
         if changed or self.stale:
-            self.replan()
-            self.save_checkpoint()
+            with self.clock.phase("change"):
+                self.replan()
+                self.save_checkpoint()
 
     def after_step(self, before: dict[str, int]) -> None:
         stepped = [run for name, run in self.trainer.runs.items() if run.step > before.get(name, 0)]
         self.progressed()
-        with self.store.transaction(self.db):
+        with self.clock.phase("events"), self.store.transaction(self.db):
             for run in stepped:
                 metrics = step_metrics(run)
                 total = run.total_steps
@@ -148,27 +166,45 @@ class Worker:
                 self.store.add_event(self.db, run.spec.name, message, f"step-{run.step}", type="metrics", data=metrics)
         ended = [name for name, run in self.trainer.runs.items() if run.status != "running" or run.done]
         for name in ended:
-            self.finish(name)
+            with self.clock.phase("leave"):
+                self.finish(name)
         if ended:
-            self.replan()
-        if ended or len(self.trainer.step_times) % self.config.checkpoint_every == 0:
-            self.save_checkpoint()
+            with self.clock.phase("change"):
+                self.replan()
+                self.save_checkpoint()
+        elif len(self.trainer.step_times) % self.config.checkpoint_every == 0:
+            with self.clock.phase("checkpoint"):
+                self.save_checkpoint()
 
     def replan(self) -> None:
         """Ask the planner for the fusion groups of the jobs on the backbone now, and the simulator for
         when each ends; the trainer fuses by the new groups from the next step on (a job's result does
-        not depend on its group, DESIGN.md). No answer: the groups stay, estimated_finish is null."""
+        not depend on its group, DESIGN.md). No answer: the groups stay, estimated_finish is null.
+        With plan_in_background (the default) the planner searches in a thread and the backbone trains
+        on meanwhile, a joining job in the least busy group; its answer is carried out at the first step
+        boundary after it arrives (`collect_plan`)."""
         self.stale = False
-        runs = {run.spec.name: run for run in self.trainer.active}
+        runs = planning.snapshot({run.spec.name: run for run in self.trainer.active})
         params = {name: sum(counts.values()) for name, counts in self.adapter_params.items()}
-        try:
-            decision = planning.decide(runs, self.pricing, self.memory_gib, params)
-        except Exception as exc:  # noqa: BLE001 - an estimate must never stop training (nor crash-loop the worker)
-            traceback.print_exc()
-            decision = planning.Decision(why=f"the planner failed ({type(exc).__name__}: {exc})")
+        if self.config.plan_in_background:
+            self.planner.request(runs, self.pricing, self.memory_gib, params)
+        else:
+            self.carry_out(runs, planning.decide_safely(runs, self.pricing, self.memory_gib, params), time.time())
+
+    def collect_plan(self) -> int:
+        """A background decision that arrived: carried out if the backbone still has the jobs it was
+        made for (else a newer one is on its way)."""
+        finished = self.planner.take()
+        if finished is None or set(finished[0]) != {run.spec.name for run in self.trainer.active}:
+            return 0
+        self.carry_out(*finished)
+        return 1
+
+    def carry_out(self, runs: dict, decision: planning.Decision, at: float) -> None:
+        """The planner's groups from the next step on; each job's estimated_finish and event."""
         if decision.groups is not None:
             self.trainer.groups = decision.groups
-        at, groups = time.time(), self.trainer.groups
+        groups = self.trainer.groups
         jobs = hashlib.sha256(" ".join(sorted(runs)).encode()).hexdigest()[:8]  # one event per job set and step
         with self.store.transaction(self.db):
             for name, run in runs.items():
@@ -230,7 +266,7 @@ class Worker:
                                          f"paused-at-{run.step}")
         return bool(rows)
 
-    def validate_new_jobs(self) -> None:
+    def validate_new_jobs(self) -> int:
         from muxtune.executor.data import DataOptions, inspect_file
 
         rows = self.db.execute("SELECT * FROM jobs WHERE model = ? AND status = 'validating_files' ORDER BY seq",
@@ -264,14 +300,15 @@ class Worker:
                     if done:
                         self.store.add_event(self.db, row["id"], f"Validation failed: {error['message']}", "failed",
                                              level="error")
+        return len(rows)
 
-    def admit_queued(self) -> bool:
+    def admit_queued(self) -> int:
         from muxtune import admission, spool
         from muxtune.executor import checkpoint
 
         rows = self.db.execute("SELECT id, spec FROM jobs WHERE model = ? AND status = 'queued' ORDER BY seq",
                                (self.model,)).fetchall()
-        joined = False
+        joined = 0
         for row in rows:
             job_id, spec = row["id"], TaskSpec.model_validate_json(row["spec"])
             if len(self.trainer.active) >= self.config.max_tenants:
@@ -304,7 +341,7 @@ class Worker:
             paused = self.store.paused_dir(job_id) / "task"
             if paused.is_dir():  # a resumed job continues where it was paused
                 checkpoint._restore_task(self.trainer.runs[job_id], paused)
-            joined = True
+            joined += 1
             with self.store.transaction(self.db):
                 self.store.add_event(self.db, job_id, f"Fine-tuning job started: joined the {self.model} backbone "
                                      f"with {len(self.trainer.active) - 1} other job(s) at step "
@@ -312,6 +349,9 @@ class Worker:
         return joined
 
     def wait(self, job_id: str, why: str, message: str) -> None:
+        if (job_id, why) in self.waited:  # said once: a write transaction per step would cost every tenant
+            return
+        self.waited.add((job_id, why))
         with self.store.transaction(self.db):
             self.store.add_event(self.db, job_id, message, f"waiting-{why}")
 

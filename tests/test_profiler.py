@@ -640,6 +640,9 @@ def test_cli_profile_errors_exit_2_without_traceback(capsys, tmp_path):
     assert "unknown builtin preset" in capsys.readouterr().err
     assert main(["profile", "--devices", "tpu"]) == 2
     assert "--devices" in capsys.readouterr().err
+    assert main(["profile", "--sizes", "9216x512,4096"]) == 2
+    err = capsys.readouterr().err
+    assert "--sizes" in err and "'4096'" in err and "Traceback" not in err
     if not torch.cuda.is_available():
         assert main(["profile", "--devices", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
@@ -764,3 +767,16 @@ def test_a_budgeted_profile_for_some_methods_measures_only_those(tmp_path):
     assert cm.step_seconds([mb]) > 0
     with pytest.raises(MuxTuneError, match="prefix"):
         cm.step_seconds([MicroBatch((TaskLoad("prefix", 8, 64, 2048),), 16)])
+
+
+def test_a_profile_for_a_config_reaches_its_step_sizes():
+    """plan-and-run and the simulator/pipeline benchmarks profile for a config: each task alone and all
+    tasks in one padded group (the quickstart's 18 rows of 512 = 9216 tokens, which a 3-minute llama-100m
+    profile used to price from curves ending at 512 tokens)."""
+    from pathlib import Path
+
+    from muxtune.run import profile_sizes
+    from muxtune.spec import load_config
+
+    config = load_config(Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml")
+    assert profile_sizes(config) == [(1024, 128), (1024, 512), (1536, 384), (2048, 512), (9216, 512)]

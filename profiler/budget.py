@@ -50,12 +50,16 @@ def whole_model_points(grid: dict) -> set[tuple[int, int]]:
             if tokens == min(token_counts) or ((seq, tokens) not in layer_only and (cap is None or tokens <= cap))}
 
 
-def with_sizes(grid: dict, sizes) -> dict:
-    """`grid` plus the step sizes the tasks at hand will run, (tokens, seq_len) each: a layer curve at that
-    seq_len from one row up to the step's tokens, so the CostModel interpolates there instead of
-    extending a curve that stops short of them (layer rows only: a layer is 1/(L+1) of a model pass)."""
+def with_sizes(grid: dict, sizes, reach: int | None = None) -> dict:
+    """`grid` plus the step sizes the tasks at hand will run, (tokens, seq_len) each, beyond `reach` tokens
+    (default: the grid's largest): a layer curve at that seq_len from one row up to the step's tokens,
+    so the CostModel interpolates there instead of extending a curve past its end (layer rows only: a
+    layer is 1/(L+1) of a model pass; the whole model at the one-row point)."""
     g = copy.deepcopy(grid)
+    reach = reach or max(t for token_counts in g["layer"].values() for t in token_counts)
     for tokens, seq in sizes:
+        if tokens <= reach:  # inside the grid's curves (across seq_len, a layer is linear in T*S)
+            continue
         g["layer"][seq] = sorted(set(g["layer"].get(seq, [])) | {seq, tokens})
         g.setdefault("layer_only", []).append([seq, tokens])
     return g
@@ -162,8 +166,10 @@ def fit(grid: dict, budget: float | None, pilot: Pilot, n_target_ops: int, tp: b
         sizes=()) -> tuple[dict, dict, list[str]]:
     """(grid, point costs, what was cut): the richest of `thinned(grid)` whose estimate fits 85% of the
     budget (the estimate's margin), else the thinnest; the step `sizes` (`with_sizes`) are never cut."""
+    reach = max(t for token_counts in grid["layer"].values() for t in token_counts)  # the unthinned grid's
+
     def priced(candidate: dict) -> tuple[dict, dict]:
-        candidate = with_sizes(candidate, sizes)
+        candidate = with_sizes(candidate, sizes, reach)
         return candidate, point_costs(candidate, pilot, n_target_ops, tp)
 
     fitted, costs = priced(grid)

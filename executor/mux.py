@@ -266,6 +266,10 @@ class Multiplexer:
             self._ops[path].adapters.pop(name, None)
         return adapter
 
+    def op(self, path: str) -> MultiplexedOp:
+        """The multiplexed op at `path` (a backbone op some task's adapter wraps)."""
+        return self._ops[path]
+
     def _wrap(self, path: str) -> MultiplexedOp:
         if path not in self._ops:
             parent_path, _, attr = path.rpartition(".")

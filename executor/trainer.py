@@ -34,6 +34,7 @@ from transformers import get_scheduler
 from muxtune.executor.alignment import ChunkedBatch, pack_chunks, packed_attention, split_by_budget
 from muxtune.executor.backbone import Backbone
 from muxtune.executor.data import IGNORE, DataOptions, Example, FusedBatch, TaskSampler, example_origin, fuse
+from muxtune.executor.hooks import StepObserver
 from muxtune.executor.mux import Multiplexer, TaskAdapter
 from muxtune.executor.validation import record_evaluation
 from muxtune.errors import MuxTuneError
@@ -182,6 +183,7 @@ class MultiplexedTrainer:
         # evaluations: (global step, seconds, tokens put through the backbone) of each fused evaluation
         self.eval_times: list[tuple[int, float, int]] = []
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
+        self.observer = StepObserver()  # phase hooks (executor/hooks.py): the profiler times the step here
         for run in self.runs.values():
             self.check_validation(run)
 
@@ -274,21 +276,26 @@ class MultiplexedTrainer:
         sums, counts, tokens, computed, hits = {}, {}, {}, {}, {}
         for group in self.groups:
             members = [run for run in runs if run.spec.name in group]
-            batches = {run.spec.name: self.draw_batch(run) for run in members}
+            with self.observer.phase("draw"):
+                batches = {run.spec.name: self.draw_batch(run) for run in members}
             batches = {name: batch for name, batch in batches.items() if batch is not None}
             if not batches:
                 continue
-            micro_batches = self.micro_batches(batches)
+            with self.observer.phase("fuse"):
+                micro_batches = self.micro_batches(batches)
+            self.observer.fused(micro_batches)
             # a task's loss is the mean over ALL its target tokens of the step, however they were split
             for batch in micro_batches:
                 for name, n in batch.target_counts.items():
                     counts[name] = counts.get(name, 0) + n
             for batch in micro_batches:
-                batch_sums = self.loss_sums(batch, training=True, hits=hits)
+                with self.observer.phase("forward"):
+                    batch_sums = self.loss_sums(batch, training=True, hits=hits)
                 # a non-finite loss stays out of the backward: only its own task is stopped
                 finite = {name: total for name, total in batch_sums.items() if torch.isfinite(total)}
                 if finite:
-                    torch.stack([total / counts[name] for name, total in finite.items()]).sum().backward()
+                    with self.observer.phase("backward"):
+                        torch.stack([total / counts[name] for name, total in finite.items()]).sum().backward()
                 for name, total in batch_sums.items():
                     sums[name] = sums.get(name, 0.0) + float(total.detach())
                 for name, n in batch.tokens_per_task.items():
@@ -298,7 +305,8 @@ class MultiplexedTrainer:
                 self.step_shapes.append(tuple(batch.input_ids.shape))
         losses = {name: sums[name] / counts[name] for name in sums}
         live = [run for run in runs if run.status == "running"]
-        norms = {run.spec.name: norm for run, norm in zip(live, grad_norms(live))}
+        with self.observer.phase("optimizer"):
+            norms = {run.spec.name: norm for run, norm in zip(live, grad_norms(live))}
         for run in live:
             loss, norm = losses[run.spec.name], norms[run.spec.name]
             if not math.isfinite(loss):
@@ -310,13 +318,15 @@ class MultiplexedTrainer:
                 continue
             try:
                 norm = norms[run.spec.name]
-                if run.spec.max_grad_norm is not None and norm is not None:
-                    clip_with_norm(run, run.spec.max_grad_norm, norm)
-                run.optimizer.step()
+                with self.observer.phase("optimizer"):
+                    if run.spec.max_grad_norm is not None and norm is not None:
+                        clip_with_norm(run, run.spec.max_grad_norm, norm)
+                    run.optimizer.step()
                 run.scheduler.step()
             except (RuntimeError, ValueError, OverflowError) as exc:  # e.g. an lr that overflows fp32
                 self.fail(run, f"optimizer step failed at step {run.step + 1}: {exc}")
-            run.optimizer.zero_grad(set_to_none=True)
+            with self.observer.phase("optimizer"):
+                run.optimizer.zero_grad(set_to_none=True)
         runs = [run for run in runs if run.status == "running"]
         elapsed = time.perf_counter() - start
         for run in runs:
@@ -387,7 +397,8 @@ class MultiplexedTrainer:
                 hidden, targets = self.chunked_hidden_states(batch).view(*batch.targets.shape, -1), batch.targets
             else:
                 hidden, targets = self.hidden_states(batch)[:, :-1], batch.labels[:, 1:]
-        return self.head_loss_sums(batch, hidden, targets, hits)
+        with self.observer.phase("head"):
+            return self.head_loss_sums(batch, hidden, targets, hits)
 
     def head_loss_sums(self, batch: FusedBatch | ChunkedBatch, hidden: torch.Tensor,
                        targets: torch.Tensor, hits: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -1,16 +1,17 @@
 """Admission: refuse a task or plan that is predicted not to fit in device memory, up front, with the
 numbers, instead of running out of memory halfway.
 
-The prediction is the CostModel's memory model (profiler/cost_model.py), priced on the loaded model's
+The prediction is the CostModel's memory model (profiler/cost_model.py, `peak_bytes`), priced on the loaded model's
 shape and measured weight bytes, for the micro-batches the executor will run. Per device (one pipeline
 stage of one replica):
 
     needed    = backbone_bytes(the stage's layers, first, last)             the frozen weights it keeps
               + task_state_bytes(params) per task                           the adapter layers it trains:
                                                                             fp32 weight, gradient, 2 AdamW moments
-              + the most activation_bytes(micro-batch, the stage's layers)  micro-batches in flight at once in
+              + the most held_bytes(micro-batch, the stage's layers)        micro-batches in flight at once in
                 in flight at once                                           the executor's 1F1B order
               + head_bytes(tokens) of the largest micro-batch (last stage)  logits, softmax and their gradient
+    (CostModel.peak_bytes: the simulator prices a device the same way). A tensor rank holds its shard.
     micro-batch = each task's share of its batch (dp replicas x the group's micro-batches), every sequence
               at max_seq_len (+ virtual tokens); chunk-aligned batches hold at most max(token_budget, the
               longest sequence) tokens (a longer step is split), padded ones pad every row to the group's
@@ -34,9 +35,9 @@ import torch
 from muxtune.errors import MuxTuneError
 from muxtune.executor.mux import TaskAdapter
 from muxtune.profiler.cost_model import CostModel, MicroBatch, ModelShape, TaskLoad
-from muxtune.profiler.profile import decoder_layers, layer_param_bytes
+from muxtune.profiler.backbone_parts import decoder_layers, layer_param_bytes
 from muxtune.schedule import blocks, one_f_one_b, part_index, part_size, replica_of, stage_of, stage_range, stage_split
-from muxtune.spec import Alignment, Layout, Plan, TaskSpec, method_rank
+from muxtune.spec import Alignment, Layout, Plan, TaskSpec, method_card, method_rank
 
 GIB = 1024**3
 
@@ -89,7 +90,7 @@ def adapter_bytes(model, spec: TaskSpec) -> int:
 
 
 def _virtual_tokens(spec: TaskSpec) -> int:
-    return getattr(spec.peft, "num_virtual_tokens", 0) if spec.peft.method in ("prompt", "prefix") else 0
+    return method_card(spec.peft.method).virtual_tokens(method_rank(spec.peft))
 
 
 def _micro_batches(members: list[TaskSpec], params: dict[str, int], parts: int, index: int,
@@ -118,9 +119,10 @@ def estimate(model, specs: list[TaskSpec], groups: list[list[str]], alignment: A
              params: dict[str, dict] | None = None, layout: Layout | None = None, schedule: str = "1f1b",
              micro_batches: list[int] | None = None, rank: int = 0, cost_model=None) -> MemoryEstimate:
     """Memory of process `rank` (rank = (replica * pp + stage) * tp + tensor rank, as the plan's device
-    order) of a plan with these groups and `layout` (default: one device). `params` caches
-    adapter_params per task (filled here). Tensor-parallel ranks are priced as holding their whole stage
-    (an upper bound: how tp shards weights and activations is not modelled here)."""
+    order) of a plan with these groups and `layout` (default: one device): CostModel.peak_bytes of its
+    stage's layers, its tasks' parameters on it and its micro-batches in the executor's 1F1B order. A
+    tensor rank holds its shard of the stage (weights, activations, the split part of LoRA's tensors), as
+    the simulator prices it. `params` caches adapter_params per task (filled here)."""
     layout = layout or Layout()
     cm = cost_model or cost_model_of(model)
     params = params if params is not None else {}
@@ -132,14 +134,18 @@ def estimate(model, specs: list[TaskSpec], groups: list[list[str]], alignment: A
     replica, stage = replica_of(rank, layout.pp, layout.tp), stage_of(rank, layout.pp, layout.tp)
     first, last = stage == 0, stage == layout.pp - 1
     mine = stage_range(split, stage)
-
-    def stage_params(name: str) -> int:
-        return sum(n for layer, n in params[name].items()
-                   if layer is None or (layer == "sequence" and first) or (isinstance(layer, int) and layer in mine))
-
     by_name = {spec.name: spec for spec in specs}
+
+    def device_params(name: str) -> int:
+        on_stage = sum(n for layer, n in params[name].items()
+                       if layer is None or (layer == "sequence" and first) or (isinstance(layer, int) and layer in mine))
+        peft = by_name[name].peft
+        targets = tuple(peft.target_modules) if method_card(peft.method).targeted else ()
+        return cm.tp_params(on_stage, targets, layout.tp)[0]
+
     total_params = {name: sum(params[name].values()) for name in by_name}
-    adapters = {name: cm.task_state_bytes(stage_params(name)) for name in by_name}
+    held = {name: device_params(name) for name in by_name}
+    adapters = {name: cm.task_state_bytes(n) for name, n in held.items()}
     # every group's micro-batches on this replica, in the order the executor runs them
     units = []
     for g, group in enumerate(groups):
@@ -150,19 +156,11 @@ def estimate(model, specs: list[TaskSpec], groups: list[list[str]], alignment: A
         count = micro_batches[g] if micro_batches else 1
         units.append([mb for k in range(count) for mb in _micro_batches(
             members, total_params, parts, part_index(k, replica, layout.dp), alignment)])
-    peak = 0
-    for block in blocks(units, schedule):
-        held = 0
-        ids = list(range(len(block)))
-        for kind, i in one_f_one_b(ids, stage, layout.pp):
-            mb = block[i]
-            if kind == "fwd":
-                held += cm.activation_bytes(mb, len(mine))
-                peak = max(peak, held + (cm.head_bytes(mb.tokens) if last else 0))
-            else:
-                held -= cm.activation_bytes(mb, len(mine))
-    backbone = cm.backbone_bytes(len(mine), first, last)
-    return MemoryEstimate(backbone, adapters, peak, available)
+    order = [(kind, block[i]) for block in blocks(units, schedule)
+             for kind, i in one_f_one_b(list(range(len(block))), stage, layout.pp)]
+    backbone = cm.backbone_bytes(len(mine), first, last, layout.tp)
+    peak = cm.peak_bytes(order, list(held.values()), len(mine), first, last, layout.tp)
+    return MemoryEstimate(backbone, adapters, peak - backbone - sum(adapters.values()), available)
 
 
 def plan_estimates(model, specs: list[TaskSpec], plan: Plan, cost_model=None,

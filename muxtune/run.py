@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from muxtune.errors import MuxTuneError
-from muxtune.spec import DTYPE_BYTES, Plan, RunConfig, staged_directory, write_text_atomic
+from muxtune.spec import DTYPE_BYTES, Plan, RunConfig, method_card, staged_directory, write_text_atomic
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_BYTES}  # spec.DTYPE_BYTES's names as torch dtypes
 
@@ -287,7 +287,7 @@ def profile_needs(config: RunConfig) -> tuple[list[str], list[str]]:
     methods = sorted({task.peft.method for task in config.tasks})
     targets = set()
     for task in config.tasks:
-        if task.peft.method in ("lora", "dora"):
+        if method_card(task.peft.method).targeted:
             targets |= set(task.peft.target_modules)
     return methods, sorted(targets)
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from muxtune.errors import MuxTuneError
 from muxtune.executor.peft import METHODS, PeftConfig
+from muxtune.method_card import MethodCard
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # names become folder names under runs/<name>/
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # RunConfig.dtype: the backbone's weight type
@@ -109,6 +110,13 @@ class TaskSpec(BaseModel):
         if not self.validates:
             return None
         return self.eval_every or max(1, math.ceil(total_steps / EVALUATIONS_BY_DEFAULT))
+
+
+def method_card(method: str) -> MethodCard:
+    """The plain-data card of a PEFT method (muxtune/method_card.py), by its `peft.method` name."""
+    if method not in METHODS:
+        raise MuxTuneError(f"unknown method {method!r} (peft.method); expected one of {sorted(METHODS)}")
+    return METHODS[method].CARD
 
 
 def method_rank(peft) -> int:

@@ -35,6 +35,7 @@ from ortools.sat.python import cp_model
 
 from muxtune.planner.layouts import LayoutChoice, backbone_bytes, priced
 from muxtune.simulator.workload import TaskWork
+from muxtune.spec import method_card
 
 OBJECTIVES = ("throughput", "steady")
 TICKS = 1_000_000  # n x the costliest group's time is this many integer ticks (an upper bound of any load)
@@ -57,9 +58,7 @@ class Candidate:
 
 def length_order(works: list[TaskWork]) -> list[int]:
     """Task indices by sequence length, then method shape (tasks that pad each other least side by side)."""
-    from muxtune.profiler.cost_model import METHOD_SHAPES
-
-    return sorted(range(len(works)), key=lambda i: (works[i].seq_len, METHOD_SHAPES.get(works[i].method, ""), i))
+    return sorted(range(len(works)), key=lambda i: (works[i].seq_len, method_card(works[i].method).shape, i))
 
 
 def candidate_groups(works: list[TaskWork], max_group: int, all_subsets_up_to: int = 64) -> list[tuple[int, ...]]:

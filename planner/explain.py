@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from muxtune.profiler.cost_model import METHOD_SHAPES
+from muxtune.spec import method_card
 
 GIB = 2**30
 
@@ -26,7 +26,7 @@ def comparison_table(result, memory_bytes: int) -> pd.DataFrame:
 
 
 def _why_fused(works) -> str:
-    shapes = sorted({METHOD_SHAPES.get(w.method, w.method) for w in works})
+    shapes = sorted({method_card(w.method).shape for w in works})
     methods = sorted({w.method for w in works})
     lengths = sorted(w.seq_len for w in works)
     family = (f"same method ({methods[0]})" if len(methods) == 1 else

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from collections import Counter
 from dataclasses import dataclass
 
 from muxtune.profiler.cost_model import GRAD_BYTES_PER_PARAM
-from muxtune.schedule import replica_parts, stage_split
+from muxtune.schedule import one_f_one_b, replica_parts, stage_split
 from muxtune.simulator.workload import TaskWork, device_params, split_micro_batches
 
 TP_MAX = 8  # tensor ranks of one stage: the GPUs of one node (NVLink); TP's per-layer all-reduces stay inside it
@@ -104,13 +105,17 @@ class CachedCostModel:
     same micro-batches many times. Anything else is passed through."""
 
     CACHED = ("forward_seconds", "backward_seconds", "activation_bytes", "p2p_seconds", "allreduce_seconds",
-              "optimizer_seconds", "boundary_bytes", "backbone_bytes", "task_state_bytes", "peak_bytes",
-              "tp_comm_seconds", "tp_params")
+              "optimizer_seconds", "boundary_bytes", "backbone_bytes", "task_state_bytes",
+              "tp_comm_seconds", "tp_params", "held_bytes", "head_bytes")
+    # compositions of the cached methods, run over this object so their parts hit the cache
+    COMPOSED = ("in_flight_bytes", "peak_bytes", "fill_seconds")
 
     def __init__(self, cost_model):
         self.inner = cost_model
         for name in self.CACHED:
             setattr(self, name, functools.lru_cache(maxsize=None)(getattr(cost_model, name)))
+        for name in self.COMPOSED:
+            setattr(self, name, types.MethodType(getattr(cost_model, name).__func__, self))
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -130,11 +135,10 @@ def group_cost(works: tuple[TaskWork, ...], layout: LayoutChoice, cm, packed: bo
                                        + cm.backward_seconds(mb, layers, first, last, **tp_kw)
                                        + (cm.tp_comm_seconds(mb, layers, first, tp) if tp > 1 else 0.0))
                               for mb, count in distinct.items()))
-        in_flight = min(pp - s, len(mine))  # 1F1B: stage s holds at most pp - s micro-batches
-        stage_act.append(in_flight * max(cm.activation_bytes(mb, layers, **tp_kw) for mb in distinct))
-    per_micro_batch = max(stage_work) / len(mine)
-    fill = (pp - 1) * per_micro_batch
-    transfers = 2 * (pp - 1) * max(cm.p2p_seconds(cm.boundary_bytes(mb)) for mb in distinct) if pp > 1 else 0.0
+        # 1F1B: stage s holds at most pp - s micro-batches (the CostModel's memory model, as admission's)
+        order = [(kind, mine[i]) for kind, i in one_f_one_b(list(range(len(mine))), s, pp)]
+        stage_act.append(cm.in_flight_bytes(order, layers, first, last, tp))
+    fill = cm.fill_seconds(stage_work, mine)
     widest = max(layout.stage_layers)
     held = [device_params(w, 0, widest, n_layers, tp, cm) for w in works]  # (on a device, replicated)
     grads = sum(mine for mine, _ in held) * GRAD_BYTES_PER_PARAM
@@ -145,8 +149,8 @@ def group_cost(works: tuple[TaskWork, ...], layout: LayoutChoice, cm, packed: bo
                 for s, layers in enumerate(layout.stage_layers))
     state = max(sum(cm.task_state_bytes(device_params(w, s, layers, n_layers, tp, cm)[0]) for w in works)
                 for s, layers in enumerate(layout.stage_layers))
-    return GroupCost(max(stage_work) + fill + transfers + allreduce + optim, int(max(stage_act)), int(state),
-                     fill_seconds=fill + transfers)
+    return GroupCost(max(stage_work) + fill + allreduce + optim, int(max(stage_act)), int(state),
+                     fill_seconds=fill)
 
 
 def backbone_bytes(layout: LayoutChoice, cm) -> int:

@@ -28,7 +28,7 @@ from muxtune.planner.layouts import CachedCostModel, instance_configs, tp_degree
 from muxtune.simulator.iteration import simulate_step
 from muxtune.simulator.workload import (TaskWork, estimate_params, evaluation_counts, evaluation_passes,
                                        method_rank, split_micro_batches, task_work)
-from muxtune.spec import Alignment, Cluster, FusionGroup, Layout, Plan
+from muxtune.spec import Alignment, Cluster, FusionGroup, Layout, Plan, method_card
 
 GIB = 2**30
 PIPELINE_ALTERNATIVES = 4  # next-best CP-SAT solutions simulated for a pp > 1 pair (close estimates, see cpsat.solve)
@@ -203,6 +203,8 @@ def plan(tasks, cluster: Cluster, cost_model, objective: str = "throughput", tim
     memory = int(cluster.memory_gib * GIB)
     labels = device_labels(cluster, cm)
     configs = instance_configs(cluster.devices, cm.shape.n_layers, tp_degrees(cm, works, cluster.devices))
+    if not all(method_card(w.method).pipeline_stages for w in works):  # the executor would refuse pp > 1
+        configs = [(k, layout) for k, layout in configs if layout.pp == 1]
     # screen: the greedy solution of every (instances, layout) pair; CP-SAT on the `solve` best of them
     screened = []
     for instances, layout in configs:

@@ -79,7 +79,7 @@ def stored(profile, op: str, phase: str, **match) -> float:
 
 def check(profile, model, device: str) -> Calibration:
     """Measure the reference ops on `model` (the profile's backbone, loaded here) and judge."""
-    from muxtune.profiler.profile import decoder_layers, head_loss, layer_call, synthetic_batch
+    from muxtune.profiler.backbone_parts import decoder_layers, head_loss, layer_call, synthetic_batch
 
     _, _, layers = decoder_layers(model)
     ratios = {}
@@ -107,14 +107,14 @@ def check(profile, model, device: str) -> Calibration:
 
 def measure_optimizer_row(device: str, params: int, tensors: int) -> float:
     """One optimizer step over `params` in `tensors` tensors, as the profile's optimizer rows measure it."""
-    from muxtune.profiler.profile import measure_optimizer
+    from muxtune.profiler.measure import measure_optimizer
 
     return measure_optimizer(device, [params], tensors, SAMPLING, NoProgress())[0]["seconds"]
 
 
 def rescaled(profile, calibration: Calibration):
     """A copy of `profile` with every time row multiplied by the calibration's scale."""
-    from muxtune.profiler.profile import Profile
+    from muxtune.profiler.profile_file import Profile
 
     table = profile.table.copy()
     times = ~table["op"].isin(NOT_TIMES)

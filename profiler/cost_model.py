@@ -28,7 +28,7 @@ flat in tokens and rank: they are held at the ends of their measured range, neve
 Tensor parallelism (tp > 1, executor/tensor_parallel.py): forward/backward_seconds(..., tp) price one
 tensor rank's compute (its layer shard, the profile's `tp_layer` rows; stem, head and adapters whole),
 tp_collectives / tp_allreduce_seconds the all-reduces it waits for, backbone_bytes / activation_bytes
-(..., tp) and tp_params its memory (see the tensor-parallel section below).
+(..., tp) and tp_params its memory (profiler/tensor_parallel_pricing.py, profiler/memory_model.py).
 Nothing else in MuxTune holds a timing formula: the planner and simulator call these methods.
 """
 
@@ -36,122 +36,21 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from muxtune.errors import MuxTuneError
-from muxtune.schedule import TENSOR_PARALLEL_FAMILIES
+from muxtune.profiler.interpolation import interp1, interp_grid
+from muxtune.profiler.memory_model import ADAM_BYTES_PER_PARAM, GRAD_BYTES_PER_PARAM, MemoryModel  # noqa: F401
+from muxtune.profiler.shapes import MicroBatch, ModelShape, TaskLoad, llama_7b_shape  # noqa: F401
+from muxtune.profiler.tensor_parallel_pricing import TensorParallelPricing
+from muxtune.spec import METHODS, method_card
+
+# the names marked noqa: F401 are part of this module's face: callers import them from here
 
 CATALOG = Path(__file__).with_name("hardware.csv")
-ADAM_BYTES_PER_PARAM = 16  # fp32 weight + grad + exp_avg + exp_avg_sq
-GRAD_BYTES_PER_PARAM = 4  # adapters train in fp32 (executor/mux.py), so their gradients are fp32
-# how each method meets the backbone (executor/peft/*.py SHAPE): methods of one shape on their default
-# targets keep the same backbone tensors alive
-METHOD_SHAPES = {"lora": "parallel", "dora": "parallel", "ia3": "scaling", "adapter": "serial",
-                 "bitfit": "bias", "prefix": "attention prefix", "prompt": "input"}
-METHODS = tuple(METHOD_SHAPES)
-
-
-@dataclass(frozen=True)
-class TaskLoad:
-    """One task's share of a fused micro-batch."""
-
-    method: str  # lora | dora | ia3 | adapter | prefix | prompt | bitfit
-    rank: int  # LoRA/DoRA rank, adapter bottleneck size, prefix/prompt virtual tokens; 0 if none
-    tokens: int  # token slots this task occupies in the micro-batch (its rows x seq_len, padding included)
-    params: int  # the task's trainable parameter count (optimizer step, memory)
-    # LoRA/DoRA: the op names it targets in every layer (() = the profile's task_targets, the defaults its
-    # method rows were measured on) and its dropout probability: both change what it costs
-    targets: tuple[str, ...] = ()
-    dropout: float = 0.0
-
-
-@dataclass(frozen=True)
-class MicroBatch:
-    tasks: tuple[TaskLoad, ...]
-    seq_len: int  # attention span of one sequence (chunk length / padded length)
-
-    @property
-    def tokens(self) -> int:
-        return sum(t.tokens for t in self.tasks)
-
-    @property
-    def span(self) -> int:
-        """Keys each query attends over: the sequence plus the longest KV prefix in the batch."""
-        return self.seq_len + max((t.rank for t in self.tasks if t.method == "prefix"), default=0)
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    n_layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    dtype_bytes: int
-    gated_mlp: bool = True  # LLaMA's gate/up/down (3 matrices) vs GPT-2/OPT's up/down (2)
-    tied_embeddings: bool = False
-
-    @classmethod
-    def from_config(cls, config, dtype=None) -> ModelShape:
-        import torch
-
-        get = lambda *names, default=None: next((getattr(config, n) for n in names
-                                                 if getattr(config, n, None) is not None), default)
-        hidden = get("hidden_size", "n_embd")
-        heads = get("num_attention_heads", "n_head")
-        return cls(n_layers=get("num_hidden_layers", "n_layer"), hidden=hidden,
-                   intermediate=get("intermediate_size", "ffn_dim", "n_inner", default=4 * hidden),
-                   heads=heads, kv_heads=get("num_key_value_heads", default=heads), vocab=config.vocab_size,
-                   dtype_bytes=(dtype or torch.float32).itemsize, gated_mlp=config.model_type in TENSOR_PARALLEL_FAMILIES,
-                   tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def layer_params(self) -> int:
-        kv = self.hidden * self.kv_heads // self.heads
-        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * kv
-        return attention + (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
-
-
-# --- interpolation -----------------------------------------------------------------------------------
-
-
-def interp1(xs, ys, x: float, hold: bool = False) -> float:
-    """Piecewise linear through (xs, ys), extended linearly past both ends (hold: the end values held
-    instead, for costs that are flat in x, whose measured slope is noise); one point scales proportionally."""
-    order = np.argsort(xs)
-    xs, ys = np.asarray(xs, float)[order], np.asarray(ys, float)[order]
-    if hold:
-        return float(np.interp(x, xs, ys))
-    if len(xs) == 1:
-        return float(ys[0] * x / xs[0]) if xs[0] else float(ys[0])
-    if x <= xs[0]:
-        i = 0
-    elif x >= xs[-1]:
-        i = len(xs) - 2
-    else:
-        return float(np.interp(x, xs, ys))
-    slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
-    return float(ys[i] + slope * (x - xs[i]))
-
-
-def interp_grid(table: pd.DataFrame, x_col: str, y_col: str, value: str, x: float, y: float,
-                hold: bool = False) -> float:
-    """Interpolate `value` in x_col along each measured y_col, then across y_col (see module docstring)."""
-    ys, vals = [], []
-    for y_value, part in table.groupby(y_col):
-        ys.append(y_value)
-        vals.append(interp1(part[x_col].to_numpy(), part[value].to_numpy(), x, hold))
-    if len(ys) == 1:
-        return vals[0]
-    return interp1(ys, vals, y, hold)
 
 
 def load_catalog() -> pd.DataFrame:
@@ -173,7 +72,7 @@ def hardware(name: str) -> dict:
 # --- the cost model ----------------------------------------------------------------------------------
 
 
-class CostModel:
+class CostModel(MemoryModel, TensorParallelPricing):
     """Time and memory of ops, layers, pipeline stages and whole fused steps (see module docstring)."""
 
     def __init__(self, shape: ModelShape, device: str, profile=None, hw: dict | None = None,
@@ -193,7 +92,7 @@ class CostModel:
 
     @classmethod
     def from_profile(cls, profile) -> CostModel:
-        from muxtune.profiler.profile import Profile
+        from muxtune.profiler.profile_file import Profile
 
         if not isinstance(profile, Profile):
             profile = Profile.load(profile)
@@ -284,104 +183,6 @@ class CostModel:
         return {"backbone": layers * (shard + residual / L) + (stem if first else 0.0),
                 "head": head if last else 0.0, "tasks": layers * tasks / L - skip}
 
-    # tensor parallelism: executor/tensor_parallel.py's Megatron split of a LLaMA-family decoder layer over
-    # the tp processes of a stage. q/k/v/gate/up are column-parallel (output features / tp, heads / tp),
-    # o/down row-parallel (input features / tp); embeddings, norms and the LM head are replicated. The
-    # collectives the executor issues, each an all-reduce of the full hidden states [tokens, hidden]:
-    #   forward   one per row-parallel op (its partial sums): 2 per layer
-    #   backward  one per column-parallel op's input gradient (Megatron's f, one per op: q, k, v, gate,
-    #             up): 5 per layer, less where the input needs no gradient (the first stage's first layer)
-    # The executor waits for each (dist.all_reduce, synchronous): they are on the critical path.
-    # After the backward, the partial gradients of replicated adapter tensors (a column op's LoRA A, a
-    # row op's LoRA B: rank x hidden each) are all-reduced, one flat fp32 buffer per task.
-
-    TP_FAMILY_NOTE = f"LLaMA-family (gated-MLP: {', '.join(TENSOR_PARALLEL_FAMILIES)}) models"
-    ATTENTION_OPS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-    def tp_refusal(self, tp: int, methods=()) -> str | None:
-        """Why the executor would refuse tensor parallelism of degree tp for tasks of `methods` on this
-        model (executor/tensor_parallel.check_supported), or None when it carries it out. ModelShape's
-        gated_mlp is set exactly for the families the executor splits (llama, mistral, qwen2)."""
-        if tp <= 1:
-            return None
-        s = self.shape
-        if not s.gated_mlp:
-            return f"tensor parallelism is implemented for {self.TP_FAMILY_NOTE} only"
-        for what, n in (("heads", s.heads), ("kv_heads", s.kv_heads), ("intermediate", s.intermediate)):
-            if n % tp:
-                return f"tp={tp} does not divide the model's {what}={n}"
-        other = sorted(set(methods) - {"lora"})
-        if other:
-            return f"method(s) {other} are not supported under tensor parallelism; only LoRA is"
-        return None
-
-    def tp_fast_link(self) -> bool:
-        """Whether the devices have a fast intra-node link (NVLink) that makes tensor parallelism's
-        per-layer all-reduces worth planning; CPU processes (gloo) and PCIe-only GPUs do not."""
-        return bool(self.hw is not None and self.hw.get("nvlink_gbps", 0) and self.hw["nvlink_gbps"] > 0)
-
-    def tp_layer_seconds(self, mb: MicroBatch, phase: str, tp: int) -> float:
-        """One decoder layer's compute on one tensor rank (its heads / tp and MLP width / tp; norms
-        whole). Profile: its `tp_layer` rows for this tp (a rank's layer measured as such), else the
-        whole layer / tp (every op of a LLaMA layer but its two norms and residual adds is split: an
-        optimistic bound on a device where per-op overheads do not shrink with the shard)."""
-        if self.profile is None:
-            return self._analytic_layer(mb, phase, tp)
-        rows = self.profile.rows("tp_layer", phase)
-        rows = rows[rows["world"] == tp] if not rows.empty else rows
-        if not rows.empty:
-            return interp_grid(rows, "tokens", "seq_len", "seconds", mb.tokens, mb.span)
-        return self._grid("layer", phase, mb.tokens, mb.span) / tp
-
-    def tp_allreduce_bytes(self, mb: MicroBatch) -> int:
-        """One tensor-parallel all-reduce of the micro-batch's hidden states (tokens x hidden x dtype)."""
-        return mb.tokens * self.shape.hidden * self.shape.dtype_bytes
-
-    def tp_allreduce_seconds(self, mb: MicroBatch, tp: int) -> float:
-        return self.allreduce_seconds(self.tp_allreduce_bytes(mb), tp)
-
-    def tp_comm_seconds(self, mb: MicroBatch, layers: int, first: bool, tp: int) -> float:
-        """All the all-reduces a stage's forward and backward of `mb` wait for under tensor parallelism."""
-        count = sum(self.tp_collectives(mb, layers, first, "fwd")) + sum(self.tp_collectives(mb, layers, first, "bwd"))
-        return count * self.tp_allreduce_seconds(mb, tp) if tp > 1 else 0.0
-
-    def tp_collectives(self, mb: MicroBatch, layers: int, first: bool, phase: str) -> list[int]:
-        """The all-reduces of a stage's forward or backward under tp > 1, in execution order: the number
-        that follow each of its 2 x layers compute segments (per layer: attention, then MLP; the backward
-        runs the layers top down, MLP first). Forward: [1, 1] per layer (o_proj, down_proj). Backward:
-        [2, 3] per layer (gate/up, then q/k/v input gradients), except the first stage's first layer,
-        whose q/k/v input (the frozen embedding's normalized output) needs no gradient: [2, 0], or
-        [0, 0] when no task adapts an attention op there (nothing below the MLP needs a gradient)."""
-        if phase == "fwd":
-            return [1, 1] * layers
-        counts = [2, 3] * layers
-        if first and layers:
-            attention = any(not t.targets or any(name.rsplit(".", 1)[-1] in self.ATTENTION_OPS for name in t.targets)
-                            for t in mb.tasks)  # no target list: the defaults (q_proj, v_proj)
-            counts[-2:] = [2 if attention else 0, 0]
-        return counts
-
-    def tp_replicated_share(self, targets: tuple[str, ...]) -> float:
-        """The share of a LoRA task's parameters that every tensor rank holds whole (a column op's A:
-        r x in, a row op's B: out x r, both r x hidden); the rest is split over the ranks. No targets:
-        the defaults (q_proj, v_proj)."""
-        s = self.shape
-        kv = s.hidden * s.kv_heads // s.heads
-        dims = {"q_proj": (s.hidden, s.hidden), "k_proj": (s.hidden, kv), "v_proj": (s.hidden, kv),
-                "o_proj": (s.hidden, s.hidden), "gate_proj": (s.hidden, s.intermediate),
-                "up_proj": (s.hidden, s.intermediate), "down_proj": (s.intermediate, s.hidden)}
-        names = [n.rsplit(".", 1)[-1] for n in (targets or ("q_proj", "v_proj"))]
-        names = [n for n in names if n in dims]
-        if not names:
-            return 1.0  # not a split op: replicated
-        return sum(s.hidden for n in names) / sum(sum(dims[n]) for n in names)
-
-    def tp_params(self, params: int, targets: tuple[str, ...], tp: int) -> tuple[int, int]:
-        """(parameters one tensor rank holds, of which replicated) for a LoRA task's `params` on a stage."""
-        if tp <= 1:
-            return params, 0
-        replicated = round(params * self.tp_replicated_share(targets))
-        return replicated + round((params - replicated) / tp), replicated
 
     def _batch_shared(self, mb: MicroBatch, phase: str) -> float:
         """What the batch's tasks priced by method rows share: each wrapped op's split and concatenation
@@ -509,6 +310,16 @@ class CostModel:
             return (world - 1) * t2(2 * nbytes / world)
         return (world - 1) * self._analytic_link(2 * nbytes / world)
 
+    def fill_seconds(self, stage_seconds: list[float], micro_batches: list[MicroBatch]) -> float:
+        """What a 1F1B pipeline adds to its slowest stage's work for `micro_batches` (stage_seconds: each
+        stage's work for all of them): the fill and drain, (p - 1) micro-batch times of the slowest stage,
+        and the boundary transfers on the way in and out, 2 (p - 1) of the largest. 0 for one stage."""
+        pp = len(stage_seconds)
+        if pp <= 1:
+            return 0.0
+        transfer = max(self.p2p_seconds(self.boundary_bytes(mb)) for mb in micro_batches)
+        return (pp - 1) * max(stage_seconds) / len(micro_batches) + 2 * (pp - 1) * transfer
+
     def step_seconds(self, groups: list[MicroBatch]) -> float:
         """One optimizer step on one device: the groups' forward+backward one after another, then every
         task's optimizer step, and the step's host work."""
@@ -576,98 +387,6 @@ class CostModel:
             return 0.0
         return max(interp1(rows["tokens"].to_numpy(), rows["seconds"].to_numpy(), tokens, hold=True), 0.0)
 
-    # memory
-
-    def boundary_bytes(self, mb: MicroBatch) -> int:
-        """The hidden states one pipeline stage sends the next (and the gradient coming back)."""
-        return mb.tokens * self.shape.hidden * self.shape.dtype_bytes
-
-    def activation_bytes(self, mb: MicroBatch, layers: int, tp: int = 1) -> int:
-        """Tensors `layers` decoder layers keep for backward, per micro-batch in flight (the backbone's
-        measured saved tensors, plus what each method's adapters keep alive, from its profile rows).
-        tp > 1: one tensor rank's (its layer shard's saved tensors; the adapters' priced whole)."""
-        self._check(mb)
-        if self.profile is not None:
-            per_layer = self._tp_saved_bytes(mb, tp)
-            # the attention mask and rotary tables: one copy shared by every layer of the stage
-            shared = self._grid("stem", "fwd", mb.tokens, mb.span, value="saved_bytes") if layers else 0.0
-            # What adapters save is mostly whole-batch storage: a task's slice of an op's input or output
-            # is a view that keeps the op's full [T, features] tensor alive. So each method counts once,
-            # at the batch's T and its largest rank; and the backbone tensors it keeps (`batch_bytes`:
-            # the op inputs of LoRA and DoRA, the op outputs of IA3 ...) count once per shape of method.
-            rows = self.profile.rows("task", "fwd")
-            kept: dict[str, float] = {}
-            for method in {t.method for t in mb.tasks}:
-                mine = rows[rows["method"] == method]
-                if not mine.empty:
-                    rank = max(t.rank for t in mb.tasks if t.method == method)
-                    saved = interp_grid(mine, "tokens", "rank", "saved_bytes", mb.tokens, rank)
-                    batch = interp_grid(mine, "tokens", "rank", "batch_bytes", mb.tokens, rank)
-                    shape = METHOD_SHAPES.get(method, method)
-                    per_layer += (saved - batch) / self.shape.n_layers
-                    kept[shape] = max(kept.get(shape, 0.0), batch)
-            per_layer += sum(kept.values()) / self.shape.n_layers
-        else:
-            s = self.shape
-            # inputs of q/k/v, o, gate/up, down, two norms, the attention output and the MLP activation
-            # tp > 1: the inputs of q/k/v and gate/up and the two norms' stay whole (4 x hidden), the
-            # attention output and the MLP's split
-            whole = 4 * s.hidden if tp > 1 else 0
-            per_token = s.dtype_bytes * (whole + (6 * s.hidden - whole + (3 if s.gated_mlp else 2) * s.intermediate) / tp)
-            per_layer = mb.tokens * per_token * self.scale["activation"]
-            shared = 0.0
-        return int(max(per_layer, 0.0) * layers + max(shared, 0.0))
-
-    def head_bytes(self, tokens: int) -> int:
-        """Transient memory of the LM head + float loss over `tokens` (logits, softmax, their gradient)."""
-        if self.profile is not None:
-            rows = self.profile.rows("head", "fwd")
-            return int(max(interp1(rows["tokens"].to_numpy(), rows["peak_bytes"].to_numpy(), tokens), 0.0))
-        return int(tokens * self.shape.vocab * (2 * self.shape.dtype_bytes + 8))
-
-    def backbone_bytes(self, layers: int, first: bool = False, last: bool = False, tp: int = 1) -> int:
-        """Frozen weights a device of a stage holds; tp > 1: its shard of each layer's projections plus
-        the whole norms (2 x hidden), and the embedding / LM head whole (replicated)."""
-        w = self.weight_bytes
-        norms = 2 * self.shape.hidden * self.shape.dtype_bytes if tp > 1 else 0
-        layer = (w["layer"] - norms) / tp + norms
-        return int(layers * layer + (w["first"] if first else 0) + (w["last"] if last else 0))
-
-    def _tp_saved_bytes(self, mb: MicroBatch, tp: int) -> float:
-        """A layer's saved tensors on one tensor rank: the profile's `tp_layer` rows for this tp, else the
-        whole layer's scaled as the analytic count splits them (see activation_bytes)."""
-        whole = self._grid("layer", "fwd", mb.tokens, mb.span, value="saved_bytes")
-        if tp <= 1:
-            return whole
-        rows = self.profile.rows("tp_layer", "fwd")
-        rows = rows[rows["world"] == tp] if not rows.empty else rows
-        if not rows.empty:
-            return interp_grid(rows, "tokens", "seq_len", "saved_bytes", mb.tokens, mb.span)
-        s = self.shape
-        full = 6 * s.hidden + 3 * s.intermediate
-        return whole * (4 * s.hidden + (full - 4 * s.hidden) / tp) / full
-
-    def task_state_bytes(self, params: int) -> int:
-        """Adapter weights + gradients + AdamW's two moments, all fp32."""
-        return ADAM_BYTES_PER_PARAM * params
-
-    def step_memory_bytes(self, groups: list[MicroBatch]) -> int:
-        """Transient peak of one single-device step above the resident backbone and task states: the
-        largest group's activations + head (less what its backward never needs: the batch's `skip`),
-        plus every task's gradients (kept until the optimizer). activation_bytes itself stays the
-        conservative per-stage figure."""
-        grads = sum(GRAD_BYTES_PER_PARAM * t.params for mb in groups for t in mb.tasks)
-        skip = (lambda mb: self._batch_skip(mb, "saved_bytes")) if self.profile is not None else (lambda mb: 0)
-        live = max(self.activation_bytes(mb, self.shape.n_layers) + self.head_bytes(mb.tokens) - skip(mb)
-                   for mb in groups)
-        return int(live + grads)
-
-    def peak_bytes(self, groups: list[MicroBatch]) -> int:
-        """Device memory of a single-device step: backbone + task states + the step's transient peak.
-        Gradients live only from backward to the optimizer: the transient peak holds them, so the
-        resident states here are weights and AdamW moments (task_state_bytes less 4 bytes a parameter)."""
-        states = sum(self.task_state_bytes(t.params) - GRAD_BYTES_PER_PARAM * t.params for mb in groups for t in mb.tasks)
-        return self.backbone_bytes(self.shape.n_layers, True, True) + states + self.step_memory_bytes(groups)
 
     # profile look-ups
 
@@ -728,7 +447,7 @@ class CostModel:
             raise MuxTuneError(f"micro-batch: needs at least one task with tokens > 0 and seq_len > 0, got {mb}")
         for t in mb.tasks:
             if t.method not in METHODS:
-                raise MuxTuneError(f"micro-batch: unknown method {t.method!r}; expected one of {METHODS}")
+                raise MuxTuneError(f"micro-batch: unknown method {t.method!r}; expected one of {sorted(METHODS)}")
 
     # roofline pieces (analytic): max(compute, memory) at the catalog's peaks + kernel launches
 
@@ -760,14 +479,9 @@ class CostModel:
 
     def _analytic_task(self, task: TaskLoad, phase: str) -> float:
         """A task's per-layer overhead: its adapter GEMMs / element-wise passes over its own tokens."""
-        s, t, r = self.shape, task.tokens, max(task.rank, 1)
-        h, b = s.hidden, 4  # adapters compute in fp32
-        per_op = {  # (ops per layer, FLOPs per token per op, bytes per token per op, kernels per op)
-            "lora": (2, 4 * h * r, b * 4 * h, 6), "dora": (2, 4 * h * r + 4 * h, b * 6 * h, 12),
-            "ia3": (3, h, b * 3 * h, 3), "adapter": (2, 4 * h * r, b * 4 * h, 7),
-            "bitfit": (7, h, b * 3 * h, 3), "prefix": (1, 4 * r * h, b * 2 * h, 4), "prompt": (0, 0, 0, 0),
-        }[task.method]
-        ops, flops, nbytes, kernels = per_op
+        t = task.tokens
+        # (ops per layer, FLOPs per token per op, bytes per token per op, kernels per op): the method's card
+        ops, flops, nbytes, kernels = method_card(task.method).analytic(self.shape.hidden, max(task.rank, 1))
         factor = 2.0 if phase == "bwd" else 1.0
         return self.scale["task"] * factor * self._roofline(ops * t * flops, ops * t * nbytes, ops * kernels)
 
@@ -801,7 +515,3 @@ def cost_model_for(model: str, device: str = "cpu", mode: str = "quick", progres
     return CostModel.from_profile(profile)
 
 
-def llama_7b_shape(dtype_bytes: int = 2) -> ModelShape:
-    """LLaMA-2-7B's shape (no weights needed): what-if planning for GPUs and models we do not have."""
-    return ModelShape(n_layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000,
-                      dtype_bytes=dtype_bytes, gated_mlp=True)

@@ -167,11 +167,10 @@ class Costs:
 
     def _price(self, model: str, groups: list[list[Job]], gpus: int, packed: bool) -> tuple[float, int]:
         cm = self.model(model)
-        n = cm.shape.n_layers
         if gpus == 1:  # the CostModel's own single-device step; one micro-batch in flight at a time
             batches = [split_micro_batches([j.work for j in g], 1, packed)[0] for g in groups]
-            memory = (cm.backbone_bytes(n, True, True) + sum(cm.task_state_bytes(j.params) for g in groups for j in g)
-                      + max(cm.activation_bytes(mb, n) for mb in batches))
+            memory = cm.peak_bytes([(kind, mb) for mb in batches for kind in ("fwd", "bwd")],
+                                   [j.params for g in groups for j in g])
             return cm.step_seconds(batches), memory
         from muxtune.simulator.iteration import simulate_step
         from muxtune.spec import FusionGroup, Layout, Plan

@@ -152,8 +152,10 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
     pipes = _pipelines(plan, works, cost_model, packed)
     env = simpy.Environment()
     rows: list[tuple] = []
-    static_memory: dict[str, int] = {}
-    activation_of: dict[tuple, int] = {}  # (device, group, micro_batch) -> bytes held from fwd start to bwd end
+    # device -> what CostModel.peak_bytes needs of it besides its order: (its tasks' parameters on it,
+    # its stage's layers, first, last, tp)
+    device_memory: dict[str, tuple] = {}
+    mb_of: dict[tuple, object] = {}  # (device, group, micro_batch) -> the MicroBatch it holds from fwd start to bwd end
 
     def log(device, stream, group, mb, kind, start, task=None, replica=0, stage=0):
         rows.append((device, stream, group, mb, kind, start, env.now, task, replica, stage))
@@ -247,7 +249,7 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
                         yield ready[(kind, r, s, g, k)]
                     if kind == "fwd":
                         for device in devices:
-                            activation_of[(device, g, k)] = cost_model.activation_bytes(mb, layers, **tp_kw)
+                            mb_of[(device, g, k)] = mb
                     yield from run_op(r, s, g, k, kind, mb, layers, first, last)
                     done[(kind, r, s, g, k)].succeed()
                     if kind == "fwd" and s == p - 1:
@@ -278,11 +280,10 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
             layers = pipe.stage_layers[s]
             first, last = first_last[s]
             tasks = [t for g in pipe.groups for t in plan.groups[g].tasks]
-            state = sum(cost_model.task_state_bytes(device_params(works[t], s, layers, n_layers, tp, cost_model)[0])
-                        for t in tasks)
+            params = [device_params(works[t], s, layers, n_layers, tp, cost_model)[0] for t in tasks]
             for r in range(pipe.dp):
                 for device in devices_of(r, s):
-                    static_memory[device] = cost_model.backbone_bytes(layers, first, last, **tp_kw) + state
+                    device_memory[device] = (params, layers, first, last, tp)
             if pipe.dp > 1:
                 for g in pipe.groups:
                     grads = sum(device_params(works[t], s, layers, n_layers, tp, cost_model)[0]
@@ -316,16 +317,17 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
     events = pd.DataFrame(rows, columns=EVENT_COLUMNS)
     step = float(events["end"].max()) if len(events) else 0.0
     busy = events[events["stream"] == "compute"].assign(d=lambda e: e["end"] - e["start"]).groupby("device")["d"].sum()
-    bubble = {d: (1.0 - float(busy.get(d, 0.0)) / step if step > 0 else 0.0) for d in static_memory}
+    bubble = {d: (1.0 - float(busy.get(d, 0.0)) / step if step > 0 else 0.0) for d in device_memory}
     scheduled = {t for g in plan.groups for t in g.tasks}
     tokens = {t: (works[t].tokens / step if step > 0 else 0.0) for t in scheduled}
-    return Timeline(events, step, tokens, bubble, _peak_memory(rows, static_memory, activation_of), plan.schedule,
+    return Timeline(events, step, tokens, bubble, _peak_memory(rows, device_memory, mb_of, cost_model), plan.schedule,
                     tuple(evaluating), evaluation)
 
 
-def _peak_memory(rows: list[tuple], static: dict[str, int], activation_of: dict[tuple, int]) -> dict[str, int]:
-    """Static bytes plus the most activation bytes in flight at once: a micro-batch's activations are
-    held from the start of its forward (first segment) to the end of its backward (last segment)."""
+def _peak_memory(rows: list[tuple], device_memory: dict[str, tuple], mb_of: dict[tuple, object],
+                 cost_model) -> dict[str, int]:
+    """CostModel.peak_bytes of every device, its micro-batches in the order the timeline holds them: from the
+    start of a micro-batch's forward (first segment) to the end of its backward (last segment)."""
     held_from, held_to = {}, {}
     for device, _stream, group, mb, kind, start, end, *_ in rows:
         key = (device, group, mb)
@@ -335,16 +337,14 @@ def _peak_memory(rows: list[tuple], static: dict[str, int], activation_of: dict[
             held_to[key] = max(end, held_to.get(key, end))
     changes = defaultdict(list)
     for key, start in held_from.items():
-        changes[key[0]].append((start, 1, activation_of[key]))
+        changes[key[0]].append((start, 1, "fwd", key))
     for key, end in held_to.items():
-        changes[key[0]].append((end, 0, -activation_of[key]))
-    peak = dict(static)
-    for device, device_changes in changes.items():
-        held = top = 0
-        for _, _, delta in sorted(device_changes):  # at equal times a release (0) comes before an allocation (1)
-            held += delta
-            top = max(top, held)
-        peak[device] = static[device] + top
+        changes[key[0]].append((end, 0, "bwd", key))
+    peak = {}
+    for device, (params, layers, first, last, tp) in device_memory.items():
+        # at equal times a release (0) comes before an allocation (1)
+        order = [(kind, mb_of[key]) for _, _, kind, key in sorted(changes[device])]
+        peak[device] = cost_model.peak_bytes(order, params, layers, first, last, tp)
     return peak
 
 

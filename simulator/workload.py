@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from muxtune.errors import MuxTuneError
 from muxtune.profiler.cost_model import MicroBatch, TaskLoad
 from muxtune.schedule import part_size
-from muxtune.spec import method_rank  # noqa: F401  (its callers import it from here too)
+from muxtune.spec import method_card, method_rank  # noqa: F401  (its callers import method_rank from here too)
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def task_work(spec, params: int, mean_seq_len: float | None = None) -> TaskWork:
     """A TaskSpec's step: batch_size sequences of mean_seq_len tokens (default: max_seq_len, the worst case)."""
     length = spec.max_seq_len if mean_seq_len is None else min(float(mean_seq_len), spec.max_seq_len)
     # the CostModel prices LoRA/DoRA per targeted op and their dropout (profile `target` rows)
-    priced = spec.peft.method in ("lora", "dora")
+    priced = method_card(spec.peft.method).targeted
     targets = tuple(spec.peft.target_modules) if priced else ()
     dropout = float(spec.peft.dropout) if priced else 0.0
     return TaskWork(spec.name, spec.peft.method, method_rank(spec.peft), int(params), spec.batch_size, length,
@@ -79,9 +79,9 @@ def split_micro_batches(works: list[TaskWork], parts: int, packed: bool = False)
 
 
 def stage_params(work: TaskWork, stage: int, layers: int, n_layers: int) -> int:
-    """A task's adapter parameters held by one stage: spread evenly over the layers (prompt tuning's
-    virtual token embeddings sit with the embedding on the first stage)."""
-    if work.method == "prompt":
+    """A task's adapter parameters held by one stage: spread evenly over the layers, or all on the first
+    stage for a method whose parameters sit with the embedding (prompt tuning's virtual tokens)."""
+    if method_card(work.method).on_first_stage:
         return work.params if stage == 0 else 0
     return round(work.params * layers / n_layers)
 
@@ -136,19 +136,6 @@ def evaluation_passes(groups: list[list[str]], works: dict[str, TaskWork], due, 
 
 def estimate_params(method: str, rank: int, shape) -> int:
     """Trainable parameters of a job known only by method and rank (a cluster trace), for the default
-    targets of each method on a model of `shape`. Tasks of a config use count_trainable_params instead."""
-    n, h, inter = shape.n_layers, shape.hidden, shape.intermediate
-    kv = h * shape.kv_heads // shape.heads
-    per_layer = {
-        "lora": rank * (h + h) + rank * (h + kv),  # q_proj and v_proj
-        "dora": rank * (h + h) + rank * (h + kv) + h + kv,  # + the magnitudes
-        "adapter": 2 * (2 * h * rank + rank + h),  # after attention and after the FFN
-        "ia3": kv + kv + inter,  # k, v outputs and the down projection's input
-        "prefix": 2 * rank * kv,  # a key and a value per virtual token
-        "bitfit": 4 * h + 2 * inter + h,
-    }
-    if method == "prompt":
-        return rank * h
-    if method not in per_layer:
-        raise MuxTuneError(f"method {method!r}: unknown; choose from {sorted(per_layer) + ['prompt']}")
-    return n * per_layer[method]
+    targets of each method on a model of `shape` (the method card's formula). Tasks of a config use
+    count_trainable_params instead."""
+    return method_card(method).params(shape, rank)

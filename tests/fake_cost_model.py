@@ -94,6 +94,17 @@ class FakeCostModel:
     def task_state_bytes(self, params):
         return self.state_bytes_per_param * params
 
+    def held_bytes(self, mb, layers, first=True, tp=1):
+        return self.activation_bytes(mb, layers, tp)
+
+    def head_bytes(self, tokens):
+        return 0  # the LM head's transient is left out: memory is backbone + states + activations in flight
+
+    # the memory model itself is the real one, over the constants above
+    in_flight_bytes = CostModel.in_flight_bytes
+    peak_bytes = CostModel.peak_bytes
+    fill_seconds = CostModel.fill_seconds  # the 1F1B fill and drain over the constants above
+
     def step_seconds(self, groups):
         n = self.shape.n_layers
         compute = sum(self.forward_seconds(mb, n, True, True) + self.backward_seconds(mb, n, True, True)

@@ -285,3 +285,16 @@ def test_tp_group_cost_is_the_simulated_step():
         assert cost.seconds == pytest.approx(step.step_seconds, rel=1e-9)
         one = group_cost(tuple(works), LayoutChoice(dp, 1, 1, (32,)), cm, packed=True)
         assert cost.state_bytes < one.state_bytes and cost.activation_bytes < one.activation_bytes
+
+
+def test_a_method_the_executor_keeps_on_one_stage_is_never_planned_over_stages():
+    """Prefix tuning's K/V prefix spans every layer: the executor refuses it across pipeline stages (its
+    card says so), so the planner offers it pp = 1 layouts only. A LLaMA-7B backbone (13.5 GB in bf16)
+    on 2 x 10 GiB devices fits only split: with an IA3 task (not tensor-parallel) as two stages, with a
+    prefix task (neither) not at all."""
+    cm = CostModel.analytic("h100", llama_7b_shape())
+    cluster = Cluster(devices=2, memory_gib=10, hardware="h100")
+    result = plan(lora_tasks(method="ia3"), cluster, cm, time_limit=4)
+    assert {g.layout.pp for g in result.plan.groups} == {2}
+    with pytest.raises(MuxTuneError, match="no plan fits"):
+        plan(lora_tasks(method="prefix"), cluster, cm, time_limit=4)

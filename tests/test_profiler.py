@@ -281,9 +281,9 @@ def test_methods_of_one_shape_keep_the_same_backbone_tensors_alive_once():
     """LoRA and DoRA (both 'parallel') keep the same op inputs alive: counted once; IA3 ('scaling')
     keeps other tensors: counted on its own. What each adapter makes itself counts per method."""
     from muxtune.executor.peft import METHODS
-    from muxtune.profiler.cost_model import METHOD_SHAPES
+    from muxtune.spec import method_card
 
-    assert METHOD_SHAPES == {name: module.SHAPE for name, module in METHODS.items()}
+    assert {name: method_card(name).shape for name in METHODS} == {name: m.SHAPE for name, m in METHODS.items()}
     p = synthetic_profile()
     lora = p.table[p.table["method"] == "lora"]
     p = prof.Profile(pd.concat([p.table, lora.assign(method="dora")], ignore_index=True), p.meta)

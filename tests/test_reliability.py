@@ -387,3 +387,30 @@ def test_admission_is_the_cost_models_memory_model_per_device(tmp_path):
     assert per_device(stages, shared, None)["h:cpu"].needed == stages[0].needed + stages[1].needed
     with pytest.raises(MuxTuneError, match=r"h:cpu \(ranks 0, 1\): needs ~"):
         per_device(stages, shared, limit_gib=(stages[0].needed + stages[1].needed - 1) / 2**30)
+
+
+@pytest.mark.parametrize("layout", [dict(pp=2), dict(tp=2), dict(dp=2, pp=2)])
+def test_admission_and_the_simulator_predict_the_same_memory_per_device(tmp_path, layout):
+    """One memory model: admission's estimate of each process and the simulator's peak of its device are
+    both CostModel.peak_bytes, so they agree byte for byte (a tensor rank holds its shard in both)."""
+    from muxtune.admission import cost_model_of, plan_estimates
+    from muxtune.profiler.cost_model import hardware
+    from muxtune.simulator.iteration import simulate_step
+    from muxtune.simulator.workload import count_trainable_params, task_work
+    from muxtune.spec import FusionGroup, Layout, Plan
+
+    model = load_backbone("builtin:tiny-llama").model
+    specs = [TaskSpec(name=n, data="x.jsonl", peft={"method": "lora", "r": r, "target_modules": ["q_proj", "o_proj"]},
+                      batch_size=b, max_seq_len=16, steps=1) for n, r, b in (("a", 4, 4), ("b", 8, 2))]
+    cm = cost_model_of(model)
+    cm.hw = hardware("h100")  # the simulator prices time too: the catalog's H100, memory as loaded
+    lay = Layout(**layout)
+    devices = [f"d{i}" for i in range(lay.dp * lay.pp * lay.tp)]
+    plan = Plan(groups=[FusionGroup(tasks=["a", "b"], devices=devices, layout=lay, micro_batches=2)],
+                alignment=Alignment(layout="padded"))
+    works = {s.name: task_work(s, count_trainable_params(s, model)) for s in specs}
+    peaks = simulate_step(plan, works, cm).peak_memory
+    estimates = plan_estimates(model, specs, plan, cm)
+    assert [e.needed for e in estimates] == [peaks[d] for d in devices]
+    if lay.tp > 1:  # a tensor rank holds less than its whole stage
+        assert estimates[0].backbone < cm.backbone_bytes(cm.shape.n_layers, True, True)

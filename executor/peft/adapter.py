@@ -17,10 +17,16 @@ from torch import nn
 
 from muxtune.errors import MuxTuneError
 from muxtune.executor.backbone import op_features
+from muxtune.method_card import FP32, MethodCard
 from muxtune.schedule import FAMILIES
 
 METHOD = "adapter"
 SHAPE = "serial"
+CARD = MethodCard(
+    METHOD, "adapter", SHAPE,
+    params=lambda s, r: s.n_layers * 2 * (2 * s.hidden * r + r + s.hidden),  # after attention and after the FFN
+    analytic=lambda h, r: (2, 4 * h * r, FP32 * 4 * h, 7),
+    probe=lambda r, targets: {"method": METHOD, "size": r})
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 

@@ -17,9 +17,15 @@ from transformers.pytorch_utils import Conv1D
 
 from muxtune.errors import MuxTuneError
 from muxtune.executor.backbone import op_features
+from muxtune.method_card import FP32, MethodCard
 
 METHOD = "bitfit"
 SHAPE = "bias"
+CARD = MethodCard(
+    METHOD, "BitFit", SHAPE,
+    params=lambda s, r: s.n_layers * (5 * s.hidden + 2 * s.intermediate),
+    analytic=lambda h, r: (7, h, FP32 * 3 * h, 3),
+    probe=lambda r, targets: {"method": METHOD})
 
 
 class Config(BaseModel):

@@ -25,9 +25,17 @@ from transformers.pytorch_utils import Conv1D
 
 from muxtune.executor.backbone import op_features
 from muxtune.executor.peft import lora
+from muxtune.method_card import FP32, MethodCard, kv_width
 
 METHOD = "dora"
 SHAPE = "parallel"
+CARD = MethodCard(
+    METHOD, "DoRA", SHAPE,
+    # LoRA's q_proj and v_proj + their magnitudes
+    params=lambda s, r: lora.CARD.params(s, r) + s.n_layers * (s.hidden + kv_width(s)),
+    analytic=lambda h, r: (2, 4 * h * r + 4 * h, FP32 * 6 * h, 12),
+    probe=lambda r, targets: {"method": METHOD, "r": r, "target_modules": targets},
+    targeted=True)
 
 
 class Config(lora.Config):

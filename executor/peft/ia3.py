@@ -21,9 +21,15 @@ from torch import nn
 
 from muxtune.errors import MuxTuneError
 from muxtune.executor.backbone import op_features, target_ops
+from muxtune.method_card import FP32, MethodCard, kv_width
 
 METHOD = "ia3"
 SHAPE = "scaling"
+CARD = MethodCard(
+    METHOD, "IA3", SHAPE,
+    params=lambda s, r: s.n_layers * (2 * kv_width(s) + s.intermediate),  # k, v outputs and down's input
+    analytic=lambda h, r: (3, h, FP32 * 3 * h, 3),
+    probe=lambda r, targets: {"method": METHOD})
 
 
 class Config(BaseModel):

@@ -14,9 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from muxtune.executor.backbone import op_features
+from muxtune.method_card import FP32, MethodCard, kv_width
 
 METHOD = "lora"
 SHAPE = "parallel"
+CARD = MethodCard(
+    METHOD, "LoRA", SHAPE,
+    params=lambda s, r: s.n_layers * (r * (s.hidden + s.hidden) + r * (s.hidden + kv_width(s))),  # q_proj, v_proj
+    analytic=lambda h, r: (2, 4 * h * r, FP32 * 4 * h, 6),
+    probe=lambda r, targets: {"method": METHOD, "r": r, "target_modules": targets},
+    targeted=True, tensor_parallel=True)
 
 
 class Config(BaseModel):

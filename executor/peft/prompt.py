@@ -13,8 +13,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from muxtune.method_card import MethodCard
+
 METHOD = "prompt"
 SHAPE = "input"
+CARD = MethodCard(
+    METHOD, "prompt tuning", SHAPE,
+    params=lambda s, r: r * s.hidden,  # one embedding row per virtual token, with the embedding
+    analytic=lambda h, r: (0, 0, 0, 0),
+    probe=lambda r, targets: {"method": METHOD, "num_virtual_tokens": r},
+    lead_slots=True, on_first_stage=True)
 
 
 class Config(BaseModel):

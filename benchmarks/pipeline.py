@@ -91,7 +91,7 @@ def sim_error(config, plan, measured: dict, warmup: int) -> dict:
     from muxtune.simulator.workload import task_work
 
     device = plan.groups[0].devices[0]
-    cost_model = load_cost_model(config.model, "cpu" if device == "cpu" else device)
+    cost_model = load_cost_model(config.model, "cpu" if device == "cpu" else device, config=config)
     metrics = measured["metrics"]
     specs = {t.name: t for t in config.tasks}
     predicted, errors = [], []
@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
             tp["sim_error"], tp["predicted_step_s"] = predicted["error"], predicted["predicted_step_s"]
             from .simulator import load_cost_model
 
-            rows = load_cost_model(config.model, "cpu" if devices[0] == "cpu" else devices[0]).profile.rows("tp_layer")
+            rows = load_cost_model(config.model, "cpu" if devices[0] == "cpu" else devices[0],
+                                   config=config).profile.rows("tp_layer")
             tp["profile_measured"] = bool(not rows.empty and (rows["world"] == len(devices)).any())
     finally:
         torch.set_num_threads(threads)

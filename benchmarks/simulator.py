@@ -27,12 +27,19 @@ from pathlib import Path
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
 
 
-def load_cost_model(model: str, device: str, profile: str | None = None):
+def load_cost_model(model: str, device: str, profile: str | None = None, config=None):
     """The profiler's CostModel for `model` on `device`: `profile` (a CSV) if given, else a cached profile
-    with this device's fingerprint, else a quick profile measured now."""
+    with this device's fingerprint, else a quick profile measured now (of what `config`'s tasks need,
+    its layer rows reaching their step sizes, as plan-and-run measures one)."""
     from muxtune.profiler.cost_model import CostModel, cost_model_for
+    from muxtune.run import profile_needs, profile_sizes
 
-    return CostModel.from_profile(profile) if profile else cost_model_for(model, device)
+    if profile:
+        return CostModel.from_profile(profile)
+    if config is None:
+        return cost_model_for(model, device)
+    methods, targets = profile_needs(config)
+    return cost_model_for(model, device, methods=methods, targets=targets or None, sizes=profile_sizes(config))
 
 
 VALIDATION = {"validation_split": 0.2, "eval_every": 2}  # --validation: every task evaluated every 2nd step
@@ -81,7 +88,7 @@ def prediction_errors(model: str, device: str, steps: int, warmup: int, max_seq_
     from muxtune.simulator.workload import evaluation_schedule, task_work
 
     config = quickstart(model, device, steps, max_seq_len, validation)
-    cost_model = load_cost_model(model, device, profile)
+    cost_model = load_cost_model(model, device, profile, config)
     names = [t.name for t in config.tasks]
     errors = []
     for groups in ([names], [[n] for n in names]):
@@ -129,7 +136,7 @@ def step_phases(model: str, device: str, steps: int, warmup: int, max_seq_len: i
     from muxtune.simulator.workload import split_micro_batches, task_work
 
     config = quickstart(model, device, steps, max_seq_len)
-    cost_model = load_cost_model(model, device, profile)
+    cost_model = load_cost_model(model, device, profile, config)
     names = [t.name for t in config.tasks]
     trainer, _, params, _ = padded_trainer(config, [names])
 

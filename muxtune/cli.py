@@ -154,12 +154,19 @@ def cmd_profile(args) -> int:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    sizes = []
+    for item in (args.sizes or "").split(","):
+        if item.strip():
+            parts = item.strip().lower().split("x")
+            if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
+                raise MuxTuneError(f"--sizes: expected TOKENSxSEQ_LEN items such as 9216x512, got {item.strip()!r}")
+            sizes.append((int(parts[0]), int(parts[1])))
     if args.budget is not None and args.budget < 0:
         raise MuxTuneError(f"--budget: expected seconds >= 0 (0: no budget), got {args.budget}")
     budget = -1.0 if args.budget is None else (args.budget or None)
     profile, path, reused = load_or_profile(args.model, device, args.mode, DTYPES[args.dtype],
                                             out=args.out, refresh=args.refresh, progress=not args.no_progress,
-                                            budget=budget, methods=methods, targets=targets)
+                                            budget=budget, methods=methods, targets=targets, sizes=sizes)
     fp = profile.meta["fingerprint"]
     if reused:
         how = "reused stored profile"
@@ -327,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", help="comma-separated PEFT methods to measure (default: all seven)")
     p.add_argument("--targets", help="comma-separated op names whose LoRA/DoRA rows are measured (default: "
                    "every op of a layer)")
+    p.add_argument("--sizes", help="comma-separated TOKENSxSEQ_LEN of the steps the tasks at hand run (e.g. "
+                   "9216x512): the layer rows reach them")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="backbone dtype, as the config's dtype (default float32)")
     p.add_argument("--threads", type=int, help="CPU threads to measure with (part of the fingerprint)")

@@ -38,6 +38,33 @@ class Pilot:
         return self.model(tokens) / (self.layers + 1)  # the head and embedding weigh about one layer
 
 
+def whole_model_points(grid: dict) -> set[tuple[int, int]]:
+    """The (seq_len, tokens) layer points at which the whole model is measured too (`model` rows): all of
+    them, or with grid["whole_model_tokens"] = n those up to n tokens, never a step size's own point
+    (`with_sizes`), and each seq_len's smallest always. A whole-model pass costs the layer's ~L+1 times
+    and the CostModel needs it only for what the parts miss (a small difference, CostModel._residual):
+    so a budget keeps the layer curves long and the whole model short."""
+    cap = grid.get("whole_model_tokens")
+    layer_only = {tuple(point) for point in grid.get("layer_only", [])}
+    return {(seq, tokens) for seq, token_counts in grid["layer"].items() for tokens in token_counts
+            if tokens == min(token_counts) or ((seq, tokens) not in layer_only and (cap is None or tokens <= cap))}
+
+
+def with_sizes(grid: dict, sizes, reach: int | None = None) -> dict:
+    """`grid` plus the step sizes the tasks at hand will run, (tokens, seq_len) each, beyond `reach` tokens
+    (default: the grid's largest): a layer curve at that seq_len from one row up to the step's tokens,
+    so the CostModel interpolates there instead of extending a curve past its end (layer rows only: a
+    layer is 1/(L+1) of a model pass; the whole model at the one-row point)."""
+    g = copy.deepcopy(grid)
+    reach = reach or max(t for token_counts in g["layer"].values() for t in token_counts)
+    for tokens, seq in sizes:
+        if tokens <= reach:  # inside the grid's curves (across seq_len, a layer is linear in T*S)
+            continue
+        g["layer"][seq] = sorted(set(g["layer"].get(seq, [])) | {seq, tokens})
+        g.setdefault("layer_only", []).append([seq, tokens])
+    return g
+
+
 def repeats_expected(grid: dict) -> float:
     least = min(3, grid["repeats"])
     return grid["warmup"] + (least + grid["repeats"]) / 2
@@ -48,13 +75,14 @@ def point_costs(grid: dict, pilot: Pilot, n_target_ops: int, tp: bool) -> dict:
     the measurement functions announce them (`Progress.begin`)."""
     reps = repeats_expected(grid)
     costs = {}
+    whole = whole_model_points(grid)
     for seq, token_counts in grid["layer"].items():
         for tokens in token_counts:
-            # layer fwd+bwd (+ a tp shard's), stem, the whole model and its forward again under no_grad
-            # (the `eval` row: about a third of a pass); then the saved/peak passes once
-            per_repeat = pilot.layer(tokens) * (1.6 if tp else 1.0) + pilot.model(tokens) * 1.5
-            costs[("layer", seq, tokens)] = (reps * per_repeat + 3 * pilot.layer(tokens)
-                                             + EVAL_WARMUP * pilot.model(tokens) / 3)
+            # layer fwd+bwd (+ a tp shard's), stem; then the saved/peak passes once; where the whole model is
+            # measured, its fwd+bwd and its forward again under no_grad (the `eval` row: a third of a pass)
+            model = pilot.model(tokens) if (seq, tokens) in whole else 0.0
+            per_repeat = pilot.layer(tokens) * (1.6 if tp else 1.0) + model * 1.5
+            costs[("layer", seq, tokens)] = reps * per_repeat + 3 * pilot.layer(tokens) + EVAL_WARMUP * model / 3
     for tokens in sorted({t for ts in grid["layer"].values() for t in ts}):
         costs[("head", tokens)] = reps * pilot.layer(tokens)
     task_tokens = [rows * grid["task_seq"] for rows in grid["task_rows"]]
@@ -100,6 +128,9 @@ def thinned(grid: dict) -> list[tuple[str, dict]]:
             g = new
             steps.append((why, copy.deepcopy(g)))
 
+    # the whole model's rows price only what the measured parts miss (CostModel._residual): at small
+    # sizes they cost little, and the layer curves keep their largest points
+    step("whole model up to 1024 tokens", lambda x: x.update(whole_model_tokens=1024))
     step("fewer repeats", lambda x: x.update(repeats=max(3, (x["repeats"] + 3) // 2)))
     step("curve ends only (tokens)", lambda x: x.update(
         layer={seq: _ends(ts) for seq, ts in x["layer"].items()}, target_tokens=_ends(x["target_tokens"])))
@@ -112,12 +143,14 @@ def thinned(grid: dict) -> list[tuple[str, dict]]:
     # per-op rows at one token count (priced proportionally in tokens, interp1 with one point)
     step("per-op rows at the smallest token count", lambda x: x.update(target_tokens=x["target_tokens"][:1]))
     step("differences of timings repeated once", lambda x: x.update(difference_repeats=1))
-    # last resort: smaller sizes, extrapolated linearly above (a llama-100m profile cut this far to fit 3
-    # minutes on a 2-core CPU predicted a 9216-token step 45% low: the budget was kept, the accuracy not)
-    for _ in range(4):  # a curve keeps two points, its largest at least twice its smallest
-        step("largest sizes halved", lambda x: x.update(
-            layer={seq: _halve_top(ts) for seq, ts in x["layer"].items()}, task_rows=_halve_top(x["task_rows"])))
+    for _ in range(2):  # a curve keeps two points, its largest at least twice its smallest
+        step("largest task rows halved", lambda x: x.update(task_rows=_halve_top(x["task_rows"])))
     step("one row count per method (priced proportionally)", lambda x: x.update(task_rows=x["task_rows"][:1]))
+    # last resort: shorter layer curves, extended linearly above. With the whole model measured at every
+    # layer point, a llama-100m profile was cut this far to fit 3 minutes on a 2-core CPU and predicted a
+    # 9216-token step 45% low: the layers are cheap to measure now and are cut last
+    for _ in range(4):
+        step("largest layer sizes halved", lambda x: x.update(layer={seq: _halve_top(ts) for seq, ts in x["layer"].items()}))
     return steps
 
 
@@ -129,21 +162,28 @@ def _halve_top(values: list) -> list:
 
 
 
-def fit(grid: dict, budget: float | None, pilot: Pilot, n_target_ops: int, tp: bool) -> tuple[dict, dict, list[str]]:
+def fit(grid: dict, budget: float | None, pilot: Pilot, n_target_ops: int, tp: bool,
+        sizes=()) -> tuple[dict, dict, list[str]]:
     """(grid, point costs, what was cut): the richest of `thinned(grid)` whose estimate fits 85% of the
-    budget (the estimate's margin), else the thinnest."""
-    costs = point_costs(grid, pilot, n_target_ops, tp)
+    budget (the estimate's margin), else the thinnest; the step `sizes` (`with_sizes`) are never cut."""
+    reach = max(t for token_counts in grid["layer"].values() for t in token_counts)  # the unthinned grid's
+
+    def priced(candidate: dict) -> tuple[dict, dict]:
+        candidate = with_sizes(candidate, sizes, reach)
+        return candidate, point_costs(candidate, pilot, n_target_ops, tp)
+
+    fitted, costs = priced(grid)
     if budget is None or sum(costs.values()) <= 0.85 * budget:
-        return grid, costs, []
+        return fitted, costs, []
     cuts = []
     for why, candidate in thinned(grid):
-        grid, costs = candidate, point_costs(candidate, pilot, n_target_ops, tp)
+        fitted, costs = priced(candidate)
         cuts.append(why)
         if sum(costs.values()) <= 0.85 * budget:
             break
     else:  # even the thinnest grid: say so rather than pretend
         cuts.append(f"still estimated at {sum(costs.values()):.0f} s: the thinnest grid, over the budget")
-    return grid, costs, cuts
+    return fitted, costs, cuts
 
 
 class Progress:

@@ -175,7 +175,7 @@ class CostModel(MemoryModel, TensorParallelPricing):
         shard = self.tp_layer_seconds(mb, phase, tp) if tp > 1 else layer
         stem = self._grid("stem", "fwd", T, span) if phase == "fwd" else 0.0
         head = interp1(*self._curve("head", phase, "tokens"), T)
-        residual = self._grid("model", phase, T, span) - (stem + L * layer + head)
+        residual = self._residual(phase, T, span)
         tasks = (sum(self._task_seconds(t, phase) for t in mb.tasks) - self._batch_shared(mb, phase)
                  + self._batch_level(mb, phase))
         # the backward stops below the lowest op any task needs a gradient at: the first stage skips that
@@ -405,6 +405,28 @@ class CostModel(MemoryModel, TensorParallelPricing):
             raise MuxTuneError(f"profile: has no {op!r} {phase} measurements")
         return interp_grid(rows, "tokens", "seq_len", value, tokens, span)
 
+    def _residual(self, phase: str, tokens: int, span: int) -> float:
+        """What the measured parts miss of the whole model (`model` - stem - L * layer - head), taken at
+        the points where the whole model was measured and interpolated like a backbone op. The whole
+        model is the dearest row to measure, so a budget measures it at fewer points than the layer (the
+        smallest token counts of each seq_len): the layer curves then reach far, and only this small
+        difference is carried past its points, not the whole model's own cost."""
+        cache = self.__dict__.setdefault("_residuals", {})
+        key = (id(self.profile.table), phase)
+        if key not in cache:
+            points = self.profile.rows("model", phase)
+            if points.empty:
+                raise MuxTuneError(f"profile: has no 'model' {phase} measurements")
+            L = self.shape.n_layers
+            head = self._curve("head", phase, "tokens")
+            missed = [seconds - L * self._grid("layer", phase, t, s)
+                      - (self._grid("stem", "fwd", t, s) if phase == "fwd" else 0.0) - interp1(*head, t)
+                      for t, s, seconds in zip(points["tokens"], points["seq_len"], points["seconds"])]
+            cache[key] = points.assign(seconds=missed)
+        # held at the ends of the measured range: a difference of large timings, mostly noise around a small
+        # value; extending its slope 10x past the points would amplify that noise 10x
+        return interp_grid(cache[key], "tokens", "seq_len", "seconds", tokens, span, hold=True)
+
     def _task_seconds(self, task: TaskLoad, phase: str) -> float:
         """A task's overhead on the whole model: interpolated in tokens per measured rank, then in rank.
         LoRA/DoRA: the sum over its targets' rows (and their dropout rows if it has dropout)."""
@@ -481,12 +503,15 @@ class CostModel(MemoryModel, TensorParallelPricing):
         return {"layer": s.layer_params * s.dtype_bytes, "first": embed, "last": 0 if s.tied_embeddings else embed}
 
 
-def cost_model_for(model: str, device: str = "cpu", mode: str = "quick", progress: bool = False) -> CostModel:
+def cost_model_for(model: str, device: str = "cpu", mode: str = "quick", progress: bool = False,
+                   methods=None, targets=None, sizes=None) -> CostModel:
     """The CostModel of `model` on this machine's `device`: a cached profile with this device's
-    fingerprint (shipped in profiles/ or in the user cache), else a profile measured now."""
+    fingerprint (shipped in profiles/ or in the user cache) that covers `methods` / `targets`, else a
+    profile of those measured now, its layer rows reaching the step `sizes` ((tokens, seq_len) each)."""
     from muxtune.profiler.profile import load_or_profile
 
-    profile, _, _ = load_or_profile(model, device, mode, progress=progress)
+    profile, _, _ = load_or_profile(model, device, mode, progress=progress, methods=methods, targets=targets,
+                                    sizes=sizes)
     return CostModel.from_profile(profile)
 
 

@@ -40,7 +40,9 @@ def _row(op, phase, timed: Timed | float, tokens=0, seq_len=0, method="", rank=0
             "batch_bytes": batch, "peak_bytes": peak, "target": target, "rel_error": round(timed.rel_error, 4)}
 
 
-def measure_backbone(model, device: str, grid: dict, s: Sampling, progress) -> list[dict]:
+def measure_backbone(model, device: str, grid: dict, s: Sampling, progress, whole_model=None) -> list[dict]:
+    """Layer, stem and head rows at every (seq_len, tokens) of `grid`; the whole model's rows at those of
+    `whole_model` (budget.whole_model_points; default: all)."""
     rows = []
     parent, attr, layers = decoder_layers(model)
     layer = layers[0]
@@ -82,6 +84,9 @@ def measure_backbone(model, device: str, grid: dict, s: Sampling, progress) -> l
             finally:
                 setattr(parent, attr, layers)
             rows.append(_row("stem", "fwd", stem, tokens, seq, saved=saved_shared))
+            if whole_model is not None and (seq, tokens) not in whole_model:
+                progress.end()
+                continue
 
             f, b = fwd_bwd_seconds(lambda: bare_model_loss(model, ids, mask), device, s)
             rows += [_row("model", "fwd", f, tokens, seq), _row("model", "bwd", b, tokens, seq)]

@@ -50,7 +50,7 @@ import torch
 from muxtune.errors import MuxTuneError
 from muxtune.profiler.backbone_parts import (bare_model_loss, decoder_layers, layer_param_bytes,  # noqa: F401
                                              target_names, tp_shard_layers)
-from muxtune.profiler.budget import Progress, fit
+from muxtune.profiler.budget import Progress, fit, whole_model_points
 from muxtune.profiler.measure import (_row, measure_backbone, measure_comm, measure_optimizer,  # noqa: F401
                                       measure_step_fixed, measure_targets, measure_tasks, peft_config_for, pilot)
 from muxtune.profiler.probes import LiveBytes, observe_step, peak_bytes  # noqa: F401
@@ -111,10 +111,12 @@ DEFAULT_BUDGET = {"quick": 180.0, "full": 600.0}  # seconds: what a profile may 
 
 def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype: torch.dtype = torch.float32,
                 comm: bool = True, progress: bool = True, budget: float | None = -1.0,
-                methods: list[str] | None = None, targets: list[str] | None = None) -> Profile:
+                methods: list[str] | None = None, targets: list[str] | None = None,
+                sizes: list[tuple[int, int]] | None = None) -> Profile:
     """Measure the op table on `device` for `model_name` (a builtin preset or a HF model dir) within
     `budget` seconds (-1: the mode's default, None: no budget; profiler/budget.py says what is cut first).
-    `methods` / `targets`: only what those PEFT methods and LoRA/DoRA target op names need (default: all)."""
+    `methods` / `targets`: only what those PEFT methods and LoRA/DoRA target op names need (default: all);
+    `sizes`: (tokens, seq_len) of the steps the tasks at hand run: layer rows reach them (budget.with_sizes)."""
     from muxtune.executor.backbone import load_backbone
     from muxtune.profiler.cost_model import ModelShape
 
@@ -146,7 +148,9 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
     fp = fingerprint(device, model_name, model.config, dtype)
     _, _, layers = decoder_layers(model)
     n_target_ops = len(target_names(model, grid))
-    grid, costs, cuts = fit(grid, budget, pilot(model, device), n_target_ops, bool(tp_shard_layers(model, layers[0])))
+    sizes = sorted({(int(t), int(s)) for t, s in sizes or [] if t > 0 and s > 0})
+    grid, costs, cuts = fit(grid, budget, pilot(model, device), n_target_ops, bool(tp_shard_layers(model, layers[0])),
+                            sizes)
     if not comm:
         costs.pop(("comm",))
     sampling_for = Sampling(warmup=grid["warmup"], least=min(3, grid["repeats"]), most=grid["repeats"])
@@ -157,7 +161,7 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
     s = dataclasses.replace(sampling_for, budget=bar.budget)
     rows = []
     try:
-        rows += measure_backbone(model, device, grid["layer"], s, bar)
+        rows += measure_backbone(model, device, grid["layer"], s, bar, whole_model_points(grid))
         rows += measure_tasks(backbone, device, grid, s, bar)
         rows += measure_targets(backbone, device, grid, s, bar)
         rows += measure_step_fixed(backbone, device, grid, s, bar)
@@ -174,7 +178,7 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
             "weight_bytes": layer_param_bytes(model),
             # what the method-level task rows were measured on (a task with no target list is priced so)
             "task_targets": attention_targets(model.config.model_type),
-            "methods": sorted(grid["ranks"]), "targets": target_names(model, grid),
+            "methods": sorted(grid["ranks"]), "targets": target_names(model, grid), "sizes": sizes,
             "budget_s": budget, "estimated_s": round(sum(costs.values()), 1), "cuts": cuts,
             "seconds": round(time.perf_counter() - started, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -251,7 +255,7 @@ def trusted_profile(model_name: str, device: str, mode: str = "quick", dtype: to
 
 def load_or_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype: torch.dtype = torch.float32,
                     out: Path | None = None, refresh: bool = False, progress: bool = True,
-                    budget: float | None = -1.0, methods=None, targets=None,
+                    budget: float | None = -1.0, methods=None, targets=None, sizes=None,
                     say=print) -> tuple[Profile, Path, bool]:
     """A stored profile that passes the calibration check here (`trusted_profile`), else a fresh
     measurement within `budget` saved to `out` (default: the user cache). Returns (profile, path, reused)."""
@@ -266,6 +270,6 @@ def load_or_profile(model_name: str, device: str = "cpu", mode: str = "quick", d
                 path = profile.save(out)
             return profile, path, True
     profile = run_profile(model_name, device, mode, dtype, progress=progress, budget=budget, methods=methods,
-                          targets=targets)
+                          targets=targets, sizes=sizes)
     path = Path(out) if out else user_cache_dir() / profile_filename(profile.meta["fingerprint"])
     return profile, profile.save(path), False

@@ -22,7 +22,7 @@ def test_simulator_benchmark_runs_and_predicts_with_a_plugged_in_cost_model(caps
     from muxtune.benchmarks import simulator
 
     # the real CostModel arrives with the profiler; here the prediction path runs on the tests' fake
-    monkeypatch.setattr(simulator, "load_cost_model", lambda model, device, profile=None: FakeCostModel(shape=FakeShape(n_layers=2)))
+    monkeypatch.setattr(simulator, "load_cost_model", lambda model, device, profile=None, config=None: FakeCostModel(shape=FakeShape(n_layers=2)))
     result = simulator.main(["--quick"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == json.loads(json.dumps(result))

@@ -135,6 +135,40 @@ def test_from_profile_composes_a_fused_step_from_parts_at_unmeasured_shapes():
         assert extra == pytest.approx(TASK["lora"](100, 16, ph) - TASK["ia3"](100, 0, ph) - SHARED[ph], rel=1e-6)
 
 
+def test_the_whole_model_at_a_few_points_prices_what_the_parts_miss_at_any_size():
+    """The whole model is the dearest row, so a budget measures it only at small sizes (budget.
+    whole_model_points); the layer curves go on. Pricing takes what the parts miss at the whole model's
+    points and carries that, not the whole model's own cost, past them: where the layer's cost per token
+    grows at large sizes (caches; +30% here from 1024 tokens on), a step past the largest whole-model
+    point is priced as with every point measured. The difference is held past its points, not extended
+    by its slope (a noisy difference extended 10x past its points is 10x the noise)."""
+    table = synthetic_profile().table.copy()
+    big = table["tokens"] >= 1024
+    layer, model = table["op"] == "layer", table["op"] == "model"
+    for ph in ("fwd", "bwd"):
+        bump = 0.3 * table.loc[layer & big & (table["phase"] == ph), "seconds"].to_numpy()
+        table.loc[layer & big & (table["phase"] == ph), "seconds"] += bump
+        table.loc[model & big & (table["phase"] == ph), "seconds"] += SHAPE.n_layers * bump
+    full = prof.Profile(table, synthetic_profile().meta)
+    few = prof.Profile(table[~model | (table["tokens"] <= 256)].reset_index(drop=True), full.meta)
+    assert set(few.rows("model")["tokens"]) == {64, 128, 256}
+    for t, s in ((2048, 128), (1024, 32)):
+        mb = MicroBatch((TaskLoad("lora", 8, t, 5000),), s)
+        for ph, fn in (("fwd", "forward_seconds"), ("bwd", "backward_seconds")):
+            bare = (1.3 * SHAPE.n_layers * LAYER(t, s, ph) + (1e-5 * t / 64 if ph == "fwd" else 0) + 4e-7 * t
+                    + MODEL_EXTRA + TASK["lora"](t, 8, ph) - (SKIP["lora"](t) if ph == "bwd" else 0.0))
+            for profile in (full, few):
+                assert getattr(CostModel.from_profile(profile), fn)(mb, SHAPE.n_layers, True, True) == \
+                    pytest.approx(bare, rel=1e-9)
+    # a noisy difference (+20% of the model at the curve's last point) is held there, not extended
+    noisy = synthetic_profile().table.copy()
+    last = (noisy["op"] == "model") & (noisy["tokens"] == 1024)
+    noisy.loc[last, "seconds"] *= 1.2
+    cm = CostModel.from_profile(prof.Profile(noisy[noisy["seq_len"] != 128].reset_index(drop=True), full.meta))
+    held = cm._residual("fwd", 1024, 32)
+    assert held > MODEL_EXTRA and cm._residual("fwd", 16 * 1024, 32) == pytest.approx(held, rel=1e-12)
+
+
 # per targeted op (fwd/bwd) and what dropout adds there, for one task over all layers; fixed host work
 TARGET = {"q_proj": lambda t, r: 2e-5 + 1e-8 * t * r, "v_proj": lambda t, r: 1e-5 + 1e-8 * t * r,
           "down_proj": lambda t, r: 4e-5 + 3e-8 * t * r}
@@ -606,6 +640,9 @@ def test_cli_profile_errors_exit_2_without_traceback(capsys, tmp_path):
     assert "unknown builtin preset" in capsys.readouterr().err
     assert main(["profile", "--devices", "tpu"]) == 2
     assert "--devices" in capsys.readouterr().err
+    assert main(["profile", "--sizes", "9216x512,4096"]) == 2
+    err = capsys.readouterr().err
+    assert "--sizes" in err and "'4096'" in err and "Traceback" not in err
     if not torch.cuda.is_available():
         assert main(["profile", "--devices", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
@@ -666,7 +703,7 @@ def test_a_grid_that_does_not_fit_the_budget_is_thinned_in_order():
     same, _, cuts = fit(grid, 2 * full_cost, pilot, 7, True)
     assert same == grid and cuts == []
     thinner, costs, cuts = fit(grid, 0.8 * full_cost, pilot, 7, True)
-    assert cuts and cuts[0] == "fewer repeats" and sum(costs.values()) <= 0.85 * 0.8 * full_cost
+    assert cuts and cuts[0] == "whole model up to 1024 tokens" and sum(costs.values()) <= 0.85 * 0.8 * full_cost
     assert all(len(ts) <= len(grid["layer"][seq]) for seq, ts in thinner["layer"].items())
     # every method is still measured (the CostModel needs each), and each curve keeps both its ends
     assert set(thinner["ranks"]) == set(grid["ranks"])
@@ -679,12 +716,45 @@ def test_a_grid_that_does_not_fit_the_budget_is_thinned_in_order():
     assert all_cuts[-1].startswith("still estimated at")  # said, not hidden
 
 
+def test_a_budget_cuts_the_whole_model_and_the_task_rows_before_the_layer_curves():
+    """llama-100m on this 2-core CPU (fwd+bwd 2.2 ms per token): at the default 180 s the layer curves
+    keep their largest points (4096 tokens). They were halved to 512 tokens before, and a 9216-token step
+    was priced 45% low; the whole model, measured at every layer point, was most of their cost."""
+    from muxtune.profiler.budget import Pilot, fit, point_costs, whole_model_points
+
+    grid = prof.GRIDS["quick"]
+    pilot = Pilot(fixed=0.01, per_token=2.2e-3, layers=12)
+    fitted, costs, cuts = fit(grid, prof.DEFAULT_BUDGET["quick"], pilot, 7, True)
+    assert sum(costs.values()) <= 0.85 * prof.DEFAULT_BUDGET["quick"]
+    assert max(t for ts in fitted["layer"].values() for t in ts) == 4096
+    assert not any(c.startswith("largest layer sizes") for c in cuts)
+    whole = whole_model_points(fitted)
+    assert all(t <= 1024 or t == min(fitted["layer"][seq]) for seq, t in whole)
+    assert {seq for seq, _ in whole} == set(fitted["layer"])  # every seq_len keeps a whole-model point
+    # a layer point without the whole model costs a fraction of one with it
+    with_model = point_costs(grid, pilot, 7, True)[("layer", 64, 4096)]
+    assert costs[("layer", 256, 4096)] < 0.2 * with_model
+    # a config's step sizes are added to every candidate, never cut, and priced (layer rows only)
+    sized, sized_costs, _ = fit(grid, prof.DEFAULT_BUDGET["quick"], pilot, 7, True, sizes=[(9216, 512)])
+    assert sized["layer"][512] == [512, 9216] and (512, 9216) not in whole_model_points(sized)
+    assert 0 < sized_costs[("layer", 512, 9216)] < pilot.model(9216)  # less than one whole-model pass
+    assert sum(sized_costs.values()) <= 0.85 * prof.DEFAULT_BUDGET["quick"]
+    # only when the rest is cut to the bone do the layer curves shorten
+    _, _, last = fit(grid, 1.0, pilot, 7, True)
+    assert last.index("largest layer sizes halved") > last.index("one row count per method (priced proportionally)")
+
+
 def test_a_budgeted_profile_for_some_methods_measures_only_those(tmp_path):
     """A profile for a config's methods: only their task rows (LoRA's targets too), the thinning it did
     recorded, every timed row with its relative standard error."""
     p = prof.run_profile("builtin:tiny-llama", "cpu", "quick", comm=False, progress=False, budget=15.0,
-                         methods=["lora", "ia3"], targets=["q_proj", "v_proj"])
+                         methods=["lora", "ia3"], targets=["q_proj", "v_proj"], sizes=[(6144, 384)])
     assert p.meta["methods"] == ["ia3", "lora"] and p.meta["targets"] == ["q_proj", "v_proj"]
+    # the config's step size is a layer point however much the budget cut (one row and the step), the
+    # whole model only at its curve's smallest point
+    assert {(384, 384), (384, 6144)} <= set(zip(p.rows("layer")["seq_len"], p.rows("layer")["tokens"]))
+    assert set(p.rows("model")[p.rows("model")["seq_len"] == 384]["tokens"]) == {384}
+    assert p.meta["sizes"] == [(6144, 384)]
     assert set(p.rows("task")["method"]) == {"lora", "ia3"}
     assert set(p.rows("target")["target"]) == {"q_proj", "v_proj"}
     assert p.meta["budget_s"] == 15.0 and p.meta["cuts"] and p.meta["estimated_s"] <= 0.85 * 15.0 + 1e-9
@@ -697,3 +767,16 @@ def test_a_budgeted_profile_for_some_methods_measures_only_those(tmp_path):
     assert cm.step_seconds([mb]) > 0
     with pytest.raises(MuxTuneError, match="prefix"):
         cm.step_seconds([MicroBatch((TaskLoad("prefix", 8, 64, 2048),), 16)])
+
+
+def test_a_profile_for_a_config_reaches_its_step_sizes():
+    """plan-and-run and the simulator/pipeline benchmarks profile for a config: each task alone and all
+    tasks in one padded group (the quickstart's 18 rows of 512 = 9216 tokens, which a 3-minute llama-100m
+    profile used to price from curves ending at 512 tokens)."""
+    from pathlib import Path
+
+    from muxtune.run import profile_sizes
+    from muxtune.spec import load_config
+
+    config = load_config(Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml")
+    assert profile_sizes(config) == [(1024, 128), (1024, 512), (1536, 384), (2048, 512), (9216, 512)]

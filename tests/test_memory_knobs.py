@@ -14,6 +14,7 @@ from muxtune.errors import MuxTuneError
 from muxtune.executor import accumulation
 from muxtune.executor.backbone import load_backbone
 from muxtune.executor.data import load_examples
+from muxtune.executor.hooks import StepObserver
 from muxtune.executor.optim import summed_task_loss
 from muxtune.executor.trainer import MultiplexedTrainer
 from muxtune.planner.plan import plan
@@ -110,14 +111,30 @@ def test_micro_steps_split_each_task_into_its_parts():
     assert accumulation.micro_steps(batches, {}) == [batches]
 
 
+class GradientRecorder(StepObserver):
+    """Each task's gradient (flattened) as the optimizer phase finds it, once per step (all tasks' AdamW
+    steps are one multi-tensor update, executor/optim.py: no per-optimizer step hook runs)."""
+
+    def __init__(self, trainer):
+        self.trainer, self.due = trainer, True
+        self.seen: dict[str, list[torch.Tensor]] = {name: [] for name in trainer.runs}
+        trainer.observer = self
+
+    def phase(self, name: str):
+        if name == "draw":
+            self.due = True
+        elif name == "optimizer" and self.due:  # the step's first optimizer phase: gradients complete
+            self.due = False
+            for task, run in self.trainer.runs.items():
+                grads = [p.grad.reshape(-1).clone() for p in run.parameters() if p.grad is not None]
+                if grads:
+                    self.seen[task].append(torch.cat(grads))
+        return super().phase(name)
+
+
 def record_gradients(trainer) -> dict[str, list[torch.Tensor]]:
-    """Each task's gradient (flattened) as its optimizer receives it, every step."""
-    seen = {}
-    for name, run in trainer.runs.items():
-        seen[name] = []
-        run.optimizer.register_step_pre_hook(lambda *_, _run=run, _seen=seen[name]: _seen.append(
-            torch.cat([p.grad.reshape(-1).clone() for p in _run.parameters() if p.grad is not None])))
-    return seen
+    """Each task's gradient (flattened) as the optimizer phase receives it, every step."""
+    return GradientRecorder(trainer).seen
 
 
 @pytest.mark.parametrize("alignment", [CHUNKED, PADDED], ids=["chunked", "padded"])

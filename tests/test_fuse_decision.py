@@ -27,12 +27,12 @@ def layer_seconds(tokens: int, phase: str, growth: float) -> float:
     return (1e-4 + 2e-6 * tokens * (1 + growth * tokens / 4096) + 3e-9 * tokens * SEQ) * (2 if phase == "bwd" else 1)
 
 
-def superlinear_profile(growth: float) -> prof.Profile:
-    """The tests' synthetic profile with its backbone rows (layer, stem, whole model) measured at SEQ over
-    256..8192 tokens on the curve above, and the step's fixed host work: as the profiler writes them."""
+def superlinear_profile(growth: float, points=(256, 512, 1024, 2048, 4096, 8192)) -> prof.Profile:
+    """The tests' synthetic profile with its backbone rows (layer, stem, whole model) measured at SEQ at
+    `points` tokens on the curve above, and the step's fixed host work: as the profiler writes them."""
     base = synthetic_profile()
     rows = []
-    for t in (256, 512, 1024, 2048, 4096, 8192):
+    for t in points:
         stem, head = 1e-5 * t / 64, 4e-7 * t
         for phase in ("fwd", "bwd"):
             rows.append(prof._row("layer", phase, layer_seconds(t, phase, growth), t, SEQ, saved=1000 * t))
@@ -57,6 +57,16 @@ def step_seconds(groups: list[list[str]], works, cm) -> float:
     return simulate_step(plan_, {w.name: w for w in works}, cm, packed=True).step_seconds
 
 
+def one_device() -> LayoutChoice:
+    return LayoutChoice(dp=1, pp=1, micro_batches=1, stage_layers=(SHAPE.n_layers,))
+
+
+def fused_and_sequential(works, cm) -> tuple[float, float]:
+    """The planner's cost of all tasks in one group, and of each task its own group, one after another."""
+    return (group_cost(tuple(works), one_device(), cm, packed=True).seconds,
+            sum(group_cost((w,), one_device(), cm, packed=True).seconds for w in works))
+
+
 # growth 0.05: two groups of 4 tasks price their layers ~0.5% below the one fused group, but each pays the
 # step's host work for its batch: the one group is cheaper, and the planner sees it only because a group's
 # cost holds that host work (without it, it planned the two groups: a step 0.5% slower than all fused)
@@ -65,9 +75,7 @@ def test_the_planner_fuses_only_where_the_cost_model_prices_fusing_cheaper(growt
     cm = CostModel.from_profile(superlinear_profile(growth))
     tasks = tenants()
     works = works_of(tasks, cm)
-    one_device = LayoutChoice(dp=1, pp=1, micro_batches=1, stage_layers=(SHAPE.n_layers,))
-    fused = group_cost(tuple(works), one_device, cm, packed=True).seconds
-    sequential = sum(group_cost((w,), one_device, cm, packed=True).seconds for w in works)
+    fused, sequential = fused_and_sequential(works, cm)
     assert (fused < sequential) == fused_is_cheaper  # the profile prices the case this test is about
     # with one stage the planner's group cost is the simulated step, host work included
     names = [t.name for t in tasks]
@@ -80,3 +88,33 @@ def test_the_planner_fuses_only_where_the_cost_model_prices_fusing_cheaper(growt
     # the plan's predicted step is never slower than the tenants one after another (nor than all fused)
     planned = simulate_step(result.plan, {w.name: w for w in works}, cm, packed=True).step_seconds
     assert planned <= min(fused, sequential) * (1 + 1e-9)
+
+
+def test_the_steps_a_plan_compares_are_profiled_so_a_thinned_curve_cannot_hide_that_fusing_is_dearer():
+    """A budget thins a layer curve to its ends first: llama-100m's quick profile on this CPU kept 256 and
+    4096 tokens at seq_len 256. On a convex curve the chord between them prices 512 tokens dear and 4096
+    exactly, so 8 tasks of 512 looked cheaper fused however much dearer fusing measured. The step sizes
+    a plan compares (each task alone, all fused) are now points of the grid whatever the budget cuts
+    (budget.with_sizes), and the CostModel prices them where they were measured."""
+    from muxtune.profiler.budget import Pilot, fit
+
+    pilot = Pilot(fixed=0.01, per_token=2.2e-3, layers=12)  # llama-100m on a 2-core CPU
+    sizes = [(ROWS * SEQ, SEQ), (TASKS * ROWS * SEQ, SEQ)]
+    plain, _, cuts = fit(prof.GRIDS["quick"], prof.DEFAULT_BUDGET["quick"], pilot, 7, True)
+    sized, _, _ = fit(prof.GRIDS["quick"], prof.DEFAULT_BUDGET["quick"], pilot, 7, True, sizes=sizes)
+    assert "curve ends only (tokens)" in cuts and plain["layer"][SEQ] == [256, 4096]
+    assert sized["layer"][SEQ] == [256, 512, 4096]
+
+    tasks = tenants()
+    growth = 0.3  # fused measures ~2% dearer than the 8 tasks one after another; on the chord ~5% cheaper
+    ends = CostModel.from_profile(superlinear_profile(growth, points=(256, 4096)))
+    fused, sequential = fused_and_sequential(works_of(tasks, ends), ends)
+    assert fused < sequential  # the chord
+    measured = CostModel.from_profile(superlinear_profile(growth, points=(256, 512, 4096)))
+    works = works_of(tasks, measured)
+    fused, sequential = fused_and_sequential(works, measured)
+    assert fused > sequential  # the curve
+    result = plan(tasks, Cluster(devices=1, memory_gib=64), measured, time_limit=4)
+    assert len(result.plan.groups) > 1
+    planned = simulate_step(result.plan, {w.name: w for w in works}, measured, packed=True).step_seconds
+    assert planned <= sequential * (1 + 1e-9)

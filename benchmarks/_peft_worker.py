@@ -195,20 +195,39 @@ class Muxed:
 CONFIGS = {"separate": Separate, "switch": Switch, "muxtune": Muxed, "limit": Muxed, "planned": Muxed}
 
 
+def plan_cost_model(model: str, ranks: list[int], shapes: list[tuple[int, int]], profile: str | None,
+                    hardware: str | None):
+    """The planned arm's CostModel: `hardware` (a catalog GPU, or "this": the GPU here) priced analytically
+    (nothing measured: the GPU script's time limit), else `profile` (a CSV), else a stored profile that
+    passes the calibration check here, else a quick one measured now whose layer curves hold every
+    shape's step alone and all N fused (as plan-and-run measures one)."""
+    from muxtune.executor.backbone import model_config
+    from muxtune.profiler.cost_model import CostModel, ModelShape, cost_model_for
+
+    device, dtype = device_and_dtype()
+    if hardware:
+        import torch
+
+        name = torch.cuda.get_device_name() if hardware == "this" else hardware
+        return CostModel.analytic(name, ModelShape.from_config(model_config(model), dtype))
+    if profile:
+        return CostModel.from_profile(profile)
+    sizes = sorted({(k * rows * seq, seq) for rows, seq in shapes for k in (1, len(ranks))})
+    return cost_model_for(model, device, methods=["lora"], targets=TARGETS, sizes=sizes)
+
+
 def plan_points(model: str, ranks: list[int], shapes: list[tuple[int, int]], profile: str | None,
-                memory_gib: float, seconds: float) -> list[dict]:
-    """The planner's Plan for the tasks at each (rows, seq) shape, priced by this device's CostModel:
-    `profile` (a CSV), else a stored profile that passes the calibration check here, else a quick one
-    measured now whose layer curves reach every shape alone and all N fused (as plan-and-run measures
-    one). Each: the Plan as a dict, and the planner's own figures beside it (its table)."""
+                hardware: str | None, memory_gib: float, seconds: float) -> list[dict]:
+    """The planner's Plan for the tasks at each (rows, seq) shape, priced by plan_cost_model. Each: the
+    Plan as a dict, and the planner's own figures beside it (its table)."""
     from muxtune.planner.plan import plan
-    from muxtune.profiler.cost_model import CostModel, cost_model_for
     from muxtune.spec import Cluster
 
-    device = device_and_dtype()[0]
-    sizes = sorted({(k * rows * seq, seq) for rows, seq in shapes for k in (1, len(ranks))})
-    cm = CostModel.from_profile(profile) if profile else cost_model_for(model, device, methods=["lora"],
-                                                                        targets=TARGETS, sizes=sizes)
+    cm = plan_cost_model(model, ranks, shapes, profile, hardware)
+    if device_and_dtype()[0].startswith("cuda"):  # the parent passes host memory; a GPU plan fits the GPU's
+        import torch
+
+        memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     out = []
     for rows, seq in shapes:
         result = plan(task_specs(ranks, rows, seq), Cluster(devices=1, memory_gib=memory_gib), cm, time_limit=seconds)
@@ -221,7 +240,7 @@ def plan_points(model: str, ranks: list[int], shapes: list[tuple[int, int]], pro
 
 
 def run_planner(conn, model: str, ranks: list[int], shapes: list[tuple[int, int]], profile: str | None,
-                memory_gib: float, seconds: float, threads: int, log_path: str) -> None:
+                hardware: str | None, memory_gib: float, seconds: float, threads: int, log_path: str) -> None:
     """Process entry point of the planning (plan_points): a process of its own, so the parent stays light
     and a profile measured here runs with the workers' threads; prints go to `log_path`."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -230,7 +249,7 @@ def run_planner(conn, model: str, ranks: list[int], shapes: list[tuple[int, int]
     import torch
 
     torch.set_num_threads(threads)
-    conn.send(plan_points(model, ranks, shapes, profile, memory_gib, seconds))
+    conn.send(plan_points(model, ranks, shapes, profile, hardware, memory_gib, seconds))
 
 
 def train(job, steps: int) -> dict:

@@ -174,14 +174,16 @@ def start_forkserver(threads: int, device: str = "cpu", dtype: str = "float32") 
 def plan_sweep(args, shapes: list[Shape], ram_mb: float) -> list[dict]:
     """The planner's choice at every sweep point (_peft_worker.plan_points), in a process of its own
     before any worker starts (a profile measured now then has the machine to itself)."""
-    log(f"planning {args.tasks} tasks at {len(shapes)} sweep points ({args.profile or 'this device profile'})")
+    source = f"analytic {args.plan_hardware}" if args.plan_hardware else args.profile or "this device's profile"
+    log(f"planning {args.tasks} tasks at {len(shapes)} sweep points ({source})")
     log_path = Path(tempfile.mkdtemp(prefix="mux_vs_separate.plan.")) / "planner.log"
     ctx = multiprocessing.get_context("forkserver")
     conn, child = ctx.Pipe()
     # not a daemon: measuring a profile starts processes of its own
     proc = ctx.Process(target=_peft_worker.run_planner, name="planner",
                        args=(child, args.model, ranks_for(args.tasks), [(s.rows, s.seq) for s in shapes],
-                             args.profile, MEMORY_SHARE * ram_mb / 1024, PLAN_SECONDS, args.threads, str(log_path)))
+                             args.profile, args.plan_hardware, MEMORY_SHARE * ram_mb / 1024, PLAN_SECONDS,
+                             args.threads, str(log_path)))
     proc.start()
     child.close()
     try:
@@ -400,6 +402,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"(default {FULL['min_seconds']}; --quick {QUICK['min_seconds']})")
     parser.add_argument("--profile", help="the profile CSV the planned arm's CostModel reads (default: this "
                         "device's stored profile, else one measured now; --quick: the shipped tiny-llama one)")
+    parser.add_argument("--plan-hardware", help="price the planned arm with the analytic CostModel of this "
+                        "catalog GPU instead (`this`: the GPU here; nothing measured)")
     parser.add_argument("--max-seq", type=int, default=256,
                         help="longest sequence; a task's tokens split into tokens // max_seq rows (default 256)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every process (default 2)")

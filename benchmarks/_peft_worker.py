@@ -13,6 +13,9 @@ Configs (`run_worker(config=...)`):
   muxtune   MuxTune's MultiplexedTrainer, one task per rank, fused into one micro-batch per step
   limit     MuxTune's MultiplexedTrainer with the tasks given (the parent passes one rank and N times
             the rows of one task: the same tokens per step as `muxtune`)
+  planned   MuxTune's MultiplexedTrainer carrying out the planner's Plan for the N tasks (`plan`, made by
+            `run_planner` for the point's shape): its groups one after another in a step, its
+            micro-batches and alignment
 
 Protocol: after setup the worker sends {"ready": ...}. Then, one command dict at a time (any command
 may carry "threads": n, applied with torch.set_num_threads first):
@@ -147,21 +150,30 @@ class Switch:
         return tokens
 
 
-class Muxed:
-    """MuxTune's MultiplexedTrainer, one task per rank (a single task for the `limit` config)."""
+def task_specs(ranks: list[int], rows: int = 1, max_seq: int = 4096) -> list:
+    """MuxTune's tasks of the benchmark: one LoRA per rank, `rows` sequences of up to `max_seq` tokens a step."""
+    from muxtune.spec import TaskSpec
 
-    def __init__(self, model_name: str, ranks: list[int], task_index: int = 0, max_seq: int = 4096):
+    return [TaskSpec(name=f"t{i}", data=Path("synthetic"), seed=i, lr=LR, steps=10**9, batch_size=rows,
+                     max_seq_len=max_seq, max_grad_norm=MAX_GRAD_NORM, weight_decay=0.0,
+                     peft={"method": "lora", "r": r, "alpha": ALPHA, "dropout": 0.0, "target_modules": TARGETS})
+            for i, r in enumerate(ranks)]
+
+
+class Muxed:
+    """MuxTune's MultiplexedTrainer, one task per rank (a single task for the `limit` config); with `plan`
+    (a Plan as a dict) it carries that plan out (the `planned` config), else all tasks fused in one group."""
+
+    def __init__(self, model_name: str, ranks: list[int], task_index: int = 0, max_seq: int = 4096,
+                 plan: dict | None = None):
         from muxtune.executor.trainer import MultiplexedTrainer
-        from muxtune.spec import TaskSpec
+        from muxtune.spec import Plan
 
         backbone = load(model_name)
-        specs = [TaskSpec(name=f"t{i}", data=Path("synthetic"), seed=i, lr=LR, steps=10**9, batch_size=1,
-                          max_seq_len=max_seq, max_grad_norm=MAX_GRAD_NORM, weight_decay=0.0,
-                          peft={"method": "lora", "r": r, "alpha": ALPHA, "dropout": 0.0,
-                                "target_modules": TARGETS})
-                 for i, r in enumerate(ranks)]
+        specs = task_specs(ranks, max_seq=max_seq)
         examples = {s.name: synthetic_examples(1, 8, s.seed) for s in specs}
-        self.trainer = MultiplexedTrainer(backbone, specs, examples)
+        self.trainer = MultiplexedTrainer(backbone, specs, examples,
+                                          plan=Plan.model_validate(plan) if plan else None)
 
     def prepare(self, rows: int, seq: int) -> None:
         from muxtune.executor.data import TaskSampler
@@ -180,7 +192,64 @@ class Muxed:
         return tokens
 
 
-CONFIGS = {"separate": Separate, "switch": Switch, "muxtune": Muxed, "limit": Muxed}
+CONFIGS = {"separate": Separate, "switch": Switch, "muxtune": Muxed, "limit": Muxed, "planned": Muxed}
+
+
+def plan_cost_model(model: str, ranks: list[int], shapes: list[tuple[int, int]], profile: str | None,
+                    hardware: str | None):
+    """The planned arm's CostModel: `hardware` (a catalog GPU, or "this": the GPU here) priced analytically
+    (nothing measured: the GPU script's time limit), else `profile` (a CSV), else a stored profile that
+    passes the calibration check here, else a quick one measured now whose layer curves hold every
+    shape's step alone and all N fused (as plan-and-run measures one)."""
+    from muxtune.executor.backbone import model_config
+    from muxtune.profiler.cost_model import CostModel, ModelShape, cost_model_for
+
+    device, dtype = device_and_dtype()
+    if hardware:
+        import torch
+
+        name = torch.cuda.get_device_name() if hardware == "this" else hardware
+        return CostModel.analytic(name, ModelShape.from_config(model_config(model), dtype))
+    if profile:
+        return CostModel.from_profile(profile)
+    sizes = sorted({(k * rows * seq, seq) for rows, seq in shapes for k in (1, len(ranks))})
+    return cost_model_for(model, device, methods=["lora"], targets=TARGETS, sizes=sizes)
+
+
+def plan_points(model: str, ranks: list[int], shapes: list[tuple[int, int]], profile: str | None,
+                hardware: str | None, memory_gib: float, seconds: float) -> list[dict]:
+    """The planner's Plan for the tasks at each (rows, seq) shape, priced by plan_cost_model. Each: the
+    Plan as a dict, and the planner's own figures beside it (its table)."""
+    from muxtune.planner.plan import plan
+    from muxtune.spec import Cluster
+
+    cm = plan_cost_model(model, ranks, shapes, profile, hardware)
+    if device_and_dtype()[0].startswith("cuda"):  # the parent passes host memory; a GPU plan fits the GPU's
+        import torch
+
+        memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    out = []
+    for rows, seq in shapes:
+        result = plan(task_specs(ranks, rows, seq), Cluster(devices=1, memory_gib=memory_gib), cm, time_limit=seconds)
+        rates = dict(zip(result.table["planner"], result.table["tokens_per_s"]))
+        out.append({"plan": result.plan.model_dump(), "groups": len(result.plan.groups),
+                    "micro_batches": max(g.micro_batches for g in result.plan.groups),
+                    # predicted: the plan vs every task its own group, one after another (the temporal baseline)
+                    "predicted_vs_sequential": rates["muxtune"] / rates["temporal"], "cost_model": cm.device})
+    return out
+
+
+def run_planner(conn, model: str, ranks: list[int], shapes: list[tuple[int, int]], profile: str | None,
+                hardware: str | None, memory_gib: float, seconds: float, threads: int, log_path: str) -> None:
+    """Process entry point of the planning (plan_points): a process of its own, so the parent stays light
+    and a profile measured here runs with the workers' threads; prints go to `log_path`."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    import torch
+
+    torch.set_num_threads(threads)
+    conn.send(plan_points(model, ranks, shapes, profile, hardware, memory_gib, seconds))
 
 
 def train(job, steps: int) -> dict:
@@ -237,7 +306,7 @@ def serve(job, conn) -> None:
 
 
 def run_worker(conn, config: str, model: str, ranks: list[int], task_index: int, threads: int,
-               log_path: str) -> None:
+               log_path: str, plan: dict | None = None) -> None:
     """Process entry point: everything the libraries print goes to `log_path`, answers go to `conn`."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
@@ -246,7 +315,7 @@ def run_worker(conn, config: str, model: str, ranks: list[int], task_index: int,
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    job = CONFIGS[config](model, ranks, task_index)
+    job = CONFIGS[config](model, ranks, task_index, **({"plan": plan} if plan else {}))
     conn.send({"ready": True, "setup_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(),
                "pid": os.getpid()})
     serve(job, conn)

@@ -16,6 +16,11 @@ sequences. At every sweep point each task's micro-batch holds exactly `tokens_pe
   switch                one HF PEFT process, one backbone, N adapters (`add_adapter`), `set_adapter`
                         to each task in turn every step, one AdamW per adapter
   muxtune               MuxTune's MultiplexedTrainer: the N tasks fused into one micro-batch per step
+  planned               MuxTune's MultiplexedTrainer carrying out the planner's Plan for the N tasks at
+                        this point (planner/plan.py priced by this device's CostModel: `--profile`, else a
+                        stored profile that passes the calibration check, else a quick one measured now;
+                        --quick: the shipped tiny-llama profile): all fused, or groups one after another
+                        where the CostModel prices fusing dearer (issue 26)
   single_adapter_limit  MultiplexedTrainer with ONE task (rank 8) and N times the rows: the same
                         tokens per step as `muxtune`, the best a fused step could do
 
@@ -26,7 +31,7 @@ configurations is the sum over the N processes. Every process uses `--threads` (
 except in separate_concurrent (above).
 Each measurement is 1 untimed warm-up step then timed steps (setup never counts). The timed steps of
 one sweep point are interleaved: one step of every process of every configuration in turn
-(separate[0..N-1], switch, muxtune, limit; every other round in reverse), in rounds, so a noisy
+(separate[0..N-1], switch, muxtune, planned, limit; every other round in reverse), in rounds, so a noisy
 machine hits them alike; the number of rounds is `--steps` or more, enough for muxtune's timed steps
 to last `--min-seconds` (cheap small points get more rounds: more pairs for the paired median).
 separate_concurrent runs after the rounds.
@@ -39,6 +44,9 @@ on stderr, and as the LAST stdout line one JSON object: per-point figures, plus
                     to back); limit_ratio_total is the ratio of their summed seconds instead
   memory_ratio      separate memory / muxtune memory at the smallest sweep point
   memory_ratio_min  min of that over sweep points
+  planned_vs_sequential  min over sweep points of planned / separate_seq (each point's figure also in
+                    `sweep`, beside the planner's choice: `planned_groups`, `planned_micro_batches`,
+                    and its own prediction `planned_predicted_vs_sequential`)
   throughput_ceiling  single_adapter_limit / best separate at the smallest sweep point: the most any
                     fused executor can gain here (fusion saves no FLOPs, only per-process overhead and
                     small-GEMM inefficiency)
@@ -66,9 +74,13 @@ import pandas as pd
 
 from muxtune.benchmarks import _peft_worker  # by its installed name: forkserver children import it without the checkout root
 
-CONFIGS = ["separate_seq", "separate_concurrent", "switch", "muxtune", "single_adapter_limit"]
-FULL = {"model": "builtin:llama-100m", "tasks": 8, "sweep": "32,64,128,256,512", "steps": 4, "min_seconds": 20.0}
-QUICK = {"model": "builtin:tiny-llama", "tasks": 3, "sweep": "32,64", "steps": 2, "min_seconds": 0.0}
+CONFIGS = ["separate_seq", "separate_concurrent", "switch", "muxtune", "planned", "single_adapter_limit"]
+REPO = Path(__file__).resolve().parent.parent
+FULL = {"model": "builtin:llama-100m", "tasks": 8, "sweep": "32,64,128,256,512", "steps": 4, "min_seconds": 20.0,
+        "profile": None}
+QUICK = {"model": "builtin:tiny-llama", "tasks": 3, "sweep": "32,64", "steps": 2, "min_seconds": 0.0,
+         "profile": str(next((REPO / "profiles").glob("cpu-*-tiny-llama.csv"), ""))}
+PLAN_SECONDS = 5.0  # the planner's time limit at each sweep point
 TARGETS = {"throughput_ratio": 1.5, "limit_ratio": 0.95, "memory_ratio": 5.3}
 MEMORY_SHARE = 0.7  # run the separate processes concurrently only below this share of RAM
 START_TIME = time.perf_counter()
@@ -109,13 +121,14 @@ def total_ram_mb() -> float:
 class Worker:
     """One training process (benchmarks/_peft_worker.py, forked from the forkserver), driven over a pipe."""
 
-    def __init__(self, config: str, model: str, ranks: list[int], task_index: int, threads: int, logdir: Path):
+    def __init__(self, config: str, model: str, ranks: list[int], task_index: int, threads: int, logdir: Path,
+                 plan: dict | None = None):
         self.name = config if config != "separate" else f"separate[{task_index}]"
         self.log_path = logdir / f"{self.name}.log"
         ctx = multiprocessing.get_context("forkserver")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_peft_worker.run_worker, name=self.name, daemon=True,
-                                args=(child, config, model, ranks, task_index, threads, str(self.log_path)))
+                                args=(child, config, model, ranks, task_index, threads, str(self.log_path), plan))
         self.proc.start()
         child.close()
         self.info: dict | None = None
@@ -156,6 +169,34 @@ def start_forkserver(threads: int, device: str = "cpu", dtype: str = "float32") 
         os.environ[var] = str(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     multiprocessing.set_forkserver_preload(["muxtune.benchmarks._peft_worker", *_peft_worker.PRELOAD])
+
+
+def plan_sweep(args, shapes: list[Shape], ram_mb: float) -> list[dict]:
+    """The planner's choice at every sweep point (_peft_worker.plan_points), in a process of its own
+    before any worker starts (a profile measured now then has the machine to itself)."""
+    source = f"analytic {args.plan_hardware}" if args.plan_hardware else args.profile or "this device's profile"
+    log(f"planning {args.tasks} tasks at {len(shapes)} sweep points ({source})")
+    log_path = Path(tempfile.mkdtemp(prefix="mux_vs_separate.plan.")) / "planner.log"
+    ctx = multiprocessing.get_context("forkserver")
+    conn, child = ctx.Pipe()
+    # not a daemon: measuring a profile starts processes of its own
+    proc = ctx.Process(target=_peft_worker.run_planner, name="planner",
+                       args=(child, args.model, ranks_for(args.tasks), [(s.rows, s.seq) for s in shapes],
+                             args.profile, args.plan_hardware, MEMORY_SHARE * ram_mb / 1024, PLAN_SECONDS,
+                             args.threads, str(log_path)))
+    proc.start()
+    child.close()
+    try:
+        choices = conn.recv()
+    except EOFError:
+        proc.join()
+        raise RuntimeError(f"the planner exited (exitcode {proc.exitcode}); its log ends:\n"
+                           f"{log_path.read_text()[-3000:] if log_path.exists() else ''}") from None
+    proc.join()
+    for shape, choice in zip(shapes, choices):
+        log(f"t={shape.tokens}: the plan has {choice['groups']} group(s), {choice['micro_batches']} micro-batch(es) "
+            f"each; predicted {choice['predicted_vs_sequential']:.3f}x the tasks one after another ({choice['cost_model']})")
+    return choices
 
 
 def prepare_all(workers: list[Worker], rows: int, seq: int, threads: int, warmup: bool = True) -> list[dict]:
@@ -218,7 +259,7 @@ def measure_point(workers: dict, shape: Shape, args, ram_mb: float) -> dict:
     """Every configuration at one sweep point: warm-ups, interleaved timed steps, then the concurrent run."""
     n = args.tasks
     jobs = {"separate_seq": workers["separate"], "switch": [workers["switch"]],
-            "muxtune": [workers["muxtune"]], "single_adapter_limit": [workers["limit"]]}
+            "muxtune": [workers["muxtune"]], "planned": [workers["planned"]], "single_adapter_limit": [workers["limit"]]}
     rows = {name: n * shape.rows if name == "single_adapter_limit" else shape.rows for name in jobs}
     for name, procs in jobs.items():
         for w in procs:  # one at a time: a warm-up step never overlaps another process's work
@@ -226,7 +267,7 @@ def measure_point(workers: dict, shape: Shape, args, ram_mb: float) -> dict:
             if name == "muxtune":
                 mux_step = answer["warmup_seconds"]
     rounds = max(args.steps, math.ceil(args.min_seconds / mux_step))
-    log(f"t={shape.tokens}: all {n + 3} processes warm; {rounds} timed rounds")
+    log(f"t={shape.tokens}: all {n + 4} processes warm; {rounds} timed rounds")
     out = {name: sequential_figures(recs) for name, recs in interleaved(jobs, rounds).items()}
     out["rounds"] = rounds
     for name in jobs:
@@ -239,23 +280,24 @@ def measure_point(workers: dict, shape: Shape, args, ram_mb: float) -> dict:
     return out
 
 
-def start_workers(args, ram_mb: float) -> dict:
+def start_workers(args, ram_mb: float, plan: dict) -> dict:
     """All processes live for the whole sweep (setup is never timed). The first separate process
-    starts alone: its size tells whether N + 3 of them fit in RAM."""
+    starts alone: its size tells whether N + 4 of them fit in RAM. `plan`: the planned arm's Plan."""
     logdir = Path(tempfile.mkdtemp(prefix="mux_vs_separate."))
     ranks = ranks_for(args.tasks)
     spawn = lambda config, rks, i=0: Worker(config, args.model, rks, i, args.threads, logdir)  # noqa: E731
     first = spawn("separate", ranks, 0)
     rss = first.ready()["peak_rss_mb"]
-    need = (args.tasks + 3) * rss * 1.5
+    need = (args.tasks + 4) * rss * 1.5
     if need > MEMORY_SHARE * ram_mb:
         first.close()
         raise SystemExit(f"{args.tasks} tasks need ~{need:.0f} MB of worker processes (one is ~{rss:.0f} MB "
                          f"after setup) but only {MEMORY_SHARE * ram_mb:.0f} MB is budgeted: use fewer --tasks")
     workers = {"separate": [first] + [spawn("separate", ranks, i) for i in range(1, args.tasks)],
                "switch": spawn("switch", ranks), "muxtune": spawn("muxtune", ranks),
-               "limit": spawn("limit", ranks[:1])}
-    log(f"started {args.tasks + 3} worker processes (stderr logs in {logdir})")
+               "limit": spawn("limit", ranks[:1]),
+               "planned": Worker("planned", args.model, ranks, 0, args.threads, logdir, plan)}
+    log(f"started {args.tasks + 4} worker processes (stderr logs in {logdir})")
     try:
         for w in all_workers(workers):
             w.ready()
@@ -267,7 +309,7 @@ def start_workers(args, ram_mb: float) -> dict:
 
 
 def all_workers(workers: dict) -> list[Worker]:
-    return workers["separate"] + [workers["switch"], workers["muxtune"], workers["limit"]]
+    return workers["separate"] + [workers["switch"], workers["muxtune"], workers["planned"], workers["limit"]]
 
 
 def close_all(workers: dict) -> None:
@@ -279,9 +321,9 @@ def best_separate(point: dict) -> float:
     return max(point[c]["tokens_per_s"] for c in ("separate_seq", "separate_concurrent") if point[c])
 
 
-def summarize(args, shapes: list[Shape], points: list[dict]) -> dict:
+def summarize(args, shapes: list[Shape], points: list[dict], choices: list[dict]) -> dict:
     sweep = []
-    for shape, point in zip(shapes, points):
+    for shape, point, choice in zip(shapes, points, choices):
         entry = {"tokens_per_task": shape.tokens, "rows": shape.rows, "seq_len": shape.seq, "rounds": point["rounds"]}
         for config in CONFIGS:
             r = point[config]
@@ -296,6 +338,12 @@ def summarize(args, shapes: list[Shape], points: list[dict]) -> dict:
         entry["mux_vs_limit_median"] = round(
             mux["tokens_per_s_median"] / point["single_adapter_limit"]["tokens_per_s_median"], 3)
         entry["mux_vs_limit_paired"] = round(paired_ratio(mux, point["single_adapter_limit"]), 3)
+        # the planner's choice, and what it measured against the tasks one after another
+        entry["planned_groups"], entry["planned_micro_batches"] = choice["groups"], choice["micro_batches"]
+        entry["planned_predicted_vs_sequential"] = round(choice["predicted_vs_sequential"], 3)
+        entry["planned_vs_sequential"] = round(point["planned"]["tokens_per_s"] / point["separate_seq"]["tokens_per_s"], 3)
+        entry["planned_vs_sequential_median"] = round(
+            point["planned"]["tokens_per_s_median"] / point["separate_seq"]["tokens_per_s_median"], 3)
         sweep.append(entry)
     first = points[0]
     figures = {
@@ -308,16 +356,19 @@ def summarize(args, shapes: list[Shape], points: list[dict]) -> dict:
         "limit_ratio": min(e["mux_vs_limit_paired"] for e in sweep),
         "memory_ratio": sweep[0]["memory_ratio"],
         "memory_ratio_min": min(e["memory_ratio"] for e in sweep),
+        # issue 26: with the planner's choice, never slower than the tasks one after another (>= 1)
+        "planned_vs_sequential": min(e["planned_vs_sequential"] for e in sweep),
     }
     robust = {  # the same two ratios from median step rates (separate_concurrent has one wall time only)
         "throughput_ratio_median": sweep[0]["mux_vs_separate_median"],
         "limit_ratio_median": min(e["mux_vs_limit_median"] for e in sweep),
         "limit_ratio_total": min(e["mux_vs_limit"] for e in sweep),
+        "planned_vs_sequential_median": min(e["planned_vs_sequential_median"] for e in sweep),
     }
     applies = {"throughput_ratio": shapes[0].tokens <= 64, "limit_ratio": True, "memory_ratio": args.tasks == 8}
     # None: the target is not stated for this setup (it is for <= 64 tokens/task and N = 8)
     met = {k: (figures[k] >= TARGETS[k] if applies[k] else None) for k in TARGETS}
-    return {"model": args.model, "device": args.device, "dtype": args.dtype, "tasks": args.tasks, "steps": args.steps, "min_seconds": args.min_seconds,
+    return {"model": args.model, "profile": args.profile, "device": args.device, "dtype": args.dtype, "tasks": args.tasks, "steps": args.steps, "min_seconds": args.min_seconds,
             "ranks": ranks_for(args.tasks),
             "threads": args.threads, "concurrent_threads": args.concurrent_threads, "sweep": sweep,
             **figures, "targets": TARGETS, "targets_met": met, **robust,
@@ -349,6 +400,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-seconds", type=float,
                         help="more rounds where muxtune's timed steps would last less than this "
                              f"(default {FULL['min_seconds']}; --quick {QUICK['min_seconds']})")
+    parser.add_argument("--profile", help="the profile CSV the planned arm's CostModel reads (default: this "
+                        "device's stored profile, else one measured now; --quick: the shipped tiny-llama one)")
+    parser.add_argument("--plan-hardware", help="price the planned arm with the analytic CostModel of this "
+                        "catalog GPU instead (`this`: the GPU here; nothing measured)")
     parser.add_argument("--max-seq", type=int, default=256,
                         help="longest sequence; a task's tokens split into tokens // max_seq rows (default 256)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every process (default 2)")
@@ -375,17 +430,18 @@ def main(argv: list[str] | None = None) -> None:
     start_forkserver(args.threads, args.device, args.dtype)
     log(f"{args.model}, {args.tasks} tasks, sweep {args.sweep} tokens/task, at least {args.steps} timed rounds, "
         f"RAM {ram_mb:.0f} MB")
+    choices = plan_sweep(args, shapes, ram_mb)
     points = []
-    for shape in shapes:
-        workers = start_workers(args, ram_mb)  # fresh processes for every point (module docstring)
+    for shape, choice in zip(shapes, choices):
+        workers = start_workers(args, ram_mb, choice["plan"])  # fresh processes for every point (module docstring)
         try:
             points.append(measure_point(workers, shape, args, ram_mb))
         finally:
             close_all(workers)
         print(table(shape, points[-1]).to_string(index=False), "\n", flush=True)
-    result = summarize(args, shapes, points)
+    result = summarize(args, shapes, points, choices)
     columns = ("tokens_per_task", "mux_vs_separate", "mux_vs_limit", "memory_ratio", "mux_vs_separate_median",
-               "mux_vs_limit_median")
+               "mux_vs_limit_median", "planned_groups", "planned_vs_sequential")
     print(pd.DataFrame([{k: e[k] for k in columns}
                         for e in result["sweep"]]).to_string(index=False))
     print(json.dumps(result), flush=True)

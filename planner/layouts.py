@@ -11,7 +11,8 @@ for, and its memory is the rank's shard.
 
 A group's cost on a layout is the 1F1B time of its micro-batches on the slowest stage plus the
 pipeline's fill and drain, the transfers of its boundary activations, the all-reduce of its
-gradients and its tasks' optimizer steps: an upper bound of what it adds to the pipeline's step
+gradients, its tasks' optimizer steps and the step's host work (once per micro-batch: what fusing
+pays once for all its tasks, and each task's own): an upper bound of what it adds to the pipeline's step
 when groups take turns (1f1b). When groups interleave in one pipeline they fill each other's bubbles
 and the fill and drain is paid once per step, so the fill part is kept apart (`fill_seconds`): an
 instance costs the sum of its groups' other parts plus the largest fill (cpsat.instance_seconds). The
@@ -31,7 +32,7 @@ from muxtune.profiler.cost_model import GRAD_BYTES_PER_PARAM
 from muxtune.profiler import memory_knobs
 from muxtune.schedule import one_f_one_b, replica_parts, stage_split
 from muxtune.simulator.knobs import accumulated_parts
-from muxtune.simulator.workload import TaskWork, device_params
+from muxtune.simulator.workload import TaskWork, device_params, host_load
 
 TP_MAX = 8  # tensor ranks of one stage: the GPUs of one node (NVLink); TP's per-layer all-reduces stay inside it
 
@@ -110,7 +111,7 @@ class CachedCostModel:
 
     CACHED = ("forward_seconds", "backward_seconds", "activation_bytes", "p2p_seconds", "allreduce_seconds",
               "optimizer_seconds", "boundary_bytes", "backbone_bytes", "task_state_bytes",
-              "tp_comm_seconds", "tp_params", "held_bytes", "head_bytes")
+              "tp_comm_seconds", "tp_params", "held_bytes", "head_bytes", "host_seconds", "batch_host_seconds")
     # compositions of the cached methods, run over this object so their parts hit the cache
     COMPOSED = ("in_flight_bytes", "peak_bytes", "fill_seconds")
 
@@ -158,7 +159,11 @@ def group_cost(works: tuple[TaskWork, ...], layout: LayoutChoice, cm, packed: bo
                 for s, layers in enumerate(layout.stage_layers))
     state = max(sum(cm.task_state_bytes(device_params(w, s, layers, n_layers, tp, cm)[0]) for w in works)
                 for s, layers in enumerate(layout.stage_layers))
-    return GroupCost(max(stage_work) + fill + allreduce + optim, int(max(stage_act)), int(state),
+    # the step's host work on the first stage before its forwards, as the simulator has it: once per micro-batch
+    # (drawing, fusing, routing the batch: what fusing pays once for all its tasks) and each task's own
+    host = (sum(count * cm.batch_host_seconds(mb) for mb, count in distinct.items())
+            + sum(cm.host_seconds(host_load(w, list(works), layout.dp, packed)) for w in works))
+    return GroupCost(max(stage_work) + fill + allreduce + optim + host, int(max(stage_act)), int(state),
                      fill_seconds=fill, recompute=recompute, accumulation=accumulation)
 
 

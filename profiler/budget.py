@@ -50,18 +50,20 @@ def whole_model_points(grid: dict) -> set[tuple[int, int]]:
             if tokens == min(token_counts) or ((seq, tokens) not in layer_only and (cap is None or tokens <= cap))}
 
 
-def with_sizes(grid: dict, sizes, reach: int | None = None) -> dict:
-    """`grid` plus the step sizes the tasks at hand will run, (tokens, seq_len) each, beyond `reach` tokens
-    (default: the grid's largest): a layer curve at that seq_len from one row up to the step's tokens,
-    so the CostModel interpolates there instead of extending a curve past its end (layer rows only: a
-    layer is 1/(L+1) of a model pass; the whole model at the one-row point)."""
+def with_sizes(grid: dict, sizes) -> dict:
+    """`grid` plus the step sizes the tasks at hand will run, (tokens, seq_len) each: a layer curve at that
+    seq_len from one row through every step's tokens, so the CostModel reads those steps where they were
+    measured instead of extending a curve past its end or drawing a chord between its ends (layer rows
+    only: a layer is 1/(L+1) of a model pass; the whole model at the one-row point). Inside the grid's reach
+    too: a cost per token that grows with the batch (caches, attention) makes a curve convex, and a
+    chord between a thinned curve's ends (256 and 4096 tokens) prices 512 tokens dear and 4096 exactly:
+    8 tasks of 512 tokens then always looked cheaper fused, however much dearer fusing them measured."""
     g = copy.deepcopy(grid)
-    reach = reach or max(t for token_counts in g["layer"].values() for t in token_counts)
     for tokens, seq in sizes:
-        if tokens <= reach:  # inside the grid's curves (across seq_len, a layer is linear in T*S)
-            continue
-        g["layer"][seq] = sorted(set(g["layer"].get(seq, [])) | {seq, tokens})
-        g.setdefault("layer_only", []).append([seq, tokens])
+        had = set(g["layer"].get(seq, []))
+        g["layer"][seq] = sorted(had | {seq, tokens})
+        if tokens not in had:  # a point the grid measures anyway keeps its whole-model row
+            g.setdefault("layer_only", []).append([seq, tokens])
     return g
 
 
@@ -166,10 +168,8 @@ def fit(grid: dict, budget: float | None, pilot: Pilot, n_target_ops: int, tp: b
         sizes=()) -> tuple[dict, dict, list[str]]:
     """(grid, point costs, what was cut): the richest of `thinned(grid)` whose estimate fits 85% of the
     budget (the estimate's margin), else the thinnest; the step `sizes` (`with_sizes`) are never cut."""
-    reach = max(t for token_counts in grid["layer"].values() for t in token_counts)  # the unthinned grid's
-
     def priced(candidate: dict) -> tuple[dict, dict]:
-        candidate = with_sizes(candidate, sizes, reach)
+        candidate = with_sizes(candidate, sizes)
         return candidate, point_costs(candidate, pilot, n_target_ops, tp)
 
     fitted, costs = priced(grid)

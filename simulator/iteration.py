@@ -46,10 +46,10 @@ import simpy
 
 from muxtune.errors import MuxTuneError
 from muxtune.profiler import memory_knobs
-from muxtune.profiler.cost_model import GRAD_BYTES_PER_PARAM, TaskLoad
+from muxtune.profiler.cost_model import GRAD_BYTES_PER_PARAM
 from muxtune.schedule import blocks, one_f_one_b, process_rank, replica_parts, stage_of, stage_split
 from muxtune.simulator.knobs import accumulated_parts
-from muxtune.simulator.workload import MicroBatch, TaskWork, device_params, evaluation_passes
+from muxtune.simulator.workload import MicroBatch, TaskWork, device_params, evaluation_passes, host_load
 
 EVENT_COLUMNS = ["device", "stream", "group", "micro_batch", "kind", "start", "end", "task", "replica", "stage"]
 
@@ -135,14 +135,6 @@ def _pipelines(plan, works: dict[str, TaskWork], cost_model, packed: bool) -> li
 def _units(pipe: _Pipeline, replica: int, schedule: str) -> list[list[tuple[int, int]]]:
     """Blocks of (group, micro-batch) units; each block is one 1F1B (a flush between blocks)."""
     return blocks([[(g, k) for k in range(len(pipe.micro_batches[g][replica]))] for g in pipe.groups], schedule)
-
-
-def _host_load(plan, g: int, name: str, works: dict[str, TaskWork], dp: int, packed: bool) -> TaskLoad:
-    """A task's share of one replica's step, as host_seconds prices it: its rows x their length (the
-    group's longest when padded, as split_micro_batches lays them out)."""
-    w = works[name]
-    per_row = w.seq_len if packed else max(works[t].seq_len for t in plan.groups[g].tasks)
-    return TaskLoad(w.method, w.rank, int(round(w.sequences / dp * per_row)), w.params, w.targets, w.dropout)
 
 
 def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = False,
@@ -246,7 +238,8 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
                         log_all(r, s, "compute", g, k, "host", start)
                     for name in plan.groups[g].tasks:
                         start = env.now
-                        yield compute(cost_model.host_seconds(_host_load(plan, g, name, works, _pipe.dp, packed)))
+                        yield compute(cost_model.host_seconds(
+                            host_load(works[name], [works[t] for t in plan.groups[g].tasks], _pipe.dp, packed)))
                         log_all(r, s, "compute", g, -1, "host", start, name)
             for b, units in enumerate(blocks):
                 if b > 0:

@@ -78,6 +78,15 @@ def split_micro_batches(works: list[TaskWork], parts: int, packed: bool = False)
     return out
 
 
+def host_load(work: TaskWork, group: list[TaskWork], dp: int, packed: bool) -> TaskLoad:
+    """A task's share of one replica's step, as CostModel.host_seconds prices it: its rows x their length
+    (the group's longest when padded, as split_micro_batches lays them out). The simulator and the
+    planner's group cost both price a task's host work at this load."""
+    per_row = work.seq_len if packed else max(w.seq_len for w in group)
+    return TaskLoad(work.method, work.rank, int(round(work.sequences / dp * per_row)), work.params, work.targets,
+                    work.dropout)
+
+
 def stage_params(work: TaskWork, stage: int, layers: int, n_layers: int) -> int:
     """A task's adapter parameters held by one stage: spread evenly over the layers, or all on the first
     stage for a method whose parameters sit with the embedding (prompt tuning's virtual tokens)."""

@@ -142,8 +142,9 @@ def test_planner_benchmark_runs_in_quick_mode(capsys):
 
 
 def test_mux_vs_separate_benchmark_runs_every_arm_in_quick_mode():
-    """All five arms (separate processes one after another and concurrently, adapter switching, MuxTune,
-    the one-adapter limit) train, each checking every step that it trained the tokens asked for."""
+    """All six arms (separate processes one after another and concurrently, adapter switching, MuxTune,
+    the planner's plan, the one-adapter limit) train, each checking every step that it trained the
+    tokens asked for; the planned arm reports the planner's choice and its ratio to the separate jobs."""
     import subprocess
     import sys
     from pathlib import Path
@@ -154,8 +155,10 @@ def test_mux_vs_separate_benchmark_runs_every_arm_in_quick_mode():
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     point = last["sweep"][0]
-    for arm in ("separate_seq", "separate_concurrent", "switch", "muxtune", "single_adapter_limit"):
+    for arm in ("separate_seq", "separate_concurrent", "switch", "muxtune", "planned", "single_adapter_limit"):
         assert point[arm]["tokens_per_s"] > 0, arm
+    assert 1 <= point["planned_groups"] <= 3 and point["planned_predicted_vs_sequential"] > 0
+    assert last["planned_vs_sequential"] == point["planned_vs_sequential"] > 0
     assert last["tasks"] == 3 and last["throughput_ratio"] > 0 and last["throughput_ceiling"] > 0
     assert last["memory_ratio"] > 1  # three backbones vs one: holds on any machine
     # limit_ratio pairs the two arms' steps of the same round; with one round that is the plain ratio

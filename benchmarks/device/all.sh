@@ -9,7 +9,8 @@
 #   alignment    chunk-aligned vs padded on a realistic length mix                         [60]
 #   headline     benchmarks.mux_vs_separate, ~1B LLaMA-shaped preset (builtin:llama-1b) in bf16, 8
 #                tenants at 128 and 512 tokens each: vs separate HF PEFT processes (one after another
-#                and concurrent) and vs the one-adapter limit                              [270]
+#                and concurrent), vs the one-adapter limit, and the planner's plan (analytic
+#                CostModel of this GPU: no profile measured in the stage's time)           [270]
 set -u
 DRY=0; [ "${1:-}" = "--dry" ] && DRY=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,6 +21,7 @@ if [ $DRY = 1 ]; then
   DEVICE=cpu DTYPE=float32 MODEL=builtin:tiny-llama HOST_MODEL=builtin:tiny-llama
   KERNEL_TESTS="tests/test_kernels.py -k backend_switch"; HOST_ARGS="--tokens 256 --kernels torch"
   ALIGN_ARGS="--quick"; HEADLINE_ARGS="--tasks 2 --sweep 32 --steps 1 --min-seconds 0 --no-concurrent"
+  HEADLINE_ARGS="$HEADLINE_ARGS --profile $(ls profiles/cpu-*-tiny-llama.csv | head -1)"  # the planned arm: nothing measured
 else
   PY=python3
   if ls .whl/*.whl >/dev/null 2>&1; then  # pinned wheels carried along (docs/benchmarks.md)
@@ -32,7 +34,7 @@ else
   DEVICE=cuda DTYPE=bfloat16 MODEL=builtin:llama-1b HOST_MODEL=builtin:llama-100m
   KERNEL_TESTS="tests/test_kernels.py"; HOST_ARGS="--tokens 4096 --dtype bfloat16"
   ALIGN_ARGS="--model builtin:llama-100m --devices cuda"
-  HEADLINE_ARGS="--tasks 8 --sweep 128,512 --steps 3 --min-seconds 5 --threads 2"
+  HEADLINE_ARGS="--tasks 8 --sweep 128,512 --steps 3 --min-seconds 5 --threads 2 --plan-hardware this"
 fi
 SCALE=1; [ $DRY = 1 ] && SCALE=5  # a loaded 2-core CPU runs the tiny stages slower than the GPU the real ones
 stage() {  # name, seconds, command...: stdout's last line (the JSON) to $OUT/<name>.json, the rest to .log

@@ -19,7 +19,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from muxtune.errors import MuxTuneError
-from muxtune.executor.peft import METHODS, PeftConfig
+from muxtune.methods import METHODS, PeftConfig
 from muxtune.method_card import MethodCard
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # names become folder names under runs/<name>/

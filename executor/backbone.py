@@ -59,34 +59,30 @@ def _special(cfg_cls, **kw):
 
 # Every preset disables the backbone's own dropout: a frozen backbone is run deterministically so a
 # task's result depends on its own seed alone.
+def _llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int):
+    return lambda: _special(LlamaConfig, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+                            tie_word_embeddings=False)
+
+
+def _gpt2(hidden: int, layers: int, heads: int):
+    return lambda: _special(GPT2Config, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=4096,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
 PRESETS = {
-    "tiny-llama": lambda: _special(
-        LlamaConfig, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
-    ),
-    "tiny-gpt2": lambda: _special(
-        GPT2Config, n_embd=64, n_layer=2, n_head=4, n_positions=4096,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    ),
+    "tiny-llama": _llama(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2),
+    "tiny-gpt2": _gpt2(hidden=64, layers=2, heads=4),
     "tiny-opt": lambda: _special(
         OPTConfig, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=4096, word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0,
     ),
     # Benchmark presets: big enough that weights dominate a process's memory.
-    "llama-100m": lambda: _special(
-        LlamaConfig, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-        num_key_value_heads=12, max_position_embeddings=4096, tie_word_embeddings=False,
-    ),
+    "llama-100m": _llama(hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=12),
     # ~1B parameters in TinyLlama-1.1B's shape (grouped-query attention): the GPU headline benchmark's
     # backbone (benchmarks/device/all.sh), in bf16 there; the byte vocabulary keeps it download-free
-    "llama-1b": lambda: _special(
-        LlamaConfig, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-        num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False,
-    ),
-    "gpt2-100m": lambda: _special(
-        GPT2Config, n_embd=768, n_layer=12, n_head=12, n_positions=4096,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    ),
+    "llama-1b": _llama(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4),
+    "gpt2-100m": _gpt2(hidden=768, layers=12, heads=12),
 }
 
 PRESET_SEED = 1234

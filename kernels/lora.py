@@ -28,6 +28,21 @@ from muxtune.kernels.segments import SegmentTable
 
 
 @triton.jit
+def _segment(s, seg_start, seg_len, seg_rank, seg_off):
+    """Segment s: its first row, row count, rank and the offset of its weights in the flat buffer."""
+    return tl.load(seg_start + s), tl.load(seg_len + s), tl.load(seg_rank + s), tl.load(seg_off + s)
+
+
+@triton.jit
+def _rank_if(value, rank, IS_RANK: tl.constexpr):
+    """A segment's rank where IS_RANK is set, else the scalar the launch gave (one kernel serves every
+    product whose inner size, column count or weight stride is the segment's rank)."""
+    if IS_RANK:
+        value = rank
+    return value
+
+
+@triton.jit
 def _segment_matmul(IN, W, OUT, seg_start, seg_len, seg_rank, seg_woff, seg_alpha,
                     inner, cols, wsi, wsj, stride_in, stride_out, split_len, stride_split,
                     SPLIT: tl.constexpr, INNER_IS_RANK: tl.constexpr, COLS_IS_RANK: tl.constexpr, WSI_IS_RANK: tl.constexpr,
@@ -42,22 +57,13 @@ def _segment_matmul(IN, W, OUT, seg_start, seg_len, seg_rank, seg_woff, seg_alph
     pid_n = tl.program_id(1) // SPLIT
     part = tl.program_id(1) % SPLIT
     s = tl.program_id(2)
-    length = tl.load(seg_len + s)
-    rank = tl.load(seg_rank + s)
-    if INNER_IS_RANK:
-        inner = rank
-    if COLS_IS_RANK:
-        cols = rank
-    if WSI_IS_RANK:
-        wsi = rank
-    if WSJ_IS_RANK:
-        wsj = rank
-    if pid_m * BM >= length:
+    start, length, rank, woff = _segment(s, seg_start, seg_len, seg_rank, seg_woff)
+    inner = _rank_if(inner, rank, INNER_IS_RANK)
+    cols = _rank_if(cols, rank, COLS_IS_RANK)
+    wsi = _rank_if(wsi, rank, WSI_IS_RANK)
+    wsj = _rank_if(wsj, rank, WSJ_IS_RANK)
+    if pid_m * BM >= length or pid_n * BN >= cols:  # this program's tile lies outside the segment
         return
-    if pid_n * BN >= cols:
-        return
-    start = tl.load(seg_start + s)
-    woff = tl.load(seg_woff + s)
 
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -95,20 +101,12 @@ def _segment_outer(P, Q, G, seg_start, seg_len, seg_rank, seg_goff, seg_alpha,
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     s = tl.program_id(2)
-    rank = tl.load(seg_rank + s)
-    if ROWS_IS_RANK:
-        n_rows = rank
-    if COLS_IS_RANK:
-        n_cols = rank
-    if GSI_IS_RANK:
-        gsi = rank
-    if pid_i * BI >= n_rows:
+    start, length, rank, goff = _segment(s, seg_start, seg_len, seg_rank, seg_goff)
+    n_rows = _rank_if(n_rows, rank, ROWS_IS_RANK)
+    n_cols = _rank_if(n_cols, rank, COLS_IS_RANK)
+    gsi = _rank_if(gsi, rank, GSI_IS_RANK)
+    if pid_i * BI >= n_rows or pid_j * BJ >= n_cols:  # this program's tile lies outside the segment
         return
-    if pid_j * BJ >= n_cols:
-        return
-    start = tl.load(seg_start + s)
-    length = tl.load(seg_len + s)
-    goff = tl.load(seg_goff + s)
 
     ri = pid_i * BI + tl.arange(0, BI)
     rj = pid_j * BJ + tl.arange(0, BJ)

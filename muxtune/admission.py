@@ -84,11 +84,6 @@ def adapter_params(model, spec: TaskSpec) -> dict[int | str | None, int]:
     return counts
 
 
-def adapter_bytes(model, spec: TaskSpec) -> int:
-    """Weights + gradients + AdamW moments (fp32) of the task's whole adapter."""
-    return cost_model_of(model).task_state_bytes(sum(adapter_params(model, spec).values()))
-
-
 def _virtual_tokens(spec: TaskSpec) -> int:
     return method_card(spec.peft.method).virtual_tokens(method_rank(spec.peft))
 

@@ -1,8 +1,8 @@
 """What the layers below the executor need to know about a PEFT method, as plain data (no torch).
 
-Each method module (executor/peft/<method>.py) exports `CARD = MethodCard(...)` beside its Config and
-layer; `muxtune.spec.method_card(name)` finds it. The profiler, CostModel, simulator, planner and
-admission read a method's card instead of naming methods, so a new method is one module (plus its test).
+Each method's torch-free half (muxtune/methods/<method>.py) exports `CARD = MethodCard(...)` beside its
+Config; `muxtune.spec.method_card(name)` finds it. The profiler, CostModel, simulator, planner and
+admission read a method's card instead of naming methods, so a new method is its two halves (plus its test).
 
 The size knob `rank` is the card's unit throughout (LoRA/DoRA r, adapter size, virtual tokens; 0 if none,
 spec.method_rank). `shape` is a model of the backbone sizes with the fields of the CostModel's

@@ -68,16 +68,14 @@ def plot_validation_curves(name: str, task: dict, path: Path) -> Path:
 
 
 def validation_table(metrics: dict) -> pd.DataFrame:
-    rows = []
-    for name, t in metrics["tasks"].items():
-        if t.get("evaluations"):
-            last = t["evaluations"][-1]
-            rows.append({"task": name, "status": t["status"], "steps": t["steps"], "evaluations": len(t["evaluations"]),
-                         "best step": t["best_step"], "best valid_loss": t["best_valid_loss"],
-                         "last valid_loss": last["valid_loss"],
-                         "last valid_mean_token_accuracy": last["valid_mean_token_accuracy"],
-                         "results": t.get("results_path", "")})
-    return pd.DataFrame(rows)
+    """One row per task that was evaluated: its best evaluation and its last."""
+    return pd.DataFrame([
+        {"task": name, "status": t["status"], "steps": t["steps"], "evaluations": len(t["evaluations"]),
+         "best step": t["best_step"], "best valid_loss": t["best_valid_loss"],
+         "last valid_loss": t["evaluations"][-1]["valid_loss"],
+         "last valid_mean_token_accuracy": t["evaluations"][-1]["valid_mean_token_accuracy"],
+         "results": t.get("results_path", "")}
+        for name, t in metrics["tasks"].items() if t.get("evaluations")])
 
 
 def plot_throughput(metrics: dict, path: Path) -> Path:
@@ -147,13 +145,11 @@ def plot_step_times(metrics: dict, predicted_s: float, path: Path) -> Path:
 
 
 def summary_table(metrics: dict) -> pd.DataFrame:
-    rows = []
-    for name, t in metrics["tasks"].items():
-        rows.append({"task": name, "method": t["method"], "status": t["status"], "steps": t["steps"],
-                     "final loss": t["final_loss"], "tokens": t["tokens"],
-                     "tokens/s": round(t["tokens_per_s"], 1), "adapter": t["adapter_path"],
-                     "reason": t.get("reason", "")})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([
+        {"task": name, "method": t["method"], "status": t["status"], "steps": t["steps"], "final loss": t["final_loss"],
+         "tokens": t["tokens"], "tokens/s": round(t["tokens_per_s"], 1), "adapter": t["adapter_path"],
+         "reason": t.get("reason", "")}
+        for name, t in metrics["tasks"].items()])
 
 
 def measured_step_seconds(metrics: dict) -> float | None:

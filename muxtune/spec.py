@@ -13,17 +13,26 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from muxtune.errors import MuxTuneError
-from muxtune.executor.peft import METHODS, PeftConfig
+from muxtune.methods import METHODS, PeftConfig
 from muxtune.method_card import MethodCard
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # names become folder names under runs/<name>/
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # RunConfig.dtype: the backbone's weight type
+
+
+def matching(pattern: str, expected: str) -> AfterValidator:
+    """A string field's check: stripped, the value must match `pattern` whole; else the error says `expected`."""
+    def check(value: str) -> str:
+        if not re.fullmatch(pattern, value.strip()):
+            raise ValueError(expected)
+        return value.strip()
+    return AfterValidator(check)
 
 
 class EarlyStopping(BaseModel):
@@ -145,7 +154,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=NAME_PATTERN, max_length=100)
     model: str = "builtin:tiny-llama"
-    devices: str = "cpu"
+    devices: Annotated[str, matching(r"cpu|cuda(:\d+(,\d+)*)?", "expected 'cpu', 'cuda' or 'cuda:0,1,...'")] = "cpu"
     dtype: Literal[tuple(DTYPE_BYTES)] = "float32"
     tasks: list[TaskSpec] = Field(min_length=1)
     checkpoint_every: int = Field(10, ge=0, description="steps between per-task checkpoints "
@@ -153,13 +162,6 @@ class RunConfig(BaseModel):
     memory_limit_gib: float | None = Field(None, gt=0, description="admission: refuse a plan or a submitted "
                                            "task predicted to need more (default: the device's free memory)")
     cluster: Cluster | None = Field(None, description="what `muxtune plan` plans for (default: this machine)")
-
-    @field_validator("devices")
-    @classmethod
-    def _devices_syntax(cls, value: str) -> str:
-        if not re.fullmatch(r"cpu|cuda(:\d+(,\d+)*)?", value.strip()):
-            raise ValueError("expected 'cpu', 'cuda' or 'cuda:0,1,...'")
-        return value.strip()
 
     @model_validator(mode="after")
     def _unique_task_names(self) -> "RunConfig":
@@ -317,35 +319,39 @@ def load_config(path: str | Path) -> RunConfig:
     """Read and validate a config file. Relative data paths resolve against the config's folder first,
     then the working directory; a missing data file is reported with the key that names it."""
     path = Path(path)
-    text, raw, root = _read_yaml(path, "config file")
-    if not isinstance(raw, dict):
-        raise MuxTuneError(f"{path}: expected a mapping with keys name, model, devices, tasks")
-    try:
-        config = RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise MuxTuneError(_format_validation(path, exc, root)) from None
+    config, root = load_yaml_model(path, RunConfig, "config file", "with keys name, model, devices, tasks")
     for i, task in enumerate(config.tasks):
-        task.data = _resolve_data(path, task.data, f"tasks[{i}].data", root, ("tasks", i, "data"))
-        if task.validation_data is not None:
-            task.validation_data = _resolve_data(path, task.validation_data, f"tasks[{i}].validation_data", root,
-                                                 ("tasks", i, "validation_data"))
+        _resolve_task_data(path, task, root, ("tasks", i))
     return config
 
 
 def load_task(path: str | Path) -> TaskSpec:
     """Read one task file (a YAML mapping of TaskSpec keys), as `muxtune submit` sends it."""
     path = Path(path)
-    text, raw, root = _read_yaml(path, "task file")
+    task, root = load_yaml_model(path, TaskSpec, "task file", "of task keys (name, data, peft, ...)")
+    _resolve_task_data(path, task, root, ())
+    return task
+
+
+def load_yaml_model(path: Path, model: type[BaseModel], what: str, keys: str, empty_ok: bool = False):
+    """Read a YAML mapping and validate it as `model`; every error names the file and, where it has them,
+    the key and line. Returns the object and the YAML node tree (to place a later error on its line)."""
+    raw, root = _read_yaml(path, what)
+    if raw is None and empty_ok:
+        raw = {}
     if not isinstance(raw, dict):
-        raise MuxTuneError(f"{path}: expected a mapping of task keys (name, data, peft, ...)")
+        raise MuxTuneError(f"{path}: expected a mapping {keys}")
     try:
-        task = TaskSpec.model_validate(raw)
+        return model.model_validate(raw), root
     except ValidationError as exc:
         raise MuxTuneError(_format_validation(path, exc, root)) from None
-    task.data = _resolve_data(path, task.data, "data", root, ("data",))
-    if task.validation_data is not None:
-        task.validation_data = _resolve_data(path, task.validation_data, "validation_data", root, ("validation_data",))
-    return task
+
+
+def _resolve_task_data(path: Path, task: TaskSpec, root, loc: tuple):
+    """A task's data files, each found against the config's folder, then the working directory."""
+    for key in ("data", "validation_data"):
+        if getattr(task, key) is not None:
+            setattr(task, key, _resolve_data(path, getattr(task, key), _loc_str((*loc, key)), root, (*loc, key)))
 
 
 def _read_yaml(path: Path, what: str):
@@ -356,7 +362,7 @@ def _read_yaml(path: Path, what: str):
     except (OSError, UnicodeDecodeError) as exc:
         raise MuxTuneError(f"{path}: cannot read {what}: {exc}") from None
     try:
-        return text, yaml.safe_load(text), yaml.compose(text)
+        return yaml.safe_load(text), yaml.compose(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from muxtune.profiler.sampling import Budget
+from muxtune.spec import method_card
 
 COMM_SECONDS = 6.0  # two spawned processes and their rounds: about constant
 EVAL_WARMUP = 3  # extra warm-up rounds of the no_grad forward (the `model`/`eval` row, profile.measure_backbone)
@@ -95,8 +96,7 @@ def point_costs(grid: dict, pilot: Pilot, n_target_ops: int, tp: bool) -> dict:
             for rows, tokens in zip(grid["task_rows"], task_tokens):
                 costs[("task", method, rank, rows)] = reps * 4.3 * pilot.model(tokens)
     diff = grid.get("difference_repeats", 3)  # quantities that are differences of timings repeat more
-    targeted = [m for m in ("lora", "dora") if m in grid["ranks"]]
-    for method in targeted:
+    for method in [m for m in grid["ranks"] if method_card(m).targeted]:  # as measure_targets picks them
         for target in range(n_target_ops):
             # one op of every layer, plain and bare (and with dropout at the first rank): ~ a fifth of a
             # model pass each (measured on llama-100m: 0.15 for q_proj, 0.45 for gate_proj); plus the

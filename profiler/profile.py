@@ -90,22 +90,6 @@ GRIDS = {
 }
 
 
-def find_cached(fp: dict, mode: str = "quick", paths: list[Path] | None = None) -> Path | None:
-    """The first stored profile (of `paths`, else the shipped and user-cache ones) measured with
-    fingerprint `fp`; a quick request is served by a full profile too, not the other way round."""
-    if paths is None:
-        paths = [folder / profile_filename(fp) for folder in (REPO_PROFILES, user_cache_dir())]
-    for path in paths:
-        if Path(path).is_file():
-            try:
-                meta = Profile.load(path).meta
-            except MuxTuneError:
-                continue
-            if meta.get("fingerprint") == fp and (mode == "quick" or meta.get("mode") == "full"):
-                return Path(path)
-    return None
-
-
 DEFAULT_BUDGET = {"quick": 180.0, "full": 600.0}  # seconds: what a profile may take unless told otherwise
 
 

@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 import torch
-from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import get_scheduler
 
 from muxtune.executor.backbone import load_backbone
@@ -119,3 +119,16 @@ def load_biased_backbone(name, *args, **kwargs):
             if isinstance(module, (nn.Linear, Conv1D)) and module.bias is not None:
                 module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
     return backbone
+
+
+def assert_hf_peft_reproduces(path: Path, base, batch, seg, ours: torch.Tensor, plain: torch.Tensor) -> None:
+    """HF PEFT, loading the adapter exported at `path` onto the fresh backbone `base`, gives our logits on
+    the task's rows `seg` of `batch`; and they differ from the bare backbone's (the adapter does something)."""
+    peft_model = PeftModel.from_pretrained(base, str(path))
+    peft_model.eval()
+    rows = slice(seg.start, seg.end)
+    with torch.no_grad():
+        theirs = peft_model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows]).logits
+    mask = batch.attention_mask[rows].bool()
+    torch.testing.assert_close(ours[rows][mask], theirs[mask], rtol=1e-5, atol=1e-5)
+    assert (theirs[mask] - plain[rows][mask]).abs().max() > 1e-3

@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
-from reference import randomize_b
+from reference import assert_hf_peft_reproduces, randomize_b
 from test_equivalence import TARGETS, make_trainer, three_tasks
 
 from muxtune.executor.backbone import load_backbone
@@ -29,15 +28,7 @@ def test_exported_adapter_loads_in_peft_with_same_logits(tmp_path, model_name):
         path = export_adapter(trainer.runs[spec.name].adapter, trainer.model, model_name, tmp_path / "out" / spec.name)
         config = json.loads((path / "adapter_config.json").read_text())
         assert config["peft_type"] == "LORA" and config["r"] == spec.peft.r
-        peft_model = PeftModel.from_pretrained(load_backbone(model_name).model, str(path))
-        peft_model.eval()
-        rows = slice(seg.start, seg.end)
-        with torch.no_grad():
-            theirs = peft_model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows]).logits
-        mask = batch.attention_mask[rows].bool()
-        torch.testing.assert_close(ours[rows][mask], theirs[mask], rtol=1e-5, atol=1e-5)
-        # and the adapter really does something: logits differ from the bare backbone
-        assert (theirs[mask] - plain[rows][mask]).abs().max() > 1e-3
+        assert_hf_peft_reproduces(path, load_backbone(model_name).model, batch, seg, ours, plain)
 
 
 def test_export_roundtrip_and_mismatch_is_refused(tmp_path):

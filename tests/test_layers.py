@@ -70,3 +70,13 @@ def test_a_crossing_breaks_the_check(sources, tmp_path):
     assert result.returncode != 0
     assert "muxtune.schedule -> torch" in result.stdout
     assert "muxtune.executor.sneaky -> muxtune.simulator.iteration" in result.stdout
+
+
+def test_the_vocabulary_planner_and_simulator_load_without_torch():
+    """Each method's Config lives in its torch-free half (muxtune/methods/), so what plans and prices
+    needs no torch at run time either (import-linter sees only the static imports)."""
+    modules = ["muxtune.spec", "muxtune.profiler.cost_model", "muxtune.planner.plan", "muxtune.simulator.cluster"]
+    code = f"import sys; import {', '.join(modules)}; print(sorted({{'torch', 'transformers'}} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

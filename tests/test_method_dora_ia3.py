@@ -11,9 +11,10 @@ import pytest
 import reference
 import test_equivalence
 import torch
-from peft import IA3Config, PeftModel, get_peft_model
+from peft import IA3Config, get_peft_model
 from pydantic import ValidationError
-from reference import adapter_state, initial_state, load_biased_backbone, train_hf_peft_alone, write_jsonl
+from reference import (adapter_state, assert_hf_peft_reproduces, initial_state, load_biased_backbone, train_hf_peft_alone,
+                       write_jsonl)
 from test_equivalence import PADDED, assert_same_training, make_trainer
 
 from muxtune.errors import MuxTuneError
@@ -197,14 +198,7 @@ def test_exported_adapter_loads_in_peft_with_same_logits(tmp_path, model_name, m
             assert set(config["feedforward_modules"]) == set(adapter.config.feedforward_modules)
         else:
             assert config["peft_type"] == "LORA" and config["use_dora"] == (spec.peft.method == "dora")
-        peft_model = PeftModel.from_pretrained(load_biased_backbone(model_name).model, str(path))
-        peft_model.eval()
-        rows = slice(seg.start, seg.end)
-        with torch.no_grad():
-            theirs = peft_model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows]).logits
-        mask = batch.attention_mask[rows].bool()
-        torch.testing.assert_close(ours[rows][mask], theirs[mask], rtol=1e-5, atol=1e-5)
-        assert (theirs[mask] - plain[rows][mask]).abs().max() > 1e-3  # the adapter really does something
+        assert_hf_peft_reproduces(path, load_biased_backbone(model_name).model, batch, seg, ours, plain)
 
         # and the exported weights load back into a fresh task of the same config
         load_adapter_weights(fresh.runs[spec.name].adapter, path)

@@ -1,6 +1,7 @@
-"""Unified PEFT methods: one module per method, each holding its config and its layer together.
+"""Unified PEFT methods: one module per method, its layer (the torch half) beside its config and card.
 
-A method module defines:
+A method module defines (METHOD, SHAPE, CARD and Config imported from its torch-free half,
+muxtune/methods/<method>.py, which muxtune.spec reads):
   METHOD     the `peft.method` string in a task config
   Config     a pydantic model of that method's parameters (with a `method: Literal[METHOD]` field)
   SHAPE      how the adapter meets the frozen backbone op (see DESIGN.md), e.g. "parallel"
@@ -21,33 +22,29 @@ Sequence-level methods (prompt, prefix) define instead of build_layer:
       prefix_tokens + key_values(rows, dtype)  a KV prefix for every attention layer (prefix)
       export_state() / load_export_state(state)
 
-Methods are discovered from this folder, so adding one touches one file (plus its test); a method
-module of another package is found through its `muxtune.peft_methods` entry point (name = METHOD, value =
-the module), e.g. in its pyproject.toml: [project.entry-points."muxtune.peft_methods"] scaled = "pkg.scaled".
+A method is found through its torch-free half (muxtune/methods/: that folder, or a `muxtune.peft_methods`
+entry point), so adding one touches its file here and its file there (plus its test); a method module of
+another package holds both halves in its one module.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
-from importlib.metadata import entry_points
 from types import ModuleType
-from typing import Annotated, Union
 
-from pydantic import Field
+from muxtune import methods
+from muxtune.methods import PeftConfig  # noqa: F401  (one union of the Configs, built there)
 
-METHODS: dict[str, ModuleType] = {}
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name.startswith("_"):
-        continue
-    _module = importlib.import_module(f"{__name__}.{_info.name}")
-    METHODS[_module.METHOD] = _module
-for _entry in entry_points(group="muxtune.peft_methods"):
-    _module = _entry.load()
-    METHODS.setdefault(_module.METHOD, _module)  # a built-in method keeps its name
 
-# A task's `peft:` section: pydantic picks the Config class by its `method` key.
-PeftConfig = Annotated[Union[tuple(m.Config for m in METHODS.values())], Field(discriminator="method")]
+def _layer_module(half: ModuleType) -> ModuleType:
+    """A built-in method's layer is this folder's module of its name; a method of another package keeps
+    both halves in its one module."""
+    if half.__name__.startswith(f"{methods.__name__}."):
+        return importlib.import_module(f"{__name__}.{half.__name__.rsplit('.', 1)[1]}")
+    return half
+
+
+METHODS: dict[str, ModuleType] = {name: _layer_module(half) for name, half in methods.METHODS.items()}
 
 
 def method_of(config) -> ModuleType:

@@ -9,39 +9,16 @@ has no such method, so export writes MuxTune's own format (see executor/export.p
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from muxtune.errors import MuxTuneError
 from muxtune.executor.backbone import op_features
-from muxtune.method_card import FP32, MethodCard
+from muxtune.methods.adapter import CARD, METHOD, SHAPE, Config  # noqa: F401  (its torch-free half)
 from muxtune.schedule import FAMILIES
 
-METHOD = "adapter"
-SHAPE = "serial"
-CARD = MethodCard(
-    METHOD, "adapter", SHAPE,
-    params=lambda s, r: s.n_layers * 2 * (2 * s.hidden * r + r + s.hidden),  # after attention and after the FFN
-    analytic=lambda h, r: (2, 4 * h * r, FP32 * 4 * h, 7),
-    probe=lambda r, targets: {"method": METHOD, "size": r})
-
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-
-
-
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    method: Literal["adapter"] = "adapter"
-    size: int = Field(64, ge=1, le=65536, description="bottleneck width")
-    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
-    placement: list[Literal["attention", "ffn"]] = Field(default_factory=lambda: ["attention", "ffn"], min_length=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on the adapter's input")
-    # explicit op names; when set, `placement` is not used
-    target_modules: Annotated[list[str], Field(min_length=1)] | None = None
-
 
 
 class AdapterLayer(nn.Module):

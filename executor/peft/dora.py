@@ -16,7 +16,6 @@ same order, so a task trains bit-identically to `LoraConfig(use_dora=True)` run 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,23 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from muxtune.executor.backbone import op_features
 from muxtune.executor.peft import lora
-from muxtune.method_card import FP32, MethodCard, kv_width
-
-METHOD = "dora"
-SHAPE = "parallel"
-CARD = MethodCard(
-    METHOD, "DoRA", SHAPE,
-    # LoRA's q_proj and v_proj + their magnitudes
-    params=lambda s, r: lora.CARD.params(s, r) + s.n_layers * (s.hidden + kv_width(s)),
-    analytic=lambda h, r: (2, 4 * h * r + 4 * h, FP32 * 6 * h, 12),
-    probe=lambda r, targets: {"method": METHOD, "r": r, "target_modules": targets},
-    targeted=True)
-
-
-class Config(lora.Config):
-    """LoRA's keys (r, alpha, dropout, target_modules, use_rslora) and semantics; only the method differs."""
-
-    method: Literal["dora"] = "dora"
+from muxtune.methods.dora import CARD, METHOD, SHAPE, Config  # noqa: F401  (its torch-free half)
 
 
 class Magnitude(nn.Module):

@@ -7,28 +7,10 @@ positions 0..n-1 and the real tokens follow, as in HF PEFT. Other tasks' rows ar
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from muxtune.method_card import MethodCard
-
-METHOD = "prompt"
-SHAPE = "input"
-CARD = MethodCard(
-    METHOD, "prompt tuning", SHAPE,
-    params=lambda s, r: r * s.hidden,  # one embedding row per virtual token, with the embedding
-    analytic=lambda h, r: (0, 0, 0, 0),
-    probe=lambda r, targets: {"method": METHOD, "num_virtual_tokens": r},
-    lead_slots=True, on_first_stage=True)
-
-
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    method: Literal["prompt"] = "prompt"
-    num_virtual_tokens: int = Field(20, ge=1, le=4096)
+from muxtune.methods.prompt import CARD, METHOD, SHAPE, Config  # noqa: F401  (its torch-free half)
 
 
 class VirtualTokens(nn.Module):

@@ -1,5 +1,5 @@
 """SERVICE.yaml: what a service serves and how much each organisation may use. Validated by pydantic
-like the task config; every error names the file, key and line (muxtune.spec._format_validation).
+like the task config; every error names the file, key and line (muxtune.spec.load_yaml_model).
 
     models: [builtin:tiny-llama]     base models jobs may name (builtin presets, local HF model dirs)
     device: cpu                      where the workers train (cpu, cuda, cuda:N)
@@ -25,12 +25,12 @@ like the task config; every error names the file, key and line (muxtune.spec._fo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from muxtune.errors import MuxTuneError
+from muxtune.spec import load_yaml_model, matching
 
 
 class OrgLimits(BaseModel):
@@ -43,7 +43,8 @@ class OrgLimits(BaseModel):
 class ServiceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     models: list[str] = Field(default_factory=lambda: ["builtin:tiny-llama"], min_length=1)
-    device: str = "cpu"
+    device: Annotated[str, matching(r"cpu|cuda(:\d+)?",
+                                    "expected 'cpu', 'cuda' or 'cuda:N' (one device per backbone)")] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     memory_limit_gib: float | None = Field(None, gt=0)
     max_tenants: int = Field(16, ge=1, description="most jobs training at once on one backbone")
@@ -56,27 +57,11 @@ class ServiceConfig(BaseModel):
                                      "false: every join and leave waits for its answer")
     limits: OrgLimits = Field(default_factory=OrgLimits)
 
-    @field_validator("device")
-    @classmethod
-    def _one_device(cls, value: str) -> str:
-        import re
-
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", value.strip()):
-            raise ValueError("expected 'cpu', 'cuda' or 'cuda:N' (one device per backbone)")
-        return value.strip()
-
 
 def load_service_config(path: str | Path | None) -> ServiceConfig:
     if path is None:
         return ServiceConfig()
-    from muxtune.spec import _format_validation, _read_yaml
-
-    path = Path(path)
-    _, raw, root = _read_yaml(path, "service config")
-    try:
-        return ServiceConfig.model_validate(raw or {})
-    except ValidationError as exc:
-        raise MuxTuneError(_format_validation(path, exc, root)) from None
+    return load_yaml_model(Path(path), ServiceConfig, "service config", "of service settings", empty_ok=True)[0]
 
 
 def dump(config: ServiceConfig) -> str:

@@ -38,8 +38,10 @@ class Pricing:
         self.found: dict[tuple, tuple] = {}  # (methods, targets) -> (CostModel or None, why)
 
     def cost_model(self, specs) -> tuple[object | None, str]:
+        from muxtune.spec import method_card
+
         methods = tuple(sorted({s.peft.method for s in specs}))
-        targets = tuple(sorted({t for s in specs if s.peft.method in ("lora", "dora") for t in s.peft.target_modules}))
+        targets = tuple(sorted({t for s in specs if method_card(s.peft.method).targeted for t in s.peft.target_modules}))
         if (methods, targets) not in self.found:
             self.found[(methods, targets)] = self.lookup(list(methods), list(targets))
         return self.found[(methods, targets)]

@@ -214,3 +214,34 @@ def test_simulate_job_finish_is_each_tasks_last_step_and_its_evaluations():
     job = planner.simulate_job(plan, evaluating, steps, cm, packed=True)
     assert job.finish["long"] == pytest.approx(job.makespan) and job.evaluation > 0
     assert 2 * both < job.finish["short"] < job.finish["long"]
+
+
+def test_the_planner_process_ends_when_its_worker_is_killed(tmp_path):
+    """A worker killed (crash, supervisor restart) cannot shut its planner pool down: the pool's process
+    must notice and end by itself, not wait for work forever holding a CostModel."""
+    import os
+    import signal
+    import subprocess
+
+    import psutil
+
+    profile = next(REPO_PROFILES.glob("cpu-*-tiny-llama.csv"))
+    script = ("import os, sys, time\n"
+              "from muxtune.service.planning import PlannerProcess\n"
+              f"p = PlannerProcess({MODEL!r}, 'cpu', 'float32', {str(profile)!r})\n"
+              "print(p.pool.submit(os.getpid).result(), flush=True)\n"
+              "time.sleep(600)\n")
+    worker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        planner_pid = int(worker.stdout.readline())
+        assert psutil.pid_exists(planner_pid) and planner_pid != worker.pid
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=10)
+        deadline = time.time() + 15
+        while time.time() < deadline and psutil.pid_exists(planner_pid) \
+                and psutil.Process(planner_pid).status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.2)
+        assert not psutil.pid_exists(planner_pid) or psutil.Process(planner_pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        if worker.poll() is None:
+            worker.kill()

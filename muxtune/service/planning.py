@@ -161,7 +161,24 @@ def _start_pricing(model: str, device: str, dtype: str, path: str | None) -> Non
     # re-plan at every join and leave of a dozen jobs kept a core busy and fused steps took 2.5x as long)
     os.nice(19)
     torch.set_num_threads(1)
+    _exit_with_parent(os.getppid())
     _PRICING = Pricing(model, device, getattr(torch, dtype), path)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this process once the worker that started it is gone: a worker killed (a crash, the
+    supervisor's restart) cannot shut its pool down, and the pool's process would wait for work
+    forever, holding a CostModel's memory."""
+    import os
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="muxtune-planner-watchdog", daemon=True).start()
 
 
 def _decide_here(runs: dict, memory_gib: float, params: dict[str, int]) -> Decision:

@@ -101,9 +101,13 @@ class Supervisor:
 
     def give_up(self, model: str, returncode: int | None) -> None:
         """Fail the backbone's unfinished jobs: its worker crashed `max_crashes` times in a row."""
-        log = self.store.backbone_dir(model) / "worker.log"
-        lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
-        last = lines[-1].strip()[:300] if lines else "no output"
+        folder = self.store.backbone_dir(model)
+        error, log = folder / "last_error", folder / "worker.log"
+        if error.exists() and error.stat().st_mtime >= self.started.get(model, float("inf")):
+            last = error.read_text(errors="replace").strip()  # what the worker itself said it died of
+        else:  # killed without a word (a signal, the OOM killer): the log's last line
+            lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+            last = lines[-1].strip()[:300] if lines else "no output"
         message = (f"The training worker for {model} crashed {self.crashes[model]} times in a row without "
                    f"completing a step (last exit status {returncode}: {last}); the job cannot continue")
         error = json.dumps({"code": "worker_crashed", "message": message, "param": None})

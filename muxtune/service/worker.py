@@ -435,8 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     (folder / "worker.pid").write_text(f"{os.getpid()}\n")
     try:
         Worker(store, config, args.model, args.parent).serve()
-    except Exception:  # noqa: BLE001 - logged; the supervisor starts a new worker, which resumes
+    except Exception as exc:  # noqa: BLE001 - logged; the supervisor starts a new worker, which resumes
         traceback.print_exc()
+        # the reason on its own too: the log's last line may be another process's (the planner's process
+        # dying with its parent prints there as well)
+        (folder / "last_error").write_text(f"{type(exc).__name__}: {exc}"[:300])
         return 1
     return 0
 

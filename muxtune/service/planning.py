@@ -133,10 +133,11 @@ class PlannerProcess:
 
     def __init__(self, model: str, device: str, dtype: str, path: str | None):
         import multiprocessing
+        import os
         from concurrent.futures import ProcessPoolExecutor
 
         self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_start_pricing, initargs=(model, device, dtype, path))
+                                        initializer=_start_pricing, initargs=(model, device, dtype, path, os.getpid()))
 
     def decide(self, runs: dict, pricing, memory_gib: float, params: dict[str, int]) -> Decision:
         try:
@@ -151,7 +152,7 @@ class PlannerProcess:
 _PRICING: Pricing | None = None  # in the planner's process
 
 
-def _start_pricing(model: str, device: str, dtype: str, path: str | None) -> None:
+def _start_pricing(model: str, device: str, dtype: str, path: str | None, worker: int) -> None:
     global _PRICING
     import os
 
@@ -161,7 +162,7 @@ def _start_pricing(model: str, device: str, dtype: str, path: str | None) -> Non
     # re-plan at every join and leave of a dozen jobs kept a core busy and fused steps took 2.5x as long)
     os.nice(19)
     torch.set_num_threads(1)
-    _exit_with_parent(os.getppid())
+    _exit_with_parent(worker)  # its pid, not getppid(): the worker may be gone (and this one re-parented) already
     _PRICING = Pricing(model, device, getattr(torch, dtype), path)
 
 

@@ -8,7 +8,8 @@
    maximum). Measured per configuration: the peak RSS of the steps (VmHWM, reset after the trainer is
    built) above the RSS of the process before the backbone was loaded, the step time (median of `--steps` after a warm-up step). Predicted: the CostModel's peak
    (profiler/memory_knobs.peak_bytes: backbone + adapter states + the step's transient) and step time
-   (memory_knobs.step_seconds; only with a profile of this device: `--profile`, or a stored one).
+   (memory_knobs.step_seconds), from a profile of this CPU (`--profile`, else a stored one that passes
+   the calibration check, else measured now).
    Keys: recompute_memory_ratio (measured peak without / with), recompute_time_ratio (step with /
    without), predicted_* beside them, memory_prediction_error (the worst |predicted - measured| /
    measured peak over both configurations; target <= 0.10).
@@ -92,21 +93,21 @@ def measure(recompute: bool, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def cost_model(profile: str | None, model: str):
-    """A profiled CostModel of this device (time and memory) when one is given or stored, else the
-    shape's (memory only: the CPU is not in the hardware catalog, so no time)."""
-    from muxtune.admission import cost_model_of
-    from muxtune.executor.backbone import load_backbone
-    from muxtune.profiler.cost_model import CostModel
-    from muxtune.profiler.profile import REPO_PROFILES, user_cache_dir
+def cost_model(args):
+    """The CostModel of this CPU (time and memory): `--profile` as it is, else a stored profile that
+    passes the calibration check here, else one measured now (the quick grid's budget, LoRA on q/v only,
+    its layer curves reaching this benchmark's fused batch), at the workers' one thread."""
+    import torch
 
-    if profile:
-        return CostModel.from_profile(profile), profile
-    slug = model.removeprefix("builtin:")
-    stored = [path for folder in (REPO_PROFILES, user_cache_dir()) for path in sorted(folder.glob(f"cpu-*-{slug}.csv"))]
-    if stored:
-        return CostModel.from_profile(stored[0]), f"{stored[0]} (stored)"
-    return cost_model_of(load_backbone(model).model), "the model's shape (no profile of this CPU: time not predicted)"
+    from muxtune.profiler.cost_model import CostModel
+    from muxtune.profiler.profile import load_or_profile
+
+    if args.profile:
+        return CostModel.from_profile(args.profile), args.profile
+    torch.set_num_threads(1)  # the workers' thread count: part of the profile's fingerprint
+    profile, path, reused = load_or_profile(args.model, "cpu", "quick", methods=["lora"], targets=["q_proj", "v_proj"],
+                                            sizes=[(args.tenants * args.seq, args.seq)])
+    return CostModel.from_profile(profile), f"{path} ({'stored, passed calibration' if reused else 'measured now'})"
 
 
 def on_this_cpu(args) -> dict:
@@ -114,7 +115,7 @@ def on_this_cpu(args) -> dict:
     from muxtune.profiler.cost_model import MicroBatch, TaskLoad
 
     runs = {on: measure(on, args) for on in (False, True)}
-    cm, source = cost_model(args.profile, args.model)
+    cm, source = cost_model(args)
     loads = tuple(TaskLoad("lora", 8, args.seq, n, ("q_proj", "v_proj")) for n in runs[False]["params"].values())
     mb = MicroBatch(loads, args.seq)
     rows, errors = [], []
@@ -194,7 +195,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--tenants", type=int, default=8)
     parser.add_argument("--seq", type=int, default=1024, help="tokens of each tenant's sequence")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration (after a warm-up)")
-    parser.add_argument("--profile", help="a profile CSV of this CPU for llama-100m (time predictions)")
+    parser.add_argument("--profile", help="a profile CSV of this CPU for the model, taken as it is")
     parser.add_argument("--time-limit", type=float, default=20.0, help="planner time limit of part 2 (s)")
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--skip-cluster", action="store_true")
@@ -206,7 +207,8 @@ def main(argv=None) -> dict:
         return result
     print(f"benchmarks.memory: (1) {args.model}, {args.tenants} tenants x {args.seq} tokens on this CPU, without and "
           f"with recomputation, {args.steps + 1} steps each in its own process; (2) the analytic Llama-3-8B x 64 "
-          f"tenants x 16 H100 plan ({args.time_limit:.0f} s planner limit)", flush=True)
+          f"tenants x 16 H100 plan ({args.time_limit:.0f} s planner limit); a few minutes, plus up to 3 min for a "
+          f"profile of this CPU if no stored one passes its calibration check", flush=True)
     out = {}
     if not args.skip_cpu:
         out["cpu"] = on_this_cpu(args)

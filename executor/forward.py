@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from muxtune.executor.alignment import ChunkedBatch, packed_attention
 from muxtune.executor.data import IGNORE, FusedBatch
+from muxtune.schedule import head_chunk_tokens
 
 
 class FusedForward:
@@ -63,14 +64,14 @@ class FusedForward:
         [rows, seq] (the last pipeline stage runs only this part); `hits` as in loss_sums."""
         valid = targets != IGNORE
         # the LM head runs only on positions that carry loss: padding and prompts cost no vocab GEMM
-        logits = self.model.get_output_embeddings()(hidden[valid])
-        per_token = F.cross_entropy(logits.float(), targets[valid], reduction="none")
+        per_token, predicted = token_losses(self.model.get_output_embeddings(), hidden[valid], targets[valid],
+                                            hits is not None)
         row_task = torch.tensor([i for i, seg in enumerate(batch.segments) for _ in range(seg.end - seg.start)],
                                 dtype=torch.long, device=self.device)  # built on the host: no op per task
         token_task = row_task[:, None].expand_as(valid)[valid]
         sums = torch.zeros(len(batch.segments), device=self.device).index_add(0, token_task, per_token)
         if hits is not None:  # read off the logits: nothing of it reaches the loss or its gradient
-            right = (logits.detach().argmax(-1) == targets[valid]).to(torch.long)
+            right = (predicted == targets[valid]).to(torch.long)
             counts = torch.zeros(len(batch.segments), dtype=torch.long, device=self.device).index_add(0, token_task, right)
             for seg, n in zip(batch.segments, counts.tolist()):  # one read for all tasks (accuracy logging)
                 hits[seg.task] = hits.get(seg.task, 0) + n
@@ -155,3 +156,29 @@ def _cache_kwarg(model) -> str:
     """transformers renamed `past_key_values` to `cache` during 5.x; older 5.x releases silently drop
     an unknown `cache=` into **kwargs (the prefix would vanish), so ask the model which name it takes."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def token_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, argmax: bool):
+    """Each token's cross-entropy [tokens] (fp32) from its last hidden state [tokens, d], and its argmax
+    prediction (None unless `argmax`). Up to schedule.head_chunk_tokens tokens at once it is one GEMM and
+    one loss, as always; beyond, piece by piece, each piece's logits recomputed in the backward
+    (torch.utils.checkpoint), so at most one piece's logits, softmax and gradient are alive at a time."""
+    piece = head_chunk_tokens(head.weight.shape[0])
+    if hidden.shape[0] <= piece:
+        logits = head(hidden)
+        return (F.cross_entropy(logits.float(), targets, reduction="none"),
+                logits.detach().argmax(-1) if argmax else None)
+    from torch.utils.checkpoint import checkpoint
+
+    losses, predicted = [], []
+    for start in range(0, hidden.shape[0], piece):
+        loss, best = checkpoint(_piece_loss, head, hidden[start : start + piece], targets[start : start + piece],
+                                use_reentrant=False)
+        losses.append(loss)
+        predicted.append(best)
+    return torch.cat(losses), (torch.cat(predicted) if argmax else None)
+
+
+def _piece_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor):
+    logits = head(hidden)
+    return F.cross_entropy(logits.float(), targets, reduction="none"), logits.detach().argmax(-1)

@@ -71,6 +71,17 @@ def part_bounds(n: int, parts: int, index: int) -> tuple[int, int]:
     return lo, lo + part_size(n, parts, index)
 
 
+# The LM head's logits of a micro-batch ([tokens, vocab], fp32 for the loss, with their softmax and gradient)
+# are computed in pieces of at most this many bytes of fp32 logits: with a 128k vocabulary a fused batch
+# of 80k tokens would hold ~120 GB at once. Smaller heads run whole (bit for bit as before).
+HEAD_CHUNK_BYTES = 2**30
+
+
+def head_chunk_tokens(vocab: int) -> int:
+    """The most tokens whose logits the LM head computes at once (executor/forward.py, CostModel.head_bytes)."""
+    return max(1, HEAD_CHUNK_BYTES // (4 * vocab))
+
+
 def part_index(micro_batch: int, replica: int, dp: int) -> int:
     """Which part of the group's step is micro-batch `micro_batch` of `replica`."""
     return micro_batch * dp + replica

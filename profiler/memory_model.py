@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from muxtune.profiler.interpolation import interp1, interp_grid
 from muxtune.profiler.shapes import MicroBatch
+from muxtune.schedule import head_chunk_tokens
 from muxtune.spec import method_card
 
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight + grad + exp_avg + exp_avg_sq
@@ -56,7 +57,15 @@ class MemoryModel:
         return int(max(per_layer, 0.0) * layers + max(shared, 0.0))
 
     def head_bytes(self, tokens: int) -> int:
-        """Transient memory of the LM head + float loss over `tokens` (logits, softmax, their gradient)."""
+        """Transient memory of the LM head + float loss over `tokens` (logits, softmax, their gradient).
+        Beyond schedule.head_chunk_tokens the executor computes them piece by piece (executor/forward.py
+        token_losses): one piece's transient, plus each further token's hidden state, loss and prediction."""
+        piece = head_chunk_tokens(self.shape.vocab)
+        if tokens > piece:
+            return self._whole_head_bytes(piece) + (tokens - piece) * (self.shape.hidden * self.shape.dtype_bytes + 12)
+        return self._whole_head_bytes(tokens)
+
+    def _whole_head_bytes(self, tokens: int) -> int:
         if self.profile is not None:
             rows = self.profile.rows("head", "fwd")
             return int(max(interp1(rows["tokens"].to_numpy(), rows["peak_bytes"].to_numpy(), tokens), 0.0))

@@ -274,8 +274,62 @@ def test_admission_admits_with_knobs_and_refuses_with_numbers(tmp_path):
 def test_memory_benchmark_measures_both_configurations_on_a_tiny_model(capsys):
     from muxtune.benchmarks import memory
 
-    out = memory.main(["--model", MODEL, "--tenants", "2", "--seq", "256", "--steps", "1", "--skip-cluster"])
+    from muxtune.profiler.profile import REPO_PROFILES
+
+    shipped = next(REPO_PROFILES.glob("cpu-*-tiny-llama.csv"))  # as it is: no calibration timing in a smoke test
+    out = memory.main(["--model", MODEL, "--tenants", "2", "--seq", "256", "--steps", "1", "--skip-cluster",
+                       "--profile", str(shipped)])
     assert [row["recompute"] for row in out["cpu"]["rows"]] == [False, True]
     assert all(row["peak_mib"] > 0 and row["step_s"] > 0 for row in out["cpu"]["rows"])
     assert out["memory_prediction_error"] >= 0 and "recompute_time_ratio" in out
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("{")
+
+
+def test_the_lm_head_in_pieces_equals_the_whole_head_and_holds_one_piece(monkeypatch):
+    """Past schedule.head_chunk_tokens the LM head's logits are computed piece by piece and recomputed in
+    the backward: the same losses, predictions and gradients, with one piece's logits alive at a time;
+    the CostModel prices the same."""
+    from muxtune.executor import forward
+    from muxtune.profiler.probes import peak_bytes as measured_peak
+    from muxtune.schedule import head_chunk_tokens
+
+    torch.manual_seed(0)
+    vocab, tokens = 4096, 2048
+    head = torch.nn.Linear(64, vocab, bias=False).requires_grad_(False)
+    hidden, targets = torch.randn(tokens, 64), torch.randint(0, vocab, (tokens,))
+
+    def run():
+        h = hidden.clone().requires_grad_()
+        losses, predicted = forward.token_losses(head, h, targets, True)
+        losses.sum().backward()
+        return losses.detach(), predicted, h.grad
+
+    whole = run()
+    peak_whole = measured_peak(run, "cpu")
+    monkeypatch.setattr(forward, "head_chunk_tokens", lambda v: 256)  # 8 pieces
+    pieces = run()
+    peak_pieces = measured_peak(run, "cpu")
+    for a, b in zip(whole, pieces):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    assert peak_pieces < peak_whole / 3  # logits + their float softmax + gradient: one piece's, not eight
+    # the CostModel: beyond a piece, only the piece's transient and each token's hidden state and loss
+    cm = H100
+    piece = head_chunk_tokens(cm.shape.vocab)
+    assert cm.head_bytes(piece) == cm._whole_head_bytes(piece)
+    assert cm.head_bytes(40 * piece) < 2 * cm.head_bytes(piece) < cm._whole_head_bytes(40 * piece)
+
+
+def test_a_step_with_the_lm_head_in_pieces_trains_as_the_whole_head(tmp_path, monkeypatch):
+    from muxtune.executor import forward
+
+    specs = mixed_tasks(tmp_path, dropout=0.0)[:2]
+    whole, pieces = trainer_of(specs), trainer_of(specs)
+    monkeypatch.setattr(forward, "head_chunk_tokens", lambda v: 7)  # many pieces, one of them short
+    pieces.train(progress=False)
+    monkeypatch.undo()
+    whole.train(progress=False)
+    for spec in specs:
+        torch.testing.assert_close(torch.tensor(pieces.runs[spec.name].losses),
+                                   torch.tensor(whole.runs[spec.name].losses), rtol=1e-6, atol=0)
+        for key, value in adapter_state(whole, spec.name).items():
+            torch.testing.assert_close(adapter_state(pieces, spec.name)[key], value, rtol=1e-5, atol=1e-7)

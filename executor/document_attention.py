@@ -9,11 +9,19 @@ device and by cost:
 
   flex    (CUDA) PyTorch FlexAttention with a block mask over [all prefixes | stream]: blocks that
           are entirely masked are skipped, so the work is the sum of the sequences' length^2
-  padded  (CPU) every sequence gathered into a right-padded [sequences, heads, longest, d] batch
-          (its prefix slots in front), ONE SDPA; causal queries never see the padding after them
-  masked  (CPU) ONE SDPA over the whole stream with a block-diagonal boolean mask; chosen over
-          `padded` where its (T + P)^2 score matrix is smaller than sequences x longest^2 (one long
-          sequence among many short ones)
+  padded  (CPU) the sequences gathered by length into right-padded [sequences, heads, L, d] batches,
+          one SDPA per length bucket (its prefix slots in front); causal queries never see the padding
+          after them. A sequence's bucket L is the first rung of a fixed ladder (`bucket_length`,
+          ~1.25x apart) at or above its own length, and a bucket holds one prefix length: what a
+          sequence is computed with depends on that sequence alone, never on its neighbours, so a
+          task's results are bit for bit the same alone and fused (SDPA on the CPU computes each batch
+          row alike whatever the batch size), and padding costs at most ~1.25x a sequence's attention.
+          (Padding every sequence to the batch's longest, in ONE call, made a fused batch of short and
+          long sequences pay the longest's attention for every short one: the quickstart's 9216-token
+          step took 3x as long as its four groups apart.) Buckets are few: the ladder's rungs between
+          the shortest and the longest sequence, whatever the number of sequences and tasks.
+  masked  (CPU) ONE SDPA over the whole stream with a block-diagonal boolean mask ((T + P)^2 scores;
+          only when forced: bucketed `padded` is never far from the sequences' own length^2)
 
 `MUXTUNE_ATTENTION=flex|padded|masked` forces one (the tests run all three against each other).
 Everything a layer needs beyond q/k/v is a device tensor built once here: no host sync per layer.
@@ -23,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,20 +47,38 @@ class DocumentLayout:
     total: int  # stream positions T
     prefix_segments: list[int]  # segments whose prefixes sit in the [all prefixes] key region, in order
     prefix_total: int  # P: length of that region
-    # padded: gather [n * longest] stream positions (clamped), output rows kept and where they go
+    # padded: the stream positions of every bucket's [n * L] slots (clamped), one gather for all buckets
     gather: torch.Tensor | None = None
-    n: int = 0
-    longest: int = 0
-    prefix_gather: torch.Tensor | None = None  # [n * P_max] positions in the prefix region (clamped)
-    prefix_longest: int = 0
-    keep: torch.Tensor | None = None  # flat indices into [n * longest] of real positions
+    buckets: list = field(default_factory=list)  # padded: the length buckets (Bucket), in gather order
+    keep: torch.Tensor | None = None  # flat indices into the buckets' slots of real positions
     rows: torch.Tensor | None = None  # their stream positions
-    mask: torch.Tensor | None = None  # padded: [n, 1, longest, P_max + longest]; masked: [1, 1, T, P + T]
+    mask: torch.Tensor | None = None  # masked: [1, 1, T, P + T]
     real: torch.Tensor | None = None  # masked: [T, 1, 1] 1.0 on sequence positions, 0.0 on padding
     block_mask: object = None  # flex
 
 
-def choose_backend(device: torch.device, padded_cost: int, masked_cost: int) -> str:
+@dataclass
+class Bucket:
+    """`n` sequences padded to `length` slots, each seeing `prefix` prefix slots of its own task."""
+
+    n: int
+    length: int
+    prefix: int = 0
+    prefix_gather: torch.Tensor | None = None  # [n * prefix] positions in the prefix region
+    mask: torch.Tensor | None = None  # [1, 1, length, prefix + length]: all of the prefix, then causal
+
+
+@functools.lru_cache(maxsize=None)
+def bucket_length(n: int) -> int:
+    """The padded length of a sequence of n positions: the first rung >= n of 16, 24, 32, 40, 56, 72,
+    96, ... (each ~1.25x the last, a multiple of 8)."""
+    rung = 16
+    while rung < n:
+        rung = max(rung + 8, (int(rung * 1.25) + 7) // 8 * 8)
+    return rung
+
+
+def choose_backend(device: torch.device) -> str:
     forced = os.environ.get("MUXTUNE_ATTENTION")
     if forced:
         if forced not in BACKENDS:
@@ -62,7 +88,7 @@ def choose_backend(device: torch.device, padded_cost: int, masked_cost: int) -> 
         return forced
     if device.type == "cuda" and _flex() is not None:
         return "flex"
-    return "padded" if padded_cost <= masked_cost else "masked"
+    return "padded"
 
 
 def build_layout(spans: list[tuple[int, int, int | None]], total: int, prefix_lengths: dict[int, int],
@@ -77,45 +103,42 @@ def build_layout(spans: list[tuple[int, int, int | None]], total: int, prefix_le
         cursor += prefix_lengths[seg]
     prefix_total = cursor
     seqs = [(s, e, seg) for s, e, seg in spans if e > s]
-    longest = max((e - s for s, e, _ in seqs), default=0)
-    prefix_longest = max((prefix_lengths.get(seg, 0) for _, _, seg in seqs), default=0)
-    padded_cost = len(seqs) * longest * (prefix_longest + longest)
-    masked_cost = total * (prefix_total + total)
-    backend = choose_backend(device, padded_cost, masked_cost)
-    layout = DocumentLayout(backend, total, prefix_segments, prefix_total)
+    layout = DocumentLayout(choose_backend(device), total, prefix_segments, prefix_total)
     if not seqs:
         return layout
-    if backend == "padded":
-        _fill_padded(layout, seqs, longest, prefix_lengths, region_start, prefix_longest, device)
+    if layout.backend == "padded":
+        _fill_padded(layout, seqs, prefix_lengths, region_start, device)
     else:
         _fill_masked(layout, seqs, total, prefix_lengths, region_start, device)
     return layout
 
 
-def _fill_padded(layout, seqs, longest, prefix_lengths, region_start, prefix_longest, device) -> None:
-    n = len(seqs)
-    starts = torch.tensor([s for s, _, _ in seqs])[:, None]
-    lengths = torch.tensor([e - s for s, e, _ in seqs])[:, None]
-    offsets = torch.arange(longest)[None, :]
-    valid = offsets < lengths
-    layout.n, layout.longest = n, longest
-    layout.gather = torch.where(valid, starts + offsets, starts).reshape(-1).to(device)  # padding reads token 0
-    layout.keep = valid.reshape(-1).nonzero().squeeze(1).to(device)  # on the host: no device sync
-    layout.rows = (starts + offsets)[valid].to(device)
-    if prefix_longest == 0:
-        return
-    # each row's prefix slots: its own prefix right-aligned in P_max slots, the others masked
-    own = torch.tensor([prefix_lengths.get(seg, 0) for _, _, seg in seqs])[:, None]
-    base = torch.tensor([region_start.get(seg, 0) for _, _, seg in seqs])[:, None]
-    slot = torch.arange(prefix_longest)[None, :]
-    first = prefix_longest - own
-    prefix_valid = slot >= first
-    layout.prefix_longest = prefix_longest
-    layout.prefix_gather = torch.where(prefix_valid, base + slot - first, 0).reshape(-1).to(device)
-    causal = torch.ones(longest, longest, dtype=torch.bool).tril()
-    mask = torch.cat([prefix_valid[:, None, :].expand(n, longest, prefix_longest),
-                      causal[None].expand(n, longest, longest)], dim=2)
-    layout.mask = mask[:, None].to(device)
+def _fill_padded(layout, seqs, prefix_lengths, region_start, device) -> None:
+    """Length buckets (module docstring): the sequences grouped by (bucket_length, prefix length)."""
+    grouped: dict[tuple[int, int], list] = {}
+    for s, e, seg in seqs:
+        grouped.setdefault((bucket_length(e - s), prefix_lengths.get(seg, 0)), []).append((s, e, seg))
+    gathers, keeps, rows, offset = [], [], [], 0
+    for (length, prefix), members in sorted(grouped.items()):
+        starts = torch.tensor([s for s, _, _ in members])[:, None]
+        lengths = torch.tensor([e - s for s, e, _ in members])[:, None]
+        offsets = torch.arange(length)[None, :]
+        valid = offsets < lengths
+        gathers.append(torch.where(valid, starts + offsets, starts).reshape(-1))  # padding reads token 0
+        keeps.append(valid.reshape(-1).nonzero().squeeze(1) + offset)
+        rows.append((starts + offsets)[valid])
+        offset += len(members) * length
+        bucket = Bucket(len(members), length, prefix)
+        if prefix:
+            base = torch.tensor([region_start[seg] for _, _, seg in members])[:, None]
+            bucket.prefix_gather = (base + torch.arange(prefix)[None, :]).reshape(-1).to(device)
+            causal = torch.ones(length, length, dtype=torch.bool).tril()
+            bucket.mask = torch.cat([torch.ones(length, prefix, dtype=torch.bool), causal], dim=1)[None, None].to(device)
+        layout.buckets.append(bucket)
+    # built on the host, moved once: no device sync per layer
+    layout.gather = torch.cat(gathers).to(device)
+    layout.keep = torch.cat(keeps).to(device)
+    layout.rows = torch.cat(rows).to(device)
 
 
 def _document_ids(seqs, total, prefix_lengths, region_start):
@@ -180,7 +203,7 @@ def document_attention(layout: DocumentLayout, query, key, value, prefix_kv: tup
     """query [1, heads, T, d], key/value [1, kv_heads, T, d]; prefix_kv: this layer's (keys, values)
     of the [all prefixes] region, [1, kv_heads, P, d], or None -> [1, T, heads, d]."""
     heads, total, dim = query.shape[1], query.shape[2], query.shape[3]
-    if layout.n == 0 and layout.mask is None and layout.block_mask is None:
+    if not layout.buckets and layout.mask is None and layout.block_mask is None:
         return query.new_zeros(1, total, heads, dim)
     groups = heads // key.shape[1]
     if prefix_kv is not None:
@@ -200,21 +223,24 @@ def document_attention(layout: DocumentLayout, query, key, value, prefix_kv: tup
 
 
 def _padded(layout, query, key, value, scaling, dropout, with_prefix: bool):
-    n, longest, heads, dim = layout.n, layout.longest, query.shape[1], query.shape[3]
+    heads, dim = query.shape[1], query.shape[3]
     prefix_total = layout.prefix_total if with_prefix else 0
-    q = query[0].index_select(1, layout.gather).view(heads, n, longest, dim).transpose(0, 1)
-    k_stream, v_stream = key[0, :, prefix_total:], value[0, :, prefix_total:]
-    k = k_stream.index_select(1, layout.gather).view(heads, n, longest, dim).transpose(0, 1)
-    v = v_stream.index_select(1, layout.gather).view(heads, n, longest, dim).transpose(0, 1)
-    if layout.prefix_gather is None:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
-    else:
-        p = layout.prefix_longest
-        k_pre = key[0, :, :prefix_total].index_select(1, layout.prefix_gather).view(heads, n, p, dim).transpose(0, 1)
-        v_pre = value[0, :, :prefix_total].index_select(1, layout.prefix_gather).view(heads, n, p, dim).transpose(0, 1)
-        out = F.scaled_dot_product_attention(q, torch.cat([k_pre, k], dim=2), torch.cat([v_pre, v], dim=2),
-                                             attn_mask=layout.mask, dropout_p=dropout, scale=scaling)
-    flat = out.transpose(1, 2).reshape(n * longest, heads, dim).index_select(0, layout.keep)
+    sizes = [b.n * b.length for b in layout.buckets]
+    # one gather per tensor for all buckets: its backward is one index_add
+    qs, ks, vs = (t.index_select(1, layout.gather).split(sizes, dim=1)
+                  for t in (query[0], key[0, :, prefix_total:], value[0, :, prefix_total:]))
+    outs = []
+    for b, bucket in enumerate(layout.buckets):
+        n, length = bucket.n, bucket.length
+        q, k, v = (t[b].view(heads, n, length, dim).transpose(0, 1) for t in (qs, ks, vs))
+        if bucket.prefix:
+            k_pre, v_pre = (t[0, :, :prefix_total].index_select(1, bucket.prefix_gather)
+                            .view(heads, n, bucket.prefix, dim).transpose(0, 1) for t in (key, value))
+            out = F.scaled_dot_product_attention(q, torch.cat([k_pre, k], dim=2), torch.cat([v_pre, v], dim=2),
+                                                 attn_mask=bucket.mask, dropout_p=dropout, scale=scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+        outs.append(out.transpose(1, 2).reshape(n * length, heads, dim))
+    flat = torch.cat(outs).index_select(0, layout.keep)
     result = query.new_zeros(layout.total, heads, dim).index_copy(0, layout.rows, flat)  # padding stays zero
     return result.unsqueeze(0)
-

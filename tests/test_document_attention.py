@@ -4,7 +4,7 @@ and grouped-query heads included; padded and masked also in their gradients."""
 import pytest
 import torch
 
-from muxtune.executor.document_attention import build_layout, document_attention
+from muxtune.executor.document_attention import bucket_length, build_layout, document_attention
 
 # sequences of different lengths (one long among short ones), padding between them, two prefix tasks
 SPANS = [(0, 5, 0), (5, 7, 0), (8, 20, 1), (20, 23, 2), (24, 25, 2), (25, 31, 3)]
@@ -59,9 +59,40 @@ def test_one_call_per_layer_equals_attention_sequence_by_sequence(monkeypatch, b
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
-def test_the_cpu_picks_the_kernel_with_fewer_scores(monkeypatch):
+def test_a_sequence_computes_the_same_alone_and_among_neighbours_of_other_lengths(monkeypatch):
+    """Padded buckets depend on a sequence's own length and prefix only: a task's attention outputs and
+    gradients are bit for bit the same whoever else is in the fused batch (what padding to the batch's
+    longest could not give: another padded length is another rounding)."""
     monkeypatch.delenv("MUXTUNE_ATTENTION", raising=False)
-    equal = [(i * 8, i * 8 + 8, 0) for i in range(16)]  # 16 x 8^2 scores padded, 128^2 masked
-    assert build_layout(equal, 128, {}, "cpu").backend == "padded"
-    skewed = [(0, 100, 0)] + [(100 + i, 101 + i, 1) for i in range(28)]  # 29 x 100^2 padded, 128^2 masked
-    assert build_layout(skewed, 128, {}, "cpu").backend == "masked"
+    gen = torch.Generator().manual_seed(3)
+    mine = [(0, 5, 0), (5, 19, 0)]  # task 0: two sequences, positions 0..18
+    neighbours = [(19, 60, 1), (60, 61, 2), (61, 83, 1), (83, 90, 2)]  # longer and shorter ones
+    heads, dim, total = 2, 8, 96
+    q, k, v = (torch.randn(1, heads, total, dim, generator=gen) for _ in range(3))
+    weights = torch.randn(1, total, heads, dim, generator=gen)
+
+    def attend(spans, length):
+        leaves = [t[:, :, :length].clone().requires_grad_() for t in (q, k, v)]
+        layout = build_layout(spans, length, {}, "cpu")
+        out = document_attention(layout, *leaves, None, None, 0.0)
+        (out * weights[:, :length]).sum().backward()
+        return out[0, :19].detach(), [t.grad[:, :, :19] for t in leaves]
+
+    alone, alone_grads = attend(mine, 19)
+    fused, fused_grads = attend(mine + neighbours, total)
+    assert torch.equal(alone, fused)
+    assert all(torch.equal(a, b) for a, b in zip(alone_grads, fused_grads))
+
+
+def test_length_buckets_are_few_and_waste_little():
+    rungs = sorted({bucket_length(n) for n in range(1, 4097)})
+    assert rungs[0] == 16 and all(b <= 1.25 * a + 8 for a, b in zip(rungs, rungs[1:]))
+    assert all(bucket_length(n) >= n for n in range(1, 4097)) and len(rungs) <= 30
+    spans, start = [], 0
+    for i in range(200):  # 200 sequences of 10..500 positions: a handful of calls, not 200
+        n = 10 + (i * 37) % 491
+        spans.append((start, start + n, i % 7))
+        start += n
+    layout = build_layout(spans, start, {}, "cpu")
+    assert layout.backend == "padded" and len(layout.buckets) <= 17
+    assert sum(b.n * b.length for b in layout.buckets) <= 1.3 * start

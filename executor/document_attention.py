@@ -12,7 +12,7 @@ device and by cost:
   padded  (CPU) the sequences gathered by length into right-padded [sequences, heads, L, d] batches,
           one SDPA per length bucket (its prefix slots in front); causal queries never see the padding
           after them. A sequence's bucket L is the first rung of a fixed ladder (`bucket_length`,
-          ~1.25x apart) at or above its own length, and a bucket holds one prefix length: what a
+          at most 1.25x apart, the powers of two among them) at or above its own length, and a bucket holds one prefix length: what a
           sequence is computed with depends on that sequence alone, never on its neighbours, so a
           task's results are bit for bit the same alone and fused (SDPA on the CPU computes each batch
           row alike whatever the batch size), and padding costs at most ~1.25x a sequence's attention.
@@ -70,11 +70,14 @@ class Bucket:
 
 @functools.lru_cache(maxsize=None)
 def bucket_length(n: int) -> int:
-    """The padded length of a sequence of n positions: the first rung >= n of 16, 24, 32, 40, 56, 72,
-    96, ... (each ~1.25x the last, a multiple of 8)."""
-    rung = 16
+    """The padded length of a sequence of n positions: the first rung >= n of 16, 20, 24, 28, 32, 40, 48,
+    56, 64, 80, ... (4, 5, 6 or 7 times a power of two: every power of two is one, each at most 1.25x the
+    last)."""
+    rung, step = 16, 4
     while rung < n:
-        rung = max(rung + 8, (int(rung * 1.25) + 7) // 8 * 8)
+        rung += step
+        if rung == 8 * step:  # the next power of two: rungs a quarter of it apart from here
+            step *= 2
     return rung
 
 

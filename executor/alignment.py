@@ -156,7 +156,7 @@ _ACTIVE: tuple[DocumentLayout, dict] | None = None  # the stream in flight: its 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query [1, heads, T, d], key/value [1, kv_heads, T, d] over the whole stream -> [1, T, heads, d].
     Each sequence attends causally to itself (and its task's K/V prefix) only; padding gets zeros.
-    ONE attention call per layer over all sequences (executor/document_attention.py)."""
+    One attention call per layer (CUDA), one per length bucket (CPU): executor/document_attention.py."""
     if _ACTIVE is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)

@@ -28,11 +28,16 @@ def _best(name, works, steps, cm, devices, instances, arrange, memory_bytes, obj
     better = None
     for layout in layouts(devices // instances, cm.shape.n_layers):
         solution = arrange(instances)
-        costs = {}
+        costs, plain = {}, {}
         base = backbone_bytes(layout, cm)
         copies = max(len(gs) for gs in solution) if backbone_copies else 1
-        for g in (g for gs in solution for g in gs):  # the same memory knobs as the plan's groups get
-            priced(g, works, steps, layout, cm, packed, costs, memory_bytes - base * copies)
+        for g in (g for gs in solution for g in gs):
+            priced(g, works, steps, layout, cm, packed, plain)  # the states (the knobs do not change them)
+        for gs in solution:  # the same memory knobs as the plan's groups get, beside their device's states
+            states = sum(plain[g].state_bytes for g in gs)
+            for g in gs:
+                priced(g, works, steps, layout, cm, packed, costs,
+                       memory_bytes - base * copies - (states - plain[g].state_bytes))
         fit = all(fits(gs, costs, base * copies, memory_bytes) for gs in solution)
         value = estimate(solution, costs, works, objective, steps)
         key = (fit, value)

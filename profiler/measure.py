@@ -133,9 +133,12 @@ def measure_tasks(backbone, device: str, spec: dict, s: Sampling, progress) -> l
                               s.times(spec.get("difference_repeats", 3)))
         progress.end()
         for rank in ranks:
+            # a method whose virtual tokens take row slots (prompt tuning) needs rows longer than them:
+            # rows of `rank` virtual + task_seq real slots where the grid's rank reaches past task_seq
+            row_seq = seq + rank if method_card(method).lead_slots and rank >= seq else seq
             for n_rows in spec["task_rows"]:
                 progress.begin(("task", method, rank, n_rows))
-                trainer, batch = probe_trainer(backbone, device, method, rank, n_rows, seq, count=1)
+                trainer, batch = probe_trainer(backbone, device, method, rank, n_rows, row_seq, count=1)
                 run = trainer.runs["probe0"]
                 try:
                     params = sum(p.numel() for p in run.parameters())
@@ -174,12 +177,12 @@ def measure_tasks(backbone, device: str, spec: dict, s: Sampling, progress) -> l
                     run.optimizer.zero_grad(set_to_none=True)
                 finally:
                     trainer.mux.remove_task("probe0")
-                tokens = n_rows * seq
-                out += [_row("task", "fwd", m["f1"] - m["f0"], tokens, seq, method, rank, params, saved=saved,
+                tokens = n_rows * row_seq
+                out += [_row("task", "fwd", m["f1"] - m["f0"], tokens, row_seq, method, rank, params, saved=saved,
                              batch=batch_saved),
-                        _row("task", "bwd", m["b2"] - m["b0"], tokens, seq, method, rank, params),
-                        _row("task", "skip", m["b2"] - m["b1"], tokens, seq, method, rank, params, saved=saved_skip),
-                        _row("task", "step", m["step"], tokens, seq, method, rank, params)]
+                        _row("task", "bwd", m["b2"] - m["b0"], tokens, row_seq, method, rank, params),
+                        _row("task", "skip", m["b2"] - m["b1"], tokens, row_seq, method, rank, params, saved=saved_skip),
+                        _row("task", "step", m["step"], tokens, row_seq, method, rank, params)]
                 progress.end()
     return out
 

@@ -569,7 +569,7 @@ def test_live_bytes_tracks_the_peak_of_live_tensors():
 # --- a quick profile on the real executor ------------------------------------------------------------
 
 MINI = {"layer": {16: [32, 64], 32: [64, 128]}, "task_seq": 16, "task_rows": [1, 2], "target_tokens": [32, 128],
-        "ranks": {"lora": [2, 8], "ia3": [0], "prefix": [4], "prompt": [4]},
+        "ranks": {"lora": [2, 8], "ia3": [0], "prefix": [4], "prompt": [4, 20]},  # 20: more virtual tokens than task_seq
         "params": [1000, 10000], "nbytes": [4096, 65536], "warmup": 1, "repeats": 2}
 
 
@@ -584,6 +584,17 @@ def mini_profile(tmp_path_factory):
         prof.GRIDS.update(grids)
     path = p.save(tmp_path_factory.mktemp("profile") / "mini.csv")
     return p, path
+
+
+def test_prompt_ranks_past_the_task_rows_are_measured_on_longer_rows(mini_profile):
+    """The full grid's prompt rank 96 exceeds its 32-slot task rows (a default
+    `benchmarks.cost_model_accuracy` crashed on it): such a rank is measured on rows of rank + task_seq
+    slots, and its rows say so."""
+    p, _ = mini_profile
+    prompt = p.rows("task", "fwd")
+    prompt = prompt[prompt["method"] == "prompt"]
+    assert set(zip(prompt["rank"], prompt["seq_len"])) == {(4, 16), (20, 36)}
+    assert (prompt["tokens"] % prompt["seq_len"] == 0).all()
 
 
 def test_quick_profile_measures_every_op_on_the_real_backbone(mini_profile):
@@ -606,7 +617,7 @@ def test_quick_profile_measures_every_op_on_the_real_backbone(mini_profile):
     assert len(shared) == 7 * 2 * 2 and set(shared["rank"]) == {int(targets["rank"].min())}
     assert set(p.rows("step", "host_fixed")["tokens"]) == {16, 32}
     assert p.meta["task_targets"] == ["q_proj", "v_proj"]
-    assert len(p.rows("layer", "fwd")) == 4 and len(p.rows("task")) == 4 * 5 * 2 + 2 * 4
+    assert len(p.rows("layer", "fwd")) == 4 and len(p.rows("task")) == 4 * 6 * 2 + 2 * 4  # 6 (method, rank) x 2 row counts
     assert (p.rows("layer")["seconds"] > 0).all() and (p.rows("model")["seconds"] > 0).all()
     # the bare model's forward under no_grad (what an evaluation runs) on the same grid as its training forward
     grid = lambda phase: sorted(zip(p.rows("model", phase)["tokens"], p.rows("model", phase)["seq_len"]))

@@ -446,7 +446,7 @@ def simulate_cluster(jobs: list[Job], gpus: int, policy: Policy, cost_model_for:
             if over.validate_s and running:  # the model's worker reads the new job's files between two steps
                 advance()
                 stall(running[0], over.validate_s)
-            elif over.validate_s or over.pickup_s:  # an idle worker notices it, then validates it before it joins
+            elif not running and (over.validate_s or over.pickup_s):  # an idle worker notices it, then validates it
                 yield env.timeout(over.pickup_s + over.validate_s)
             state.queue.append(job)
             settle()

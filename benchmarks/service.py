@@ -136,28 +136,33 @@ def run_trace(service: Service, trace, files: dict, clients: int, timeout: float
     end. Per trace job: arrival, running (first seen running), finish (first seen succeeded), status."""
     seen: dict[str, dict] = {}  # job id -> {"running": t, "finish": t, "status": s}
     ids: dict[int, str] = {}
+    submitted: dict[int, float] = {}  # trace job id -> seconds its upload and create calls took
     errors: list[str] = []
     done = threading.Event()
     t0 = time.time()
 
     def submit(job):
         api = service.client(job.org)
+        started = time.time()
         try:
             upload = api.files.create(file=open(files[job.id], "rb"), purpose="fine-tune")
             created = api.fine_tuning.jobs.create(**job.request(MODEL, upload.id))
+            submitted[job.id] = time.time() - started
             ids[job.id] = created.id
         except Exception as exc:  # noqa: BLE001 - reported with the job, the run goes on
             errors.append(f"job {job.id}: {type(exc).__name__}: {exc}")
 
     def poll(org):
         api = service.client(org)
+        before = 0.0  # the last poll's time: a change seen now happened, on average, midway since then
         while not done.is_set():
             try:
                 page = api.fine_tuning.jobs.list(limit=1000)
             except Exception:  # noqa: BLE001 - a slow answer under load: the next poll sees it
                 time.sleep(POLL_S)
                 continue
-            at = time.time() - t0
+            now = time.time() - t0
+            at, before = (before + now) / 2, now
             for job in page.data:
                 entry = seen.setdefault(job.id, {})
                 if job.status in ("running",) + FINAL and "running" not in entry:
@@ -186,7 +191,7 @@ def run_trace(service: Service, trace, files: dict, clients: int, timeout: float
     missing = [j.id for j in trace if "finish" not in seen.get(ids.get(j.id, ""), {})]
     if missing:
         raise RuntimeError(f"jobs {missing} did not end within {timeout:.0f} s (see {service.folder}/server.log)")
-    return {j.id: dict(arrival=j.arrival, **seen[ids[j.id]]) for j in trace}
+    return {j.id: dict(arrival=j.arrival, submitted=submitted[j.id], **seen[ids[j.id]]) for j in trace}
 
 
 def measured_metrics(jobs: dict, peak_memory: int | None, status: dict | None) -> dict:
@@ -221,9 +226,10 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def pilot(folder: Path, profile: str, jobs: int, seed: int, scale: float) -> tuple[dict, float]:
+def pilot(folder: Path, profile: str, jobs: int, seed: int, scale: float) -> tuple[dict, float, float]:
     """`jobs` jobs of the trace's mix (another seed) all at once through a fresh MuxTune service: its
-    worker's status.json and when the first job was submitted (for the worker's start-up)."""
+    worker's status.json, when the first job was submitted (for the worker's start-up) and the mean
+    seconds a job took to submit (file upload + job creation through the API)."""
     from dataclasses import replace
 
     service = Service(folder, MAX_TENANTS, profile)
@@ -231,9 +237,9 @@ def pilot(folder: Path, profile: str, jobs: int, seed: int, scale: float) -> tup
         trace = [replace(job, id=1000 + job.id, arrival=0.0) for job in make_trace(jobs, 3600.0, seed + 1, scale)]
         files = {job.id: write_data(job, folder) for job in trace}
         first = time.time()
-        run_trace(service, trace, files, clients=jobs, timeout=600)
+        seen = run_trace(service, trace, files, clients=jobs, timeout=600)
         time.sleep(1.2)  # the worker writes its last status.json at its next idle boundary
-        return service.status(), first
+        return service.status(), first, statistics.fmean(j["submitted"] for j in seen.values())
     finally:
         service.stop()
 
@@ -324,8 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
              [(2.5 * steps, int(tokens)), (6 * args.pilot_jobs, 64)], fixed_seconds=40 + 1.5 * args.jobs)
 
     cost_model = CostModel.from_profile(profile)
-    status, first = pilot(out / "pilot", profile, args.pilot_jobs, args.seed, args.scale)
-    overheads = fit_overheads(status, first)
+    status, first, submit_s = pilot(out / "pilot", profile, args.pilot_jobs, args.seed, args.scale)
+    overheads = fit_overheads(status, first, submit_s)
     print(f"service overheads (pilot of {args.pilot_jobs} jobs): {overheads_dict(overheads)}", file=sys.stderr)
 
     measured, simulated = {}, {}

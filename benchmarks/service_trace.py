@@ -116,10 +116,12 @@ def simulator_jobs(trace: list[TraceJob], files: dict[int, Path], model: str = M
     return rows
 
 
-def fit_overheads(status: dict, first_submit: float):
+def fit_overheads(status: dict, first_submit: float, submit_s: float = 0.0):
     """ServiceOverheads from a pilot's backbones/<model>/status.json (muxtune/service/timing.py):
     per-job and per-change means of the timed parts, and the per-step fixed cost fitted as a + b x jobs
-    over the steps taken with 1, 2, ... jobs training."""
+    over the steps taken with 1, 2, ... jobs training; `submit_s` the pilot's mean upload + create time
+    through the API; an idle worker's pick-up, half its idle poll."""
+    from muxtune.service.worker import IDLE_POLL_S
     from muxtune.simulator.cluster import ServiceOverheads
 
     phases = status["phases"]
@@ -138,7 +140,8 @@ def fit_overheads(status: dict, first_submit: float):
         slope, fixed = 0.0, float(per_step[0]) if len(per_step) else 0.0
     return ServiceOverheads(start_s=max(0.0, status["ready_at"] - first_submit), validate_s=mean("validate"),
                             join_s=mean("join"), leave_s=mean("leave"), change_s=mean("change"),
-                            step_s=max(0.0, float(fixed)), step_per_job_s=max(0.0, float(slope)))
+                            step_s=max(0.0, float(fixed)), step_per_job_s=max(0.0, float(slope)),
+                            submit_s=submit_s, pickup_s=IDLE_POLL_S / 2)
 
 
 def planner_grouping(cost_model, memory_gib: float, time_limit: float):

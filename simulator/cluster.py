@@ -203,6 +203,8 @@ class ServiceOverheads:
     change_s: float = 0.0  # per join/leave boundary: re-plan + checkpoint of the instance
     step_s: float = 0.0  # per instance step: events and checkpoint, the fixed part
     step_per_job_s: float = 0.0  # ... and the part per job on the instance
+    submit_s: float = 0.0  # per job: its file uploaded and the job created through the API, before the service knows it
+    pickup_s: float = 0.0  # an idle worker notices a queued job after this long on average (half its idle poll)
 
     def step(self, jobs: int) -> float:
         return self.step_s + self.step_per_job_s * jobs
@@ -439,13 +441,13 @@ def simulate_cluster(jobs: list[Job], gpus: int, policy: Policy, cost_model_for:
 
     def arrivals():
         for job in sorted(jobs, key=lambda j: (j.arrival, j.id)):
-            yield env.timeout(max(0.0, job.arrival - env.now))
-            running = [inst for inst in state.instances.values() if inst.model == job.model]
+            yield env.timeout(max(0.0, job.arrival + over.submit_s - env.now))
+            running = [inst for inst in state.instances.values() if inst.model == job.model and inst.jobs]
             if over.validate_s and running:  # the model's worker reads the new job's files between two steps
                 advance()
                 stall(running[0], over.validate_s)
-            elif over.validate_s:  # an idle worker validates it before it can join
-                yield env.timeout(over.validate_s)
+            elif not running and (over.validate_s or over.pickup_s):  # an idle worker notices it, then validates it
+                yield env.timeout(over.pickup_s + over.validate_s)
             state.queue.append(job)
             settle()
 

@@ -108,3 +108,18 @@ def test_single_gpu_pricing_agrees_with_the_iteration_simulator():
     plan = Plan(groups=[FusionGroup(tasks=[j.work.name for j in g], devices=["gpu0"]) for g in groups])
     timeline = simulate_step(plan, {j.work.name: j.work for j in jobs}, CM, packed=True)
     assert step == pytest.approx(timeline.step_seconds) and memory == timeline.peak_memory["gpu0"]
+
+
+def test_service_submission_and_idle_pickup_delay_every_job_by_their_seconds():
+    """ServiceOverheads.submit_s (the API upload + create) delays when the service knows a job;
+    pickup_s (an idle worker's poll) only a job that finds no job training."""
+    from muxtune.simulator.cluster import ServiceOverheads
+
+    jobs = [job(i, 16) for i in range(2)]
+    bare = simulate_cluster(jobs, 1, Dedicated(), lambda m: CM, MEMORY).jobs.sort_values("id")
+    over = ServiceOverheads(submit_s=0.5, pickup_s=0.25)
+    slow = simulate_cluster(jobs, 1, Dedicated(), lambda m: CM, MEMORY, over).jobs.sort_values("id")
+    # the first finds the worker idle (submit + pick-up); the second queues behind it: its wait is
+    # covered by the first's run, so it ends as late as the first's delay pushes it
+    assert list(slow["jct"] - bare["jct"]) == pytest.approx([0.75, 0.75])
+    assert list(slow["start"] - bare["start"]) == pytest.approx([0.75, 0.75])

@@ -30,8 +30,8 @@ class FusedForward:
         with self.mux.route(batch.segments, batch.chunk_len, training=training, own_rows=True):
             embeds = self.chunked_embeds(batch) if self.stage.first else inputs
             with packed_attention(self.model, batch, {}), self.stage.run_layers(self.model):
-                hidden = self.model.base_model(inputs_embeds=embeds, position_ids=batch.position_ids.reshape(1, -1)
-                                               ).last_hidden_state
+                hidden = self.model.base_model(inputs_embeds=embeds, position_ids=batch.position_ids.reshape(1, -1),
+                                               use_cache=False).last_hidden_state
         if not self.stage.last:
             return None, hidden
         with self.observer.phase("head"):
@@ -86,8 +86,8 @@ class FusedForward:
         embeds = self.chunked_embeds(batch)
         prefixes = {i: a.sequence.key_values(1, embeds.dtype) for i, a in enumerate(adapters) if a.prefix_tokens}
         with packed_attention(self.model, batch, prefixes):
-            return self.model.base_model(inputs_embeds=embeds, position_ids=batch.position_ids.reshape(1, -1)
-                                         ).last_hidden_state
+            return self.model.base_model(inputs_embeds=embeds, position_ids=batch.position_ids.reshape(1, -1),
+                                         use_cache=False).last_hidden_state
 
     def chunked_embeds(self, batch: ChunkedBatch) -> torch.Tensor:
         """Input embeddings [1, rows * chunk_len, d] of the chunk stream, prompt tasks' virtual tokens in
@@ -110,7 +110,9 @@ class FusedForward:
         adapters = [self.mux.adapters[seg.task] for seg in batch.segments]
         base = self.model.base_model
         if all(a.sequence is None for a in adapters):
-            return base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            # use_cache=False: a cache would keep every layer's keys and values alive past the layer (for
+            # nothing, in training), outside what a recomputed block frees (~2 [T, hidden] per layer)
+            return base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
         rows, seq = batch.input_ids.shape
         embeds = self.model.get_input_embeddings()(batch.input_ids)
         parts = []
@@ -127,7 +129,7 @@ class FusedForward:
         if longest:
             cache, prefix_mask = self._prefix_cache(batch, adapters, longest, embeds.dtype)
             mask = torch.cat([prefix_mask, mask], dim=1)
-        return base(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+        return base(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=cache is not None,
                     **{_cache_kwarg(base): cache}).last_hidden_state
 
     def _prefix_cache(self, batch: FusedBatch, adapters, longest: int, dtype):

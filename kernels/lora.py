@@ -308,15 +308,17 @@ class LoopedLoRA(torch.autograd.Function):
             y += delta.mul_(row_scale)
         if inplace:
             ctx.mark_dirty(result)
-        ctx.save_for_backward(x, *shrunk, *weights)
-        ctx.spans, ctx.scales, ctx.masks = spans, scales, masks
+        # the dropout masks through save_for_backward too: as ctx attributes they escaped saved-tensor
+        # hooks, so a recomputed block (executor/recompute.py) kept every op's masks alive ([T, k] each)
+        ctx.save_for_backward(x, *shrunk, *weights, *masks)
+        ctx.spans, ctx.scales = spans, scales
         return result
 
     @staticmethod
     def backward(ctx, grad_out):
         x, *saved = ctx.saved_tensors
         segments = len(ctx.spans)
-        shrunk, weights = saved[:segments], saved[segments:]
+        shrunk, weights, masks = saved[:segments], saved[segments : 3 * segments], saved[3 * segments :]
         n, k = grad_out.shape[-1], x.shape[-1]
         g, x2 = grad_out.reshape(-1, n), x.reshape(-1, k)
         want_dx = ctx.needs_input_grad[1]  # False where x is frozen (the first layer's, without prompt tuning)
@@ -324,7 +326,7 @@ class LoopedLoRA(torch.autograd.Function):
         dx = (torch.zeros_like if row_scale is None else torch.empty_like)(x2) if want_dx else None
         scaled = None if row_scale is None else g * row_scale
         grads = []
-        for (lo, hi), scale, mask, s, a, b in zip(ctx.spans, ctx.scales, ctx.masks, shrunk,
+        for (lo, hi), scale, mask, s, a, b in zip(ctx.spans, ctx.scales, masks, shrunk,
                                                    weights[0::2], weights[1::2]):
             xi = x2[lo:hi] if mask is None else x2[lo:hi] * mask
             gb = g[lo:hi] * scale if scaled is None else scaled[lo:hi]

@@ -89,7 +89,7 @@ class OpCounter:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 if not counter._inside_launch:
                     counter.ops[str(func.overloadpacket)] += 1
-                    if func.is_view or str(func.overloadpacket) == "aten.detach":
+                    if func.is_view:  # view, slice, detach, ...: the output aliases an input
                         counter.views[str(func.overloadpacket)] += 1
                 return func(*args, **(kwargs or {}))
 

@@ -9,7 +9,8 @@ axolotl #1100 and transformers #37766). The gradients of the k backwards add up 
 `.grad`, so the optimizer sees the big batch's gradient, within float rounding of the summation order.
 
 The step loop splits with `micro_steps`; the denominators are each task's target tokens over all its
-micro-batches (`step_token_counts`); what one micro-batch backwards is executor/optim.summed_task_loss.
+micro-batches (the trainer sums them before the first forward); what one micro-batch backwards is
+executor/optim.summed_task_loss.
 """
 
 from __future__ import annotations
@@ -33,12 +34,3 @@ def micro_steps(batches: dict[str, list], accumulation: dict[str, int]) -> list[
         if step:
             out.append(step)
     return out
-
-
-def step_token_counts(micro_batches, counts: dict[str, int] | None = None) -> dict[str, int]:
-    """Each task's loss-bearing tokens over all the micro-batches of its optimizer step (added to `counts`)."""
-    counts = {} if counts is None else counts
-    for batch in micro_batches:
-        for name, n in batch.target_counts.items():
-            counts[name] = counts.get(name, 0) + n
-    return counts

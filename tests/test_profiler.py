@@ -501,6 +501,13 @@ def test_calibration_verdicts():
     assert uniform.verdict == "rescaled" and uniform.scale == pytest.approx((0.42 * 0.44 * 0.45) ** (1 / 3))
     # compute-bound ops twice as fast, the host-bound optimizer not: another thread count, not a speed
     assert judge({"layer": 0.5, "head": 0.52, "optimizer": 1.0}).verdict == "remeasure"
+    # the host-bound optimizer is weighed by its small share of a step: a noisy x0.82 on it alone keeps
+    # the profile (the same quiet machine 6 minutes later); the compute ops still set the scale
+    assert judge({"layer fwd": 1.02, "layer bwd": 0.99, "head fwd": 1.01, "optimizer 1": 0.82}).verdict == "trusted"
+    slower = judge({"layer fwd": 1.5, "layer bwd": 1.52, "head fwd": 1.49, "optimizer 1": 1.3})
+    assert slower.verdict == "rescaled" and slower.scale == pytest.approx((1.5 * 1.52 * 1.49) ** (1 / 3))
+    assert judge({"layer fwd": 1.02, "layer bwd": 0.99, "optimizer 1": 0.6}).verdict == "remeasure"
+    assert judge({"layer fwd": 1.02, "layer bwd": 1.14, "optimizer 1": 1.0}).verdict == "remeasure"
 
 
 def test_calibration_check_measures_the_reference_ops_on_the_real_backbone(mini_profile, monkeypatch):

@@ -184,11 +184,15 @@ class MultiplexedOp(nn.Module):
                 kernel = getattr(layer, kernel_name, None)
                 if kernel is not None:
                     by_kernel.setdefault(kernel, []).append(i)
+            # the looped kernel adds in place into what it is given unless that is a view: a Linear's
+            # [rows, seq, n] output is none, its flat reshape is (a copy of the op's whole output per call)
+            current = flat_out if grouped else out
             for kernel, members in by_kernel.items():
                 items = [(spans[i][3], spans[i][1], spans[i][2], self._dropout_mask(*spans[i], flat_x, flat_out))
                          for i in members]
-                flat_out = kernel(items, flat_x, flat_out, self._mux)
+                current = kernel(items, flat_x, current, self._mux)
                 done.update(members)
+            flat_out = current.reshape(-1, out.shape[-1])
             if all(i in done or layer is None for i, (*_, layer) in enumerate(spans)):
                 return flat_out.view(out.shape)
 

@@ -300,7 +300,7 @@ class LoopedLoRA(torch.autograd.Function):
             xi = x2[lo:hi] if mask is None else x2[lo:hi] * mask
             s = xi.mm(a.t())
             if delta is None:
-                y[lo:hi] += s.mm(b.t()) * scale
+                y[lo:hi].add_(s.mm(b.t()) * scale)  # not `+=`: its setitem copies the rows onto themselves
             else:
                 torch.mm(s, b.t(), out=delta[lo:hi])
             shrunk.append(s)
@@ -323,7 +323,10 @@ class LoopedLoRA(torch.autograd.Function):
         g, x2 = grad_out.reshape(-1, n), x.reshape(-1, k)
         want_dx = ctx.needs_input_grad[1]  # False where x is frozen (the first layer's, without prompt tuning)
         row_scale = _row_scale(ctx.spans, ctx.scales, g.shape[0], g.device)
-        dx = (torch.zeros_like if row_scale is None else torch.empty_like)(x2) if want_dx else None
+        dx = torch.empty_like(x2) if want_dx else None
+        if dx is not None and row_scale is None:  # rows no segment covers: zero (a fill of those rows only)
+            for lo, hi in _uncovered(ctx.spans, dx.shape[0]):
+                dx[lo:hi].zero_()
         scaled = None if row_scale is None else g * row_scale
         grads = []
         for (lo, hi), scale, mask, s, a, b in zip(ctx.spans, ctx.scales, masks, shrunk,
@@ -338,6 +341,16 @@ class LoopedLoRA(torch.autograd.Function):
                 else:
                     dx[lo:hi] = ds.mm(a) * mask
         return grad_out, None if dx is None else dx.view(x.shape), None, None, None, *grads
+
+
+def _uncovered(spans: tuple, rows: int) -> list[tuple[int, int]]:
+    """The row ranges of [0, rows) outside every (sorted, disjoint) span."""
+    gaps, cursor = [], 0
+    for lo, hi in sorted(spans):
+        if lo > cursor:
+            gaps.append((cursor, lo))
+        cursor = max(cursor, hi)
+    return gaps + ([(cursor, rows)] if cursor < rows else [])
 
 
 @functools.lru_cache(maxsize=256)

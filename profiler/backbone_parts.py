@@ -134,6 +134,20 @@ def layer_op_names(model: nn.Module) -> list[str]:
     return names
 
 
+def op_input_widths(model: nn.Module) -> dict[str, int]:
+    """{op name: its input features} for the ops of one decoder layer a task can target."""
+    from muxtune.executor.backbone import op_features
+    from transformers.pytorch_utils import Conv1D
+
+    _, _, layers = decoder_layers(model)
+    widths: dict[str, int] = {}
+    for path, module in layers[0].named_modules():
+        op = getattr(module, "base_op", module)
+        if path and not path.endswith("base_op") and isinstance(op, (nn.Linear, Conv1D)):
+            widths.setdefault(path.rsplit(".", 1)[-1], int(op_features(op)[0]))
+    return widths
+
+
 def layer_param_bytes(model) -> dict:
     """Bytes of the backbone's weights: one decoder layer, the embedding side, the head side."""
     _, _, layers = decoder_layers(model)

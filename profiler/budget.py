@@ -21,6 +21,7 @@ from muxtune.profiler.sampling import Budget
 from muxtune.spec import method_card
 
 COMM_SECONDS = 6.0  # two spawned processes and their rounds: about constant
+UNCOVERED_TOKENS = 4096  # an `uncovered` row's size out of the caches (a budget's thinned grid keeps 256 only)
 EVAL_WARMUP = 3  # extra warm-up rounds of the no_grad forward (the `model`/`eval` row, profile.measure_backbone)
 
 
@@ -68,6 +69,13 @@ def with_sizes(grid: dict, sizes) -> dict:
     return g
 
 
+def uncovered_tokens(grid: dict, sizes=()) -> list[int]:
+    """Token counts of the `uncovered` rows: the per-op rows' smallest and largest, and the largest step
+    the tasks at hand run (a line in tokens, read where the steps are: out of the caches, as they run)."""
+    return sorted({grid["target_tokens"][0], max(grid["target_tokens"][-1], UNCOVERED_TOKENS),
+                   *(max(t for t, _ in sizes) for _ in sizes[:1])})
+
+
 def repeats_expected(grid: dict) -> float:
     least = min(3, grid["repeats"])
     return grid["warmup"] + (least + grid["repeats"]) / 2
@@ -105,6 +113,8 @@ def point_costs(grid: dict, pilot: Pilot, n_target_ops: int, tp: bool) -> dict:
                              for t in grid["target_tokens"])
             per_target += sum(diff * reps * 4 * 0.25 * pilot.model(t) for t in grid["target_tokens"][:2])
             costs[("target", method, target)] = per_target
+    if any(method_card(m).targeted for m in grid["ranks"]):  # zero-fill + add over a few [tokens, width]
+        costs[("uncovered",)] = 1.0
     for rows, tokens in zip(grid["task_rows"], task_tokens):
         costs[("step", rows)] = diff * reps * sum(1.3 * pilot.model(n * tokens) for n in (1, 2, 3, 4))
     for params in grid["params"]:

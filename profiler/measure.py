@@ -235,6 +235,29 @@ def measure_targets(backbone, device: str, spec: dict, s: Sampling, progress) ->
     return out
 
 
+def measure_uncovered(device: str, widths: list[int], token_counts: list[int], dtype, s: Sampling,
+                      progress) -> list[dict]:
+    """What the backward of an op some task wraps costs on the rows NO task of it covers (one `uncovered`
+    row per input width and token count: seconds for that many rows). The adapters' autograd node returns
+    dX for the whole batch: those rows are zero-filled, then autograd adds the whole dX to the frozen op's
+    (kernels/lora.py). A task alone on its rows (the `target` rows) pays the add on its own rows only,
+    so in a fused batch where the tasks of an op cover some of the rows, this is the part left unpriced."""
+    progress.begin(("uncovered",))
+    rows = []
+    for width in sorted(set(widths)):
+        for tokens in sorted(set(token_counts)):
+            base = torch.randn(tokens, width, device=device, dtype=dtype)
+
+            def uncovered():
+                dx = torch.empty(tokens, width, device=device, dtype=dtype)
+                dx.zero_()
+                return base + dx
+
+            rows.append(_row("uncovered", "bwd", median_seconds(uncovered, device, s), tokens=tokens, params=width))
+    progress.end()
+    return rows
+
+
 def measure_target_shared(backbone, device: str, method: str, rank: int, target: str, n_rows: int, seq: int,
                           s: Sampling) -> list[dict]:
     """What tasks of `method` on the same op NAME share: all LoRA tasks of an op run as one autograd node

@@ -24,6 +24,9 @@ them. Rows of the table (column `op`):
           A task's overhead is the sum over its targets, so any target list is priced from these rows;
           shared_fwd / shared_bwd: what a second task of the method on the same op does not add again
           (one autograd node or kernel launch for all of them, see measure_target_shared).
+  uncovered  phase bwd, over (tokens, `params` = an op's input width): the backward of a wrapped op on
+          rows none of its tasks covers (dX zero-filled there, then added to the frozen op's dX;
+          measure_uncovered); meta `op_inputs` gives each op name's input width
   step    phase host_fixed, over tokens: the host work of a trainer step that is there once per step
           (fusing, routing, loss bookkeeping), not once per task (see measure_step_fixed)
   optimizer  one task's AdamW step + gradient clipping + zero_grad, over its trainable `params`
@@ -49,10 +52,11 @@ import torch
 
 from muxtune.errors import MuxTuneError
 from muxtune.profiler.backbone_parts import (bare_model_loss, decoder_layers, layer_param_bytes,  # noqa: F401
-                                             target_names, tp_shard_layers)
-from muxtune.profiler.budget import Progress, fit, whole_model_points
+                                             op_input_widths, target_names, tp_shard_layers)
+from muxtune.profiler.budget import Progress, fit, uncovered_tokens, whole_model_points
 from muxtune.profiler.measure import (_row, measure_backbone, measure_comm, measure_optimizer,  # noqa: F401
-                                      measure_step_fixed, measure_targets, measure_tasks, peft_config_for, pilot)
+                                      measure_step_fixed, measure_targets, measure_tasks, measure_uncovered,
+                                      peft_config_for, pilot)
 from muxtune.profiler.probes import LiveBytes, observe_step, peak_bytes  # noqa: F401
 from muxtune.profiler.profile_file import (COLUMNS, Profile, fingerprint, profile_filename,  # noqa: F401
                                            user_cache_dir)
@@ -148,6 +152,10 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
         rows += measure_backbone(model, device, grid["layer"], s, bar, whole_model_points(grid))
         rows += measure_tasks(backbone, device, grid, s, bar)
         rows += measure_targets(backbone, device, grid, s, bar)
+        if any(method_card(m).targeted for m in grid["ranks"]):
+            widths = op_input_widths(model)
+            rows += measure_uncovered(device, [widths[n] for n in target_names(model, grid)],
+                                      uncovered_tokens(grid, sizes), dtype, s, bar)
         rows += measure_step_fixed(backbone, device, grid, s, bar)
         tensors = 4 * model.config.num_hidden_layers  # LoRA on two ops per layer: A and B each
         rows += measure_optimizer(device, grid["params"], tensors, s, bar)
@@ -163,6 +171,7 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
             # what the method-level task rows were measured on (a task with no target list is priced so)
             "task_targets": attention_targets(model.config.model_type),
             "methods": sorted(grid["ranks"]), "targets": target_names(model, grid), "sizes": sizes,
+            "op_inputs": op_input_widths(model),
             "budget_s": budget, "estimated_s": round(sum(costs.values()), 1), "cuts": cuts,
             "seconds": round(time.perf_counter() - started, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -79,3 +79,30 @@ def test_trainers_come_and_go_on_one_backbone_without_rewrapping(tmp_path):
             again.mux.remove_task(name)
     ops = [m for m in first.model.modules() if isinstance(m, MultiplexedOp)]
     assert ops and not any(isinstance(op.base_op, MultiplexedOp) for op in ops)
+
+
+def test_lora_adds_into_the_frozen_ops_output_without_copying_it(tmp_path):
+    """On the CPU path the LoRA update is added into the frozen op's [rows, seq, out] output in place:
+    no copy of an op's whole output per call. (Its flat reshape is a view, and a view made the kernel
+    clone the output first: ~1.9 s of a 19 s fused llama-100m step.)"""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    specs = three_tasks(tmp_path, TARGETS["builtin:tiny-llama"])
+    trainer, _ = make_trainer("builtin:tiny-llama", specs, alignment=PADDED)
+    inside, calls, copies = [], [], []
+    aten = torch.ops.aten
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if inside and func in (aten.clone.default, aten.copy_.default):
+                copies.append(func)
+            return func(*args, **(kwargs or {}))
+
+    for module in trainer.model.modules():
+        if isinstance(module, MultiplexedOp):
+            module.register_forward_pre_hook(lambda m, a: (inside.append(m), calls.append(m)) and None)
+            module.register_forward_hook(lambda m, a, out: inside.pop() and None)
+    with Copies():
+        trainer.step()
+    assert len(calls) >= 2 * len(TARGETS["builtin:tiny-llama"]) and not copies

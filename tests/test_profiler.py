@@ -3,6 +3,7 @@ profile run on the real executor, and the CLI (the accuracy benchmark's smoke ru
 test_benchmarks_smoke.py)."""
 
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -607,8 +608,8 @@ def test_prompt_ranks_past_the_task_rows_are_measured_on_longer_rows(mini_profil
 def test_quick_profile_measures_every_op_on_the_real_backbone(mini_profile):
     p, _ = mini_profile
     t = p.table
-    assert set(t["op"]) == {"layer", "tp_layer", "stem", "model", "head", "task", "target", "step", "optimizer",
-                            "p2p", "allreduce"}
+    assert set(t["op"]) == {"layer", "tp_layer", "stem", "model", "head", "task", "target", "uncovered", "step",
+                            "optimizer", "p2p", "allreduce"}
     # one tensor rank's layer shard (tp=2: 2 of 4 heads, 1 of 2 KV heads, half the MLP) on the layer grid
     shard = p.rows("tp_layer", "fwd").set_index(["tokens", "seq_len"])
     assert len(shard) == 4 and set(shard["world"]) == {2} and len(p.rows("tp_layer", "bwd")) == 4
@@ -649,6 +650,33 @@ def test_quick_profile_measures_every_op_on_the_real_backbone(mini_profile):
     assert cm.backbone_bytes(2, True, True) == sum(x.numel() * 4 for x in
                                                    __import__("muxtune.executor.backbone", fromlist=["x"])
                                                    .load_backbone("builtin:tiny-llama").model.parameters())
+
+
+def test_rows_no_task_of_an_op_covers_are_priced_in_its_backward(mini_profile):
+    """Tasks of a fused batch wrap different ops: an op's adapters return dX for every row (zero where
+    none of its tasks is) and autograd adds it to the frozen op's dX. A task's `target` rows price that
+    on its own rows only; the `uncovered` rows price the rest, per op input width, in the backward."""
+    from muxtune.profiler.profile_file import Profile
+
+    p, _ = mini_profile
+    widths = p.meta["op_inputs"]
+    assert widths["q_proj"] == 64 and widths["down_proj"] == 128 and widths["gate_proj"] == 64
+    rows = p.rows("uncovered", "bwd")
+    assert set(rows["params"]) == {64, 128} and set(rows["tokens"]) == {32, 4096} and (rows["seconds"] > 0).all()
+    cm = CostModel.from_profile(p)
+    without = CostModel.from_profile(Profile(p.table[p.table["op"] != "uncovered"], p.meta))
+    q = TaskLoad("lora", 4, 64, 2048, ("q_proj",))
+    down = TaskLoad("lora", 4, 32, 2048, ("down_proj",))
+    mixed = MicroBatch((q, down), 16)  # q_proj: 32 rows not its tasks'; down_proj: 64
+    at = lambda width, tokens: float(np.interp(tokens, *zip(*sorted(zip(rows[rows["params"] == width]["tokens"],
+                                                                          rows[rows["params"] == width]["seconds"])))))
+    expected = 2 * (at(64, 32) + at(128, 64))  # x 2 layers
+    with_rows, bare = cm.step_breakdown(mixed), without.step_breakdown(mixed)
+    assert with_rows["bwd_tasks"] - bare["bwd_tasks"] == pytest.approx(expected, rel=1e-9) and expected > 0
+    assert with_rows["fwd_tasks"] == bare["fwd_tasks"]
+    # both tasks on q_proj cover every row of it: nothing left unpriced
+    same = MicroBatch((q, TaskLoad("lora", 4, 32, 2048, ("q_proj",))), 16)
+    assert cm.step_breakdown(same)["bwd_tasks"] == pytest.approx(without.step_breakdown(same)["bwd_tasks"])
 
 
 def test_cli_profile_errors_exit_2_without_traceback(capsys, tmp_path):

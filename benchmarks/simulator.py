@@ -106,8 +106,11 @@ def prediction_errors(model: str, device: str, steps: int, warmup: int, max_seq_
                     works[name] = task_work(config.task(name), params[name], mean_seq_len=padded)
                     if name in held_out:
                         task = config.task(name)
+                        # padded layout: a validation row is as long as its task's longest (the
+                        # executor pads each evaluation micro-batch to its longest row)
                         works[name] = replace(works[name], eval_sequences=len(held_out[name]),
-                                              eval_every=task.eval_interval(task.steps))
+                                              eval_every=task.eval_interval(task.steps),
+                                              eval_seq_len=max(len(ex.input_ids) for ex in held_out[name]))
             due = dict(evaluation_schedule(works, {n: steps for n in names})).get(step + 1, ())
             predicted = simulate_step(plan, works, cost_model, evaluating=due).step_seconds
             errors.append((abs(predicted - measured) / measured, bool(due)))

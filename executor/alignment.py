@@ -124,22 +124,26 @@ def pack_chunks(batches: dict[str, list[Example]], chunk_len: int, pad_id: int, 
 
 
 def split_by_budget(batches: dict[str, list[Example]], chunk_len: int, token_budget: int,
-                    lead: dict[str, int] | None = None) -> list[dict[str, list[Example]]]:
-    """Split a step's sequences into micro-batches of at most `token_budget` computed tokens (each task
-    rounded up to whole chunks), in order. A micro-batch holds whole sequences; a sequence larger than
-    the budget gets a micro-batch of its own."""
+                    lead: dict[str, int] | None = None, padded: bool = False) -> list[dict[str, list[Example]]]:
+    """Split a step's sequences into micro-batches of at most `token_budget` computed tokens, in order:
+    each task's stream rounded up to whole chunks, or (`padded`) a row per sequence, every row as long
+    as the micro-batch's longest (what `fuse` lays out). A micro-batch holds whole sequences; a sequence
+    larger than the budget gets a micro-batch of its own."""
     lead = lead or {}
-    micro, current, lengths = [], {}, {}  # lengths: each task's stream length in `current`
+    micro, current, lengths = [], {}, {}  # lengths: each task's stream length in `current` (padded: rows)
 
-    def cost(lengths: dict[str, int]) -> int:
-        return sum(chunks_for(n, chunk_len) * chunk_len for n in lengths.values())
+    def cost(lengths: dict[str, list[int]]) -> int:
+        if padded:
+            return sum(len(rows) for rows in lengths.values()) * max(max(rows) for rows in lengths.values())
+        return sum(chunks_for(sum(rows), chunk_len) * chunk_len for rows in lengths.values())
 
     for task, examples in batches.items():
         for ex in examples:
-            grown = {**lengths, task: lengths.get(task, 0) + lead.get(task, 0) + len(ex.input_ids)}
+            n = lead.get(task, 0) + len(ex.input_ids)
+            grown = {**lengths, task: lengths.get(task, []) + [n]}
             if current and cost(grown) > token_budget:
                 micro.append(current)
-                current, grown = {}, {task: lead.get(task, 0) + len(ex.input_ids)}
+                current, grown = {}, {task: [n]}
             current.setdefault(task, []).append(ex)
             lengths = grown
     if current:

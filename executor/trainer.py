@@ -546,12 +546,13 @@ class MultiplexedTrainer(FusedForward):
     def micro_batches(self, batches: dict[str, list[Example]], split_padded: bool = False
                       ) -> list[FusedBatch | ChunkedBatch]:
         """The fused micro-batch(es) of one group's step, in the Plan's layout. `split_padded`: padded
-        micro-batches too hold at most the token budget of sequences (whole validation sets)."""
+        micro-batches too hold at most the token budget, padding included (whole validation sets)."""
         pad_id = self.backbone.tokenizer.pad_token_id
         adapters = {name: self.mux.adapters[name] for name in batches}
         lead = {name: a.lead_tokens for name, a in adapters.items()}
         if self.alignment.layout == "padded":
-            parts = split_by_budget(batches, 1, self.alignment.token_budget, lead) if split_padded else [batches]
+            parts = split_by_budget(batches, 1, self.alignment.token_budget, lead, padded=True) if split_padded \
+                else [batches]
             return [fuse(part, pad_id, self.device, lead=lead) for part in parts]
         offset = {name: a.prefix_tokens for name, a in adapters.items()}
         return [pack_chunks(part, self.alignment.chunk_len, pad_id, self.device, lead=lead, position_offset=offset)

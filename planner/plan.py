@@ -137,8 +137,8 @@ def simulate_job(plan: Plan, works: dict[str, TaskWork], steps: dict[str, int], 
     def evaluation_seconds(groups, due) -> float:
         """One evaluation of the `due` tasks: forward-only passes between steps, the due tasks of a group fused."""
         tasks = [list(g.tasks) for g in groups]
-        return cm.evaluation_seconds([mb for _, mbs in evaluation_passes(tasks, works, due, plan.alignment.token_budget)
-                                      for mb in mbs])
+        passes = evaluation_passes(tasks, works, due, plan.alignment.token_budget, plan.alignment.layout == "padded")
+        return cm.evaluation_seconds([mb for _, mbs in passes for mb in mbs])
 
     for groups in instances.values():
         names = [t for g in groups for t in g.tasks]

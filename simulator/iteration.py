@@ -308,7 +308,7 @@ def simulate_step(plan, works: dict[str, TaskWork], cost_model, packed: bool = F
         first_device = {g: pipe.devices[0] for pipe in pipes for g in pipe.groups}
         start = env.now
         for g, mbs in evaluation_passes([list(group.tasks) for group in plan.groups], works, set(evaluating),
-                                        plan.alignment.token_budget):
+                                        plan.alignment.token_budget, plan.alignment.layout == "padded"):
             for k, mb in enumerate(mbs):
                 began = env.now
                 env.run(until=env.timeout(max(0.0, float(cost_model.evaluation_seconds([mb])))))

@@ -32,6 +32,7 @@ class TaskWork:
     dropout: float = 0.0  # LoRA/DoRA dropout probability
     eval_sequences: int = 0  # validation sequences of one evaluation (0: the task does not validate)
     eval_every: int = 0  # steps between its evaluations (it is evaluated at its last step too)
+    eval_seq_len: float = 0.0  # tokens a validation sequence is priced at (0: seq_len); padded: its row length
 
     @property
     def tokens(self) -> float:
@@ -122,22 +123,51 @@ def evaluation_counts(works: dict[str, TaskWork], steps: dict[str, int]) -> dict
     return counts
 
 
-def evaluation_micro_batches(works: list[TaskWork], token_budget: int) -> list[MicroBatch]:
-    """One fused evaluation of `works`: their validation sequences, chunk-aligned (real tokens only), in
-    as many micro-batches as the Plan's token budget takes."""
-    loads = [replace(w, sequences=w.eval_sequences) for w in works if w.eval_sequences]
-    tokens = sum(w.tokens for w in loads)
-    return split_micro_batches(loads, max(1, math.ceil(tokens / token_budget)), packed=True) if loads else []
+def evaluation_micro_batches(works: list[TaskWork], token_budget: int, padded: bool = False) -> list[MicroBatch]:
+    """One fused evaluation of `works`: their validation sequences in as many micro-batches as the Plan's
+    token budget takes, as the executor splits them (alignment.split_by_budget): chunk-aligned, real
+    tokens only; or `padded`, a row per sequence at its row length (eval_seq_len), task after task,
+    each micro-batch at most the budget's rows of its longest."""
+    loads = [replace(w, sequences=w.eval_sequences, seq_len=w.eval_seq_len or w.seq_len)
+             for w in works if w.eval_sequences]
+    if not loads:
+        return []
+    if not padded:
+        tokens = sum(w.tokens for w in loads)
+        return split_micro_batches(loads, max(1, math.ceil(tokens / token_budget)), packed=True)
+    out, current = [], []  # current: (work, rows) of the micro-batch being filled
+
+    def close():
+        longest = max(w.seq_len for w, _ in current)
+        out.append(MicroBatch(tuple(TaskLoad(w.method, w.rank, int(round(rows * longest)), w.params, w.targets,
+                                             w.dropout) for w, rows in current), seq_len=int(math.ceil(longest))))
+
+    for w in loads:
+        left = w.sequences
+        while left:
+            rows = sum(r for _, r in current)
+            longest = max([w.seq_len] + [v.seq_len for v, _ in current])
+            fits = int(token_budget // longest) - rows if current else max(1, int(token_budget // w.seq_len))
+            if fits <= 0:
+                close()
+                current = []
+                continue
+            take = min(fits, left)
+            current.append((w, take))
+            left -= take
+    if current:
+        close()
+    return out
 
 
-def evaluation_passes(groups: list[list[str]], works: dict[str, TaskWork], due, token_budget: int
-                      ) -> list[tuple[int, list[MicroBatch]]]:
+def evaluation_passes(groups: list[list[str]], works: dict[str, TaskWork], due, token_budget: int,
+                      padded: bool = False) -> list[tuple[int, list[MicroBatch]]]:
     """One evaluation of the tasks `due` as the executor runs it (MultiplexedTrainer.evaluate): fusion
     group after fusion group, each group's due tasks fused into its own micro-batches. (group index,
     its micro-batches) for every group with a due task."""
     passes = []
     for g, tasks in enumerate(groups):
-        mbs = evaluation_micro_batches([works[t] for t in tasks if t in due], token_budget)
+        mbs = evaluation_micro_batches([works[t] for t in tasks if t in due], token_budget, padded)
         if mbs:
             passes.append((g, mbs))
     return passes

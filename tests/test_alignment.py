@@ -112,6 +112,11 @@ def test_budget_split_keeps_whole_sequences_in_order():
     parts = split_by_budget({"a": exs[:2], "b": exs[2:]}, 8, 48)
     assert [{t: [len(e.input_ids) for e in v] for t, v in p.items()} for p in parts] == \
         [{"a": [10, 30], "b": [5]}, {"b": [50]}]  # 40 + 8 (b rounded to a chunk) fits; 50 > budget: alone
+    # padded (a row per sequence, each as long as the longest): 2 x 30 = 60 fits 64, 3 x 30 does not
+    parts = split_by_budget({"a": exs[:2], "b": exs[2:]}, 1, 64, padded=True)
+    assert [{t: [len(e.input_ids) for e in v] for t, v in p.items()} for p in parts] == \
+        [{"a": [10, 30]}, {"b": [5]}, {"b": [50]}]
+    assert [len(p) for p in split_by_budget({"a": exs[:2], "b": exs[2:]}, 1, 90, padded=True)] == [2, 1]  # 3 x 30; 50
 
 
 def test_metrics_report_ineffective_tokens_per_task_and_chunking_removes_them(tmp_path):

@@ -493,6 +493,21 @@ def test_stored_profiles_are_used_only_after_the_calibration_check(tmp_path, mon
     _, _, reused2 = prof.load_or_profile("builtin:tiny-llama", "cpu", "quick", methods=["prefix"])  # not covered
     assert not reused and not reused2 and len(measured) == 3 and not verdicts
 
+    # a profile this process measured is used again without a check (the check would weigh this
+    # machine's noise against itself minutes later); one written since by someone else is checked
+    mine = synthetic_profile()
+    mine.meta.update(fingerprint=here)
+    monkeypatch.setattr(prof, "run_profile", lambda *a, **k: measured.append(k.get("methods")) or mine)
+    _, path, reused = prof.load_or_profile("builtin:tiny-llama", "cpu", "quick", refresh=True)
+    assert not reused and len(measured) == 4 and path == tmp_path / "cache" / "profiles" / prof.profile_filename(here)
+    profile, again, reused = prof.load_or_profile("builtin:tiny-llama", "cpu", "quick")
+    assert reused and again == path and not verdicts and len(measured) == 4
+    assert profile.meta["calibration"]["measured_by_this_process"]
+    prof.Profile.load(path).save(path)  # rewritten: another mtime
+    verdicts.append({"layer": 1.01, "head": 1.0})
+    _, _, reused = prof.load_or_profile("builtin:tiny-llama", "cpu", "quick")
+    assert reused and not verdicts
+
 
 def test_calibration_verdicts():
     from muxtune.profiler.calibration import judge

@@ -135,8 +135,8 @@ def layer_op_names(model: nn.Module) -> list[str]:
 
 
 def op_input_widths(model: nn.Module) -> dict[str, int]:
-    """{op name: its input features} for the ops of one decoder layer a task can target."""
-    from muxtune.executor.backbone import op_features
+    """{op name: its input features} for the ops of one decoder layer a task can target (transformers'
+    Conv1D stores its weight as [in, out])."""
     from transformers.pytorch_utils import Conv1D
 
     _, _, layers = decoder_layers(model)
@@ -144,7 +144,7 @@ def op_input_widths(model: nn.Module) -> dict[str, int]:
     for path, module in layers[0].named_modules():
         op = getattr(module, "base_op", module)
         if path and not path.endswith("base_op") and isinstance(op, (nn.Linear, Conv1D)):
-            widths.setdefault(path.rsplit(".", 1)[-1], int(op_features(op)[0]))
+            widths.setdefault(path.rsplit(".", 1)[-1], int(op.weight.shape[0] if isinstance(op, Conv1D) else op.in_features))
     return widths
 
 

@@ -56,12 +56,6 @@ def quickstart(model: str, device: str, steps: int, max_seq_len: int | None, val
         t.model_copy(update={"steps": steps, **cap(t), **extra}) for t in config.tasks]})
 
 
-def _records(task) -> int:
-    """Records of a quickstart task's data file (JSONL: a line a record)."""
-    with open(QUICKSTART.parent / task.data, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
-
-
 def padded_trainer(config, groups: list[list[str]]):
     """(trainer, plan, trainable params per task, validation examples per task) of `config` with these
     fusion groups, padded layout: rows x padded length is exactly what `task_work` describes to the
@@ -231,7 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
     step_tokens = sum(t.batch_size * t.max_seq_len for t in tasks)
     passes = [((2 + 2 * args.phases) * args.steps * 1.3, step_tokens)]
     if args.validation:  # an evaluation every 2nd step in each run: a forward (~half a pass) of the held-out rows
-        held = sum(t.held_out(_records(t)) * t.max_seq_len for t in tasks)
+        from muxtune.run import validation_sequences
+
+        held = sum(validation_sequences(t, None) * t.max_seq_len for t in tasks)
         passes.append((2 * (args.steps // VALIDATION["eval_every"]) * 0.5, held))
     announce("benchmarks.simulator", f"{args.steps} quickstart steps of {args.model} in 1 and in 4 fusion groups"
              f"{' (every task evaluated every 2nd step)' if args.validation else ''}, each predicted by the "

@@ -73,7 +73,7 @@ def uncovered_tokens(grid: dict, sizes=()) -> list[int]:
     """Token counts of the `uncovered` rows: the per-op rows' smallest and largest, and the largest step
     the tasks at hand run (a line in tokens, read where the steps are: out of the caches, as they run)."""
     return sorted({grid["target_tokens"][0], max(grid["target_tokens"][-1], UNCOVERED_TOKENS),
-                   *(max(t for t, _ in sizes) for _ in sizes[:1])})
+                   *([max(t for t, _ in sizes)] if sizes else [])})
 
 
 def repeats_expected(grid: dict) -> float:

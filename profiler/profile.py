@@ -147,13 +147,12 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
     if progress and cuts:
         bar.bar.write(f"profile: to fit the {budget:.0f} s budget: {'; '.join(cuts)}")
     s = dataclasses.replace(sampling_for, budget=bar.budget)
-    rows = []
+    rows, widths = [], op_input_widths(model)
     try:
         rows += measure_backbone(model, device, grid["layer"], s, bar, whole_model_points(grid))
         rows += measure_tasks(backbone, device, grid, s, bar)
         rows += measure_targets(backbone, device, grid, s, bar)
         if any(method_card(m).targeted for m in grid["ranks"]):
-            widths = op_input_widths(model)
             rows += measure_uncovered(device, [widths[n] for n in target_names(model, grid)],
                                       uncovered_tokens(grid, sizes), dtype, s, bar)
         rows += measure_step_fixed(backbone, device, grid, s, bar)
@@ -171,7 +170,7 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
             # what the method-level task rows were measured on (a task with no target list is priced so)
             "task_targets": attention_targets(model.config.model_type),
             "methods": sorted(grid["ranks"]), "targets": target_names(model, grid), "sizes": sizes,
-            "op_inputs": op_input_widths(model),
+            "op_inputs": widths,
             "budget_s": budget, "estimated_s": round(sum(costs.values()), 1), "cuts": cuts,
             "seconds": round(time.perf_counter() - started, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -62,18 +62,11 @@ class FusedForward:
                        targets: torch.Tensor, hits: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
         """Each task's summed loss from the last hidden states [rows, seq, d] and next-token targets
         [rows, seq] (the last pipeline stage runs only this part); `hits` as in loss_sums."""
-        valid = targets != IGNORE
-        # the LM head runs only on positions that carry loss: padding and prompts cost no vocab GEMM
-        per_token, predicted = token_losses(self.model.get_output_embeddings(), hidden[valid], targets[valid],
-                                            hits is not None)
-        row_task = torch.tensor([i for i, seg in enumerate(batch.segments) for _ in range(seg.end - seg.start)],
-                                dtype=torch.long, device=self.device)  # built on the host: no op per task
-        token_task = row_task[:, None].expand_as(valid)[valid]
-        sums = torch.zeros(len(batch.segments), device=self.device).index_add(0, token_task, per_token)
-        if hits is not None:  # read off the logits: nothing of it reaches the loss or its gradient
-            right = (predicted == targets[valid]).to(torch.long)
-            counts = torch.zeros(len(batch.segments), dtype=torch.long, device=self.device).index_add(0, token_task, right)
-            for seg, n in zip(batch.segments, counts.tolist()):  # one read for all tasks (accuracy logging)
+        row_task = [i for i, seg in enumerate(batch.segments) for _ in range(seg.end - seg.start)]
+        sums, counts = task_loss_sums(self.model.get_output_embeddings(), hidden, targets, row_task,
+                                      len(batch.segments), hits is not None)
+        if hits is not None:
+            for seg, n in zip(batch.segments, counts):
                 hits[seg.task] = hits.get(seg.task, 0) + n
         # one unbind, not a select per task (forward and backward)
         return dict(zip((seg.task for seg in batch.segments), sums.unbind(0)))
@@ -158,6 +151,26 @@ def _cache_kwarg(model) -> str:
     """transformers renamed `past_key_values` to `cache` during 5.x; older 5.x releases silently drop
     an unknown `cache=` into **kwargs (the prefix would vanish), so ask the model which name it takes."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def task_loss_sums(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, row_task: list[int],
+                   tasks: int, count_hits: bool) -> tuple[torch.Tensor, list[int] | None]:
+    """Each task's summed loss [tasks] (fp32) and, with `count_hits`, its correctly predicted (argmax)
+    target tokens (one host read for all tasks), from the last hidden states [rows, seq, d] and next-token
+    targets [rows, seq]; row `i` is task `row_task[i]`'s. The trainer's whole head, and what the profiler's
+    `head` rows time (profiler/backbone_parts.head_loss): a copy there drifted (it left out the mask and
+    the hit counts, ~0.5 ms a step on tiny-llama)."""
+    valid = targets != IGNORE
+    # the LM head runs only on positions that carry loss: padding and prompts cost no vocab GEMM
+    per_token, predicted = token_losses(head, hidden[valid], targets[valid], count_hits)
+    owner = torch.tensor(row_task, dtype=torch.long, device=hidden.device)  # built on the host: no op per task
+    token_task = owner[:, None].expand_as(valid)[valid]
+    sums = torch.zeros(tasks, device=hidden.device).index_add(0, token_task, per_token)
+    if not count_hits:
+        return sums, None
+    # read off the logits: nothing of it reaches the loss or its gradient
+    right = (predicted == targets[valid]).to(torch.long)
+    return sums, torch.zeros(tasks, dtype=torch.long, device=hidden.device).index_add(0, token_task, right).tolist()
 
 
 def token_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, argmax: bool):

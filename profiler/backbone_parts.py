@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from muxtune.errors import MuxTuneError
+from muxtune.executor.data import IGNORE
+from muxtune.executor.forward import task_loss_sums
 from muxtune.schedule import TENSOR_PARALLEL_FAMILIES
 
 
@@ -57,12 +59,21 @@ class _Captured(Exception):
 
 
 def head_loss(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, tasks: int = 1) -> torch.Tensor:
-    """What the trainer does after the backbone: LM head on loss positions, float CE, per-task sums."""
-    logits = model.get_output_embeddings()(hidden)
-    per_token = nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-    owner = torch.arange(per_token.shape[0], device=hidden.device) * tasks // per_token.shape[0]
-    sums = torch.zeros(tasks, device=hidden.device).index_add(0, owner, per_token)
+    """What the trainer does after the backbone, with its own code (executor/forward.task_loss_sums): the
+    LM head on loss positions of the last hidden states [rows, seq, d], float CE, `tasks` tasks' loss sums
+    (rows split evenly among them) and their hit counts; their total."""
+    rows = hidden.shape[0]
+    sums, _ = task_loss_sums(model.get_output_embeddings(), hidden, targets, [i * tasks // rows for i in range(rows)],
+                             tasks, count_hits=True)
     return sums.sum()
+
+
+def head_inputs(model: nn.Module, tokens: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A leaf of `tokens` + 1 random last hidden states [1, tokens + 1, d] and `tokens` byte targets [1, tokens]:
+    head_loss(model, leaf[:, :-1], targets), the view the trainer hands its head."""
+    hidden = torch.randn(1, tokens + 1, model.config.hidden_size, device=device,
+                         dtype=model.get_output_embeddings().weight.dtype)
+    return hidden, torch.randint(0, 256, (1, tokens), device=device)
 
 
 def bare_model_loss(model: nn.Module, ids, mask) -> torch.Tensor:
@@ -70,7 +81,8 @@ def bare_model_loss(model: nn.Module, ids, mask) -> torch.Tensor:
     dX through every layer (what an adapter in the first layer makes the real step do)."""
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
     hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-    return head_loss(model, hidden[:, :-1].reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1))
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE)  # padding carries no loss, as the trainer's labels
+    return head_loss(model, hidden[:, :-1], targets)
 
 
 def zero_grads(*trainers) -> None:

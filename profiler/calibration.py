@@ -89,7 +89,7 @@ def stored(profile, op: str, phase: str, **match) -> float:
 
 def check(profile, model, device: str) -> Calibration:
     """Measure the reference ops on `model` (the profile's backbone, loaded here) and judge."""
-    from muxtune.profiler.backbone_parts import decoder_layers, head_loss, layer_call, synthetic_batch
+    from muxtune.profiler.backbone_parts import decoder_layers, head_inputs, head_loss, layer_call, synthetic_batch
 
     _, _, layers = decoder_layers(model)
     ratios = {}
@@ -100,10 +100,8 @@ def check(profile, model, device: str) -> Calibration:
         ratios[f"layer fwd {tokens}x{seq}"] = f.seconds / stored(profile, "layer", "fwd", tokens=tokens, seq_len=seq)
         ratios[f"layer bwd {tokens}x{seq}"] = b.seconds / stored(profile, "layer", "bwd", tokens=tokens, seq_len=seq)
     head_tokens = points[-1][1]
-    hidden = torch.randn(head_tokens, model.config.hidden_size, device=device,
-                         dtype=model.get_output_embeddings().weight.dtype)
-    targets = torch.randint(0, 256, (head_tokens,), device=device)
-    f, _ = fwd_bwd_seconds(lambda: head_loss(model, hidden.requires_grad_(), targets), device, SAMPLING)
+    hidden, targets = head_inputs(model, head_tokens, device)
+    f, _ = fwd_bwd_seconds(lambda: head_loss(model, hidden.requires_grad_()[:, :-1], targets), device, SAMPLING)
     ratios[f"head fwd {head_tokens}"] = f.seconds / stored(profile, "head", "fwd", tokens=head_tokens)
     optimizer = profile.rows("optimizer", "step")
     if not optimizer.empty:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from muxtune.profiler.backbone_parts import (bare_model_loss, decoder_layers, head_loss, layer_call, synthetic_batch,
+from muxtune.profiler.backbone_parts import (bare_model_loss, decoder_layers, head_inputs, head_loss, layer_call, synthetic_batch,
                                              target_names, tp_shard_layers, zero_grads)
 from muxtune.profiler.budget import EVAL_WARMUP, Pilot
 from muxtune.profiler.probes import adapter_saved_bytes, observe_step, peak_bytes, saved_bytes
@@ -48,7 +48,6 @@ def measure_backbone(model, device: str, grid: dict, s: Sampling, progress, whol
     layer = layers[0]
     shards = tp_shard_layers(model, layer)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    head_weight = model.get_output_embeddings().weight
     for seq, token_counts in grid.items():
         for tokens in token_counts:
             progress.begin(("layer", seq, tokens))
@@ -101,10 +100,9 @@ def measure_backbone(model, device: str, grid: dict, s: Sampling, progress, whol
 
     for tokens in sorted({t for ts in grid.values() for t in ts}):
         progress.begin(("head", tokens))
-        hidden = torch.randn(tokens, model.config.hidden_size, device=device, dtype=head_weight.dtype)
-        targets = torch.randint(0, 256, (tokens,), device=device)
-        f, b = fwd_bwd_seconds(lambda: head_loss(model, hidden.requires_grad_(), targets), device, s)
-        peak = peak_bytes(lambda: head_loss(model, hidden.requires_grad_(), targets).backward(), device)
+        hidden, targets = head_inputs(model, tokens, device)
+        f, b = fwd_bwd_seconds(lambda: head_loss(model, hidden.requires_grad_()[:, :-1], targets), device, s)
+        peak = peak_bytes(lambda: head_loss(model, hidden.requires_grad_()[:, :-1], targets).backward(), device)
         rows += [_row("head", "fwd", f, tokens, peak=peak), _row("head", "bwd", b, tokens)]
         hidden.grad = None
         progress.end()
@@ -157,8 +155,10 @@ def measure_tasks(backbone, device: str, spec: dict, s: Sampling, progress) -> l
                         return bare_model_loss(model, batch.input_ids, batch.attention_mask)
 
                     times = {k: [] for k in ("f1", "b1", "f2", "b2", "f0", "b0", "step")}
+                    # each round's overheads (sampling.alternated): forward, backward at full depth, skip
+                    diffs = {k: [] for k in ("fwd", "bwd", "skip")}
                     once = Sampling(warmup=0, least=1, most=1)
-                    for i in s.repeat(*times.values()):
+                    for i in s.repeat(*times.values(), contrasts=tuple(diffs.values())):
                         f1, b1 = fwd_bwd_seconds(with_task, device, once)
                         f2, b2 = fwd_bwd_seconds(with_task_full_depth, device, once)
                         f0, b0 = fwd_bwd_seconds(bare, device, once)
@@ -169,7 +169,10 @@ def measure_tasks(backbone, device: str, spec: dict, s: Sampling, progress) -> l
                             for k, v in zip(times, (f1.seconds, b1.seconds, f2.seconds, b2.seconds, f0.seconds,
                                                     b0.seconds, step)):
                                 times[k].append(v)
-                    m = {k: Timed.of(v) for k, v in times.items()}
+                            for k, v in zip(diffs, (f1.seconds - f0.seconds, b2.seconds - b0.seconds,
+                                                    b2.seconds - b1.seconds)):
+                                diffs[k].append(v)
+                    m = {k: Timed.of(v) for k, v in (times | diffs).items()}
                     mine = weights | {p.untyped_storage().data_ptr() for p in run.adapter.parameters()}
                     saved, batch_saved = adapter_saved_bytes(run.adapter, lambda: with_task().backward(), mine)
                     saved_skip = (saved_bytes(lambda: with_task_full_depth().backward(), mine)
@@ -178,10 +181,10 @@ def measure_tasks(backbone, device: str, spec: dict, s: Sampling, progress) -> l
                 finally:
                     trainer.mux.remove_task("probe0")
                 tokens = n_rows * row_seq
-                out += [_row("task", "fwd", m["f1"] - m["f0"], tokens, row_seq, method, rank, params, saved=saved,
+                out += [_row("task", "fwd", m["fwd"], tokens, row_seq, method, rank, params, saved=saved,
                              batch=batch_saved),
-                        _row("task", "bwd", m["b2"] - m["b0"], tokens, row_seq, method, rank, params),
-                        _row("task", "skip", m["b2"] - m["b1"], tokens, row_seq, method, rank, params, saved=saved_skip),
+                        _row("task", "bwd", m["bwd"], tokens, row_seq, method, rank, params),
+                        _row("task", "skip", m["skip"], tokens, row_seq, method, rank, params, saved=saved_skip),
                         _row("task", "step", m["step"], tokens, row_seq, method, rank, params)]
                 progress.end()
     return out
@@ -215,18 +218,21 @@ def measure_targets(backbone, device: str, spec: dict, s: Sampling, progress) ->
                         calls = {key: _wrapped_ops_loss(trainer, batch, n_rows, seq, dtype, device)
                                  for key, (trainer, batch) in variants.items()}
                         calls["bare"] = _wrapped_ops_loss(*variants["plain"], n_rows, seq, dtype, device, bare=True)
-                        medians = alternated(list(calls.values()), device, s,
-                                             lambda: zero_grads(*(trainer for trainer, _ in variants.values())))
+                        # calls: plain, [dropout,] bare; contrasts: plain - bare, [dropout - plain]
+                        weights = {"plain": [1, 0, -1] if "dropout" in variants else [1, -1],
+                                   "dropout": [-1, 1, 0]}
+                        m = dict(zip([k for k in ("plain", "dropout") if k in variants],
+                                     alternated(list(calls.values()), device, s,
+                                                lambda: zero_grads(*(trainer for trainer, _ in variants.values())),
+                                                contrasts=[weights[k] for k in variants])))
                     finally:
                         for trainer, _ in variants.values():
                             for name in list(trainer.runs):
                                 trainer.mux.remove_task(name)
-                    m = dict(zip(calls, medians))
                     for k, phase in enumerate(("fwd", "bwd")):
-                        out.append(_row("target", phase, m["plain"][k] - m["bare"][k], tokens, seq, method, rank,
-                                        target=target))
+                        out.append(_row("target", phase, m["plain"][k], tokens, seq, method, rank, target=target))
                         if "dropout" in m:
-                            out.append(_row("target", f"dropout_{phase}", m["dropout"][k] - m["plain"][k], tokens,
+                            out.append(_row("target", f"dropout_{phase}", m["dropout"][k], tokens,
                                             seq, method, rank, target=target))
             for tokens in spec["target_tokens"][:2]:
                 out += measure_target_shared(backbone, device, method, ranks[0], target, tokens // seq, seq,
@@ -279,23 +285,18 @@ def measure_target_shared(backbone, device: str, method: str, rank: int, target:
                  _wrapped_ops_loss(*one, n_rows, seq, dtype, device, bare=True),
                  _wrapped_ops_loss(*two, 2 * n_rows, seq, dtype, device),
                  _wrapped_ops_loss(*two, 2 * n_rows, seq, dtype, device, bare=True)]
-        m = alternated(calls, device, s, lambda: zero_grads(one[0], two[0]))
+        [shared] = alternated(calls, device, s, lambda: zero_grads(one[0], two[0]), contrasts=[SHARED])
     finally:
         for trainer, _ in (one, two):
             for name in list(trainer.runs):
                 trainer.mux.remove_task(name)
-    return [_row("target", f"shared_{phase}", shared_part(m, k), n_rows * seq, seq, method, rank, target=target)
+    return [_row("target", f"shared_{phase}", shared[k], n_rows * seq, seq, method, rank, target=target)
             for k, phase in enumerate(("fwd", "bwd"))]
 
 
-def shared_part(m: list[tuple[Timed, Timed]], k: int) -> Timed:
-    """From medians [one task, bare, two tasks, bare] (phase k): each overhead O = shared + per-task work,
-    linear in tasks, so the part a second task does not add again is 2*O1 - O2."""
-    a, b, c, d = (m[i][k] for i in range(4))
-    value = 2 * (a.seconds - b.seconds) - (c.seconds - d.seconds)
-    spread = math.hypot(2 * a.seconds * a.rel_error, 2 * b.seconds * b.rel_error, c.seconds * c.rel_error,
-                        d.seconds * d.rel_error)
-    return Timed(value, spread / abs(value) if value else math.inf)
+# Over timings [one task, bare, two tasks, bare]: each overhead O = shared + per-task work, linear in
+# tasks, so the part a second task does not add again is 2*O1 - O2.
+SHARED = [2, -2, -1, 1]
 
 
 def _wrapped_ops_loss(trainer, batch, n_rows: int, seq: int, dtype, device: str, bare: bool = False):
@@ -393,11 +394,11 @@ def measure_shared(backbone, device: str, method: str, rank: int, n_rows: int, s
     bare = lambda b: lambda: bare_model_loss(model, b.input_ids, b.attention_mask)
     calls = [loss(one, batch1), bare(batch1), loss(two, batch2), bare(batch2)]
     try:
-        m = alternated(calls, device, s)
+        [shared] = alternated(calls, device, s, contrasts=[SHARED])
     finally:
         for name in ("solo0", "pair0", "pair1"):
             one.mux.remove_task(name)
-    return [_row("task", phase, shared_part(m, k), n_rows * seq, seq, method, rank)
+    return [_row("task", phase, shared[k], n_rows * seq, seq, method, rank)
             for k, phase in enumerate(("shared_fwd", "shared_bwd"))]
 
 

@@ -5,6 +5,12 @@ A point is repeated until the median of each timed quantity is known within a st
 `Budget` stops at `least`. The relative standard error of a median is estimated from the spread of the
 samples (1.4826 MAD is the normal-equivalent standard deviation; the median's standard error is
 1.2533 sigma / sqrt(n)); every profile row reports it (column `rel_error`).
+
+Most rows the CostModel needs are overheads: a timing with a task minus the same timing without, a few
+percent of either. Those are timed in alternation and taken as the median of each round's difference
+(`alternated(..., contrasts=...)`), not as a difference of two medians: the machine's speed, which moves
+by 10-20% within seconds on a shared host, hits both sides of a round alike and cancels. They repeat until
+that median is known within `CONTRAST_ERROR` (or `most`, or the budget's share).
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ def difference_rel_error(a: float, a_err: float, b: float, b_err: float) -> floa
     return spread / abs(diff) if diff else math.inf
 
 
+CONTRAST_ERROR = 0.1  # an overhead (a difference of timings) is known within this, or repeats run on to `most`
+
+
 class Budget:
     """The profile's time budget, spent point by point in proportion to each point's estimated cost:
     a point that started after its share of the budget has been used runs `least` repeats only."""
@@ -79,20 +88,22 @@ class Sampling:
         """k times the repeats (a quantity that is a difference of several timings needs them)."""
         return replace(self, least=self.least * k, most=self.most * k)
 
-    def enough(self, *series: list[float]) -> bool:
+    def enough(self, *series: list[float], contrasts: tuple[list[float], ...] = ()) -> bool:
         n = len(series[0])
         if n < self.least:
             return False
         if n >= self.most or (self.budget is not None and self.budget.behind()):
             return True
-        return all(median_rel_error(s) <= self.rel_error for s in series)
+        return (all(median_rel_error(s) <= self.rel_error for s in series)
+                and all(median_rel_error(c) <= CONTRAST_ERROR for c in contrasts))
 
-    def repeat(self, *series: list[float]):
-        """Yields each round's index (warm-up rounds first: negative) until the series are enough."""
+    def repeat(self, *series: list[float], contrasts: tuple[list[float], ...] = ()):
+        """Yields each round's index (warm-up rounds first: negative) until the series (each within
+        rel_error) and the per-round differences `contrasts` (each within CONTRAST_ERROR) are enough."""
         for i in range(-self.warmup, 0):
             yield i
         i = 0
-        while not self.enough(*series):
+        while not self.enough(*series, contrasts=contrasts):
             yield i
             i += 1
 
@@ -148,16 +159,23 @@ def fwd_bwd_seconds(forward, device: str, s: Sampling) -> tuple[Timed, Timed]:
     return Timed.of(fwd), Timed.of(bwd)
 
 
-def alternated(calls: list, device: str, s: Sampling, between=None) -> list[tuple[Timed, Timed]]:
+def alternated(calls: list, device: str, s: Sampling, between=None,
+               contrasts: list[list[float]] | None = None) -> list[tuple[Timed, Timed]]:
     """(forward, backward) of each of `calls`, timed in alternation (one of each per round) so load on
-    the machine hits them alike; `between()` runs after every round."""
+    the machine hits them alike; `between()` runs after every round. With `contrasts` (each a weight per
+    call, e.g. [1, -1] for the first call's overhead over the second), (forward, backward) of each
+    contrast instead: the median over rounds of that round's weighted sum (module docstring)."""
     once = Sampling(warmup=0, least=1, most=1)
     series = [([], []) for _ in calls]
-    for i in s.repeat(*(x for pair in series for x in pair)):
-        for (fs, bs), call in zip(series, calls):
-            f, b = fwd_bwd_seconds(call, device, once)
-            if i >= 0:
+    sums = [([], []) for _ in contrasts or []]
+    for i in s.repeat(*(x for pair in series for x in pair), contrasts=tuple(x for pair in sums for x in pair)):
+        timed = [fwd_bwd_seconds(call, device, once) for call in calls]
+        if i >= 0:
+            for (fs, bs), (f, b) in zip(series, timed):
                 fs.append(f.seconds), bs.append(b.seconds)
+            for (fs, bs), weights in zip(sums, contrasts or []):
+                fs.append(sum(w * f.seconds for w, (f, _) in zip(weights, timed)))
+                bs.append(sum(w * b.seconds for w, (_, b) in zip(weights, timed)))
         if between is not None:
             between()
-    return [(Timed.of(fs), Timed.of(bs)) for fs, bs in series]
+    return [(Timed.of(fs), Timed.of(bs)) for fs, bs in (sums if contrasts else series)]

@@ -123,9 +123,12 @@ def test_cost_model_accuracy_benchmark_runs_every_configuration_on_a_shipped_pro
     result = cost_model_accuracy.main(["--profile", str(profile), "--quick", "--steps", "1"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == result and last["configs"] == len(cost_model_accuracy.CONFIGS) >= 6
-    assert {"median_error", "max_error", "memory_median_error"} <= set(last)
+    assert {"median_error", "max_error", "memory_median_error", "drift_corrected", "speed_range"} <= set(last)
     for row in last["results"]:
-        assert row["measured_s"] > 0 and row["predicted_s"] > 0
+        assert row["measured_s"] > 0 and row["predicted_s"] > 0 and row["speed"] > 0
+        # the prediction at the speed measured beside the steps (SpeedControl)
+        assert row["corrected_error"] == pytest.approx(abs(row["predicted_s"] * row["speed"] - row["measured_s"])
+                                                       / row["measured_s"])
         assert row["measured_bytes"] > 0 and row["predicted_bytes"] > 0
 
 

@@ -755,6 +755,84 @@ def test_repeats_stop_once_the_median_is_known_or_at_the_bounds():
     assert median_rel_error([9.0, 10.0, 11.0, 10.0]) == pytest.approx(1.2533 * 1.4826 * 0.5 / 2 / 10, rel=1e-6)
 
 
+def test_an_overhead_is_the_median_of_each_rounds_difference_repeated_until_known(monkeypatch):
+    """alternated(contrasts=...) takes each round's weighted sum of the calls' timings, then the median:
+    a round where the machine was slow moves both sides of it alike. The difference of the two medians
+    (the old estimate) is 3 here, the overhead every round shows is 1."""
+    from muxtune.profiler import sampling
+    from muxtune.profiler.sampling import CONTRAST_ERROR, Sampling, Timed, alternated
+
+    rounds = iter([(5.0, 4.0), (7.0, 6.0), (100.0, 99.0), (7.0, 1.0), (5.0, 4.0)] + [(5.0, 4.0)] * 20)
+    pending: list[float] = []
+
+    def scripted(call, device, s):  # the calls' (forward, backward) timings, round by round
+        if not pending:
+            pending.extend(next(rounds))
+        t = pending.pop(0)
+        return Timed(t, 0.0), Timed(2 * t, 0.0)
+
+    monkeypatch.setattr(sampling, "fwd_bwd_seconds", scripted)
+    s = Sampling(warmup=0, least=5, most=5)
+    [(fwd, bwd)] = alternated([None, None], "cpu", s, contrasts=[[1, -1]])
+    assert fwd.seconds == 1.0 and bwd.seconds == 2.0  # medians of [1, 1, 1, 6, 1] and twice that
+    [(a_fwd, _), (b_fwd, _)] = alternated([None, None], "cpu", s)
+    assert (a_fwd.seconds, b_fwd.seconds) == (5.0, 4.0)
+    # repeats run on while the difference is not yet known within CONTRAST_ERROR, up to `most`
+    noisy = [1.0, 1.6, 0.5]
+    assert sampling.median_rel_error(noisy) > CONTRAST_ERROR
+    s = Sampling(warmup=0, least=3, most=9)
+    assert s.enough([1.0] * 3) and not s.enough([1.0] * 3, contrasts=([1.0, 1.6, 0.5],))
+    assert s.enough([1.0] * 9, contrasts=(noisy * 3,))
+
+
+def test_a_paced_profile_times_a_machine_that_slows_down_at_its_first_speed(monkeypatch):
+    """Within `paced`, each sample is divided by the pace (the reference's time now over at the start):
+    a machine that runs everything 2x slower halfway through still times the same point alike."""
+    from muxtune.profiler import sampling
+
+    now = [0.0]
+    slow = [1.0]
+    monkeypatch.setattr(sampling, "clock", lambda: now[0])
+
+    def reference():
+        now[0] += 0.01 * slow[0]
+
+    def work():
+        now[0] += 0.3 * slow[0]
+
+    s = sampling.Sampling(warmup=0, least=4, most=4)
+    with sampling.paced(reference, "cpu") as pace:
+        before = sampling.median_seconds(work, "cpu", s)
+        slow[0] = 2.0
+        after = sampling.median_seconds(work, "cpu", s)
+        assert pace.ratio() == pytest.approx(2.0)
+    unpaced = sampling.median_seconds(work, "cpu", s)  # outside: the clock as it is
+    assert before.seconds == pytest.approx(0.3) and after.seconds == pytest.approx(0.3)
+    assert unpaced.seconds == pytest.approx(0.6)
+
+
+def test_the_trainers_head_sums_each_tasks_loss_and_hits_on_its_own_rows():
+    """executor/forward.task_loss_sums (the trainer's head, and what the profiler's head rows time)
+    against torch's cross-entropy and argmax per task, rows of two tasks, padding ignored."""
+    from muxtune.executor.data import IGNORE
+    from muxtune.executor.forward import task_loss_sums
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(3, 5, 8)
+    targets = torch.randint(0, 11, (3, 5))
+    targets[0, :2] = IGNORE
+    targets[2, 4] = IGNORE
+    sums, hits = task_loss_sums(head, hidden, targets, [0, 0, 1], 2, count_hits=True)
+    for task, rows in ((0, [0, 1]), (1, [2])):
+        h, t = hidden[rows].reshape(-1, 8), targets[rows].reshape(-1)
+        keep = t != IGNORE
+        logits = head(h[keep])
+        assert torch.allclose(sums[task], torch.nn.functional.cross_entropy(logits, t[keep], reduction="sum"))
+        assert hits[task] == int((logits.argmax(-1) == t[keep]).sum())
+    assert task_loss_sums(head, hidden, targets, [0, 0, 1], 2, count_hits=False)[1] is None
+
+
 def test_a_grid_that_does_not_fit_the_budget_is_thinned_in_order():
     from muxtune.profiler.budget import Pilot, fit, point_costs
 

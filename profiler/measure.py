@@ -20,7 +20,7 @@ from muxtune.profiler.backbone_parts import (bare_model_loss, decoder_layers, he
                                              target_names, tp_shard_layers, zero_grads)
 from muxtune.profiler.budget import EVAL_WARMUP, Pilot
 from muxtune.profiler.probes import adapter_saved_bytes, observe_step, peak_bytes, saved_bytes
-from muxtune.profiler.sampling import Sampling, Timed, alternated, fwd_bwd_seconds, median_seconds, pace
+from muxtune.profiler.sampling import Sampling, Timed, alternated, fwd_bwd_seconds, median_seconds
 from muxtune.schedule import attention_targets
 from muxtune.spec import method_card
 
@@ -163,9 +163,8 @@ def measure_tasks(backbone, device: str, spec: dict, s: Sampling, progress) -> l
                         f2, b2 = fwd_bwd_seconds(with_task_full_depth, device, once)
                         f0, b0 = fwd_bwd_seconds(bare, device, once)
                         run.optimizer.zero_grad(set_to_none=True)
-                        speed = pace()
                         seen = observe_step(trainer, device)  # the real training step
-                        step = (seen["host"] + seen["optimizer"]) / speed
+                        step = seen["host"] + seen["optimizer"]
                         if i >= 0:
                             for k, v in zip(times, (f1.seconds, b1.seconds, f2.seconds, b2.seconds, f0.seconds,
                                                     b0.seconds, step)):
@@ -363,10 +362,9 @@ def measure_step_fixed(backbone, device: str, spec: dict, s: Sampling, progress)
                 times: list[float] = []
                 # a fit through small differences: more repeats
                 for i in s.times(spec.get("difference_repeats", 3)).repeat(times):
-                    speed = pace()
                     seen = observe_step(trainer, device)
                     if i >= 0:
-                        times.append((seen["host"] + seen["optimizer"]) / speed)
+                        times.append(seen["host"] + seen["optimizer"])
                 host[n] = statistics.median(times)
                 errors.append(Timed.of(times).rel_error * host[n])
             finally:

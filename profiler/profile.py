@@ -44,7 +44,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -52,9 +51,8 @@ import pandas as pd
 import torch
 
 from muxtune.errors import MuxTuneError
-from muxtune.profiler.backbone_parts import (bare_model_loss, decoder_layers, layer_call,  # noqa: F401
-                                             layer_param_bytes, op_input_widths, synthetic_batch, target_names,
-                                             tp_shard_layers)
+from muxtune.profiler.backbone_parts import (bare_model_loss, decoder_layers, layer_param_bytes,  # noqa: F401
+                                             op_input_widths, target_names, tp_shard_layers)
 from muxtune.profiler.budget import Progress, fit, uncovered_tokens, whole_model_points
 from muxtune.profiler.measure import (_row, measure_backbone, measure_comm, measure_optimizer,  # noqa: F401
                                       measure_step_fixed, measure_targets, measure_tasks, measure_uncovered,
@@ -62,8 +60,7 @@ from muxtune.profiler.measure import (_row, measure_backbone, measure_comm, meas
 from muxtune.profiler.probes import LiveBytes, observe_step, peak_bytes  # noqa: F401
 from muxtune.profiler.profile_file import (COLUMNS, Profile, fingerprint, profile_filename,  # noqa: F401
                                            user_cache_dir)
-from muxtune.profiler.calibration import NOT_TIMES
-from muxtune.profiler.sampling import Sampling, clock, fwd_bwd_seconds, paced, sync  # noqa: F401
+from muxtune.profiler.sampling import Sampling, clock, fwd_bwd_seconds, sync  # noqa: F401
 from muxtune.schedule import attention_targets
 from muxtune.spec import METHODS, method_card
 
@@ -151,30 +148,23 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
         bar.bar.write(f"profile: to fit the {budget:.0f} s budget: {'; '.join(cuts)}")
     s = dataclasses.replace(sampling_for, budget=bar.budget)
     rows, widths = [], op_input_widths(model)
-    reference, *_ = layer_call(model, layers[0], *synthetic_batch(4, 64, device))
     try:
-        with paced(torch.no_grad()(reference), device) as pace:
-            rows += measure_backbone(model, device, grid["layer"], s, bar, whole_model_points(grid))
-            rows += measure_tasks(backbone, device, grid, s, bar)
-            rows += measure_targets(backbone, device, grid, s, bar)
-            if any(method_card(m).targeted for m in grid["ranks"]):
-                rows += measure_uncovered(device, [widths[n] for n in target_names(model, grid)],
-                                          uncovered_tokens(grid, sizes), dtype, s, bar)
-            rows += measure_step_fixed(backbone, device, grid, s, bar)
-            tensors = 4 * model.config.num_hidden_layers  # LoRA on two ops per layer: A and B each
-            rows += measure_optimizer(device, grid["params"], tensors, s, bar)
-            if comm:
-                bar.begin(("comm",))
-                rows += measure_comm(device, grid["nbytes"], s)
-                bar.end()
+        rows += measure_backbone(model, device, grid["layer"], s, bar, whole_model_points(grid))
+        rows += measure_tasks(backbone, device, grid, s, bar)
+        rows += measure_targets(backbone, device, grid, s, bar)
+        if any(method_card(m).targeted for m in grid["ranks"]):
+            rows += measure_uncovered(device, [widths[n] for n in target_names(model, grid)],
+                                      uncovered_tokens(grid, sizes), dtype, s, bar)
+        rows += measure_step_fixed(backbone, device, grid, s, bar)
+        tensors = 4 * model.config.num_hidden_layers  # LoRA on two ops per layer: A and B each
+        rows += measure_optimizer(device, grid["params"], tensors, s, bar)
+        if comm:
+            bar.begin(("comm",))
+            rows += measure_comm(device, grid["nbytes"], s)
+            bar.end()
     finally:
         bar.close()
     table = pd.DataFrame(rows, columns=COLUMNS)
-    # the rows are in the speed of the profile's first second: put them in its median speed (links
-    # between processes were timed in their own processes, unpaced)
-    typical = statistics.median(pace.ratios) if pace.ratios else 1.0
-    times = ~table["op"].isin(NOT_TIMES)
-    table.loc[times, "seconds"] = table.loc[times, "seconds"] * typical
     meta = {"fingerprint": fp, "mode": mode, "shape": ModelShape.from_config(model.config, dtype).as_dict(),
             "weight_bytes": layer_param_bytes(model),
             # what the method-level task rows were measured on (a task with no target list is priced so)
@@ -184,9 +174,6 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
             "budget_s": budget, "estimated_s": round(sum(costs.values()), 1), "cuts": cuts,
             "seconds": round(time.perf_counter() - started, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "pace": {"reference": "layer fwd 256x64", "ticks": len(pace.ratios),
-                     "range": [round(min(pace.ratios, default=1.0), 3), round(max(pace.ratios, default=1.0), 3)],
-                     "median": round(typical, 3)},
             "device_string": device, "clock": "cpu" if os.environ.get("MUXTUNE_PROFILE_CLOCK") == "cpu" else "wall"}
     return Profile(table, meta)
 

@@ -15,7 +15,6 @@ that median is known within `CONTRAST_ERROR` (or `most`, or the budget's share).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import statistics
@@ -51,56 +50,6 @@ def difference_rel_error(a: float, a_err: float, b: float, b_err: float) -> floa
     diff = a - b
     spread = math.hypot(a * a_err, b * b_err)
     return spread / abs(diff) if diff else math.inf
-
-
-class Pace:
-    """The machine's speed while a profile is measured, against its speed at the start: `reference()` (a
-    decoder layer's forward at a small batch: compute and host dispatch alike) timed at most every
-    `every` seconds, after an untimed call of it; `ratio()` is the median of the last three over the
-    median of the first five (> 1: slower than at the start). The profiler divides every timed sample by
-    it (`paced`), so all rows are in one speed: on this kind of machine the speed moves by 10-20%
-    within seconds, and rows measured minutes apart (a layer, the whole model, the head) were combined
-    as if measured together (`CostModel._residual` is whole model - layers - stem - head)."""
-
-    def __init__(self, reference, device: str, every: float = 0.5):
-        self.reference, self.device, self.every = reference, device, every
-        self.base = 1.0
-        self.base = statistics.median(self._tick() for _ in range(5))
-        self.ratios: list[float] = []
-        self.last = clock()
-
-    def _tick(self) -> float:
-        self.reference()
-        sync(self.device)
-        start = clock()
-        self.reference()
-        sync(self.device)
-        return (clock() - start) / self.base
-
-    def ratio(self) -> float:
-        if clock() - self.last >= self.every:
-            self.ratios.append(self._tick())
-            self.last = clock()
-        return statistics.median(self.ratios[-3:]) if self.ratios else 1.0
-
-
-_PACE: Pace | None = None
-
-
-@contextlib.contextmanager
-def paced(reference, device: str):
-    """Within: every sample the timers below take is divided by the machine's pace (`Pace`)."""
-    global _PACE
-    _PACE = Pace(reference, device)
-    try:
-        yield _PACE
-    finally:
-        _PACE = None
-
-
-def pace() -> float:
-    """This moment's pace (1.0 outside `paced`): divide a sample by it, taken before the sample."""
-    return _PACE.ratio() if _PACE is not None else 1.0
 
 
 CONTRAST_ERROR = 0.1  # an overhead (a difference of timings) is known within this, or repeats run on to `most`
@@ -178,13 +127,12 @@ class Timed:
 def median_seconds(fn, device: str, s: Sampling) -> Timed:
     times: list[float] = []
     for i in s.repeat(times):
-        speed = pace()
         sync(device)
         start = clock()
         fn()
         sync(device)
         if i >= 0:
-            times.append((clock() - start) / speed)
+            times.append(clock() - start)
     return Timed.of(times)
 
 
@@ -193,7 +141,6 @@ def fwd_bwd_seconds(forward, device: str, s: Sampling) -> tuple[Timed, Timed]:
     fwd: list[float] = []
     bwd: list[float] = []
     for i in s.repeat(fwd, bwd):
-        speed = pace()
         sync(device)
         t0 = clock()
         out = forward()
@@ -206,8 +153,8 @@ def fwd_bwd_seconds(forward, device: str, s: Sampling) -> tuple[Timed, Timed]:
         sync(device)
         t2 = clock()
         if i >= 0:
-            fwd.append((t1 - t0) / speed)
-            bwd.append((t2 - t1) / speed)
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
         del out
     return Timed.of(fwd), Timed.of(bwd)
 

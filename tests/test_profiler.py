@@ -785,32 +785,6 @@ def test_an_overhead_is_the_median_of_each_rounds_difference_repeated_until_know
     assert s.enough([1.0] * 9, contrasts=(noisy * 3,))
 
 
-def test_a_paced_profile_times_a_machine_that_slows_down_at_its_first_speed(monkeypatch):
-    """Within `paced`, each sample is divided by the pace (the reference's time now over at the start):
-    a machine that runs everything 2x slower halfway through still times the same point alike."""
-    from muxtune.profiler import sampling
-
-    now = [0.0]
-    slow = [1.0]
-    monkeypatch.setattr(sampling, "clock", lambda: now[0])
-
-    def reference():
-        now[0] += 0.01 * slow[0]
-
-    def work():
-        now[0] += 0.3 * slow[0]
-
-    s = sampling.Sampling(warmup=0, least=4, most=4)
-    with sampling.paced(reference, "cpu") as pace:
-        before = sampling.median_seconds(work, "cpu", s)
-        slow[0] = 2.0
-        after = sampling.median_seconds(work, "cpu", s)
-        assert pace.ratio() == pytest.approx(2.0)
-    unpaced = sampling.median_seconds(work, "cpu", s)  # outside: the clock as it is
-    assert before.seconds == pytest.approx(0.3) and after.seconds == pytest.approx(0.3)
-    assert unpaced.seconds == pytest.approx(0.6)
-
-
 def test_the_trainers_head_sums_each_tasks_loss_and_hits_on_its_own_rows():
     """executor/forward.task_loss_sums (the trainer's head, and what the profiler's head rows time)
     against torch's cross-entropy and argmax per task, rows of two tasks, padding ignored."""

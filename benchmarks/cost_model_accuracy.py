@@ -14,9 +14,10 @@ live tensor storages), against `CostModel.step_memory_bytes`. The last line is o
 The machine's speed is measured beside the steps (`SpeedControl`): after each timed step, one forward +
 backward of the bare backbone + head at one of the profile's own `model` points (after an untimed one),
 against that row. On this kind of machine (a VM on a shared host) the speed moves by +-15% within
-seconds with nothing else running here (docs/benchmarks.md), more than the targets: no prediction made minutes earlier can hold
-within 10% of a step timed now. So each configuration also reports its `speed` (median of those ratios,
-> 1: slower than when profiled) and the error of the prediction at that speed (`corrected_error`); the
+seconds with nothing else running here (docs/benchmarks.md), more than the targets: no prediction made
+minutes earlier can hold within 10% of a step timed now. So each configuration also reports its `speed`
+(median of those ratios, > 1: slower than when profiled) and the error of the prediction at that speed
+(`corrected_error`); the
 summary gives both (`median_error` / `max_error` raw, `drift_corrected` at the speed measured in the same
 run) and the speed's range over the run (`speed_range`): the cap this machine puts on the raw figures.
 """

@@ -146,17 +146,20 @@ def layer_op_names(model: nn.Module) -> list[str]:
     return names
 
 
-def op_input_widths(model: nn.Module) -> dict[str, int]:
-    """{op name: its input features} for the ops of one decoder layer a task can target (transformers'
-    Conv1D stores its weight as [in, out])."""
+def op_input_widths(model: nn.Module) -> dict[str, list[int]]:
+    """{op name: the input features of each op of one decoder layer by that name} for the ops a task can
+    target: a name can stand for several ops (GPT-2's `c_proj`: the attention's output projection and
+    the MLP's down projection, of different widths), and a task targeting it wraps them all
+    (transformers' Conv1D stores its weight as [in, out])."""
     from transformers.pytorch_utils import Conv1D
 
     _, _, layers = decoder_layers(model)
-    widths: dict[str, int] = {}
+    widths: dict[str, list[int]] = {}
     for path, module in layers[0].named_modules():
         op = getattr(module, "base_op", module)
         if path and not path.endswith("base_op") and isinstance(op, (nn.Linear, Conv1D)):
-            widths.setdefault(path.rsplit(".", 1)[-1], int(op.weight.shape[0] if isinstance(op, Conv1D) else op.in_features))
+            widths.setdefault(path.rsplit(".", 1)[-1], []).append(
+                int(op.weight.shape[0] if isinstance(op, Conv1D) else op.in_features))
     return widths
 
 

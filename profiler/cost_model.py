@@ -212,7 +212,8 @@ class CostModel(MemoryModel, TensorParallelPricing):
         task's `target` rows price that add on its own rows only; in a batch whose tasks wrap different
         ops (the quickstart's: q/v, all attention, the MLP, q/v/down) most rows of most wrapped ops are
         someone else's: on llama-100m, 18 x 512 tokens, ~2 s of a 19 s step. Profile rows `uncovered`
-        (a width measured, else the nearest scaled by width); 0 for profiles without them."""
+        (a width measured, else the nearest scaled by width; every op of the name: GPT-2's two `c_proj`);
+        0 for profiles without them."""
         rows = self.profile.rows("uncovered", "bwd")
         widths = self.profile.meta.get("op_inputs") or {}
         if rows.empty or not widths:
@@ -224,12 +225,14 @@ class CostModel(MemoryModel, TensorParallelPricing):
         measured = rows["params"].to_numpy()
         total = 0.0
         for name, tokens in covered.items():
-            rest, width = mb.tokens - tokens, widths.get(name)
-            if rest <= 0 or width is None:
+            rest, of_name = mb.tokens - tokens, widths.get(name)
+            if rest <= 0 or of_name is None:
                 continue
-            nearest = int(measured[np.abs(measured - width).argmin()])
-            mine = rows[rows["params"] == nearest].sort_values("tokens")
-            total += max(interp1(mine["tokens"].to_numpy(), mine["seconds"].to_numpy(), rest), 0.0) * width / nearest
+            for width in [of_name] if isinstance(of_name, int) else of_name:  # profiles before session 10: one
+                nearest = int(measured[np.abs(measured - width).argmin()])
+                mine = rows[rows["params"] == nearest].sort_values("tokens")
+                total += (max(interp1(mine["tokens"].to_numpy(), mine["seconds"].to_numpy(), rest), 0.0)
+                          * width / nearest)
         return self.shape.n_layers * total
 
     def _target_shared_seconds(self, method: str, name: str, phase: str, tokens: float) -> float:

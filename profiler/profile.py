@@ -153,7 +153,7 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
         rows += measure_tasks(backbone, device, grid, s, bar)
         rows += measure_targets(backbone, device, grid, s, bar)
         if any(method_card(m).targeted for m in grid["ranks"]):
-            rows += measure_uncovered(device, [widths[n] for n in target_names(model, grid)],
+            rows += measure_uncovered(device, [w for n in target_names(model, grid) for w in widths[n]],
                                       uncovered_tokens(grid, sizes), dtype, s, bar)
         rows += measure_step_fixed(backbone, device, grid, s, bar)
         tensors = 4 * model.config.num_hidden_layers  # LoRA on two ops per layer: A and B each

@@ -675,7 +675,7 @@ def test_rows_no_task_of_an_op_covers_are_priced_in_its_backward(mini_profile):
 
     p, _ = mini_profile
     widths = p.meta["op_inputs"]
-    assert widths["q_proj"] == 64 and widths["down_proj"] == 128 and widths["gate_proj"] == 64
+    assert widths["q_proj"] == [64] and widths["down_proj"] == [128] and widths["gate_proj"] == [64]
     rows = p.rows("uncovered", "bwd")
     assert set(rows["params"]) == {64, 128} and set(rows["tokens"]) == {32, 4096} and (rows["seconds"] > 0).all()
     cm = CostModel.from_profile(p)
@@ -692,6 +692,25 @@ def test_rows_no_task_of_an_op_covers_are_priced_in_its_backward(mini_profile):
     # both tasks on q_proj cover every row of it: nothing left unpriced
     same = MicroBatch((q, TaskLoad("lora", 4, 32, 2048, ("q_proj",))), 16)
     assert cm.step_breakdown(same)["bwd_tasks"] == pytest.approx(without.step_breakdown(same)["bwd_tasks"])
+
+
+def test_an_op_name_that_stands_for_several_ops_is_priced_at_each_of_their_widths(mini_profile):
+    """GPT-2 names two ops of a layer `c_proj` (attention output, input = hidden; MLP down projection,
+    input = 4 x hidden): a task targeting `c_proj` wraps both, so their uncovered rows are priced at both
+    widths (they were priced at the first one's only). Profiles from before keep one int per name."""
+    from muxtune.executor.backbone import load_backbone
+    from muxtune.profiler.backbone_parts import op_input_widths
+    from muxtune.profiler.profile_file import Profile
+
+    widths = op_input_widths(load_backbone("builtin:tiny-gpt2").model)
+    assert widths["c_proj"] == [64, 256] and widths["c_attn"] == [64] and widths["c_fc"] == [64]
+    p, _ = mini_profile
+    both = CostModel.from_profile(Profile(p.table, {**p.meta, "op_inputs": {"q_proj": [64, 128]}}))
+    one = CostModel.from_profile(Profile(p.table, {**p.meta, "op_inputs": {"q_proj": 64}}))
+    wide = CostModel.from_profile(Profile(p.table, {**p.meta, "op_inputs": {"q_proj": [128]}}))
+    mixed = MicroBatch((TaskLoad("lora", 4, 64, 2048, ("q_proj",)), TaskLoad("lora", 4, 32, 2048, ("down_proj",))), 16)
+    assert both._uncovered_seconds(mixed) == pytest.approx(one._uncovered_seconds(mixed) + wide._uncovered_seconds(mixed))
+    assert wide._uncovered_seconds(mixed) > 0 and one._uncovered_seconds(mixed) > 0
 
 
 def test_cli_profile_errors_exit_2_without_traceback(capsys, tmp_path):

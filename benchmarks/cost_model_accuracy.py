@@ -20,6 +20,8 @@ minutes earlier can hold within 10% of a step timed now. So each configuration a
 (`corrected_error`); the
 summary gives both (`median_error` / `max_error` raw, `drift_corrected` at the speed measured in the same
 run) and the speed's range over the run (`speed_range`): the cap this machine puts on the raw figures.
+The reference is one profile row, timed once when profiled: its own error moves the correction too
+(docs/benchmarks.md, session 10, run C), so read both columns.
 """
 
 from __future__ import annotations

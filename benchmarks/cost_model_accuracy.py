@@ -17,9 +17,9 @@ against that row. On this kind of machine (a VM on a shared host) the speed move
 seconds with nothing else running here (docs/benchmarks.md), more than the targets: no prediction made
 minutes earlier can hold within 10% of a step timed now. So each configuration also reports its `speed`
 (median of those ratios, > 1: slower than when profiled) and the error of the prediction at that speed
-(`corrected_error`); the
-summary gives both (`median_error` / `max_error` raw, `drift_corrected` at the speed measured in the same
-run) and the speed's range over the run (`speed_range`): the cap this machine puts on the raw figures.
+(`corrected_error`); the summary gives both (`median_error` / `max_error` raw, `drift_corrected` at the
+speed measured in the same run) and the speed's range over the run (`speed_range`): the cap this machine
+puts on the raw figures.
 The reference is one profile row, timed once when profiled: its own error moves the correction too
 (docs/benchmarks.md, session 10, run C), so read both columns.
 """

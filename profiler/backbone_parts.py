@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from muxtune.errors import MuxTuneError
+from muxtune.executor.backbone import op_features
 from muxtune.executor.data import IGNORE
 from muxtune.executor.forward import task_loss_sums
 from muxtune.schedule import TENSOR_PARALLEL_FAMILIES
@@ -149,8 +150,7 @@ def layer_op_names(model: nn.Module) -> list[str]:
 def op_input_widths(model: nn.Module) -> dict[str, list[int]]:
     """{op name: the input features of each op of one decoder layer by that name} for the ops a task can
     target: a name can stand for several ops (GPT-2's `c_proj`: the attention's output projection and
-    the MLP's down projection, of different widths), and a task targeting it wraps them all
-    (transformers' Conv1D stores its weight as [in, out])."""
+    the MLP's down projection, of different widths), and a task targeting it wraps them all."""
     from transformers.pytorch_utils import Conv1D
 
     _, _, layers = decoder_layers(model)
@@ -158,8 +158,7 @@ def op_input_widths(model: nn.Module) -> dict[str, list[int]]:
     for path, module in layers[0].named_modules():
         op = getattr(module, "base_op", module)
         if path and not path.endswith("base_op") and isinstance(op, (nn.Linear, Conv1D)):
-            widths.setdefault(path.rsplit(".", 1)[-1], []).append(
-                int(op.weight.shape[0] if isinstance(op, Conv1D) else op.in_features))
+            widths.setdefault(path.rsplit(".", 1)[-1], []).append(int(op_features(op)[0]))
     return widths
 
 

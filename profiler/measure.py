@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from muxtune.profiler.backbone_parts import (bare_model_loss, decoder_layers, head_inputs, head_loss, layer_call, synthetic_batch,
-                                             target_names, tp_shard_layers, zero_grads)
+from muxtune.profiler.backbone_parts import (bare_model_loss, decoder_layers, head_inputs, head_loss, layer_call,
+                                             synthetic_batch, target_names, tp_shard_layers, zero_grads)
 from muxtune.profiler.budget import EVAL_WARMUP, Pilot
 from muxtune.profiler.probes import adapter_saved_bytes, observe_step, peak_bytes, saved_bytes
 from muxtune.profiler.sampling import Sampling, Timed, alternated, fwd_bwd_seconds, median_seconds
@@ -172,7 +172,7 @@ def measure_tasks(backbone, device: str, spec: dict, s: Sampling, progress) -> l
                             for k, v in zip(diffs, (f1.seconds - f0.seconds, b2.seconds - b0.seconds,
                                                     b2.seconds - b1.seconds)):
                                 diffs[k].append(v)
-                    m = {k: Timed.of(v) for k, v in (times | diffs).items()}
+                    m = {k: Timed.of(v) for k, v in diffs.items()} | {"step": Timed.of(times["step"])}
                     mine = weights | {p.untyped_storage().data_ptr() for p in run.adapter.parameters()}
                     saved, batch_saved = adapter_saved_bytes(run.adapter, lambda: with_task().backward(), mine)
                     saved_skip = (saved_bytes(lambda: with_task_full_depth().backward(), mine)

@@ -159,7 +159,9 @@ def main(argv=None) -> dict:
         cm, source = CostModel.from_profile(profile), f"{path} ({how})"
     print(f"profile: {source}")
     backbone = load_backbone(args.model, device=device)
-    control = SpeedControl(cm.profile, backbone.model, device) if cm.profile is not None else None
+    # no speed column for a profile without the whole model's rows (they price the reference)
+    control = (SpeedControl(cm.profile, backbone.model, device)
+               if cm.profile is not None and not cm.profile.rows("model", "bwd").empty else None)
     results = []
     for name, seq, tasks in CONFIGS[: args.configs]:
         tasks = [(method, rank, rows * args.rows_scale, *rest) for method, rank, rows, *rest in tasks]

@@ -112,7 +112,7 @@ def build_task_run(mux: Multiplexer, spec: TaskSpec, examples: list[Example],
                    validation: list[Example] | None = None) -> TaskRun:
     adapter = mux.add_task(spec.name, spec.peft, spec.seed, spec.max_seq_len)
     params = [p for p in adapter.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, spec)
+    optimizer = make_optimizer(params, spec.lr, spec.weight_decay)
     total_steps = spec.step_count(len(examples))
     scheduler = get_scheduler(spec.lr_schedule, optimizer, num_warmup_steps=spec.warmup_steps,
                               num_training_steps=total_steps)
@@ -123,12 +123,15 @@ def build_task_run(mux: Multiplexer, spec: TaskSpec, examples: list[Example],
                    validation if spec.validates else None, spec.eval_interval(total_steps))
 
 
-def make_optimizer(params: list[torch.nn.Parameter], spec: TaskSpec) -> torch.optim.Optimizer:
-    """A task's AdamW, torch's multi-tensor (foreach) implementation. The trainer steps all tasks'
-    optimizers as ONE multi-tensor update (executor/optim.py, bit-identical to each one's own
-    `step()`), so a step's optimizer launches do not grow with the number of tasks. The references in
-    the tests build theirs here too, so "the same optimizer" holds bit for bit."""
-    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, foreach=True)
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """A task's AdamW: torch's fused implementation on the CPU (one pass over memory; foreach ops there
+    run one call per tensor), its multi-tensor (foreach) one elsewhere. The trainer steps all tasks'
+    optimizers together (executor/optim.py, bit-identical to each one's own `step()`). The references
+    in the tests and the profiler's optimizer rows build theirs here too, so "the same optimizer" holds
+    bit for bit."""
+    on_cpu = all(p.device.type == "cpu" for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=not on_cpu or None,
+                             fused=on_cpu or None)
 
 
 @torch.no_grad()

@@ -405,12 +405,14 @@ def measure_shared(backbone, device: str, method: str, rank: int, n_rows: int, s
 def measure_optimizer(device: str, counts: list[int], tensors: int, s: Sampling, progress) -> list[dict]:
     """AdamW step + clip_grad_norm_ + zero_grad over `params` fp32 values split into `tensors` tensors
     (as a task's adapter layers are), with gradients present as after a backward."""
+    from muxtune.executor.trainer import make_optimizer
+
     rows = []
     for params in counts:
         progress.begin(("optimizer", params))
         sizes = [params // tensors + (1 if i < params % tensors else 0) for i in range(tensors)]
         ps = [nn.Parameter(torch.zeros(max(s, 1), device=device)) for s in sizes]
-        opt = torch.optim.AdamW(ps, lr=1e-4, foreach=True)  # as executor.trainer.make_optimizer builds it
+        opt = make_optimizer(ps, lr=1e-4)  # the trainer's own (fused on the CPU)
 
         def step():
             for p in ps:

@@ -79,7 +79,7 @@ def train_alone(model, params, spec: TaskSpec, examples, pad_id: int, pad_to: li
     """One task alone, as a user trains it: the HF model's own causal-LM loss, torch AdamW,
     transformers' scheduler, torch clipping. `pad_to[i]`: right-pad step i's batch to that length
     (default: to its own longest sequence). Returns the per-step losses."""
-    optimizer = make_optimizer(params, spec)  # torch AdamW, with the executor's settings
+    optimizer = make_optimizer(params, spec.lr, spec.weight_decay)  # torch AdamW, with the executor's settings
     scheduler = get_scheduler(spec.lr_schedule, optimizer, num_warmup_steps=spec.warmup_steps,
                               num_training_steps=spec.steps)
     sampler = TaskSampler(examples, spec.batch_size, spec.seed)

@@ -69,7 +69,7 @@ def multi_tensor_adamw(optimizers: list[torch.optim.Optimizer],
         if scaled:
             torch._foreach_mul_(*(list(c) for c in zip(*scaled)))
     torch._foreach_add_([opt.state[p]["step"] for opt, p, _ in entries], 1)
-    fused = [e for e in entries if e[2]["fused"]]
+    fused = [e for e in entries if e[2].get("fused")]
     for opt, group, part in _by_group(fused):
         states = [opt.state[p] for p in part]
         beta1, beta2 = group["betas"]
@@ -77,7 +77,7 @@ def multi_tensor_adamw(optimizers: list[torch.optim.Optimizer],
                             [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], amsgrad=False,
                             lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                             eps=group["eps"], maximize=False)
-    _foreach_adamw([e for e in entries if not e[2]["fused"]])
+    _foreach_adamw([e for e in entries if not e[2].get("fused")])
 
 
 def _step_size(opt: torch.optim.Optimizer, p: torch.Tensor, group: dict) -> float:
@@ -92,7 +92,7 @@ def _init_state(opt: torch.optim.Optimizer, p: torch.Tensor, group: dict) -> Non
     """A tensor's AdamW state, made lazily as torch.optim.AdamW._init_group does."""
     state = opt.state[p]
     if len(state) == 0:
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if group["fused"] \
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if group.get("fused") \
             else torch.tensor(0.0, dtype=torch.float32)
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -81,7 +81,7 @@ def repeats_expected(grid: dict) -> float:
     return grid["warmup"] + (least + grid["repeats"]) / 2
 
 
-def point_costs(grid: dict, pilot: Pilot, n_target_ops: int, tp: bool) -> dict:
+def point_costs(grid: dict, pilot: Pilot, targets: list[str], tp: bool) -> dict:
     """{point key: estimated seconds} for every point `run_profile` will measure with `grid`, keyed as
     the measurement functions announce them (`Progress.begin`)."""
     reps = repeats_expected(grid)
@@ -105,7 +105,7 @@ def point_costs(grid: dict, pilot: Pilot, n_target_ops: int, tp: bool) -> dict:
                 costs[("task", method, rank, rows)] = reps * 4.3 * pilot.model(tokens)
     diff = grid.get("difference_repeats", 3)  # quantities that are differences of timings repeat more
     for method in [m for m in grid["ranks"] if method_card(m).targeted]:  # as measure_targets picks them
-        for target in range(n_target_ops):
+        for target in targets:  # the op names, as measure_targets announces its points
             # one op of every layer, plain and bare (and with dropout at the first rank): ~ a fifth of a
             # model pass each (measured on llama-100m: 0.15 for q_proj, 0.45 for gate_proj); plus the
             # shared rows (one task vs two, each minus the bare op)
@@ -174,13 +174,13 @@ def _halve_top(values: list) -> list:
 
 
 
-def fit(grid: dict, budget: float | None, pilot: Pilot, n_target_ops: int, tp: bool,
+def fit(grid: dict, budget: float | None, pilot: Pilot, targets: list[str], tp: bool,
         sizes=()) -> tuple[dict, dict, list[str]]:
     """(grid, point costs, what was cut): the richest of `thinned(grid)` whose estimate fits 85% of the
     budget (the estimate's margin), else the thinnest; the step `sizes` (`with_sizes`) are never cut."""
     def priced(candidate: dict) -> tuple[dict, dict]:
         candidate = with_sizes(candidate, sizes)
-        return candidate, point_costs(candidate, pilot, n_target_ops, tp)
+        return candidate, point_costs(candidate, pilot, targets, tp)
 
     fitted, costs = priced(grid)
     if budget is None or sum(costs.values()) <= 0.85 * budget:
@@ -209,7 +209,9 @@ class Progress:
         self.current = 0.0
 
     def begin(self, key) -> None:
-        self.current = self.costs.get(key, 0.0)
+        if key not in self.costs:  # a point the budget did not plan: it would run unpaced and unshown
+            raise KeyError(f"profile point {key!r} has no estimated cost (budget.point_costs keys it otherwise)")
+        self.current = self.costs[key]
         if self.budget is not None:
             self.budget.begin(self.current)
 

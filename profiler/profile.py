@@ -135,9 +135,8 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
     model = backbone.model
     fp = fingerprint(device, model_name, model.config, dtype)
     _, _, layers = decoder_layers(model)
-    n_target_ops = len(target_names(model, grid))
     sizes = sorted({(int(t), int(s)) for t, s in sizes or [] if t > 0 and s > 0})
-    grid, costs, cuts = fit(grid, budget, pilot(model, device), n_target_ops, bool(tp_shard_layers(model, layers[0])),
+    grid, costs, cuts = fit(grid, budget, pilot(model, device), target_names(model, grid), bool(tp_shard_layers(model, layers[0])),
                             sizes)
     if not comm:
         costs.pop(("comm",))

@@ -18,6 +18,8 @@ from muxtune.profiler.cost_model import CostModel
 from muxtune.simulator.iteration import simulate_step
 from muxtune.spec import Cluster, FusionGroup, Plan, TaskSpec
 
+LLAMA_OPS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # a layer's targets
+
 SEQ, ROWS, TASKS = 256, 2, 8  # 512 tokens per task, as mux_vs_separate's largest sweep point
 HOST_FIXED = 1e-3  # s of host work per fused micro-batch (drawing, fusing, routing it), whatever its tasks
 
@@ -100,8 +102,8 @@ def test_the_steps_a_plan_compares_are_profiled_so_a_thinned_curve_cannot_hide_t
 
     pilot = Pilot(fixed=0.01, per_token=2.2e-3, layers=12)  # llama-100m on a 2-core CPU
     sizes = [(ROWS * SEQ, SEQ), (TASKS * ROWS * SEQ, SEQ)]
-    plain, _, cuts = fit(prof.GRIDS["quick"], prof.DEFAULT_BUDGET["quick"], pilot, 7, True)
-    sized, _, _ = fit(prof.GRIDS["quick"], prof.DEFAULT_BUDGET["quick"], pilot, 7, True, sizes=sizes)
+    plain, _, cuts = fit(prof.GRIDS["quick"], prof.DEFAULT_BUDGET["quick"], pilot, LLAMA_OPS, True)
+    sized, _, _ = fit(prof.GRIDS["quick"], prof.DEFAULT_BUDGET["quick"], pilot, LLAMA_OPS, True, sizes=sizes)
     assert "curve ends only (tokens)" in cuts and plain["layer"][SEQ] == [256, 4096]
     assert sized["layer"][SEQ] == [256, 512, 4096]
 

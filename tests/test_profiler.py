@@ -19,6 +19,8 @@ from muxtune.profiler.cost_model import (
 
 from muxtune.errors import MuxTuneError
 
+LLAMA_OPS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # a layer's targets
+
 SHAPE = ModelShape(n_layers=4, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=260, dtype_bytes=4)
 
 
@@ -831,17 +833,17 @@ def test_a_grid_that_does_not_fit_the_budget_is_thinned_in_order():
 
     pilot = Pilot(fixed=0.01, per_token=2e-5, layers=4)
     grid = prof.GRIDS["quick"]
-    full_cost = sum(point_costs(grid, pilot, 7, True).values())
-    same, _, cuts = fit(grid, 2 * full_cost, pilot, 7, True)
+    full_cost = sum(point_costs(grid, pilot, LLAMA_OPS, True).values())
+    same, _, cuts = fit(grid, 2 * full_cost, pilot, LLAMA_OPS, True)
     assert same == grid and cuts == []
-    thinner, costs, cuts = fit(grid, 0.8 * full_cost, pilot, 7, True)
+    thinner, costs, cuts = fit(grid, 0.8 * full_cost, pilot, LLAMA_OPS, True)
     assert cuts and cuts[0] == "whole model up to 1024 tokens" and sum(costs.values()) <= 0.85 * 0.8 * full_cost
     assert all(len(ts) <= len(grid["layer"][seq]) for seq, ts in thinner["layer"].items())
     # every method is still measured (the CostModel needs each), and each curve keeps both its ends
     assert set(thinner["ranks"]) == set(grid["ranks"])
     for seq, ts in thinner["layer"].items():
         assert ts[0] == grid["layer"][seq][0] and ts[-1] == grid["layer"][seq][-1]
-    thinnest, _, all_cuts = fit(grid, 1.0, pilot, 7, True)
+    thinnest, _, all_cuts = fit(grid, 1.0, pilot, LLAMA_OPS, True)
     assert len(all_cuts) >= len(cuts) and thinnest["repeats"] == 3
     assert thinnest["target_tokens"] == grid["target_tokens"][:1] and thinnest["difference_repeats"] == 1
     assert all(len(ts) >= 1 and ts[-1] >= ts[0] for ts in thinnest["layer"].values())
@@ -856,7 +858,7 @@ def test_a_budget_cuts_the_whole_model_and_the_task_rows_before_the_layer_curves
 
     grid = prof.GRIDS["quick"]
     pilot = Pilot(fixed=0.01, per_token=2.2e-3, layers=12)
-    fitted, costs, cuts = fit(grid, prof.DEFAULT_BUDGET["quick"], pilot, 7, True)
+    fitted, costs, cuts = fit(grid, prof.DEFAULT_BUDGET["quick"], pilot, LLAMA_OPS, True)
     assert sum(costs.values()) <= 0.85 * prof.DEFAULT_BUDGET["quick"]
     assert max(t for ts in fitted["layer"].values() for t in ts) == 4096
     assert not any(c.startswith("largest layer sizes") for c in cuts)
@@ -864,15 +866,15 @@ def test_a_budget_cuts_the_whole_model_and_the_task_rows_before_the_layer_curves
     assert all(t <= 1024 or t == min(fitted["layer"][seq]) for seq, t in whole)
     assert {seq for seq, _ in whole} == set(fitted["layer"])  # every seq_len keeps a whole-model point
     # a layer point without the whole model costs a fraction of one with it
-    with_model = point_costs(grid, pilot, 7, True)[("layer", 64, 4096)]
+    with_model = point_costs(grid, pilot, LLAMA_OPS, True)[("layer", 64, 4096)]
     assert costs[("layer", 256, 4096)] < 0.2 * with_model
     # a config's step sizes are added to every candidate, never cut, and priced (layer rows only)
-    sized, sized_costs, _ = fit(grid, prof.DEFAULT_BUDGET["quick"], pilot, 7, True, sizes=[(9216, 512)])
+    sized, sized_costs, _ = fit(grid, prof.DEFAULT_BUDGET["quick"], pilot, LLAMA_OPS, True, sizes=[(9216, 512)])
     assert sized["layer"][512] == [512, 9216] and (512, 9216) not in whole_model_points(sized)
     assert 0 < sized_costs[("layer", 512, 9216)] < pilot.model(9216)  # less than one whole-model pass
     assert sum(sized_costs.values()) <= 0.85 * prof.DEFAULT_BUDGET["quick"]
     # only when the rest is cut to the bone do the layer curves shorten
-    _, _, last = fit(grid, 1.0, pilot, 7, True)
+    _, _, last = fit(grid, 1.0, pilot, LLAMA_OPS, True)
     assert last.index("largest layer sizes halved") > last.index("one row count per method (priced proportionally)")
 
 

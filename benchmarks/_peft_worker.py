@@ -37,6 +37,8 @@ import resource
 import time
 from pathlib import Path
 
+import psutil
+
 PRELOAD = ["torch", "peft", "muxtune.executor.backbone", "muxtune.executor.trainer", "muxtune.spec"]
 LR, MAX_GRAD_NORM, ALPHA, TARGETS = 2e-4, 1.0, 16, ["q_proj", "v_proj"]
 
@@ -289,12 +291,9 @@ def release_free_memory() -> None:
 
 
 def available_share() -> float:
-    """MemAvailable / MemTotal (Linux); 0 where /proc/meminfo cannot tell (then always release)."""
-    try:
-        info = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines() if ":" in line)
-        return int(info["MemAvailable"].split()[0]) / int(info["MemTotal"].split()[0])
-    except (OSError, KeyError, ValueError):
-        return 0.0
+    """The share of RAM available now."""
+    memory = psutil.virtual_memory()
+    return memory.available / memory.total
 
 
 def serve(job, conn) -> None:

@@ -130,8 +130,8 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
     in the tests and the profiler's optimizer rows build theirs here too, so "the same optimizer" holds
     bit for bit."""
     on_cpu = all(p.device.type == "cpu" for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=not on_cpu or None,
-                             fused=on_cpu or None)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=None if on_cpu else True,
+                             fused=True if on_cpu else None)
 
 
 @torch.no_grad()

@@ -136,8 +136,8 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
     fp = fingerprint(device, model_name, model.config, dtype)
     _, _, layers = decoder_layers(model)
     sizes = sorted({(int(t), int(s)) for t, s in sizes or [] if t > 0 and s > 0})
-    grid, costs, cuts = fit(grid, budget, pilot(model, device), target_names(model, grid), bool(tp_shard_layers(model, layers[0])),
-                            sizes)
+    targets = target_names(model, grid)  # the budget does not cut them
+    grid, costs, cuts = fit(grid, budget, pilot(model, device), targets, bool(tp_shard_layers(model, layers[0])), sizes)
     if not comm:
         costs.pop(("comm",))
     sampling_for = Sampling(warmup=grid["warmup"], least=min(3, grid["repeats"]), most=grid["repeats"])
@@ -152,7 +152,7 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
         rows += measure_tasks(backbone, device, grid, s, bar)
         rows += measure_targets(backbone, device, grid, s, bar)
         if any(method_card(m).targeted for m in grid["ranks"]):
-            rows += measure_uncovered(device, [w for n in target_names(model, grid) for w in widths[n]],
+            rows += measure_uncovered(device, [w for n in targets for w in widths[n]],
                                       uncovered_tokens(grid, sizes), dtype, s, bar)
         rows += measure_step_fixed(backbone, device, grid, s, bar)
         tensors = 4 * model.config.num_hidden_layers  # LoRA on two ops per layer: A and B each

@@ -163,9 +163,10 @@ class MultiplexedOp(nn.Module):
                 dispatched = kernel([(layer, lo, hi) for _, lo, hi, layer in dispatching], flat_x, self._mux)
             else:
                 # one split, not a slice per task: a slice's backward zero-fills a full-size dX
-                parts = flat_x.split([hi - lo for _, lo, hi, _ in spans])
-                dispatched = torch.cat([layer.dispatch(part.float()).to(x.dtype) if hasattr(layer, "dispatch")
-                                        else part for (*_, layer), part in zip(spans, parts)], dim=0)
+                runs = _runs(spans, lambda i, layer: hasattr(layer, "dispatch"))
+                parts = flat_x.split([hi - lo for lo, hi, _ in runs])
+                dispatched = torch.cat([part if span is None else span[3].dispatch(part.float()).to(x.dtype)
+                                        for (*_, span), part in zip(runs, parts)], dim=0)
             out = self.base_op(dispatched.view(x.shape))
         else:
             # base op first, as HF PEFT does: autograd then sums dX's contributions in the same order
@@ -200,15 +201,17 @@ class MultiplexedOp(nn.Module):
         # Segments tile the rows in order (checked by `route`), so the result is a concatenation: no
         # in-place write into the base op's output.
         # One split (not a slice per task): its backward assembles dX once instead of zero-filling a
-        # full-size gradient per task and summing them.
-        sizes = [hi - lo for _, lo, hi, _ in spans]
+        # full-size gradient per task and summing them. Neighbouring rows that pass through unchanged
+        # (no adapter here, or already aggregated above) stay one piece: a LoRA task beside a DoRA one
+        # then adds no split/cat pieces (and their backward views) of its own.
+        runs = _runs(spans, lambda i, layer: layer is not None and i not in done)
+        sizes = [hi - lo for lo, hi, _ in runs]
         x_parts, out_parts = flat_x.split(sizes), flat_out.split(sizes)
         pieces = []
-        for i, (span, x_part, piece) in enumerate(zip(spans, x_parts, out_parts)):
-            layer = span[3]
-            if layer is not None and i not in done:
+        for (*_, span), x_part, piece in zip(runs, x_parts, out_parts):
+            if span is not None:
                 mask = self._dropout_mask(*span, flat_x, flat_out)
-                piece = layer.aggregate(x_part.float(), piece.float(), mask).to(out.dtype)
+                piece = span[3].aggregate(x_part.float(), piece.float(), mask).to(out.dtype)
             pieces.append(piece)
         return torch.cat(pieces, dim=0).view(out.shape)
 
@@ -221,6 +224,20 @@ class MultiplexedOp(nn.Module):
         mask = self._mux.adapters[seg.task].dropout_mask(seg.end - seg.start, self._mux.shape[1], width,
                                                          layer.dropout, flat_x.device, self._mux.own_rows)
         return mask.reshape(-1, width)
+
+
+def _runs(spans, active) -> list[list]:
+    """The spans as [first row, end row, span or None]: a span where `active(index, layer)`, else None for
+    a run of neighbouring spans whose rows pass through unchanged (merged into one piece)."""
+    runs: list[list] = []
+    for i, span in enumerate(spans):
+        if active(i, span[3]):
+            runs.append([span[1], span[2], span])
+        elif runs and runs[-1][2] is None:
+            runs[-1][1] = span[2]
+        else:
+            runs.append([span[1], span[2], None])
+    return runs
 
 
 def _common_kernel(spans, name: str):

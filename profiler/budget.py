@@ -22,6 +22,7 @@ from muxtune.spec import method_card
 
 COMM_SECONDS = 6.0  # two spawned processes and their rounds: about constant
 UNCOVERED_TOKENS = 4096  # an `uncovered` row's size out of the caches (a budget's thinned grid keeps 256 only)
+MIN_TARGET_TOKENS = 64  # per-op rows below this would time a call's fixed cost, not the op's work
 EVAL_WARMUP = 3  # extra warm-up rounds of the no_grad forward (the `model`/`eval` row, profile.measure_backbone)
 
 
@@ -163,6 +164,14 @@ def thinned(grid: dict) -> list[tuple[str, dict]]:
     # 9216-token step 45% low: the layers are cheap to measure now and are cut last
     for _ in range(4):
         step("largest layer sizes halved", lambda x: x.update(layer={seq: _halve_top(ts) for seq, ts in x["layer"].items()}))
+    # a slow machine (an AMD EPYC VM timed llama-100m at 6 ms per token, 2.8x an Intel one of the same
+    # kind) needs more: the per-op rows (7 ops x LoRA and DoRA, ~half of the thinnest grid) on fewer
+    # tokens, still above the fixed costs of a call; then two timed repeats per point
+    for _ in range(2):
+        step("per-op rows at half the tokens", lambda x: x.update(
+            target_tokens=[max(MIN_TARGET_TOKENS, x["target_tokens"][0] // 2)]))
+    step("two repeats", lambda x: x.update(repeats=2))
+    step("task rows of one sequence", lambda x: x.update(task_rows=[1]))
     return steps
 
 

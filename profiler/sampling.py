@@ -2,7 +2,7 @@
 
 A point is repeated until the median of each timed quantity is known within a stated relative error
 (`Sampling.rel_error`), at least `least` and at most `most` times; a point that runs behind the profile's
-`Budget` stops at `least`. The relative standard error of a median is estimated from the spread of the
+`Budget` stops at `least`, and once the whole budget is used up every point left gets one timed round. The relative standard error of a median is estimated from the spread of the
 samples (1.4826 MAD is the normal-equivalent standard deviation; the median's standard error is
 1.2533 sigma / sqrt(n)); every profile row reports it (column `rel_error`).
 
@@ -72,6 +72,10 @@ class Budget:
     def behind(self) -> bool:
         return time.perf_counter() > self.allowed_until
 
+    def spent(self) -> bool:
+        """The whole budget is used up (the estimate was short: a slower machine than the pilot said)."""
+        return time.perf_counter() >= self.start + self.seconds
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
@@ -90,6 +94,8 @@ class Sampling:
 
     def enough(self, *series: list[float], contrasts: tuple[list[float], ...] = ()) -> bool:
         n = len(series[0])
+        if n >= 1 and self.budget is not None and self.budget.spent():
+            return True  # past the whole budget, each point left gets one timed round, not `least`
         if n < self.least:
             return False
         if n >= self.most or (self.budget is not None and self.budget.behind()):

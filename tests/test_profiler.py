@@ -768,11 +768,15 @@ def test_repeats_stop_once_the_median_is_known_or_at_the_bounds():
         if i >= 0:
             series.append(1.0)
     assert rounds == [-1, 0, 1, 2] and series == [1.0] * 3
-    spent = Budget(seconds=1.0, estimate=10.0)
+    spent = Budget(seconds=60.0, estimate=10.0)
     spent.begin(0.0)  # a point whose share of the budget is already used
     late = Sampling(least=3, most=9, budget=spent)
     assert late.enough(noisy[:3]) and not s.enough(noisy[:3])
     # the median's relative standard error: 1.2533 * 1.4826 * MAD / sqrt(n) / median
+    # past the WHOLE budget (a machine slower than the pilot said), one timed round is enough
+    over = Budget(seconds=0.0, estimate=10.0)
+    assert Sampling(least=3, most=9, budget=over).enough([1.0]) and not late.enough([1.0])
+    assert not Sampling(least=3, most=9, budget=over).enough([])
     assert median_rel_error([9.0, 10.0, 11.0, 10.0]) == pytest.approx(1.2533 * 1.4826 * 0.5 / 2 / 10, rel=1e-6)
 
 
@@ -844,8 +848,9 @@ def test_a_grid_that_does_not_fit_the_budget_is_thinned_in_order():
     for seq, ts in thinner["layer"].items():
         assert ts[0] == grid["layer"][seq][0] and ts[-1] == grid["layer"][seq][-1]
     thinnest, _, all_cuts = fit(grid, 1.0, pilot, LLAMA_OPS, True)
-    assert len(all_cuts) >= len(cuts) and thinnest["repeats"] == 3
-    assert thinnest["target_tokens"] == grid["target_tokens"][:1] and thinnest["difference_repeats"] == 1
+    assert len(all_cuts) >= len(cuts) and thinnest["repeats"] == 2 and thinnest["task_rows"] == [1]
+    # per-op rows at one token count, halved twice (256 -> 64), never below a call's fixed cost
+    assert thinnest["target_tokens"] == [64] and thinnest["difference_repeats"] == 1
     assert all(len(ts) >= 1 and ts[-1] >= ts[0] for ts in thinnest["layer"].values())
     assert all_cuts[-1].startswith("still estimated at")  # said, not hidden
 
@@ -876,6 +881,12 @@ def test_a_budget_cuts_the_whole_model_and_the_task_rows_before_the_layer_curves
     # only when the rest is cut to the bone do the layer curves shorten
     _, _, last = fit(grid, 1.0, pilot, LLAMA_OPS, True)
     assert last.index("largest layer sizes halved") > last.index("one row count per method (priced proportionally)")
+    # a machine of the same kind 2.7x slower (an AMD EPYC VM: 6 ms per token, ~0.09 s fixed) still fits
+    # the default budget: before the last steps of the ladder its thinnest grid was estimated at 317 s
+    slow = Pilot(fixed=0.087, per_token=6e-3, layers=12)
+    _, slow_costs, slow_cuts = fit(grid, prof.DEFAULT_BUDGET["quick"], slow, LLAMA_OPS, True)
+    assert sum(slow_costs.values()) <= 0.85 * prof.DEFAULT_BUDGET["quick"]
+    assert not slow_cuts[-1].startswith("still estimated") and "two repeats" in slow_cuts
 
 
 def test_a_budgeted_profile_for_some_methods_measures_only_those(tmp_path):

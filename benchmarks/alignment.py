@@ -70,11 +70,16 @@ def measure(backbone, specs, examples, arm: str, steps: int, alignment: Alignmen
             "useful_tokens": useful, "computed_tokens": computed}
 
 
+DEFAULT_STEPS = 3
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="builtin:llama-100m")
     parser.add_argument("--devices", default="cpu", help="cpu | cuda | cuda:N")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"timed steps per arm and repeat (default {DEFAULT_STEPS}, fewer on a machine too slow "
+                             "for them in 20 min)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every task's batch size")
     parser.add_argument("--chunk-len", type=int, default=Alignment().chunk_len)
@@ -86,12 +91,17 @@ def main(argv=None) -> dict:
         args.model, args.steps, args.repeats = "builtin:tiny-llama", 1, 1
     torch.set_num_threads(args.threads)
     device = "cuda:0" if args.devices == "cuda" else args.devices
-    specs = task_specs(args.steps + 1, args.scale)
-    from . import announce
+    from . import announce, default_steps, expected_seconds
 
+    # 3 arms, a warm-up step each; a step computes ~0.7 of its tasks' batch_size x max_seq_len tokens
+    # (the sequences are shorter than max_seq_len; the padded arms pad only to the longest)
+    tokens = sum(s.batch_size * s.max_seq_len for s in task_specs(1, args.scale))
+    passes = lambda steps: [(3 * args.repeats * (steps + 1) * 0.7, tokens)]  # noqa: E731
+    args.steps = default_steps(args.steps, DEFAULT_STEPS, 2, lambda n: expected_seconds(args.model, device, passes(n)))
+    specs = task_specs(args.steps + 1, args.scale)
     announce("benchmarks.alignment", f"{args.repeats} repeats of 3 micro-batch layouts ({', '.join(ARMS)}), "
              f"{args.steps} timed steps each, of the 4 quickstart tenants on {args.model}", args.model, device,
-             [(3 * args.repeats * (args.steps + 1) * 1.5, sum(s.batch_size * s.max_seq_len for s in specs))])
+             passes(args.steps))
     backbone = load_backbone(args.model, device=device)
     examples = {s.name: load_examples(s.data, backbone.tokenizer, s.max_seq_len, options=DataOptions.of(s))[0]
                 for s in specs}

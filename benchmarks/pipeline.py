@@ -105,6 +105,9 @@ def sim_error(config, plan, measured: dict, warmup: int) -> dict:
     return {"predicted_step_s": statistics.median(predicted), "error": statistics.median(errors)}
 
 
+DEFAULT_STEPS = 6
+
+
 def main(argv: list[str] | None = None) -> dict:
     from muxtune.spec import load_config
 
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 steps, short sequences")
     parser.add_argument("--devices", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model", default="builtin:llama-100m")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"steps per plan (default {DEFAULT_STEPS}, fewer on a machine too slow for them in 20 min)")
     parser.add_argument("--micro-batches", type=int, default=2)
     args = parser.parse_args(argv)
     max_len = None
@@ -124,21 +128,26 @@ def main(argv: list[str] | None = None) -> dict:
         devices = [f"cuda:{i}" for i in range(min(2, torch.cuda.device_count()))]
     else:
         devices = ["cpu", "cpu"]
+    from muxtune.profiler.profile import DEFAULT_BUDGET
+
+    from . import announce, default_steps, expected_seconds
+
     config = load_config(QUICKSTART)
+    step_tokens = sum(t.batch_size * min(t.max_seq_len, max_len or t.max_seq_len) for t in config.tasks)
+    device = "cpu" if args.devices == "cpu" else devices[0]
+    # 4 arms, adapters ~1.3x a bare pass; the 2 stages compute at once: a step's wall ~0.65 of a pass
+    passes = lambda steps: [(4 * steps * 1.3 * 0.65, step_tokens)]  # noqa: E731
+    # at least 3: a warm-up and 2 simulated steps per arm
+    args.steps = default_steps(args.steps, DEFAULT_STEPS, 3, lambda n: expected_seconds(args.model, device, passes(n), 4 * 20),
+                               DEFAULT_BUDGET["quick"])
     tasks = [t.model_copy(update={"steps": args.steps, "max_seq_len": min(t.max_seq_len, max_len or t.max_seq_len)})
              for t in config.tasks]
     config = config.model_copy(update={"model": args.model, "tasks": tasks,
                                        "devices": "cpu" if args.devices == "cpu" else "cuda"})
     warmup = 1 if args.steps > 1 else 0
-    from muxtune.profiler.profile import DEFAULT_BUDGET
-
-    from . import announce
-
-    step_tokens = sum(t.batch_size * t.max_seq_len for t in tasks)
     announce("benchmarks.pipeline", f"{args.steps} steps of {args.model} on a 2-process pipeline in 3 plans "
              "(dedicated, fused 1F1B, interleaved) and tensor parallel, each step predicted by the simulator",
-             args.model, "cpu" if args.devices == "cpu" else devices[0], [(4 * args.steps * 1.3, step_tokens)],
-             DEFAULT_BUDGET["quick"], fixed_seconds=4 * 20)
+             args.model, device, passes(args.steps), DEFAULT_BUDGET["quick"], fixed_seconds=4 * 20)
     results = {name: measure(config, plan, warmup) for name, plan in plans(config, devices, args.micro_batches).items()}
     tp_plan, tp_skipped = tensor_parallel_plan(config, devices, args.micro_batches), None
     if len(devices) < 2:

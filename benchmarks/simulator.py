@@ -196,12 +196,16 @@ def cluster_speed(jobs: int, gpus: int, rate_per_hour: float, cost_model) -> tup
     return time.perf_counter() - started, result.metrics
 
 
+DEFAULT_STEPS = 8
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps, 100 jobs on 8 GPUs")
     parser.add_argument("--model", default="builtin:llama-100m")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"steps per arm (default {DEFAULT_STEPS}, fewer on a machine too slow for them in 20 min)")
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--gpus", type=int, default=64)
     parser.add_argument("--max-seq-len", type=int, default=None,
@@ -219,20 +223,28 @@ def main(argv: list[str] | None = None) -> dict:
     import muxtune.spec  # noqa: F401  (import time is not simulation time)
     from muxtune.profiler.profile import DEFAULT_BUDGET
 
-    from . import announce
+    from . import announce, default_steps, expected_seconds
 
     tasks = quickstart(args.model, args.device, 1, args.max_seq_len, args.validation).tasks
     step_tokens = sum(t.batch_size * t.max_seq_len for t in tasks)
-    passes = [((2 + 2 * args.phases) * args.steps * 1.3, step_tokens)]
-    if args.validation:  # an evaluation every 2nd step in each run: a forward (~half a pass) of the held-out rows
-        from muxtune.run import validation_sequences
 
-        held = sum(validation_sequences(t, None) * t.max_seq_len for t in tasks)
-        passes.append((2 * (args.steps // VALIDATION["eval_every"]) * 0.5, held))
+    def passes(steps: int) -> list[tuple[float, int]]:
+        counted = [((2 + 2 * args.phases) * steps * 1.3, step_tokens)]
+        if args.validation:  # an evaluation every 2nd step in each run: a forward (~half a pass) of the held-out rows
+            from muxtune.run import validation_sequences
+
+            held = sum(validation_sequences(t, None) * t.max_seq_len for t in tasks)
+            counted.append((2 * (steps // VALIDATION["eval_every"]) * 0.5, held))
+        return counted
+
+    profile_budget = None if args.profile else DEFAULT_BUDGET["quick"]
+    # at least 4: a warm-up and 3 predicted steps per arm
+    args.steps = default_steps(args.steps, DEFAULT_STEPS, 4,
+                               lambda n: expected_seconds(args.model, args.device, passes(n), 15), profile_budget or 0.0)
     announce("benchmarks.simulator", f"{args.steps} quickstart steps of {args.model} in 1 and in 4 fusion groups"
              f"{' (every task evaluated every 2nd step)' if args.validation else ''}, each predicted by the "
              f"simulator; then {args.jobs} jobs on {args.gpus} simulated GPUs",
-             args.model, args.device, passes, None if args.profile else DEFAULT_BUDGET["quick"], fixed_seconds=15)
+             args.model, args.device, passes(args.steps), profile_budget, fixed_seconds=15)
 
     result: dict = {"model": args.model, "device": args.device}
     seen = prediction_errors(args.model, args.device, args.steps, warmup=1, max_seq_len=args.max_seq_len,

@@ -188,22 +188,29 @@ class CostModel(MemoryModel, TensorParallelPricing):
         """What the batch's tasks priced by method rows share: each wrapped op's split and concatenation
         runs once however many tasks of a method wrap it, so every task after the first saves its share."""
         defaults = self._default_targets()
-        wrapped: dict[tuple[str, str], int] = {}
-        targeted: dict[tuple[str, str], list[int]] = {}
+        wrapped: dict[tuple[str, str], list[TaskLoad]] = {}
+        targeted: dict[tuple[str, str], list[TaskLoad]] = {}
         for t in mb.tasks:
             targets = self._targets_of(t)
             if targets:
                 # priced at its ops (`target` rows), each task as if alone on them: every task after the
                 # first on an op shares that op's node / launch (`target` shared rows)
                 for name in targets:
-                    targeted.setdefault((t.method, name), []).append(t.tokens)
+                    targeted.setdefault((t.method, name), []).append(t)
                 continue
             for name in defaults:
-                wrapped[(t.method, name)] = wrapped.get((t.method, name), 0) + 1
-        by_method = sum((count - 1) * self._shared_seconds(method, phase) / len(defaults)
-                        for (method, _), count in wrapped.items())
-        by_target = sum((len(tokens) - 1) * self._target_shared_seconds(method, name, phase, sum(tokens) / len(tokens))
-                        for (method, name), tokens in targeted.items())
+                wrapped.setdefault((t.method, name), []).append(t)
+        # What a task does not add again is part of what it costs: never more than the cheapest of them
+        # costs alone. A shared row measured through a burst of load elsewhere on the machine (tiny-llama,
+        # v_proj: 4.6 ms where q_proj's is 0.6) otherwise took back more than the tasks cost: a batch of 6
+        # LoRA tasks was priced 45% low.
+        by_method = sum((len(tasks) - 1) * min(self._shared_seconds(method, phase) / len(defaults),
+                                               max(min(self._task_seconds(t, phase) for t in tasks), 0.0) / len(defaults))
+                        for (method, _), tasks in wrapped.items())
+        by_target = sum((len(tasks) - 1) * min(
+            self._target_shared_seconds(method, name, phase, sum(t.tokens for t in tasks) / len(tasks)),
+            max(min(self._op_seconds(t, name, phase) for t in tasks), 0.0))
+            for (method, name), tasks in targeted.items())
         return by_method + by_target
 
     def _uncovered_seconds(self, mb: MicroBatch) -> float:
@@ -461,15 +468,20 @@ class CostModel(MemoryModel, TensorParallelPricing):
         LoRA/DoRA: the sum over its targets' rows (and their dropout rows if it has dropout)."""
         targets = self._targets_of(task)
         if targets:
-            parts = [phase] + ([f"dropout_{phase}"] if task.dropout > 0 else [])
-            return sum(interp_grid(self._target_rows(task.method, name, part), "tokens", "rank", "seconds",
-                                   task.tokens, task.rank) for name in targets for part in parts)
+            return sum(self._op_seconds(task, name, phase) for name in targets)
         rows = self.profile.rows("task", phase)
         rows = rows[rows["method"] == task.method]
         if rows.empty:
             raise MuxTuneError(f"profile: method {task.method!r} was not profiled (has "
                                f"{sorted(set(self.profile.rows('task')['method']))})")
         return interp_grid(rows, "tokens", "rank", "seconds", task.tokens, task.rank)
+
+    def _op_seconds(self, task: TaskLoad, name: str, phase: str) -> float:
+        """A LoRA/DoRA task's overhead at the ops named `name` (every layer's): its `target` rows, and their
+        dropout rows if it has dropout."""
+        parts = [phase] + ([f"dropout_{phase}"] if task.dropout > 0 else [])
+        return sum(interp_grid(self._target_rows(task.method, name, part), "tokens", "rank", "seconds",
+                               task.tokens, task.rank) for part in parts)
 
     def _check(self, mb: MicroBatch) -> None:
         if not mb.tasks or mb.tokens <= 0 or mb.seq_len <= 0:

@@ -53,7 +53,7 @@ import torch
 from muxtune.errors import MuxTuneError
 from muxtune.profiler.backbone_parts import (bare_model_loss, decoder_layers, layer_param_bytes,  # noqa: F401
                                              op_input_widths, target_names, tp_shard_layers)
-from muxtune.profiler.budget import Progress, fit, uncovered_tokens, whole_model_points
+from muxtune.profiler.budget import Progress, fit, least_repeats, uncovered_tokens, whole_model_points
 from muxtune.profiler.measure import (_row, measure_backbone, measure_comm, measure_optimizer,  # noqa: F401
                                       measure_step_fixed, measure_targets, measure_tasks, measure_uncovered,
                                       peft_config_for, pilot)
@@ -140,7 +140,7 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
     grid, costs, cuts = fit(grid, budget, pilot(model, device), targets, bool(tp_shard_layers(model, layers[0])), sizes)
     if not comm:
         costs.pop(("comm",))
-    sampling_for = Sampling(warmup=grid["warmup"], least=min(3, grid["repeats"]), most=grid["repeats"])
+    sampling_for = Sampling(warmup=grid["warmup"], least=least_repeats(grid), most=grid["repeats"])
     bar = Progress(costs, budget and budget - (time.perf_counter() - started),
                    f"profiling {model_name} on {device}", progress)
     if progress and cuts:

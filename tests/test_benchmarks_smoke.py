@@ -166,3 +166,18 @@ def test_mux_vs_separate_benchmark_runs_every_arm_in_quick_mode():
     assert last["memory_ratio"] > 1  # three backbones vs one: holds on any machine
     # limit_ratio pairs the two arms' steps of the same round; with one round that is the plain ratio
     assert last["limit_ratio"] == point["mux_vs_limit_paired"] == pytest.approx(point["mux_vs_limit"], abs=2e-3)
+
+
+def test_a_benchmarks_default_steps_shrink_on_a_machine_too_slow_for_them(capsys):
+    """Machines of our kind differ ~3x: a benchmark counted in steps takes fewer of them by default where
+    they would not finish within the limit (issue 19's 20 minutes), never below its least; steps the
+    user asked for are kept."""
+    from muxtune.benchmarks import DEFAULT_LIMIT_SECONDS, default_steps
+
+    per_step = DEFAULT_LIMIT_SECONDS / 5
+    assert default_steps(None, 8, 4, lambda n: 0.01 * per_step * n) == 8  # a fast machine: the default
+    assert default_steps(None, 8, 2, lambda n: per_step * n) == 5
+    assert default_steps(None, 8, 2, lambda n: per_step * n, reserved=per_step) == 4  # a profile to measure first
+    assert "4 steps instead of the default 8" in capsys.readouterr().out
+    assert default_steps(None, 8, 6, lambda n: per_step * n) == 6  # never below the least
+    assert default_steps(8, 8, 2, lambda n: per_step * n) == 8  # asked for

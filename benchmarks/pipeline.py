@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
     config = load_config(QUICKSTART)
     step_tokens = sum(t.batch_size * min(t.max_seq_len, max_len or t.max_seq_len) for t in config.tasks)
     device = "cpu" if args.devices == "cpu" else devices[0]
-    # 4 arms, adapters ~1.3x a bare pass; the 2 stages compute at once: a step's wall ~0.65 of a pass
-    passes = lambda steps: [(4 * steps * 1.3 * 0.65, step_tokens)]  # noqa: E731
+    # 4 arms, a step ~1.4 bare passes as the pilot prices them (session 12, AMD EPYC: the arms took 19 min
+    # for 6 steps where 0.85 passes predicted 10.5; the 2 stages compute at once, but each on 1 thread)
+    passes = lambda steps: [(4 * steps * 1.4, step_tokens)]  # noqa: E731
     # at least 3: a warm-up and 2 simulated steps per arm
     args.steps = default_steps(args.steps, DEFAULT_STEPS, 3, lambda n: expected_seconds(args.model, device, passes(n), 4 * 20),
                                DEFAULT_BUDGET["quick"])

@@ -14,6 +14,7 @@ thinnest grid).
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
@@ -225,17 +226,24 @@ class Progress:
         self.bar = tqdm(total=round(total, 1), desc=desc, unit="s", disable=not enabled,
                         bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} est. s [{elapsed}<{remaining}]")
         self.current = 0.0
+        self.spent: dict[str, list[float]] = {}  # kind of point -> [estimated, measured seconds]
+        self._key, self._started = None, 0.0
 
     def begin(self, key) -> None:
         if key not in self.costs:  # a point the budget did not plan: it would run unpaced and unshown
             raise KeyError(f"profile point {key!r} has no estimated cost (budget.point_costs keys it otherwise)")
         self.current = self.costs[key]
+        self._key, self._started = key, time.perf_counter()
         if self.budget is not None:
             self.budget.begin(self.current)
 
     def end(self) -> None:
         self.bar.update(round(self.current, 3))
-        self.current = 0.0
+        if self._key is not None:  # where the estimate was short or long, by kind (the profile's header)
+            kind = self.spent.setdefault(self._key[0], [0.0, 0.0])
+            kind[0] += self.current
+            kind[1] += time.perf_counter() - self._started
+        self.current, self._key = 0.0, None
 
     def close(self) -> None:
         self.bar.close()

@@ -137,11 +137,14 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
     _, _, layers = decoder_layers(model)
     sizes = sorted({(int(t), int(s)) for t, s in sizes or [] if t > 0 and s > 0})
     targets = target_names(model, grid)  # the budget does not cut them
-    grid, costs, cuts = fit(grid, budget, pilot(model, device), targets, bool(tp_shard_layers(model, layers[0])), sizes)
+    probe = pilot(model, device)
+    setup = time.perf_counter() - started  # the backbone loaded and the pilot timed: the points get the rest
+    left = budget and max(budget - setup, 1.0)
+    grid, costs, cuts = fit(grid, left, probe, targets, bool(tp_shard_layers(model, layers[0])), sizes)
     if not comm:
         costs.pop(("comm",))
     sampling_for = Sampling(warmup=grid["warmup"], least=least_repeats(grid), most=grid["repeats"])
-    bar = Progress(costs, budget and budget - (time.perf_counter() - started),
+    bar = Progress(costs, left,
                    f"profiling {model_name} on {device}", progress)
     if progress and cuts:
         bar.bar.write(f"profile: to fit the {budget:.0f} s budget: {'; '.join(cuts)}")
@@ -171,6 +174,7 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
             "methods": sorted(grid["ranks"]), "targets": target_names(model, grid), "sizes": sizes,
             "op_inputs": widths,
             "budget_s": budget, "estimated_s": round(sum(costs.values()), 1), "cuts": cuts,
+            "setup_s": round(setup, 1), "spent_s": {kind: [round(estimated, 1), round(measured, 1)] for kind, (estimated, measured) in bar.spent.items()},
             "seconds": round(time.perf_counter() - started, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "device_string": device, "clock": "cpu" if os.environ.get("MUXTUNE_PROFILE_CLOCK") == "cpu" else "wall"}

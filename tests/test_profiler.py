@@ -908,7 +908,7 @@ def test_a_budgeted_profile_for_some_methods_measures_only_those(tmp_path):
     assert p.meta["estimated_s"] <= 0.85 * max(15.0 - p.meta["setup_s"], 1.0) + 0.1
     # where the time went, by kind of point: [estimated, measured] seconds
     assert {"layer", "task", "target"} <= set(p.meta["spent_s"])
-    assert all(estimated > 0 and measured >= 0 for estimated, measured in p.meta["spent_s"].values())
+    assert all(estimated >= 0 and measured >= 0 for estimated, measured in p.meta["spent_s"].values())  # 0.1 s rounding
     assert p.meta["spent_s"]["layer"][1] > 0
     layer = p.rows("layer")
     assert layer["rel_error"].notna().all() and (layer["rel_error"] >= 0).all()

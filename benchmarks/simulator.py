@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     step_tokens = sum(t.batch_size * t.max_seq_len for t in tasks)
 
     def passes(steps: int) -> list[tuple[float, int]]:
-        # a step ~1.9 bare passes as the pilot prices them: adapters, and the pilot's line (256 and 1024
-        # tokens) runs short at the 9216-token step (session 12, AMD EPYC: 101 s per step of both arms
+        # a step ~1.9 bare passes as the pilot prices them: adapters, and the pilot's line (measured at a
+        # few hundred tokens) runs short at the 9216-token step (session 12, AMD EPYC: 101 s per step of both arms
         # against 26 s for a pass priced by the pilot)
         counted = [((2 + 2 * args.phases) * steps * 1.9, step_tokens)]
         if args.validation:  # an evaluation every 2nd step in each run: a forward (~half a pass) of the held-out rows

@@ -170,7 +170,7 @@ def thinned(grid: dict) -> list[tuple[str, dict]]:
     # 9216-token step 45% low: the layers are cheap to measure now and are cut last
     for _ in range(4):
         step("largest layer sizes halved", lambda x: x.update(layer={seq: _halve_top(ts) for seq, ts in x["layer"].items()}))
-    # a slow machine (an AMD EPYC VM timed llama-100m at 6 ms per token, 2.8x an Intel one of the same
+    # a slow machine (an AMD EPYC VM timed llama-100m at 6 ms per token, 2.7x an Intel one of the same
     # kind) needs more: the per-op rows (7 ops x LoRA and DoRA, ~half of the thinnest grid) on fewer
     # tokens, still above the fixed costs of a call; then two timed repeats per point. The task rows keep
     # their 2 sequences: one row count is priced proportionally, and a task's saved tensors have a part

@@ -204,8 +204,8 @@ class CostModel(MemoryModel, TensorParallelPricing):
         # costs alone. A shared row measured through a burst of load elsewhere on the machine (tiny-llama,
         # v_proj: 4.6 ms where q_proj's is 0.6) otherwise took back more than the tasks cost: a batch of 6
         # LoRA tasks was priced 45% low.
-        by_method = sum((len(tasks) - 1) * min(self._shared_seconds(method, phase) / len(defaults),
-                                               max(min(self._task_seconds(t, phase) for t in tasks), 0.0) / len(defaults))
+        by_method = sum((len(tasks) - 1) * min(self._shared_seconds(method, phase),
+                                               max(min(self._task_seconds(t, phase) for t in tasks), 0.0)) / len(defaults)
                         for (method, _), tasks in wrapped.items())
         by_target = sum((len(tasks) - 1) * min(
             self._target_shared_seconds(method, name, phase, sum(t.tokens for t in tasks) / len(tasks)),

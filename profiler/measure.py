@@ -489,8 +489,8 @@ def measure_comm(device: str, sizes: list[int], s: Sampling) -> list[dict]:
 def pilot(model, device: str) -> Pilot:
     """The bare model's forward + backward at two token counts: the line every point's price comes from."""
     # 128 and 512 tokens, two timed rounds each: on a slow machine (llama-100m at 6 ms per token) the
-    # pilot at 256 and 1024 tokens with three rounds took 31 s of a 180 s budget; its pricing of the
-    # points was within 2% of what they took (the profile header's `spent_s`)
+    # pilot at 256 and 1024 tokens with three rounds took 31 s of a 180 s budget (it priced the points
+    # within 2% of what they took; this one ~10% short: the profile header's `spent_s`)
     seq, small, large = 64, 128, 512
     once = Sampling(warmup=1, least=2, most=2)
     timed = {}

@@ -171,10 +171,11 @@ def run_profile(model_name: str, device: str = "cpu", mode: str = "quick", dtype
             "weight_bytes": layer_param_bytes(model),
             # what the method-level task rows were measured on (a task with no target list is priced so)
             "task_targets": attention_targets(model.config.model_type),
-            "methods": sorted(grid["ranks"]), "targets": target_names(model, grid), "sizes": sizes,
+            "methods": sorted(grid["ranks"]), "targets": targets, "sizes": sizes,
             "op_inputs": widths,
             "budget_s": budget, "estimated_s": round(sum(costs.values()), 1), "cuts": cuts,
-            "setup_s": round(setup, 1), "spent_s": {kind: [round(estimated, 1), round(measured, 1)] for kind, (estimated, measured) in bar.spent.items()},
+            "setup_s": round(setup, 1),
+            "spent_s": {kind: [round(estimated, 1), round(measured, 1)] for kind, (estimated, measured) in bar.spent.items()},
             "seconds": round(time.perf_counter() - started, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "device_string": device, "clock": "cpu" if os.environ.get("MUXTUNE_PROFILE_CLOCK") == "cpu" else "wall"}

@@ -2,8 +2,8 @@
 
 A point is repeated until the median of each timed quantity is known within a stated relative error
 (`Sampling.rel_error`), at least `least` and at most `most` times; a point that runs behind the profile's
-`Budget` stops at `least`, and once the whole budget is used up every point left gets one timed round. The relative standard error of a median is estimated from the spread of the
-samples (1.4826 MAD is the normal-equivalent standard deviation; the median's standard error is
+`Budget` stops at `least`, and once the whole budget is used up every point left gets one timed round.
+The relative standard error of a median is estimated from the spread of the samples (1.4826 MAD is the normal-equivalent standard deviation; the median's standard error is
 1.2533 sigma / sqrt(n)); every profile row reports it (column `rel_error`).
 
 Most rows the CostModel needs are overheads: a timing with a task minus the same timing without, a few

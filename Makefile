@@ -9,7 +9,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test install clean bench data browser lock check-latest
+.PHONY: demo test install clean bench data browser malloc lock check-latest
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) malloc
 
 # The whole chain on the embedded default; opens nothing, prints where report.html is. The first run on a
 # new machine measures a quick profile of this CPU (cached in ~/.cache/muxtune/profiles afterwards).
-demo: $(STAMP)
+demo: $(STAMP) malloc
 	$(BIN)/plan-and-run examples/quickstart.yaml
 
 # Headless Chromium for tests/test_report.py's render check (Debian/Ubuntu, root). Best effort: where apt
@@ -32,9 +32,16 @@ browser:
 	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) || \
 	  echo "make browser: could not install chromium; the report render test will be skipped"
 
+# tcmalloc, which the commands that train start themselves on (muxtune/allocator.py: glibc's malloc keeps what
+# steps free, ~1.5x the tensors' memory). Debian/Ubuntu, root; best effort: without it they use glibc's malloc.
+malloc:
+	@ldconfig -p | grep -q libtcmalloc_minimal.so.4 || \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4 >/dev/null) || \
+	  echo "make malloc: could not install tcmalloc (libtcmalloc-minimal4); training runs on glibc's malloc"
+
 # -P: the checkout root is never on sys.path (our top-level kernels/ would shadow the `kernels` package
 # that transformers imports; tests/test_install.py checks every entry point).
-test: $(STAMP) browser
+test: $(STAMP) browser malloc
 	$(BIN)/python -P -m pytest -q tests
 
 # Refresh the lock after changing pyproject.toml's dependencies (see README, "Dependencies").

@@ -13,13 +13,13 @@
    Measured per configuration also the peak of its tensors alone: those resident as a step starts
    (weights, adapters, AdamW moments) + the most a step adds (profiler.probes.LiveBytes, as
    benchmarks.cost_model_accuracy measures CPU memory): what the CostModel prices, the CPU's stand-in
-   for a GPU's allocated bytes. Peak RSS is more: glibc keeps freed heap blocks mapped (its mmap
-   threshold grows with the sizes freed), ~45% more here; a fixed threshold (MALLOC_MMAP_THRESHOLD_)
-   brings RSS to the tensors' peak but made a step 1.6x slower (page faults on every fresh block).
+   for a GPU's allocated bytes. The workers run on the malloc the commands that train use
+   (muxtune/allocator.py: tcmalloc where installed, whose peak RSS is the tensors' peak plus a few
+   percent; glibc's keeps freed heap blocks, ~1.5x).
    Keys: recompute_memory_ratio (peak RSS without / with), tensor_recompute_memory_ratio (the tensors'),
    recompute_time_ratio (step with / without), predicted_* beside them, memory_prediction_error (the
-   worst |predicted - measured| / measured tensor peak over both configurations; target <= 0.10) and
-   rss_prediction_error (the same against peak RSS).
+   worst |predicted - measured| / measured peak RSS over both configurations; target <= 0.10) and
+   tensor_prediction_error (the same against the tensors' peak); each row names its worker's malloc.
 2. Analytic (no hardware needed): a Llama-3-8B shape (hidden 4096, 32 layers, 8 KV heads, vocab 128256)
    x 64 mixed tenants (examples/mixed_methods.yaml's methods, batch 4-32, lengths 256-2048, 50-200 steps,
    seeded) planned on 16 H100s with 80 GiB each, once without the memory knobs (`without_knobs`: each
@@ -39,6 +39,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from muxtune import allocator
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "builtin:llama-100m"
@@ -104,13 +106,14 @@ def worker(recompute: bool, tenants: int, seq: int, steps: int, model: str = MOD
         trainer.step()
     params = {name: sum(p.numel() for p in run.parameters()) for name, run in trainer.runs.items()}
     return {"recompute": recompute, "peak_bytes": rss_peak, "tensor_peak_bytes": sum(resident.values()) + tally.peak,
-            "step_seconds": statistics.median(times[1:]), "shape": list(trainer.step_shapes[-1]), "params": params}
+            "step_seconds": statistics.median(times[1:]), "shape": list(trainer.step_shapes[-1]), "params": params,
+            "malloc": allocator.in_use()}
 
 
 def measure(recompute: bool, args) -> dict:
     command = [sys.executable, "-m", "muxtune.benchmarks.memory", "--worker", str(int(recompute)),
                "--tenants", str(args.tenants), "--seq", str(args.seq), "--steps", str(args.steps), "--model", args.model]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=allocator.environment())
     if done.returncode != 0:
         raise SystemExit(f"benchmarks.memory: the worker (recompute={recompute}) failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -141,16 +144,16 @@ def on_this_cpu(args) -> dict:
     cm, source = cost_model(args)
     loads = tuple(TaskLoad("lora", 8, args.seq, n, ("q_proj", "v_proj")) for n in runs[False]["params"].values())
     mb = MicroBatch(loads, args.seq)
-    rows, errors, rss_errors = [], [], []
+    rows, errors, tensor_errors = [], [], []
     for on, run in runs.items():
         predicted = memory_knobs.peak_bytes(cm, [mb], on)
         seconds = memory_knobs.step_seconds(cm, [mb], on) if cm.profile is not None else None
-        errors.append(abs(predicted - run["tensor_peak_bytes"]) / run["tensor_peak_bytes"])
-        rss_errors.append(abs(predicted - run["peak_bytes"]) / run["peak_bytes"])
-        rows.append({"recompute": on, "peak_mib": run["peak_bytes"] / 2**20,
+        errors.append(abs(predicted - run["peak_bytes"]) / run["peak_bytes"])
+        tensor_errors.append(abs(predicted - run["tensor_peak_bytes"]) / run["tensor_peak_bytes"])
+        rows.append({"recompute": on, "malloc": run["malloc"], "peak_mib": run["peak_bytes"] / 2**20,
                      "tensor_peak_mib": run["tensor_peak_bytes"] / 2**20, "predicted_peak_mib": predicted / 2**20,
                      "step_s": run["step_seconds"], "predicted_step_s": seconds})
-        print(f"recompute={on!s:5}: peak RSS {run['peak_bytes'] / 2**20:8.0f} MiB, tensors "
+        print(f"recompute={on!s:5}: peak RSS {run['peak_bytes'] / 2**20:8.0f} MiB ({run['malloc']} malloc), tensors "
               f"{run['tensor_peak_bytes'] / 2**20:8.0f} MiB (predicted {predicted / 2**20:8.0f}),"
               f" step {run['step_seconds']:6.2f} s" + (f" (predicted {seconds:6.2f} s)" if seconds else ""), flush=True)
     plain, redo = rows
@@ -161,7 +164,7 @@ def on_this_cpu(args) -> dict:
             "predicted_recompute_time_ratio": (redo["predicted_step_s"] / plain["predicted_step_s"]
                                                if plain["predicted_step_s"] else None),
             "tensor_recompute_memory_ratio": plain["tensor_peak_mib"] / redo["tensor_peak_mib"],
-            "memory_prediction_error": max(errors), "rss_prediction_error": max(rss_errors)}
+            "memory_prediction_error": max(errors), "tensor_prediction_error": max(tensor_errors)}
 
 
 def llama3_8b_shape():
@@ -240,7 +243,7 @@ def main(argv=None) -> dict:
     if not args.skip_cpu:
         out["cpu"] = on_this_cpu(args)
         out.update({k: out["cpu"][k] for k in ("recompute_memory_ratio", "recompute_time_ratio",
-                                               "memory_prediction_error")})
+                                               "memory_prediction_error", "tensor_prediction_error")})
     if not args.skip_cluster:
         out["cluster"] = on_a_cluster(args.time_limit)
         out.update({k: out["cluster"][k] for k in ("baselines_fit", "plan_vs_best_baseline")})

@@ -11,9 +11,13 @@ import contextlib
 import sys
 from pathlib import Path
 
+from muxtune import allocator
 from muxtune.errors import MuxTuneError
 
 DEFAULT_CONFIG = Path("examples/quickstart.yaml")
+# commands that load a backbone: started again on tcmalloc where installed, so that their memory is what the
+# CostModel and admission price (muxtune/allocator.py); their children (profiles, processes) inherit it
+MEASURES_OR_TRAINS = ("run", "profile", "plan", "simulate")
 
 
 def _guard(fn, args) -> int:
@@ -244,7 +248,10 @@ def plan_and_run_main(argv: list[str] | None = None) -> int:
     _add_run_args(parser, optional_config=True)
     _add_predict_args(parser, dry_run_only=False)
     parser.add_argument("--dry-run", action="store_true", help="plan + simulate + report only: no training")
-    return _guard(cmd_plan_and_run, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if argv is None:  # a command line, not a call: train on tcmalloc where installed (muxtune/allocator.py)
+        allocator.reexec()
+    return _guard(cmd_plan_and_run, args)
 
 
 def cmd_serve(args) -> int:
@@ -386,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
                 "muxtune report runs/quickstart")
     p.add_argument("run_dir", help="a run folder (runs/<name>/) with plan.json")
     args = parser.parse_args(argv)
+    if argv is None and args.command in MEASURES_OR_TRAINS:
+        allocator.reexec()
     return _guard(args.fn, args)
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from muxtune import allocator
 from muxtune.errors import MuxTuneError
 from muxtune.run import collect_metrics, prepare, write_run
 from muxtune.spec import Plan, RunConfig
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
     args = parser.parse_args(argv)
+    if argv is None:  # under torchrun: train on tcmalloc where installed (muxtune/allocator.py)
+        allocator.reexec()
     try:
         config, plan = load_config(args.config), Plan.load(args.plan)
         plan.check_against(config, args.plan)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from muxtune import allocator
 from muxtune.errors import MuxTuneError
 from muxtune.spec import DTYPE_BYTES, Plan, RunConfig, method_card, staged_directory, write_text_atomic
 
@@ -165,6 +166,7 @@ def collect_metrics(config: RunConfig, trainer, stats: dict, wall: float) -> dic
         "model": config.model,
         "devices": config.devices,
         "alignment": trainer.alignment.model_dump(),
+        "malloc": allocator.in_use(),  # tcmalloc: peak memory is the tensors' (muxtune/allocator.py)
         "steps": len(trainer.step_times),
         "wall_time_s": wall,
         "train_time_s": sum(trainer.step_times),

@@ -12,6 +12,8 @@ import pytest
 import yaml
 from reference import write_jsonl
 
+from muxtune import allocator
+
 BIN = Path(sys.executable).parent
 
 
@@ -63,6 +65,8 @@ def test_plan_and_run_writes_the_run_folder(tmp_path):
     assert metrics["tasks"]["a"]["steps"] == 3 and len(metrics["tasks"]["a"]["loss"]) == 3
     assert metrics["tasks"]["b"]["steps"] == 2 and metrics["tasks"]["b"]["status"] == "finished"
     assert metrics["tokens_per_s"] > 0 and all(t["tokens_per_s"] > 0 for t in metrics["tasks"].values())
+    # the command line started itself again on tcmalloc, where installed (muxtune/allocator.py)
+    assert metrics["malloc"] == ("tcmalloc" if allocator.library() else "system")
     for name in ("a", "b"):
         assert (run / "adapters" / name / "adapter_config.json").is_file()
         assert (run / "adapters" / name / "adapter_model.safetensors").is_file()

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 
+from muxtune import allocator
 from muxtune.service.store import ACTIVE, Store, now
 
 MAX_BACKOFF_S = 60.0
@@ -133,7 +134,8 @@ class Supervisor:
         folder = self.store.backbone_dir(model)
         folder.mkdir(parents=True, exist_ok=True)
         log = open(folder / "worker.log", "ab")  # noqa: SIM115 - the child owns it from here
-        env = {**os.environ, "MUXTUNE_CACHE": str(self.store.root / "cache")}
+        # the worker trains on tcmalloc where installed: its memory is what admission prices (muxtune/allocator.py)
+        env = allocator.environment({**os.environ, "MUXTUNE_CACHE": str(self.store.root / "cache")})
         proc = subprocess.Popen(self.command(model), env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
         time.sleep(0)  # let it start; its pid is in backbones/<model>/worker.pid once it holds the lock

@@ -42,3 +42,21 @@ def test_the_system_malloc_can_be_chosen_and_a_wrong_choice_is_named(monkeypatch
     monkeypatch.setenv(allocator.CHOICE, "jemalloc")
     with pytest.raises(SystemExit, match="MUXTUNE_MALLOC='jemalloc': expected tcmalloc or system"):
         allocator.environment(plain)
+
+
+def test_a_command_line_starts_itself_again_on_tcmalloc_once(monkeypatch):
+    monkeypatch.delenv(allocator.CHOICE, raising=False)
+    plain = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MUXTUNE_MALLOC_REEXEC")}
+    code = ("import os; from muxtune import allocator; print('start', flush=True); allocator.reexec(); "
+            "print(allocator.in_use(), os.environ.get('MUXTUNE_MALLOC_REEXEC'))")
+    done = subprocess.run([sys.executable, "-P", "-c", code], env=plain, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    if allocator.library() is None:
+        assert done.stdout.split("\n")[:2] == ["start", "system None"]
+        return
+    # the same command line ran twice: once on glibc's malloc, then (exec) on tcmalloc, and stopped there
+    assert done.stdout.split("\n")[:3] == ["start", "start", "tcmalloc 1"]
+    # once only: where the preload did not take (here: marked as already tried), it goes on as it is
+    done = subprocess.run([sys.executable, "-P", "-c", code], env={**plain, "MUXTUNE_MALLOC_REEXEC": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.split("\n")[:2] == ["start", "system 1"]

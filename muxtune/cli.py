@@ -264,6 +264,7 @@ def cmd_serve(args) -> int:
     from muxtune.service.store import Store
     from muxtune.spec import write_text_atomic
 
+    allocator.library()  # a wrong MUXTUNE_MALLOC is named before the server starts, not in its supervisor
     config = load_service_config(args.config)
     store = Store(args.state).init()
     # the workers read the same settings from the state folder

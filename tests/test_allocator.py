@@ -12,6 +12,11 @@ from muxtune import allocator
 MALLOC_OF_CHILD = "from muxtune import allocator; print(allocator.in_use())"
 
 
+def plain_env() -> dict:
+    """This process's environment without a preload (and without the re-exec mark)."""
+    return {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MUXTUNE_MALLOC_REEXEC")}
+
+
 def child_malloc(env: dict) -> str:
     done = subprocess.run([sys.executable, "-P", "-c", MALLOC_OF_CHILD], env=env, capture_output=True, text=True,
                           timeout=120)
@@ -21,7 +26,7 @@ def child_malloc(env: dict) -> str:
 
 def test_a_child_started_with_the_environment_runs_on_tcmalloc_where_installed(monkeypatch):
     monkeypatch.delenv(allocator.CHOICE, raising=False)
-    plain = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    plain = plain_env()
     assert child_malloc(plain) == "system"  # a plain child: glibc's
     env = allocator.environment(plain)
     if allocator.library() is None:  # `make malloc` could not install it: everything stays on glibc's
@@ -37,7 +42,7 @@ def test_a_child_started_with_the_environment_runs_on_tcmalloc_where_installed(m
 
 def test_the_system_malloc_can_be_chosen_and_a_wrong_choice_is_named(monkeypatch):
     monkeypatch.setenv(allocator.CHOICE, "system")
-    plain = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    plain = plain_env()
     assert allocator.library() is None and allocator.environment(plain) == plain
     monkeypatch.setenv(allocator.CHOICE, "jemalloc")
     with pytest.raises(SystemExit, match="MUXTUNE_MALLOC='jemalloc': expected tcmalloc or system"):
@@ -46,7 +51,7 @@ def test_the_system_malloc_can_be_chosen_and_a_wrong_choice_is_named(monkeypatch
 
 def test_a_command_line_starts_itself_again_on_tcmalloc_once(monkeypatch):
     monkeypatch.delenv(allocator.CHOICE, raising=False)
-    plain = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MUXTUNE_MALLOC_REEXEC")}
+    plain = plain_env()
     code = ("import os; from muxtune import allocator; print('start', flush=True); allocator.reexec(); "
             "print(allocator.in_use(), os.environ.get('MUXTUNE_MALLOC_REEXEC'))")
     done = subprocess.run([sys.executable, "-P", "-c", code], env=plain, capture_output=True, text=True, timeout=120)

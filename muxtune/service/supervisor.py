@@ -36,6 +36,9 @@ class Supervisor:
         self.crashes: dict[str, int] = {}  # per model: crashes in a row without a completed step
         self.started: dict[str, float] = {}  # per model: when its current worker was started
         self.not_before: dict[str, float] = {}  # per model: no restart before this (back-off)
+        # the workers train on tcmalloc where installed: their memory is what admission prices (muxtune/allocator.py);
+        # made here, not in the supervising thread, where a wrong MUXTUNE_MALLOC (SystemExit) would end it silently
+        self.worker_env = allocator.environment({**os.environ, "MUXTUNE_CACHE": str(store.root / "cache")})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="muxtune-supervisor", daemon=True)
 
@@ -134,9 +137,7 @@ class Supervisor:
         folder = self.store.backbone_dir(model)
         folder.mkdir(parents=True, exist_ok=True)
         log = open(folder / "worker.log", "ab")  # noqa: SIM115 - the child owns it from here
-        # the worker trains on tcmalloc where installed: its memory is what admission prices (muxtune/allocator.py)
-        env = allocator.environment({**os.environ, "MUXTUNE_CACHE": str(self.store.root / "cache")})
-        proc = subprocess.Popen(self.command(model), env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(self.command(model), env=self.worker_env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
         time.sleep(0)  # let it start; its pid is in backbones/<model>/worker.pid once it holds the lock
         return proc

@@ -165,6 +165,8 @@ def run_trace(service: Service, trace, files: dict, clients: int, timeout: float
             at, before = (before + now) / 2, now
             for job in page.data:
                 entry = seen.setdefault(job.id, {})
+                if job.status in FINAL and "running" not in entry:  # it started and ended since the last poll
+                    entry["window"] = (2 * at - now, now)  # (the previous poll, this one)
                 if job.status in ("running",) + FINAL and "running" not in entry:
                     entry["running"] = at
                 if job.status in FINAL and "finish" not in entry:
@@ -191,6 +193,12 @@ def run_trace(service: Service, trace, files: dict, clients: int, timeout: float
     missing = [j.id for j in trace if "finish" not in seen.get(ids.get(j.id, ""), {})]
     if missing:
         raise RuntimeError(f"jobs {missing} did not end within {timeout:.0f} s (see {service.folder}/server.log)")
+    for j in trace:
+        entry = seen[ids[j.id]]
+        if "window" in entry:  # two ordered moments within one poll interval (after the arrival): at 1/3 and 2/3
+            start, end = entry.pop("window")
+            lo = min(max(start, j.arrival), end)
+            entry["running"], entry["finish"] = lo + (end - lo) / 3, lo + 2 * (end - lo) / 3
     return {j.id: dict(arrival=j.arrival, submitted=submitted[j.id], **seen[ids[j.id]]) for j in trace}
 
 

@@ -93,11 +93,11 @@ def _segment_matmul(IN, W, OUT, seg_start, seg_len, seg_rank, seg_woff, seg_alph
 def _segment_outer(P, Q, G, seg_start, seg_len, seg_rank, seg_goff, seg_alpha,
                    n_rows, n_cols, gsi, gsj, stride_p, stride_q,
                    ROWS_IS_RANK: tl.constexpr, COLS_IS_RANK: tl.constexpr, GSI_IS_RANK: tl.constexpr,
-                   SCALED: tl.constexpr, PRECISION: tl.constexpr,
+                   SCALED: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
                    BI: tl.constexpr, BJ: tl.constexpr, BT: tl.constexpr):
     """G_s[i, j] = alpha_s * sum_{t in segment s} P[t, i] * Q[t, j], i < n_rows, j < n_cols, written at
     G[goff_s + i * gsi + j * gsj] (the *_IS_RANK flags substitute the segment's rank as in
-    `_segment_matmul`). An empty segment writes zeros: its weights got no gradient."""
+    `_segment_matmul`); ACCUMULATE adds to what G holds there. An empty segment writes (adds) zeros."""
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     s = tl.program_id(2)
@@ -123,8 +123,11 @@ def _segment_outer(P, Q, G, seg_start, seg_len, seg_rank, seg_goff, seg_alpha,
         acc += tl.dot(tl.trans(p.to(tl.float32)), q.to(tl.float32), input_precision=PRECISION)
     if SCALED:
         acc = acc * tl.load(seg_alpha + s)
-    tl.store(G + goff + ri[:, None] * gsi + rj[None, :] * gsj, acc.to(G.dtype.element_ty),
-             mask=i_mask[:, None] & j_mask[None, :])
+    g_ptrs = G + goff + ri[:, None] * gsi + rj[None, :] * gsj
+    mask = i_mask[:, None] & j_mask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(g_ptrs, acc.to(G.dtype.element_ty), mask=mask)
 
 
 def _precision(device: torch.device) -> str:
@@ -194,7 +197,7 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _outer(p, q, g, goff, table: SegmentTable, rows, cols, gsi, gsj, scaled: bool):
+def _outer(p, q, g, goff, table: SegmentTable, rows, cols, gsi, gsj, scaled: bool, accumulate: bool = False):
     """One launch of `_segment_outer` over all segments."""
     (rows, rows_r), (cols, cols_r), (gsi, gsi_r) = (_geometry(v, table) for v in (rows, cols, gsi))
     if rows == 0 or cols == 0 or table.n == 0:
@@ -204,16 +207,22 @@ def _outer(p, q, g, goff, table: SegmentTable, rows, cols, gsi, gsj, scaled: boo
     _segment_outer[grid](p, q, g, table.start, table.length, table.rank, goff, table.scale,
                          rows, cols, gsi, int(gsj), p.stride(0), q.stride(0),
                          ROWS_IS_RANK=rows_r, COLS_IS_RANK=cols_r, GSI_IS_RANK=gsi_r, SCALED=scaled,
-                         PRECISION=_precision(p.device), BI=bi, BJ=bj, BT=32)
+                         ACCUMULATE=accumulate, PRECISION=_precision(p.device), BI=bi, BJ=bj, BT=32)
 
 
 class SegmentedLoRA(torch.autograd.Function):
     """out[rows of s] += scale_s * x_s A_s^T B_s^T for every segment s, in place on `out` (the base op's
     fresh output, which its own backward does not need). The modified tensor is the first input: autograd's
-    in-place-on-a-view machinery (CopySlices) routes the first gradient to it."""
+    in-place-on-a-view machinery (CopySlices) routes the first gradient to it.
+
+    `accumulate_into`: None, and the backward returns the weights' gradients as tensors shaped as
+    `a_flat`/`b_flat` (autograd delivers them); or a function `accumulate_into(write)` that calls
+    `write(grad)` with the flat buffer the offsets index, into which the backward then ADDS dA and dB
+    and returns none (the executor's flat parameter store, executor/flat_params.py: no per-task slices,
+    views or AccumulateGrad nodes)."""
 
     @staticmethod
-    def forward(ctx, out, x, a_flat, b_flat, table: SegmentTable):
+    def forward(ctx, out, x, a_flat, b_flat, table: SegmentTable, accumulate_into=None):
         k, n = x.shape[-1], out.shape[-1]
         x2, y = x.reshape(-1, k), out.view(-1, n)
         s = torch.empty(x2.shape[0], max(table.max_rank, 1), dtype=torch.float32, device=x.device)
@@ -222,7 +231,7 @@ class SegmentedLoRA(torch.autograd.Function):
         _matmul(s, b_flat, y, table.b_offset, table, RANK, n, 1, RANK, scaled=True, accumulate=True)
         ctx.mark_dirty(out)
         ctx.save_for_backward(x2, s, a_flat, b_flat)
-        ctx.table, ctx.x_shape = table, x.shape
+        ctx.table, ctx.x_shape, ctx.accumulate_into = table, x.shape, accumulate_into
         return out
 
     @staticmethod
@@ -236,11 +245,18 @@ class SegmentedLoRA(torch.autograd.Function):
         _matmul(dy, b_flat, ds, table.b_offset, table, n, RANK, RANK, 1, scaled=True, accumulate=False)
         dx = (torch.empty_like if table.covers_all else torch.zeros_like)(x2)
         _matmul(ds, a_flat, dx, table.a_offset, table, RANK, k, k, 1, scaled=False, accumulate=False)
+
         # dA_s = dS_s^T X_s into [r, k]; dB_s = c dY_s^T S_s into [n, r]
+        def write(da, db, accumulate):
+            _outer(ds, x2, da, table.a_offset, table, RANK, k, k, 1, scaled=False, accumulate=accumulate)
+            _outer(dy, s, db, table.b_offset, table, n, RANK, RANK, 1, scaled=True, accumulate=accumulate)
+
+        if ctx.accumulate_into is not None:
+            ctx.accumulate_into(lambda grad: write(grad, grad, True))
+            return grad_out, dx.view(ctx.x_shape), None, None, None, None
         da, db = torch.empty_like(a_flat), torch.empty_like(b_flat)
-        _outer(ds, x2, da, table.a_offset, table, RANK, k, k, 1, scaled=False)
-        _outer(dy, s, db, table.b_offset, table, n, RANK, RANK, 1, scaled=True)
-        return grad_out, dx.view(ctx.x_shape), da, db, None
+        write(da, db, False)
+        return grad_out, dx.view(ctx.x_shape), da, db, None, None
 
 
 def segmented_lora(x: torch.Tensor, out: torch.Tensor, a_weights: list[torch.Tensor], b_weights: list[torch.Tensor],

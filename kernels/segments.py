@@ -8,6 +8,7 @@ keeps a cache for the batch in flight), so no per-task launches or host loops ru
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -40,18 +41,20 @@ class SegmentTable:
 
 
 def build_segment_table(spans: list[tuple[int, int]], ranks: list[int], a_sizes: list[int], b_sizes: list[int],
-                        scales: list[float], tokens: int, device) -> SegmentTable:
+                        scales: list[float], tokens: int, device,
+                        offsets: tuple[list[int], list[int]] | None = None) -> SegmentTable:
     """spans: (first row, end row) of each segment, disjoint; a_sizes/b_sizes: elements of each segment's
-    weights in the flat buffers (in segment order)."""
+    weights, packed in segment order in the flat buffers; or `offsets`: where each segment's weights
+    begin in them (a store that holds more than this batch's tasks, executor/flat_params.py)."""
     n = len(spans)
+    if offsets is None:
+        offsets = list(itertools.accumulate([0, *a_sizes[:-1]])), list(itertools.accumulate([0, *b_sizes[:-1]]))
     # built in host lists, then one tensor each: per-segment tensor writes would cost ops per task
-    columns, a_off, b_off = [], 0, 0
-    for i, ((lo, hi), r, a, b) in enumerate(zip(spans, ranks, a_sizes, b_sizes)):
+    columns = []
+    for i, ((lo, hi), r, a_off, b_off) in enumerate(zip(spans, ranks, *offsets)):
         if not 0 <= lo <= hi <= tokens:
             raise ValueError(f"segment {i} rows [{lo}, {hi}) outside the {tokens} rows of the batch")
         columns.append((lo, hi - lo, r, a_off, b_off))
-        a_off += a
-        b_off += b
     owner = [-1] * tokens
     for i, (lo, hi) in enumerate(spans):
         owner[lo:hi] = [i] * (hi - lo)

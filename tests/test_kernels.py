@@ -244,3 +244,87 @@ def test_executor_trains_the_same_with_the_triton_path(tmp_path, monkeypatch):
     for spec in specs:
         assert_same_training(triton_run.runs[spec.name].losses, torch_run.runs[spec.name].losses,
                              triton_state[spec.name], torch_state[spec.name], init[spec.name])
+
+
+@needs_triton
+def test_flat_store_gradients_over_micro_batches_joins_and_copies_out(tmp_path, monkeypatch):
+    """On the Triton path an op's LoRA weights live in one flat store (executor/flat_params.py) whose
+    gradient buffer the kernel accumulates into. Gradients over two micro-batches holding different tasks
+    (one task first seen in the second) equal the torch path's, tasks without rows keep None; after
+    zero_grad the next step starts from zero, also for a task whose gradient alone was cleared while
+    another's was kept; a task joining rebuilds the store keeping every weight; a task's export and
+    checkpoint write its weights (views of the store) as they are."""
+    from muxtune.executor import checkpoint
+    from muxtune.executor.export import export_adapter
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("MUXTUNE_KERNEL_PRECISION", "ieee")  # on a GPU: fp32 products like torch's, not TF32
+    shared = ["q_proj", "v_proj", "down_proj"]  # every op's store holds all three tasks
+    specs = [TaskSpec.model_validate({**spec.model_dump(), "peft": {**spec.peft.model_dump(), "target_modules": shared}})
+             for spec in three_tasks(tmp_path, TARGETS["builtin:tiny-llama"], steps=2)]
+    # each step's micro-batches, and whose gradients are cleared after it (the trainer clears all)
+    steps = [([["short", "medium"], ["medium", "long"]], ["short", "long"]),
+             ([["short", "long"]], ["short", "medium", "long"]), ([["long"]], ["short", "medium", "long"]),
+             ([["short", "medium"], ["medium", "long"]], ["short", "medium", "long"])]
+    mixed = 3  # the triton trainer runs this step's first micro-batch on the torch path: the store then
+    # meets gradients that autograd set (not its views) and adds its result to them
+
+    def backward(trainer, names):
+        batch = fuse({name: trainer.runs[name].sampler.next_batch() for name in names},
+                     trainer.backbone.tokenizer.pad_token_id, trainer.device)
+        torch.stack(list(trainer.task_losses(batch, training=True).values())).sum().backward()
+
+    grads, trainers = {}, {}
+    for kernels in ("torch", "triton"):
+        trainer, _ = make_trainer("builtin:tiny-llama", specs, device=DEVICE)
+        trainer.mux.kernels = kernels
+        randomize_b(trainer)
+        params = {f"{name}/{key}": p for name, run in trainer.runs.items() for key, p in run.adapter.named_parameters()}
+        grads[kernels] = []
+        for step, (micro_batches, cleared) in enumerate(steps):
+            for i, names in enumerate(micro_batches):
+                trainer.mux.kernels = "torch" if step == mixed and i == 0 else kernels
+                backward(trainer, names)
+            grads[kernels].append({key: None if p.grad is None else p.grad.clone() for key, p in params.items()})
+            if kernels == "triton" and step != mixed:  # the weights and their gradients are views of their op's store
+                for run in trainer.runs.values():
+                    for path, layer in run.adapter.items():
+                        store = trainer.mux.op(path).shared["lora"]
+                        w = layer.lora_A.weight
+                        assert w.untyped_storage().data_ptr() == store.data.untyped_storage().data_ptr()
+                        if w.grad is not None:
+                            assert w.grad.untyped_storage().data_ptr() == store.grad.untyped_storage().data_ptr()
+            for key, p in params.items():
+                if key.split("/")[0] in cleared:
+                    p.grad = None  # what the trainer's optimizer step ends with
+        trainers[kernels] = trainer
+    for step, (ref, got) in enumerate(zip(grads["torch"], grads["triton"])):
+        assert {k for k, g in ref.items() if g is None} == {k for k, g in got.items() if g is None}
+        assert sum(g is not None for g in got.values()) >= 4
+        for key, g in ref.items():
+            if g is not None:
+                assert g.abs().max() > 0, key
+                assert rel_error(got[key], g) < 1e-5, (step, key)
+
+    trainer = trainers["triton"]
+    before = {name: {k: v.clone() for k, v in run.adapter.state_dict().items()} for name, run in trainer.runs.items()}
+    late = TaskSpec.model_validate({**specs[0].model_dump(), "name": "late", "seed": 99})
+    trainer.mux.add_task("late", late.peft, late.seed, late.max_seq_len)
+    trainer.mux.adapters["late"].layers.requires_grad_(True)
+    batch = fuse({"short": trainer.runs["short"].sampler.next_batch(),
+                  "late": trainer.runs["short"].sampler.next_batch()}, trainer.backbone.tokenizer.pad_token_id,
+                 trainer.device)
+    trainer.task_losses(batch, training=True)
+    for path, layer in trainer.runs["short"].adapter.items():
+        store = trainer.mux.op(path).shared["lora"]
+        assert trainer.mux.adapters["late"].layers[path.replace(".", "__")] in store.layers
+        assert layer.lora_B.weight.untyped_storage().data_ptr() == store.data.untyped_storage().data_ptr()
+    for name, run in trainer.runs.items():
+        for key, value in run.adapter.state_dict().items():
+            assert torch.equal(value, before[name][key]), (name, key)
+
+    run = trainer.runs["medium"]
+    out = export_adapter(run.adapter, trainer.backbone.model, "builtin:tiny-llama", tmp_path / "export")
+    exported = load_file(str(out / "adapter_model.safetensors"))
+    assert exported and all(torch.equal(exported[k], v.cpu()) for k, v in run.adapter.export_state().items())
+    assert checkpoint.save(trainer, tmp_path / "run", "builtin:tiny-llama") is not None

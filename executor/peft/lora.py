@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from muxtune.executor.backbone import op_features
+from muxtune.executor.flat_params import flat_parameters
 from muxtune.methods.lora import CARD, METHOD, SHAPE, Config  # noqa: F401  (its torch-free half)
 
 
@@ -37,9 +38,11 @@ class LoraLayer(nn.Module):
 
     @staticmethod
     def grouped_aggregate(items, flat_x: torch.Tensor, flat_out: torch.Tensor, mux) -> torch.Tensor:
-        """All LoRA segments of one op in one Triton launch per GEMM (muxtune.kernels.lora).
-        items: (layer, first row, end row, dropout mask or None) per segment; updates flat_out in place."""
-        from muxtune.kernels.lora import segmented_lora
+        """All LoRA segments of one op in one Triton launch per GEMM (muxtune.kernels.lora), over the op's
+        flat store of every LoRA task's A and B (executor/flat_params.py: the host work per call does not
+        grow with the tenants). items: (layer, first row, end row, dropout mask or None) per segment;
+        updates flat_out in place."""
+        from muxtune.kernels.lora import SegmentedLoRA
         from muxtune.kernels.segments import build_segment_table
 
         x = flat_x
@@ -49,15 +52,21 @@ class LoraLayer(nn.Module):
                 pieces += [flat_x[cursor:lo], flat_x[lo:hi] if mask is None else flat_x[lo:hi] * mask]
                 cursor = hi
             x = torch.cat(pieces + [flat_x[cursor:]])
+        op = mux.op(items[0][0].path)
+        store = flat_parameters(op, METHOD, [layer for layer in op.adapters.values()
+                                             if getattr(layer, "grouped_aggregate", None) is LoraLayer.grouped_aggregate],
+                                ("lora_A.weight", "lora_B.weight"))
+        layers = [layer for layer, *_ in items]
         k, n = flat_x.shape[-1], flat_out.shape[-1]
         spans = tuple((lo, hi) for _, lo, hi, _ in items)
-        ranks = tuple(layer.lora_A.weight.shape[0] for layer, *_ in items)
-        scales = tuple(layer.scaling for layer, *_ in items)
-        table = mux.segment_table(("lora", spans, ranks, scales, k, n), lambda: build_segment_table(
-            list(spans), list(ranks), [r * k for r in ranks], [n * r for r in ranks], list(scales),
-            flat_x.shape[0], flat_x.device))
-        return segmented_lora(x, flat_out, [layer.lora_A.weight for layer, *_ in items],
-                              [layer.lora_B.weight for layer, *_ in items], table)
+        ranks = tuple(layer.lora_A.weight.shape[0] for layer in layers)
+        scales = tuple(layer.scaling for layer in layers)
+        offsets = tuple(store.offsets[id(layer)] for layer in layers)
+        table = mux.segment_table(("lora", spans, ranks, scales, offsets, k, n), lambda: build_segment_table(
+            list(spans), list(ranks), [], [], list(scales), flat_x.shape[0], flat_x.device,
+            offsets=([a for a, _ in offsets], [b for _, b in offsets])))
+        return SegmentedLoRA.apply(flat_out, x, store.data, store.data, table,
+                                   lambda write: store.accumulate(layers, write))
 
     @staticmethod
     def looped_aggregate(items, flat_x: torch.Tensor, flat_out: torch.Tensor, mux) -> torch.Tensor:
@@ -80,7 +89,9 @@ class LoraLayer(nn.Module):
 
 
 def build_layer(config: Config, base_op: nn.Module, path: str, generator: torch.Generator) -> LoraLayer:
-    return LoraLayer(config, *op_features(base_op), generator)
+    layer = LoraLayer(config, *op_features(base_op), generator)
+    layer.path = path  # the grouped path finds the op's flat store through it
+    return layer
 
 
 def hf_config(config: Config, base_model_name: str, fan_in_fan_out: bool):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from muxtune import allocator
 from muxtune.executor.backbone import load_backbone
 from muxtune.executor.data import DataOptions, load_examples
 from muxtune.executor.trainer import MultiplexedTrainer
@@ -135,4 +136,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    allocator.reexec()  # train on the malloc the product trains on (muxtune/allocator.py)
     main()

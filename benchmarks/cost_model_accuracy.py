@@ -34,6 +34,7 @@ import sys
 
 import numpy as np
 import torch
+from muxtune import allocator
 from muxtune.executor.backbone import load_backbone
 from muxtune.executor.data import Example
 from muxtune.executor.trainer import MultiplexedTrainer
@@ -214,4 +215,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    allocator.reexec()  # train on the malloc the product trains on (muxtune/allocator.py)
     main()

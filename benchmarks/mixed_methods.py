@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from muxtune import allocator
 from muxtune.executor.backbone import load_backbone
 from muxtune.executor.data import Example
 from muxtune.executor.trainer import MultiplexedTrainer
@@ -103,4 +104,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    allocator.reexec()  # train on the malloc the product trains on (muxtune/allocator.py)
     main()

@@ -24,6 +24,8 @@ sequences. At every sweep point each task's micro-batch holds exactly `tokens_pe
   single_adapter_limit  MultiplexedTrainer with ONE task (rank 8) and N times the rows: the same
                         tokens per step as `muxtune`, the best a fused step could do
 
+Every process runs on the malloc MuxTune's own training processes run on (tcmalloc where installed: the
+command starts itself again on it, muxtune/allocator.py; `malloc` in the JSON names it).
 Each configuration is its own process (benchmarks/_peft_worker.py), started afresh for every sweep
 point and stopped after it: nothing a process did at an earlier point (its allocator's free lists,
 a fragmented heap) carries over, and `peak RSS` is that point's own ru_maxrss. Memory of the separate
@@ -72,6 +74,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from muxtune import allocator
 from muxtune.benchmarks import _peft_worker  # by its installed name: forkserver children import it without the checkout root
 
 CONFIGS = ["separate_seq", "separate_concurrent", "switch", "muxtune", "planned", "single_adapter_limit"]
@@ -370,6 +373,7 @@ def summarize(args, shapes: list[Shape], points: list[dict], choices: list[dict]
     met = {k: (figures[k] >= TARGETS[k] if applies[k] else None) for k in TARGETS}
     return {"model": args.model, "profile": args.profile, "device": args.device, "dtype": args.dtype, "tasks": args.tasks, "steps": args.steps, "min_seconds": args.min_seconds,
             "ranks": ranks_for(args.tasks),
+            "malloc": allocator.in_use(),  # every worker's too: the forkserver is this process's child
             "threads": args.threads, "concurrent_threads": args.concurrent_threads, "sweep": sweep,
             **figures, "targets": TARGETS, "targets_met": met, **robust,
             "elapsed_s": round(time.perf_counter() - START_TIME, 1)}
@@ -448,4 +452,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    allocator.reexec()  # train on the malloc the product trains on (muxtune/allocator.py)
     main()

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from muxtune import allocator
+
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
 
 
@@ -273,4 +275,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    allocator.reexec()  # train on the malloc the product trains on (muxtune/allocator.py)
     main()

@@ -65,7 +65,8 @@ def multi_tensor_adamw(optimizers: list[torch.optim.Optimizer],
     for opt, p, group in entries:
         _init_state(opt, p, group)
     if grad_scales:
-        scaled = [(p.grad, grad_scales[opt]) for opt, p, _ in entries if opt in grad_scales]
+        # a factor of exactly 1 (the norm within its limit) changes no bit: x * 1.0 == x
+        scaled = [(p.grad, grad_scales[opt]) for opt, p, _ in entries if grad_scales.get(opt, 1.0) != 1.0]
         if scaled:
             torch._foreach_mul_(*(list(c) for c in zip(*scaled)))
     torch._foreach_add_([opt.state[p]["step"] for opt, p, _ in entries], 1)

@@ -328,3 +328,62 @@ def test_flat_store_gradients_over_micro_batches_joins_and_copies_out(tmp_path, 
     exported = load_file(str(out / "adapter_model.safetensors"))
     assert exported and all(torch.equal(exported[k], v.cpu()) for k, v in run.adapter.export_state().items())
     assert checkpoint.save(trainer, tmp_path / "run", "builtin:tiny-llama") is not None
+
+
+@needs_triton
+@pytest.mark.parametrize("model_name, targets, dropout", [("builtin:tiny-llama", ["q_proj", "v_proj", "down_proj"], 0.1),
+                                                          ("builtin:tiny-gpt2", ["c_attn", "c_proj"], 0.0)])
+def test_grouped_dora_matches_the_per_task_path_with_launches_flat_in_tenants(tmp_path, monkeypatch, model_name,
+                                                                              targets, dropout):
+    """DoRA's grouped (Triton) path: the losses and every gradient (A, B and the magnitudes) of DoRA tenants
+    of different ranks beside a LoRA tenant equal the per-task torch path's (under dropout on LLaMA; with
+    Conv1D ops and biases on GPT-2); and, without dropout, the work one fused forward/backward dispatches
+    (kernel launches and ATen ops that are not views) is the same for 2 and 5 DoRA tenants."""
+    from muxtune.benchmarks.host_overhead import OpCounter
+
+    monkeypatch.setenv("MUXTUNE_KERNEL_PRECISION", "ieee")  # on a GPU: fp32 products like torch's, not TF32
+    base = three_tasks(tmp_path, TARGETS[model_name], steps=2)[0]
+
+    def specs(tenants, dropout=dropout):
+        return [TaskSpec.model_validate({**base.model_dump(), "name": f"d{i}", "seed": 30 + i, "peft": {
+            "method": "dora" if i else "lora", "r": (4, 8, 16)[i % 3], "alpha": 16, "dropout": dropout,
+            "target_modules": targets}}) for i in range(tenants + 1)]
+
+    def step(trainer):
+        batch = fuse({name: run.sampler.next_batch() for name, run in trainer.runs.items()},
+                     trainer.backbone.tokenizer.pad_token_id, trainer.device)
+        losses = trainer.task_losses(batch, training=True)
+        torch.stack(list(losses.values())).sum().backward()
+        return {name: loss.detach() for name, loss in losses.items()}
+
+    results = {}
+    for kernels in ("torch", "triton"):
+        trainer, _ = make_trainer(model_name, specs(5), device=DEVICE)
+        trainer.mux.kernels = kernels
+        randomize_b(trainer)
+        losses = step(trainer)
+        grads = {f"{name}/{key}": p.grad.clone() for name, run in trainer.runs.items()
+                 for key, p in run.adapter.named_parameters()}
+        results[kernels] = losses, grads
+    (ref_losses, ref_grads), (losses, grads) = results["torch"], results["triton"]
+    assert any("magnitude" in key for key in grads) and ref_grads.keys() == grads.keys()
+    for name, loss in ref_losses.items():
+        assert rel_error(losses[name], loss) < 1e-5, name
+    for key, ref in ref_grads.items():
+        assert ref.abs().max() > 0, key
+        assert rel_error(grads[key], ref) < 1e-5, key
+
+    work = []  # without dropout: each task draws its own masks from its own generator, work per task
+    for tenants in (2, 5):
+        trainer, _ = make_trainer(model_name, specs(tenants, dropout=0.0), device=DEVICE)
+        trainer.mux.kernels = "triton"
+        step(trainer)  # stores built, tables cached
+        for run in trainer.runs.values():
+            run.adapter.zero_grad(set_to_none=True)
+        batch = fuse({name: run.sampler.next_batch() for name, run in trainer.runs.items()},
+                     trainer.backbone.tokenizer.pad_token_id, trainer.device)  # the harness's batch: not counted
+        counter = OpCounter()
+        with counter.counting():  # the summed losses, as the trainer's step backpropagates them
+            torch.stack(list(trainer.loss_sums(batch, training=True).values())).sum().backward()
+        work.append(sum(counter.launches.values()) + sum(counter.ops.values()) - sum(counter.views.values()))
+    assert work[0] == work[1], work

@@ -57,9 +57,45 @@ class DoraLayer(lora.LoraLayer):
             weight_norm = self.weight_norm(weight, lora_weight)
         self.lora_magnitude_vector = Magnitude(weight_norm)
 
-    # LoRA's grouped paths compute a plain low-rank update; DoRA's rescaling needs its own (per-task) path
-    grouped_aggregate = None
+    # LoRA's looped CPU path computes a plain low-rank update; DoRA's per-task path stays the CPU's (it is
+    # HF PEFT's term for term, bit-identical); its grouped (Triton) path is below
     looped_aggregate = None
+
+    @staticmethod
+    def grouped_aggregate(items, flat_x: torch.Tensor, flat_out: torch.Tensor, mux) -> torch.Tensor:
+        """All DoRA segments of one op with a launch count independent of the number of tenants: the
+        low-rank updates s B A x by LoRA's grouped kernel over the op's flat store of DoRA tasks' A and
+        B, every task's row norms ||W + s B A|| batched from that store without an [n, k] matrix per task
+        (||W_i||^2 + 2s B_i (A W_i) + s^2 B_i (A A^T) B_i^T, the tasks' A and B padded to the largest
+        rank by one gather each), the magnitudes stacked, and each row's k = m / norm picked by its
+        segment:  y = out + (k - 1) W x + k s B A x  (W x = out - bias, or W x_dropped under dropout).
+        The function of `aggregate`; rounding differs (the expanded norm), as the kernel's does.
+        Returns a new [tokens, n] output; rows of other tasks keep their values exactly (k = 1 there)."""
+        layers = [layer for layer, *_ in items]
+        out = flat_out.float()
+        delta, x, store, table = lora.grouped_update(items, flat_x, torch.zeros_like(out), mux, METHOD,
+                                                     DoraLayer.grouped_aggregate)
+        weight = layers[0].op_weight(torch.float32)  # [n, k]: one op, all tasks
+        (n, k), tasks = weight.shape, len(layers)
+        ranks = tuple(layer.lora_A.weight.shape[0] for layer in layers)
+        offsets = tuple(store.offsets[id(layer)] for layer in layers)
+        a_index, b_index = mux.segment_table(("dora padding", offsets, ranks, k, n), lambda: _padding_index(
+            offsets, ranks, k, n, store.data.numel(), weight.device))
+        flat = torch.cat([store.data.detach(), store.data.new_zeros(1)])  # the last element: padding's zero
+        a, b = flat[a_index], flat[b_index]  # [T, r_max, k], [T, n, r_max]
+        scale = table.scale.view(tasks, 1)
+        cross = (b * (a.reshape(-1, k) @ weight.T).view(tasks, -1, n).transpose(1, 2)).sum(-1)  # B_i . (A W_i)
+        quad = ((b @ (a @ a.transpose(1, 2))) * b).sum(-1)  # B_i (A A^T) B_i^T
+        norm = ((weight * weight).sum(1) + 2 * scale * cross + scale * scale * quad).clamp_min(0).sqrt()
+        factor = torch.stack([layer.lora_magnitude_vector.weight for layer in layers]) / norm  # [T, n]
+        # row factors: one leading row of ones for the rows of no DoRA segment (token_segment -1)
+        rows = torch.cat([factor.new_ones(1, n), factor])[table.token_segment.long() + 1]
+        if x is flat_x:  # no dropout: W x is the shared output without its bias
+            bias = getattr(layers[0].base_op, "bias", None)
+            base = out if bias is None else out - bias.float()
+        else:
+            base = F.linear(x.float(), weight)
+        return (out + ((rows - 1) * base + rows * delta)).to(flat_out.dtype)
 
     def op_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The frozen op's weight as [out, in] (a view for Conv1D, as peft's `transpose`)."""
@@ -113,8 +149,25 @@ class DoraLayer(lora.LoraLayer):
             self.lora_magnitude_vector.weight.copy_(state[f"{prefix}.lora_magnitude_vector"])
 
 
+def _padding_index(offsets: tuple, ranks: tuple, k: int, n: int, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices into a DoRA store (with a zero appended at `pad`) that gather every segment's A [r, k] and
+    B [n, r] padded to the largest rank: [T, r_max, k] and [T, n, r_max]. Built by a few device ops over
+    all segments at once (once per micro-batch and op shape, cached by the Multiplexer)."""
+    r_max = max(ranks)
+    rank = torch.tensor(ranks, device=device).view(-1, 1, 1)
+    a_off = torch.tensor([a for a, _ in offsets], device=device).view(-1, 1, 1)
+    b_off = torch.tensor([b for _, b in offsets], device=device).view(-1, 1, 1)
+    i = torch.arange(r_max, device=device).view(1, -1, 1)  # A's row
+    a_index = torch.where(i < rank, a_off + i * k + torch.arange(k, device=device).view(1, 1, -1), pad)
+    j = torch.arange(r_max, device=device).view(1, 1, -1)  # B's column
+    b_index = torch.where(j < rank, b_off + torch.arange(n, device=device).view(1, -1, 1) * rank + j, pad)
+    return a_index, b_index
+
+
 def build_layer(config: Config, base_op: nn.Module, path: str, generator: torch.Generator) -> DoraLayer:
-    return DoraLayer(config, base_op, generator)
+    layer = DoraLayer(config, base_op, generator)
+    layer.path = path  # the grouped path finds the op's flat store through it
+    return layer
 
 
 def hf_config(config: Config, base_model_name: str, fan_in_fan_out: bool):

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from muxtune.executor.backbone import op_features
-from muxtune.executor.flat_params import flat_parameters
+from muxtune.executor.flat_params import FlatParameters, flat_parameters
+from muxtune.kernels.segments import SegmentTable, build_segment_table
 from muxtune.methods.lora import CARD, METHOD, SHAPE, Config  # noqa: F401  (its torch-free half)
 
 
@@ -38,35 +39,9 @@ class LoraLayer(nn.Module):
 
     @staticmethod
     def grouped_aggregate(items, flat_x: torch.Tensor, flat_out: torch.Tensor, mux) -> torch.Tensor:
-        """All LoRA segments of one op in one Triton launch per GEMM (muxtune.kernels.lora), over the op's
-        flat store of every LoRA task's A and B (executor/flat_params.py: the host work per call does not
-        grow with the tenants). items: (layer, first row, end row, dropout mask or None) per segment;
-        updates flat_out in place."""
-        from muxtune.kernels.lora import SegmentedLoRA
-        from muxtune.kernels.segments import build_segment_table
-
-        x = flat_x
-        if any(mask is not None for *_, mask in items):
-            pieces, cursor = [], 0
-            for _, lo, hi, mask in items:
-                pieces += [flat_x[cursor:lo], flat_x[lo:hi] if mask is None else flat_x[lo:hi] * mask]
-                cursor = hi
-            x = torch.cat(pieces + [flat_x[cursor:]])
-        op = mux.op(items[0][0].path)
-        store = flat_parameters(op, METHOD, [layer for layer in op.adapters.values()
-                                             if getattr(layer, "grouped_aggregate", None) is LoraLayer.grouped_aggregate],
-                                ("lora_A.weight", "lora_B.weight"))
-        layers = [layer for layer, *_ in items]
-        k, n = flat_x.shape[-1], flat_out.shape[-1]
-        spans = tuple((lo, hi) for _, lo, hi, _ in items)
-        ranks = tuple(layer.lora_A.weight.shape[0] for layer in layers)
-        scales = tuple(layer.scaling for layer in layers)
-        offsets = tuple(store.offsets[id(layer)] for layer in layers)
-        table = mux.segment_table(("lora", spans, ranks, scales, offsets, k, n), lambda: build_segment_table(
-            list(spans), list(ranks), [], [], list(scales), flat_x.shape[0], flat_x.device,
-            offsets=([a for a, _ in offsets], [b for _, b in offsets])))
-        return SegmentedLoRA.apply(flat_out, x, store.data, store.data, table,
-                                   lambda write: store.accumulate(layers, write))
+        """All LoRA segments of one op in one Triton launch per GEMM (muxtune.kernels.lora). items: (layer,
+        first row, end row, dropout mask or None) per segment; updates flat_out in place."""
+        return grouped_update(items, flat_x, flat_out, mux, METHOD, LoraLayer.grouped_aggregate)[0]
 
     @staticmethod
     def looped_aggregate(items, flat_x: torch.Tensor, flat_out: torch.Tensor, mux) -> torch.Tensor:
@@ -86,6 +61,39 @@ class LoraLayer(nn.Module):
         with torch.no_grad():
             self.lora_A.weight.copy_(state[f"{prefix}.lora_A.weight"])
             self.lora_B.weight.copy_(state[f"{prefix}.lora_B.weight"])
+
+
+def grouped_update(items, flat_x: torch.Tensor, out: torch.Tensor, mux, key: str, kind
+                   ) -> tuple[torch.Tensor, torch.Tensor, FlatParameters, SegmentTable]:
+    """`out` (flat [tokens, n]) with every segment's s B A x added to its rows, in place, by the grouped kernel,
+    over the op's flat store (`key`) of the A and B of every task whose layer's `grouped_aggregate` is
+    `kind` (executor/flat_params.py: the host work per call does not grow with the tenants).
+    Returns (out, the input the adapters read: dropped out where a task uses dropout, the store, the
+    segment table: each segment's rows, rank, scale and weight offsets in the store)."""
+    from muxtune.kernels.lora import SegmentedLoRA
+
+    x = flat_x
+    if any(mask is not None for *_, mask in items):
+        pieces, cursor = [], 0
+        for _, lo, hi, mask in items:
+            pieces += [flat_x[cursor:lo], flat_x[lo:hi] if mask is None else flat_x[lo:hi] * mask]
+            cursor = hi
+        x = torch.cat(pieces + [flat_x[cursor:]])
+    op = mux.op(items[0][0].path)
+    store = flat_parameters(op, key, [layer for layer in op.adapters.values()
+                                      if getattr(layer, "grouped_aggregate", None) is kind],
+                            ("lora_A.weight", "lora_B.weight"))
+    layers = [layer for layer, *_ in items]
+    k, n = flat_x.shape[-1], out.shape[-1]
+    spans = tuple((lo, hi) for _, lo, hi, _ in items)
+    ranks = tuple(layer.lora_A.weight.shape[0] for layer in layers)
+    scales = tuple(layer.scaling for layer in layers)
+    offsets = tuple(store.offsets[id(layer)] for layer in layers)
+    table = mux.segment_table((key, spans, ranks, scales, offsets, k, n), lambda: build_segment_table(
+        list(spans), list(ranks), [], [], list(scales), flat_x.shape[0], flat_x.device,
+        offsets=([a for a, _ in offsets], [b for _, b in offsets])))
+    out = SegmentedLoRA.apply(out, x, store.data, store.data, table, lambda write: store.accumulate(layers, write))
+    return out, x, store, table
 
 
 def build_layer(config: Config, base_op: nn.Module, path: str, generator: torch.Generator) -> LoraLayer:

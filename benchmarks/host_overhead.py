@@ -13,7 +13,7 @@ measured on the CPU as well as on the device. One step is counted (after an unti
                   MUXTUNE_KERNELS=triton, which on the CPU runs them under TRITON_INTERPRET=1)
 
 Two sweeps at a fixed total of tokens per step (`--tokens`, default 1024):
-  tenants    N = 1, 8, 32 LoRA tenants, one sequence each (total / N tokens)
+  tenants    N = 1, 8, 32 tenants (LoRA; `--method dora` or `ia3`), one sequence each (total / N tokens)
   sequences  8 tenants, 1, 4, 16 sequences each (total / 8 tokens per tenant, the lengths spread from
              1/4 to 7/4 of their mean: a realistic mix, not one length)
 
@@ -42,6 +42,14 @@ from pathlib import Path
 from muxtune import allocator
 
 TARGETS = {"ops_growth_tenants": 1.3, "ops_growth_sequences": 1.1}
+# a tenant's PEFT config by method, from its rank: the methods with a grouped kernel path
+PEFT = {
+    "lora": lambda r: {"method": "lora", "r": r, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+    "dora": lambda r: {"method": "dora", "r": r, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+    # output scaling on q/v, input scaling on down_proj (its feed-forward kind)
+    "ia3": lambda r: {"method": "ia3", "target_modules": ["q_proj", "v_proj", "down_proj"],
+                      "feedforward_modules": ["down_proj"]},
+}
 TENANTS = (1, 8, 32)
 SEQUENCES = (1, 4, 16)
 SEQUENCE_TENANTS = 8
@@ -55,6 +63,8 @@ def parse_args(argv):
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="backbone dtype")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per step, all tenants together (default 1024)")
+    parser.add_argument("--method", default="lora", choices=sorted(PEFT),
+                        help="the tenants' PEFT method (default lora; the targets are LoRA's)")
     parser.add_argument("--kernels", default="triton", choices=["triton", "torch", "auto"],
                         help="MUXTUNE_KERNELS for the counted step (default triton: the kernel path on)")
     parser.add_argument("--chunk-len", type=int, default=16, help="chunk length of the aligned layout (default 16)")
@@ -152,8 +162,7 @@ def build_trainer(args, tenants: int, sequences: int):
     backbone = load_backbone(args.model, device=args.device, dtype=dtype)
     specs = [TaskSpec(name=f"t{i}", data=Path("synthetic"), seed=i, lr=2e-4, steps=10**6, batch_size=sequences,
                       max_seq_len=max(seq, 8), max_grad_norm=1.0, weight_decay=0.0,
-                      peft={"method": "lora", "r": (8, 12, 16)[i % 3], "alpha": 16, "dropout": 0.0,
-                            "target_modules": ["q_proj", "v_proj"]})
+                      peft=PEFT[args.method]((8, 12, 16)[i % 3]))
              for i in range(tenants)]
     # each tenant's data holds BATCHES_PER_EPOCH batches, as a real training file holds many: the counted
     # step is not an epoch boundary (its reshuffle, one host op per tenant, belongs to epochs, not steps)
@@ -248,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     print(f"host_overhead: ops of one fused step, {args.model} on {args.device}, {args.tokens} tokens per step, "
-          f"kernels={args.kernels}", file=sys.stderr, flush=True)
+          f"{args.method} tenants, kernels={args.kernels}", file=sys.stderr, flush=True)
     tenants = [measure_point(args, n, 1) for n in TENANTS]
     sequences = [measure_point(args, SEQUENCE_TENANTS, s) for s in SEQUENCES]
     for p in tenants + sequences:
@@ -262,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     # with tenants among them is autograd's per-parameter bookkeeping: each adapter tensor's gradient)
     work = {"work_growth_tenants": round(tenants[-1]["device_work"] / tenants[0]["device_work"], 3),
             "work_growth_sequences": round(sequences[-1]["device_work"] / sequences[0]["device_work"], 3)}
-    result = {"model": args.model, "device": args.device, "dtype": args.dtype, "tokens": args.tokens,
+    result = {"model": args.model, "method": args.method, "device": args.device, "dtype": args.dtype, "tokens": args.tokens,
               "kernels": args.kernels, "chunk_len": args.chunk_len, "tenants_sweep": tenants,
               "sequences_sweep": sequences, **figures, **work, "targets": TARGETS,
               "targets_met": {k: figures[k] <= TARGETS[k] for k in TARGETS}}

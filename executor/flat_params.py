@@ -90,6 +90,24 @@ class FlatParameters:
                 p.grad.add_(view)
 
 
+class StoreRows(torch.autograd.Function):
+    """rows[t] = the store's `data[index[t]]` ([T, n] from a [T, n] index: e.g. each task's vector),
+    for autograd ops that use the weights themselves (DoRA's magnitudes); the backward adds the rows'
+    gradient into the store's flat gradient through `accumulate_into`, as the grouped kernels do (no
+    per-task stack, unbind or AccumulateGrad)."""
+
+    @staticmethod
+    def forward(ctx, data, index, accumulate_into):
+        ctx.index, ctx.accumulate_into = index, accumulate_into
+        return data.detach()[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        index = ctx.index.reshape(-1)
+        ctx.accumulate_into(lambda flat: flat.index_add_(0, index, grad.reshape(-1)))
+        return None, None, None
+
+
 def flat_parameters(op, key: str, layers: list[nn.Module], names: tuple[str, ...]) -> FlatParameters:
     """The op's store of `layers`' weights `names` (kept on the op under `key`), rebuilt when they changed."""
     store = op.shared.get(key)

@@ -38,8 +38,8 @@ def _segment_scale(X, L, Y, token_segment, seg_off, tokens, features, stride_x, 
 
 @triton.jit
 def _segment_colsum(P, Q, G, seg_start, seg_len, seg_off, features, stride_p, stride_q,
-                    BT: tl.constexpr, BN: tl.constexpr):
-    """G[off_s + j] = sum_{t in segment s} P[t, j] * Q[t, j]."""
+                    ACCUMULATE: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
+    """G[off_s + j] (+)= sum_{t in segment s} P[t, j] * Q[t, j] (added to G's value with ACCUMULATE)."""
     pid_n = tl.program_id(0)
     s = tl.program_id(1)
     start = tl.load(seg_start + s)
@@ -56,6 +56,8 @@ def _segment_colsum(P, Q, G, seg_start, seg_len, seg_off, features, stride_p, st
         p = tl.load(P + rows[:, None] * stride_p + rn[None, :], mask=mask, other=0.0).to(tl.float32)
         q = tl.load(Q + rows[:, None] * stride_q + rn[None, :], mask=mask, other=0.0).to(tl.float32)
         acc += tl.sum(p * q, axis=0)
+    if ACCUMULATE:
+        acc += tl.load(G + off + rn, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(G + off + rn, acc.to(G.dtype.element_ty), mask=n_mask)
 
 
@@ -72,11 +74,15 @@ def _scale(x2: torch.Tensor, l_flat: torch.Tensor, table: SegmentTable) -> torch
 
 
 class SegmentedScale(torch.autograd.Function):
+    """`accumulate_into`: None (the backward returns dl shaped as `l_flat`), or a function called with a
+    `write(grad)` that ADDS dl into the flat buffer the offsets index (executor/flat_params.py), as
+    kernels/lora.py's SegmentedLoRA."""
+
     @staticmethod
-    def forward(ctx, x, l_flat, table: SegmentTable):
+    def forward(ctx, x, l_flat, table: SegmentTable, accumulate_into=None):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         ctx.save_for_backward(x2, l_flat)
-        ctx.table, ctx.x_shape = table, x.shape
+        ctx.table, ctx.x_shape, ctx.accumulate_into = table, x.shape, accumulate_into
         return _scale(x2, l_flat, table).view(x.shape)
 
     @staticmethod
@@ -85,14 +91,21 @@ class SegmentedScale(torch.autograd.Function):
         table: SegmentTable = ctx.table
         dy = grad_out.reshape(-1, x2.shape[-1]).contiguous()
         dx = _scale(dy, l_flat, table)
-        dl = torch.empty_like(l_flat)
         features = x2.shape[-1]
-        if table.n:
-            bn = 64
-            _segment_colsum[(triton.cdiv(features, bn), table.n)](
-                dy, x2, dl, table.start, table.length, table.a_offset, features, dy.stride(0), x2.stride(0),
-                BT=32, BN=bn)
-        return dx.view(ctx.x_shape), dl, None
+
+        def write(dl, accumulate):
+            if table.n:
+                bn = 64
+                _segment_colsum[(triton.cdiv(features, bn), table.n)](
+                    dy, x2, dl, table.start, table.length, table.a_offset, features, dy.stride(0), x2.stride(0),
+                    ACCUMULATE=accumulate, BT=32, BN=bn)
+
+        if ctx.accumulate_into is not None:
+            ctx.accumulate_into(lambda grad: write(grad, True))
+            return dx.view(ctx.x_shape), None, None, None
+        dl = torch.empty_like(l_flat)
+        write(dl, False)
+        return dx.view(ctx.x_shape), dl, None, None
 
 
 def segmented_scale(x: torch.Tensor, vectors: list[torch.Tensor], table: SegmentTable) -> torch.Tensor:

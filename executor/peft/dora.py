@@ -23,6 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from muxtune.executor.backbone import op_features
+from muxtune.executor.flat_params import StoreRows
 from muxtune.executor.peft import lora
 from muxtune.methods.dora import CARD, METHOD, SHAPE, Config  # noqa: F401  (its torch-free half)
 
@@ -36,6 +37,10 @@ class Magnitude(nn.Module):
     def __init__(self, weight_norm: torch.Tensor):
         super().__init__()
         self.weight = nn.Parameter(weight_norm)
+
+
+# the weights a DoRA task's layer keeps in its op's flat store (A and B first, as the LoRA kernel reads them)
+WEIGHTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector.weight")
 
 
 class DoraLayer(lora.LoraLayer):
@@ -67,19 +72,19 @@ class DoraLayer(lora.LoraLayer):
         low-rank updates s B A x by LoRA's grouped kernel over the op's flat store of DoRA tasks' A and
         B, every task's row norms ||W + s B A|| batched from that store without an [n, k] matrix per task
         (||W_i||^2 + 2s B_i (A W_i) + s^2 B_i (A A^T) B_i^T, the tasks' A and B padded to the largest
-        rank by one gather each), the magnitudes stacked, and each row's k = m / norm picked by its
-        segment:  y = out + (k - 1) W x + k s B A x  (W x = out - bias, or W x_dropped under dropout).
+        rank by one gather each), the magnitudes gathered from the same store, and each row's k = m / norm
+        picked by its segment:  y = out + (k - 1) W x + k s B A x  (W x = out - bias, or W x_dropped under dropout).
         The function of `aggregate`; rounding differs (the expanded norm), as the kernel's does.
         Returns a new [tokens, n] output; rows of other tasks keep their values exactly (k = 1 there)."""
         layers = [layer for layer, *_ in items]
         out = flat_out.float()
         delta, x, store, table = lora.grouped_update(items, flat_x, torch.zeros_like(out), mux, METHOD,
-                                                     DoraLayer.grouped_aggregate)
+                                                     DoraLayer.grouped_aggregate, WEIGHTS)
         weight = layers[0].op_weight(torch.float32)  # [n, k]: one op, all tasks
         (n, k), tasks = weight.shape, len(layers)
         ranks = tuple(layer.lora_A.weight.shape[0] for layer in layers)
         offsets = tuple(store.offsets[id(layer)] for layer in layers)
-        a_index, b_index = mux.segment_table(("dora padding", offsets, ranks, k, n), lambda: _padding_index(
+        a_index, b_index, m_index = mux.segment_table(("dora padding", offsets, ranks, k, n), lambda: _padding_index(
             offsets, ranks, k, n, store.data.numel(), weight.device))
         flat = torch.cat([store.data.detach(), store.data.new_zeros(1)])  # the last element: padding's zero
         a, b = flat[a_index], flat[b_index]  # [T, r_max, k], [T, n, r_max]
@@ -87,7 +92,8 @@ class DoraLayer(lora.LoraLayer):
         cross = (b * (a.reshape(-1, k) @ weight.T).view(tasks, -1, n).transpose(1, 2)).sum(-1)  # B_i . (A W_i)
         quad = ((b @ (a @ a.transpose(1, 2))) * b).sum(-1)  # B_i (A A^T) B_i^T
         norm = ((weight * weight).sum(1) + 2 * scale * cross + scale * scale * quad).clamp_min(0).sqrt()
-        factor = torch.stack([layer.lora_magnitude_vector.weight for layer in layers]) / norm  # [T, n]
+        magnitudes = StoreRows.apply(store.data, m_index, lambda write: store.accumulate(layers, write))
+        factor = magnitudes / norm  # [T, n]
         # row factors: one leading row of ones for the rows of no DoRA segment (token_segment -1)
         rows = torch.cat([factor.new_ones(1, n), factor])[table.token_segment.long() + 1]
         if x is flat_x:  # no dropout: W x is the shared output without its bias
@@ -149,19 +155,19 @@ class DoraLayer(lora.LoraLayer):
             self.lora_magnitude_vector.weight.copy_(state[f"{prefix}.lora_magnitude_vector"])
 
 
-def _padding_index(offsets: tuple, ranks: tuple, k: int, n: int, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _padding_index(offsets: tuple, ranks: tuple, k: int, n: int, pad: int, device) -> tuple[torch.Tensor, ...]:
     """Indices into a DoRA store (with a zero appended at `pad`) that gather every segment's A [r, k] and
-    B [n, r] padded to the largest rank: [T, r_max, k] and [T, n, r_max]. Built by a few device ops over
-    all segments at once (once per micro-batch and op shape, cached by the Multiplexer)."""
+    B [n, r] padded to the largest rank, and its magnitude: [T, r_max, k], [T, n, r_max] and [T, n]. Built
+    by a few device ops over all segments at once (once per micro-batch and op shape, cached by the
+    Multiplexer)."""
     r_max = max(ranks)
     rank = torch.tensor(ranks, device=device).view(-1, 1, 1)
-    a_off = torch.tensor([a for a, _ in offsets], device=device).view(-1, 1, 1)
-    b_off = torch.tensor([b for _, b in offsets], device=device).view(-1, 1, 1)
+    a_off, b_off, m_off = torch.tensor(offsets, device=device).T.reshape(3, -1, 1, 1)
     i = torch.arange(r_max, device=device).view(1, -1, 1)  # A's row
     a_index = torch.where(i < rank, a_off + i * k + torch.arange(k, device=device).view(1, 1, -1), pad)
     j = torch.arange(r_max, device=device).view(1, 1, -1)  # B's column
     b_index = torch.where(j < rank, b_off + torch.arange(n, device=device).view(1, -1, 1) * rank + j, pad)
-    return a_index, b_index
+    return a_index, b_index, m_off.view(-1, 1) + torch.arange(n, device=device)
 
 
 def build_layer(config: Config, base_op: nn.Module, path: str, generator: torch.Generator) -> DoraLayer:

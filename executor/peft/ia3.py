@@ -18,6 +18,7 @@ from torch import nn
 
 from muxtune.errors import MuxTuneError
 from muxtune.executor.backbone import op_features, target_ops
+from muxtune.executor.flat_params import flat_parameters
 from muxtune.methods.ia3 import CARD, METHOD, SHAPE, Config  # noqa: F401  (its torch-free half)
 
 
@@ -88,7 +89,7 @@ class IA3Layer(nn.Module):
     @staticmethod
     def grouped_aggregate(items, flat_x: torch.Tensor, flat_out: torch.Tensor, mux) -> torch.Tensor:
         """All IA3 output scalings of one op in one Triton launch (muxtune.kernels.ia3)."""
-        return _grouped_scale([(layer, lo, hi) for layer, lo, hi, _ in items], flat_out, mux)
+        return _grouped_scale([(layer, lo, hi) for layer, lo, hi, _ in items], flat_out, mux, IA3Layer.grouped_aggregate)
 
     def export_state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.ia3_l": self.ia3_l}
@@ -106,7 +107,7 @@ class IA3FeedForwardLayer(IA3Layer):
     @staticmethod
     def grouped_dispatch(items, flat_x: torch.Tensor, mux) -> torch.Tensor:
         """All IA3 input scalings of one op in one Triton launch (muxtune.kernels.ia3)."""
-        return _grouped_scale(items, flat_x, mux)
+        return _grouped_scale(items, flat_x, mux, IA3FeedForwardLayer.grouped_dispatch)
 
     def dispatch(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.ia3_l.flatten()
@@ -115,25 +116,33 @@ class IA3FeedForwardLayer(IA3Layer):
         return out
 
 
-def _grouped_scale(items, flat: torch.Tensor, mux) -> torch.Tensor:
-    from muxtune.kernels.ia3 import segmented_scale
+def _grouped_scale(items, flat: torch.Tensor, mux, kind) -> torch.Tensor:
+    """Each segment's rows of `flat` scaled by its task's l in one launch (muxtune.kernels.ia3), over the
+    op's flat store of the l of every task whose layer uses `kind` (executor/flat_params.py)."""
+    from muxtune.kernels.ia3 import SegmentedScale
     from muxtune.kernels.segments import build_segment_table
 
+    op = mux.op(items[0][0].path)
+    key = f"{METHOD} {kind.__name__}"
+    store = flat_parameters(op, key, [layer for layer in op.adapters.values()
+                                      if getattr(layer, kind.__name__, None) is kind], ("ia3_l",))
+    layers = [layer for layer, *_ in items]
     spans = tuple((lo, hi) for _, lo, hi in items)
+    offsets = tuple(store.offsets[id(layer)][0] for layer in layers)
     width = flat.shape[-1]
-    table = mux.segment_table(("ia3", spans, width), lambda: build_segment_table(
-        list(spans), [0] * len(spans), [width] * len(spans), [0] * len(spans), [1.0] * len(spans),
-        flat.shape[0], flat.device))
-    return segmented_scale(flat, [layer.ia3_l for layer, *_ in items], table)
+    table = mux.segment_table((key, spans, offsets, width), lambda: build_segment_table(
+        list(spans), [0] * len(spans), [], [], [1.0] * len(spans), flat.shape[0], flat.device,
+        offsets=(list(offsets), [0] * len(spans))))
+    return SegmentedScale.apply(flat, store.data, table, lambda write: store.accumulate(layers, write))
 
 
 def build_layer(config: Config, base_op: nn.Module, path: str, generator: torch.Generator) -> IA3Layer:
     if config.target_modules is None or config.feedforward_modules is None:
         raise ValueError("ia3: call resolve(config, model) first to fill the default modules")
     in_features, out_features = op_features(base_op)
-    if is_feedforward(config, path):
-        return IA3FeedForwardLayer((1, in_features))
-    return IA3Layer((out_features, 1))
+    layer = IA3FeedForwardLayer((1, in_features)) if is_feedforward(config, path) else IA3Layer((out_features, 1))
+    layer.path = path  # the grouped path finds the op's flat store through it
+    return layer
 
 
 def hf_config(config: Config, base_model_name: str, fan_in_fan_out: bool):

@@ -63,11 +63,13 @@ class LoraLayer(nn.Module):
             self.lora_B.weight.copy_(state[f"{prefix}.lora_B.weight"])
 
 
-def grouped_update(items, flat_x: torch.Tensor, out: torch.Tensor, mux, key: str, kind
+def grouped_update(items, flat_x: torch.Tensor, out: torch.Tensor, mux, key: str, kind,
+                   names: tuple[str, ...] = ("lora_A.weight", "lora_B.weight")
                    ) -> tuple[torch.Tensor, torch.Tensor, FlatParameters, SegmentTable]:
     """`out` (flat [tokens, n]) with every segment's s B A x added to its rows, in place, by the grouped kernel,
-    over the op's flat store (`key`) of the A and B of every task whose layer's `grouped_aggregate` is
-    `kind` (executor/flat_params.py: the host work per call does not grow with the tenants).
+    over the op's flat store (`key`) of the weights `names` (A and B first) of every task whose layer's
+    `grouped_aggregate` is `kind` (executor/flat_params.py: the host work per call does not grow with the
+    tenants).
     Returns (out, the input the adapters read: dropped out where a task uses dropout, the store, the
     segment table: each segment's rows, rank, scale and weight offsets in the store)."""
     from muxtune.kernels.lora import SegmentedLoRA
@@ -82,13 +84,13 @@ def grouped_update(items, flat_x: torch.Tensor, out: torch.Tensor, mux, key: str
     op = mux.op(items[0][0].path)
     store = flat_parameters(op, key, [layer for layer in op.adapters.values()
                                       if getattr(layer, "grouped_aggregate", None) is kind],
-                            ("lora_A.weight", "lora_B.weight"))
+                            names)
     layers = [layer for layer, *_ in items]
     k, n = flat_x.shape[-1], out.shape[-1]
     spans = tuple((lo, hi) for _, lo, hi, _ in items)
     ranks = tuple(layer.lora_A.weight.shape[0] for layer in layers)
     scales = tuple(layer.scaling for layer in layers)
-    offsets = tuple(store.offsets[id(layer)] for layer in layers)
+    offsets = tuple(store.offsets[id(layer)][:2] for layer in layers)
     table = mux.segment_table((key, spans, ranks, scales, offsets, k, n), lambda: build_segment_table(
         list(spans), list(ranks), [], [], list(scales), flat_x.shape[0], flat_x.device,
         offsets=([a for a, _ in offsets], [b for _, b in offsets])))

@@ -11,7 +11,7 @@ into directly. What the store does per call is host arithmetic, not tensor ops.
 
 Gradient semantics stay torch's: a weight's `.grad` is None until a backward reaches it in a step (the
 trainer sets it to None after each optimizer step), then the store's view. Before the kernel
-accumulates, `begin_backward` zeroes the regions whose tasks have no gradient yet: the whole buffer at
+accumulates, `accumulate` zeroes the regions whose tasks have no gradient yet: the whole buffer at
 once in the usual case (no task has one: the step's first backward through this op). A gradient that is
 not the store's view (another code path's autograd set it) receives the kernel's result by an add.
 """
@@ -62,11 +62,11 @@ class FlatParameters:
     def accumulate(self, layers: list[nn.Module], write) -> None:
         """`write(grad)` adds the gradients of `layers` (this batch's tasks) into `grad`; around it, their
         weights' `.grad` become (or receive) the store's views."""
-        handover = self.begin_backward(layers)
+        handover = self._begin_backward(layers)
         write(self.grad)
-        self.end_backward(handover)
+        self._end_backward(handover)
 
-    def begin_backward(self, layers: list[nn.Module]) -> list[int]:
+    def _begin_backward(self, layers: list[nn.Module]) -> list[int]:
         """Before the kernel accumulates the gradients of `layers` (this batch's) into `grad`: zero what
         holds no gradient of this step yet. Returns the indices (into `params`) to hand over afterwards."""
         if all(p.grad is None for p in self.params):
@@ -80,7 +80,7 @@ class FlatParameters:
                     handover.append(i)
         return handover
 
-    def end_backward(self, handover: list[int]) -> None:
+    def _end_backward(self, handover: list[int]) -> None:
         """After the kernel: the weights' gradients are the store's views (or got its result added)."""
         for i in handover:
             p, view = self.params[i], self.grad_views[i]
@@ -108,9 +108,13 @@ class StoreRows(torch.autograd.Function):
         return None, None, None
 
 
-def flat_parameters(op, key: str, layers: list[nn.Module], names: tuple[str, ...]) -> FlatParameters:
-    """The op's store of `layers`' weights `names` (kept on the op under `key`), rebuilt when they changed."""
-    store = op.shared.get(key)
+def flat_parameters(mux, layer: nn.Module, kind, names: tuple[str, ...]) -> FlatParameters:
+    """The store of the weights `names` of every layer on `layer`'s op whose grouped function `kind` is
+    (e.g. LoraLayer.grouped_aggregate: the tasks one grouped call serves), kept on the op and rebuilt
+    when those layers or their weights changed."""
+    op = mux.op(layer.path)
+    layers = [other for other in op.adapters.values() if getattr(other, kind.__name__, None) is kind]
+    store = op.shared.get(kind.__qualname__)
     if store is None or not store.holds(layers):
-        store = op.shared[key] = FlatParameters(layers, names)
+        store = op.shared[kind.__qualname__] = FlatParameters(layers, names)
     return store

@@ -140,7 +140,8 @@ class MultiplexedOp(nn.Module):
         # plain attributes, not submodules: the backbone's state_dict stays the backbone's
         object.__setattr__(self, "_mux", mux)
         self.adapters: dict[str, nn.Module] = {}
-        # what a method keeps for all its tasks on this op (LoRA's flat weight store, executor/flat_params.py)
+        # what a grouped function keeps for all its tasks on this op, by its qualified name (the flat weight
+        # stores of executor/flat_params.py)
         self.shared: dict[str, object] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -289,7 +289,7 @@ def test_flat_store_gradients_over_micro_batches_joins_and_copies_out(tmp_path, 
             if kernels == "triton" and step != mixed:  # the weights and their gradients are views of their op's store
                 for run in trainer.runs.values():
                     for path, layer in run.adapter.items():
-                        store = trainer.mux.op(path).shared["lora"]
+                        store = trainer.mux.op(path).shared["LoraLayer.grouped_aggregate"]
                         w = layer.lora_A.weight
                         assert w.untyped_storage().data_ptr() == store.data.untyped_storage().data_ptr()
                         if w.grad is not None:
@@ -316,7 +316,7 @@ def test_flat_store_gradients_over_micro_batches_joins_and_copies_out(tmp_path, 
                  trainer.device)
     trainer.task_losses(batch, training=True)
     for path, layer in trainer.runs["short"].adapter.items():
-        store = trainer.mux.op(path).shared["lora"]
+        store = trainer.mux.op(path).shared["LoraLayer.grouped_aggregate"]
         assert trainer.mux.adapters["late"].layers[path.replace(".", "__")] in store.layers
         assert layer.lora_B.weight.untyped_storage().data_ptr() == store.data.untyped_storage().data_ptr()
     for name, run in trainer.runs.items():

@@ -78,7 +78,7 @@ class DoraLayer(lora.LoraLayer):
         Returns a new [tokens, n] output; rows of other tasks keep their values exactly (k = 1 there)."""
         layers = [layer for layer, *_ in items]
         out = flat_out.float()
-        delta, x, store, table = lora.grouped_update(items, flat_x, torch.zeros_like(out), mux, METHOD,
+        delta, x, store, table = lora.grouped_update(items, flat_x, torch.zeros_like(out), mux,
                                                      DoraLayer.grouped_aggregate, WEIGHTS)
         weight = layers[0].op_weight(torch.float32)  # [n, k]: one op, all tasks
         (n, k), tasks = weight.shape, len(layers)

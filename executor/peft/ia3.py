@@ -122,15 +122,12 @@ def _grouped_scale(items, flat: torch.Tensor, mux, kind) -> torch.Tensor:
     from muxtune.kernels.ia3 import SegmentedScale
     from muxtune.kernels.segments import build_segment_table
 
-    op = mux.op(items[0][0].path)
-    key = f"{METHOD} {kind.__name__}"
-    store = flat_parameters(op, key, [layer for layer in op.adapters.values()
-                                      if getattr(layer, kind.__name__, None) is kind], ("ia3_l",))
+    store = flat_parameters(mux, items[0][0], kind, ("ia3_l",))
     layers = [layer for layer, *_ in items]
     spans = tuple((lo, hi) for _, lo, hi in items)
     offsets = tuple(store.offsets[id(layer)][0] for layer in layers)
     width = flat.shape[-1]
-    table = mux.segment_table((key, spans, offsets, width), lambda: build_segment_table(
+    table = mux.segment_table((kind, spans, offsets, width), lambda: build_segment_table(
         list(spans), [0] * len(spans), [], [], [1.0] * len(spans), flat.shape[0], flat.device,
         offsets=(list(offsets), [0] * len(spans))))
     return SegmentedScale.apply(flat, store.data, table, lambda write: store.accumulate(layers, write))

@@ -41,7 +41,7 @@ class LoraLayer(nn.Module):
     def grouped_aggregate(items, flat_x: torch.Tensor, flat_out: torch.Tensor, mux) -> torch.Tensor:
         """All LoRA segments of one op in one Triton launch per GEMM (muxtune.kernels.lora). items: (layer,
         first row, end row, dropout mask or None) per segment; updates flat_out in place."""
-        return grouped_update(items, flat_x, flat_out, mux, METHOD, LoraLayer.grouped_aggregate)[0]
+        return grouped_update(items, flat_x, flat_out, mux, LoraLayer.grouped_aggregate)[0]
 
     @staticmethod
     def looped_aggregate(items, flat_x: torch.Tensor, flat_out: torch.Tensor, mux) -> torch.Tensor:
@@ -63,11 +63,11 @@ class LoraLayer(nn.Module):
             self.lora_B.weight.copy_(state[f"{prefix}.lora_B.weight"])
 
 
-def grouped_update(items, flat_x: torch.Tensor, out: torch.Tensor, mux, key: str, kind,
+def grouped_update(items, flat_x: torch.Tensor, out: torch.Tensor, mux, kind,
                    names: tuple[str, ...] = ("lora_A.weight", "lora_B.weight")
                    ) -> tuple[torch.Tensor, torch.Tensor, FlatParameters, SegmentTable]:
     """`out` (flat [tokens, n]) with every segment's s B A x added to its rows, in place, by the grouped kernel,
-    over the op's flat store (`key`) of the weights `names` (A and B first) of every task whose layer's
+    over the op's flat store of the weights `names` (A and B first) of every task whose layer's
     `grouped_aggregate` is `kind` (executor/flat_params.py: the host work per call does not grow with the
     tenants).
     Returns (out, the input the adapters read: dropped out where a task uses dropout, the store, the
@@ -81,17 +81,14 @@ def grouped_update(items, flat_x: torch.Tensor, out: torch.Tensor, mux, key: str
             pieces += [flat_x[cursor:lo], flat_x[lo:hi] if mask is None else flat_x[lo:hi] * mask]
             cursor = hi
         x = torch.cat(pieces + [flat_x[cursor:]])
-    op = mux.op(items[0][0].path)
-    store = flat_parameters(op, key, [layer for layer in op.adapters.values()
-                                      if getattr(layer, "grouped_aggregate", None) is kind],
-                            names)
+    store = flat_parameters(mux, items[0][0], kind, names)
     layers = [layer for layer, *_ in items]
     k, n = flat_x.shape[-1], out.shape[-1]
     spans = tuple((lo, hi) for _, lo, hi, _ in items)
     ranks = tuple(layer.lora_A.weight.shape[0] for layer in layers)
     scales = tuple(layer.scaling for layer in layers)
     offsets = tuple(store.offsets[id(layer)][:2] for layer in layers)
-    table = mux.segment_table((key, spans, ranks, scales, offsets, k, n), lambda: build_segment_table(
+    table = mux.segment_table((kind, spans, ranks, scales, offsets, k, n), lambda: build_segment_table(
         list(spans), list(ranks), [], [], list(scales), flat_x.shape[0], flat_x.device,
         offsets=([a for a, _ in offsets], [b for _, b in offsets])))
     out = SegmentedLoRA.apply(out, x, store.data, store.data, table, lambda write: store.accumulate(layers, write))
